@@ -1,0 +1,32 @@
+"""adallava-kernels: wall-clock savings for AdaLLaVA's execution plans.
+
+Importing the package queries no GPU and compiles nothing.
+"""
+
+from . import budget, cost, devices
+from .budget import UnitScheme, best_plan, check_budget
+from .devices import DeviceSpec, get_device
+from .ops import BackendUnavailableError, masked_mlp
+from .plan import ExecutionPlan, LayerPlan, neuron_groups
+from .shape import PRESETS, ModelShape, get_shape
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DeviceSpec",
+    "ExecutionPlan",
+    "LayerPlan",
+    "ModelShape",
+    "PRESETS",
+    "UnitScheme",
+    "best_plan",
+    "budget",
+    "check_budget",
+    "cost",
+    "devices",
+    "get_device",
+    "get_shape",
+    "masked_mlp",
+    "neuron_groups",
+]

@@ -1,0 +1,329 @@
+"""FLOPs, bytes and roofline time of a Llama-family decoder under an ExecutionPlan.
+
+FLOPs are counted as LLM-Viewer (hahnyuan/LLM-Viewer, ``model_analyzer.py``)
+counts them: one multiply-add is 2 FLOPs; a linear layer costs
+``2 * tokens * in * out``; ``qk`` and ``sv`` cost ``2 * q_tokens * kv_tokens *
+head_dim`` per head (no causal halving); softmax 5 per score; RMSNorm 7 per
+element; a residual add 1 per element; SwiGLU's activation 2 per neuron (SiLU
+and the multiply); ``lm_head`` once per sequence, for the last position.
+Two deliberate departures: the activation is counted over the MLP neurons
+(LLM-Viewer counts it over ``hidden_size``, which would not shrink with a
+neuron mask), and ``lm_head`` at 2 FLOPs per multiply-add like every other
+linear layer. Embedding lookups and the final norm are not counted.
+
+Bytes are what each op must move when nothing is fused: its weights once per
+call, the activations it reads and writes, the KV it reads and stores, at the
+widths of a :class:`Precision`.
+
+Under a plan, inactive heads scale q/k/v/o and the attention terms, inactive
+neurons scale gate/up/down and the activation, a sub-block (attention or MLP)
+with no active unit costs nothing (its norm and residual add included), and a
+skipped layer costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterable, Sequence
+
+from .devices import DeviceSpec, get_device
+from .plan import ExecutionPlan
+from .shape import ModelShape
+
+__all__ = [
+    "OP_NAMES",
+    "OpCost",
+    "Precision",
+    "CostBreakdown",
+    "Roofline",
+    "layer_ops",
+    "masked_mlp_cost",
+    "prefill_cost",
+    "decode_cost",
+    "prefill_flops",
+    "decode_flops",
+    "kv_cache_bytes",
+    "roofline",
+]
+
+ATTENTION_OPS = ("attn_norm", "q_proj", "k_proj", "v_proj", "qk_matmul", "softmax", "sv_matmul", "o_proj", "attn_add")
+MLP_OPS = ("mlp_norm", "gate_proj", "up_proj", "mlp_act", "down_proj", "mlp_add")
+# What ``adallava_kernels.masked_mlp`` computes: the MLP without its norm and residual add.
+MASKED_MLP_OPS = ("gate_proj", "up_proj", "mlp_act", "down_proj")
+OP_NAMES = ATTENTION_OPS + MLP_OPS + ("lm_head",)
+
+_NORM_FLOPS_PER_ELEMENT = 7  # square, sum, mean, rsqrt-add, scale, weight multiply as LLM-Viewer counts
+_SOFTMAX_FLOPS_PER_SCORE = 5  # max, subtract, exp, sum, divide
+_ACT_FLOPS_PER_NEURON = 2  # SiLU and the gate-times-up multiply
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of weights, activations and KV cache (default: bf16 throughout)."""
+
+    weight: float = 2
+    act: float = 2
+    kv: float = 2
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """FLOPs and bytes of one op (summed over whatever it aggregates)."""
+
+    name: str
+    flops: float = 0.0
+    weight_bytes: float = 0.0
+    act_load_bytes: float = 0.0
+    act_store_bytes: float = 0.0
+    kv_load_bytes: float = 0.0
+    kv_store_bytes: float = 0.0
+
+    @property
+    def bytes(self) -> float:
+        return (
+            self.weight_bytes + self.act_load_bytes + self.act_store_bytes
+            + self.kv_load_bytes + self.kv_store_bytes
+        )
+
+    def __add__(self, other: "OpCost") -> "OpCost":
+        if other.name != self.name:
+            raise ValueError(f"cannot add cost of {other.name!r} to {self.name!r}")
+        numbers = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "name"}
+        return OpCost(self.name, **numbers)
+
+
+def _linear(name: str, tokens: int, n_in: int, n_out: int, p: Precision, *, to_kv: bool = False) -> OpCost:
+    if n_in == 0 or n_out == 0:
+        return OpCost(name)
+    out_bytes = tokens * n_out
+    return OpCost(
+        name,
+        flops=2.0 * tokens * n_in * n_out,
+        weight_bytes=n_in * n_out * p.weight,
+        act_load_bytes=tokens * n_in * p.act,
+        act_store_bytes=0.0 if to_kv else out_bytes * p.act,
+        kv_store_bytes=out_bytes * p.kv if to_kv else 0.0,
+    )
+
+
+def _elementwise(name: str, elements: int, flops_per_element: int, loads: int, p: Precision) -> OpCost:
+    return OpCost(
+        name,
+        flops=float(flops_per_element * elements),
+        act_load_bytes=loads * elements * p.act,
+        act_store_bytes=elements * p.act,
+    )
+
+
+def layer_ops(
+    shape: ModelShape,
+    *,
+    heads: int,
+    kv_heads: int,
+    neurons: int,
+    q_tokens: int,
+    kv_tokens: int,
+    batch_size: int = 1,
+    precision: Precision = Precision(),
+) -> tuple[OpCost, ...]:
+    """Cost of each op of one decoder layer, in :data:`OP_NAMES` order (without ``lm_head``).
+
+    ``q_tokens`` new tokens per sequence attend to ``kv_tokens`` positions
+    (prefill: both the prompt length; decode: 1 and the context length).
+    """
+    p = precision
+    t = batch_size * q_tokens
+    hd, hidden = shape.head_dim, shape.hidden_size
+    scores = batch_size * q_tokens * kv_tokens * heads
+    attention_on = heads > 0
+    mlp_on = neurons > 0
+    hidden_elems = t * hidden
+    attention = (
+        _elementwise("attn_norm", hidden_elems * attention_on, _NORM_FLOPS_PER_ELEMENT, 1, p),
+        _linear("q_proj", t, hidden, heads * hd, p),
+        _linear("k_proj", t, hidden, kv_heads * hd, p, to_kv=True),
+        _linear("v_proj", t, hidden, kv_heads * hd, p, to_kv=True),
+        OpCost(
+            "qk_matmul",
+            flops=2.0 * scores * hd,
+            act_load_bytes=t * heads * hd * p.act,
+            act_store_bytes=scores * p.act,
+            kv_load_bytes=batch_size * kv_tokens * kv_heads * hd * p.kv,
+        ),
+        _elementwise("softmax", scores, _SOFTMAX_FLOPS_PER_SCORE, 1, p),
+        OpCost(
+            "sv_matmul",
+            flops=2.0 * scores * hd,
+            act_load_bytes=scores * p.act,
+            act_store_bytes=t * heads * hd * p.act,
+            kv_load_bytes=batch_size * kv_tokens * kv_heads * hd * p.kv,
+        ),
+        _linear("o_proj", t, heads * hd, hidden, p),
+        _elementwise("attn_add", hidden_elems * attention_on, 1, 2, p),
+    )
+    mlp = (
+        _elementwise("mlp_norm", hidden_elems * mlp_on, _NORM_FLOPS_PER_ELEMENT, 1, p),
+        _linear("gate_proj", t, hidden, neurons, p),
+        _linear("up_proj", t, hidden, neurons, p),
+        _elementwise("mlp_act", t * neurons, _ACT_FLOPS_PER_NEURON, 2, p),
+        _linear("down_proj", t, neurons, hidden, p),
+        _elementwise("mlp_add", hidden_elems * mlp_on, 1, 2, p),
+    )
+    return attention + mlp
+
+
+def masked_mlp_cost(
+    shape: ModelShape, num_tokens: int, neurons: int, precision: Precision = Precision()
+) -> OpCost:
+    """FLOPs and bytes of one ``masked_mlp`` call over ``num_tokens`` tokens and ``neurons`` active neurons."""
+    _check_count("num_tokens", num_tokens)
+    _check_count("neurons", neurons, minimum=0)
+    ops = layer_ops(
+        shape, heads=0, kv_heads=0, neurons=neurons, q_tokens=num_tokens, kv_tokens=0, precision=precision
+    )
+    total = OpCost("masked_mlp")
+    for op in ops:
+        if op.name in MASKED_MLP_OPS:
+            total = total + OpCost("masked_mlp", **{f.name: getattr(op, f.name) for f in fields(op) if f.name != "name"})
+    return total
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """Per-layer op costs of one forward (prefill or one decode step) plus ``lm_head``."""
+
+    stage: str
+    layers: tuple[tuple[OpCost, ...], ...]
+    lm_head: OpCost
+
+    def ops(self) -> Iterable[OpCost]:
+        for layer in self.layers:
+            yield from layer
+        yield self.lm_head
+
+    @property
+    def flops(self) -> float:
+        return sum(op.flops for op in self.ops())
+
+    @property
+    def bytes(self) -> float:
+        return sum(op.bytes for op in self.ops())
+
+    def by_op(self) -> dict[str, OpCost]:
+        """Each op summed over the layers, in :data:`OP_NAMES` order."""
+        totals = {name: OpCost(name) for name in OP_NAMES}
+        for op in self.ops():
+            totals[op.name] = totals[op.name] + op
+        return totals
+
+    def layer_flops(self) -> list[float]:
+        return [sum(op.flops for op in layer) for layer in self.layers]
+
+
+def _check_count(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _active_counts(shape: ModelShape, plan: ExecutionPlan | None) -> Sequence[tuple[int, int, int]]:
+    """Per layer: (active heads, KV heads needed, active neurons)."""
+    if plan is None:
+        return [(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)] * shape.num_layers
+    plan.check_shape(shape)
+    return [
+        (len(plan.heads[i]), len(plan.kv_heads(i)), len(plan.neurons[i])) for i in range(shape.num_layers)
+    ]
+
+
+def _breakdown(
+    stage: str, shape: ModelShape, q_tokens: int, kv_tokens: int,
+    plan: ExecutionPlan | None, batch_size: int, precision: Precision,
+) -> CostBreakdown:
+    layers = tuple(
+        layer_ops(
+            shape, heads=h, kv_heads=kv, neurons=n, q_tokens=q_tokens, kv_tokens=kv_tokens,
+            batch_size=batch_size, precision=precision,
+        )
+        for h, kv, n in _active_counts(shape, plan)
+    )
+    # Only the last position's logits are needed, in prefill and decode alike.
+    lm_head = _linear("lm_head", batch_size, shape.hidden_size, shape.vocab_size, precision)
+    return CostBreakdown(stage, layers, lm_head)
+
+
+def prefill_cost(
+    shape: ModelShape, num_tokens: int, plan: ExecutionPlan | None = None,
+    batch_size: int = 1, precision: Precision = Precision(),
+) -> CostBreakdown:
+    """Per-op cost of a prefill over ``num_tokens`` tokens per sequence."""
+    _check_count("num_tokens", num_tokens)
+    _check_count("batch_size", batch_size)
+    return _breakdown("prefill", shape, num_tokens, num_tokens, plan, batch_size, precision)
+
+
+def decode_cost(
+    shape: ModelShape, context_len: int, plan: ExecutionPlan | None = None,
+    batch_size: int = 1, precision: Precision = Precision(),
+) -> CostBreakdown:
+    """Per-op cost of one decode step whose token attends to ``context_len`` positions (itself included)."""
+    _check_count("context_len", context_len)
+    _check_count("batch_size", batch_size)
+    return _breakdown("decode", shape, 1, context_len, plan, batch_size, precision)
+
+
+def prefill_flops(shape: ModelShape, num_tokens: int, plan: ExecutionPlan | None = None, batch_size: int = 1) -> float:
+    """FLOPs of a prefill over ``num_tokens`` tokens per sequence."""
+    return prefill_cost(shape, num_tokens, plan, batch_size).flops
+
+
+def decode_flops(shape: ModelShape, context_len: int, plan: ExecutionPlan | None = None, batch_size: int = 1) -> float:
+    """FLOPs of one decode step at ``context_len`` positions (the new token included)."""
+    return decode_cost(shape, context_len, plan, batch_size).flops
+
+
+def kv_cache_bytes(
+    shape: ModelShape, num_tokens: int, plan: ExecutionPlan | None = None,
+    batch_size: int = 1, kv_bytes: float = 2, page_size: int = 1,
+) -> int:
+    """Bytes of K and V for ``num_tokens`` positions of ``batch_size`` sequences.
+
+    Only the layers and KV heads the plan keeps store anything; with
+    ``page_size`` > 1 each (layer, KV head) slice is rounded up to whole pages.
+    """
+    _check_count("num_tokens", num_tokens, minimum=0)
+    _check_count("batch_size", batch_size)
+    _check_count("page_size", page_size)
+    stored_tokens = math.ceil(num_tokens / page_size) * page_size
+    kv_slices = sum(kv for _, kv, _ in _active_counts(shape, plan))
+    return int(2 * kv_slices * stored_tokens * shape.head_dim * kv_bytes * batch_size)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Roofline time of each op (seconds, summed over layers) on one device."""
+
+    device: DeviceSpec
+    seconds: dict[str, float]
+    compute_bound: dict[str, bool]
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+def roofline(breakdown: CostBreakdown, device: DeviceSpec | str) -> Roofline:
+    """Predict time as ``max(flops / peak, bytes / bandwidth)`` per op and layer, summed.
+
+    Each op is bound separately in each layer, so a plan that makes one layer's
+    op memory-bound is priced as such.
+    """
+    spec = get_device(device) if isinstance(device, str) else device
+    seconds = {name: 0.0 for name in OP_NAMES}
+    compute_time = {name: 0.0 for name in OP_NAMES}
+    for op in breakdown.ops():
+        t_compute = op.flops / spec.peak_flops
+        seconds[op.name] += max(t_compute, op.bytes / spec.bandwidth)
+        compute_time[op.name] += t_compute
+    bound = {name: seconds[name] > 0 and compute_time[name] >= seconds[name] for name in OP_NAMES}
+    return Roofline(spec, seconds, bound)

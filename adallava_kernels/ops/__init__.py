@@ -1,0 +1,6 @@
+"""The ops, one module each: launcher with input checks, kernels, and PyTorch reference."""
+
+from ._common import BACKENDS, BackendUnavailableError
+from .masked_mlp import masked_mlp, masked_mlp_reference
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "masked_mlp", "masked_mlp_reference"]

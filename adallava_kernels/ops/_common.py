@@ -1,0 +1,84 @@
+"""Backend choice and input checks shared by every op."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op here (no kernel, no Triton, or no GPU)."""
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, triton_kernel: Callable | None) -> str:
+    """Pick ``"torch"`` or ``"triton"`` for ``op`` on ``device``.
+
+    ``"auto"`` takes Triton on CUDA when the op has a kernel, the PyTorch
+    reference otherwise. ``"triton"`` on a CPU tensor is allowed only under
+    ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if triton_kernel is not None and device.type == "cuda" else "torch"
+    if triton_kernel is None:
+        raise BackendUnavailableError(f"{op} has no Triton kernel in this version; use backend='torch'")
+    return "triton"
+
+
+def check_tensor(
+    name: str,
+    tensor: object,
+    *,
+    dim: int | None = None,
+    min_dim: int | None = None,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dim is not None and tensor.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {list(tensor.shape)}")
+    if min_dim is not None and tensor.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {list(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} must be on {device}, got {tensor.device}")
+    return tensor
+
+
+def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, tensor in others.items():
+        if tensor.dtype != reference.dtype:
+            raise ValueError(f"{name} has dtype {tensor.dtype}, but {reference_name} has {reference.dtype}")
+
+
+def check_index(
+    name: str, index: object, upper: int, device: torch.device, *, check_values: bool
+) -> torch.Tensor:
+    """Validate a 1-D int32/int64 index list into ``[0, upper)``.
+
+    The value checks (range, order, duplicates) read the index on the host,
+    which costs a sync on a GPU; indices from an :class:`ExecutionPlan` were
+    checked when the plan was built, so callers pass ``check_values=False`` for them.
+    """
+    index = check_tensor(name, index, dim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if check_values and index.numel() > 0:
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= upper:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name}: index {bad} out of range [0, {upper})")
+        steps = index[1:] - index[:-1]
+        if index.numel() > 1 and not bool((steps > 0).all()):
+            position = int((steps <= 0).nonzero()[0])
+            a, b = int(index[position]), int(index[position + 1])
+            problem = f"index {b} is duplicated" if a == b else f"must be sorted ascending: {a} comes before {b}"
+            raise ValueError(f"{name}: {problem}")
+    return index

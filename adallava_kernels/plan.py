@@ -1,0 +1,307 @@
+"""ExecutionPlan: which layers, attention heads and MLP neurons a request runs.
+
+The plan is the one currency between the scheduler and the kernels. It is
+validated once, when it is built; its int32 index tensors are built once per
+device, so a decode step reads them without a host sync or a copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .shape import ModelShape
+
+__all__ = ["ExecutionPlan", "LayerPlan", "neuron_groups"]
+
+_JSON_VERSION = 1
+
+
+def neuron_groups(intermediate_size: int, num_groups: int) -> list[range]:
+    """Split ``intermediate_size`` MLP neurons into ``num_groups`` contiguous groups.
+
+    Each group has ``intermediate_size // num_groups`` neurons; the remainder
+    goes one neuron each to the first groups (7B: 11008 = 32 * 344, no
+    remainder; 13B: 13824 = 40 * 345 + 24, so groups 0-23 have 346).
+    """
+    if not 1 <= num_groups <= intermediate_size:
+        raise ValueError(f"num_groups must be in [1, {intermediate_size}], got {num_groups}")
+    base, extra = divmod(intermediate_size, num_groups)
+    groups, start = [], 0
+    for g in range(num_groups):
+        stop = start + base + (1 if g < extra else 0)
+        groups.append(range(start, stop))
+        start = stop
+    return groups
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The active units of one decoder layer, as int32 index tensors on one device.
+
+    ``head_to_kv[i]`` is the position in ``kv_heads`` of the KV head that query
+    head ``heads[i]`` reads: after masking, the query-to-KV map is arbitrary.
+    """
+
+    index: int
+    heads: torch.Tensor
+    kv_heads: torch.Tensor
+    head_to_kv: torch.Tensor
+    neurons: torch.Tensor
+
+    @property
+    def is_active(self) -> bool:
+        return self.heads.numel() > 0 or self.neurons.numel() > 0
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.numel()
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads.numel()
+
+    @property
+    def num_neurons(self) -> int:
+        return self.neurons.numel()
+
+
+def _as_binary_tensor(value: Any, name: str, expected_shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = torch.as_tensor(value).detach().cpu()
+    if tuple(tensor.shape) != expected_shape:
+        raise ValueError(f"{name} must have shape {list(expected_shape)}, got {list(tensor.shape)}")
+    if tensor.dtype != torch.bool:
+        if not ((tensor == 0) | (tensor == 1)).all():
+            bad = tensor[(tensor != 0) & (tensor != 1)][0].item()
+            raise ValueError(f"{name} must be 0/1, found {bad!r}")
+    return tensor.bool()
+
+
+def _validated_indices(value: Any, name: str, upper: int) -> tuple[int, ...]:
+    """A strictly increasing tuple of ints in [0, upper), or a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(value.shape)}")
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got dtype {value.dtype}")
+        items = value.tolist()
+    else:
+        items = list(value)
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ValueError(f"{name} must hold ints, found {item!r}")
+    for item in items:
+        if not 0 <= item < upper:
+            raise ValueError(f"{name}: index {item} out of range [0, {upper})")
+    for prev, item in zip(items, items[1:]):
+        if item == prev:
+            raise ValueError(f"{name}: index {item} is duplicated")
+        if item < prev:
+            raise ValueError(f"{name} must be sorted ascending: {prev} comes before {item}")
+    return tuple(items)
+
+
+def _ranges(indices: Sequence[int]) -> list[list[int]]:
+    """Run-length form ``[[start, stop), ...]`` of sorted indices (groups are contiguous)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def _from_ranges(runs: Any, name: str) -> list[int]:
+    if not isinstance(runs, list):
+        raise ValueError(f"{name} must be a list of [start, stop] pairs, got {runs!r}")
+    out: list[int] = []
+    for run in runs:
+        if not (isinstance(run, list) and len(run) == 2 and all(isinstance(x, int) for x in run)):
+            raise ValueError(f"{name} must be a list of [start, stop] int pairs, found {run!r}")
+        if run[1] <= run[0]:
+            raise ValueError(f"{name}: empty or reversed range {run!r}")
+        out.extend(range(run[0], run[1]))
+    return out
+
+
+class ExecutionPlan:
+    """Active attention heads and MLP neurons of every decoder layer.
+
+    A layer with no active head and no active neuron is skipped: it is the
+    identity and stores no KV. Indices are validated here, once; the kernels
+    trust them.
+
+    Args:
+        shape: the model the plan is for.
+        heads: per layer, the active query heads (sorted, unique).
+        neurons: per layer, the active MLP neurons (sorted, unique).
+        num_groups: how many MLP neuron groups the switches address
+            (default: one per attention head, as AdaLLaVA-H does).
+    """
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        heads: Sequence[Iterable[int]],
+        neurons: Sequence[Iterable[int]],
+        *,
+        num_groups: int | None = None,
+    ) -> None:
+        if not isinstance(shape, ModelShape):
+            raise ValueError(f"shape must be a ModelShape, got {type(shape).__name__}")
+        self.shape = shape
+        self.num_groups = shape.num_heads if num_groups is None else num_groups
+        neuron_groups(shape.intermediate_size, self.num_groups)  # validates num_groups
+        for name, value in (("heads", heads), ("neurons", neurons)):
+            if len(value) != shape.num_layers:
+                raise ValueError(f"{name} must have one entry per layer ({shape.num_layers}), got {len(value)}")
+        self.heads = tuple(
+            _validated_indices(h, f"heads[{i}]", shape.num_heads) for i, h in enumerate(heads)
+        )
+        self.neurons = tuple(
+            _validated_indices(n, f"neurons[{i}]", shape.intermediate_size) for i, n in enumerate(neurons)
+        )
+        self._layers: dict[torch.device, tuple[LayerPlan, ...]] = {}
+
+    # -- constructors -------------------------------------------------------
+
+    @classmethod
+    def full(cls, shape: ModelShape, *, num_groups: int | None = None) -> "ExecutionPlan":
+        """Every layer, head and neuron on: the dense model."""
+        return cls.from_layer_mask([1] * shape.num_layers, shape, num_groups=num_groups)
+
+    @classmethod
+    def from_layer_mask(cls, mask: Any, shape: ModelShape, *, num_groups: int | None = None) -> "ExecutionPlan":
+        """AdaLLaVA-L: ``mask[l]`` is 1 to run layer ``l`` whole, 0 to skip it."""
+        on = _as_binary_tensor(mask, "mask", (shape.num_layers,)).tolist()
+        all_heads = range(shape.num_heads)
+        all_neurons = range(shape.intermediate_size)
+        return cls(
+            shape,
+            [all_heads if keep else () for keep in on],
+            [all_neurons if keep else () for keep in on],
+            num_groups=num_groups,
+        )
+
+    @classmethod
+    def from_switches(cls, switches: Any, shape: ModelShape) -> "ExecutionPlan":
+        """AdaLLaVA-H: ``switches`` is ``[layers, 2, num_heads]`` of 0/1.
+
+        Row 0 switches attention heads, row 1 switches MLP neuron groups (as
+        many groups as heads, see :func:`neuron_groups`).
+        """
+        s = _as_binary_tensor(switches, "switches", (shape.num_layers, 2, shape.num_heads))
+        groups = neuron_groups(shape.intermediate_size, shape.num_heads)
+        heads = [s[layer, 0].nonzero().flatten().tolist() for layer in range(shape.num_layers)]
+        neurons = [
+            [n for g in s[layer, 1].nonzero().flatten().tolist() for n in groups[g]]
+            for layer in range(shape.num_layers)
+        ]
+        return cls(shape, heads, neurons)
+
+    # -- derived views ------------------------------------------------------
+
+    @property
+    def layer_mask(self) -> tuple[bool, ...]:
+        """Per layer: True when it runs (has an active head or neuron)."""
+        return tuple(bool(h) or bool(n) for h, n in zip(self.heads, self.neurons))
+
+    def kv_heads(self, layer: int) -> tuple[int, ...]:
+        """KV heads that layer ``layer`` needs: those read by an active query head."""
+        group = self.shape.group_size
+        return tuple(sorted({h // group for h in self.heads[layer]}))
+
+    def layer(self, index: int, device: torch.device | str = "cpu") -> LayerPlan:
+        """Index tensors of one layer on ``device`` (built on first use, then cached)."""
+        if not -self.shape.num_layers <= index < self.shape.num_layers:
+            raise ValueError(f"layer index {index} out of range for {self.shape.num_layers} layers")
+        return self.layers(device)[index]
+
+    def layers(self, device: torch.device | str = "cpu") -> tuple[LayerPlan, ...]:
+        """Index tensors of every layer on ``device``, built once per device."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._layers:
+            self._layers[device] = tuple(self._build_layer(i, device) for i in range(self.shape.num_layers))
+        return self._layers[device]
+
+    def _build_layer(self, i: int, device: torch.device) -> LayerPlan:
+        kv = self.kv_heads(i)
+        position = {k: p for p, k in enumerate(kv)}
+        group = self.shape.group_size
+
+        def index(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return LayerPlan(
+            index=i,
+            heads=index(self.heads[i]),
+            kv_heads=index(kv),
+            head_to_kv=index([position[h // group] for h in self.heads[i]]),
+            neurons=index(self.neurons[i]),
+        )
+
+    def check_shape(self, shape: ModelShape, name: str = "plan") -> None:
+        """Raise ``ValueError`` unless this plan was built for ``shape``."""
+        if shape != self.shape:
+            raise ValueError(f"{name} is for {self.shape}, but the model is {shape}")
+
+    # -- serialisation and comparison --------------------------------------
+
+    def to_json(self) -> str:
+        """JSON with the shape and, per layer, heads and neuron ranges ``[start, stop)``."""
+        return json.dumps(
+            {
+                "version": _JSON_VERSION,
+                "shape": self.shape.to_dict(),
+                "num_groups": self.num_groups,
+                "layers": [
+                    {"heads": list(h), "neurons": _ranges(n)} for h, n in zip(self.heads, self.neurons)
+                ],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str, shape: ModelShape | None = None) -> "ExecutionPlan":
+        """Inverse of :meth:`to_json`; with ``shape``, also checks the plan is for it."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != _JSON_VERSION:
+            raise ValueError(f"plan JSON must be an object with version {_JSON_VERSION}")
+        plan_shape = ModelShape.from_dict(data["shape"])
+        layers = data["layers"]
+        if not isinstance(layers, list):
+            raise ValueError("plan JSON 'layers' must be a list")
+        plan = cls(
+            plan_shape,
+            [layer["heads"] for layer in layers],
+            [_from_ranges(layer["neurons"], f"layers[{i}].neurons") for i, layer in enumerate(layers)],
+            num_groups=data["num_groups"],
+        )
+        if shape is not None:
+            plan.check_shape(shape)
+        return plan
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExecutionPlan):
+            return NotImplemented
+        return (self.shape, self.num_groups, self.heads, self.neurons) == (
+            other.shape, other.num_groups, other.heads, other.neurons,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.shape, self.num_groups, self.heads, self.neurons))
+
+    def __repr__(self) -> str:
+        s = self.shape
+        heads = sum(map(len, self.heads))
+        neurons = sum(map(len, self.neurons))
+        return (
+            f"ExecutionPlan(layers={sum(self.layer_mask)}/{s.num_layers}, "
+            f"heads={heads}/{s.num_layers * s.num_heads}, "
+            f"neurons={neurons}/{s.num_layers * s.intermediate_size})"
+        )

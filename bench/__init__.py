@@ -1,0 +1,1 @@
+"""Benchmarks: does wall-clock follow the FLOPs an AdaLLaVA plan predicts? Run ``python -m bench``."""

@@ -1,0 +1,83 @@
+"""``python -m bench``: predicted FLOPs and roofline time of AdaLLaVA plans, and measured MLP wall-clock.
+
+Prints the tables and, with ``--out``, writes them as JSON with the device,
+dtype, commit, date and command of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from adallava_kernels import PRESETS, check_budget, get_device, get_shape
+
+from . import mlp, plans
+from ._common import DTYPES, metadata, write_json
+
+DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
+
+
+def budget_list(text: str) -> list[float]:
+    try:
+        return [check_budget(float(b)) for b in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--model", default="llava-7b", choices=sorted(PRESETS), help="model shape (default llava-7b)")
+    parser.add_argument("--roofline-device", default="H200",
+                        help="device the roofline predicts for: H200, H100, A100, V100, or 'measure' (this CPU)")
+    parser.add_argument("--budgets", type=budget_list, default=list(DEFAULT_BUDGETS),
+                        help="comma-separated latency budgets in [0.5, 1.0]")
+    parser.add_argument("--tokens", type=int, default=700, help="prefill length: 576 image tokens plus a prompt")
+    parser.add_argument("--context", type=int, default=700, help="positions a decode step attends to")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the MLP is timed (default: cuda when present)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="MLP dtype (default bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--mlp-scale", type=int, default=None,
+                        help="divide hidden and intermediate by this for the MLP timing (default 4 on CPU, 1 on CUDA)")
+    parser.add_argument("--mlp-tokens", type=int, default=64, help="tokens per MLP call")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    shape = get_shape(args.model)
+    roofline_device = get_device(args.roofline_device)
+    scale = args.mlp_scale or (1 if device.type == "cuda" else 4)
+    mlp_shape = mlp.scaled(shape, scale)
+
+    plan_rows = plans.run(shape, args.budgets, roofline_device, args.tokens, args.context)
+    print(f"\n{args.model}: AdaLLaVA plans, prefill over {args.tokens} tokens, decode at context {args.context}, "
+          f"roofline on {roofline_device.name} ({roofline_device.source})")
+    print(plans.table(plan_rows))
+
+    mlp_rows = mlp.run(mlp_shape, args.mlp_tokens, device, dtype, min_run_time=0.05 if args.quick else 0.2)
+    print(f"\nmasked_mlp on {device} ({str(dtype).removeprefix('torch.')}), hidden {mlp_shape.hidden_size}, "
+          f"intermediate {mlp_shape.intermediate_size} ({args.model} / {scale}), {args.mlp_tokens} tokens")
+    print(mlp.table(mlp_rows))
+
+    results = {
+        "meta": metadata(device, dtype),
+        "model": args.model,
+        "shape": shape.to_dict(),
+        "roofline_device": vars(roofline_device) | {"ridge_point": roofline_device.ridge_point},
+        "plans": {"num_tokens": args.tokens, "context_len": args.context, "rows": plan_rows},
+        "mlp": {"shape": mlp_shape.to_dict(), "num_tokens": args.mlp_tokens, "rows": mlp_rows},
+    }
+    if args.out:
+        print(f"\nwrote {write_json(args.out, results)}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from _shapes import GQA6
+
+from adallava_kernels import UnitScheme, best_plan, check_budget, cost, get_shape, neuron_groups
+
+S7 = get_shape("llava-7b")
+
+
+@pytest.mark.parametrize("budget", [0.49, 1.01, -1, float("nan"), "0.7", True, None])
+def test_budget_out_of_range(budget):
+    with pytest.raises(ValueError, match=r"latency budget must be a number in \[0.5, 1.0\]"):
+        check_budget(budget)
+
+
+@pytest.mark.parametrize(
+    "kind, budget, units",
+    [("L", 0.5, 0), ("L", 0.6, 3), ("L", 0.85, 11), ("L", 1.0, 16),
+     ("H", 0.5, 0), ("H", 0.6, 12), ("H", 0.7, 25), ("H", 0.85, 44), ("H", 1.0, 64)],
+)
+def test_units_for_budget(kind, budget, units):
+    # floor(total * l) - prefix: -L 32 and 16, -H 128 and 64
+    assert UnitScheme.default(kind, S7).units_for_budget(budget) == units
+
+
+def test_scheme_validation():
+    with pytest.raises(ValueError, match="kind must be"):
+        UnitScheme("X", S7, 16)
+    with pytest.raises(ValueError, match="prefix_layers"):
+        UnitScheme("L", S7, 32)
+    with pytest.raises(ValueError, match="rank must divide num_heads"):
+        UnitScheme("H", S7, 16, rank=5)
+
+
+def test_layer_plan_keeps_prefix_and_best_layers():
+    scores = torch.arange(16, dtype=torch.float32)  # later layers score higher
+    plan = best_plan(UnitScheme.default("L", S7), 0.6, scores)
+    assert plan.layer_mask == (True,) * 16 + (False,) * 13 + (True,) * 3
+
+
+def test_head_plan_takes_best_heads_and_groups():
+    shape = GQA6  # 4 layers, 6 heads
+    scheme = UnitScheme("H", shape, prefix_layers=2, rank=3)  # 2 units per layer
+    head_scores = torch.tensor([[0.0, 5, 4, 3, 2, 1], [9, 8, 7, 0, 0, 0]])
+    group_scores = torch.tensor([[1.0, 1, 1, 0, 0, 0], [0, 0, 0, 9, 9, 9]])
+    plan = best_plan(scheme, 0.75, (head_scores, group_scores))  # floor(8 * 0.75) - 4 = 2 units
+    assert plan.heads[:2] == (tuple(range(6)),) * 2
+    # unit scores: layer 2 first (4+1)/2 then (1+0)/2; layer 3 first (8+9)/2, then 0 -> take layer 3 then 2
+    assert plan.heads[3] == (0, 1, 2) and plan.heads[2] == (1, 2, 3)
+    groups = neuron_groups(520, 6)  # 87, 87, 87, 87, 86, 86 neurons
+    assert plan.neurons[3] == tuple(range(groups[3].start, 520))
+    assert plan.neurons[2] == tuple(range(groups[3].start))
+
+
+@pytest.mark.parametrize("kind", ["L", "H"])
+def test_plans_never_exceed_the_budget_share(kind):
+    scheme = UnitScheme.default(kind, S7)
+    g = torch.Generator().manual_seed(1)
+    full = cost.prefill_flops(S7, 700)
+    for budget in torch.linspace(0.5, 1.0, 23).tolist():
+        scores = torch.randn(16, generator=g) if kind == "L" else (torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g))
+        plan = best_plan(scheme, budget, scores)
+        assert plan.layer_mask[:16] == (True,) * 16
+        units_used = sum(plan.layer_mask[16:]) if kind == "L" else sum(map(len, plan.heads[16:])) // 8
+        assert units_used == scheme.units_for_budget(budget)
+        # Units are equal shares of the layers, so FLOPs (without lm_head) follow.
+        share = (16 * scheme.units_per_layer + units_used) / scheme.total_units
+        assert cost.prefill_flops(S7, 700, plan) / full <= share + 1e-3
+
+
+def test_bad_scores():
+    with pytest.raises(ValueError, match=r"scores must have shape \[16\]"):
+        best_plan(UnitScheme.default("L", S7), 0.7, torch.zeros(15))
+    with pytest.raises(ValueError, match="pair"):
+        best_plan(UnitScheme.default("H", S7), 0.7, torch.zeros(16, 32))
+    with pytest.raises(ValueError, match="group_scores must be finite"):
+        best_plan(UnitScheme.default("H", S7), 0.7, (torch.zeros(16, 32), torch.full((16, 32), float("nan"))))

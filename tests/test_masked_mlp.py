@@ -1,0 +1,157 @@
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from adallava_kernels import BackendUnavailableError, ExecutionPlan, masked_mlp
+from adallava_kernels.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def hf_mlp(hidden: int, intermediate: int) -> LlamaMLP:
+    # One attention head: transformers checks that it divides hidden_size, the MLP never uses it.
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu",
+        num_attention_heads=1, num_key_value_heads=1,
+    )
+    mlp = LlamaMLP(config)
+    for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        torch.nn.init.normal_(linear.weight, std=hidden**-0.5)
+    return mlp
+
+
+def oracle(mlp: LlamaMLP, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaMLP in float64 with the down_proj columns of inactive neurons zeroed."""
+    ref = hf_mlp(mlp.hidden_size, mlp.intermediate_size).double()
+    ref.load_state_dict(mlp.state_dict())
+    keep = torch.zeros(mlp.intermediate_size, dtype=torch.bool)
+    keep[active.long()] = True
+    with torch.no_grad():
+        ref.down_proj.weight[:, ~keep] = 0
+        return ref(x.double())
+
+
+def run(mlp: LlamaMLP, x: torch.Tensor, active: torch.Tensor, dtype: torch.dtype, **kwargs) -> torch.Tensor:
+    weights = [m.weight.detach().to(dtype) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    return masked_mlp(x.to(dtype), *weights, active, **kwargs)
+
+
+def rounded(mlp: LlamaMLP, dtype: torch.dtype) -> LlamaMLP:
+    """The module with weights rounded to ``dtype``, so the oracle sees the inputs the op sees."""
+    with torch.no_grad():
+        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            m.weight.copy_(m.weight.to(dtype).float())
+    return mlp
+
+
+CASES = {
+    # id: (batch, tokens, hidden, intermediate, active neurons or keep ratio)
+    "B2-T123-H96-I200-r0.6": (2, 123, 96, 200, 0.6),
+    "B1-T1-H96-I200-one": (1, 1, 96, 200, [137]),
+    "B3-T7-H64-I130-all": (3, 7, 64, 130, 1.0),
+    "B1-T17-H80-I111-r0.25": (1, 17, 80, 111, 0.25),
+}
+
+
+def active_set(intermediate: int, spec) -> torch.Tensor:
+    if isinstance(spec, list):
+        return torch.tensor(spec, dtype=torch.int32)
+    count = round(spec * intermediate)
+    return torch.randperm(intermediate)[:count].sort().values.to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_llama_mlp_with_zeroed_columns(case, dtype):
+    batch, tokens, hidden, intermediate, spec = case
+    mlp = rounded(hf_mlp(hidden, intermediate), dtype)
+    x = torch.randn(batch, tokens, hidden).to(dtype)
+    active = active_set(intermediate, spec)
+    out = run(mlp, x, active, dtype, backend="torch")
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, oracle(mlp, x, active))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_active_neuron_gives_zero(dtype):
+    mlp = hf_mlp(96, 200)
+    x = torch.randn(2, 5, 96)
+    out = run(mlp, x, torch.empty(0, dtype=torch.int32), dtype)
+    assert out.shape == (2, 5, 96) and out.dtype == dtype
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_non_contiguous_input_and_int64_index():
+    mlp = hf_mlp(96, 200)
+    x = torch.randn(96, 9, 4).permute(2, 1, 0)  # [4, 9, 96], strided
+    assert not x.is_contiguous()
+    active = active_set(200, 0.5).long()
+    assert_close(run(mlp, x, active, torch.float32), oracle(mlp, x, active))
+
+
+def test_plan_indices_drive_the_op():
+    from adallava_kernels import ModelShape
+
+    shape = ModelShape(96, 2, 4, 4, 24, 200, 10)
+    switches = torch.zeros(2, 2, 4)
+    switches[1, 1, [1, 3]] = 1  # groups 1 and 3 of 50 neurons
+    layer = ExecutionPlan.from_switches(switches, shape).layer(1)
+    mlp = hf_mlp(96, 200)
+    x = torch.randn(3, 96)
+    out = run(mlp, x, layer.neurons, torch.float32, check_indices=False)
+    assert layer.neurons.tolist() == list(range(50, 100)) + list(range(150, 200))
+    assert_close(out, oracle(mlp, x, layer.neurons))
+
+
+# --- bad input -------------------------------------------------------------
+
+
+def args(hidden=96, intermediate=200, dtype=torch.float32):
+    return [
+        torch.randn(3, hidden, dtype=dtype),
+        torch.randn(intermediate, hidden, dtype=dtype),
+        torch.randn(intermediate, hidden, dtype=dtype),
+        torch.randn(hidden, intermediate, dtype=dtype),
+        torch.tensor([0, 5, 9], dtype=torch.int32),
+    ]
+
+
+def with_arg(position, value):
+    a = args()
+    a[position] = value
+    return a
+
+
+@pytest.mark.parametrize(
+    "call_args, error, match",
+    [
+        (with_arg(0, torch.randn(3, 95)), ValueError, "x has hidden size 95"),
+        (with_arg(0, torch.randn(3, 96).double()), ValueError, "x must have dtype in"),
+        (with_arg(1, torch.randn(200, 96).half()), ValueError, "w_gate has dtype torch.float16, but x has torch.float32"),
+        (with_arg(2, torch.randn(199, 96)), ValueError, r"w_up must have shape \[200, 96\]"),
+        (with_arg(3, torch.randn(200, 96)), ValueError, r"w_down must have shape \[96, 200\]"),
+        (with_arg(3, torch.randn(96, 200, 1)), ValueError, "w_down must be 2-D"),
+        (with_arg(4, torch.tensor([0, 200], dtype=torch.int32)), ValueError, r"active_neurons: index 200 out of range \[0, 200\)"),
+        (with_arg(4, torch.tensor([-1, 3])), ValueError, r"active_neurons: index -1 out of range"),
+        (with_arg(4, torch.tensor([3, 3])), ValueError, "active_neurons: index 3 is duplicated"),
+        (with_arg(4, torch.tensor([4, 3])), ValueError, "active_neurons: must be sorted ascending: 4 comes before 3"),
+        (with_arg(4, torch.tensor([1.0, 2.0])), ValueError, "active_neurons must have dtype in"),
+        (with_arg(4, torch.tensor([[1, 2]])), ValueError, "active_neurons must be 1-D"),
+        (with_arg(4, [1, 2]), TypeError, "active_neurons must be a torch.Tensor"),
+        (with_arg(1, torch.randn(200, 96, device="meta")), ValueError, "w_gate must be on cpu, got meta"),
+    ],
+)
+def test_bad_input(call_args, error, match):
+    with pytest.raises(error, match=match):
+        masked_mlp(*call_args)
+
+
+def test_backend_convention():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        masked_mlp(*args(), backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="masked_mlp has no Triton kernel"):
+        masked_mlp(*args(), backend="triton")
+    # "auto" on CPU is the PyTorch reference.
+    same = args()
+    assert torch.equal(masked_mlp(*same, backend="auto"), masked_mlp(*same, backend="torch"))

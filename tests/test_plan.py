@@ -1,0 +1,176 @@
+import json
+
+import pytest
+import torch
+
+from _shapes import GQA6 as TINY
+
+from adallava_kernels import ExecutionPlan, ModelShape, neuron_groups
+
+
+def test_groups_split_remainder_over_first_groups():
+    groups = neuron_groups(11008, 32)
+    assert {len(g) for g in groups} == {344}
+    groups = neuron_groups(13824, 40)  # 13824 = 40 * 345 + 24
+    assert [len(g) for g in groups] == [346] * 24 + [345] * 16
+    assert groups[0].start == 0 and groups[-1].stop == 13824
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
+
+
+@pytest.mark.parametrize("num_groups", [0, 521])
+def test_groups_out_of_range(num_groups):
+    with pytest.raises(ValueError, match="num_groups"):
+        neuron_groups(520, num_groups)
+
+
+def test_full_plan():
+    plan = ExecutionPlan.full(TINY)
+    assert plan.layer_mask == (True,) * 4
+    assert plan.heads[0] == tuple(range(6))
+    assert plan.neurons[3] == tuple(range(520))
+    assert plan.kv_heads(0) == (0, 1)
+
+
+def test_from_layer_mask():
+    plan = ExecutionPlan.from_layer_mask(torch.tensor([1, 0, 1, 0]), TINY)
+    assert plan.layer_mask == (True, False, True, False)
+    assert plan.heads[1] == () and plan.neurons[1] == ()
+    assert plan.layer(1).is_active is False
+    assert plan == ExecutionPlan.from_layer_mask([True, False, True, False], TINY)
+
+
+def test_from_switches_expands_groups_and_kv_heads():
+    s = torch.zeros(4, 2, 6, dtype=torch.int64)
+    s[0] = 1
+    s[2, 0, 4] = 1  # one head of the second KV group
+    s[2, 1, [0, 5]] = 1
+    plan = ExecutionPlan.from_switches(s, TINY)
+    groups = neuron_groups(520, 6)  # 87, 87, 87, 87, 86, 86
+    assert plan.layer_mask == (True, False, True, False)
+    assert plan.heads[2] == (4,)
+    assert plan.kv_heads(2) == (1,)
+    assert plan.neurons[2] == tuple(groups[0]) + tuple(groups[5])
+    assert plan.neurons[0] == tuple(range(520))
+
+
+def test_layer_tensors_are_int32_and_built_once():
+    plan = ExecutionPlan(TINY, [[1, 4, 5], [], [0], []], [[3, 7], [], [], [519]])
+    layer = plan.layer(0)
+    assert layer.heads.dtype == torch.int32 and layer.heads.tolist() == [1, 4, 5]
+    assert layer.kv_heads.tolist() == [0, 1]
+    # heads 1 -> kv 0 (position 0); heads 4, 5 -> kv 1 (position 1)
+    assert layer.head_to_kv.tolist() == [0, 1, 1]
+    assert layer.neurons.tolist() == [3, 7]
+    assert plan.layer(0) is layer
+    assert plan.layers("cpu") is plan.layers(torch.device("cpu"))
+    # A layer with neurons only still runs (its MLP), with no KV.
+    assert plan.layer_mask == (True, False, True, True)
+    assert plan.layer(3).num_kv_heads == 0
+
+
+def test_json_round_trip():
+    s = torch.randint(0, 2, (4, 2, 6))
+    plan = ExecutionPlan.from_switches(s, TINY)
+    text = plan.to_json()
+    assert ExecutionPlan.from_json(text) == plan
+    assert ExecutionPlan.from_json(text, shape=TINY) == plan
+    # Neuron groups are stored as ranges, not one int per neuron.
+    assert len(text) < 2000
+
+
+def test_equality_and_hash():
+    a = ExecutionPlan.from_layer_mask([1, 1, 0, 1], TINY)
+    b = ExecutionPlan.from_layer_mask([1, 1, 0, 1], TINY)
+    c = ExecutionPlan.from_layer_mask([1, 1, 1, 1], TINY)
+    assert a == b and hash(a) == hash(b)
+    assert a != c
+    assert a != ExecutionPlan.from_layer_mask([1, 1, 0, 1], TINY, num_groups=4)
+
+
+# --- bad input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        ([1, 0, 1], r"mask must have shape \[4\]"),
+        ([[1, 0, 1, 1]], r"mask must have shape \[4\]"),
+        ([1, 0, 2, 1], "mask must be 0/1, found 2"),
+        ([1.0, 0.5, 1.0, 1.0], "mask must be 0/1, found 0.5"),
+        ([1.0, float("nan"), 1.0, 1.0], "mask must be 0/1, found nan"),
+    ],
+)
+def test_bad_layer_mask(mask, match):
+    with pytest.raises(ValueError, match=match):
+        ExecutionPlan.from_layer_mask(mask, TINY)
+
+
+def test_bad_switches():
+    with pytest.raises(ValueError, match=r"switches must have shape \[4, 2, 6\], got \[4, 2, 5\]"):
+        ExecutionPlan.from_switches(torch.ones(4, 2, 5), TINY)
+    bad = torch.ones(4, 2, 6)
+    bad[1, 1, 3] = -1
+    with pytest.raises(ValueError, match="switches must be 0/1, found -1"):
+        ExecutionPlan.from_switches(bad, TINY)
+
+
+@pytest.mark.parametrize(
+    "heads, match",
+    [
+        ([[0, 6], [], [], []], r"heads\[0\]: index 6 out of range \[0, 6\)"),
+        ([[], [-1], [], []], r"heads\[1\]: index -1 out of range"),
+        ([[], [], [2, 2], []], r"heads\[2\]: index 2 is duplicated"),
+        ([[], [], [], [3, 1]], r"heads\[3\] must be sorted ascending: 3 comes before 1"),
+        ([[0.0], [], [], []], r"heads\[0\] must hold ints"),
+        ([torch.tensor([[0]]), [], [], []], r"heads\[0\] must be 1-D"),
+        ([torch.tensor([0.0]), [], [], []], r"heads\[0\] must hold integers"),
+        ([[0], [], []], "heads must have one entry per layer"),
+    ],
+)
+def test_bad_head_indices(heads, match):
+    neurons = [[]] * len(heads)
+    with pytest.raises(ValueError, match=match):
+        ExecutionPlan(TINY, heads, neurons)
+
+
+@pytest.mark.parametrize(
+    "neurons, match",
+    [
+        ([[520], [], [], []], r"neurons\[0\]: index 520 out of range \[0, 520\)"),
+        ([[], [5, 5], [], []], r"neurons\[1\]: index 5 is duplicated"),
+        ([[], [], [9, 8], []], r"neurons\[2\] must be sorted ascending"),
+    ],
+)
+def test_bad_neuron_indices(neurons, match):
+    with pytest.raises(ValueError, match=match):
+        ExecutionPlan(TINY, [[]] * 4, neurons)
+
+
+def test_plan_for_another_shape():
+    other = ModelShape(**(TINY.to_dict() | {"intermediate_size": 600}))
+    plan = ExecutionPlan.full(TINY)
+    with pytest.raises(ValueError, match="plan is for ModelShape"):
+        plan.check_shape(other)
+    with pytest.raises(ValueError, match="plan is for ModelShape"):
+        ExecutionPlan.from_json(plan.to_json(), shape=other)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda d: d.update(version=99), "version 1"),
+        (lambda d: d["layers"][0].update(neurons=[[5, 5]]), r"layers\[0\].neurons: empty or reversed range"),
+        (lambda d: d["layers"][0].update(neurons=[5]), r"layers\[0\].neurons must be a list of \[start, stop\]"),
+        (lambda d: d["layers"][1].update(heads=[7]), r"heads\[1\]: index 7 out of range"),
+    ],
+)
+def test_bad_json(mutate, match):
+    data = json.loads(ExecutionPlan.full(TINY).to_json())
+    mutate(data)
+    with pytest.raises(ValueError, match=match):
+        ExecutionPlan.from_json(json.dumps(data))
+
+
+def test_layer_index_out_of_range():
+    with pytest.raises(ValueError, match="layer index 4 out of range"):
+        ExecutionPlan.full(TINY).layer(4)
