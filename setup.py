@@ -21,8 +21,14 @@ def extension_modules():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp_sources:
         return [], {}
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    import torch
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as e:
+        raise RuntimeError(
+            "building adallava_kernels._C needs torch in the build environment: install torch first, "
+            "then `pip install --no-build-isolation -e .`"
+        ) from e
 
     common = dict(name="adallava_kernels._C", include_dirs=[os.path.join(HERE, "csrc")])
     if torch.version.cuda and CUDA_HOME:

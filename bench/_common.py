@@ -24,6 +24,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
         return triton.testing.do_bench(fn, return_mode="median") / 1e3
     from torch.utils import benchmark
 
+    fn()  # first call pays for allocation and thread-pool start-up
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
