@@ -6,6 +6,7 @@ Importing the package queries no GPU and compiles nothing.
 from . import budget, cost, devices
 from .budget import UnitScheme, best_plan, check_budget
 from .devices import DeviceSpec, get_device
+from .modules import MaskedMLP
 from .ops import BackendUnavailableError, masked_mlp
 from .plan import ExecutionPlan, LayerPlan, neuron_groups
 from .shape import PRESETS, ModelShape, get_shape
@@ -17,6 +18,7 @@ __all__ = [
     "DeviceSpec",
     "ExecutionPlan",
     "LayerPlan",
+    "MaskedMLP",
     "ModelShape",
     "PRESETS",
     "UnitScheme",

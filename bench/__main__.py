@@ -1,4 +1,4 @@
-"""``python -m bench``: predicted FLOPs and roofline time of AdaLLaVA plans, and measured MLP wall-clock.
+"""``python -m bench``: predicted FLOPs and roofline time of AdaLLaVA plans, and measured masked-MLP wall-clock.
 
 Prints the tables and, with ``--out``, writes them as JSON with the device,
 dtype, commit, date and command of the run.
@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MLP dtype (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--mlp-scale", type=int, default=None,
                         help="divide hidden and intermediate by this for the MLP timing (default 4 on CPU, 1 on CUDA)")
-    parser.add_argument("--mlp-tokens", type=int, default=64, help="tokens per MLP call")
+    parser.add_argument("--mlp-tokens", type=lambda t: [int(n) for n in t.split(",")], default=None,
+                        help="comma-separated tokens per MLP call (default 1,8,64 on CPU; 1,8,64,700,4096 on CUDA)")
+    parser.add_argument("--mlp-models", type=lambda t: t.split(","), default=None,
+                        help="models whose MLP is timed (default: --model on CPU; llava-7b,llava-13b on CUDA)")
     parser.add_argument("--quick", action="store_true", help="shorter timing runs")
     parser.add_argument("--out", default=None, help="write the results as JSON to this path")
     return parser.parse_args(argv)
@@ -53,17 +56,27 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shape = get_shape(args.model)
     roofline_device = get_device(args.roofline_device)
-    scale = args.mlp_scale or (1 if device.type == "cuda" else 4)
-    mlp_shape = mlp.scaled(shape, scale)
+    on_gpu = device.type == "cuda"
+    scale = args.mlp_scale or (1 if on_gpu else 4)
+    mlp_models = args.mlp_models or (["llava-7b", "llava-13b"] if on_gpu else [args.model])
+    mlp_tokens = args.mlp_tokens or list(mlp.GPU_TOKENS if on_gpu else mlp.CPU_TOKENS)
 
     plan_rows = plans.run(shape, args.budgets, roofline_device, args.tokens, args.context)
     print(f"\n{args.model}: AdaLLaVA plans, prefill over {args.tokens} tokens, decode at context {args.context}, "
           f"roofline on {roofline_device.name} ({roofline_device.source})")
     print(plans.table(plan_rows))
 
-    mlp_rows = mlp.run(mlp_shape, args.mlp_tokens, device, dtype, min_run_time=0.05 if args.quick else 0.2)
-    print(f"\nmasked_mlp on {device} ({str(dtype).removeprefix('torch.')}), hidden {mlp_shape.hidden_size}, "
-          f"intermediate {mlp_shape.intermediate_size} ({args.model} / {scale}), {args.mlp_tokens} tokens")
+    names, skipped = mlp.providers(device)
+    mlp_shapes = {m: mlp.scaled(get_shape(m), scale) for m in mlp_models}
+    mlp_rows = [
+        row
+        for m, mlp_shape in mlp_shapes.items()
+        for tokens in mlp_tokens
+        for row in mlp.run_shape(m, mlp_shape, tokens, device, dtype, names,
+                                 min_run_time=0.05 if args.quick else 0.2)
+    ]
+    print(f"\nmasked MLP on {device} ({str(dtype).removeprefix('torch.')}), sizes divided by {scale}; "
+          f"providers {', '.join(names)}" + "".join(f"; {k} not run: {why}" for k, why in skipped.items()))
     print(mlp.table(mlp_rows))
 
     results = {
@@ -72,7 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": shape.to_dict(),
         "roofline_device": vars(roofline_device) | {"ridge_point": roofline_device.ridge_point},
         "plans": {"num_tokens": args.tokens, "context_len": args.context, "rows": plan_rows},
-        "mlp": {"shape": mlp_shape.to_dict(), "num_tokens": args.mlp_tokens, "rows": mlp_rows},
+        "mlp": {
+            "scale": scale,
+            "shapes": {m: s.to_dict() for m, s in mlp_shapes.items()},
+            "providers": names,
+            "skipped": skipped,
+            "rows": mlp_rows,
+        },
     }
     if args.out:
         print(f"\nwrote {write_json(args.out, results)}")

@@ -1,8 +1,16 @@
-"""Measured wall-clock of the neuron-masked SwiGLU MLP against the dense MLP.
+"""Neuron-masked SwiGLU MLP: measured time of each way to skip neurons, against the dense MLP.
 
-On a CPU the shape is the model's scaled down (hidden and intermediate divided
-by ``scale``) so a run takes seconds; neurons are kept in whole groups, as
-AdaLLaVA-H switches them.
+Providers:
+- ``dense``: the full MLP, three ``F.linear`` calls;
+- ``zero_mask``: the full MLP with inactive neurons multiplied by zero (what training does);
+- ``index_select``: gather the active weights on every call, then ``F.linear``
+  (the reference AdaLLaVA inference; ``masked_mlp(backend="torch")``);
+- ``pregathered``: ``F.linear`` on active weights gathered beforehand (the ideal when a copy is free);
+- ``triton``: ``masked_mlp(backend="triton")`` reading the weights in place (CUDA only).
+
+Neurons are kept in whole groups, as AdaLLaVA-H switches them. On a CPU the
+model's hidden and intermediate sizes are divided by ``scale`` so a run takes
+seconds.
 """
 
 from __future__ import annotations
@@ -14,10 +22,13 @@ import torch.nn.functional as F
 
 from adallava_kernels import ModelShape, cost, masked_mlp, neuron_groups
 from adallava_kernels.cost import Precision
+from adallava_kernels.ops.layout import prepare_column_gather
 
 from ._common import format_table, median_seconds
 
 KEEP_RATIOS = (1.0, 0.85, 0.75, 0.6, 0.5, 0.25)
+GPU_TOKENS = (1, 8, 64, 700, 4096)
+CPU_TOKENS = (1, 8, 64)
 
 
 def scaled(shape: ModelShape, scale: int) -> ModelShape:
@@ -37,44 +48,66 @@ def kept_neurons(shape: ModelShape, ratio: float, generator: torch.Generator) ->
     return torch.tensor([n for g in chosen for n in groups[g]], dtype=torch.int32)
 
 
-def run(
-    shape: ModelShape, num_tokens: int, device: torch.device, dtype: torch.dtype,
-    ratios=KEEP_RATIOS, min_run_time: float = 0.2, seed: int = 0,
-) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    hidden, inter = shape.hidden_size, shape.intermediate_size
-    x = torch.randn(num_tokens, hidden, generator=generator).to(device, dtype)
-    w_gate, w_up = (torch.randn(inter, hidden, generator=generator).to(device, dtype) * hidden**-0.5 for _ in range(2))
-    w_down = torch.randn(hidden, inter, generator=generator).to(device, dtype) * inter**-0.5
-    precision = Precision(*(torch.finfo(dtype).bits / 8,) * 3)
-    full = cost.masked_mlp_cost(shape, num_tokens, inter, precision)
-    dense_s = median_seconds(lambda: dense_mlp(x, w_gate, w_up, w_down), device, min_run_time)
-    rows = [_row("dense", 1.0, inter, full, full, dense_s, dense_s)]
-    for ratio in ratios:
-        active = kept_neurons(shape, ratio, generator).to(device)
-        predicted = cost.masked_mlp_cost(shape, num_tokens, active.numel(), precision)
-        seconds = median_seconds(
-            lambda: masked_mlp(x, w_gate, w_up, w_down, active, backend="torch", check_indices=False),
-            device, min_run_time,
-        )
-        rows.append(_row("masked_torch", ratio, active.numel(), predicted, full, seconds, dense_s))
-    return rows
+def providers(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """The providers that run on ``device``, and why the others do not."""
+    names = ["dense", "zero_mask", "index_select", "pregathered", "triton"]
+    skipped = {}
+    if device.type != "cuda":
+        skipped["triton"] = "Triton kernels are timed on CUDA only (the CPU interpreter is for correctness)"
+    return [n for n in names if n not in skipped], skipped
 
 
-def _row(provider, ratio, neurons, predicted, full, seconds, dense_s) -> dict:
+def _masked_calls(x, w_gate, w_up, w_down, w_down_prepared, active):
+    idx = active.long()
+    mask = torch.zeros(w_gate.shape[0], dtype=x.dtype, device=x.device)
+    mask[idx] = 1
+    gathered = (w_gate[idx].contiguous(), w_up[idx].contiguous(), w_down[:, idx].contiguous())
     return {
-        "provider": provider,
-        "keep_ratio": ratio,
-        "neurons": neurons,
-        "median_s": seconds,
-        "tflops": predicted.flops / seconds / 1e12,
-        "gbps": predicted.bytes / seconds / 1e9,
-        "time_ratio": seconds / dense_s,
-        "flops_ratio": predicted.flops / full.flops,
+        "zero_mask": lambda: F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up) * mask, w_down),
+        "index_select": lambda: masked_mlp(x, w_gate, w_up, w_down, active, backend="torch", check_indices=False),
+        "pregathered": lambda: dense_mlp(x, *gathered),
+        "triton": lambda: masked_mlp(x, w_gate, w_up, w_down_prepared, active, backend="triton", check_indices=False),
     }
 
 
+def run_shape(
+    model: str, shape: ModelShape, tokens: int, device: torch.device, dtype: torch.dtype,
+    names: list[str], ratios=KEEP_RATIOS, min_run_time: float = 0.2, seed: int = 0,
+) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter = shape.hidden_size, shape.intermediate_size
+    x = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
+    w_gate, w_up = (
+        (torch.randn(inter, hidden, generator=generator) * hidden**-0.5).to(device, dtype) for _ in range(2)
+    )
+    w_down = (torch.randn(hidden, inter, generator=generator) * inter**-0.5).to(device, dtype)
+    w_down_prepared = prepare_column_gather(w_down) if "triton" in names else w_down
+    precision = Precision(*(torch.finfo(dtype).bits / 8,) * 3)
+    full = cost.masked_mlp_cost(shape, tokens, inter, precision)
+    dense_s = median_seconds(lambda: dense_mlp(x, w_gate, w_up, w_down), device, min_run_time)
+
+    def row(provider, ratio, neurons, seconds, executed):
+        predicted = cost.masked_mlp_cost(shape, tokens, neurons, precision)
+        return {
+            "model": model, "provider": provider, "tokens": tokens, "keep_ratio": ratio, "neurons": neurons,
+            "median_s": seconds, "tflops": executed.flops / seconds / 1e12, "gbps": executed.bytes / seconds / 1e9,
+            "time_ratio": seconds / dense_s, "flops_ratio": predicted.flops / full.flops,
+        }
+
+    rows = [row("dense", 1.0, inter, dense_s, full)]
+    for ratio in ratios:
+        active = kept_neurons(shape, ratio, generator).to(device)
+        calls = _masked_calls(x, w_gate, w_up, w_down, w_down_prepared, active)
+        executed = cost.masked_mlp_cost(shape, tokens, active.numel(), precision)
+        for name in names[1:]:
+            seconds = median_seconds(calls[name], device, min_run_time)
+            rows.append(row(name, ratio, active.numel(), seconds, full if name == "zero_mask" else executed))
+    return rows
+
+
 COLUMNS = [
+    ("model", "model", "s"),
+    ("tokens", "tokens", "d"),
     ("provider", "provider", "s"),
     ("keep_ratio", "keep", ".2f"),
     ("neurons", "neurons", "d"),

@@ -4,6 +4,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from adallava_kernels import BackendUnavailableError, ExecutionPlan, masked_mlp
+from adallava_kernels.ops import _common
 from adallava_kernels.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -61,33 +62,40 @@ def active_set(intermediate: int, spec) -> torch.Tensor:
     return torch.randperm(intermediate)[:count].sort().values.to(torch.int32)
 
 
+# The Triton backend runs under TRITON_INTERPRET=1 on a CPU (set in conftest.py).
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_llama_mlp_with_zeroed_columns(case, dtype):
+def test_matches_llama_mlp_with_zeroed_columns(case, dtype, backend):
     batch, tokens, hidden, intermediate, spec = case
     mlp = rounded(hf_mlp(hidden, intermediate), dtype)
     x = torch.randn(batch, tokens, hidden).to(dtype)
     active = active_set(intermediate, spec)
-    out = run(mlp, x, active, dtype, backend="torch")
+    out = run(mlp, x, active, dtype, backend=backend)
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, oracle(mlp, x, active))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_active_neuron_gives_zero(dtype):
+def test_no_active_neuron_gives_zero(dtype, backend):
     mlp = hf_mlp(96, 200)
     x = torch.randn(2, 5, 96)
-    out = run(mlp, x, torch.empty(0, dtype=torch.int32), dtype)
+    out = run(mlp, x, torch.empty(0, dtype=torch.int32), dtype, backend=backend)
     assert out.shape == (2, 5, 96) and out.dtype == dtype
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_non_contiguous_input_and_int64_index():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input_and_int64_index(backend):
     mlp = hf_mlp(96, 200)
     x = torch.randn(96, 9, 4).permute(2, 1, 0)  # [4, 9, 96], strided
     assert not x.is_contiguous()
     active = active_set(200, 0.5).long()
-    assert_close(run(mlp, x, active, torch.float32), oracle(mlp, x, active))
+    assert_close(run(mlp, x, active, torch.float32, backend=backend), oracle(mlp, x, active))
 
 
 def test_plan_indices_drive_the_op():
@@ -147,11 +155,53 @@ def test_bad_input(call_args, error, match):
         masked_mlp(*call_args)
 
 
-def test_backend_convention():
+def test_backend_convention(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         masked_mlp(*args(), backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="masked_mlp has no Triton kernel"):
+    monkeypatch.setattr(_common, "INTERPRETING", False)
+    with pytest.raises(BackendUnavailableError, match="Triton kernels run on CUDA tensors"):
         masked_mlp(*args(), backend="triton")
     # "auto" on CPU is the PyTorch reference.
     same = args()
     assert torch.equal(masked_mlp(*same, backend="auto"), masked_mlp(*same, backend="torch"))
+
+
+# --- the nn.Module drop-in ----------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_follows_the_plan(backend):
+    from adallava_kernels import ModelShape
+    from adallava_kernels.modules import MaskedMLP
+
+    shape = ModelShape(96, 2, 4, 4, 24, 200, 10)
+    switches = torch.ones(2, 2, 4)
+    switches[0, 1, [0, 2]] = 0
+    plan = ExecutionPlan.from_switches(switches, shape)
+    mlp = hf_mlp(96, 200)
+    module = MaskedMLP.from_hf(mlp, backend=backend)
+    assert module.down_weight.stride() == (1, 96)  # column-major: gathered columns are contiguous
+    x = torch.randn(2, 19, 96)
+    with torch.no_grad():
+        assert_close(module(x), mlp(x).double())  # no plan yet: every neuron
+        module.set_plan(plan.layer(0))
+        assert_close(module(x), oracle(mlp, x, plan.layer(0).neurons))
+        module.set_plan(None)
+        assert_close(module(x), mlp(x).double())
+
+
+def test_module_rejects_what_it_cannot_compute():
+    from adallava_kernels import ModelShape
+    from adallava_kernels.modules import MaskedMLP
+
+    mlp = hf_mlp(96, 200)
+    mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="act_fn must be SiLU, got GELU"):
+        MaskedMLP.from_hf(mlp)
+    mlp = hf_mlp(96, 200)
+    mlp.up_proj = torch.nn.Linear(96, 200, bias=True)
+    with pytest.raises(ValueError, match="mlp.up_proj has a bias"):
+        MaskedMLP.from_hf(mlp)
+    bigger = ExecutionPlan.full(ModelShape(96, 1, 4, 4, 24, 300, 10))
+    with pytest.raises(ValueError, match="addresses neuron 299, but this MLP has 200"):
+        MaskedMLP.from_hf(hf_mlp(96, 200)).set_plan(bigger.layer(0))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
+
+# Triton reads this when a kernel is defined, so it is read once, at import.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,6 +33,11 @@ def resolve_backend(op: str, backend: str, device: torch.device, triton_kernel: 
         return "triton" if triton_kernel is not None and device.type == "cuda" else "torch"
     if triton_kernel is None:
         raise BackendUnavailableError(f"{op} has no Triton kernel in this version; use backend='torch'")
+    if device.type != "cuda" and not INTERPRETING:
+        raise BackendUnavailableError(
+            f"{op}: Triton kernels run on CUDA tensors, or on CPU with TRITON_INTERPRET=1 set before "
+            f"adallava_kernels is imported; got tensors on {device}"
+        )
     return "triton"
 
 

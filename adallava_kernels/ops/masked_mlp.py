@@ -2,8 +2,10 @@
 
 The reference gathers the active rows of ``w_gate`` and ``w_up`` and the
 active columns of ``w_down`` and multiplies by nothing else, so its FLOPs
-fall with the active neurons (it still copies the gathered weights on every
-call, which the Triton kernel avoids).
+fall with the active neurons; it copies the gathered weights on every call.
+The Triton path reads the weights in place through the index list: gate and
+up in one pass with SiLU-and-multiply fused, the activation written once at
+width ``n_active``, then the column-gathered down projection.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ import torch.nn.functional as F
 
 from ._common import check_index, check_same_dtype, check_tensor, resolve_backend
 
-__all__ = ["masked_mlp", "masked_mlp_reference"]
+__all__ = ["masked_mlp", "masked_mlp_reference", "masked_mlp_triton"]
 
-# Set when the Triton kernel lands; until then backend="triton" raises BackendUnavailableError.
-_TRITON_KERNEL = None
+
+def masked_mlp_triton(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, active_neurons: torch.Tensor
+) -> torch.Tensor:
+    """Triton path, without input checks (``masked_mlp`` checks)."""
+    from .gathered_linear import col_gathered_linear, swiglu_gathered
+
+    hidden_act = swiglu_gathered(x, w_gate, w_up, active_neurons)
+    return col_gathered_linear(hidden_act, w_down, active_neurons)
 
 
 def masked_mlp_reference(
@@ -47,7 +56,8 @@ def masked_mlp(
     Args:
         x: ``[..., hidden]`` activations (fp32, fp16 or bf16).
         w_gate, w_up: ``[intermediate, hidden]`` (``nn.Linear`` layout), dtype of ``x``.
-        w_down: ``[hidden, intermediate]``, dtype of ``x``.
+        w_down: ``[hidden, intermediate]``, dtype of ``x``; any strides, e.g. the
+            column-major copy from ``prepare_column_gather`` that the Triton path reads faster.
         active_neurons: 1-D int32/int64 indices into ``intermediate``, sorted and
             unique, on the device of ``x``.
         backend: ``"auto"`` (Triton on CUDA when available), ``"torch"`` or ``"triton"``.
@@ -72,6 +82,6 @@ def masked_mlp(
         raise ValueError(f"w_down must have shape {[hidden, intermediate]}, got {list(w_down.shape)}")
     check_index("active_neurons", active_neurons, intermediate, device, check_values=check_indices)
 
-    # "triton" is refused here until the kernel exists, whatever the device.
-    resolve_backend("masked_mlp", backend, device, _TRITON_KERNEL)
+    if resolve_backend("masked_mlp", backend, device, masked_mlp_triton) == "triton":
+        return masked_mlp_triton(x, w_gate, w_up, w_down, active_neurons)
     return masked_mlp_reference(x, w_gate, w_up, w_down, active_neurons)

@@ -1,0 +1,308 @@
+"""Gathered linear layers: multiply by a subset of a weight's rows or columns, read in place.
+
+The two primitives of the masked MLP (and of the masked attention's
+projections):
+
+- :func:`row_gathered_linear`: ``y = x @ W[rows].T`` (gate, up; q/k/v of active heads);
+- :func:`col_gathered_linear`: ``y = x @ W[:, cols].T`` (down; o_proj over active heads).
+
+The kernels read the weight through the int32 index list: no gathered copy
+of the weight is made, and the grid covers only the active rows (columns are
+the reduction, so their count sets the loop length). Accumulation is fp32.
+
+A column gather of a row-major ``[out, in]`` weight reads ``in``-strided
+elements. :func:`prepare_column_gather` returns the same matrix stored
+column-major (one transposed copy per model, not per plan), so gathered
+columns are contiguous rows in memory; the kernels take any strides, so both
+layouts work and give the same result.
+
+Two regimes: prefill (more than :data:`DECODE_MAX_TOKENS` rows of ``x``) uses
+large tiles for ``tl.dot``; decode uses 16-row tiles and splits the column
+gather's reduction across programs, so that a handful of tokens still spread
+the weight reads over the whole GPU (the cost of decode is the active weight
+bytes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETING as _INTERPRET
+from .layout import prepare_column_gather
+
+__all__ = [
+    "DECODE_MAX_TOKENS",
+    "row_gathered_linear",
+    "col_gathered_linear",
+    "swiglu_gathered",
+    "prepare_column_gather",
+]
+
+DECODE_MAX_TOKENS = 16
+
+def _config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+# Prefill, many tokens: compute-bound tiles for tl.dot.
+PREFILL_CONFIGS = [
+    # Hopper (H100/H200): 128x128 and 128x256 tiles, 64-deep K, 3-4 stages fit its 228 KB of shared memory.
+    _config(128, 128, 64, warps=8, stages=3),
+    _config(128, 256, 64, warps=8, stages=3),
+    _config(128, 128, 64, warps=4, stages=4),
+    # Ampere (A100): 32-deep K with 4 stages fits 164 KB of shared memory.
+    _config(128, 128, 32, warps=4, stages=4),
+    _config(64, 128, 32, warps=4, stages=4),
+]
+# Decode, 1 to 16 tokens: memory-bound; a 16-row tile is the smallest tl.dot
+# takes, and wide, deep weight tiles keep many loads in flight.
+DECODE_CONFIGS = [
+    # Hopper and Ampere alike: the weight stream dominates, tiles differ in width.
+    _config(16, 64, 128, warps=4, stages=4, group_m=1),
+    _config(16, 128, 128, warps=4, stages=4, group_m=1),
+    _config(16, 64, 256, warps=4, stages=3, group_m=1),
+    _config(16, 32, 256, warps=4, stages=4, group_m=1),
+]
+# Under TRITON_INTERPRET=1 autotuning does not work: one small config, so
+# odd sizes still cross tile boundaries in tests.
+INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, group_m=2)]
+
+_TUNE_KEY = ["M_BUCKET", "N", "K", "IEEE"]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        # The interpreter computes bf16 dots wrongly; fp32 is exact for bf16 inputs.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        # fp32 inputs: full precision, not TF32.
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _row_gather_kernel(
+    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
+    SWIGLU: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w1_ptrs = w1_ptr + rows[None, :] * stride_w1n + offs_k[:, None] * stride_w1k
+    w2_ptrs = w2_ptr + rows[None, :] * stride_w2n + offs_k[:, None] * stride_w2k
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        mask_k = offs_k < K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b1 = tl.load(w1_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc1 = _dot(a, b1, acc1, IEEE, UPCAST)
+        if SWIGLU:
+            b2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc2 = _dot(a, b2, acc2, IEEE, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w1_ptrs += BLOCK_K * stride_w1k
+        w2_ptrs += BLOCK_K * stride_w2k
+    if SWIGLU:
+        acc1 = acc1 * tl.sigmoid(acc1) * acc2
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc1.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _col_gather_kernel(
+    x_ptr, w_ptr, cols_ptr, y_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        cols = tl.load(cols_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        a = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        b = tl.load(
+            w_ptr + offs_n[None, :] * stride_wn + cols[:, None] * stride_wk,
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )
+        acc = _dot(a, b, acc, IEEE, UPCAST)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+def _tuned(kernel, configs):
+    # Restoring y after each tuning run keeps split-K's atomic partial sums
+    # from piling up in the output while configs are timed.
+    return triton.autotune(configs=configs, key=_TUNE_KEY, restore_value=["y_ptr"])(kernel)
+
+
+if _INTERPRET:
+    _ROW = {"prefill": _tuned(_row_gather_kernel, INTERPRETER_CONFIGS)}
+    _ROW["decode"] = _ROW["prefill"]
+    _COL = {"prefill": _tuned(_col_gather_kernel, INTERPRETER_CONFIGS)}
+    _COL["decode"] = _COL["prefill"]
+else:
+    _ROW = {"prefill": _tuned(_row_gather_kernel, PREFILL_CONFIGS), "decode": _tuned(_row_gather_kernel, DECODE_CONFIGS)}
+    _COL = {"prefill": _tuned(_col_gather_kernel, PREFILL_CONFIGS), "decode": _tuned(_col_gather_kernel, DECODE_CONFIGS)}
+
+
+def _regime(m: int) -> str:
+    return "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+
+
+def _m_bucket(m: int) -> int:
+    # Tune once per power of two of the token count, not once per length.
+    return triton.next_power_of_2(m)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so the split path is exercised
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Reduction splits for decode: enough programs for two waves over the GPU."""
+    if _regime(m) == "prefill" or k == 0:
+        return 1
+    smallest_tile_n = min(c.kwargs["BLOCK_N"] for c in (INTERPRETER_CONFIGS if _INTERPRET else DECODE_CONFIGS))
+    tiles = triton.cdiv(n, smallest_tile_n)
+    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), triton.cdiv(k, 128), 16))
+
+
+def _flags(x: torch.Tensor) -> dict:
+    return {"IEEE": x.dtype == torch.float32, "UPCAST": _INTERPRET}
+
+
+def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor):
+    m, k = x2.shape
+    n = rows.numel()
+    w2_ = w1 if w2 is None else w2
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _ROW[_regime(m)][grid](
+        x2, w1, w2_, rows, out, m, n, k, _m_bucket(m),
+        x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
+        out.stride(0), out.stride(1),
+        SWIGLU=w2 is not None, **_flags(x2),
+    )
+    return out
+
+
+def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor):
+    m, k = x2.shape
+    n = w.shape[0]
+    if k == 0:
+        return out.zero_()
+    split = _split_k(m, n, k, x2.device)
+    target = out if split == 1 else torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    _COL[_regime(m)][grid](
+        x2, w, cols, target, m, n, k, _m_bucket(m),
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1),
+        SPLIT_K=split, **_flags(x2),
+    )
+    if split > 1:
+        out.copy_(target)
+    return out
+
+
+# -- public launchers --------------------------------------------------------
+# Input checks live in the ops that call these (masked_mlp, masked_attention);
+# these check only what the kernels themselves rely on.
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    # Not reshape(-1, k): that is ambiguous when k == 0 (no active neuron).
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def _out(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {x.dtype} tensor of shape {list(shape)} on {x.device}, "
+            f"got {out.dtype} {list(out.shape)} on {out.device}"
+        )
+    return out
+
+
+def _index(index: torch.Tensor) -> torch.Tensor:
+    return index if index.dtype == torch.int32 else index.to(torch.int32)
+
+
+def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None):
+    """``x @ w[rows].T``: ``x`` ``[..., in]``, ``w`` ``[out, in]``, ``rows`` int indices -> ``[..., len(rows)]``."""
+    y = _out(x, rows.numel(), out)
+    if y.numel():
+        _launch_rows(_flat(x), w, None, _index(rows), y.view(math.prod(y.shape[:-1]), rows.numel()))
+    return y
+
+
+def swiglu_gathered(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None
+):
+    """``silu(x @ w_gate[rows].T) * (x @ w_up[rows].T)`` in one pass, written once at width ``len(rows)``."""
+    y = _out(x, rows.numel(), out)
+    if y.numel():
+        _launch_rows(_flat(x), w_gate, w_up, _index(rows), y.view(math.prod(y.shape[:-1]), rows.numel()))
+    return y
+
+
+def col_gathered_linear(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None):
+    """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``."""
+    y = _out(x, w.shape[0], out)
+    if y.numel():
+        _launch_cols(_flat(x), w, _index(cols), y.view(math.prod(y.shape[:-1]), w.shape[0]))
+    return y

@@ -1,0 +1,103 @@
+"""The gathered-linear primitives (Triton; under TRITON_INTERPRET=1 on a CPU) against float64 references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adallava_kernels.ops.gathered_linear import (
+    DECODE_MAX_TOKENS,
+    col_gathered_linear,
+    prepare_column_gather,
+    row_gathered_linear,
+    swiglu_gathered,
+)
+from adallava_kernels.testing import assert_close, poisoned
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Token counts on both sides of the decode/prefill switch, none a multiple of a tile.
+TOKENS = [1, 7, DECODE_MAX_TOKENS, 45]
+
+
+def index(n: int, keep: int) -> torch.Tensor:
+    return torch.randperm(n)[:keep].sort().values.to(torch.int32)
+
+
+def randn(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+def test_row_gather(tokens, dtype):
+    x, w = randn(tokens, 70, dtype=dtype), randn(150, 70, dtype=dtype, scale=70**-0.5)
+    rows = index(150, 53)
+    out = poisoned(tokens, 53, dtype=dtype)
+    row_gathered_linear(x, w, rows, out=out)
+    assert_close(out, F.linear(x.double(), w.double()[rows.long()]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+def test_swiglu_gather(tokens, dtype):
+    x = randn(tokens, 70, dtype=dtype)
+    w_gate, w_up = randn(150, 70, dtype=dtype, scale=70**-0.5), randn(150, 70, dtype=dtype, scale=70**-0.5)
+    rows = index(150, 67)
+    out = poisoned(tokens, 67, dtype=dtype)
+    swiglu_gathered(x, w_gate, w_up, rows, out=out)
+    idx = rows.long()
+    expected = F.silu(F.linear(x.double(), w_gate.double()[idx])) * F.linear(x.double(), w_up.double()[idx])
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+def test_col_gather(tokens, dtype, layout):
+    w = randn(90, 230, dtype=dtype, scale=0.1)
+    if layout == "column-major":
+        w = prepare_column_gather(w)
+        assert w.stride() == (1, 90)
+    cols = index(230, 141)
+    x = randn(tokens, 141, dtype=dtype)
+    out = poisoned(tokens, 90, dtype=dtype)
+    col_gathered_linear(x, w, cols, out=out)
+    assert_close(out, F.linear(x.double(), w.double()[:, cols.long()]))
+
+
+def test_prepared_layout_is_the_same_matrix():
+    w = torch.randn(9, 13)
+    prepared = prepare_column_gather(w)
+    assert torch.equal(prepared, w) and prepared.shape == w.shape and not prepared.is_contiguous()
+
+
+@pytest.mark.parametrize("tokens", [1, 33], ids=lambda t: f"T{t}")
+def test_single_and_all_indices(tokens):
+    x, w = torch.randn(tokens, 40), torch.randn(60, 40)
+    for rows in (torch.tensor([59], dtype=torch.int32), torch.arange(60, dtype=torch.int32)):
+        assert_close(row_gathered_linear(x, w, rows), F.linear(x.double(), w.double()[rows.long()]))
+    h, wd = torch.randn(tokens, 1), torch.randn(40, 60)
+    assert_close(col_gathered_linear(h, wd, torch.tensor([0], dtype=torch.int32)), F.linear(h.double(), wd.double()[:, :1]))
+
+
+def test_empty_index():
+    x = torch.randn(3, 40)
+    assert row_gathered_linear(x, torch.randn(60, 40), torch.empty(0, dtype=torch.int32)).shape == (3, 0)
+    out = poisoned(3, 40, dtype=torch.float32)
+    col_gathered_linear(torch.randn(3, 0), torch.randn(40, 60), torch.empty(0, dtype=torch.int32), out=out)
+    assert torch.equal(out, torch.zeros(3, 40))
+
+
+def test_strided_input_and_leading_dims():
+    x = torch.randn(40, 5, 2).permute(2, 1, 0)  # [2, 5, 40], not contiguous
+    w, rows = torch.randn(60, 40), index(60, 21)
+    y = row_gathered_linear(x, w, rows)
+    assert y.shape == (2, 5, 21)
+    assert_close(y, F.linear(x.double(), w.double()[rows.long()]))
+
+
+def test_bad_out():
+    x, w, rows = torch.randn(3, 40), torch.randn(60, 40), index(60, 10)
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \[3, 10\]"):
+        row_gathered_linear(x, w, rows, out=torch.empty(3, 11))
+    with pytest.raises(ValueError, match="out must be a contiguous torch.float32"):
+        row_gathered_linear(x, w, rows, out=torch.empty(3, 10, dtype=torch.float16))
