@@ -27,6 +27,10 @@ class MaskedMLP(nn.Module):
         self.up_weight = nn.Parameter(w_up, requires_grad=False)
         self.down_weight = nn.Parameter(prepare_column_gather(w_down), requires_grad=False)
         self.backend = backend
+        # The index of a full plan, kept so an unplanned forward allocates nothing.
+        self.register_buffer(
+            "all_neurons", torch.arange(w_gate.shape[0], dtype=torch.int32, device=w_gate.device), persistent=False
+        )
         self._neurons: torch.Tensor | None = None
 
     @classmethod
@@ -53,9 +57,7 @@ class MaskedMLP(nn.Module):
         self._neurons = None if layer is None else layer.neurons.to(self.gate_weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        neurons = self._neurons
-        if neurons is None:
-            neurons = torch.arange(self.gate_weight.shape[0], dtype=torch.int32, device=x.device)
+        neurons = self.all_neurons if self._neurons is None else self._neurons
         return masked_mlp(
             x, self.gate_weight, self.up_weight, self.down_weight, neurons, backend=self.backend, check_indices=False
         )

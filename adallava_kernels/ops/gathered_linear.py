@@ -185,14 +185,13 @@ def _tuned(kernel, configs):
     return triton.autotune(configs=configs, key=_TUNE_KEY, restore_value=["y_ptr"])(kernel)
 
 
-if _INTERPRET:
-    _ROW = {"prefill": _tuned(_row_gather_kernel, INTERPRETER_CONFIGS)}
-    _ROW["decode"] = _ROW["prefill"]
-    _COL = {"prefill": _tuned(_col_gather_kernel, INTERPRETER_CONFIGS)}
-    _COL["decode"] = _COL["prefill"]
-else:
-    _ROW = {"prefill": _tuned(_row_gather_kernel, PREFILL_CONFIGS), "decode": _tuned(_row_gather_kernel, DECODE_CONFIGS)}
-    _COL = {"prefill": _tuned(_col_gather_kernel, PREFILL_CONFIGS), "decode": _tuned(_col_gather_kernel, DECODE_CONFIGS)}
+_CONFIGS = (
+    {"prefill": INTERPRETER_CONFIGS, "decode": INTERPRETER_CONFIGS}
+    if _INTERPRET
+    else {"prefill": PREFILL_CONFIGS, "decode": DECODE_CONFIGS}
+)
+_ROW = {regime: _tuned(_row_gather_kernel, configs) for regime, configs in _CONFIGS.items()}
+_COL = {regime: _tuned(_col_gather_kernel, configs) for regime, configs in _CONFIGS.items()}
 
 
 def _regime(m: int) -> str:
@@ -215,7 +214,7 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Reduction splits for decode: enough programs for two waves over the GPU."""
     if _regime(m) == "prefill" or k == 0:
         return 1
-    smallest_tile_n = min(c.kwargs["BLOCK_N"] for c in (INTERPRETER_CONFIGS if _INTERPRET else DECODE_CONFIGS))
+    smallest_tile_n = min(c.kwargs["BLOCK_N"] for c in _CONFIGS["decode"])
     tiles = triton.cdiv(n, smallest_tile_n)
     return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), triton.cdiv(k, 128), 16))
 
