@@ -3,11 +3,12 @@
 Importing the package queries no GPU and compiles nothing.
 """
 
-from . import budget, cost, devices
+from . import budget, cost, devices, kv_cache
 from .budget import UnitScheme, best_plan, check_budget
 from .devices import DeviceSpec, get_device
-from .modules import MaskedMLP
-from .ops import BackendUnavailableError, masked_mlp
+from .kv_cache import ContiguousKVCache, KVCacheLayer, TransformersCacheLayer
+from .modules import MaskedAttention, MaskedMLP
+from .ops import BackendUnavailableError, masked_attention, masked_mlp
 from .plan import ExecutionPlan, LayerPlan, neuron_groups
 from .shape import PRESETS, ModelShape, get_shape
 
@@ -15,9 +16,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ContiguousKVCache",
     "DeviceSpec",
     "ExecutionPlan",
+    "KVCacheLayer",
     "LayerPlan",
+    "MaskedAttention",
     "MaskedMLP",
     "ModelShape",
     "PRESETS",
@@ -29,6 +33,9 @@ __all__ = [
     "devices",
     "get_device",
     "get_shape",
+    "kv_cache",
+    "masked_attention",
     "masked_mlp",
     "neuron_groups",
+    "TransformersCacheLayer",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "CostBreakdown",
     "Roofline",
     "layer_ops",
+    "masked_attention_cost",
     "masked_mlp_cost",
     "prefill_cost",
     "decode_cost",
@@ -49,8 +50,10 @@ __all__ = [
 
 ATTENTION_OPS = ("attn_norm", "q_proj", "k_proj", "v_proj", "qk_matmul", "softmax", "sv_matmul", "o_proj", "attn_add")
 MLP_OPS = ("mlp_norm", "gate_proj", "up_proj", "mlp_act", "down_proj", "mlp_add")
-# What ``adallava_kernels.masked_mlp`` computes: the MLP without its norm and residual add.
+# What ``adallava_kernels.masked_mlp`` and ``masked_attention`` compute: the
+# sub-block without its norm and residual add.
 MASKED_MLP_OPS = ("gate_proj", "up_proj", "mlp_act", "down_proj")
+MASKED_ATTENTION_OPS = ("q_proj", "k_proj", "v_proj", "qk_matmul", "softmax", "sv_matmul", "o_proj")
 OP_NAMES = ATTENTION_OPS + MLP_OPS + ("lm_head",)
 
 _NORM_FLOPS_PER_ELEMENT = 7  # square, sum, mean, rsqrt-add, scale, weight multiply as LLM-Viewer counts
@@ -173,6 +176,14 @@ def layer_ops(
     return attention + mlp
 
 
+def _sum_ops(name: str, ops: Iterable[OpCost], names: Sequence[str]) -> OpCost:
+    total = OpCost(name)
+    for op in ops:
+        if op.name in names:
+            total = total + OpCost(name, **{f.name: getattr(op, f.name) for f in fields(op) if f.name != "name"})
+    return total
+
+
 def masked_mlp_cost(
     shape: ModelShape, num_tokens: int, neurons: int, precision: Precision = Precision()
 ) -> OpCost:
@@ -182,11 +193,37 @@ def masked_mlp_cost(
     ops = layer_ops(
         shape, heads=0, kv_heads=0, neurons=neurons, q_tokens=num_tokens, kv_tokens=0, precision=precision
     )
-    total = OpCost("masked_mlp")
-    for op in ops:
-        if op.name in MASKED_MLP_OPS:
-            total = total + OpCost("masked_mlp", **{f.name: getattr(op, f.name) for f in fields(op) if f.name != "name"})
-    return total
+    return _sum_ops("masked_mlp", ops, MASKED_MLP_OPS)
+
+
+def masked_attention_cost(
+    shape: ModelShape,
+    *,
+    heads: int,
+    kv_heads: int,
+    q_tokens: int,
+    kv_tokens: int,
+    batch_size: int = 1,
+    precision: Precision = Precision(),
+) -> OpCost:
+    """FLOPs and bytes of one ``masked_attention`` call: ``q_tokens`` new tokens per sequence over
+    ``kv_tokens`` positions (prefill: equal; decode: 1 and the context), ``heads`` active query heads
+    reading ``kv_heads`` KV heads. As LLM-Viewer, ``qk``/``sv`` count every score (no causal halving)."""
+    _check_count("q_tokens", q_tokens)
+    _check_count("kv_tokens", kv_tokens)
+    _check_count("batch_size", batch_size)
+    _check_count("heads", heads, minimum=0)
+    _check_count("kv_heads", kv_heads, minimum=0)
+    if heads > shape.num_heads or kv_heads > shape.num_kv_heads or (heads > 0) != (kv_heads > 0):
+        raise ValueError(
+            f"heads ({heads}) and kv_heads ({kv_heads}) must be at most {shape.num_heads} and "
+            f"{shape.num_kv_heads}, and both zero or both positive"
+        )
+    ops = layer_ops(
+        shape, heads=heads, kv_heads=kv_heads, neurons=0, q_tokens=q_tokens, kv_tokens=kv_tokens,
+        batch_size=batch_size, precision=precision,
+    )
+    return _sum_ops("masked_attention", ops, MASKED_ATTENTION_OPS)
 
 
 @dataclass(frozen=True)

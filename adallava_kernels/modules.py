@@ -5,11 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kv_cache import KVCacheLayer, TransformersCacheLayer
 from .ops.layout import prepare_column_gather
+from .ops.masked_attention import AttentionIndices, check_padding, run_masked_attention
 from .ops.masked_mlp import masked_mlp
 from .plan import LayerPlan
 
-__all__ = ["MaskedMLP"]
+__all__ = ["MaskedAttention", "MaskedMLP"]
+
+
+def _check_linears(module: nn.Module, names: tuple[str, ...], what: str) -> None:
+    for name in names:
+        linear = getattr(module, name, None)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{what}.{name} must be an nn.Linear, got {type(linear).__name__}")
+        if linear.bias is not None:
+            raise ValueError(f"{what}.{name} has a bias; the masked ops compute bias-free projections")
 
 
 class MaskedMLP(nn.Module):
@@ -36,12 +47,7 @@ class MaskedMLP(nn.Module):
     @classmethod
     def from_hf(cls, mlp: nn.Module, *, backend: str = "auto") -> "MaskedMLP":
         """Wrap a transformers ``LlamaMLP`` (SwiGLU with SiLU, no biases)."""
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            linear = getattr(mlp, name, None)
-            if not isinstance(linear, nn.Linear):
-                raise ValueError(f"mlp.{name} must be an nn.Linear, got {type(linear).__name__}")
-            if linear.bias is not None:
-                raise ValueError(f"mlp.{name} has a bias; masked_mlp computes bias-free projections")
+        _check_linears(mlp, ("gate_proj", "up_proj", "down_proj"), "mlp")
         act = getattr(mlp, "act_fn", None)
         if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
             raise ValueError(f"mlp.act_fn must be SiLU, got {type(act).__name__}")
@@ -61,3 +67,120 @@ class MaskedMLP(nn.Module):
         return masked_mlp(
             x, self.gate_weight, self.up_weight, self.down_weight, neurons, backend=self.backend, check_indices=False
         )
+
+
+def padding_from_mask(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+    """The ``[batch, kv_len]`` padding mask inside the mask a transformers decoder passes its attention.
+
+    transformers passes ``None`` (causal, no padding), the 2-D padding mask,
+    or a 4-D ``[batch, 1, q_len, kv_len]`` mask (bool: True attends; float:
+    0 attends) that combines causal and padding masking. The last query row
+    sees every position that is not padding, so it is the padding mask.
+    Masks other than causal-plus-padding (sliding windows, prefix-LM) are
+    not supported.
+    """
+    if mask is None or mask.dim() == 2:
+        return mask
+    if mask.dim() != 4 or mask.shape[-1] != kv_len:
+        raise ValueError(
+            f"attention_mask must be None, [batch, {kv_len}] or [batch, 1, q_len, {kv_len}], got {list(mask.shape)}"
+        )
+    last_row = mask[:, 0, -1, :]
+    keep = last_row if last_row.dtype == torch.bool else last_row == 0
+    return keep.expand(batch, kv_len)
+
+
+class MaskedAttention(nn.Module):
+    """A transformers ``LlamaAttention`` that computes only the heads its layer plan keeps.
+
+    q/k/v weights are shared with the source module; ``o_proj`` is held as
+    one column-major copy, so its gathered columns are contiguous. Call
+    :meth:`set_plan` once per request. ``forward`` takes ``LlamaAttention``'s
+    arguments and returns ``(output, None)``, so the module can replace one
+    inside a transformers decoder layer; with a transformers ``Cache`` it
+    stores only the active KV heads of this layer.
+    """
+
+    def __init__(
+        self, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *,
+        num_heads: int, num_kv_heads: int, layer_idx: int | None = None, backend: str = "auto",
+    ):
+        super().__init__()
+        if w_q.shape[0] % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"w_q has {w_q.shape[0]} rows, which is not num_heads ({num_heads}) heads, "
+                f"or num_heads is not a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self.q_weight = nn.Parameter(w_q, requires_grad=False)
+        self.k_weight = nn.Parameter(w_k, requires_grad=False)
+        self.v_weight = nn.Parameter(w_v, requires_grad=False)
+        self.o_weight = nn.Parameter(prepare_column_gather(w_o), requires_grad=False)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = w_q.shape[0] // num_heads
+        self.layer_idx = layer_idx
+        self.backend = backend
+        self._full = self._indices(torch.arange(num_heads, dtype=torch.int32, device=w_q.device))
+        self._plan: AttentionIndices | None = None
+
+    def _indices(self, heads: torch.Tensor, kv_heads=None, head_to_kv=None) -> AttentionIndices:
+        if kv_heads is None:
+            group = self.num_heads // self.num_kv_heads
+            kv_heads = torch.arange(self.num_kv_heads, dtype=torch.int32, device=heads.device)
+            head_to_kv = heads // group
+        return AttentionIndices(heads, kv_heads, head_to_kv, self.head_dim)
+
+    @classmethod
+    def from_hf(cls, attn: nn.Module, *, backend: str = "auto") -> "MaskedAttention":
+        """Wrap a transformers ``LlamaAttention`` (no biases, scaling ``head_dim ** -0.5``)."""
+        _check_linears(attn, ("q_proj", "k_proj", "v_proj", "o_proj"), "attn")
+        config = getattr(attn, "config", None)
+        if config is None or not hasattr(config, "num_attention_heads"):
+            raise ValueError("attn must be a transformers LlamaAttention with a .config")
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = attn.q_proj.weight.shape[0] // num_heads
+        if getattr(attn, "head_dim", head_dim) != head_dim or abs(attn.scaling - head_dim**-0.5) > 1e-12:
+            raise ValueError(f"attn must use head_dim {head_dim} and scaling head_dim ** -0.5, got {attn.scaling}")
+        weights = (attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data, attn.o_proj.weight.data)
+        return cls(*weights, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                   layer_idx=getattr(attn, "layer_idx", None), backend=backend)
+
+    def set_plan(self, layer: LayerPlan | None) -> None:
+        """Run the heads of ``layer`` from now on (``None``: all of them)."""
+        if layer is None:
+            self._plan = None
+            return
+        if layer.heads.numel() and int(layer.heads[-1]) >= self.num_heads:
+            raise ValueError(
+                f"layer plan {layer.index} addresses head {int(layer.heads[-1])}, but this attention has {self.num_heads}"
+            )
+        device = self.q_weight.device
+        self._plan = self._indices(layer.heads.to(device), layer.kv_heads.to(device), layer.head_to_kv.to(device))
+
+    def _cache_layer(self, cache) -> KVCacheLayer | None:
+        if cache is None or isinstance(cache, KVCacheLayer):
+            return cache
+        if self.layer_idx is None:
+            raise ValueError("a transformers Cache needs the layer index: build with from_hf or pass layer_idx")
+        return TransformersCacheLayer(cache, self.layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cos, sin = position_embeddings
+        cache = self._cache_layer(past_key_values)
+        batch, seq = hidden_states.shape[:2]
+        kv_len = seq + (0 if cache is None else cache.length)
+        padding = check_padding(padding_from_mask(attention_mask, batch, kv_len), batch, kv_len, hidden_states.device)
+        out = run_masked_attention(
+            hidden_states, self.q_weight, self.k_weight, self.v_weight, self.o_weight,
+            self._full if self._plan is None else self._plan, cos, sin,
+            head_dim=self.head_dim, attention_mask=padding, kv_cache=cache, backend=self.backend,
+        )
+        return out, None

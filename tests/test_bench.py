@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench.__main__ import main
+from bench.attention import HEAD_FRACTIONS
 from bench.mlp import KEEP_RATIOS
 
 from adallava_kernels import ExecutionPlan, cost, get_shape
@@ -12,7 +13,8 @@ from adallava_kernels import ExecutionPlan, cost, get_shape
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "run.json"
-    main(["--model", "tiny", "--mlp-scale", "1", "--mlp-tokens", "1,9", "--quick",
+    main(["--model", "tiny", "--scale", "1", "--mlp-tokens", "1,9", "--quick",
+          "--attention-seqs", "19", "--attention-contexts", "21", "--attention-batches", "2",
           "--budgets", "0.5,0.75,1.0", "--roofline-device", "A100", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "AdaLLaVA-H" in printed and "index_select" in printed
@@ -39,6 +41,24 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
         expected = [("dense", 1.0)] + [(n, r) for r in KEEP_RATIOS for n in names[1:]]
         assert [(r["provider"], r["keep_ratio"]) for r in rows] == expected
     assert all(r["median_s"] > 0 and r["model"] == "tiny" for r in mlp["rows"])
+
+    attention = data["attention"]
+    # flash_attn and Triton are timed on CUDA only; each says why it did not run.
+    assert attention["providers"] == ["sdpa_all", "sdpa_gathered"]
+    assert set(attention["skipped"]) == {"flash_attn", "triton"}
+    heads = shape.num_heads
+    for stage, q_len, kv_len in (("prefill", 19, 19), ("decode", 1, 22)):
+        rows = [r for r in attention["rows"] if r["stage"] == stage]
+        expected = [("sdpa_all", heads)] + [("sdpa_gathered", round(f * heads)) for f in HEAD_FRACTIONS]
+        assert [(r["provider"], r["heads"]) for r in rows] == expected
+        assert all((r["batch"], r["q_len"], r["kv_len"]) == (2, q_len, kv_len) and r["median_s"] > 0 for r in rows)
+        for r in rows:
+            predicted = cost.masked_attention_cost(shape, heads=r["heads"], kv_heads=r["kv_heads"], q_tokens=q_len,
+                                                   kv_tokens=kv_len, batch_size=2, precision=cost.Precision(4, 4, 4))
+            full = cost.masked_attention_cost(shape, heads=heads, kv_heads=shape.num_kv_heads, q_tokens=q_len,
+                                              kv_tokens=kv_len, batch_size=2, precision=cost.Precision(4, 4, 4))
+            assert r["flops_ratio"] == predicted.flops / full.flops
+            assert r["kv_bytes"] == predicted.kv_load_bytes
 
 
 def test_bench_rejects_budget_outside_range(capsys):

@@ -144,6 +144,23 @@ def test_masked_mlp_cost_matches_layer_terms():
     assert cost.masked_mlp_cost(SMALL, 3, 0).flops == 0
 
 
+def test_masked_attention_cost_matches_layer_terms():
+    ops = ("q_proj", "k_proj", "v_proj", "qk_matmul", "softmax", "sv_matmul", "o_proj")
+    prefill = cost.masked_attention_cost(SMALL, heads=2, kv_heads=1, q_tokens=3, kv_tokens=3)
+    assert prefill.flops == sum(PREFILL_LAYER[n] for n in ops)
+    decode = cost.masked_attention_cost(SMALL, heads=2, kv_heads=1, q_tokens=1, kv_tokens=5)
+    assert decode.flops == sum(DECODE_LAYER[n] for n in ops)
+    # One head of two: half of every head-proportional term; the one KV head is still read.
+    half = cost.masked_attention_cost(SMALL, heads=1, kv_heads=1, q_tokens=1, kv_tokens=5)
+    assert half.flops == decode.flops - (128 + 80 + 50 + 80 + 128) / 2  # q, qk, softmax, sv, o
+    assert half.kv_load_bytes == decode.kv_load_bytes == 2 * 5 * 4 * 2
+    two = cost.masked_attention_cost(SMALL, heads=2, kv_heads=1, q_tokens=1, kv_tokens=5, batch_size=2)
+    assert two.flops == 2 * decode.flops
+    assert cost.masked_attention_cost(SMALL, heads=0, kv_heads=0, q_tokens=3, kv_tokens=3).flops == 0
+    with pytest.raises(ValueError, match=r"heads \(3\) and kv_heads \(1\) must be at most 2 and 1"):
+        cost.masked_attention_cost(SMALL, heads=3, kv_heads=1, q_tokens=1, kv_tokens=1)
+
+
 def test_roofline_prefill_is_compute_bound_and_decode_memory_bound():
     shape = get_shape("llava-7b")
     prefill = cost.roofline(cost.prefill_cost(shape, 4096), "H200")

@@ -4,14 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adallava_kernels.ops.gathered_linear import (
-    DECODE_MAX_TOKENS,
-    col_gathered_linear,
-    prepare_column_gather,
-    row_gathered_linear,
-    swiglu_gathered,
-)
+from adallava_kernels.ops import gathered_linear
+from adallava_kernels.ops.gathered_linear import DECODE_MAX_TOKENS, prepare_column_gather
 from adallava_kernels.testing import assert_close, poisoned
+
+from _device import on_device
+
+row_gathered_linear = on_device(gathered_linear.row_gathered_linear)
+swiglu_gathered = on_device(gathered_linear.swiglu_gathered)
+col_gathered_linear = on_device(gathered_linear.col_gathered_linear)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Token counts on both sides of the decode/prefill switch, none a multiple of a tile.

@@ -7,6 +7,8 @@ from adallava_kernels import BackendUnavailableError, ExecutionPlan, masked_mlp
 from adallava_kernels.ops import _common
 from adallava_kernels.testing import assert_close
 
+from _device import DEVICE, on_device
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -34,8 +36,9 @@ def oracle(mlp: LlamaMLP, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor
 
 
 def run(mlp: LlamaMLP, x: torch.Tensor, active: torch.Tensor, dtype: torch.dtype, **kwargs) -> torch.Tensor:
+    """The op on DEVICE, output back on the CPU."""
     weights = [m.weight.detach().to(dtype) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    return masked_mlp(x.to(dtype), *weights, active, **kwargs)
+    return on_device(masked_mlp)(x.to(dtype), *weights, active, **kwargs)
 
 
 def rounded(mlp: LlamaMLP, dtype: torch.dtype) -> LlamaMLP:
@@ -181,13 +184,14 @@ def test_module_follows_the_plan(backend):
     mlp = hf_mlp(96, 200)
     module = MaskedMLP.from_hf(mlp, backend=backend)
     assert module.down_weight.stride() == (1, 96)  # column-major: gathered columns are contiguous
+    forward = on_device(module.to(DEVICE))
     x = torch.randn(2, 19, 96)
     with torch.no_grad():
-        assert_close(module(x), mlp(x).double())  # no plan yet: every neuron
+        assert_close(forward(x), mlp(x).double())  # no plan yet: every neuron
         module.set_plan(plan.layer(0))
-        assert_close(module(x), oracle(mlp, x, plan.layer(0).neurons))
+        assert_close(forward(x), oracle(mlp, x, plan.layer(0).neurons))
         module.set_plan(None)
-        assert_close(module(x), mlp(x).double())
+        assert_close(forward(x), mlp(x).double())
 
 
 def test_module_rejects_what_it_cannot_compute():
