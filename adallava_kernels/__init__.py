@@ -6,7 +6,7 @@ Importing the package queries no GPU and compiles nothing.
 from . import budget, cost, devices, kv_cache
 from .budget import UnitScheme, best_plan, check_budget
 from .devices import DeviceSpec, get_device
-from .kv_cache import ContiguousKVCache, KVCacheLayer, TransformersCacheLayer
+from .kv_cache import ContiguousKVCache, KVCacheLayer, LayerSkipKVCache, TransformersCacheLayer
 from .modules import MaskedAttention, MaskedMLP
 from .ops import BackendUnavailableError, masked_attention, masked_mlp
 from .plan import ExecutionPlan, LayerPlan, neuron_groups
@@ -21,6 +21,7 @@ __all__ = [
     "ExecutionPlan",
     "KVCacheLayer",
     "LayerPlan",
+    "LayerSkipKVCache",
     "MaskedAttention",
     "MaskedMLP",
     "ModelShape",

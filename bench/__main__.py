@@ -13,7 +13,7 @@ import torch
 
 from adallava_kernels import PRESETS, check_budget, get_device, get_shape
 
-from . import attention, mlp, plans
+from . import attention, kv_cache, mlp, plans
 from ._common import DTYPES, metadata, write_json
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="attention decode contexts (default 128 on CPU; 700,4096 on CUDA)")
     parser.add_argument("--attention-batches", type=int_list, default=None,
                         help="attention batch sizes (default 1 on CPU; 1,8 on CUDA)")
+    parser.add_argument("--kv-pool-gib", type=float, default=40.0,
+                        help="pool size for the sequences-per-pool column of the KV-cache table (default 40 GiB)")
     parser.add_argument("--quick", action="store_true", help="shorter timing runs")
     parser.add_argument("--out", default=None, help="write the results as JSON to this path")
     return parser.parse_args(argv)
@@ -113,6 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
           + "".join(f"; {k} not run: {why}" for k, why in attn_skipped.items()))
     print(attention.table(attn_rows))
 
+    kv_shape = attention.scaled(shape, scale)
+    kv_rows = kv_cache.memory_rows(args.model, kv_shape, args.budgets, args.context, args.kv_pool_gib, device, dtype)
+    print(f"\nlayer-skip KV cache on {device} ({dtype_name}), {args.model} with heads divided by {scale}, "
+          f"{args.context} positions per sequence, pages of {kv_cache.PAGE_SIZE}, pool of {args.kv_pool_gib:g} GiB")
+    print(kv_cache.memory_table(kv_rows))
+    kv_bandwidth = [
+        row
+        for m, s in attn_shapes.items()
+        for row in kv_cache.bandwidth_rows(m, s, max(decode["batches"]), max(decode["contexts"]),
+                                           max(prefill["seqs"]), device, dtype, min_run_time)
+    ]
+    print(kv_cache.bandwidth_table(kv_bandwidth))
+
     results = {
         "meta": metadata(device, dtype),
         "model": args.model,
@@ -134,6 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
             "providers": attn_names,
             "skipped": attn_skipped,
             "rows": attn_rows,
+        },
+        "kv_cache": {
+            "shape": kv_shape.to_dict(),
+            "page_size": kv_cache.PAGE_SIZE,
+            "pool_gib": args.kv_pool_gib,
+            "memory": kv_rows,
+            "bandwidth": kv_bandwidth,
         },
     }
     if args.out:

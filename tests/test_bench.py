@@ -60,6 +60,16 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
             assert r["flops_ratio"] == predicted.flops / full.flops
             assert r["kv_bytes"] == predicted.kv_load_bytes
 
+    kv = data["kv_cache"]
+    # Measured bytes of the real caches equal the cost model's, and the rows cover every plan.
+    assert [(r["cache"], r["kind"], r["budget"]) for r in kv["memory"]] == [("DynamicCache", "dense", 1.0)] + [
+        ("LayerSkipKVCache", k, b) for k in ("AdaLLaVA-L", "AdaLLaVA-H") for b in (0.5, 0.75, 1.0)
+    ]
+    assert all(r["bytes"] == r["predicted_bytes"] and r["bytes"] > 0 for r in kv["memory"])
+    assert kv["memory"][1]["bytes"] < kv["memory"][0]["bytes"]  # budget 0.5 keeps fewer layers
+    assert [r["op"] for r in kv["bandwidth"]] == ["append 1 token(s)", "append 19 token(s)", "gather 21 positions"]
+    assert all(r["median_s"] > 0 for r in kv["bandwidth"])
+
 
 def test_bench_rejects_budget_outside_range(capsys):
     with pytest.raises(SystemExit):

@@ -1,0 +1,139 @@
+"""Layer-skip KV cache: memory per sequence and sequences per pool by budget, and append/read bandwidth.
+
+Memory: for AdaLLaVA-L and -H plans at each budget, one sequence of
+``tokens`` positions is written into a :class:`LayerSkipKVCache` and into a
+transformers ``DynamicCache`` (every layer, every KV head); the bytes each
+holds are measured, and ``sequences_per_pool`` is how many such sequences a
+pool of ``pool_gib`` holds. The cost model's prediction is stored next to the
+measured bytes.
+
+Bandwidth: ``kv_append`` of one decode token and of a prefill chunk for a
+batch of sequences, and ``kv_gather`` of their contexts, against a plain
+``copy_`` of the same bytes on the same device.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, cost
+from adallava_kernels.kv_cache import LayerSkipKVCache
+
+from ._common import format_table, median_seconds
+from .plans import random_scores
+
+PAGE_SIZE = 16
+
+
+def _fill_layer_skip(shape, plan, tokens, device, dtype, generator) -> LayerSkipKVCache:
+    kept = sum(len(plan.kv_heads(layer)) for layer in range(shape.num_layers))
+    pages = max(1, kept * -(-tokens // PAGE_SIZE))
+    cache = LayerSkipKVCache(shape, num_pages=pages, page_size=PAGE_SIZE, dtype=dtype, device=device)
+    cache.add_sequence(0, plan, tokens)
+    for layer in range(shape.num_layers):
+        heads = len(plan.kv_heads(layer))
+        kv = torch.randn(heads, tokens, shape.head_dim, generator=generator).to(device, dtype)
+        cache.append(0, layer, kv, kv)
+    return cache
+
+
+def _dynamic_cache_bytes(shape, tokens, device, dtype, generator) -> int:
+    cache = DynamicCache()
+    kv = torch.randn(1, shape.num_kv_heads, tokens, shape.head_dim, generator=generator).to(device, dtype)
+    for layer in range(shape.num_layers):
+        cache.update(kv, kv, layer)
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def memory_rows(model: str, shape: ModelShape, budgets, tokens: int, pool_gib: float, device, dtype,
+                seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    pool = int(pool_gib * 2**30)
+    element = torch.finfo(dtype).bits // 8
+    dynamic = _dynamic_cache_bytes(shape, tokens, device, dtype, generator)
+    rows = [{
+        "model": model, "cache": "DynamicCache", "kind": "dense", "budget": 1.0, "tokens": tokens,
+        "bytes": dynamic, "predicted_bytes": cost.kv_cache_bytes(shape, tokens, kv_bytes=element),
+        "sequences_per_pool": pool // dynamic, "vs_dynamic": 1.0,
+    }]
+    for kind in ("L", "H"):
+        scheme = UnitScheme.default(kind, shape)
+        for budget in budgets:
+            plan = best_plan(scheme, budget, random_scores(scheme, generator))
+            cache = _fill_layer_skip(shape, plan, tokens, device, dtype, generator)
+            used = cache.sequence_bytes(0)
+            rows.append({
+                "model": model, "cache": "LayerSkipKVCache", "kind": f"AdaLLaVA-{kind}", "budget": budget,
+                "tokens": tokens, "bytes": used,
+                "predicted_bytes": cost.kv_cache_bytes(shape, tokens, plan, kv_bytes=element, page_size=PAGE_SIZE),
+                "sequences_per_pool": pool // used if used else None, "vs_dynamic": used / dynamic,
+            })
+            del cache
+    return rows
+
+
+def bandwidth_rows(model: str, shape: ModelShape, batch: int, context: int, chunk: int, device, dtype,
+                   min_run_time: float = 0.2) -> list[dict]:
+    """The extension ops on one full layer of ``batch`` sequences: ``kv_append`` of 1 and of ``chunk``
+    tokens at position ``context``, and ``kv_gather`` of ``context`` positions."""
+    heads, d = shape.num_kv_heads, shape.head_dim
+    length = context + chunk
+    cache = LayerSkipKVCache(shape, num_pages=batch * heads * -(-length // PAGE_SIZE), page_size=PAGE_SIZE,
+                             dtype=dtype, device=device)
+    ids = list(range(batch))
+    for s in ids:
+        cache.add_sequence(s, ExecutionPlan.full(shape), length)
+    fill = torch.randn(heads, length, d).to(device, dtype)
+    cache.append_batch(ids, 0, [fill] * batch, [fill] * batch)  # takes every page the timed calls write
+    table = torch.cat([cache.page_table(s, 0) for s in ids])
+    rows = batch * heads
+    starts = torch.full((rows,), context, dtype=torch.int32, device=device)
+
+    results = []
+    for tokens in (1, chunk):
+        new = torch.randn(rows, tokens, d).to(device, dtype)
+        append = lambda new=new: cache.ops.kv_append(cache.k_pages, cache.v_pages, new, new, table, starts)  # noqa: E731
+        results.append(_bandwidth_row(model, f"append {tokens} token(s)", append, 2 * rows * tokens * d,
+                                      device, dtype, min_run_time))
+    gather = lambda: cache.ops.kv_gather(cache.k_pages, cache.v_pages, table, context)  # noqa: E731
+    results.append(_bandwidth_row(model, f"gather {context} positions", gather, 2 * rows * context * d,
+                                  device, dtype, min_run_time))
+    return results
+
+
+def _bandwidth_row(model, name, fn, elements, device, dtype, min_run_time) -> dict:
+    element = torch.finfo(dtype).bits // 8
+    seconds = median_seconds(fn, device, min_run_time)
+    src = torch.empty(elements, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    copy_s = median_seconds(lambda: dst.copy_(src), device, min_run_time)
+    # Read and written once each.
+    moved = 2 * elements * element
+    return {
+        "model": model, "op": name, "bytes": moved, "median_s": seconds, "gbps": moved / seconds / 1e9,
+        "copy_gbps": moved / copy_s / 1e9, "vs_copy": copy_s / seconds,
+    }
+
+
+MEMORY_COLUMNS = [
+    ("model", "model", "s"), ("cache", "cache", "s"), ("kind", "plan", "s"), ("budget", "budget", ".2f"),
+    ("tokens", "tokens", "d"), ("mib", "MiB / sequence", ".2f"), ("predicted_mib", "predicted MiB", ".2f"),
+    ("sequences_per_pool", "sequences / pool", "d"), ("vs_dynamic", "vs DynamicCache", ".3f"),
+]
+BANDWIDTH_COLUMNS = [
+    ("model", "model", "s"), ("op", "op", "s"), ("median_s", "median ms", ".3f"), ("gbps", "GB/s", ".1f"),
+    ("copy_gbps", "copy_ GB/s", ".1f"), ("vs_copy", "of copy_", ".2f"),
+]
+
+
+def memory_table(rows: list[dict]) -> str:
+    return format_table(
+        [r | {"mib": r["bytes"] / 2**20, "predicted_mib": r["predicted_bytes"] / 2**20,
+              "sequences_per_pool": r["sequences_per_pool"] or 0} for r in rows],
+        MEMORY_COLUMNS,
+    )
+
+
+def bandwidth_table(rows: list[dict]) -> str:
+    return format_table([r | {"median_s": r["median_s"] * 1e3} for r in rows], BANDWIDTH_COLUMNS)

@@ -1,0 +1,353 @@
+"""The layer-skip KV cache: extension ops, the paged pool against a plain Python model, failures, transformers.
+
+Runs on DEVICE: the CUDA extension where there is a GPU, the C++ CPU one otherwise.
+"""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from adallava_kernels import ExecutionPlan, ModelShape, cost, masked_attention
+from adallava_kernels.kv_cache import LayerSkipKVCache, transformers_cache
+from adallava_kernels.testing import assert_close
+
+from _device import DEVICE
+
+ops = pytest.importorskip("adallava_kernels._C") and torch.ops.adallava
+
+# 3 layers, 4 query heads over 2 KV heads of dim 8.
+SHAPE = ModelShape(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                   intermediate_size=40, vocab_size=50)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(DEVICE, dtype)
+
+
+# --- the extension ops --------------------------------------------------------
+
+
+def reference_append(k_pages, v_pages, key, value, tables, starts):
+    page_size = k_pages.shape[1]
+    for r in range(key.shape[0]):
+        for t in range(key.shape[1]):
+            position = int(starts[r]) + t
+            page = int(tables[r, position // page_size])
+            k_pages[page, position % page_size] = key[r, t]
+            v_pages[page, position % page_size] = value[r, t]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_append_and_gather_ops(dtype):
+    k_pages, v_pages = randn(9, 4, 8, dtype=dtype), randn(9, 4, 8, dtype=dtype)
+    expected_k, expected_v = k_pages.clone(), v_pages.clone()
+    # Strided key/value, as a [batch, heads, seq, d] view of a projection output.
+    key = randn(5, 3, 8, dtype=dtype).transpose(0, 1)
+    value = randn(3, 5, 8, dtype=dtype)
+    tables = torch.tensor([[7, 2], [0, 8], [4, 1]], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEVICE)
+    ops.kv_append(k_pages, v_pages, key, value, tables, starts)
+    reference_append(expected_k, expected_v, key, value, tables, starts)
+    assert torch.equal(k_pages, expected_k) and torch.equal(v_pages, expected_v)
+
+    k, v = ops.kv_gather(k_pages, v_pages, tables, 7)
+    pages = tables.long()
+    assert torch.equal(k, k_pages[pages].reshape(3, 8, 8)[:, :7])
+    assert torch.equal(v, v_pages[pages].reshape(3, 8, 8)[:, :7])
+
+
+def test_ops_pass_opcheck():
+    """Schema, fake (meta) implementations for torch.compile, and registration are consistent."""
+    from adallava_kernels.kv_cache import _ops
+
+    _ops()
+    k_pages, v_pages = randn(6, 4, 8), randn(6, 4, 8)
+    tables = torch.tensor([[3, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(ops.kv_append.default, (k_pages, v_pages, randn(2, 5, 8), randn(2, 5, 8), tables, starts))
+    torch.library.opcheck(ops.kv_gather.default, (k_pages, v_pages, tables, 6))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"key": torch.randn(2, 5, 7)}, r"key must be \[rows, tokens, 8\]"),
+        ({"value": torch.randn(2, 4, 8)}, "value must have the shape of key"),
+        ({"key": torch.randn(2, 5, 8).double(), "value": torch.randn(2, 5, 8).double()}, "key must have the dtype"),
+        ({"tables": torch.tensor([[3, 1], [0, 5]])}, "block_tables must be int32"),
+        ({"tables": torch.tensor([[3, 1]], dtype=torch.int32)}, r"block_tables must have one row per key row \(2\)"),
+        ({"starts": torch.tensor([1], dtype=torch.int32)}, r"starts must have one entry per key row \(2\)"),
+        ({"v_pages": torch.zeros(6, 4, 8).half()}, "v_pages must have the dtype of k_pages"),
+        ({"k_pages": torch.zeros(6, 4, 8, 1), "v_pages": torch.zeros(6, 4, 8, 1)}, "k_pages must be 3-D"),
+    ],
+)
+def test_op_input_checks(change, match):
+    args = {
+        "k_pages": torch.zeros(6, 4, 8), "v_pages": torch.zeros(6, 4, 8),
+        "key": torch.randn(2, 5, 8), "value": torch.randn(2, 5, 8),
+        "tables": torch.tensor([[3, 1], [0, 5]], dtype=torch.int32), "starts": torch.tensor([1, 0], dtype=torch.int32),
+    } | change
+    with pytest.raises(RuntimeError, match=match):
+        ops.kv_append(*args.values())
+
+
+def test_cpu_op_checks_page_indices_and_positions_before_writing():
+    k_pages, v_pages = torch.zeros(6, 4, 8), torch.zeros(6, 4, 8)
+    key = torch.randn(2, 5, 8)
+    bad_page = torch.tensor([[3, 1], [0, 6]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"block_tables\[1, 1\] = 6 is not a page of the pool \[0, 6\)"):
+        ops.kv_append(k_pages, v_pages, key, key, bad_page, torch.tensor([1, 0], dtype=torch.int32))
+    too_long = torch.tensor([4, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"row 0: positions \[4, 9\) do not fit the 2 pages"):
+        ops.kv_append(k_pages, v_pages, key, key, torch.tensor([[3, 1], [0, 5]], dtype=torch.int32), too_long)
+    assert not k_pages.any() and not v_pages.any()  # nothing was written
+    with pytest.raises(RuntimeError, match=r"length 9 must be in \[0, 8\]"):
+        ops.kv_gather(k_pages, v_pages, torch.tensor([[3, 1]], dtype=torch.int32), 9)
+
+
+# --- the pool against a plain Python model ------------------------------------
+
+
+class ModelCache:
+    """What the cache must hold: per sequence and layer, the appended K/V of each kept KV head."""
+
+    def __init__(self):
+        self.data = {}
+
+    def add(self, seq_id, plan):
+        self.data[seq_id] = [[[], []] for _ in range(plan.shape.num_layers)]
+
+    def append(self, seq_id, layer, key, value):
+        self.data[seq_id][layer][0].append(key)
+        self.data[seq_id][layer][1].append(value)
+
+    def expected(self, seq_id, layer, heads):
+        keys, values = self.data[seq_id][layer]
+        if not keys:
+            return torch.empty(heads, 0, SHAPE.head_dim), torch.empty(heads, 0, SHAPE.head_dim)
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+
+def random_plan(draw_or_rng) -> ExecutionPlan:
+    rng = draw_or_rng
+    heads = [sorted(rng.sample(range(SHAPE.num_heads), rng.randint(0, SHAPE.num_heads))) for _ in range(SHAPE.num_layers)]
+    neurons = [range(SHAPE.intermediate_size) if h else () for h in heads]
+    return ExecutionPlan(SHAPE, heads, neurons)
+
+
+def check_matches(cache: LayerSkipKVCache, model: ModelCache, dtype):
+    """Every sequence's contents equal the model's, and the bytes equal the cost model's."""
+    for seq_id in cache.sequences:
+        seq_plan = cache._sequences[seq_id].plan
+        length = cache.length(seq_id)
+        for layer in range(SHAPE.num_layers):
+            heads = len(seq_plan.kv_heads(layer))
+            k, v = cache.gather(seq_id, layer)
+            ek, ev = model.expected(seq_id, layer, heads)
+            assert torch.equal(k.cpu(), ek.to(dtype)) and torch.equal(v.cpu(), ev.to(dtype))
+            assert cache.length(seq_id, layer) == length
+        assert cache.sequence_bytes(seq_id) == cost.kv_cache_bytes(
+            SHAPE, length, seq_plan, kv_bytes=torch.finfo(dtype).bits // 8, page_size=cache.page_size
+        )
+    assert cache.bytes_in_use == sum(cache.sequence_bytes(s) for s in cache.sequences)
+    assert cache.pages_in_use + cache.pages_free == cache.num_pages
+
+
+def forward_append(cache, model, seq_ids, tokens, dtype, rng_seed):
+    """What one forward does: every layer appends ``tokens`` positions of each sequence, batched."""
+    generator = torch.Generator().manual_seed(rng_seed)
+    for layer in range(SHAPE.num_layers):
+        keys, values = [], []
+        for s in seq_ids:
+            heads = len(cache.kv_heads(s, layer))
+            k = torch.randn(heads, tokens, SHAPE.head_dim, generator=generator)
+            v = torch.randn(heads, tokens, SHAPE.head_dim, generator=generator)
+            keys.append(k.to(DEVICE, dtype))
+            values.append(v.to(DEVICE, dtype))
+        cache.append_batch(seq_ids, layer, keys, values)
+        for s, k, v in zip(seq_ids, keys, values):
+            model.append(s, layer, k.cpu().to(dtype), v.cpu().to(dtype))
+
+
+OPERATIONS = st.lists(
+    st.tuples(st.sampled_from(["add", "append", "batch", "free"]), st.integers(0, 7), st.integers(1, 6)),
+    min_size=1, max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations=OPERATIONS, seed=st.integers(0, 2**16), dtype=st.sampled_from(DTYPES))
+def test_random_interleavings_match_the_model(operations, seed, dtype):
+    import random
+
+    rng = random.Random(seed)
+    cache = LayerSkipKVCache(SHAPE, num_pages=48, page_size=3, dtype=dtype, device=DEVICE)
+    model = ModelCache()
+    for step, (op, seq_id, tokens) in enumerate(operations):
+        live = list(cache.sequences)
+        if op == "add" and seq_id not in live:
+            plan = random_plan(rng)
+            cache.add_sequence(seq_id, plan, max_tokens=12)
+            model.add(seq_id, plan)
+        elif op == "append" and seq_id in live:
+            tokens = min(tokens, 12 - cache.length(seq_id))
+            if tokens and fits(cache, [seq_id], tokens):
+                forward_append(cache, model, [seq_id], tokens, dtype, seed + step)
+        elif op == "batch" and len(live) > 1:
+            group = rng.sample(live, rng.randint(2, len(live)))
+            tokens = min([tokens] + [12 - cache.length(s) for s in group])
+            if tokens and fits(cache, group, tokens):
+                forward_append(cache, model, group, tokens, dtype, seed + step)
+        elif op == "free" and seq_id in live:
+            cache.free(seq_id)
+            del model.data[seq_id]
+        check_matches(cache, model, dtype)
+
+
+def fits(cache, seq_ids, tokens) -> bool:
+    needed = sum(
+        cache._pages_needed(cache._sequences[s], layer, tokens) for s in seq_ids for layer in range(SHAPE.num_layers)
+    )
+    return needed <= cache.pages_free
+
+
+# --- failures leave every other sequence as it was -----------------------------
+
+
+def snapshot(cache):
+    return (
+        {s: [tuple(t.clone() for t in cache.gather(s, layer)) for layer in range(SHAPE.num_layers)] for s in cache.sequences},
+        {s: [cache.length(s, layer) for layer in range(SHAPE.num_layers)] for s in cache.sequences},
+        cache.pages_free, cache.bytes_in_use,
+    )
+
+
+def assert_unchanged(cache, before):
+    after = snapshot(cache)
+    assert after[1:] == before[1:]
+    assert before[0].keys() == after[0].keys()
+    for s in before[0]:
+        for (k0, v0), (k1, v1) in zip(before[0][s], after[0][s]):
+            assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+@pytest.fixture
+def busy_cache():
+    """Two sequences with different plans, 5 positions each, in a pool with few pages left."""
+    cache = LayerSkipKVCache(SHAPE, num_pages=20, page_size=4, dtype=torch.float32, device=DEVICE)
+    model = ModelCache()
+    plans = {
+        "a": ExecutionPlan(SHAPE, [[0, 1, 2, 3], [2], []], [range(40), range(40), []]),
+        "b": ExecutionPlan(SHAPE, [[1], [0, 3], [3]], [range(40)] * 3),
+    }
+    for s, plan in plans.items():
+        cache.add_sequence(s, plan, max_tokens=10)
+        model.add(s, plan)
+    forward_append(cache, model, ["a", "b"], 5, torch.float32, 0)
+    return cache, plans
+
+
+def test_every_failure_is_clear_and_changes_nothing(busy_cache):
+    cache, plans = busy_cache
+    before = snapshot(cache)
+    one = torch.randn(1, 1, 8, device=DEVICE)
+    failures = [
+        (lambda: cache.append("zzz", 0, one, one), "sequence 'zzz' is not in the cache"),
+        (lambda: cache.append("a", 1, one.repeat(1, 6, 1), one.repeat(1, 6, 1)),
+         r"sequence 'a', layer 1: 5 stored \+ 6 new tokens exceed the 10 reserved"),
+        (lambda: cache.append("a", 1, one.double(), one.double()), "key must be torch.float32"),
+        (lambda: cache.append("a", 1, torch.randn(2, 1, 8, device=DEVICE), one),
+         r"key for sequence 'a', layer 1 must be \[1, 'new', 8\].*keeps KV heads \[1\]"),
+        (lambda: cache.append("a", 1, one, torch.randn(1, 2, 8, device=DEVICE)), "value must have the shape of key"),
+        (lambda: cache.append("a", 3, one, one), r"layer must be an int in \[0, 3\)"),
+        (lambda: cache.append_batch(["a", "a"], 1, [one, one], [one, one]), "seq_ids must not repeat"),
+        (lambda: cache.add_sequence("a", plans["a"], 4), "sequence 'a' is already in the cache"),
+        (lambda: cache.add_sequence("c", ExecutionPlan.full(ModelShape(32, 3, 4, 4, 8, 40, 50)), 4),
+         "plan is for ModelShape.*but the model is"),
+        (lambda: cache.add_sequence("c", plans["a"], 0), "max_tokens must be an int >= 1"),
+    ]
+    if DEVICE.type == "cpu":
+        failures.append((lambda: cache.append("a", 1, one.to("meta"), one.to("meta")), "key must be torch.float32 on cpu"))
+    for call, match in failures:
+        with pytest.raises((ValueError, TypeError), match=match):
+            call()
+        assert_unchanged(cache, before)
+
+    # Exhausting the pool: a batch that needs more pages than are free writes nothing.
+    free = cache.pages_free
+    cache.add_sequence("big", ExecutionPlan.full(SHAPE), max_tokens=100)
+    big = torch.randn(2, 4 * free, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=f"KV pool exhausted: appending {4 * free} tokens to layer 0 needs"):
+        cache.append("big", 0, big, big)
+    assert cache.pages_free == free and cache.length("big") == 0
+    cache.free("big")
+    assert_unchanged(cache, before)
+
+    cache.free("b")
+    with pytest.raises(ValueError, match="sequence 'b' is not in the cache"):
+        cache.gather("b", 0)
+    assert cache.sequences == ("a",)
+
+
+def test_free_returns_pages_and_skipped_layers_take_none(busy_cache):
+    cache, plans = busy_cache
+    # a: layer 0 keeps both KV heads, layer 1 KV head 1, layer 2 is skipped; 5 positions in pages of 4 -> 2 each.
+    assert cache.page_table("a", 0).shape == (2, 2) and cache.page_table("a", 2).shape == (0, 0)
+    assert cache.sequence_bytes("a") == 3 * 2 * cache.page_bytes
+    assert cache.sequence_bytes("a") == cost.kv_cache_bytes(SHAPE, 5, plans["a"], kv_bytes=4, page_size=4)
+    in_use = cache.pages_in_use
+    cache.free("a")
+    assert cache.pages_in_use == in_use - 6
+
+
+# --- the attention's decode path and transformers ------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_attention_decodes_from_the_paged_cache(backend):
+    hidden, heads, kv_heads, d = 32, 4, 2, 8
+    shape = ModelShape(hidden, 1, heads, kv_heads, d, 40, 50)
+    w = [randn(heads * d, hidden) * 0.2, randn(kv_heads * d, hidden) * 0.2, randn(kv_heads * d, hidden) * 0.2,
+         randn(hidden, heads * d) * 0.2]
+    active = torch.tensor([2, 3], dtype=torch.int32, device=DEVICE)  # KV head 1 only
+    plan = ExecutionPlan(shape, [[2, 3]], [range(40)])
+    x = randn(2, 11, hidden)
+    angles = torch.rand(1, 11, d // 2, device=DEVICE)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    cache = LayerSkipKVCache(shape, num_pages=16, page_size=4, dtype=torch.float32, device=DEVICE)
+    for s in ("p", "q"):
+        cache.add_sequence(s, plan, max_tokens=11)
+    common = dict(num_heads=heads, num_kv_heads=kv_heads, backend=backend)
+    outs = []
+    for start, stop in [(0, 7), (7, 8), (8, 9), (9, 11)]:
+        view = cache.layer_view(["p", "q"], 0)
+        outs.append(masked_attention(x[:, start:stop], *w, active, cos[:, start:stop], sin[:, start:stop],
+                                     kv_cache=view, **common))
+    full = masked_attention(x, *w, active, cos, sin, **common)
+    assert_close(torch.cat(outs, 1).cpu(), full.cpu().double())
+    assert cache.page_table("p", 0).shape == (1, 3)  # one KV head of two, 11 positions in pages of 4
+
+
+def test_transformers_generate_matches_dynamic_cache_at_a_full_plan():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         intermediate_size=40, num_hidden_layers=3, vocab_size=50)
+    model = LlamaForCausalLM(config).eval().to(DEVICE)
+    assert ModelShape.from_hf_config(config) == SHAPE
+    cache = LayerSkipKVCache(SHAPE, num_pages=64, page_size=4, dtype=torch.float32, device=DEVICE)
+    for s in (0, 1):
+        cache.add_sequence(s, ExecutionPlan.full(SHAPE), max_tokens=20)
+    ids = torch.randint(0, 50, (2, 9), device=DEVICE)
+    kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(ids, past_key_values=transformers_cache(cache, [0, 1]), **kwargs)
+        theirs = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
+    assert torch.equal(ours, theirs)
+    # 15 positions (the last token is not fed back) in pages of 4, 3 layers x 2 KV heads, 2 sequences.
+    assert cache.pages_in_use == 2 * 3 * 2 * 4
+    assert cache.bytes_in_use == cost.kv_cache_bytes(SHAPE, 15, batch_size=2, kv_bytes=4, page_size=4)
