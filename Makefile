@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_OUT ?= bench/out/latest.json
+TORCH_INCLUDE_ROOT = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
 
 .PHONY: env test bench compile-cuda clean
 
@@ -17,11 +18,19 @@ test: env
 bench: env
 	$(PY) -m bench --out $(BENCH_OUT)
 
-# nvcc -c of every CUDA source: needs nvcc, not a GPU nor a CUDA torch.
-compile-cuda:
+# nvcc -c of every CUDA source, and of the CUDA registration (ADALLAVA_WITH_CUDA) in
+# the .cpp files against the installed torch's headers: needs nvcc, not a GPU
+# nor a CUDA torch. A CPU torch lacks one generated header, stubbed here.
+compile-cuda: env
 	@command -v nvcc >/dev/null || { echo "compile-cuda: nvcc not found on PATH" >&2; exit 1; }
-	mkdir -p build/cuda-check
+	mkdir -p build/cuda-check/stub/c10/cuda/impl
 	for f in csrc/*.cu; do nvcc -c -O3 -Icsrc "$$f" -o build/cuda-check/$$(basename "$$f" .cu).o || exit 1; done
+	test -f $(TORCH_INCLUDE_ROOT)/c10/cuda/impl/cuda_cmake_macros.h || echo '#pragma once' > build/cuda-check/stub/c10/cuda/impl/cuda_cmake_macros.h
+	for f in csrc/*.cpp; do \
+		nvcc -std=c++20 -x c++ -DADALLAVA_WITH_CUDA -c -O0 -Icsrc -Ibuild/cuda-check/stub \
+			$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
+			"$$f" -o build/cuda-check/$$(basename "$$f" .cpp).o || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out

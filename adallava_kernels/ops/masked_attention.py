@@ -223,7 +223,8 @@ def run_masked_attention(
     batch, seq, _ = x.shape
     if kv_cache is not None and not isinstance(kv_cache, KVCacheLayer):
         raise TypeError(
-            f"kv_cache must be a KVCacheLayer (ContiguousKVCache, TransformersCacheLayer), got {type(kv_cache).__name__}"
+            f"kv_cache must be a KVCacheLayer (ContiguousKVCache, TransformersCacheLayer, "
+            f"LayerSkipKVCache.layer_view), got {type(kv_cache).__name__}"
         )
     past = 0 if kv_cache is None else kv_cache.length
     cos, sin = check_rotary(cos, sin, batch, seq, head_dim, x.device)
