@@ -271,6 +271,15 @@ class LayerSkipKVCache:
                 self._free.extend(reversed(head))
         del self._sequences[seq_id]
 
+    def plan(self, seq_id: Hashable) -> ExecutionPlan:
+        return self._sequence(seq_id).plan
+
+    def pages_needed(self, seq_id: Hashable, tokens: int) -> int:
+        """Pages ``tokens`` more positions in every layer of ``seq_id`` would take (for admission control)."""
+        seq = self._sequence(seq_id)
+        _check_int("tokens", tokens, 0)
+        return sum(self._pages_needed(seq, layer, tokens) for layer in range(self.shape.num_layers))
+
     def kv_heads(self, seq_id: Hashable, layer: int) -> tuple[int, ...]:
         """The KV heads ``seq_id`` stores in ``layer`` (empty for a skipped layer)."""
         return self._sequence(seq_id).plan.kv_heads(self._layer(layer))

@@ -3,21 +3,20 @@
 Runs on DEVICE: the CUDA extension where there is a GPU, the C++ CPU one otherwise.
 """
 
-import copy
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+import adallava_kernels._C  # noqa: F401  (built by the install: its absence fails, it is not skipped)
 from adallava_kernels import ExecutionPlan, ModelShape, cost, masked_attention
 from adallava_kernels.kv_cache import LayerSkipKVCache, transformers_cache
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE
 
-ops = pytest.importorskip("adallava_kernels._C") and torch.ops.adallava
+ops = torch.ops.adallava
 
 # 3 layers, 4 query heads over 2 KV heads of dim 8.
 SHAPE = ModelShape(hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -143,7 +142,7 @@ def random_plan(draw_or_rng) -> ExecutionPlan:
 def check_matches(cache: LayerSkipKVCache, model: ModelCache, dtype):
     """Every sequence's contents equal the model's, and the bytes equal the cost model's."""
     for seq_id in cache.sequences:
-        seq_plan = cache._sequences[seq_id].plan
+        seq_plan = cache.plan(seq_id)
         length = cache.length(seq_id)
         for layer in range(SHAPE.num_layers):
             heads = len(seq_plan.kv_heads(layer))
@@ -210,10 +209,7 @@ def test_random_interleavings_match_the_model(operations, seed, dtype):
 
 
 def fits(cache, seq_ids, tokens) -> bool:
-    needed = sum(
-        cache._pages_needed(cache._sequences[s], layer, tokens) for s in seq_ids for layer in range(SHAPE.num_layers)
-    )
-    return needed <= cache.pages_free
+    return sum(cache.pages_needed(s, tokens) for s in seq_ids) <= cache.pages_free
 
 
 # --- failures leave every other sequence as it was -----------------------------
@@ -300,6 +296,7 @@ def test_free_returns_pages_and_skipped_layers_take_none(busy_cache):
     assert cache.page_table("a", 0).shape == (2, 2) and cache.page_table("a", 2).shape == (0, 0)
     assert cache.sequence_bytes("a") == 3 * 2 * cache.page_bytes
     assert cache.sequence_bytes("a") == cost.kv_cache_bytes(SHAPE, 5, plans["a"], kv_bytes=4, page_size=4)
+    assert cache.pages_needed("a", 3) == 0 and cache.pages_needed("a", 4) == 3  # positions 6-8 fit the 2nd page
     in_use = cache.pages_in_use
     cache.free("a")
     assert cache.pages_in_use == in_use - 6
