@@ -266,10 +266,19 @@ class LayerSkipKVCache:
     def free(self, seq_id: Hashable) -> None:
         """Return every page of ``seq_id`` to the pool and forget it."""
         seq = self._sequence(seq_id)
-        for layer in seq.pages:
-            for head in layer:
-                self._free.extend(reversed(head))
+        self.clear(seq_id)
         del self._sequences[seq_id]
+
+    def clear(self, seq_id: Hashable, layer: int | None = None) -> None:
+        """Drop the stored positions of ``seq_id`` (of one ``layer``, or all) and return their pages;
+        the sequence stays, with its plan and reservation."""
+        seq = self._sequence(seq_id)
+        for i in range(self.shape.num_layers) if layer is None else [self._layer(layer)]:
+            for head in seq.pages[i]:
+                self._free.extend(reversed(head))
+            seq.pages[i] = [[] for _ in seq.pages[i]]
+            seq.tables[i] = None
+            seq.lengths[i] = 0
 
     def plan(self, seq_id: Hashable) -> ExecutionPlan:
         return self._sequence(seq_id).plan
@@ -511,6 +520,7 @@ def _transformers_layer_class():
             return -1
 
         def reset(self) -> None:
-            raise NotImplementedError("free the sequences of a LayerSkipKVCache and add them again")
+            for seq_id in self.seq_ids:
+                self.cache.clear(seq_id, self.layer)
 
     return PagedTransformersLayer

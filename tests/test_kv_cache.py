@@ -298,8 +298,10 @@ def test_free_returns_pages_and_skipped_layers_take_none(busy_cache):
     assert cache.sequence_bytes("a") == cost.kv_cache_bytes(SHAPE, 5, plans["a"], kv_bytes=4, page_size=4)
     assert cache.pages_needed("a", 3) == 0 and cache.pages_needed("a", 4) == 3  # positions 6-8 fit the 2nd page
     in_use = cache.pages_in_use
+    cache.clear("b", 1)  # b keeps 2 KV heads in layer 1: 2 pages each
+    assert cache.pages_in_use == in_use - 4 and cache.length("b", 1) == 0 and cache.length("b", 0) == 5
     cache.free("a")
-    assert cache.pages_in_use == in_use - 6
+    assert cache.pages_in_use == in_use - 4 - 6
 
 
 # --- the attention's decode path and transformers ------------------------------
@@ -348,3 +350,6 @@ def test_transformers_generate_matches_dynamic_cache_at_a_full_plan():
     # 15 positions (the last token is not fed back) in pages of 4, 3 layers x 2 KV heads, 2 sequences.
     assert cache.pages_in_use == 2 * 3 * 2 * 4
     assert cache.bytes_in_use == cost.kv_cache_bytes(SHAPE, 15, batch_size=2, kv_bytes=4, page_size=4)
+    hf_cache = transformers_cache(cache, [0, 1])
+    hf_cache.reset()  # transformers' reset empties the sequences and returns their pages
+    assert cache.pages_in_use == 0 and hf_cache.get_seq_length() == 0 and cache.sequences == (0, 1)
