@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def _check_storable(name: str, tensor: object, storage: torch.Tensor) -> torch.Tensor:
     """``tensor`` is a tensor of the dtype and on the device of ``storage``."""
     if not isinstance(tensor, torch.Tensor):
@@ -76,8 +81,7 @@ class ContiguousKVCache(KVCacheLayer):
             ("batch_size", batch_size, 1), ("num_kv_heads", num_kv_heads, 0),
             ("head_dim", head_dim, 1), ("capacity", capacity, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            _check_int(name, value, minimum)
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -137,11 +141,6 @@ class TransformersCacheLayer(KVCacheLayer):
 
 
 # -- the paged layer-skip cache ----------------------------------------------------
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _ops():

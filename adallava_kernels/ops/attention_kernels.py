@@ -24,16 +24,14 @@ whatever their count.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._common import INTERPRETING as _INTERPRET
-from .gathered_linear import _dot
+from .gathered_linear import DECODE_MAX_TOKENS, _dot, _flags, _multiprocessors, _regime
 
-__all__ = ["head_projection", "flash_attention", "PROJECTION_CONFIGS", "ATTENTION_CONFIGS"]
+__all__ = ["DECODE_MAX_TOKENS", "head_projection", "flash_attention", "PROJECTION_CONFIGS", "ATTENTION_CONFIGS"]
 
 _LOG2E = 1.4426950408889634
 
@@ -77,7 +75,6 @@ _INTERPRETER = {
     "attention": [_config(4, 1, BLOCK_M=16, BLOCK_N=16)],
 }
 
-DECODE_MAX_TOKENS = 16
 # Below this much reduction per split (KV positions, hidden features),
 # splitting costs more than it hides. The interpreter splits finer, so that
 # small test shapes take the split paths.
@@ -310,10 +307,6 @@ def _configs(kind: str, regime: str) -> list:
     return _INTERPRETER[kind] if _INTERPRET else (PROJECTION_CONFIGS if kind == "projection" else ATTENTION_CONFIGS)[regime]
 
 
-def _regime(tokens: int) -> str:
-    return "decode" if tokens <= DECODE_MAX_TOKENS else "prefill"
-
-
 _PROJ = {
     regime: triton.autotune(
         configs=_configs("projection", regime), key=["M_BUCKET", "K", "HEAD_DIM", "IEEE"], restore_value=["y_ptr"]
@@ -328,22 +321,11 @@ _ATTN = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so the split path is exercised
-
-
 def _splits(programs: int, reduction_blocks: int, device: torch.device) -> int:
     """Reduction splits so that ``programs`` times the splits covers the GPU about twice."""
     if programs >= _multiprocessors(device):
         return 1
     return max(1, min(triton.cdiv(2 * _multiprocessors(device), programs), reduction_blocks, _MAX_SPLITS))
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    return {"IEEE": dtype == torch.float32, "UPCAST": _INTERPRET}
 
 
 def _block_h(head_dim: int) -> int:

@@ -219,8 +219,9 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), triton.cdiv(k, 128), 16))
 
 
-def _flags(x: torch.Tensor) -> dict:
-    return {"IEEE": x.dtype == torch.float32, "UPCAST": _INTERPRET}
+def _flags(dtype: torch.dtype) -> dict:
+    """fp32 inputs take IEEE dots (not TF32); the interpreter upcasts before tl.dot."""
+    return {"IEEE": dtype == torch.float32, "UPCAST": _INTERPRET}
 
 
 def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor):
@@ -232,7 +233,7 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
         x2, w1, w2_, rows, out, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
         out.stride(0), out.stride(1),
-        SWIGLU=w2 is not None, **_flags(x2),
+        SWIGLU=w2 is not None, **_flags(x2.dtype),
     )
     return out
 
@@ -248,7 +249,7 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
     _COL[_regime(m)][grid](
         x2, w, cols, target, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1),
-        SPLIT_K=split, **_flags(x2),
+        SPLIT_K=split, **_flags(x2.dtype),
     )
     if split > 1:
         out.copy_(target)
