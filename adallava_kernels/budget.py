@@ -10,6 +10,14 @@ run. The first ``prefix_layers`` layers always run, so the scheduler spends
 
 At inference AdaLLaVA takes the best plan (no Gumbel noise): the
 highest-scoring units, without replacement, until the units are spent.
+
+Equal units are equal FLOPs only for -L. An -H unit's cost depends on the
+KV heads its query heads need (GQA), on the neurons of its groups, and on
+whether it opens a sub-block (whose norm and residual add then run); so the
+cost-aware mode (``best_plan(..., num_tokens=n)``) spends the budget in
+prefill FLOPs from :mod:`adallava_kernels.cost` instead: a budget ``l`` buys
+``l * dense_layer_flops - prefix_layer_flops``, and units are taken in score
+order while the next one still fits.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from typing import Literal
 
 import torch
 
+from .cost import layer_ops
 from .plan import ExecutionPlan, neuron_groups
 from .shape import ModelShape
 
-__all__ = ["MIN_BUDGET", "MAX_BUDGET", "check_budget", "UnitScheme", "best_plan"]
+__all__ = ["MIN_BUDGET", "MAX_BUDGET", "check_budget", "UnitScheme", "best_plan", "flops_budget", "layer_flops"]
 
 MIN_BUDGET = 0.5
 MAX_BUDGET = 1.0
@@ -91,7 +100,32 @@ def _topk_indices(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.topk(scores, k).indices.tolist()) if k else []
 
 
-def best_plan(scheme: UnitScheme, budget: float, scores: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> ExecutionPlan:
+def layer_flops(shape: ModelShape, num_tokens: int, *, heads: int, kv_heads: int, neurons: int) -> float:
+    """Prefill FLOPs of one decoder layer over ``num_tokens`` tokens with the given active units."""
+    ops = layer_ops(shape, heads=heads, kv_heads=kv_heads, neurons=neurons, q_tokens=num_tokens, kv_tokens=num_tokens)
+    return sum(op.flops for op in ops)
+
+
+def flops_budget(scheme: UnitScheme, budget: float, num_tokens: int) -> float:
+    """Prefill FLOPs the switchable layers may spend at ``budget``: ``l * dense - prefix`` (layers only).
+
+    ``lm_head`` is left out: every plan runs it once, whatever the budget.
+    """
+    budget = check_budget(budget)
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
+    s = scheme.shape
+    dense = layer_flops(s, num_tokens, heads=s.num_heads, kv_heads=s.num_kv_heads, neurons=s.intermediate_size)
+    return budget * s.num_layers * dense - scheme.prefix_layers * dense
+
+
+def best_plan(
+    scheme: UnitScheme,
+    budget: float,
+    scores: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    *,
+    num_tokens: int | None = None,
+) -> ExecutionPlan:
     """The highest-scoring plan that fits ``budget``.
 
     ``scores`` are the scheduler's logits over the switchable layers: for -L a
@@ -99,17 +133,31 @@ def best_plan(scheme: UnitScheme, budget: float, scores: torch.Tensor | tuple[to
     group_scores)``, each ``[switchable_layers, num_heads]``. For -H, each
     round takes the layer whose next unit (its best ``rank`` heads and best
     ``rank`` groups still off) scores highest on average.
+
+    Without ``num_tokens`` the budget is spent in equal units
+    (:meth:`UnitScheme.units_for_budget`); with it, in prefill FLOPs over
+    ``num_tokens`` tokens (:func:`flops_budget`): units are taken in score
+    order, skipping any that no longer fits, until none fits.
     """
-    units = scheme.units_for_budget(budget)
+    budget = check_budget(budget)
     shape = scheme.shape
     if scheme.kind == "L":
-        return _best_layer_plan(scheme, units, _check_scores(scores, "scores", (scheme.switchable_layers,)))
-    if not (isinstance(scores, tuple) and len(scores) == 2):
-        raise ValueError("scores for AdaLLaVA-H must be a pair (head_scores, group_scores)")
-    expected = (scheme.switchable_layers, shape.num_heads)
-    head_scores = _check_scores(scores[0], "head_scores", expected)
-    group_scores = _check_scores(scores[1], "group_scores", expected)
-    return _best_head_plan(scheme, units, head_scores, group_scores)
+        layer_scores = _check_scores(scores, "scores", (scheme.switchable_layers,))
+        head_order = group_order = None
+        unit_scores = layer_scores.view(-1, 1)
+    else:
+        if not (isinstance(scores, tuple) and len(scores) == 2):
+            raise ValueError("scores for AdaLLaVA-H must be a pair (head_scores, group_scores)")
+        expected = (scheme.switchable_layers, shape.num_heads)
+        head_scores = _check_scores(scores[0], "head_scores", expected)
+        group_scores = _check_scores(scores[1], "group_scores", expected)
+        head_order, group_order, unit_scores = _head_units(scheme, head_scores, group_scores)
+    if num_tokens is None:
+        taken = _take_units(unit_scores, scheme.units_for_budget(budget), None)
+    else:
+        cost_of = _unit_costs(scheme, num_tokens, head_order, group_order)
+        taken = _take_units(unit_scores, None, (flops_budget(scheme, budget, num_tokens), cost_of))
+    return _plan_from_units(scheme, taken, head_order, group_order)
 
 
 def _check_scores(scores: object, name: str, expected: tuple[int, ...]) -> torch.Tensor:
@@ -122,16 +170,8 @@ def _check_scores(scores: object, name: str, expected: tuple[int, ...]) -> torch
     return scores.detach().float().cpu()
 
 
-def _best_layer_plan(scheme: UnitScheme, units: int, scores: torch.Tensor) -> ExecutionPlan:
-    mask = [1] * scheme.prefix_layers + [0] * scheme.switchable_layers
-    for i in _topk_indices(scores, units):
-        mask[scheme.prefix_layers + i] = 1
-    return ExecutionPlan.from_layer_mask(mask, scheme.shape)
-
-
-def _best_head_plan(
-    scheme: UnitScheme, units: int, head_scores: torch.Tensor, group_scores: torch.Tensor
-) -> ExecutionPlan:
+def _head_units(scheme: UnitScheme, head_scores: torch.Tensor, group_scores: torch.Tensor):
+    """Per layer, heads and groups in score order, and the score of each layer's k-th unit."""
     r = scheme.rank
     head_order = torch.argsort(head_scores, dim=1, descending=True, stable=True)
     group_order = torch.argsort(group_scores, dim=1, descending=True, stable=True)
@@ -143,16 +183,66 @@ def _best_head_plan(
         head_sorted.view(scheme.switchable_layers, -1, r).mean(-1)
         + group_sorted.view(scheme.switchable_layers, -1, r).mean(-1)
     ) / 2
-    taken = [0] * scheme.switchable_layers
-    for _ in range(units):
-        candidates = [
-            (unit_scores[layer, k].item(), -layer)
-            for layer, k in enumerate(taken) if k < scheme.units_per_layer
-        ]
-        _, neg_layer = max(candidates)
-        taken[-neg_layer] += 1
+    return head_order, group_order, unit_scores
 
+
+def _take_units(unit_scores: torch.Tensor, units: int | None, flops: tuple | None) -> list[int]:
+    """How many units each switchable layer takes, best next unit first.
+
+    With ``units``, take that many. With ``flops = (budget, cost_of)``, take
+    the best next unit whose marginal FLOPs ``cost_of(layer, k)`` still fit,
+    until none does. Ties go to the lower layer.
+    """
+    layers, per_layer = unit_scores.shape
+    scores = unit_scores.tolist()
+    taken = [0] * layers
+    left = None if flops is None else flops[0]
+    while units is None or sum(taken) < units:
+        candidates = sorted(
+            ((scores[layer][k], -layer) for layer, k in enumerate(taken) if k < per_layer), reverse=True
+        )
+        chosen = None
+        for _, neg_layer in candidates:
+            if flops is None:
+                chosen = -neg_layer
+                break
+            marginal = flops[1](-neg_layer, taken[-neg_layer])
+            if marginal <= left:
+                chosen, left = -neg_layer, left - marginal
+                break
+        if chosen is None:
+            break
+        taken[chosen] += 1
+    return taken
+
+
+def _unit_costs(scheme: UnitScheme, num_tokens: int, head_order, group_order):
+    """``cost_of(layer, k)``: prefill FLOPs that layer's unit ``k`` adds to its first ``k`` units."""
     shape = scheme.shape
+    sizes = [len(g) for g in neuron_groups(shape.intermediate_size, shape.num_heads)]
+
+    def flops_with(layer: int, units: int) -> float:
+        if scheme.kind == "L":
+            full = units > 0
+            return layer_flops(
+                shape, num_tokens, heads=shape.num_heads * full, kv_heads=shape.num_kv_heads * full,
+                neurons=shape.intermediate_size * full,
+            )
+        heads = head_order[layer, : units * scheme.rank].tolist()
+        groups = group_order[layer, : units * scheme.rank].tolist()
+        return layer_flops(
+            shape, num_tokens, heads=len(heads), kv_heads=len({h // shape.group_size for h in heads}),
+            neurons=sum(sizes[g] for g in groups),
+        )
+
+    return lambda layer, k: flops_with(layer, k + 1) - flops_with(layer, k)
+
+
+def _plan_from_units(scheme: UnitScheme, taken: list[int], head_order, group_order) -> ExecutionPlan:
+    shape = scheme.shape
+    if scheme.kind == "L":
+        return ExecutionPlan.from_layer_mask([1] * scheme.prefix_layers + [int(k > 0) for k in taken], shape)
+    r = scheme.rank
     groups = neuron_groups(shape.intermediate_size, shape.num_heads)
     heads = [range(shape.num_heads)] * scheme.prefix_layers
     neurons = [range(shape.intermediate_size)] * scheme.prefix_layers

@@ -282,6 +282,30 @@ class LayerSkipKVCache:
     def plan(self, seq_id: Hashable) -> ExecutionPlan:
         return self._sequence(seq_id).plan
 
+    def set_plan(self, seq_id: Hashable, plan: ExecutionPlan) -> None:
+        """Replace the plan of ``seq_id``; a layer that already holds positions must keep its KV heads.
+
+        For a scheduler that plans mid-prefill (AdaLLaVA plans after the prefix
+        layers): admit the sequence with a plan covering the prefix, fill those
+        layers, then set the whole plan before the remaining layers run.
+        """
+        seq = self._sequence(seq_id)
+        if not isinstance(plan, ExecutionPlan):
+            raise ValueError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+        plan.check_shape(self.shape)
+        for layer in range(self.shape.num_layers):
+            if seq.lengths[layer] and plan.kv_heads(layer) != seq.plan.kv_heads(layer):
+                raise ValueError(
+                    f"sequence {seq_id!r} holds {seq.lengths[layer]} positions of KV heads "
+                    f"{list(seq.plan.kv_heads(layer))} in layer {layer}; the new plan keeps "
+                    f"{list(plan.kv_heads(layer))} there (clear the layer first)"
+                )
+        for layer in range(self.shape.num_layers):
+            if not seq.lengths[layer]:
+                seq.pages[layer] = [[] for _ in plan.kv_heads(layer)]
+                seq.tables[layer] = None
+        seq.plan = plan
+
     def pages_needed(self, seq_id: Hashable, tokens: int) -> int:
         """Pages ``tokens`` more positions in every layer of ``seq_id`` would take (for admission control)."""
         seq = self._sequence(seq_id)

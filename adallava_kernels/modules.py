@@ -28,15 +28,20 @@ class MaskedMLP(nn.Module):
 
     Holds the weights as the kernels read them: gate and up as given (shared
     with the source module), down as one column-major copy made here, so
-    gathered columns are contiguous. Call :meth:`set_plan` once per request;
-    ``forward(x)`` has ``LlamaMLP``'s signature, so the module can replace one.
+    gathered columns are contiguous (``gather_layout=False`` shares ``w_down``
+    as given instead, for a layer that always runs whole). Call
+    :meth:`set_plan` once per request; ``forward(x)`` has ``LlamaMLP``'s
+    signature, so the module can replace one.
     """
 
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *, backend: str = "auto"):
+    def __init__(
+        self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+        backend: str = "auto", gather_layout: bool = True,
+    ):
         super().__init__()
         self.gate_weight = nn.Parameter(w_gate, requires_grad=False)
         self.up_weight = nn.Parameter(w_up, requires_grad=False)
-        self.down_weight = nn.Parameter(prepare_column_gather(w_down), requires_grad=False)
+        self.down_weight = nn.Parameter(prepare_column_gather(w_down) if gather_layout else w_down, requires_grad=False)
         self.backend = backend
         # The index of a full plan, kept so an unplanned forward allocates nothing.
         self.register_buffer(
@@ -45,13 +50,14 @@ class MaskedMLP(nn.Module):
         self._neurons: torch.Tensor | None = None
 
     @classmethod
-    def from_hf(cls, mlp: nn.Module, *, backend: str = "auto") -> "MaskedMLP":
+    def from_hf(cls, mlp: nn.Module, *, backend: str = "auto", gather_layout: bool = True) -> "MaskedMLP":
         """Wrap a transformers ``LlamaMLP`` (SwiGLU with SiLU, no biases)."""
         _check_linears(mlp, ("gate_proj", "up_proj", "down_proj"), "mlp")
         act = getattr(mlp, "act_fn", None)
         if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
             raise ValueError(f"mlp.act_fn must be SiLU, got {type(act).__name__}")
-        return cls(mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data, backend=backend)
+        weights = (mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
+        return cls(*weights, backend=backend, gather_layout=gather_layout)
 
     def set_plan(self, layer: LayerPlan | None) -> None:
         """Run the neurons of ``layer`` from now on (``None``: all of them)."""
@@ -94,7 +100,8 @@ class MaskedAttention(nn.Module):
     """A transformers ``LlamaAttention`` that computes only the heads its layer plan keeps.
 
     q/k/v weights are shared with the source module; ``o_proj`` is held as
-    one column-major copy, so its gathered columns are contiguous. Call
+    one column-major copy, so its gathered columns are contiguous
+    (``gather_layout=False`` shares it as given instead). Call
     :meth:`set_plan` once per request. ``forward`` takes ``LlamaAttention``'s
     arguments and returns ``(output, None)``, so the module can replace one
     inside a transformers decoder layer; with a transformers ``Cache`` it
@@ -104,6 +111,7 @@ class MaskedAttention(nn.Module):
     def __init__(
         self, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *,
         num_heads: int, num_kv_heads: int, layer_idx: int | None = None, backend: str = "auto",
+        gather_layout: bool = True,
     ):
         super().__init__()
         if w_q.shape[0] % num_heads or num_heads % num_kv_heads:
@@ -114,7 +122,7 @@ class MaskedAttention(nn.Module):
         self.q_weight = nn.Parameter(w_q, requires_grad=False)
         self.k_weight = nn.Parameter(w_k, requires_grad=False)
         self.v_weight = nn.Parameter(w_v, requires_grad=False)
-        self.o_weight = nn.Parameter(prepare_column_gather(w_o), requires_grad=False)
+        self.o_weight = nn.Parameter(prepare_column_gather(w_o) if gather_layout else w_o, requires_grad=False)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = w_q.shape[0] // num_heads
@@ -131,7 +139,7 @@ class MaskedAttention(nn.Module):
         return AttentionIndices(heads, kv_heads, head_to_kv, self.head_dim)
 
     @classmethod
-    def from_hf(cls, attn: nn.Module, *, backend: str = "auto") -> "MaskedAttention":
+    def from_hf(cls, attn: nn.Module, *, backend: str = "auto", gather_layout: bool = True) -> "MaskedAttention":
         """Wrap a transformers ``LlamaAttention`` (no biases, scaling ``head_dim ** -0.5``)."""
         _check_linears(attn, ("q_proj", "k_proj", "v_proj", "o_proj"), "attn")
         config = getattr(attn, "config", None)
@@ -144,7 +152,7 @@ class MaskedAttention(nn.Module):
             raise ValueError(f"attn must use head_dim {head_dim} and scaling head_dim ** -0.5, got {attn.scaling}")
         weights = (attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data, attn.o_proj.weight.data)
         return cls(*weights, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                   layer_idx=getattr(attn, "layer_idx", None), backend=backend)
+                   layer_idx=getattr(attn, "layer_idx", None), backend=backend, gather_layout=gather_layout)
 
     def set_plan(self, layer: LayerPlan | None) -> None:
         """Run the heads of ``layer`` from now on (``None``: all of them)."""

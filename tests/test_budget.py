@@ -75,3 +75,77 @@ def test_bad_scores():
         best_plan(UnitScheme.default("H", S7), 0.7, torch.zeros(16, 32))
     with pytest.raises(ValueError, match="group_scores must be finite"):
         best_plan(UnitScheme.default("H", S7), 0.7, (torch.zeros(16, 32), torch.full((16, 32), float("nan"))))
+
+
+def _next_unit_costs(scheme, plan, scores, num_tokens):
+    """Marginal prefill FLOPs of the unit each switchable layer would take next (written independently)."""
+    from adallava_kernels.budget import layer_flops
+
+    shape, r = scheme.shape, scheme.rank
+    sizes = [len(g) for g in neuron_groups(shape.intermediate_size, shape.num_heads)]
+
+    def flops(heads, groups):
+        kv = len({h // shape.group_size for h in heads})
+        return layer_flops(shape, num_tokens, heads=len(heads), kv_heads=kv, neurons=sum(sizes[g] for g in groups))
+
+    out = []
+    for i, layer in enumerate(range(scheme.prefix_layers, shape.num_layers)):
+        if scheme.kind == "L":
+            if not plan.layer_mask[layer]:
+                out.append(flops(range(shape.num_heads), range(shape.num_heads)))
+            continue
+        k = len(plan.heads[layer]) // r
+        if k == shape.num_heads // r:
+            continue
+        heads = sorted(range(shape.num_heads), key=lambda h: -scores[0][i, h].item())
+        groups = sorted(range(shape.num_heads), key=lambda h: -scores[1][i, h].item())
+        assert sorted(heads[: k * r]) == list(plan.heads[layer])
+        out.append(flops(heads[: (k + 1) * r], groups[: (k + 1) * r]) - flops(heads[: k * r], groups[: k * r]))
+    return out
+
+
+@pytest.mark.parametrize("kind, shape", [("L", S7), ("H", S7), ("H", GQA6)])
+def test_cost_aware_plans_fit_and_use_the_flops_budget(kind, shape):
+    from adallava_kernels.budget import flops_budget
+
+    rank = 8 if shape is S7 else 3
+    scheme = UnitScheme("H" if kind == "H" else "L", shape, shape.num_layers // 2, rank)
+    g = torch.Generator().manual_seed(2)
+    n = scheme.switchable_layers
+    tokens = 650
+    for budget in (torch.rand(60, generator=g) * 0.5 + 0.5).tolist() + [0.5, 1.0]:
+        scores = torch.randn(n, generator=g) if kind == "L" else (
+            torch.randn(n, shape.num_heads, generator=g), torch.randn(n, shape.num_heads, generator=g))
+        plan = best_plan(scheme, budget, scores, num_tokens=tokens)
+        prefix_and_head = cost.prefill_flops(shape, tokens, ExecutionPlan_prefix(scheme))
+        spent = cost.prefill_flops(shape, tokens, plan) - prefix_and_head
+        allowed = flops_budget(scheme, budget, tokens)
+        assert spent <= allowed * (1 + 1e-12) + 1e-6
+        # Nothing more fits: every unit still off costs more than what is left.
+        left = allowed - spent
+        assert all(c > left for c in _next_unit_costs(scheme, plan, scores, tokens))
+
+
+def ExecutionPlan_prefix(scheme):
+    from adallava_kernels import ExecutionPlan
+
+    s = scheme.shape
+    return ExecutionPlan.from_layer_mask([1] * scheme.prefix_layers + [0] * scheme.switchable_layers, s)
+
+
+def test_cost_aware_layer_plan_equals_unit_plan():
+    # Every -L unit costs one layer, so both modes buy the same layers.
+    scheme = UnitScheme.default("L", S7)
+    g = torch.Generator().manual_seed(3)
+    for budget in torch.linspace(0.5, 1.0, 11).tolist():
+        scores = torch.randn(16, generator=g)
+        assert best_plan(scheme, budget, scores, num_tokens=333) == best_plan(scheme, budget, scores)
+
+
+def test_flops_budget_checks_tokens():
+    from adallava_kernels.budget import flops_budget
+
+    with pytest.raises(ValueError, match="num_tokens must be an int >= 1"):
+        flops_budget(UnitScheme.default("L", S7), 0.7, 0)
+    with pytest.raises(ValueError, match="latency budget"):
+        best_plan(UnitScheme.default("L", S7), 0.4, torch.zeros(16), num_tokens=5)

@@ -304,6 +304,29 @@ def test_free_returns_pages_and_skipped_layers_take_none(busy_cache):
     assert cache.pages_in_use == in_use - 4 - 6
 
 
+def test_set_plan_replans_empty_layers_only(busy_cache):
+    cache, plans = busy_cache
+    before = snapshot(cache)
+    other = ExecutionPlan(SHAPE, [[0, 1, 2, 3], [0], []], [range(40), range(40), []])
+    with pytest.raises(ValueError, match=r"sequence 'a' holds 5 positions of KV heads \[1\] in layer 1; the new plan keeps \[0\]"):
+        cache.set_plan("a", other)
+    with pytest.raises(ValueError, match="plan must be an ExecutionPlan"):
+        cache.set_plan("a", "full")
+    assert_unchanged(cache, before)
+
+    # AdaLLaVA's order: the prefix layer is filled under a provisional plan, the rest is planned after it.
+    prefix_only = ExecutionPlan(SHAPE, [range(4), [], []], [range(40), [], []])
+    cache.add_sequence("c", prefix_only, max_tokens=8)
+    k = torch.randn(2, 3, 8, device=DEVICE)
+    cache.append("c", 0, k, k)
+    final = ExecutionPlan(SHAPE, [range(4), [1], []], [range(40), range(40), []])
+    cache.set_plan("c", final)
+    cache.append("c", 1, k[:1], k[:1])
+    assert cache.plan("c") == final and cache.kv_heads("c", 1) == (0,)
+    assert cache.sequence_bytes("c") == cost.kv_cache_bytes(SHAPE, 3, final, kv_bytes=4, page_size=4)
+    assert_close(cache.gather("c", 1)[0], k[:1])
+
+
 # --- the attention's decode path and transformers ------------------------------
 
 
