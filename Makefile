@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make bench` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-BENCH_OUT ?= bench/out/latest.json
+BENCH_OUT ?= bench/out
 TORCH_INCLUDE_ROOT = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
 
 .PHONY: env test bench compile-cuda clean

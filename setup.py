@@ -62,8 +62,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+        "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -26,6 +26,13 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
 
     fn()  # first call pays for allocation and thread-pool start-up
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def progress(items: Iterable, desc: str) -> Iterable:
+    """A progress bar over ``items`` on a terminal (tqdm turns itself off when stderr is not one)."""
+    from tqdm import tqdm
+
+    return tqdm(list(items), desc=desc, leave=False, disable=None, file=sys.stderr)
 
 
 def device_name(device: torch.device) -> str:

@@ -215,7 +215,8 @@ def run_case(
                 "model": model, "stage": stage, "batch": batch, "q_len": q_len, "kv_len": kv_len,
                 "provider": name, "heads": shape.num_heads if name == "sdpa_all" else nq,
                 "kv_heads": shape.num_kv_heads if name == "sdpa_all" else nkv,
-                "median_s": seconds, "tflops": done.flops / seconds / 1e12, "gbps": done.bytes / seconds / 1e9,
+                "flops": done.flops, "median_s": seconds,
+                "tflops": done.flops / seconds / 1e12, "gbps": done.bytes / seconds / 1e9,
                 "kv_bytes": done.kv_load_bytes,
                 "time_ratio": seconds / all_heads_s[name],
                 "vs_sdpa_all": seconds / all_heads_s["sdpa_all"],
@@ -258,3 +259,12 @@ COLUMNS = [
 
 def table(rows: list[dict]) -> str:
     return format_table([r | {"median_s": r["median_s"] * 1e3} for r in rows], COLUMNS)
+
+
+def report_rows(rows: list[dict]) -> list[dict]:
+    """The head-masked providers' rows in the validation report's form, one op per case."""
+    return [
+        {"op": f"attention {r['model']} {r['stage']} b{r['batch']} q{r['q_len']} kv{r['kv_len']}",
+         "series": r["provider"], "label": f"{r['heads']} heads", "flops": r["flops"], "seconds": r["median_s"]}
+        for r in rows if r["provider"] != "sdpa_all"
+    ]

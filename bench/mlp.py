@@ -90,7 +90,8 @@ def run_shape(
         predicted = cost.masked_mlp_cost(shape, tokens, neurons, precision)
         return {
             "model": model, "provider": provider, "tokens": tokens, "keep_ratio": ratio, "neurons": neurons,
-            "median_s": seconds, "tflops": executed.flops / seconds / 1e12, "gbps": executed.bytes / seconds / 1e9,
+            "flops": predicted.flops, "median_s": seconds,
+            "tflops": executed.flops / seconds / 1e12, "gbps": executed.bytes / seconds / 1e9,
             "time_ratio": seconds / dense_s, "flops_ratio": predicted.flops / full.flops,
         }
 
@@ -121,3 +122,12 @@ COLUMNS = [
 
 def table(rows: list[dict]) -> str:
     return format_table([r | {"median_s": r["median_s"] * 1e3} for r in rows], COLUMNS)
+
+
+def report_rows(rows: list[dict]) -> list[dict]:
+    """The masked providers' rows in the validation report's form, one op per model and token count."""
+    return [
+        {"op": f"mlp {r['model']} {r['tokens']} tok", "series": r["provider"], "label": f"keep {r['keep_ratio']:.2f}",
+         "flops": r["flops"], "seconds": r["median_s"]}
+        for r in rows if r["provider"] != "dense"
+    ]

@@ -281,6 +281,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         latency_position: int | Sequence[int] | None = None,
         backend: str | None = None,
         generator: torch.Generator | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ):
         """transformers' Llava forward, or a planned one.
@@ -295,6 +296,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 first answer label, else after the last attended token).
             backend: ``None`` runs the masked path (differentiable); ``"torch"``,
                 ``"triton"`` or ``"auto"`` run the kernels (inference only).
+            logits_to_keep: as transformers: logits of the last this many
+                positions only (0: all); a loss needs them all.
 
         Without ``latency_budget`` and ``plan`` this is ``LlavaForConditionalGeneration.forward``
         (``**kwargs`` go there). Otherwise it returns an :class:`AdaLlavaOutput`.
@@ -303,12 +306,17 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             if backend is not None:
                 raise ValueError("backend needs a latency_budget or a plan")
             return super().forward(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels, **kwargs
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels,
+                logits_to_keep=logits_to_keep, **kwargs,
             )
         if kwargs.get("past_key_values") is not None:
             raise ValueError("a planned forward takes no past_key_values; use generate(latency_budget=...)")
         if input_ids is None:
             raise ValueError("a planned forward needs input_ids")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("a loss needs every position's logits: use logits_to_keep=0 with labels")
         batch = input_ids.shape[0]
         mask2d = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if mask2d.shape != input_ids.shape:
@@ -320,8 +328,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if budgets is not None:
             h, mask2d, labels, where = self._insert_latency_token(h, mask2d, labels, budgets, latency_position)
         if backend is not None:
-            return self._kernel_forward(h, mask2d, labels, budgets, plans, where, backend)
-        return self._masked_forward(h, mask2d, labels, budgets, plans, where, generator)
+            return self._kernel_forward(h, mask2d, labels, budgets, plans, where, backend, logits_to_keep)
+        return self._masked_forward(h, mask2d, labels, budgets, plans, where, generator, logits_to_keep)
 
     def _check_plans(self, plan, batch: int) -> list[ExecutionPlan] | None:
         if plan is None:
@@ -340,7 +348,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 raise ValueError(f"plan must run the {self.scheme.prefix_layers} prefix layers whole")
         return plans
 
-    def _masked_forward(self, h, mask2d, labels, budgets, plans, where, generator) -> AdaLlavaOutput:
+    def _masked_forward(self, h, mask2d, labels, budgets, plans, where, generator, keep) -> AdaLlavaOutput:
         scheme = self.scheme
         result = AdaLlavaOutput(logits=h, labels=labels, plans=plans, latency_positions=where)
 
@@ -358,7 +366,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return gates_from_plan(result.plans, scheme, hidden.device, hidden.dtype)
 
         hidden = self._masked_layers(h, mask2d, _positions(mask2d), schedule=schedule)
-        result.logits = self.lm_head(hidden)
+        result.logits = self.lm_head(hidden[:, -keep:])
         if labels is not None:
             result.loss = self._loss(result.logits, labels)
             if result.latency_penalty is not None:
@@ -435,7 +443,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return lm.norm(out), plans
 
     @torch.no_grad()
-    def _kernel_forward(self, h, mask2d, labels, budgets, plans, where, backend) -> AdaLlavaOutput:
+    def _kernel_forward(self, h, mask2d, labels, budgets, plans, where, backend, keep) -> AdaLlavaOutput:
         modules = self.kernel_layers(backend)
 
         def schedule(hidden):
@@ -443,7 +451,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return self.plan_from_logits(logits, budgets, mask2d)
 
         hidden, plans = self._run_kernels(h, mask2d, _positions(mask2d), modules=modules, schedule=schedule, plans=plans)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, -keep:])
         loss = None if labels is None else self._loss(logits, labels)
         return AdaLlavaOutput(logits=logits, loss=loss, labels=labels, plans=plans, latency_positions=where)
 

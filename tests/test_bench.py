@@ -12,13 +12,16 @@ from adallava_kernels import ExecutionPlan, cost, get_shape
 
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "run.json"
+    out = tmp_path / "run"
     main(["--model", "tiny", "--scale", "1", "--mlp-tokens", "1,9", "--quick",
           "--attention-seqs", "19", "--attention-contexts", "21", "--attention-batches", "2",
-          "--budgets", "0.5,0.75,1.0", "--roofline-device", "A100", "--out", str(out)])
+          "--budgets", "0.5,0.75,1.0", "--roofline-device", "A100", "--decode-steps", "2", "--random-plans", "2",
+          "--backend", "torch", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "AdaLLaVA-H" in printed and "index_select" in printed
-    data = json.loads(out.read_text())
+    assert "AdaLLaVA-H" in printed and "index_select" in printed and "validation on" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| model tiny prefill |" in (out / "report.md").read_text()
     assert {"date", "commit", "command", "device", "dtype", "torch"} <= set(data["meta"])
     assert data["roofline_device"]["name"] == "A100"
 
@@ -69,6 +72,42 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert kv["memory"][1]["bytes"] < kv["memory"][0]["bytes"]  # budget 0.5 keeps fewer layers
     assert [r["op"] for r in kv["bandwidth"]] == ["append 1 token(s)", "append 19 token(s)", "gather 21 positions"]
     assert all(r["median_s"] > 0 for r in kv["bandwidth"])
+
+    # End to end: every plan ran in both stages; 3 budgets x 3 families + 2 random plans >= 10 plans.
+    model_rows = data["model_runs"]["rows"]
+    families = {"AdaLLaVA-L", "AdaLLaVA-H", "early-exit", "random-L", "random-H", "dense (transformers)"}
+    assert {r["family"] for r in model_rows} == families
+    for stage in ("prefill", "decode"):
+        planned = [r for r in model_rows if r["stage"] == stage and r["family"] != "dense (transformers)"]
+        assert len(planned) == 11 and all(r["seconds"] > 0 and r["flops"] > 0 for r in planned)
+        for r in planned:
+            plan = ExecutionPlan.from_json(r["plan"], shape=shape)
+            if stage == "prefill":
+                assert r["flops"] == cost.prefill_flops(shape, data["model_runs"]["tokens"], plan, batch_size=1)
+
+    # The report covers every provider that ran, with the number of points it measured.
+    series = {(s["op"], s["series"]): s["points"] for s in data["report"]["series"]}
+    for provider in names[1:]:
+        for tokens in (1, 9):
+            assert series[(f"mlp tiny {tokens} tok", provider)] == len(KEEP_RATIOS)
+    assert series[("attention tiny prefill b2 q19 kv19", "sdpa_gathered")] == len(HEAD_FRACTIONS)
+    assert series[("model tiny prefill", "kernels, all plans")] == 11
+    assert series[("model tiny decode", "kernels, all plans")] == 11
+    assert all(s["verdict"] for s in data["report"]["series"])
+
+
+def test_bench_only_runs_the_chosen_sections(tmp_path, capsys):
+    out = tmp_path / "only"
+    main(["--model", "tiny", "--only", "model", "--quick", "--budgets", "0.5,1.0", "--decode-steps", "2",
+          "--random-plans", "6", "--backend", "torch", "--out", str(out)])
+    data = json.loads((out / "results.json").read_text())
+    assert data["sections"] == ["model"] and "mlp" not in data and "attention" not in data
+    # 2 budgets x 3 families + 6 random plans: the end-to-end correlation covers 12 plans.
+    prefill = [s for s in data["report"]["series"] if s["op"] == "model tiny prefill"][0]
+    assert prefill["points"] == 12 and prefill["pearson"] is not None
+    with pytest.raises(SystemExit):
+        main(["--only", "mlp,gpu"])
+    assert "--only takes a comma-separated subset of mlp,attention,kv,model" in capsys.readouterr().err
 
 
 def test_bench_rejects_budget_outside_range(capsys):

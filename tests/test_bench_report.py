@@ -1,0 +1,246 @@
+"""The validation report judges whether measured time follows the FLOPs a plan predicts."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import report
+
+BUDGETS = (1.0, 0.85, 0.75, 0.6, 0.5)
+DENSE_FLOPS = 2e12
+
+
+def rows_for(op, series, seconds_of, budgets=BUDGETS):
+    """Rows whose FLOPs are ``budget * DENSE_FLOPS`` and whose time is ``seconds_of(flops)``."""
+    return [{"op": op, "series": series, "label": f"budget {b}", "flops": b * DENSE_FLOPS,
+             "seconds": seconds_of(b * DENSE_FLOPS)} for b in budgets]
+
+
+def proportional(flops):
+    return 5e-3 * flops / DENSE_FLOPS
+
+
+# -- pearson and linear_fit ---------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 7, 100])
+def test_pearson_and_fit_match_numpy_on_random_data(n):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=n), rng.normal(size=n) + 0.5 * np.arange(n)
+    assert report.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-12, abs=1e-12)
+    slope, intercept = report.linear_fit(x, y)
+    np_slope, np_intercept = np.polyfit(x, y, 1)
+    assert slope == pytest.approx(np_slope, rel=1e-10)
+    assert intercept == pytest.approx(np_intercept, rel=1e-10, abs=1e-12)
+
+
+def test_pearson_and_fit_on_a_hand_computed_example():
+    # x = [1, 2, 3], y = [2, 4, 7]: deviations from the means (2, 13/3) are
+    # dx = [-1, 0, 1] and dy = [-7/3, -1/3, 8/3], so sum(dx*dy) = 5,
+    # sum(dx^2) = 2, sum(dy^2) = 114/9 and r = 5 / sqrt(2 * 114 / 9) = 0.99339...
+    x, y = [1, 2, 3], [2, 4, 7]
+    assert report.pearson(x, y) == pytest.approx(5 / math.sqrt(2 * 114 / 9), rel=1e-14)
+    assert report.pearson(x, y) == pytest.approx(0.993399267799, rel=1e-11)
+    slope, intercept = report.linear_fit(x, y)
+    assert slope == pytest.approx(2.5, rel=1e-14)
+    assert intercept == pytest.approx(-2 / 3, rel=1e-14)
+    assert isinstance(report.pearson(x, y), float) and isinstance(slope, float)
+
+
+def test_perfectly_proportional_data():
+    x = [0.5, 1.0, 1.5, 4.0]
+    y = [3.0 * v for v in x]
+    assert report.pearson(x, y) == pytest.approx(1.0, abs=1e-15)
+    assert report.pearson(x, y) <= 1.0
+    slope, intercept = report.linear_fit(x, y)
+    assert slope == 3.0
+    assert intercept == pytest.approx(0.0, abs=1e-14)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    ([1.0], [2.0], "at least 2 points, got 1"),
+    ([1.0, 2.0, 3.0], [1.0, 2.0], "same length, got 3 and 2"),
+    ([2.0, 2.0, 2.0], [1.0, 2.0, 3.0], "x has zero variance"),
+    ([1.0, 2.0, 3.0], [4.0, 4.0, 4.0], "y has zero variance"),
+], ids=["one-point", "length-mismatch", "constant-x", "constant-y"])
+def test_pearson_rejects_what_it_cannot_compute(x, y, message):
+    with pytest.raises(ValueError, match=message):
+        report.pearson(x, y)
+
+
+def test_linear_fit_rejects_constant_x():
+    with pytest.raises(ValueError, match="x has zero variance"):
+        report.linear_fit([1.0, 1.0], [1.0, 2.0])
+
+
+# -- proportional_deviations --------------------------------------------------
+
+def test_deviations_when_one_point_is_20_percent_slow():
+    flops = [4.0, 3.0, 2.0, 1.0]
+    seconds = [8.0, 6.0 * 1.2, 4.0, 2.0]
+    assert report.proportional_deviations(flops, seconds) == pytest.approx([0.0, 0.2, 0.0, 0.0], abs=1e-12)
+
+
+def test_deviations_are_anchored_at_the_largest_flops_point_wherever_it_is():
+    # The dense point sits in the middle; the first point would give a different anchor.
+    flops = [1.0, 2.0, 4.0, 3.0]
+    seconds = [3.0, 4.0, 8.0, 9.0]
+    assert report.proportional_deviations(flops, seconds) == pytest.approx([0.5, 0.0, 0.0, 0.5], abs=1e-12)
+
+
+def test_deviations_reject_mismatched_lengths():
+    with pytest.raises(ValueError, match="same length, got 2 and 1"):
+        report.proportional_deviations([1.0, 2.0], [1.0])
+
+
+# -- summarize ----------------------------------------------------------------
+
+def test_proportional_timings_follow_flops():
+    (result,) = report.summarize(rows_for("mlp", "triton", proportional))
+    assert result.verdict == "follows FLOPs"
+    assert result.points == len(BUDGETS)
+    assert result.pearson == pytest.approx(1.0)
+    assert result.slope == pytest.approx(5e-3 / DENSE_FLOPS)
+    assert result.intercept == pytest.approx(0.0, abs=1e-15)
+    assert abs(result.worst_deviation) < 1e-12
+
+
+def test_constant_overhead_correlates_but_fails_on_deviation():
+    # t = a + b * flops with a as large as the dense compute: r is 1, yet the
+    # half-budget plan takes 75% of the dense time instead of 50%.
+    rows = rows_for("attention", "sdpa_gathered", lambda f: 5e-3 + 5e-3 * f / DENSE_FLOPS)
+    (result,) = report.summarize(rows)
+    assert result.pearson == pytest.approx(1.0)
+    assert result.worst_label == "budget 0.5"
+    assert result.worst_deviation == pytest.approx(0.5)
+    assert result.verdict == "worst deviation +50.0% at budget 0.5 > 10%"
+
+
+def test_uncorrelated_timings_fail_on_r():
+    seconds = iter([1.0e-3, 1.3e-3, 0.9e-3, 1.2e-3, 1.05e-3])
+    rows = rows_for("mlp", "index_select", lambda f: next(seconds))
+    (result,) = report.summarize(rows)
+    assert result.pearson < report.MIN_PEARSON
+    assert result.verdict.startswith("r ")
+    assert f"< {report.MIN_PEARSON:g}" in result.verdict
+    assert "worst deviation" in result.verdict  # these timings are far from proportional too
+
+
+def test_two_plans_are_too_few():
+    (result,) = report.summarize(rows_for("mlp", "dense", proportional, budgets=(1.0, 0.5)))
+    assert result.verdict == "too few plans (2)"
+    assert result.pearson is None
+
+
+def test_plans_with_equal_flops_are_too_few():
+    rows = rows_for("mlp", "dense", proportional, budgets=(1.0, 1.0, 1.0))
+    (result,) = report.summarize(rows)
+    assert result.verdict.startswith("too few plans (3")
+    assert result.pearson is None and result.slope is None and result.intercept is None
+
+
+def test_groups_by_op_and_series_in_first_seen_order():
+    a = rows_for("mlp", "triton", proportional)
+    b = rows_for("attention", "triton", proportional)
+    c = rows_for("mlp", "index_select", proportional)
+    interleaved = [a[0], b[0], c[0], *a[1:], *c[1:], *b[1:]]
+    results = report.summarize(interleaved)
+    assert [(r.op, r.series, r.points) for r in results] == [
+        ("mlp", "triton", 5), ("attention", "triton", 5), ("mlp", "index_select", 5)]
+
+
+@pytest.mark.parametrize("index, key, value, message", [
+    (2, "seconds", None, r"rows\[2\] has no 'seconds'"),
+    (1, "label", None, r"rows\[1\] has no 'label'"),
+    (3, "flops", 0.0, r"rows\[3\]\['flops'\] must be a positive"),
+    (0, "seconds", -1e-3, r"rows\[0\]\['seconds'\] must be a positive"),
+    (4, "seconds", float("nan"), r"rows\[4\]\['seconds'\] must be a positive"),
+    (1, "flops", "1e12", r"rows\[1\]\['flops'\] must be a positive"),
+], ids=["missing-seconds", "missing-label", "zero-flops", "negative-seconds", "nan-seconds", "string-flops"])
+def test_bad_rows_name_the_row_and_key(index, key, value, message):
+    rows = rows_for("mlp", "triton", proportional)
+    if value is None:
+        del rows[index][key]
+    else:
+        rows[index][key] = value
+    with pytest.raises(ValueError, match=message):
+        report.summarize(rows)
+
+
+# -- table, markdown, json ----------------------------------------------------
+
+@pytest.fixture
+def mixed_reports():
+    rows = (rows_for("mlp", "triton", proportional)
+            + rows_for("model-prefill", "AdaLLaVA-H/kernels", lambda f: 5e-3 + proportional(f))
+            + rows_for("model-decode", "AdaLLaVA-L", proportional, budgets=(1.0, 0.5)))
+    return report.summarize(rows)
+
+
+def test_table_lists_every_series_and_verdict(mixed_reports):
+    text = report.table(mixed_reports)
+    for r in mixed_reports:
+        assert r.series in text and r.verdict in text
+    assert "pearson r" in text and "slope (s/TFLOP)" in text
+    (decode_line,) = [line for line in text.splitlines() if "AdaLLaVA-L" in line]
+    assert "-" in decode_line.split()  # two plans: no pearson r
+    # Slope is seconds per TFLOP: 5 ms per 2 TFLOP.
+    assert "0.0025" in text
+
+
+def test_markdown_has_meta_table_and_thresholds(mixed_reports):
+    meta = {"device": "NVIDIA H200", "dtype": "bfloat16", "commit": "abc123",
+            "date": "2025-01-01T00:00:00+00:00", "command": "python -m bench"}
+    text = report.markdown(mixed_reports, meta)
+    for value in meta.values():
+        assert value in text
+    for r in mixed_reports:
+        assert r.series in text and r.verdict in text
+    table_lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + len(mixed_reports)
+    assert len({line.count("|") for line in table_lines}) == 1
+    assert f">= {report.MIN_PEARSON:g}" in text and f"{report.MAX_DEVIATION:.0%}" in text
+
+
+def test_markdown_marks_missing_meta_as_unknown(mixed_reports):
+    text = report.markdown(mixed_reports, {"device": "cpu"})
+    header = text.splitlines()[0]
+    assert "cpu" in header
+    assert header.count("unknown") == 4
+
+
+def test_report_json_is_plain_dicts(mixed_reports):
+    data = report.report_json(mixed_reports)
+    assert [d["series"] for d in data] == [r.series for r in mixed_reports]
+    assert set(data[0]) == {"op", "series", "points", "pearson", "slope", "intercept",
+                            "worst_deviation", "worst_label", "verdict"}
+
+
+# -- plot ---------------------------------------------------------------------
+
+def test_importing_the_report_does_not_import_matplotlib():
+    import subprocess
+
+    code = "import sys, bench.report; print('matplotlib' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_plot_writes_a_png_in_a_new_directory(tmp_path):
+    rows = (rows_for("mlp", "triton", proportional) + rows_for("mlp", "index_select", lambda f: 2 * proportional(f))
+            + rows_for("attention", "sdpa_gathered", proportional)
+            + rows_for("model-decode", "AdaLLaVA-H/kernels", lambda f: 1e-3 + proportional(f)))
+    target = tmp_path / "new" / "dir" / "report.png"
+    assert not target.parent.exists()
+    path = report.plot(rows, target)
+    assert path == target
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_plot_rejects_empty_rows(tmp_path):
+    with pytest.raises(ValueError, match="rows is empty"):
+        report.plot([], tmp_path / "empty.png")
