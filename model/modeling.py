@@ -410,14 +410,27 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             h = h + mlp(layer.post_attention_layernorm(h))
         return h
 
-    def _run_kernels(self, h, mask2d, positions, *, modules, schedule, plans=None, cache=None, seq_ids=None):
+    @staticmethod
+    def _plan_groups(plans: Sequence[ExecutionPlan], device) -> list[tuple[ExecutionPlan, list[int], torch.Tensor | None]]:
+        """Rows that share a plan, with their index on ``device`` (``None`` when one plan covers the batch)."""
+        rows: dict[ExecutionPlan, list[int]] = {}
+        for b, p in enumerate(plans):
+            rows.setdefault(p, []).append(b)
+        if len(rows) == 1:
+            return [(plan, r, None) for plan, r in rows.items()]
+        return [(plan, r, torch.tensor(r, device=device)) for plan, r in rows.items()]
+
+    def _run_kernels(self, h, mask2d, positions, *, modules, schedule, plans=None, groups=None, padded=None,
+                     cache=None, seq_ids=None):
         """The decoder over the kernels. ``mask2d`` covers past and new positions. Samples with equal
-        plans run their switchable layers together; ``schedule(h)`` gives the plans after the prefix."""
+        plans run their switchable layers together; ``schedule(h)`` gives the plans after the prefix.
+        Decode steps pass ``groups`` and ``padded`` computed once, so a step makes no host sync of its own."""
         lm = self.model.language_model
         rotary = lm.rotary_emb(h, positions)
-        padding = None if bool(mask2d.all()) else mask2d
+        if padded is None:
+            padded = not bool(mask2d.all())
+        padding = mask2d if padded else None
         prefix = self.scheme.prefix_layers
-        device = h.device
 
         def view(i, rows):
             return None if cache is None else cache.layer_view([seq_ids[r] for r in rows], i)
@@ -426,20 +439,19 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for i in range(prefix):
             h = self._kernel_layer(i, h, rotary, padding, view(i, everyone), modules, None)
         plans = schedule(h) if plans is None else plans
-        groups: dict[ExecutionPlan, list[int]] = {}
-        for b, p in enumerate(plans):
-            groups.setdefault(p, []).append(b)
-        out = h.clone() if len(groups) > 1 else h
-        for plan, rows in groups.items():
-            index = torch.tensor(rows, device=device)
-            part = h if len(groups) == 1 else h.index_select(0, index)
-            part_rotary = rotary if len(groups) == 1 else tuple(t.index_select(0, index) for t in rotary)
-            part_padding = padding if padding is None or len(groups) == 1 else padding.index_select(0, index)
-            layer_plans = plan.layers(device)
+        groups = self._plan_groups(plans, h.device) if groups is None else groups
+        out = h if groups[0][2] is None else h.clone()
+        for plan, rows, index in groups:
+            part, part_rotary, part_padding = h, rotary, padding
+            if index is not None:
+                part = h.index_select(0, index)
+                part_rotary = tuple(t.index_select(0, index) for t in rotary)
+                part_padding = None if padding is None else padding.index_select(0, index)
+            layer_plans = plan.layers(h.device)
             for i in range(prefix, self.config.shape.num_layers):
                 if plan.layer_mask[i]:
                     part = self._kernel_layer(i, part, part_rotary, part_padding, view(i, rows), modules, layer_plans[i])
-            out = part if len(groups) == 1 else out.index_copy(0, index, part)
+            out = part if index is None else out.index_copy(0, index, part)
         return lm.norm(out), plans
 
     @torch.no_grad()
@@ -551,6 +563,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         token = self.lm_head(hidden[:, -1]).argmax(-1)
         tokens = [token]
         done = torch.zeros_like(token, dtype=torch.bool)
+        # New tokens are always attended, so padding and the plan groups stay as at prefill.
+        padded = not bool(mask2d.all())
+        groups = self._plan_groups(plans, hidden.device)
         for _ in range(max_new_tokens - 1):
             if eos_token_id is not None:
                 done |= token == eos_token_id
@@ -560,7 +575,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             last_position = last_position + 1
             h = self.get_input_embeddings()(token)[:, None]
             out, _ = self._run_kernels(h, mask2d, last_position[:, None], modules=modules, schedule=None,
-                                       plans=plans, cache=cache, seq_ids=seq_ids)
+                                       plans=plans, groups=groups, padded=padded, cache=cache, seq_ids=seq_ids)
             token = self.lm_head(out[:, -1]).argmax(-1)
             if eos_token_id is not None and pad is not None:
                 token = torch.where(done, torch.full_like(token, pad), token)
