@@ -12,8 +12,13 @@ $(VENV)/.installed: setup.py scripts/setup_env.sh $(wildcard csrc/*)
 	VENV=$(VENV) bash scripts/setup_env.sh
 	touch $@
 
+# Where there is a GPU the suite compiles Triton kernels for many shapes: it is
+# spread over pytest-xdist workers (one CUDA context each). On a CPU it runs in
+# one process; TEST_WORKERS=N overrides either.
+TEST_WORKERS ?= $(shell $(PY) -c "import os, torch; print(min(12, os.cpu_count() or 1) if torch.cuda.is_available() else 0)")
+
 test: env
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 bench: env
 	$(PY) -m bench --out $(BENCH_OUT)

@@ -62,7 +62,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
         "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
     },
     ext_modules=ext_modules,

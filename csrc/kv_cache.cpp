@@ -15,6 +15,7 @@
 
 #include <cstring>
 
+#include "check.h"
 #include "kv_cache.h"
 
 #ifdef ADALLAVA_WITH_CUDA
@@ -33,58 +34,58 @@ namespace adallava {
 namespace {
 
 void check_pools(const at::Tensor& k_pages, const at::Tensor& v_pages) {
-  TORCH_CHECK(k_pages.dim() == 3, "k_pages must be 3-D [num_pages, page_size, head_dim], got ",
-              k_pages.sizes());
-  TORCH_CHECK(v_pages.sizes() == k_pages.sizes(), "v_pages must have the shape of k_pages ",
-              k_pages.sizes(), ", got ", v_pages.sizes());
-  TORCH_CHECK(v_pages.scalar_type() == k_pages.scalar_type(), "v_pages must have the dtype of k_pages (",
-              k_pages.scalar_type(), "), got ", v_pages.scalar_type());
-  TORCH_CHECK(v_pages.device() == k_pages.device(), "v_pages must be on the device of k_pages (",
-              k_pages.device(), "), got ", v_pages.device());
-  TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous(), "k_pages and v_pages must be contiguous");
+  ADALLAVA_CHECK(k_pages.dim() == 3, "k_pages must be 3-D [num_pages, page_size, head_dim], got ",
+                 k_pages.sizes());
+  ADALLAVA_CHECK(v_pages.sizes() == k_pages.sizes(), "v_pages must have the shape of k_pages ",
+                 k_pages.sizes(), ", got ", v_pages.sizes());
+  ADALLAVA_CHECK(v_pages.scalar_type() == k_pages.scalar_type(), "v_pages must have the dtype of k_pages (",
+                 k_pages.scalar_type(), "), got ", v_pages.scalar_type());
+  ADALLAVA_CHECK(v_pages.device() == k_pages.device(), "v_pages must be on the device of k_pages (",
+                 k_pages.device(), "), got ", v_pages.device());
+  ADALLAVA_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous(), "k_pages and v_pages must be contiguous");
   const auto size = k_pages.element_size();
-  TORCH_CHECK(size == 2 || size == 4, "k_pages must hold 2- or 4-byte elements (fp16, bf16, fp32), got ",
-              k_pages.scalar_type());
+  ADALLAVA_CHECK(size == 2 || size == 4, "k_pages must hold 2- or 4-byte elements (fp16, bf16, fp32), got ",
+                 k_pages.scalar_type());
 }
 
 void check_index_tensor(const char* name, const at::Tensor& t, int64_t dim, const at::Tensor& pools) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.device() == pools.device(), name, " must be on the device of the pools (", pools.device(),
-              "), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  ADALLAVA_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  ADALLAVA_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  ADALLAVA_CHECK(t.device() == pools.device(), name, " must be on the device of the pools (", pools.device(),
+                 "), got ", t.device());
+  ADALLAVA_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
 void check_append(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& key,
                   const at::Tensor& value, const at::Tensor& block_tables, const at::Tensor& starts) {
   check_pools(k_pages, v_pages);
   const int64_t head_dim = k_pages.size(2);
-  TORCH_CHECK(key.dim() == 3 && key.size(2) == head_dim, "key must be [rows, tokens, ", head_dim,
-              "] ([rows, tokens, head_dim]), got ", key.sizes());
-  TORCH_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ",
-              value.sizes());
+  ADALLAVA_CHECK(key.dim() == 3 && key.size(2) == head_dim, "key must be [rows, tokens, ", head_dim,
+                 "] ([rows, tokens, head_dim]), got ", key.sizes());
+  ADALLAVA_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ",
+                 value.sizes());
   for (const auto* t : {&key, &value}) {
     const char* name = t == &key ? "key" : "value";
-    TORCH_CHECK(t->scalar_type() == k_pages.scalar_type(), name, " must have the dtype of the pools (",
-                k_pages.scalar_type(), "), got ", t->scalar_type());
-    TORCH_CHECK(t->device() == k_pages.device(), name, " must be on the device of the pools (",
-                k_pages.device(), "), got ", t->device());
+    ADALLAVA_CHECK(t->scalar_type() == k_pages.scalar_type(), name, " must have the dtype of the pools (",
+                   k_pages.scalar_type(), "), got ", t->scalar_type());
+    ADALLAVA_CHECK(t->device() == k_pages.device(), name, " must be on the device of the pools (",
+                   k_pages.device(), "), got ", t->device());
   }
   check_index_tensor("block_tables", block_tables, 2, k_pages);
   check_index_tensor("starts", starts, 1, k_pages);
-  TORCH_CHECK(block_tables.size(0) == key.size(0), "block_tables must have one row per key row (",
-              key.size(0), "), got ", block_tables.size(0));
-  TORCH_CHECK(starts.size(0) == key.size(0), "starts must have one entry per key row (", key.size(0),
-              "), got ", starts.size(0));
+  ADALLAVA_CHECK(block_tables.size(0) == key.size(0), "block_tables must have one row per key row (",
+                 key.size(0), "), got ", block_tables.size(0));
+  ADALLAVA_CHECK(starts.size(0) == key.size(0), "starts must have one entry per key row (", key.size(0),
+                 "), got ", starts.size(0));
 }
 
 void check_gather(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_tables,
                   int64_t length) {
   check_pools(k_pages, v_pages);
   check_index_tensor("block_tables", block_tables, 2, k_pages);
-  TORCH_CHECK(length >= 0 && length <= block_tables.size(1) * k_pages.size(1), "length ", length,
-              " must be in [0, ", block_tables.size(1) * k_pages.size(1),
-              "]: the positions the pages of a block_tables row hold");
+  ADALLAVA_CHECK(length >= 0 && length <= block_tables.size(1) * k_pages.size(1), "length ", length,
+                 " must be in [0, ", block_tables.size(1) * k_pages.size(1),
+                 "]: the positions the pages of a block_tables row hold");
 }
 
 // The CPU can afford to check every page index and position before it writes
@@ -94,13 +95,13 @@ void check_pages_cpu(const at::Tensor& block_tables, int64_t num_pages, int64_t 
   const int32_t* table = block_tables.data_ptr<int32_t>();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t first = starts ? starts[r] : 0;
-    TORCH_CHECK(first >= 0 && first + tokens <= width * page_size, "row ", r, ": positions [", first, ", ",
-                first + tokens, ") do not fit the ", width, " pages of its block_tables row");
+    ADALLAVA_CHECK(first >= 0 && first + tokens <= width * page_size, "row ", r, ": positions [", first, ", ",
+                   first + tokens, ") do not fit the ", width, " pages of its block_tables row");
     if (tokens == 0) continue;
     for (int64_t p = first / page_size; p <= (first + tokens - 1) / page_size; ++p) {
       const int64_t page = table[r * width + p];
-      TORCH_CHECK(page >= 0 && page < num_pages, "block_tables[", r, ", ", p, "] = ", page,
-                  " is not a page of the pool [0, ", num_pages, ")");
+      ADALLAVA_CHECK(page >= 0 && page < num_pages, "block_tables[", r, ", ", p, "] = ", page,
+                     " is not a page of the pool [0, ", num_pages, ")");
     }
   }
 }
@@ -179,7 +180,7 @@ void kv_append_cuda(at::Tensor k_pages, at::Tensor v_pages, const at::Tensor& ke
       starts.data_ptr<int32_t>(), key.size(0), key.size(1), key.size(2), k_pages.size(1), block_tables.size(1),
       key_strides, value_strides, static_cast<int>(k_pages.element_size()),
       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "kv_append: CUDA launch failed: ", cudaGetErrorString(err));
+  ADALLAVA_CHECK(err == cudaSuccess, "kv_append: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 std::tuple<at::Tensor, at::Tensor> kv_gather_cuda(const at::Tensor& k_pages, const at::Tensor& v_pages,
@@ -193,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> kv_gather_cuda(const at::Tensor& k_pages, con
       k_pages.data_ptr(), v_pages.data_ptr(), k_out.data_ptr(), v_out.data_ptr(), block_tables.data_ptr<int32_t>(),
       rows, length, head_dim, k_pages.size(1), block_tables.size(1), static_cast<int>(k_pages.element_size()),
       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "kv_gather: CUDA launch failed: ", cudaGetErrorString(err));
+  ADALLAVA_CHECK(err == cudaSuccess, "kv_gather: CUDA launch failed: ", cudaGetErrorString(err));
   return {k_out, v_out};
 }
 #endif

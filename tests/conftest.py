@@ -7,6 +7,10 @@ import torch
 # in Triton's interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One config per kernel instead of autotuning over its list: on a GPU, compiling
+# every config for every shape the suite uses took most of its time.
+# test_kernel_configs.py runs each config once.
+os.environ.setdefault("ADALLAVA_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

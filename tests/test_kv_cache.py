@@ -364,8 +364,9 @@ def test_transformers_generate_matches_dynamic_cache_at_a_full_plan():
     cache = LayerSkipKVCache(SHAPE, num_pages=64, page_size=4, dtype=torch.float32, device=DEVICE)
     for s in (0, 1):
         cache.add_sequence(s, ExecutionPlan.full(SHAPE), max_tokens=20)
-    ids = torch.randint(0, 50, (2, 9), device=DEVICE)
-    kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    ids = torch.randint(0, 50, (2, 9)).to(DEVICE)
+    # min_new_tokens: the page count below must not depend on where the default EOS happens to fall.
+    kwargs = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ours = model.generate(ids, past_key_values=transformers_cache(cache, [0, 1]), **kwargs)
         theirs = model.generate(ids, past_key_values=DynamicCache(), **kwargs)

@@ -9,6 +9,10 @@ import torch
 
 # Triton reads this when a kernel is defined, so it is read once, at import.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# ADALLAVA_AUTOTUNE=0 runs every kernel with the first config of its list: nothing
+# is autotuned, so a test run compiles each kernel once per specialisation, not
+# once per config. Read once, at import, like TRITON_INTERPRET.
+AUTOTUNE = os.environ.get("ADALLAVA_AUTOTUNE", "1") != "0"
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,6 +20,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op here (no kernel, no Triton, or no GPU)."""
+
+
+def kernel_configs(tuned: list, interpreter: list) -> list:
+    """The configs a kernel is autotuned over: ``interpreter`` under TRITON_INTERPRET=1 (autotuning
+    does not work there), the first of ``tuned`` with ADALLAVA_AUTOTUNE=0, else all of ``tuned``."""
+    if INTERPRETING:
+        return interpreter
+    return tuned if AUTOTUNE else tuned[:1]
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, triton_kernel: Callable | None) -> str:

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING as _INTERPRET
+from ._common import INTERPRETING as _INTERPRET, kernel_configs
 from .gathered_linear import DECODE_MAX_TOKENS, _dot, _flags, _multiprocessors, _regime
 
 __all__ = ["DECODE_MAX_TOKENS", "head_projection", "flash_attention", "PROJECTION_CONFIGS", "ATTENTION_CONFIGS"]
@@ -304,7 +304,8 @@ def _combine_kernel(
 
 
 def _configs(kind: str, regime: str) -> list:
-    return _INTERPRETER[kind] if _INTERPRET else (PROJECTION_CONFIGS if kind == "projection" else ATTENTION_CONFIGS)[regime]
+    tuned = (PROJECTION_CONFIGS if kind == "projection" else ATTENTION_CONFIGS)[regime]
+    return kernel_configs(tuned, _INTERPRETER[kind])
 
 
 _PROJ = {

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING as _INTERPRET
+from ._common import INTERPRETING as _INTERPRET, kernel_configs
 from .layout import prepare_column_gather
 
 __all__ = [
@@ -185,11 +185,10 @@ def _tuned(kernel, configs):
     return triton.autotune(configs=configs, key=_TUNE_KEY, restore_value=["y_ptr"])(kernel)
 
 
-_CONFIGS = (
-    {"prefill": INTERPRETER_CONFIGS, "decode": INTERPRETER_CONFIGS}
-    if _INTERPRET
-    else {"prefill": PREFILL_CONFIGS, "decode": DECODE_CONFIGS}
-)
+_CONFIGS = {
+    "prefill": kernel_configs(PREFILL_CONFIGS, INTERPRETER_CONFIGS),
+    "decode": kernel_configs(DECODE_CONFIGS, INTERPRETER_CONFIGS),
+}
 _ROW = {regime: _tuned(_row_gather_kernel, configs) for regime, configs in _CONFIGS.items()}
 _COL = {regime: _tuned(_col_gather_kernel, configs) for regime, configs in _CONFIGS.items()}
 

@@ -1,0 +1,87 @@
+"""Every autotune config of every kernel computes the right result.
+
+The suite runs with ADALLAVA_AUTOTUNE=0 (conftest.py), so the other tests
+compile each kernel with the first config of its list only. Here each config
+is forced in turn, with sizes that are not multiples of its tiles, so a
+config the autotuner may pick on some GPU is never one no test has run.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+from adallava_kernels.ops import attention_kernels, gathered_linear
+from adallava_kernels.testing import assert_close, poisoned
+
+from _device import DEVICE, to_device
+
+
+def config_id(config) -> str:
+    blocks = "-".join(f"{k}{v}" for k, v in config.kwargs.items())
+    return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
+
+
+def cases(table: dict) -> list:
+    return [pytest.param(regime, c, id=f"{regime}-{config_id(c)}") for regime, configs in table.items()
+            for c in configs]
+
+
+GEMM_CONFIGS = {"prefill": gathered_linear.PREFILL_CONFIGS, "decode": gathered_linear.DECODE_CONFIGS}
+# Tokens in each regime, neither a multiple of any tile.
+TOKENS = {"prefill": 37, "decode": 3}
+
+
+@pytest.mark.parametrize("regime, config", cases(GEMM_CONFIGS))
+def test_gathered_linear_config(regime, config, monkeypatch):
+    monkeypatch.setitem(gathered_linear._ROW, regime, gathered_linear._tuned(gathered_linear._row_gather_kernel, [config]))
+    monkeypatch.setitem(gathered_linear._COL, regime, gathered_linear._tuned(gathered_linear._col_gather_kernel, [config]))
+    tokens, hidden, inter = TOKENS[regime], 200, 300
+    x = torch.randn(tokens, hidden).half()
+    w_gate, w_up = ((torch.randn(inter, hidden) * hidden**-0.5).half() for _ in range(2))
+    w_down = (torch.randn(hidden, inter) * inter**-0.5).half()
+    rows = torch.randperm(inter)[:277].sort().values.to(torch.int32)
+
+    act = poisoned(tokens, rows.numel(), dtype=torch.float16, device=DEVICE)
+    gathered_linear.swiglu_gathered(*to_device(x, w_gate, w_up, rows), out=act)
+    idx = rows.long()
+    expected = F.silu(F.linear(x.double(), w_gate.double()[idx])) * F.linear(x.double(), w_up.double()[idx])
+    assert_close(act.cpu(), expected)
+
+    out = poisoned(tokens, hidden, dtype=torch.float16, device=DEVICE)
+    w_cols = gathered_linear.prepare_column_gather(w_down)
+    gathered_linear.col_gathered_linear(act, *to_device(w_cols, rows), out=out)
+    assert_close(out.cpu(), F.linear(act.cpu().double(), w_down.double()[:, idx]))
+
+
+@pytest.mark.parametrize("regime, config", cases(attention_kernels.PROJECTION_CONFIGS))
+def test_head_projection_config(regime, config, monkeypatch):
+    kernel = triton.autotune(configs=[config], key=["M_BUCKET"], restore_value=["y_ptr"])(
+        attention_kernels._head_proj_kernel)
+    monkeypatch.setitem(attention_kernels._PROJ, regime, kernel)
+    batch, seq, hidden, head_dim = 1, TOKENS[regime], 200, 24
+    x = torch.randn(batch, seq, hidden).half()
+    w = (torch.randn(5 * head_dim, hidden) * hidden**-0.5).half()
+    heads = torch.tensor([1, 2, 4], dtype=torch.int32)
+    out = poisoned(batch, seq, 3, head_dim, dtype=torch.float16, device=DEVICE)
+    attention_kernels.head_projection(*to_device(x, w, heads), head_dim, None, None, out)
+    expected = F.linear(x.double(), w.double()).view(batch, seq, 5, head_dim)[:, :, heads.long()]
+    assert_close(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("regime, config", cases(attention_kernels.ATTENTION_CONFIGS))
+def test_flash_attention_config(regime, config, monkeypatch):
+    kernel = triton.autotune(configs=[config], key=["SQ_BUCKET"])(attention_kernels._flash_attn_kernel)
+    monkeypatch.setitem(attention_kernels._ATTN, regime, kernel)
+    batch, q_len, kv_len, head_dim = 2, TOKENS[regime], 150, 24
+    q = torch.randn(batch, q_len, 3, head_dim).half()
+    k, v = (torch.randn(batch, 2, kv_len, head_dim).half() for _ in range(2))
+    head_to_kv = torch.tensor([0, 1, 1], dtype=torch.int32)
+    out = poisoned(batch, q_len, 3, head_dim, dtype=torch.float16, device=DEVICE)
+    attention_kernels.flash_attention(*to_device(q, k, v, head_to_kv), None, out, head_dim**-0.5)
+
+    kk, vv = (t.double()[:, head_to_kv.long()] for t in (k, v))
+    scores = torch.einsum("bqhd,bhkd->bhqk", q.double(), kk) * head_dim**-0.5
+    causal = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    assert_close(out.cpu(), torch.einsum("bhqk,bhkd->bqhd", probs, vv))
