@@ -9,12 +9,16 @@ from .devices import DeviceSpec, get_device
 from .kv_cache import ContiguousKVCache, KVCacheLayer, LayerSkipKVCache, TransformersCacheLayer
 from .modules import MaskedAttention, MaskedMLP
 from .ops import BackendUnavailableError, masked_attention, masked_mlp
+from .patch import apply_masked_kernels
 from .plan import ExecutionPlan, LayerPlan, neuron_groups
+from .runtime import DecodeBatch, PlannedDecoder
 from .shape import PRESETS, ModelShape, get_shape
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodeBatch",
+    "PlannedDecoder",
     "BackendUnavailableError",
     "ContiguousKVCache",
     "DeviceSpec",
@@ -27,6 +31,7 @@ __all__ = [
     "ModelShape",
     "PRESETS",
     "UnitScheme",
+    "apply_masked_kernels",
     "best_plan",
     "budget",
     "check_budget",

@@ -8,15 +8,20 @@ run. The first ``prefix_layers`` layers always run, so the scheduler spends
 - AdaLLaVA-H: ``num_heads // rank`` units per layer, one unit being ``rank``
   attention heads plus ``rank`` MLP neuron groups of one layer.
 
-At inference AdaLLaVA takes the best plan (no Gumbel noise): the
-highest-scoring units, without replacement, until the units are spent.
+At inference AdaLLaVA takes the best plan (no Gumbel noise), round by round
+without replacement until the units are spent, as the reference
+implementation's scheduler does: -L takes the best layer still off; -H takes
+the single largest score still off among all heads and MLP groups of all
+switchable layers, and that score's layer switches on its best ``rank``
+heads and best ``rank`` MLP groups still off.
 
 Equal units are equal FLOPs only for -L. An -H unit's cost depends on the
 KV heads its query heads need (GQA), on the neurons of its groups, and on
 whether it opens a sub-block (whose norm and residual add then run); so the
-cost-aware mode (``best_plan(..., num_tokens=n)``) spends the budget in
-prefill FLOPs from :mod:`adallava_kernels.cost` instead: a budget ``l`` buys
-``l * dense_layer_flops - prefix_layer_flops``, and units are taken in score
+cost-aware mode (``best_plan(..., num_tokens=n)``, an option of this
+project, not of AdaLLaVA) spends the budget in prefill FLOPs from
+:mod:`adallava_kernels.cost` instead: a budget ``l`` buys ``l *
+dense_layer_flops - prefix_layer_flops``, and units are taken in the same
 order while the next one still fits.
 """
 
@@ -28,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from ._checks import check_int
 from .cost import layer_ops
 from .plan import ExecutionPlan, neuron_groups
 from .shape import ModelShape
@@ -112,8 +118,7 @@ def flops_budget(scheme: UnitScheme, budget: float, num_tokens: int) -> float:
     ``lm_head`` is left out: every plan runs it once, whatever the budget.
     """
     budget = check_budget(budget)
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"num_tokens must be an int >= 1, got {num_tokens!r}")
+    check_int("num_tokens", num_tokens)
     s = scheme.shape
     dense = layer_flops(s, num_tokens, heads=s.num_heads, kv_heads=s.num_kv_heads, neurons=s.intermediate_size)
     return budget * s.num_layers * dense - scheme.prefix_layers * dense
@@ -131,8 +136,9 @@ def best_plan(
     ``scores`` are the scheduler's logits over the switchable layers: for -L a
     tensor ``[switchable_layers]``; for -H a pair ``(head_scores,
     group_scores)``, each ``[switchable_layers, num_heads]``. For -H, each
-    round takes the layer whose next unit (its best ``rank`` heads and best
-    ``rank`` groups still off) scores highest on average.
+    round takes the layer holding the largest score still off (heads and
+    groups alike), which then switches on its best ``rank`` heads and best
+    ``rank`` groups still off (AdaLLaVA's rule).
 
     Without ``num_tokens`` the budget is spent in equal units
     (:meth:`UnitScheme.units_for_budget`); with it, in prefill FLOPs over
@@ -177,12 +183,13 @@ def _head_units(scheme: UnitScheme, head_scores: torch.Tensor, group_scores: tor
     group_order = torch.argsort(group_scores, dim=1, descending=True, stable=True)
     head_sorted = torch.gather(head_scores, 1, head_order)
     group_sorted = torch.gather(group_scores, 1, group_order)
-    # Within a layer the next unit is always the best r of what is still off,
-    # so unit k of a layer is the k-th slice of its sorted scores.
-    unit_scores = (
-        head_sorted.view(scheme.switchable_layers, -1, r).mean(-1)
-        + group_sorted.view(scheme.switchable_layers, -1, r).mean(-1)
-    ) / 2
+    # Within a layer the next unit is always the best r heads and r groups still
+    # off, so unit k is the k-th slice of the sorted scores, and the largest score
+    # still off in the layer (the round's key) is the larger of the two slices' first.
+    unit_scores = torch.maximum(
+        head_sorted.view(scheme.switchable_layers, -1, r)[..., 0],
+        group_sorted.view(scheme.switchable_layers, -1, r)[..., 0],
+    )
     return head_order, group_order, unit_scores
 
 

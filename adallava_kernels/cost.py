@@ -27,6 +27,9 @@ import math
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
+import torch
+
+from ._checks import check_int
 from .devices import DeviceSpec, get_device
 from .plan import ExecutionPlan
 from .shape import ModelShape
@@ -188,8 +191,8 @@ def masked_mlp_cost(
     shape: ModelShape, num_tokens: int, neurons: int, precision: Precision = Precision()
 ) -> OpCost:
     """FLOPs and bytes of one ``masked_mlp`` call over ``num_tokens`` tokens and ``neurons`` active neurons."""
-    _check_count("num_tokens", num_tokens)
-    _check_count("neurons", neurons, minimum=0)
+    check_int("num_tokens", num_tokens)
+    check_int("neurons", neurons, minimum=0)
     ops = layer_ops(
         shape, heads=0, kv_heads=0, neurons=neurons, q_tokens=num_tokens, kv_tokens=0, precision=precision
     )
@@ -209,11 +212,11 @@ def masked_attention_cost(
     """FLOPs and bytes of one ``masked_attention`` call: ``q_tokens`` new tokens per sequence over
     ``kv_tokens`` positions (prefill: equal; decode: 1 and the context), ``heads`` active query heads
     reading ``kv_heads`` KV heads. As LLM-Viewer, ``qk``/``sv`` count every score (no causal halving)."""
-    _check_count("q_tokens", q_tokens)
-    _check_count("kv_tokens", kv_tokens)
-    _check_count("batch_size", batch_size)
-    _check_count("heads", heads, minimum=0)
-    _check_count("kv_heads", kv_heads, minimum=0)
+    check_int("q_tokens", q_tokens)
+    check_int("kv_tokens", kv_tokens)
+    check_int("batch_size", batch_size)
+    check_int("heads", heads, minimum=0)
+    check_int("kv_heads", kv_heads, minimum=0)
     if heads > shape.num_heads or kv_heads > shape.num_kv_heads or (heads > 0) != (kv_heads > 0):
         raise ValueError(
             f"heads ({heads}) and kv_heads ({kv_heads}) must be at most {shape.num_heads} and "
@@ -258,11 +261,6 @@ class CostBreakdown:
         return [sum(op.flops for op in layer) for layer in self.layers]
 
 
-def _check_count(name: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _active_counts(shape: ModelShape, plan: ExecutionPlan | None) -> Sequence[tuple[int, int, int]]:
     """Per layer: (active heads, KV heads needed, active neurons)."""
     if plan is None:
@@ -294,8 +292,8 @@ def prefill_cost(
     batch_size: int = 1, precision: Precision = Precision(),
 ) -> CostBreakdown:
     """Per-op cost of a prefill over ``num_tokens`` tokens per sequence."""
-    _check_count("num_tokens", num_tokens)
-    _check_count("batch_size", batch_size)
+    check_int("num_tokens", num_tokens)
+    check_int("batch_size", batch_size)
     return _breakdown("prefill", shape, num_tokens, num_tokens, plan, batch_size, precision)
 
 
@@ -304,8 +302,8 @@ def decode_cost(
     batch_size: int = 1, precision: Precision = Precision(),
 ) -> CostBreakdown:
     """Per-op cost of one decode step whose token attends to ``context_len`` positions (itself included)."""
-    _check_count("context_len", context_len)
-    _check_count("batch_size", batch_size)
+    check_int("context_len", context_len)
+    check_int("batch_size", batch_size)
     return _breakdown("decode", shape, 1, context_len, plan, batch_size, precision)
 
 
@@ -321,19 +319,36 @@ def decode_flops(shape: ModelShape, context_len: int, plan: ExecutionPlan | None
 
 def kv_cache_bytes(
     shape: ModelShape, num_tokens: int, plan: ExecutionPlan | None = None,
-    batch_size: int = 1, kv_bytes: float = 2, page_size: int = 1,
+    batch_size: int = 1, kv_bytes: float | None = None, page_size: int = 1, *, dtype: torch.dtype | None = None,
 ) -> int:
     """Bytes of K and V for ``num_tokens`` positions of ``batch_size`` sequences.
 
     Only the layers and KV heads the plan keeps store anything; with
     ``page_size`` > 1 each (layer, KV head) slice is rounded up to whole pages.
+    Each element takes ``dtype``'s size (default ``torch.bfloat16``, the
+    default of :class:`~adallava_kernels.LayerSkipKVCache`: pass the pool's
+    dtype to match its ``bytes_in_use``), or ``kv_bytes`` bytes; not both.
     """
-    _check_count("num_tokens", num_tokens, minimum=0)
-    _check_count("batch_size", batch_size)
-    _check_count("page_size", page_size)
+    check_int("num_tokens", num_tokens, minimum=0)
+    check_int("batch_size", batch_size)
+    check_int("page_size", page_size)
+    element = _element_bytes(kv_bytes, dtype)
     stored_tokens = math.ceil(num_tokens / page_size) * page_size
     kv_slices = sum(kv for _, kv, _ in _active_counts(shape, plan))
-    return int(2 * kv_slices * stored_tokens * shape.head_dim * kv_bytes * batch_size)
+    return int(2 * kv_slices * stored_tokens * shape.head_dim * element * batch_size)
+
+
+def _element_bytes(kv_bytes: float | None, dtype: torch.dtype | None) -> float:
+    if kv_bytes is not None and dtype is not None:
+        raise ValueError(f"pass kv_bytes or dtype, not both (got kv_bytes={kv_bytes!r}, dtype={dtype})")
+    if kv_bytes is not None:
+        if isinstance(kv_bytes, bool) or not isinstance(kv_bytes, (int, float)) or not kv_bytes > 0:
+            raise ValueError(f"kv_bytes must be a positive number, got {kv_bytes!r}")
+        return kv_bytes
+    dtype = torch.bfloat16 if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from torch import nn
 
 from .kv_cache import KVCacheLayer, TransformersCacheLayer
 from .ops.layout import prepare_column_gather
-from .ops.masked_attention import AttentionIndices, check_padding, run_masked_attention
+from .ops.masked_attention import check_padding, run_masked_attention
 from .ops.masked_mlp import masked_mlp
 from .plan import LayerPlan
 
-__all__ = ["MaskedAttention", "MaskedMLP"]
+__all__ = ["MaskedAttention", "MaskedMLP", "check_hf_attention", "check_hf_mlp"]
 
 
 def _check_linears(module: nn.Module, names: tuple[str, ...], what: str) -> None:
@@ -23,6 +23,48 @@ def _check_linears(module: nn.Module, names: tuple[str, ...], what: str) -> None
             raise ValueError(f"{what}.{name} has a bias; the masked ops compute bias-free projections")
 
 
+def check_hf_mlp(mlp: nn.Module) -> None:
+    """``mlp`` is a transformers ``LlamaMLP``: SwiGLU with SiLU, no biases."""
+    _check_linears(mlp, ("gate_proj", "up_proj", "down_proj"), "mlp")
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
+        raise ValueError(f"mlp.act_fn must be SiLU, got {type(act).__name__}")
+
+
+def check_hf_attention(attn: nn.Module) -> tuple[int, int, int]:
+    """``attn`` is a transformers ``LlamaAttention`` (no biases, scaling ``head_dim ** -0.5``);
+    returns its ``(num_heads, num_kv_heads, head_dim)``."""
+    _check_linears(attn, ("q_proj", "k_proj", "v_proj", "o_proj"), "attn")
+    config = getattr(attn, "config", None)
+    if config is None or not hasattr(config, "num_attention_heads"):
+        raise ValueError("attn must be a transformers LlamaAttention with a .config")
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = attn.q_proj.weight.shape[0] // num_heads
+    if getattr(attn, "head_dim", head_dim) != head_dim or abs(attn.scaling - head_dim**-0.5) > 1e-12:
+        raise ValueError(f"attn must use head_dim {head_dim} and scaling head_dim ** -0.5, got {attn.scaling}")
+    return num_heads, num_kv_heads, head_dim
+
+
+def _keep_transformers_names(module: nn.Module, names: dict[str, str]) -> None:
+    """Save and load the parameters ``names`` maps under transformers' names (``q_weight`` as
+    ``q_proj.weight``), row-major, so a model patched with these modules still writes (and reads)
+    checkpoints transformers loads, and a column-major copy is saved once, as the weight it is."""
+
+    def to_transformers(module, state_dict, prefix, local_metadata):
+        for ours, theirs in names.items():
+            if prefix + ours in state_dict:
+                state_dict[prefix + theirs] = state_dict.pop(prefix + ours).contiguous()
+
+    def from_transformers(module, state_dict, prefix, *args):
+        for ours, theirs in names.items():
+            if prefix + theirs in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+
+    module.register_state_dict_post_hook(to_transformers)
+    module.register_load_state_dict_pre_hook(from_transformers)
+
+
 class MaskedMLP(nn.Module):
     """A transformers ``LlamaMLP`` that computes only the neurons its layer plan keeps.
 
@@ -31,7 +73,8 @@ class MaskedMLP(nn.Module):
     gathered columns are contiguous (``gather_layout=False`` shares ``w_down``
     as given instead, for a layer that always runs whole). Call
     :meth:`set_plan` once per request; ``forward(x)`` has ``LlamaMLP``'s
-    signature, so the module can replace one.
+    signature, so the module can replace one. Its state dict uses
+    ``LlamaMLP``'s names (``gate_proj.weight``, ...), row-major.
     """
 
     def __init__(
@@ -48,25 +91,30 @@ class MaskedMLP(nn.Module):
             "all_neurons", torch.arange(w_gate.shape[0], dtype=torch.int32, device=w_gate.device), persistent=False
         )
         self._neurons: torch.Tensor | None = None
+        _keep_transformers_names(
+            self, {"gate_weight": "gate_proj.weight", "up_weight": "up_proj.weight", "down_weight": "down_proj.weight"}
+        )
 
     @classmethod
     def from_hf(cls, mlp: nn.Module, *, backend: str = "auto", gather_layout: bool = True) -> "MaskedMLP":
         """Wrap a transformers ``LlamaMLP`` (SwiGLU with SiLU, no biases)."""
-        _check_linears(mlp, ("gate_proj", "up_proj", "down_proj"), "mlp")
-        act = getattr(mlp, "act_fn", None)
-        if not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
-            raise ValueError(f"mlp.act_fn must be SiLU, got {type(act).__name__}")
+        check_hf_mlp(mlp)
         weights = (mlp.gate_proj.weight.data, mlp.up_proj.weight.data, mlp.down_proj.weight.data)
         return cls(*weights, backend=backend, gather_layout=gather_layout)
 
     def set_plan(self, layer: LayerPlan | None) -> None:
-        """Run the neurons of ``layer`` from now on (``None``: all of them)."""
-        if layer is not None and layer.neurons.numel() and int(layer.neurons[-1]) >= self.gate_weight.shape[0]:
+        """Run the neurons of ``layer`` from now on (``None``: all of them).
+
+        The plan must be for a model with this MLP's neurons (checked on the
+        host: no device value is read). A plan on another device is copied
+        here once; build it with ``plan.layer(i, device)`` to avoid that.
+        """
+        if layer is not None and layer.model_neurons != self.gate_weight.shape[0]:
             raise ValueError(
-                f"layer plan {layer.index} addresses neuron {int(layer.neurons[-1])}, "
-                f"but this MLP has {self.gate_weight.shape[0]}"
+                f"layer plan {layer.index} is for a model with {layer.describe_model()}, "
+                f"but this MLP has {self.gate_weight.shape[0]} neurons"
             )
-        self._neurons = None if layer is None else layer.neurons.to(self.gate_weight.device)
+        self._neurons = None if layer is None else layer.to(self.gate_weight.device).neurons
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         neurons = self.all_neurons if self._neurons is None else self._neurons
@@ -105,7 +153,8 @@ class MaskedAttention(nn.Module):
     :meth:`set_plan` once per request. ``forward`` takes ``LlamaAttention``'s
     arguments and returns ``(output, None)``, so the module can replace one
     inside a transformers decoder layer; with a transformers ``Cache`` it
-    stores only the active KV heads of this layer.
+    stores only the active KV heads of this layer. Its state dict uses
+    ``LlamaAttention``'s names (``q_proj.weight``, ...), row-major.
     """
 
     def __init__(
@@ -128,43 +177,40 @@ class MaskedAttention(nn.Module):
         self.head_dim = w_q.shape[0] // num_heads
         self.layer_idx = layer_idx
         self.backend = backend
-        self._full = self._indices(torch.arange(num_heads, dtype=torch.int32, device=w_q.device))
-        self._plan: AttentionIndices | None = None
-
-    def _indices(self, heads: torch.Tensor, kv_heads=None, head_to_kv=None) -> AttentionIndices:
-        if kv_heads is None:
-            group = self.num_heads // self.num_kv_heads
-            kv_heads = torch.arange(self.num_kv_heads, dtype=torch.int32, device=heads.device)
-            head_to_kv = heads // group
-        return AttentionIndices(heads, kv_heads, head_to_kv, self.head_dim)
+        heads = torch.arange(num_heads, dtype=torch.int32, device=w_q.device)
+        self._full = LayerPlan.for_heads(
+            heads, torch.arange(num_kv_heads, dtype=torch.int32, device=w_q.device), heads // (num_heads // num_kv_heads),
+            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=self.head_dim,
+        )
+        self._plan: LayerPlan | None = None
+        _keep_transformers_names(self, {f"{p}_weight": f"{p}_proj.weight" for p in "qkvo"})
 
     @classmethod
     def from_hf(cls, attn: nn.Module, *, backend: str = "auto", gather_layout: bool = True) -> "MaskedAttention":
         """Wrap a transformers ``LlamaAttention`` (no biases, scaling ``head_dim ** -0.5``)."""
-        _check_linears(attn, ("q_proj", "k_proj", "v_proj", "o_proj"), "attn")
-        config = getattr(attn, "config", None)
-        if config is None or not hasattr(config, "num_attention_heads"):
-            raise ValueError("attn must be a transformers LlamaAttention with a .config")
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = attn.q_proj.weight.shape[0] // num_heads
-        if getattr(attn, "head_dim", head_dim) != head_dim or abs(attn.scaling - head_dim**-0.5) > 1e-12:
-            raise ValueError(f"attn must use head_dim {head_dim} and scaling head_dim ** -0.5, got {attn.scaling}")
+        num_heads, num_kv_heads, _ = check_hf_attention(attn)
         weights = (attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data, attn.o_proj.weight.data)
         return cls(*weights, num_heads=num_heads, num_kv_heads=num_kv_heads,
                    layer_idx=getattr(attn, "layer_idx", None), backend=backend, gather_layout=gather_layout)
 
     def set_plan(self, layer: LayerPlan | None) -> None:
-        """Run the heads of ``layer`` from now on (``None``: all of them)."""
+        """Run the heads of ``layer`` from now on (``None``: all of them).
+
+        The plan must be for a model with this attention's heads, KV heads and
+        head size (checked on the host: no device value is read). A plan on
+        another device is copied here once; build it with
+        ``plan.layer(i, device)`` to avoid that.
+        """
         if layer is None:
             self._plan = None
             return
-        if layer.heads.numel() and int(layer.heads[-1]) >= self.num_heads:
+        mine = (self.num_heads, self.num_kv_heads, self.head_dim)
+        if (layer.model_heads, layer.model_kv_heads, layer.head_dim) != mine:
             raise ValueError(
-                f"layer plan {layer.index} addresses head {int(layer.heads[-1])}, but this attention has {self.num_heads}"
+                f"layer plan {layer.index} is for a model with {layer.describe_model()}, but this attention has "
+                f"{self.num_heads} heads over {self.num_kv_heads} KV heads of dim {self.head_dim}"
             )
-        device = self.q_weight.device
-        self._plan = self._indices(layer.heads.to(device), layer.kv_heads.to(device), layer.head_to_kv.to(device))
+        self._plan = layer.to(self.q_weight.device)
 
     def _cache_layer(self, cache) -> KVCacheLayer | None:
         if cache is None or isinstance(cache, KVCacheLayer):

@@ -8,11 +8,12 @@ device, so a decode step reads them without a host sync or a copy.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from ._checks import check_device
 from .shape import ModelShape
 
 __all__ = ["ExecutionPlan", "LayerPlan", "neuron_groups"]
@@ -38,19 +39,59 @@ def neuron_groups(intermediate_size: int, num_groups: int) -> list[range]:
     return groups
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerPlan:
-    """The active units of one decoder layer, as int32 index tensors on one device.
+    """The active units of one decoder layer on one device: the one device form of a plan.
 
-    ``head_to_kv[i]`` is the position in ``kv_heads`` of the KV head that query
-    head ``heads[i]`` reads: after masking, the query-to-KV map is arbitrary.
+    int32 index tensors, built once per (plan, device), with their counts
+    known on the host (so a caller never reads a device value back):
+
+    - ``heads``: active query heads; ``kv_heads``: the KV heads they read
+      (GQA: a KV head is kept while any of its query heads is active);
+    - ``head_to_kv[i]``: position in ``kv_heads`` of the KV head of
+      ``heads[i]`` (after masking the query-to-KV map is arbitrary);
+    - ``q_features`` / ``kv_features``: the weight rows of ``heads`` /
+      ``kv_heads`` (``heads[i] * head_dim + d``; ``q_features`` are also
+      ``o_proj``'s columns);
+    - ``neurons``: active MLP neurons.
+
+    ``model_heads``, ``model_kv_heads``, ``head_dim`` and ``model_neurons``
+    are the dimensions of the model it was built for: a module or runtime
+    given a plan checks them against its own.
     """
 
     index: int
     heads: torch.Tensor
     kv_heads: torch.Tensor
     head_to_kv: torch.Tensor
+    q_features: torch.Tensor
+    kv_features: torch.Tensor
     neurons: torch.Tensor
+    model_heads: int
+    model_kv_heads: int
+    head_dim: int
+    model_neurons: int
+
+    @classmethod
+    def build(
+        cls, index: int, heads: Sequence[int], neurons: Sequence[int], *, num_heads: int, num_kv_heads: int,
+        head_dim: int, intermediate_size: int, device: torch.device | str = "cpu",
+    ) -> "LayerPlan":
+        """From sorted host index lists, already validated; one host-to-device copy."""
+        return _build_layers([(index, heads, neurons)], num_heads, num_kv_heads, head_dim, intermediate_size,
+                             torch.device(device))[0]
+
+    @classmethod
+    def for_heads(cls, heads: torch.Tensor, kv_heads: torch.Tensor, head_to_kv: torch.Tensor, *, num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> "LayerPlan":
+        """An attention-only layer plan from index tensors already on the device (no MLP neuron)."""
+        heads, kv_heads = heads.to(torch.int32), kv_heads.to(torch.int32)
+        return cls(
+            index=-1, heads=heads, kv_heads=kv_heads, head_to_kv=head_to_kv.to(torch.int32),
+            q_features=_features(heads, head_dim), kv_features=_features(kv_heads, head_dim),
+            neurons=heads.new_empty(0), model_heads=num_heads, model_kv_heads=num_kv_heads, head_dim=head_dim,
+            model_neurons=0,
+        )
 
     @property
     def is_active(self) -> bool:
@@ -67,6 +108,64 @@ class LayerPlan:
     @property
     def num_neurons(self) -> int:
         return self.neurons.numel()
+
+    @property
+    def full_attention(self) -> bool:
+        """Every query head is active (the attention can run dense)."""
+        return self.num_heads == self.model_heads
+
+    @property
+    def full_mlp(self) -> bool:
+        """Every neuron is active (the MLP can run dense)."""
+        return self.num_neurons == self.model_neurons
+
+    @property
+    def device(self) -> torch.device:
+        return self.heads.device
+
+    def describe_model(self) -> str:
+        return (f"{self.model_heads} heads over {self.model_kv_heads} KV heads of dim {self.head_dim}"
+                + (f", {self.model_neurons} MLP neurons" if self.model_neurons else ""))
+
+    def to(self, device: torch.device | str) -> "LayerPlan":
+        """The same layer plan on ``device`` (a copy of each index tensor; itself when already there)."""
+        device = check_device("device", device)
+        if self.heads.device == device:
+            return self
+        tensors = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors)
+
+
+def _features(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The features of ``heads``: ``heads[i] * head_dim + d`` for every ``d``, int32 (a device op, no copy)."""
+    offsets = torch.arange(head_dim, dtype=torch.int32, device=heads.device)
+    return (heads.to(torch.int32)[:, None] * head_dim + offsets).reshape(-1)
+
+
+def _build_layers(
+    layers: Sequence[tuple[int, Sequence[int], Sequence[int]]], num_heads: int, num_kv_heads: int, head_dim: int,
+    intermediate_size: int, device: torch.device,
+) -> list[LayerPlan]:
+    """Layer plans from host index lists, every index of every layer sent to ``device`` in one copy."""
+    group = num_heads // num_kv_heads
+    parts: list[list[int]] = []
+    for _, heads, neurons in layers:
+        kv = sorted({h // group for h in heads})
+        slot = {k: p for p, k in enumerate(kv)}
+        parts += [
+            list(heads), kv, [slot[h // group] for h in heads],
+            [h * head_dim + d for h in heads for d in range(head_dim)],
+            [k * head_dim + d for k in kv for d in range(head_dim)],
+            list(neurons),
+        ]
+    flat = torch.tensor([i for part in parts for i in part], dtype=torch.int32).to(device)
+    views = iter(flat.split([len(part) for part in parts]))
+    return [
+        LayerPlan(index, *(next(views) for _ in range(6)), model_heads=num_heads, model_kv_heads=num_kv_heads,
+                  head_dim=head_dim, model_neurons=intermediate_size)
+        for index, _, _ in layers
+    ]
 
 
 def _as_binary_tensor(value: Any, name: str, expected_shape: tuple[int, ...]) -> torch.Tensor:
@@ -166,6 +265,7 @@ class ExecutionPlan:
             _validated_indices(n, f"neurons[{i}]", shape.intermediate_size) for i, n in enumerate(neurons)
         )
         self._layers: dict[torch.device, tuple[LayerPlan, ...]] = {}
+        self._hash: int | None = None
 
     # -- constructors -------------------------------------------------------
 
@@ -222,29 +322,17 @@ class ExecutionPlan:
         return self.layers(device)[index]
 
     def layers(self, device: torch.device | str = "cpu") -> tuple[LayerPlan, ...]:
-        """Index tensors of every layer on ``device``, built once per device."""
-        device = torch.device(device)
+        """Index tensors of every layer on ``device``, built once per device (one host-to-device copy)."""
+        device = check_device("device", device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._layers:
-            self._layers[device] = tuple(self._build_layer(i, device) for i in range(self.shape.num_layers))
+            s = self.shape
+            self._layers[device] = tuple(_build_layers(
+                [(i, self.heads[i], self.neurons[i]) for i in range(s.num_layers)],
+                s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size, device,
+            ))
         return self._layers[device]
-
-    def _build_layer(self, i: int, device: torch.device) -> LayerPlan:
-        kv = self.kv_heads(i)
-        position = {k: p for p, k in enumerate(kv)}
-        group = self.shape.group_size
-
-        def index(values: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
-
-        return LayerPlan(
-            index=i,
-            heads=index(self.heads[i]),
-            kv_heads=index(kv),
-            head_to_kv=index([position[h // group] for h in self.heads[i]]),
-            neurons=index(self.neurons[i]),
-        )
 
     def check_shape(self, shape: ModelShape, name: str = "plan") -> None:
         """Raise ``ValueError`` unless this plan was built for ``shape``."""
@@ -294,7 +382,10 @@ class ExecutionPlan:
         )
 
     def __hash__(self) -> int:
-        return hash((self.shape, self.num_groups, self.heads, self.neurons))
+        # A plan is immutable; its index tuples are long (11008 neurons a layer), so hash them once.
+        if self._hash is None:
+            self._hash = hash((self.shape, self.num_groups, self.heads, self.neurons))
+        return self._hash
 
     def __repr__(self) -> str:
         s = self.shape

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from ._checks import check_int
+
 __all__ = ["ModelShape", "PRESETS", "get_shape"]
 
 
@@ -26,9 +28,7 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelShape.{f.name} must be a positive int, got {value!r}")
+            check_int(f"ModelShape.{f.name}", getattr(self, f.name), positive_wording=True)
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
                 f"ModelShape.num_heads ({self.num_heads}) must be a multiple of "

@@ -1,12 +1,14 @@
 // Operations of the layer-skip KV cache, registered as torch.ops.adallava.*:
 //
 //   kv_append(k_pages!, v_pages!, key, value, block_tables, starts) -> ()
+//     key [rows, tokens, d] with block_tables [rows, W] and starts [rows], or
+//     key [batch, heads, tokens, d] with block_tables [batch, heads, W] and starts [batch]
 //   kv_gather(k_pages, v_pages, block_tables, length) -> (Tensor, Tensor)
 //
 // The pools are [num_pages, page_size, head_dim]; page p holds page_size
 // positions of one (layer, KV head) slice, K in k_pages[p] and V in v_pages[p].
 // A row of block_tables lists the pages of one (sequence, layer, KV head),
-// in position order. The Python face (adallava_kernels/kv_cache.py) owns the
+// in position order. The Python face (adallava_kernels/kv_cache/pool.py) owns the
 // page bookkeeping; these ops move the data. CPU always; CUDA when built with it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,12 +58,28 @@ void check_index_tensor(const char* name, const at::Tensor& t, int64_t dim, cons
   ADALLAVA_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void check_append(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& key,
-                  const at::Tensor& value, const at::Tensor& block_tables, const at::Tensor& starts) {
+// kv_append takes two forms of the same write. Rows: key [rows, tokens, head_dim],
+// block_tables [rows, width], starts [rows]. Batched: key [batch, heads, tokens,
+// head_dim], block_tables [batch, heads, width], starts [batch], every head of a
+// batch row starting at that row's start (the runtime's step: one start per
+// sequence, read on the device). Both reduce to this layout.
+struct AppendLayout {
+  int64_t batch, heads, tokens, head_dim;
+  int64_t key_strides[4], value_strides[4];  // batch, head, token, element
+};
+
+AppendLayout check_append(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& key,
+                          const at::Tensor& value, const at::Tensor& block_tables, const at::Tensor& starts) {
   check_pools(k_pages, v_pages);
   const int64_t head_dim = k_pages.size(2);
-  ADALLAVA_CHECK(key.dim() == 3 && key.size(2) == head_dim, "key must be [rows, tokens, ", head_dim,
-                 "] ([rows, tokens, head_dim]), got ", key.sizes());
+  const bool batched = key.dim() == 4;
+  if (batched) {
+    ADALLAVA_CHECK(key.size(3) == head_dim, "key must be [batch, heads, tokens, ", head_dim,
+                   "] ([batch, heads, tokens, head_dim]), got ", key.sizes());
+  } else {
+    ADALLAVA_CHECK(key.dim() == 3 && key.size(2) == head_dim, "key must be [rows, tokens, ", head_dim,
+                   "] ([rows, tokens, head_dim]), got ", key.sizes());
+  }
   ADALLAVA_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ",
                  value.sizes());
   for (const auto* t : {&key, &value}) {
@@ -71,12 +89,25 @@ void check_append(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
     ADALLAVA_CHECK(t->device() == k_pages.device(), name, " must be on the device of the pools (",
                    k_pages.device(), "), got ", t->device());
   }
-  check_index_tensor("block_tables", block_tables, 2, k_pages);
+  check_index_tensor("block_tables", block_tables, batched ? 3 : 2, k_pages);
   check_index_tensor("starts", starts, 1, k_pages);
+  if (batched) {
+    ADALLAVA_CHECK(block_tables.size(0) == key.size(0) && block_tables.size(1) == key.size(1),
+                   "block_tables must be [batch, heads, pages] = [", key.size(0), ", ", key.size(1),
+                   ", pages] like key, got ", block_tables.sizes());
+    ADALLAVA_CHECK(starts.size(0) == key.size(0), "starts must have one entry per batch row (", key.size(0),
+                   "), got ", starts.size(0));
+    return {key.size(0), key.size(1), key.size(2), head_dim,
+            {key.stride(0), key.stride(1), key.stride(2), key.stride(3)},
+            {value.stride(0), value.stride(1), value.stride(2), value.stride(3)}};
+  }
   ADALLAVA_CHECK(block_tables.size(0) == key.size(0), "block_tables must have one row per key row (",
                  key.size(0), "), got ", block_tables.size(0));
   ADALLAVA_CHECK(starts.size(0) == key.size(0), "starts must have one entry per key row (", key.size(0),
                  "), got ", starts.size(0));
+  return {key.size(0), 1, key.size(1), head_dim,
+          {key.stride(0), 0, key.stride(1), key.stride(2)},
+          {value.stride(0), 0, value.stride(1), value.stride(2)}};
 }
 
 void check_gather(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_tables,
@@ -89,12 +120,13 @@ void check_gather(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
 }
 
 // The CPU can afford to check every page index and position before it writes
-// anything; a bad call then changes nothing.
+// anything; a bad call then changes nothing. Row r of the table starts at
+// starts[r / heads_per_start] (or 0 without starts).
 void check_pages_cpu(const at::Tensor& block_tables, int64_t num_pages, int64_t rows, int64_t width,
-                     const int32_t* starts, int64_t tokens, int64_t page_size) {
+                     const int32_t* starts, int64_t heads_per_start, int64_t tokens, int64_t page_size) {
   const int32_t* table = block_tables.data_ptr<int32_t>();
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t first = starts ? starts[r] : 0;
+    const int64_t first = starts ? starts[r / heads_per_start] : 0;
     ADALLAVA_CHECK(first >= 0 && first + tokens <= width * page_size, "row ", r, ": positions [", first, ", ",
                    first + tokens, ") do not fit the ", width, " pages of its block_tables row");
     if (tokens == 0) continue;
@@ -108,31 +140,32 @@ void check_pages_cpu(const at::Tensor& block_tables, int64_t num_pages, int64_t 
 
 void kv_append_cpu(at::Tensor k_pages, at::Tensor v_pages, const at::Tensor& key, const at::Tensor& value,
                    const at::Tensor& block_tables, const at::Tensor& starts) {
-  check_append(k_pages, v_pages, key, value, block_tables, starts);
-  const int64_t rows = key.size(0), tokens = key.size(1), head_dim = key.size(2);
-  const int64_t page_size = k_pages.size(1), width = block_tables.size(1);
+  const AppendLayout a = check_append(k_pages, v_pages, key, value, block_tables, starts);
+  const int64_t rows = a.batch * a.heads, head_dim = a.head_dim;
+  const int64_t page_size = k_pages.size(1), width = block_tables.size(-1);
   const int32_t* start = starts.data_ptr<int32_t>();
-  check_pages_cpu(block_tables, k_pages.size(0), rows, width, start, tokens, page_size);
+  check_pages_cpu(block_tables, k_pages.size(0), rows, width, start, a.heads, a.tokens, page_size);
   const int32_t* table = block_tables.data_ptr<int32_t>();
   const int64_t size = k_pages.element_size();
   auto* k_dst = static_cast<char*>(k_pages.data_ptr());
   auto* v_dst = static_cast<char*>(v_pages.data_ptr());
   const auto* k_src = static_cast<const char*>(key.data_ptr());
   const auto* v_src = static_cast<const char*>(value.data_ptr());
-  at::parallel_for(0, rows * tokens, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * a.tokens, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / tokens, t = item % tokens;
-      const int64_t position = start[r] + t;
+      const int64_t r = item / a.tokens, t = item % a.tokens;
+      const int64_t b = r / a.heads, h = r % a.heads;
+      const int64_t position = start[b] + t;
       const int64_t page = table[r * width + position / page_size];
       const int64_t dst = (page * page_size + position % page_size) * head_dim * size;
-      for (auto [src, strides, out] : {std::make_tuple(k_src, key.strides(), k_dst),
-                                       std::make_tuple(v_src, value.strides(), v_dst)}) {
-        const char* from = src + (r * strides[0] + t * strides[1]) * size;
-        if (strides[2] == 1) {
+      for (auto [src, strides, out] : {std::make_tuple(k_src, a.key_strides, k_dst),
+                                       std::make_tuple(v_src, a.value_strides, v_dst)}) {
+        const char* from = src + (b * strides[0] + h * strides[1] + t * strides[2]) * size;
+        if (strides[3] == 1) {
           std::memcpy(out + dst, from, head_dim * size);
         } else {
           for (int64_t d = 0; d < head_dim; ++d) {
-            std::memcpy(out + dst + d * size, from + d * strides[2] * size, size);
+            std::memcpy(out + dst + d * size, from + d * strides[3] * size, size);
           }
         }
       }
@@ -145,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> kv_gather_cpu(const at::Tensor& k_pages, cons
   check_gather(k_pages, v_pages, block_tables, length);
   const int64_t rows = block_tables.size(0), head_dim = k_pages.size(2);
   const int64_t page_size = k_pages.size(1), width = block_tables.size(1);
-  check_pages_cpu(block_tables, k_pages.size(0), rows, width, nullptr, length, page_size);
+  check_pages_cpu(block_tables, k_pages.size(0), rows, width, nullptr, 1, length, page_size);
   auto k_out = at::empty({rows, length, head_dim}, k_pages.options());
   auto v_out = at::empty({rows, length, head_dim}, v_pages.options());
   const int32_t* table = block_tables.data_ptr<int32_t>();
@@ -171,14 +204,12 @@ std::tuple<at::Tensor, at::Tensor> kv_gather_cpu(const at::Tensor& k_pages, cons
 // the tables come from the Python face, which builds them from pages it owns.
 void kv_append_cuda(at::Tensor k_pages, at::Tensor v_pages, const at::Tensor& key, const at::Tensor& value,
                     const at::Tensor& block_tables, const at::Tensor& starts) {
-  check_append(k_pages, v_pages, key, value, block_tables, starts);
+  const AppendLayout a = check_append(k_pages, v_pages, key, value, block_tables, starts);
   const c10::cuda::CUDAGuard guard(k_pages.device());
-  const int64_t key_strides[3] = {key.stride(0), key.stride(1), key.stride(2)};
-  const int64_t value_strides[3] = {value.stride(0), value.stride(1), value.stride(2)};
   const auto err = cuda::launch_kv_append(
       k_pages.data_ptr(), v_pages.data_ptr(), key.data_ptr(), value.data_ptr(), block_tables.data_ptr<int32_t>(),
-      starts.data_ptr<int32_t>(), key.size(0), key.size(1), key.size(2), k_pages.size(1), block_tables.size(1),
-      key_strides, value_strides, static_cast<int>(k_pages.element_size()),
+      starts.data_ptr<int32_t>(), a.batch, a.heads, a.tokens, a.head_dim, k_pages.size(1), block_tables.size(-1),
+      a.key_strides, a.value_strides, static_cast<int>(k_pages.element_size()),
       c10::cuda::getCurrentCUDAStream().stream());
   ADALLAVA_CHECK(err == cudaSuccess, "kv_append: CUDA launch failed: ", cudaGetErrorString(err));
 }

@@ -11,24 +11,26 @@ namespace {
 
 constexpr int kThreads = 128;
 
-// One block per (row, token); the block's threads copy the head_dim elements.
+// One block per (batch row, head, token); the block's threads copy the head_dim elements.
 template <typename Word>
 __global__ void kv_append_kernel(Word* __restrict__ k_pages, Word* __restrict__ v_pages,
                                  const Word* __restrict__ key, const Word* __restrict__ value,
                                  const int32_t* __restrict__ block_tables,
-                                 const int32_t* __restrict__ starts, int64_t rows, int64_t tokens,
-                                 int64_t head_dim, int64_t page_size, int64_t table_width,
-                                 int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1,
-                                 int64_t vs2) {
-  for (int64_t item = blockIdx.x; item < rows * tokens; item += gridDim.x) {
+                                 const int32_t* __restrict__ starts, int64_t batch, int64_t heads,
+                                 int64_t tokens, int64_t head_dim, int64_t page_size,
+                                 int64_t table_width, int64_t ks0, int64_t ks1, int64_t ks2,
+                                 int64_t ks3, int64_t vs0, int64_t vs1, int64_t vs2, int64_t vs3) {
+  for (int64_t item = blockIdx.x; item < batch * heads * tokens; item += gridDim.x) {
     const int64_t r = item / tokens;
     const int64_t t = item % tokens;
-    const int64_t position = starts[r] + t;
+    const int64_t b = r / heads;
+    const int64_t h = r % heads;
+    const int64_t position = starts[b] + t;
     const int64_t page = block_tables[r * table_width + position / page_size];
     const int64_t dst = (page * page_size + position % page_size) * head_dim;
     for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-      k_pages[dst + d] = key[r * ks0 + t * ks1 + d * ks2];
-      v_pages[dst + d] = value[r * vs0 + t * vs1 + d * vs2];
+      k_pages[dst + d] = key[b * ks0 + h * ks1 + t * ks2 + d * ks3];
+      v_pages[dst + d] = value[b * vs0 + h * vs1 + t * vs2 + d * vs3];
     }
   }
 }
@@ -61,18 +63,19 @@ unsigned int grid_for(int64_t items) {
 }  // namespace
 
 cudaError_t launch_kv_append(void* k_pages, void* v_pages, const void* key, const void* value,
-                             const int32_t* block_tables, const int32_t* starts, int64_t rows,
-                             int64_t tokens, int64_t head_dim, int64_t page_size, int64_t table_width,
-                             const int64_t key_strides[3], const int64_t value_strides[3],
-                             int element_size, cudaStream_t stream) {
-  if (rows * tokens == 0) return cudaSuccess;
-  const unsigned int grid = grid_for(rows * tokens);
-#define ADALLAVA_APPEND(Word)                                                                  \
-  kv_append_kernel<Word><<<grid, kThreads, 0, stream>>>(                                       \
-      static_cast<Word*>(k_pages), static_cast<Word*>(v_pages), static_cast<const Word*>(key), \
-      static_cast<const Word*>(value), block_tables, starts, rows, tokens, head_dim, page_size, \
-      table_width, key_strides[0], key_strides[1], key_strides[2], value_strides[0],           \
-      value_strides[1], value_strides[2])
+                             const int32_t* block_tables, const int32_t* starts, int64_t batch,
+                             int64_t heads, int64_t tokens, int64_t head_dim, int64_t page_size,
+                             int64_t table_width, const int64_t key_strides[4],
+                             const int64_t value_strides[4], int element_size, cudaStream_t stream) {
+  const int64_t items = batch * heads * tokens;
+  if (items == 0) return cudaSuccess;
+  const unsigned int grid = grid_for(items);
+#define ADALLAVA_APPEND(Word)                                                                    \
+  kv_append_kernel<Word><<<grid, kThreads, 0, stream>>>(                                         \
+      static_cast<Word*>(k_pages), static_cast<Word*>(v_pages), static_cast<const Word*>(key),   \
+      static_cast<const Word*>(value), block_tables, starts, batch, heads, tokens, head_dim,     \
+      page_size, table_width, key_strides[0], key_strides[1], key_strides[2], key_strides[3],    \
+      value_strides[0], value_strides[1], value_strides[2], value_strides[3])
   if (element_size == 2) {
     ADALLAVA_APPEND(uint16_t);
   } else if (element_size == 4) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import LlavaConfig
 
 from adallava_kernels import ModelShape, UnitScheme
+from adallava_kernels._checks import check_int
 
 __all__ = ["AdaLlavaConfig", "SCHEDULER_MODES", "BUDGET_COSTS"]
 
@@ -29,8 +30,15 @@ class AdaLlavaConfig(LlavaConfig):
         latency_penalty: weight of the deterministic baseline's squared budget violation.
         budget_cost: ``"units"`` spends the budget in equal units (the paper);
             ``"flops"`` in prefill FLOPs of the cost model at the prompt's length.
-        prumerge: reduce the visual tokens with PruMerge before the LLM.
-        prumerge_neighbors: pruned tokens merged into each kept one.
+        prumerge: reduce the visual tokens with PruMerge before the LLM (the
+            reference's rule: ``model.prumerge``).
+        prumerge_neighbors: other tokens (kept or pruned) merged into each kept one
+            (the reference: 32).
+        image_aspect_ratio: ``"pad"``: ``python -m model.generate`` pads each image to
+            a square of the image processor's mean colour before preprocessing, as
+            LLaVA-1.5 does (converted checkpoints set it); ``None``: as given.
+        system_prompt: text ``python -m model.generate`` puts before ``USER:`` (converted
+            checkpoints: LLaVA-1.5's); ``None``: no system prompt (the llava-hf format).
 
     The remaining arguments are ``LlavaConfig``'s.
     """
@@ -49,6 +57,8 @@ class AdaLlavaConfig(LlavaConfig):
         budget_cost: str = "units",
         prumerge: bool = False,
         prumerge_neighbors: int = 32,
+        image_aspect_ratio: str | None = None,
+        system_prompt: str | None = None,
         **kwargs,
     ) -> None:
         if switch_kind not in ("L", "H"):
@@ -59,8 +69,7 @@ class AdaLlavaConfig(LlavaConfig):
             raise ValueError(f"budget_cost must be one of {BUDGET_COSTS}, got {budget_cost!r}")
         if not gumbel_tau > 0:
             raise ValueError(f"gumbel_tau must be > 0, got {gumbel_tau!r}")
-        if isinstance(latency_freqs, bool) or not isinstance(latency_freqs, int) or latency_freqs < 1:
-            raise ValueError(f"latency_freqs must be a positive int, got {latency_freqs!r}")
+        check_int("latency_freqs", latency_freqs, positive_wording=True)
         self.switch_kind = switch_kind
         self.prefix_layers = prefix_layers
         self.head_rank = head_rank
@@ -71,6 +80,10 @@ class AdaLlavaConfig(LlavaConfig):
         self.budget_cost = budget_cost
         self.prumerge = bool(prumerge)
         self.prumerge_neighbors = prumerge_neighbors
+        if image_aspect_ratio not in (None, "pad"):
+            raise ValueError(f"image_aspect_ratio must be None or 'pad', got {image_aspect_ratio!r}")
+        self.image_aspect_ratio = image_aspect_ratio
+        self.system_prompt = system_prompt
         super().__init__(**kwargs)
 
     @property

@@ -5,30 +5,75 @@
 Prints the answer, the plan the scheduler chose, its FLOPs (prefill and
 decode, from ``adallava_kernels.cost``, against the dense model) and the
 measured wall-clock of ``generate``. ``--json`` prints the same as JSON.
+Every argument is checked before anything is loaded; a checkpoint without
+AdaLLaVA's latency encoder and scheduler (a plain LLaVA one) runs a budget
+below 1.0 only with ``--allow-untrained-scheduler``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from adallava_kernels import ExecutionPlan, ModelShape, cost
+from adallava_kernels import ExecutionPlan, ModelShape, check_budget, cost
+from adallava_kernels._checks import check_device, check_int
 
-from .modeling import AdaLlavaForConditionalGeneration, fit_image_tokens
+from .checkpoint import check_checkpoint_dir, checkpoint_keys
+from .modeling import SCHEDULER_PREFIXES, AdaLlavaForConditionalGeneration, fit_image_tokens
 
-__all__ = ["main", "plan_summary", "generation_flops", "llava_prompt"]
+__all__ = ["main", "plan_summary", "generation_flops", "llava_prompt", "expand_to_square", "check_args"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def llava_prompt(question: str) -> str:
-    """LLaVA-1.5's single-turn prompt with one image."""
-    return f"USER: <image>\n{question} ASSISTANT:"
+def llava_prompt(question: str, system_prompt: str | None = None) -> str:
+    """LLaVA-1.5's single-turn prompt with one image (after ``system_prompt``, as its ``llava_v1`` template)."""
+    prompt = f"USER: <image>\n{question} ASSISTANT:"
+    return prompt if system_prompt is None else f"{system_prompt} {prompt}"
+
+
+def expand_to_square(image, background: tuple[int, ...]):
+    """``image`` centred on a square canvas of ``background`` (LLaVA-1.5's ``image_aspect_ratio="pad"``)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _holds_scheduler(directory: Path) -> bool:
+    keys = checkpoint_keys(directory)
+    return all(any(k.startswith(prefix) for k in keys) for prefix in SCHEDULER_PREFIXES)
+
+
+def check_args(args: argparse.Namespace) -> bool:
+    """Check every argument before anything is loaded (the budget first); return whether the
+    checkpoint holds a trained latency encoder and scheduler."""
+    check_budget(args.budget)
+    check_checkpoint_dir("--model", args.model)
+    if not args.image.is_file():
+        raise ValueError(f"--image must be an image file; {str(args.image)!r} does not exist or is not a file")
+    check_int("--max-new-tokens", args.max_new_tokens, 1)
+    check_device("--device", args.device)
+    trained = _holds_scheduler(args.model)
+    if not trained and args.budget < 1.0 and not args.allow_untrained_scheduler:
+        raise ValueError(
+            f"--model {str(args.model)!r} holds no trained AdaLLaVA latency encoder and scheduler (a plain LLaVA "
+            f"checkpoint?), so the plan for --budget {args.budget} would be arbitrary; convert a released AdaLLaVA "
+            "checkpoint (python -m model.convert), train one (python -m model.train), or pass "
+            "--allow-untrained-scheduler to run it anyway"
+        )
+    return trained
 
 
 def generation_flops(shape: ModelShape, prompt_tokens: int, new_tokens: int, plan: ExecutionPlan | None) -> float:
@@ -76,20 +121,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--allow-untrained-scheduler", action="store_true",
+                        help="run a budget below 1.0 on a checkpoint without AdaLLaVA's scheduler (arbitrary plans)")
     args = parser.parse_args(argv)
+    trained = check_args(args)
+    if not trained:
+        print(f"warning: {args.model} holds no trained latency encoder and scheduler: the latency token and "
+              "the plan come from untrained weights", file=sys.stderr)
 
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    overrides = {"prumerge": args.prumerge}
+    overrides = {"prumerge": True} if args.prumerge else {}
     if args.switch_kind:
         overrides["switch_kind"] = args.switch_kind
     model = AdaLlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, **overrides).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     image = Image.open(args.image).convert("RGB")
-    inputs = processor(images=image, text=llava_prompt(args.question), return_tensors="pt").to(device)
+    if model.config.image_aspect_ratio == "pad":
+        mean = processor.image_processor.image_mean
+        image = expand_to_square(image, tuple(int(255 * m) for m in mean))
+    prompt = llava_prompt(args.question, model.config.system_prompt)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
     pixel_values = inputs["pixel_values"].to(dtype)
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    if args.prumerge:
+    if model.config.prumerge:  # set by --prumerge or by the checkpoint (a converted -prumerge one)
         counts = [f.shape[0] for f in model.image_features(pixel_values)]
         pad = processor.tokenizer.pad_token_id or 0
         input_ids, attention_mask = fit_image_tokens(input_ids, attention_mask, counts, model.config.image_token_id, pad)

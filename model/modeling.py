@@ -8,11 +8,13 @@ Two ways to run a plan over the same weights:
   switches; a -L layer's output is ``h + s * (layer(h) - h)``. Gradients
   reach the scheduler through the straight-through switches. Nothing is
   saved: every unit is computed, then zeroed.
-- **kernels** (``backend="torch" | "triton" | "auto"``, inference): the
-  prefix layers run dense; a skipped layer is the identity and stores no KV;
-  an active layer runs ``masked_attention`` and ``masked_mlp`` over its
-  active units only. ``generate`` plans once at prefill and decodes with a
-  :class:`~adallava_kernels.LayerSkipKVCache`.
+- **kernels** (``backend="torch" | "triton" | "auto"``, inference): the plan
+  runtime (:class:`~adallava_kernels.runtime.PlannedDecoder`): a skipped
+  layer is absent and stores no KV, an active layer computes its active
+  units only, and the scheduler is the prefill's planner. ``generate``
+  plans once per request and decodes over the runtime's paged pool, with no
+  host sync per step. This module keeps what is AdaLLaVA's own: embedding,
+  PruMerge, the latency token, the scheduler and training.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import LlavaForConditionalGeneration
+from transformers.utils import logging
 
-from adallava_kernels import ExecutionPlan, LayerSkipKVCache, MaskedAttention, MaskedMLP, check_budget
+from adallava_kernels import ExecutionPlan, LayerSkipKVCache, check_budget
+from adallava_kernels._checks import check_int
+from adallava_kernels.runtime import PlannedDecoder
 
 from .config import AdaLlavaConfig
-from .prumerge import cls_attention_and_keys, prune_merge
+from .prumerge import vision_prumerge
 from .scheduler import (
     LatencyEncoder,
     Scheduler,
@@ -43,11 +48,26 @@ from .scheduler import (
     switch_latency,
 )
 
-__all__ = ["AdaLlavaForConditionalGeneration", "AdaLlavaOutput", "AdaGeneration", "IGNORE_INDEX"]
+__all__ = ["AdaLlavaForConditionalGeneration", "AdaLlavaOutput", "AdaGeneration", "AdaRequest", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 _BACKENDS = ("auto", "torch", "triton")
 _sequence_ids = itertools.count()
+# Pages of a runtime's first KV pool; generate grows an empty pool to what a request needs.
+_INITIAL_PAGES = 256
+logger = logging.get_logger(__name__)
+
+# transformers' Llava checkpoint layout (as llava-hf publishes it, and as LlavaForConditionalGeneration.
+# save_pretrained writes it) to this class's parameter names. transformers applies these renamings only to
+# model_type "llava", so a subclass with its own model_type names them itself.
+LLAVA_KEY_MAPPING = {
+    r"^language_model\.lm_head": "lm_head",
+    r"^language_model\.model": "model.language_model",
+    r"^vision_tower": "model.vision_tower",
+    r"^multi_modal_projector": "model.multi_modal_projector",
+}
+# Parameters a plain LLaVA checkpoint does not hold: they start untrained.
+SCHEDULER_PREFIXES = ("latency_encoder.", "scheduler.")
 
 
 @dataclass
@@ -73,15 +93,35 @@ class AdaGeneration:
     """What ``generate(..., latency_budget=l)`` returns.
 
     ``sequences`` are the prompt's ids followed by the new tokens (the latency
-    token has no id and does not appear); ``kv_cache`` holds ``seq_ids``
-    (row ``b`` is ``seq_ids[b]``) until the caller frees them.
+    token has no id and does not appear). With ``keep_cache``, ``kv_cache``
+    (the runtime's pool) still holds ``seq_ids`` (row ``b`` is ``seq_ids[b]``)
+    until the caller frees them; otherwise both are empty.
     """
 
     sequences: torch.Tensor
     plans: list[ExecutionPlan]
     prompt_tokens: list[int]
-    kv_cache: LayerSkipKVCache
+    kv_cache: LayerSkipKVCache | None = None
     seq_ids: list[Hashable] = field(default_factory=list)
+
+
+@dataclass
+class AdaRequest:
+    """A prefilled request (:meth:`AdaLlavaForConditionalGeneration.start_request`): its sequences in
+    ``runtime`` (row ``b`` is ``seq_ids[b]``), the prompt's last logits, the plans chosen, and the attention
+    mask with the latency token."""
+
+    runtime: PlannedDecoder
+    seq_ids: list[Hashable]
+    logits: torch.Tensor
+    plans: list[ExecutionPlan]
+    attention_mask: torch.Tensor
+
+    def free(self) -> None:
+        """Return the sequences' pages to the runtime's pool."""
+        for s in self.seq_ids:
+            if s in self.runtime.sequences:
+                self.runtime.free(s)
 
 
 def _additive_mask(mask2d: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -97,13 +137,40 @@ def _positions(mask2d: torch.Tensor) -> torch.Tensor:
     return (mask2d.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+    return ", ".join(keys[:20]) + more
+
+
+def _check_loaded_keys(model: nn.Module, info: dict, source) -> bool:
+    """Raise unless every checkpoint tensor mapped onto a parameter and every parameter but the
+    scheduler's was loaded; return whether the latency encoder and scheduler were loaded."""
+    scheduler_keys = {k for k in model.state_dict() if k.startswith(SCHEDULER_PREFIXES)}
+    missing = set(info.get("missing_keys", ()))
+    problems = []
+    if info.get("unexpected_keys"):
+        problems.append(f"checkpoint keys that map to no parameter: {_listed(info['unexpected_keys'])}")
+    if missing - scheduler_keys:
+        problems.append(f"parameters the checkpoint does not hold: {_listed(missing - scheduler_keys)}")
+    if info.get("mismatched_keys"):
+        problems.append(f"keys of another shape: {_listed(str(k) for k in info['mismatched_keys'])}")
+    if missing & scheduler_keys and not scheduler_keys <= missing:
+        problems.append(f"a partial scheduler; missing: {_listed(missing & scheduler_keys)}")
+    if problems:
+        raise ValueError(f"{source} is not a LLaVA or AdaLLaVA checkpoint of this model: " + "; ".join(problems))
+    return not missing & scheduler_keys
+
+
 class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA-1.5 with AdaLLaVA's latency encoder and scheduler.
 
     Without ``latency_budget`` and ``plan`` every call is transformers'
     ``LlavaForConditionalGeneration``. ``from_pretrained`` loads a local
-    LLaVA checkpoint (llava-hf layout); the latency encoder and the scheduler
-    start untrained unless the checkpoint holds them.
+    LLaVA checkpoint (llava-hf layout) or AdaLLaVA checkpoint (saved by this
+    class, or converted from the reference code's with ``python -m
+    model.convert``); ``has_trained_scheduler`` says whether it held the
+    latency encoder and the scheduler (else they start untrained).
     """
 
     config_class = AdaLlavaConfig
@@ -119,6 +186,30 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # Kernel modules share the decoder's weights: held outside the module tree,
         # so they are neither saved nor counted twice.
         self.__dict__["_kernel_cache"] = {}
+        # Set by from_pretrained: the checkpoint held trained latency-encoder and scheduler weights.
+        self.has_trained_scheduler = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``, for the llava-hf layout too, and strict.
+
+        Every tensor of the checkpoint must map onto a parameter, and every parameter but the
+        latency encoder's and the scheduler's must be in the checkpoint, else ``ValueError``
+        naming the keys. Sets ``has_trained_scheduler``. ``key_mapping`` adds renamings to
+        the llava-hf ones (``LLAVA_KEY_MAPPING``).
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        kwargs["key_mapping"] = {**LLAVA_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        model.has_trained_scheduler = _check_loaded_keys(model, info, pretrained_model_name_or_path)
+        if not model.has_trained_scheduler:
+            logger.warning(
+                f"{pretrained_model_name_or_path} holds no AdaLLaVA latency encoder or scheduler: they are "
+                "untrained, so plans under a budget below 1.0 are arbitrary"
+            )
+        return (model, info) if wants_info else model
 
     # -- structure -------------------------------------------------------------
 
@@ -155,28 +246,32 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     # -- inputs ----------------------------------------------------------------
 
     def image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Projected visual tokens, one ``[tokens, hidden]`` tensor per image (fewer with PruMerge)."""
+        """Projected visual tokens, one ``[tokens, hidden]`` tensor per image (with PruMerge: the kept
+        tokens, merged, then one extra token, a count that varies per image)."""
         layer = self.config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer must be one int for AdaLLaVA, got {layer!r}")
         tower = self.model.vision_tower
         pixel_values = pixel_values.to(self.dtype)
+        if self.config.prumerge:
+            if self.config.vision_feature_select_strategy != "default":
+                raise ValueError("prumerge needs vision_feature_select_strategy='default' (patch features, no [CLS])")
+            merged = vision_prumerge(tower, pixel_values, layer, neighbors=self.config.prumerge_neighbors)
+            return [self.model.multi_modal_projector(m[None])[0] for m in merged]
         hidden = tower(pixel_values, output_hidden_states=True).hidden_states[layer]
         if self.config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
-        if not self.config.prumerge:
-            return list(self.model.multi_modal_projector(hidden))
-        attention, keys = cls_attention_and_keys(tower, pixel_values, layer)
-        merged = prune_merge(hidden, attention, keys, neighbors=self.config.prumerge_neighbors)
-        return [self.model.multi_modal_projector(m[None])[0] for m in merged]
+        return list(self.model.multi_modal_projector(hidden))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the visual tokens scattered over the image placeholders."""
-        embeds = self.get_input_embeddings()(input_ids)
+        slots = input_ids == self.config.image_token_id
+        # The placeholder's own embedding is never used; a converted LLaVA checkpoint keeps its
+        # vocabulary, so its placeholder id lies past the embedding table.
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(slots, 0))
         if pixel_values is None:
             return embeds
         features = torch.cat(self.image_features(pixel_values)).to(embeds.dtype)
-        slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != features.shape[0]:
             raise ValueError(
                 f"input_ids hold {int(slots.sum())} image tokens, but the images give {features.shape[0]} "
@@ -305,6 +400,10 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if latency_budget is None and plan is None:
             if backend is not None:
                 raise ValueError("backend needs a latency_budget or a plan")
+            if input_ids is not None and self.config.image_token_id >= self.config.text_config.vocab_size:
+                # transformers would look the placeholder id up in the embedding table (see embed).
+                kwargs["inputs_embeds"] = self.embed(input_ids, pixel_values)
+                input_ids = pixel_values = None
             return super().forward(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels,
                 logits_to_keep=logits_to_keep, **kwargs,
@@ -313,8 +412,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("a planned forward takes no past_key_values; use generate(latency_budget=...)")
         if input_ids is None:
             raise ValueError("a planned forward needs input_ids")
-        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        check_int("logits_to_keep", logits_to_keep, 0)
         if logits_to_keep and labels is not None:
             raise ValueError("a loss needs every position's logits: use logits_to_keep=0 with labels")
         batch = input_ids.shape[0]
@@ -373,97 +471,48 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 result.loss = result.loss + self.config.latency_penalty * result.latency_penalty
         return result
 
-    # -- the kernel path ---------------------------------------------------------
+    # -- the kernel path: the plan runtime ------------------------------------------------
 
-    def kernel_layers(self, backend: str = "auto") -> list[tuple[MaskedAttention, MaskedMLP | None]]:
-        """Per decoder layer, the kernel modules over its weights (rebuilt when the weights change).
+    def runtime(self, backend: str = "auto") -> PlannedDecoder:
+        """The plan runtime over this model's language model, one per backend, rebuilt when the decoder's
+        weights change (training). Its KV pool grows with the requests (:meth:`generate`).
 
-        Switchable layers hold column-major copies of ``o_proj`` and ``down_proj``
-        for fast gathers; prefix layers share every weight and run their MLP dense.
+        Switchable layers get the column-major copies the gathered kernels read; the prefix layers always
+        run whole.
         """
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        layers = self.decoder_layers
-        stamp = tuple((l.self_attn.o_proj.weight.data_ptr(), l.self_attn.o_proj.weight._version,
-                       l.mlp.down_proj.weight._version) for l in layers)
+        stamp = tuple((w.data_ptr(), w._version) for layer in self.decoder_layers for w in (
+            layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
+            layer.self_attn.o_proj.weight, layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight,
+            layer.mlp.down_proj.weight))
         cached = self._kernel_cache.get(backend)
         if cached is None or cached[0] != stamp:
-            prefix = self.scheme.prefix_layers
-            modules = [
-                (MaskedAttention.from_hf(l.self_attn, backend=backend, gather_layout=i >= prefix),
-                 MaskedMLP.from_hf(l.mlp, backend=backend) if i >= prefix else None)
-                for i, l in enumerate(layers)
-            ]
-            cached = self._kernel_cache[backend] = (stamp, modules)
+            if cached is not None and cached[1].sequences:
+                raise ValueError("the decoder's weights changed while sequences are admitted to its runtime")
+            runner = PlannedDecoder.from_hf(
+                self, num_pages=_INITIAL_PAGES, backend=backend,
+                partial_layers=range(self.scheme.prefix_layers, self.config.shape.num_layers),
+            )
+            cached = self._kernel_cache[backend] = (stamp, runner)
         return cached[1]
 
-    def _kernel_layer(self, i, h, rotary, padding, cache_layer, modules, layer_plan):
-        layer = self.decoder_layers[i]
-        attention, mlp = modules[i]
-        attention.set_plan(layer_plan)
-        if layer_plan is None or layer_plan.num_heads:
-            h = h + attention(layer.input_layernorm(h), rotary, padding, cache_layer)[0]
-        if mlp is None:
-            return h + layer.mlp(layer.post_attention_layernorm(h))
-        mlp.set_plan(layer_plan)
-        if layer_plan.num_neurons:
-            h = h + mlp(layer.post_attention_layernorm(h))
-        return h
+    def _scheduler_planner(self, budgets, mask2d, where):
+        """The prefill callback of the runtime: the scheduler reads each latency token's hidden state after
+        the prefix layers and plans (the one read-back of the request)."""
 
-    @staticmethod
-    def _plan_groups(plans: Sequence[ExecutionPlan], device) -> list[tuple[ExecutionPlan, list[int], torch.Tensor | None]]:
-        """Rows that share a plan, with their index on ``device`` (``None`` when one plan covers the batch)."""
-        rows: dict[ExecutionPlan, list[int]] = {}
-        for b, p in enumerate(plans):
-            rows.setdefault(p, []).append(b)
-        if len(rows) == 1:
-            return [(plan, r, None) for plan, r in rows.items()]
-        return [(plan, r, torch.tensor(r, device=device)) for plan, r in rows.items()]
-
-    def _run_kernels(self, h, mask2d, positions, *, modules, schedule, plans=None, groups=None, padded=None,
-                     cache=None, seq_ids=None):
-        """The decoder over the kernels. ``mask2d`` covers past and new positions. Samples with equal
-        plans run their switchable layers together; ``schedule(h)`` gives the plans after the prefix.
-        Decode steps pass ``groups`` and ``padded`` computed once, so a step makes no host sync of its own."""
-        lm = self.model.language_model
-        rotary = lm.rotary_emb(h, positions)
-        if padded is None:
-            padded = not bool(mask2d.all())
-        padding = mask2d if padded else None
-        prefix = self.scheme.prefix_layers
-
-        def view(i, rows):
-            return None if cache is None else cache.layer_view([seq_ids[r] for r in rows], i)
-
-        everyone = list(range(h.shape[0]))
-        for i in range(prefix):
-            h = self._kernel_layer(i, h, rotary, padding, view(i, everyone), modules, None)
-        plans = schedule(h) if plans is None else plans
-        groups = self._plan_groups(plans, h.device) if groups is None else groups
-        out = h if groups[0][2] is None else h.clone()
-        for plan, rows, index in groups:
-            part, part_rotary, part_padding = h, rotary, padding
-            if index is not None:
-                part = h.index_select(0, index)
-                part_rotary = tuple(t.index_select(0, index) for t in rotary)
-                part_padding = None if padding is None else padding.index_select(0, index)
-            layer_plans = plan.layers(h.device)
-            for i in range(prefix, self.config.shape.num_layers):
-                if plan.layer_mask[i]:
-                    part = self._kernel_layer(i, part, part_rotary, part_padding, view(i, rows), modules, layer_plans[i])
-            out = part if index is None else out.index_copy(0, index, part)
-        return lm.norm(out), plans
-
-    @torch.no_grad()
-    def _kernel_forward(self, h, mask2d, labels, budgets, plans, where, backend, keep) -> AdaLlavaOutput:
-        modules = self.kernel_layers(backend)
-
-        def schedule(hidden):
+        def planner(hidden):
             logits = self.scheduler(hidden[torch.arange(hidden.shape[0], device=hidden.device), where])
             return self.plan_from_logits(logits, budgets, mask2d)
 
-        hidden, plans = self._run_kernels(h, mask2d, _positions(mask2d), modules=modules, schedule=schedule, plans=plans)
-        logits = self.lm_head(hidden[:, -keep:])
+        return planner
+
+    @torch.no_grad()
+    def _kernel_forward(self, h, mask2d, labels, budgets, plans, where, backend, keep) -> AdaLlavaOutput:
+        runner = self.runtime(backend)
+        planner = None if plans is not None else self._scheduler_planner(budgets, mask2d, where)
+        logits, plans = runner.forward(h, mask2d, plans, planner=planner, plan_after=self.scheme.prefix_layers,
+                                       logits_to_keep=keep)
         loss = None if labels is None else self._loss(logits, labels)
         return AdaLlavaOutput(logits=logits, loss=loss, labels=labels, plans=plans, latency_positions=where)
 
@@ -481,19 +530,23 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         max_new_tokens: int = 32,
         eos_token_id: int | None = None,
         backend: str = "auto",
-        kv_cache: LayerSkipKVCache | None = None,
-        page_size: int = 16,
+        keep_cache: bool = False,
+        eos_check_every: int = 8,
         **kwargs,
     ):
-        """Greedy decoding under a latency budget: plan once at prefill, decode with the layer-skip KV cache.
+        """Greedy decoding under a latency budget, through the plan runtime.
 
         Without ``latency_budget`` this is transformers' ``generate`` (every
         option of it). With one, decoding is greedy: the latency token is put
-        after the prompt, the scheduler plans after the prefix layers (or
-        ``plan`` is used), every later step reuses the plan, and only the
-        plan's layers and KV heads are stored in ``kv_cache`` (a new pool
-        sized for ``max_new_tokens`` when none is given). Returns an
-        :class:`AdaGeneration`.
+        after the prompt, each sequence is admitted to :meth:`runtime` with
+        every page it can need reserved, the scheduler plans after the prefix
+        layers (or ``plan`` is used), and every decode step reuses the plan
+        and stores only the plan's layers and KV heads. Decode steps read
+        nothing back from the device except, with ``eos_token_id``, whether
+        every row has finished, once every ``eos_check_every`` steps.
+        ``keep_cache`` leaves the sequences in the runtime's pool (returned as
+        ``kv_cache`` and ``seq_ids``; free them with ``runtime(backend).free``);
+        by default their pages are returned. Returns an :class:`AdaGeneration`.
         """
         if latency_budget is None:
             if plan is not None:
@@ -504,84 +557,116 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         if kwargs.get("do_sample") or (kwargs.get("num_beams") or 1) > 1:
             raise ValueError("generate with a latency_budget decodes greedily: do_sample and num_beams are not supported")
+        if kwargs:
+            raise ValueError(f"generate with a latency_budget takes no {sorted(kwargs)}")
+        for name, value in (("max_new_tokens", max_new_tokens), ("eos_check_every", eos_check_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        request = self.start_request(input_ids, pixel_values, attention_mask, latency_budget=latency_budget,
+                                     plan=plan, max_new_tokens=max_new_tokens, backend=backend)
+        runner, seq_ids = request.runtime, request.seq_ids
+        try:
+            new_tokens, finished = self._decode(runner, seq_ids, request.logits[:, -1], max_new_tokens,
+                                                eos_token_id, eos_check_every)
+            # The request's last read-back: where every row had finished, and the prompts' lengths.
+            counts = torch.cat([finished.view(1), request.attention_mask.sum(-1)]).tolist()
+        finally:
+            if not keep_cache:
+                request.free()
+        return AdaGeneration(
+            sequences=torch.cat([input_ids, new_tokens[:, :counts[0]]], dim=1), plans=request.plans,
+            prompt_tokens=[int(n) for n in counts[1:]], kv_cache=runner.cache if keep_cache else None,
+            seq_ids=seq_ids if keep_cache else [],
+        )
+
+    @torch.no_grad()
+    def start_request(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        latency_budget: float | Sequence[float],
+        plan: ExecutionPlan | Sequence[ExecutionPlan] | None = None,
+        max_new_tokens: int = 32,
+        backend: str = "auto",
+    ) -> "AdaRequest":
+        """The first half of :meth:`generate`, for a caller that runs its own decode loop (a serving stack,
+        a benchmark): admit the request's sequences to :meth:`runtime` for ``max_new_tokens`` new tokens,
+        prefill them (the scheduler plans after the prefix layers, unless ``plan`` is given) and return an
+        :class:`AdaRequest`. Its sequences stay admitted until ``request.free()``; decode them with
+        ``request.runtime.decode(request.seq_ids)``."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if input_ids is None or input_ids.dim() != 2:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("generate needs input_ids of shape [batch, prompt]")
         batch = input_ids.shape[0]
         budgets = self._budgets(latency_budget, batch)
         plans = self._check_plans(plan, batch)
-        modules = self.kernel_layers(backend)
+        runner = self.runtime(backend)
         mask2d = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
-        if mask2d.shape != input_ids.shape or not bool(mask2d[:, -1].all()):
-            raise ValueError("generate needs an attention_mask shaped like input_ids with left padding (last column all 1)")
+        if mask2d.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
+                             f"got {list(mask2d.shape)}")
         h = self.embed(input_ids, pixel_values)
         h, mask2d, _, where = self._insert_latency_token(h, mask2d, None, budgets, mask2d.shape[1])
-        total = mask2d.shape[1] + max_new_tokens
-        cache, seq_ids = self._admit(kv_cache, batch, total, page_size, h)
+        # Every position but the last new token's is stored: it is never fed back.
+        total = mask2d.shape[1] + max_new_tokens - 1
+        seq_ids = self._admit(runner, plans, batch, total)
+        try:
+            planner = None if plans is not None else self._scheduler_planner(budgets, mask2d, where)
+            logits = runner.prefill(seq_ids, h, mask2d, planner=planner, plan_after=self.scheme.prefix_layers)
+        except Exception:
+            for s in seq_ids:
+                runner.free(s)
+            raise
+        return AdaRequest(runner, seq_ids, logits, [runner.plan(s) for s in seq_ids], mask2d)
 
-        def schedule(hidden):
-            logits = self.scheduler(hidden[:, -1])
-            chosen = self.plan_from_logits(logits, budgets, mask2d)
-            for s, p in zip(seq_ids, chosen):
-                cache.set_plan(s, p)
-            return chosen
-
-        if plans is not None:
-            for s, p in zip(seq_ids, plans):
-                cache.set_plan(s, p)
-        positions = _positions(mask2d)
-        hidden, plans = self._run_kernels(h, mask2d, positions, modules=modules, schedule=schedule,
-                                          plans=plans, cache=cache, seq_ids=seq_ids)
-        new_tokens = self._decode(hidden, mask2d, positions[:, -1], modules, plans, cache, seq_ids,
-                                  max_new_tokens, eos_token_id)
-        return AdaGeneration(
-            sequences=torch.cat([input_ids, new_tokens], dim=1), plans=plans,
-            prompt_tokens=[int(n) for n in mask2d.sum(-1).tolist()], kv_cache=cache, seq_ids=seq_ids,
-        )
-
-    def _admit(self, kv_cache, batch: int, total: int, page_size: int, like: torch.Tensor):
-        """Sequences in the pool, each under a prefix-only plan until the scheduler has planned."""
-        shape = self.config.shape
-        if kv_cache is None:
-            pages = batch * shape.num_layers * shape.num_kv_heads * -(-total // page_size)
-            kv_cache = LayerSkipKVCache(shape, num_pages=pages, page_size=page_size, dtype=like.dtype, device=like.device)
-        elif not isinstance(kv_cache, LayerSkipKVCache):
-            raise ValueError(f"kv_cache must be a LayerSkipKVCache, got {type(kv_cache).__name__}")
-        prefix = self.scheme.prefix_layers
-        prefix_plan = ExecutionPlan.from_layer_mask([1] * prefix + [0] * (shape.num_layers - prefix), shape)
+    def _admit(self, runner: PlannedDecoder, plans, batch: int, total: int) -> list[Hashable]:
+        """Admit the request's sequences (for any plan when the scheduler plans), growing an empty pool that
+        is too small; a pool in use that cannot hold them refuses them (ValueError, nothing changes)."""
+        row_plans = plans if plans is not None else [None] * batch
+        needed = sum(runner.pages_for(p, total) for p in row_plans)
+        if not runner.sequences and needed > runner.cache.num_pages:
+            runner.resize_pool(max(needed, 2 * runner.cache.num_pages))
         run = next(_sequence_ids)
         seq_ids = [("adallava", run, b) for b in range(batch)]
-        for s in seq_ids:
-            kv_cache.add_sequence(s, prefix_plan, total)
-        return kv_cache, seq_ids
+        admitted = []
+        try:
+            for s, p in zip(seq_ids, row_plans):
+                runner.admit(s, p, total)
+                admitted.append(s)
+        except Exception:
+            for s in admitted:
+                runner.free(s)
+            raise
+        return seq_ids
 
-    def _decode(self, hidden, mask2d, last_position, modules, plans, cache, seq_ids, max_new_tokens, eos_token_id):
-        """Greedy steps over the cache; finished rows repeat the pad token."""
+    def _decode(self, runner, seq_ids, logits, max_new_tokens, eos_token_id, check_every):
+        """Greedy steps over the runtime; a finished row repeats the pad token. Returns the new tokens
+        ``[batch, max_new_tokens]`` and, on the device, how many of them to keep: up to the step where
+        every row had finished, as transformers stops."""
         pad = self.config.text_config.pad_token_id
         pad = eos_token_id if pad is None else pad
-        token = self.lm_head(hidden[:, -1]).argmax(-1)
-        tokens = [token]
+        token = logits.argmax(-1)
+        out = token.new_full((token.shape[0], max_new_tokens), 0 if pad is None else pad)
+        out[:, 0] = token
+        finished = torch.full((), max_new_tokens, dtype=torch.long, device=token.device)
         done = torch.zeros_like(token, dtype=torch.bool)
-        # New tokens are always attended, so padding and the plan groups stay as at prefill.
-        padded = not bool(mask2d.all())
-        groups = self._plan_groups(plans, hidden.device)
-        for _ in range(max_new_tokens - 1):
+        steps = runner.decode(seq_ids) if max_new_tokens > 1 else None
+        for step in range(1, max_new_tokens):
             if eos_token_id is not None:
                 done |= token == eos_token_id
-                if bool(done.all()):
+                finished = torch.where(done.all() & (finished == max_new_tokens), step, finished)
+                if step % check_every == 0 and bool(done.all()):
                     break
-            mask2d = torch.cat([mask2d, mask2d.new_ones(mask2d.shape[0], 1)], dim=1)
-            last_position = last_position + 1
-            h = self.get_input_embeddings()(token)[:, None]
-            out, _ = self._run_kernels(h, mask2d, last_position[:, None], modules=modules, schedule=None,
-                                       plans=plans, groups=groups, padded=padded, cache=cache, seq_ids=seq_ids)
-            token = self.lm_head(out[:, -1]).argmax(-1)
-            if eos_token_id is not None and pad is not None:
-                token = torch.where(done, torch.full_like(token, pad), token)
-            tokens.append(token)
-        return torch.stack(tokens, dim=1)
-
+            _, token = steps.step(token)
+            if eos_token_id is not None:
+                token = torch.where(done, pad, token)
+            out[:, step] = token
+        if steps is not None:
+            steps.close()
+        return out, finished
 
 def fit_image_tokens(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, counts: Sequence[int], image_token_id: int, pad_token_id: int

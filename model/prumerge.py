@@ -1,14 +1,33 @@
-"""LLaVA-PruMerge visual token reduction (Shang et al., 2024, arXiv:2403.15388).
+"""LLaVA-PruMerge visual token reduction (Shang et al., 2024, arXiv:2403.15388), as AdaLLaVA's
+reference code computes it (``prune_merge`` in ``multimodal_encoder/prumerge_utils.py``).
 
-PruMerge keeps the patches whose [CLS] attention is an interquartile-range outlier and folds each
-pruned patch into the kept patches whose keys it resembles most, so the language model reads a
-short, sample-dependent number of visual tokens that still summarise the whole image.
+Per image, with ``N`` patch tokens ``x_j`` and their [CLS] attention ``a_j``:
+
+1. ``a`` is the [CLS] query's softmax attention over all tokens in the vision layer that reads the
+   selected features (LLaVA-1.5: layer 23 of CLIP ViT-L/14's 24, which the reference hard-codes),
+   computed over the full width as one head: ``softmax(q_cls . k / sqrt(C))``, without the [CLS]
+   column.
+2. ``r`` is the share of patches whose ``a_j`` is an interquartile-range outlier
+   (``a_j > Q3 + 1.5 * (Q3 - Q1)``); the ``int(N * r)`` patches of highest attention are kept,
+   highest first (an image without an outlier keeps none).
+3. Each kept token ``i`` adds its ``m = min(neighbors, N - 1)`` most key-similar other tokens, kept
+   or pruned, weighted by their attention and not normalised: ``x_i + sum_j a_j x_j`` (cosine
+   similarity of the patch keys).
+4. One extra token is appended: ``sum_j a_j x_j`` over the pruned tokens.
+
+So an image gives ``int(N * r) + 1`` tokens, a number that varies per image (see
+``model.fit_image_tokens``). The merge runs on the vision features, before the projector.
+Departures, both measure-zero or batch-1-only: the outlier fence is computed per image in float64
+(the reference pools the whole batch through NumPy, which is the same for the batch of one it
+evaluates with), and ``m`` is capped at ``N - 1`` (the reference fixes 32 and fails below 33 tokens).
 """
+
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["iqr_outliers", "prune_merge", "cls_attention_and_keys"]
+__all__ = ["iqr_outliers", "kept_tokens", "prune_merge", "cls_attention_and_keys", "vision_prumerge"]
 
 
 def _check_float(name: str, tensor: torch.Tensor, dims: tuple[int, ...]) -> None:
@@ -27,66 +46,63 @@ def iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
     """Mark the scores above the upper interquartile-range fence of their row.
 
     Args:
-        scores: `[N]` or `[B, N]` floating-point scores, one row per sample.
+        scores: `[N]` or `[B, N]` finite floating-point scores, one row per sample.
 
     Returns:
         A bool mask shaped like `scores`, True where `score > Q3 + 1.5 * (Q3 - Q1)`, with Q1 and Q3
-        the row's 25th and 75th percentiles (linear interpolation, as `numpy.percentile`). A row
-        with no outlier keeps its single highest-scoring token instead, so that a sample is never
-        reduced to zero tokens.
+        the row's 25th and 75th percentiles (linear interpolation, as `numpy.percentile`), in float64.
     """
     _check_float("scores", scores, (1, 2))
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite, got NaN or infinite values")
-    # torch.quantile accepts only float32/float64.
-    rows = scores.reshape(-1, scores.shape[-1])
-    rows = rows if rows.dtype == torch.float64 else rows.float()
+    rows = scores.reshape(-1, scores.shape[-1]).double()
     q = torch.quantile(rows, torch.tensor([0.25, 0.75], dtype=rows.dtype, device=rows.device), dim=-1)
     q1, q3 = q[0].unsqueeze(-1), q[1].unsqueeze(-1)
-    mask = rows > q3 + 1.5 * (q3 - q1)
-    empty = ~mask.any(dim=-1)
-    mask[empty, rows[empty].argmax(dim=-1)] = True
-    return mask.reshape(scores.shape)
+    return (rows > q3 + 1.5 * (q3 - q1)).reshape(scores.shape)
 
 
-def _merge_sample(x: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, neighbors: int) -> torch.Tensor:
-    """Merge one sample's pruned tokens into its kept tokens; `x`, `k` are float32."""
-    kept, pruned = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
-    x_kept = x[kept]
-    m = min(neighbors, pruned.numel())
-    if m == 0:
-        return x_kept
+def kept_tokens(cls_attention: torch.Tensor) -> list[torch.Tensor]:
+    """Per sample, the indices of the patches PruMerge keeps, highest [CLS] attention first.
+
+    ``cls_attention`` is ``[B, N]``; sample ``b`` keeps ``int(N * r_b)`` patches, ``r_b`` the share
+    of its IQR outliers (the reference's arithmetic, which equals the outlier count for N = 576).
+    """
+    _check_float("cls_attention", cls_attention, (2,))
+    n = cls_attention.shape[-1]
+    counts = iqr_outliers(cls_attention).sum(dim=-1).tolist()
+    return [cls_attention[b].topk(int(n * (c / n))).indices for b, c in enumerate(counts)]
+
+
+def _merge_sample(x: torch.Tensor, a: torch.Tensor, k: torch.Tensor, kept: torch.Tensor, neighbors: int) -> torch.Tensor:
+    """One sample's merged kept tokens and extra token, ``[len(kept) + 1, C]``; all inputs float32."""
+    pruned = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    pruned[kept] = False
+    extra = (a[pruned, None] * x[pruned]).sum(0, keepdim=True)
+    m = min(neighbors, x.shape[0] - 1)
+    if kept.numel() == 0 or m == 0:
+        return torch.cat([x[kept], extra])
     k = F.normalize(k, dim=-1)
-    top = (k[kept] @ k[pruned].T).topk(m, dim=-1)
-    # A sparse [K, P] weight matrix turns the neighbour sum into one matmul instead of gathering
-    # a [K, m, C] tensor, which is large for 4096-wide projected features.
-    weights = torch.zeros(kept.numel(), pruned.numel(), dtype=x.dtype, device=x.device)
-    weights.scatter_(1, top.indices, top.values.clamp_min(0))
-    return (x_kept + weights @ x[pruned]) / (1 + weights.sum(dim=-1, keepdim=True))
+    similarity = k[kept] @ k.T
+    similarity[torch.arange(kept.numel(), device=x.device), kept] = float("-inf")  # a token is not its own neighbour
+    near = similarity.topk(m, dim=-1).indices  # [K, m]
+    merged = x[kept] + (a[near, None] * x[near]).sum(1)
+    return torch.cat([merged, extra])
 
 
 def prune_merge(
     features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, *, neighbors: int = 32
 ) -> list[torch.Tensor]:
-    """Reduce each sample's visual tokens to its [CLS]-attention outliers, merged with neighbours.
-
-    Each sample keeps the tokens selected by `iqr_outliers(cls_attention[b])`, in their original
-    (spatial) order. Each kept token `i` absorbs the `min(neighbors, num_pruned)` pruned tokens `j`
-    whose keys are most cosine-similar to its own:
-    `merged_i = (x_i + sum_j s_ij x_j) / (1 + sum_j s_ij)` with `s_ij = max(cos(k_i, k_j), 0)`.
-    This departs from the original code, which adds the neighbours weighted by their [CLS]
-    attention to the kept token without normalising; the similarity-weighted average keeps the
-    token's scale, which the projector and language model were trained on.
+    """PruMerge each sample's visual tokens (see the module docstring for the rule).
 
     Args:
-        features: `[B, N, C]` visual tokens (before or after the projector), any float dtype.
-        cls_attention: `[B, N]` attention of the [CLS] query to each patch, averaged over heads.
+        features: `[B, N, C]` visual tokens (the vision tower's selected features), any float dtype.
+        cls_attention: `[B, N]` attention of the [CLS] query to each patch (``cls_attention_and_keys``).
         keys: `[B, N, Ck]` patch keys from the same vision layer as `cls_attention`.
-        neighbors: how many pruned tokens each kept token merges, at most; 0 disables merging.
+        neighbors: other tokens each kept token absorbs, at most (the reference: 32); 0 disables merging.
 
     Returns:
-        A list of `B` tensors `[K_b, C]` in the dtype of `features`; `K_b` varies per sample.
-        The arithmetic is done in float32.
+        A list of `B` tensors `[K_b + 1, C]` in the dtype of `features`: the kept tokens, merged, in
+        the order of :func:`kept_tokens`, then the extra token. The arithmetic is done in float32.
     """
     _check_float("features", features, (3,))
     _check_float("cls_attention", cls_attention, (2,))
@@ -103,15 +119,16 @@ def prune_merge(
         )
     if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
         raise ValueError(f"neighbors must be a non-negative int, got {neighbors!r}")
-    keep = iqr_outliers(cls_attention)
+    kept = kept_tokens(cls_attention)
     return [
-        _merge_sample(features[b].float(), keys[b].float(), keep[b], neighbors).to(features.dtype)
+        _merge_sample(features[b].float(), cls_attention[b].float(), keys[b].float(), kept[b], neighbors)
+        .to(features.dtype)
         for b in range(features.shape[0])
     ]
 
 
-def _encoder_layer(vision_model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """The encoder layer whose output is `hidden_states[layer]`."""
+def _reading_layer(vision_model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The encoder layer whose input is `hidden_states[layer]`."""
     # Older transformers wrap the tower in `.vision_model`; newer ones hold the encoder directly.
     encoder = getattr(getattr(vision_model, "vision_model", vision_model), "encoder", None)
     if encoder is None or not hasattr(encoder, "layers"):
@@ -119,13 +136,35 @@ def _encoder_layer(vision_model: torch.nn.Module, layer: int) -> torch.nn.Module
             f"vision_model must be a CLIPVisionModel with an encoder, got {type(vision_model).__name__}"
         )
     n = len(encoder.layers)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not (-n <= layer <= n and layer != 0):
+    # hidden_states[i] is the input of layers[i]; hidden_states[n] (= [-1]) is read by no layer.
+    if isinstance(layer, bool) or not isinstance(layer, int) or not (-n - 1 <= layer <= n - 1 and layer != -1):
         raise ValueError(
-            f"layer must index hidden_states produced by an encoder layer, i.e. an int in "
-            f"[-{n}, -1] or [1, {n}] (0 is the embeddings), got {layer!r}"
+            f"layer must index hidden_states that an encoder layer reads, i.e. an int in [0, {n - 1}] or "
+            f"[-{n + 1}, -2] (PruMerge reads the attention of the layer after the selected features), got {layer!r}"
         )
-    # hidden_states[0] is the embedding output and hidden_states[i + 1] the output of layers[i].
-    return encoder.layers[(layer if layer > 0 else n + 1 + layer) - 1]
+    return encoder.layers[layer if layer >= 0 else n + 1 + layer]
+
+
+def _run_capturing_qk(vision_model, pixel_values, layer):
+    """Run the tower once; return its output and the q/k projections of the layer reading `hidden_states[layer]`."""
+    attn = _reading_layer(vision_model, layer).self_attn
+    captured = {}
+    handles = [
+        attn.q_proj.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
+        attn.k_proj.register_forward_hook(lambda m, a, out: captured.__setitem__("k", out)),
+    ]
+    try:
+        outputs = vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, captured["q"], captured["k"]
+
+
+def _cls_attention(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k = q.float(), k.float()
+    scores = (q[:, :1] @ k.transpose(1, 2)) * k.shape[-1] ** -0.5  # [B, 1, N + 1]
+    return scores.softmax(dim=-1)[:, 0, 1:], k[:, 1:]
 
 
 @torch.no_grad()
@@ -134,38 +173,35 @@ def cls_attention_and_keys(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] attention and patch keys of the vision layer PruMerge reads.
 
-    `layer` indexes `hidden_states` like LLaVA's `vision_feature_layer` (-2 by default): the
-    statistics come from the self-attention of the encoder layer that produces
-    `hidden_states[layer]`, i.e. `encoder.layers[L]` where `hidden_states[L + 1]` is its output.
-    They are recomputed from the attention's captured input, so the result does not depend on
-    the model's `attn_implementation` (sdpa and flash attention return no weights).
+    `layer` indexes `hidden_states` like LLaVA's `vision_feature_layer` (-2 by default); the
+    statistics come from the encoder layer that reads those features, `encoder.layers[L]` with
+    `hidden_states[L]` its input (for -2, the last layer). Read from the q/k projections'
+    outputs, so the result does not depend on the model's `attn_implementation`.
 
     Args:
         vision_model: a transformers `CLIPVisionModel`, e.g. LLaVA's `model.vision_tower`.
         pixel_values: `[B, 3, H, W]` images, as the model takes them.
-        layer: index into `hidden_states`, negative allowed; 0 (the embeddings) is rejected.
+        layer: index into `hidden_states`, negative allowed; -1 (read by no layer) is rejected.
 
     Returns:
-        `cls_attention` `[B, N]`: the [CLS] query's softmax attention over all `N + 1` keys,
-        averaged over heads, without the [CLS] key column; and `keys` `[B, N, C]`: the patch keys
-        with heads concatenated. Both are float32.
+        `cls_attention` `[B, N]`: `softmax(q_cls . k / sqrt(C))` over all `N + 1` tokens, with the
+        heads' dimensions together as one head of width `C`, without the [CLS] column; and `keys`
+        `[B, N, C]`: the patch keys. Both float32.
     """
     _check_float("pixel_values", pixel_values, (4,))
-    attn = _encoder_layer(vision_model, layer).self_attn
-    captured = []
+    _, q, k = _run_capturing_qk(vision_model, pixel_values, layer)
+    return _cls_attention(q, k)
 
-    def capture(module, args, kwargs):
-        captured.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
-    handle = attn.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        vision_model(pixel_values=pixel_values)
-    finally:
-        handle.remove()
-    h = captured[0]
-    b, t, _ = h.shape
-    q = attn.q_proj(h[:, :1]).float().view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).float()
-    scores = q @ k.view(b, t, attn.num_heads, attn.head_dim).permute(0, 2, 3, 1) * attn.scale
-    cls_attention = scores.softmax(dim=-1).mean(dim=1)[:, 0, 1:]
-    return cls_attention, k[:, 1:]
+@torch.no_grad()
+def vision_prumerge(
+    vision_model: torch.nn.Module, pixel_values: torch.Tensor, layer: int, *, neighbors: int = 32
+) -> list[torch.Tensor]:
+    """PruMerge of the patch features `hidden_states[layer][:, 1:]`, from one pass of the tower.
+
+    Returns one `[K_b + 1, C]` tensor per image, in the tower's dtype (see :func:`prune_merge`).
+    """
+    _check_float("pixel_values", pixel_values, (4,))
+    outputs, q, k = _run_capturing_qk(vision_model, pixel_values, layer)
+    attention, keys = _cls_attention(q, k)
+    return prune_merge(outputs.hidden_states[layer][:, 1:], attention, keys, neighbors=neighbors)

@@ -6,22 +6,29 @@ reads that token's hidden state and gives one logit per switch of the
 remaining layers: -L ``[batch, switchable_layers]``; -H ``[batch,
 switchable_layers, 2, num_heads]`` (row 0 heads, row 1 MLP groups).
 
-Switches are taken without replacement until the budget's units are spent:
+Switches are taken without replacement until the budget's units are spent,
+as the reference implementation does (``n_times_gumbel_softmax`` and its
+head version in AdaLLaVA's ``scheduler/scheduler_utils.py``):
 
-- training: rounds of hard Gumbel-softmax with the straight-through estimator,
-  so the 0/1 switches carry gradients to the logits. -L picks one layer per
-  round. -H picks one layer per round (Gumbel-softmax over each layer's next
-  unit score: the mean logit of its best ``rank`` heads and ``rank`` groups
-  still off), then switches those heads and groups on (straight-through over
-  a softmax of the layer's remaining logits).
+- -L: each round takes the best layer still off.
+- -H: each round takes the single largest logit still off among all heads and
+  MLP groups of all switchable layers; that logit's layer is the round's
+  layer, and it switches on its best ``rank`` heads and its best ``rank``
+  MLP groups still off.
+- training: every choice is a hard Gumbel-softmax (temperature ``tau``) with
+  the straight-through estimator, so the 0/1 switches carry gradients to the
+  logits; the top-``rank`` choices of -H draw fresh noise.
 - inference: no noise, the best plan: :func:`adallava_kernels.best_plan`
-  (equal units, or prefill FLOPs with ``budget_cost="flops"``).
+  (equal units as above, or prefill FLOPs with ``budget_cost="flops"``, an
+  option of this project).
 
 The deterministic baseline instead switches on every logit above 0 (a hard
 sigmoid, straight-through) and learns the budget from a penalty.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -56,15 +63,17 @@ def budget_units(scheme: UnitScheme, budgets: torch.Tensor | float) -> torch.Ten
 class LatencyEncoder(nn.Module):
     """The budget's units as one token: sine and cosine features, then LayerNorm, Linear, GELU, Linear.
 
-    The encoded value is ``units / (switchable_units + 1)``, so every budget
-    that buys the same units gets the same token.
+    The encoded value is ``v = units / (switchable_units + 1)``, so every
+    budget that buys the same units gets the same token; the features are
+    ``sin(2 pi v f_i)`` then ``cos(2 pi v f_i)`` with ``f_i = 1 / 10000 **
+    (i / num_freqs)``, as the reference's ``latency_encoding``.
     """
 
     def __init__(self, hidden_size: int, scheme: UnitScheme, num_freqs: int = 128) -> None:
         super().__init__()
         self.scheme = scheme
-        freqs = 1.0 / 10000 ** (torch.arange(num_freqs, dtype=torch.float32) / num_freqs)
-        self.register_buffer("freqs", freqs, persistent=False)
+        # Not a buffer: transformers' from_pretrained leaves non-persistent buffers uninitialised.
+        self.num_freqs = num_freqs
         self.net = nn.Sequential(
             nn.LayerNorm(2 * num_freqs), nn.Linear(2 * num_freqs, hidden_size), nn.GELU(),
             nn.Linear(hidden_size, hidden_size),
@@ -78,7 +87,8 @@ class LatencyEncoder(nn.Module):
     def forward(self, budgets: torch.Tensor | float) -> torch.Tensor:
         """``[batch, hidden]`` latency tokens, in the dtype of the encoder's weights."""
         weight = self.net[1].weight
-        angles = self.level(budgets).to(weight.device)[:, None] * self.freqs
+        freqs = 1.0 / 10000 ** (torch.arange(self.num_freqs, dtype=torch.float32, device=weight.device) / self.num_freqs)
+        angles = (self.level(budgets).to(weight.device) * (2 * math.pi))[:, None] * freqs
         features = torch.cat([angles.sin(), angles.cos()], dim=-1)
         return self.net(features.to(weight.dtype))
 
@@ -104,14 +114,20 @@ class Scheduler(nn.Module):
         return best_plan(self.scheme, budget, scores, num_tokens=num_tokens)
 
 
-def _straight_through_one_hot(logits: torch.Tensor, tau: float, noise: bool, generator=None) -> torch.Tensor:
-    """Hard one-hot of ``argmax(logits + gumbel)`` over the last dim, with the gradient of the soft sample."""
+def _gumbel(shape: torch.Size, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """Gumbel(0, 1) noise of ``shape`` on ``like``'s device (drawn on the generator's device)."""
+    device = like.device if generator is None else generator.device
+    uniform = torch.rand(shape, device=device, generator=generator).to(like.device).clamp_(1e-10, 1 - 1e-7)
+    return -torch.log(-torch.log(uniform))
+
+
+def _straight_through_top_k(logits: torch.Tensor, k: int, tau: float, noise: bool, generator=None) -> torch.Tensor:
+    """Hard 0/1 of the top ``k`` of ``logits + gumbel`` over the last dim, with the gradient of
+    ``softmax((logits + gumbel) / tau)`` (the reference's ``masked_gumbel_softmax(_topk)``)."""
     if noise:
-        device = logits.device if generator is None else generator.device
-        uniform = torch.rand(logits.shape, device=device, generator=generator).to(logits.device).clamp_(1e-10, 1 - 1e-7)
-        logits = logits - torch.log(-torch.log(uniform))
+        logits = logits + _gumbel(logits.shape, logits, generator)
     soft = F.softmax(logits / tau, dim=-1)
-    hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    hard = torch.zeros_like(soft).scatter_(-1, logits.topk(k, dim=-1).indices, 1.0)
     return hard + (soft - soft.detach())  # exactly hard in the forward
 
 
@@ -123,22 +139,16 @@ def _active_rounds(units: torch.Tensor, round_index: int, like: torch.Tensor) ->
 def sample_layer_switches(
     logits: torch.Tensor, units: torch.Tensor, tau: float, *, noise: bool = True, generator=None
 ) -> torch.Tensor:
-    """-L: ``units[b]`` layers per sample, one per round without replacement; ``[batch, layers]`` of 0/1."""
+    """-L: ``units[b]`` layers per sample, one per round without replacement; ``[batch, layers]`` of 0/1.
+
+    Noise: one ``[batch, layers]`` draw per round.
+    """
     switches = torch.zeros_like(logits)
     for r in range(int(units.max()) if units.numel() else 0):
         masked = logits.masked_fill(switches.detach() > 0, _TAKEN)
-        pick = _straight_through_one_hot(masked, tau, noise, generator)
+        pick = _straight_through_top_k(masked, 1, tau, noise, generator)
         switches = switches + pick * _active_rounds(units, r, logits)
     return switches
-
-
-def _top_remaining(logits: torch.Tensor, taken: torch.Tensor, rank: int, tau: float):
-    """Per layer, the best ``rank`` entries still off: straight-through mask and their mean logit."""
-    masked = logits.masked_fill(taken.detach() > 0, _TAKEN)
-    values, index = masked.topk(rank, dim=-1)
-    hard = torch.zeros_like(logits).scatter_(-1, index, 1.0)
-    soft = rank * F.softmax(masked / tau, dim=-1)
-    return hard + (soft - soft.detach()), values.mean(-1)
 
 
 def sample_head_switches(
@@ -146,19 +156,24 @@ def sample_head_switches(
 ) -> torch.Tensor:
     """-H: ``units[b]`` rounds per sample; each switches ``rank`` heads and ``rank`` groups of one layer on.
 
-    ``logits`` is ``[batch, layers, 2, heads]``; returns 0/1 switches of the same shape.
+    ``logits`` is ``[batch, layers, 2, heads]``; returns 0/1 switches of the same shape. A round
+    picks the largest remaining logit over every head and group of every layer (its layer is the
+    round's layer, straight-through), then that layer's top ``rank`` heads and top ``rank`` groups
+    still off (straight-through, over the layer's logits). Noise: per round, one ``[batch, layers *
+    2 * heads]`` draw for the pick, then one ``[batch, 2, heads]`` draw for the top ``rank``.
     """
-    heads_on = torch.zeros_like(logits[:, :, 0])
-    groups_on = torch.zeros_like(heads_on)
+    batch, layers, _, heads = logits.shape
+    taken = torch.zeros_like(logits)
     for r in range(int(units.max()) if units.numel() else 0):
-        head_pick, head_score = _top_remaining(logits[:, :, 0], heads_on, rank, tau)
-        group_pick, group_score = _top_remaining(logits[:, :, 1], groups_on, rank, tau)
-        full = heads_on.detach().sum(-1) >= heads_on.shape[-1]
-        layer_score = ((head_score + group_score) / 2).masked_fill(full, _TAKEN)
-        layer = _straight_through_one_hot(layer_score, tau, noise, generator) * _active_rounds(units, r, logits)
-        heads_on = heads_on + layer[..., None] * head_pick
-        groups_on = groups_on + layer[..., None] * group_pick
-    return torch.stack([heads_on, groups_on], dim=2)
+        remaining = logits.masked_fill(taken.detach() > 0, _TAKEN).flatten(1)
+        pick = _straight_through_top_k(remaining, 1, tau, noise, generator)
+        layer = pick.view(batch, layers, 2 * heads).sum(-1) * _active_rounds(units, r, logits)
+        # The round's layer as a [batch, 2, heads] row, through the (one-hot) layer switch as the reference does.
+        layer_logits = (logits * layer[:, :, None, None]).sum(1)
+        layer_taken = (taken.detach() * layer.detach()[:, :, None, None]).sum(1)
+        top = _straight_through_top_k(layer_logits.masked_fill(layer_taken > 0, _TAKEN), rank, tau, noise, generator)
+        taken = taken + layer[:, :, None, None] * top[:, None]
+    return taken
 
 
 def deterministic_switches(logits: torch.Tensor) -> torch.Tensor:

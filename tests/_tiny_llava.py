@@ -1,7 +1,7 @@
 """A random-weight LLaVA small enough for CPU tests: CLIP 32x32 images in 16 patches, a 4-layer Llama with GQA."""
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from model import AdaLlavaConfig, AdaLlavaForConditionalGeneration
 
@@ -18,6 +18,13 @@ def tiny_config(switch_kind="L", **kwargs) -> AdaLlavaConfig:
     defaults = dict(head_rank=2, latency_freqs=16, image_token_id=IMAGE_TOKEN, image_seq_length=IMAGE_TOKENS)
     defaults.update(kwargs)
     return AdaLlavaConfig(switch_kind=switch_kind, vision_config=vision, text_config=text, **defaults)
+
+
+def tiny_llava_config() -> LlavaConfig:
+    """The same LLaVA as a plain transformers ``LlavaConfig`` (model_type "llava", as llava-hf checkpoints)."""
+    config = tiny_config()
+    return LlavaConfig(vision_config=config.vision_config, text_config=config.text_config,
+                       image_token_id=IMAGE_TOKEN, image_seq_length=IMAGE_TOKENS)
 
 
 def tiny_model(switch_kind="L", seed=0, **kwargs) -> AdaLlavaForConditionalGeneration:

@@ -94,3 +94,19 @@ def test_flash_attention_without_padding_and_all_masked_rows(split):
     out = out.cpu()
     assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))
     assert_close(out, attention_reference(q, k, v, head_to_kv, padding))
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_head_projection_rotates_only_the_first_slots(split):
+    """q, k and v heads of a stacked weight in one launch: the v slots (from rope_slots on) are not rotated."""
+    batch, seq, hidden, head_dim = 2, 3, 90, 24
+    x = torch.randn(batch, seq, hidden)
+    w = torch.randn(9 * head_dim, hidden) * hidden**-0.5  # 5 q heads, 2 k heads, 2 v heads
+    slots = torch.tensor([0, 3, 4, 5, 6, 8], dtype=torch.int32)  # q 0, 3, 4; k 0, 1; v 1
+    cos, sin = rope_tables(batch, seq, head_dim)
+    out = poisoned(batch, seq, 6, head_dim, dtype=torch.float32, device=DEVICE)
+    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), out, split=split, rope_slots=5)
+    plain = F.linear(x.double(), w.double()).view(batch, seq, 9, head_dim)[:, :, slots.long()]
+    expected = torch.cat([rotate(plain[:, :, :5], cos.double()[:, :, None], sin.double()[:, :, None]),
+                          plain[:, :, 5:]], dim=2)
+    assert_close(out.cpu(), expected)

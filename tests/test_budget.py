@@ -45,11 +45,20 @@ def test_head_plan_takes_best_heads_and_groups():
     group_scores = torch.tensor([[1.0, 1, 1, 0, 0, 0], [0, 0, 0, 9, 9, 9]])
     plan = best_plan(scheme, 0.75, (head_scores, group_scores))  # floor(8 * 0.75) - 4 = 2 units
     assert plan.heads[:2] == (tuple(range(6)),) * 2
-    # unit scores: layer 2 first (4+1)/2 then (1+0)/2; layer 3 first (8+9)/2, then 0 -> take layer 3 then 2
+    # Round 1: the largest score (9) is in layer 3; round 2: layer 3's best left is 0, layer 2's is 5.
     assert plan.heads[3] == (0, 1, 2) and plan.heads[2] == (1, 2, 3)
     groups = neuron_groups(520, 6)  # 87, 87, 87, 87, 86, 86 neurons
     assert plan.neurons[3] == tuple(range(groups[3].start, 520))
     assert plan.neurons[2] == tuple(range(groups[3].start))
+
+
+def test_head_plan_round_goes_to_the_single_largest_score_not_the_best_mean():
+    scheme = UnitScheme("H", GQA6, prefix_layers=2, rank=3)
+    head_scores = torch.tensor([[10.0, 0, 0, 0, 0, 0], [5, 5, 5, 0, 0, 0]])
+    group_scores = torch.tensor([[0.0, 0, 0, 0, 0, 0], [5, 5, 5, 0, 0, 0]])
+    plan = best_plan(scheme, 0.625, (head_scores, group_scores))  # floor(8 * 0.625) - 4 = 1 unit
+    # Layer 3's unit has the better mean (5 against 10/3 and 0), but layer 2 holds the largest score.
+    assert plan.heads[2] == (0, 1, 2) and plan.heads[3] == ()
 
 
 @pytest.mark.parametrize("kind", ["L", "H"])

@@ -60,15 +60,57 @@ def test_append_and_gather_ops(dtype):
     assert torch.equal(v, v_pages[pages].reshape(3, 8, 8)[:, :7])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batched_append_writes_every_head_of_a_row_from_its_start(dtype):
+    """The runtime's form: key [batch, heads, tokens, d], tables [batch, heads, W], one start per batch row."""
+    k_pages, v_pages = randn(20, 4, 8, dtype=dtype), randn(20, 4, 8, dtype=dtype)
+    expected_k, expected_v = k_pages.clone(), v_pages.clone()
+    # A [batch, tokens, heads, d] projection output viewed as [batch, heads, tokens, d]: strided.
+    key = randn(2, 3, 3, 8, dtype=dtype).transpose(1, 2)
+    value = randn(2, 3, 3, 8, dtype=dtype).transpose(1, 2)
+    tables = torch.randperm(20)[:18].view(2, 3, 3).to(DEVICE, torch.int32)
+    starts = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    ops.kv_append(k_pages, v_pages, key, value, tables, starts)
+    rows = lambda t: t.reshape(6, *t.shape[2:])  # noqa: E731  (row b * heads + h)
+    reference_append(expected_k, expected_v, rows(key), rows(value), rows(tables), starts.repeat_interleave(3))
+    assert torch.equal(k_pages, expected_k) and torch.equal(v_pages, expected_v)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"key": torch.randn(2, 3, 1, 7), "value": torch.randn(2, 3, 1, 7)}, r"key must be \[batch, heads, tokens, 8\]"),
+        ({"tables": torch.zeros(2, 2, 3, dtype=torch.int32)}, r"block_tables must be \[batch, heads, pages\] = \[2, 3"),
+        ({"tables": torch.zeros(6, 3, dtype=torch.int32)}, "block_tables must be 3-D"),
+        ({"starts": torch.zeros(6, dtype=torch.int32)}, r"starts must have one entry per batch row \(2\)"),
+        # Batch row 1's three heads are table rows 3-5: three tokens from position 2 overflow their one page.
+        ({"key": torch.randn(2, 3, 3, 8), "value": torch.randn(2, 3, 3, 8),
+          "starts": torch.tensor([0, 2], dtype=torch.int32)}, r"row 3: positions \[2, 5\) do not fit the 1 pages of its block_tables row"),
+    ],
+    ids=["head-dim", "tables-heads", "tables-rows-form", "starts", "past-the-pages"],
+)
+def test_batched_append_input_checks(change, match):
+    args = {
+        "k_pages": torch.zeros(6, 4, 8), "v_pages": torch.zeros(6, 4, 8),
+        "key": torch.randn(2, 3, 1, 8), "value": torch.randn(2, 3, 1, 8),
+        "tables": torch.zeros(2, 3, 1, dtype=torch.int32), "starts": torch.zeros(2, dtype=torch.int32),
+    } | change
+    with pytest.raises(RuntimeError, match=match):
+        ops.kv_append(*args.values())
+    assert not args["k_pages"].any() and not args["v_pages"].any()  # nothing was written
+
+
 def test_ops_pass_opcheck():
     """Schema, fake (meta) implementations for torch.compile, and registration are consistent."""
-    from adallava_kernels.kv_cache import _ops
+    from adallava_kernels.kv_cache import cache_ops
 
-    _ops()
+    cache_ops()
     k_pages, v_pages = randn(6, 4, 8), randn(6, 4, 8)
     tables = torch.tensor([[3, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
     starts = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(ops.kv_append.default, (k_pages, v_pages, randn(2, 5, 8), randn(2, 5, 8), tables, starts))
+    batched = (k_pages, v_pages, randn(2, 1, 5, 8), randn(2, 1, 5, 8), tables[:, None], starts)
+    torch.library.opcheck(ops.kv_append.default, batched)
     torch.library.opcheck(ops.kv_gather.default, (k_pages, v_pages, tables, 6))
 
 
@@ -325,6 +367,57 @@ def test_set_plan_replans_empty_layers_only(busy_cache):
     assert cache.plan("c") == final and cache.kv_heads("c", 1) == (0,)
     assert cache.sequence_bytes("c") == cost.kv_cache_bytes(SHAPE, 3, final, kv_bytes=4, page_size=4)
     assert_close(cache.gather("c", 1)[0], k[:1])
+
+
+# --- reservation: every page taken at admission -----------------------------------
+
+
+def test_reserved_sequences_take_every_page_at_admission_or_are_refused(busy_cache):
+    cache, plans = busy_cache
+    before = snapshot(cache)
+    free = cache.pages_free  # a and b hold 5 positions of 3 and 4 (layer, KV head) pairs: 14 pages of 20
+    assert free == 6 and cache.pages_for(plans["b"], 9) == 4 * 3
+    with pytest.raises(ValueError, match="KV pool exhausted: sequence 'c' needs 12 pages for 9 positions under "
+                                         "its plan, 6 of 20 are free"):
+        cache.add_sequence("c", plans["b"], 9, reserve=True)
+    assert_unchanged(cache, before)
+    one_head = ExecutionPlan(SHAPE, [[], [2], []], [[], range(40), []])  # layer 1, KV head 1
+    cache.add_sequence("c", one_head, 9, reserve=True)
+    assert cache.pages_free == free - 3 and cache.sequence_bytes("c") == cost.kv_cache_bytes(
+        SHAPE, 9, one_head, kv_bytes=4, page_size=4)
+    assert cache.page_table("c", 1).shape == (1, 3) and cache.pages_needed("c", 9) == 0
+    k = torch.randn(1, 9, 8, device=DEVICE)
+    cache.append("c", 1, k, k)  # no page is taken: they are all there
+    assert cache.pages_free == free - 3
+    assert_close(cache.gather("c", 1)[0], k)
+    cache.clear("c")  # the positions go, the reservation stays
+    assert cache.length("c", 1) == 0 and cache.pages_free == free - 3
+    cache.free("c")
+    assert_unchanged(cache, before)
+
+
+def test_reserved_set_plan_trades_pages_and_advance_counts_positions():
+    cache = LayerSkipKVCache(SHAPE, num_pages=20, page_size=4, dtype=torch.float32, device=DEVICE)
+    full, narrow = ExecutionPlan.full(SHAPE), ExecutionPlan(SHAPE, [range(4), [3], []], [range(40)] * 3)
+    cache.add_sequence("s", full, 8, reserve=True)  # 3 layers x 2 KV heads x 2 pages
+    k = torch.randn(2, 5, 8, device=DEVICE)
+    cache.append("s", 0, k, k)
+    cache.set_plan("s", narrow)  # layer 1 keeps KV head 1, layer 2 none: 6 pages go back
+    assert cache.pages_in_use == 6 and cache.page_table("s", 1).shape == (1, 2)
+    cache.add_sequence("t", narrow, 16, reserve=True)  # 3 x 4 pages: 2 are left
+    # Back to every KV head: layers 1 and 2 take 2 x 2 pages each and give back layer 1's 2.
+    with pytest.raises(ValueError, match="KV pool exhausted: the new plan of sequence 's' needs 6 more pages, 2 of 20"):
+        cache.set_plan("s", full)
+    assert cache.plan("s") == narrow and cache.pages_in_use == 18
+    cache.advance(["s"], 3)  # kernels wrote 3 positions in every layer that keeps a KV head
+    assert [cache.length("s", i) for i in range(3)] == [3 + 5, 3, 0]
+    with pytest.raises(ValueError, match=r"sequence 's': 8 stored \+ 1 new tokens exceed the 8 reserved"):
+        cache.advance(["s"], 1)
+    lazy = ExecutionPlan.full(SHAPE)
+    cache.free("t")
+    cache.add_sequence("u", lazy, 4)
+    with pytest.raises(ValueError, match="sequence 'u' was not added with reserve=True"):
+        cache.advance(["u"], 1)
 
 
 # --- the attention's decode path and transformers ------------------------------

@@ -366,9 +366,14 @@ def test_module_plan_changes_and_rejects():
         assert_close(module(x, (cos, sin))[0], oracle(attn, x, PLAN.layer(1).heads, torch.arange(4)[None]))
         module.set_plan(None)
         assert_close(module(x, (cos, sin))[0], oracle(attn, x, torch.arange(6), torch.arange(4)[None]))
+    # A plan for another shape names both shapes, also when its heads would all be in range.
     bigger = ExecutionPlan.full(ModelShape(96, 1, 8, 2, 12, 384, 10))
-    with pytest.raises(ValueError, match="addresses head 7, but this attention has 6"):
+    with pytest.raises(ValueError, match=r"layer plan 0 is for a model with 8 heads over 2 KV heads of dim 12, "
+                                         r"384 MLP neurons, but this attention has 6 heads over 2 KV heads of dim 16"):
         module.set_plan(bigger.layer(0))
+    other_kv = ExecutionPlan(ModelShape(96, 1, 6, 3, 16, 384, 10), [[0, 1]], [[]])
+    with pytest.raises(ValueError, match="for a model with 6 heads over 3 KV heads of dim 16.*6 heads over 2 KV heads"):
+        module.set_plan(other_kv.layer(0))
     attn.k_proj = torch.nn.Linear(96, 32, bias=True)
     with pytest.raises(ValueError, match="attn.k_proj has a bias"):
         MaskedAttention.from_hf(attn)

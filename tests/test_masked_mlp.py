@@ -207,5 +207,5 @@ def test_module_rejects_what_it_cannot_compute():
     with pytest.raises(ValueError, match="mlp.up_proj has a bias"):
         MaskedMLP.from_hf(mlp)
     bigger = ExecutionPlan.full(ModelShape(96, 1, 4, 4, 24, 300, 10))
-    with pytest.raises(ValueError, match="addresses neuron 299, but this MLP has 200"):
+    with pytest.raises(ValueError, match="layer plan 0 is for a model with .*300 MLP neurons, but this MLP has 200"):
         MaskedMLP.from_hf(hf_mlp(96, 200)).set_plan(bigger.layer(0))

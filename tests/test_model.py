@@ -312,7 +312,8 @@ def test_generate_equals_the_stepwise_masked_reference_and_stores_only_the_plan(
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     steps = 6
-    gen = model.generate(ids, pixels, mask, latency_budget=[0.6, 0.85], max_new_tokens=steps, backend="torch")
+    gen = model.generate(ids, pixels, mask, latency_budget=[0.6, 0.85], max_new_tokens=steps, backend="torch",
+                         keep_cache=True)
     with torch.no_grad():
         planned = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, latency_budget=[0.6, 0.85])
     assert gen.plans == planned.plans
@@ -328,6 +329,39 @@ def test_generate_equals_the_stepwise_masked_reference_and_stores_only_the_plan(
         assert cache.sequence_bytes(seq) == cost.kv_cache_bytes(
             shape, positions, plan, kv_bytes=4, page_size=cache.page_size)
     assert gen.prompt_tokens == [ids.shape[1] - 1, ids.shape[1] + 1]
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_generate_stops_at_eos_and_reads_it_back_every_k_steps(check_every):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Syncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model("H")
+    ids, pixels = tiny_inputs(batch=1)
+    free_run = model.generate(ids, pixels, latency_budget=0.7, max_new_tokens=8, backend="torch").sequences
+    new = free_run[0, ids.shape[1]:].tolist()
+    eos = new[2]
+    stop = new.index(eos) + 1  # transformers stops after the first EOS
+    decode = model._decode
+
+    def counted(*args, **kwargs):
+        with Syncs():
+            return decode(*args, **kwargs)
+
+    model._decode = counted
+    gen = model.generate(ids, pixels, latency_budget=0.7, max_new_tokens=8, eos_token_id=eos, backend="torch",
+                         eos_check_every=check_every)
+    assert gen.sequences[0, ids.shape[1]:].tolist() == new[:stop]
+    # Decode steps read nothing back; the EOS check does, once every check_every steps until it stops.
+    first_check_done = -(-stop // check_every) * check_every  # the first check after every row has finished
+    assert Syncs.count == len(range(check_every, min(first_check_done, 7) + 1, check_every))
+    assert model.runtime("torch").sequences == ()  # pages returned without keep_cache
 
 
 def test_generate_without_budget_is_transformers_generate():
@@ -351,7 +385,9 @@ def test_generate_input_checks():
         model.generate(ids, pixels, latency_budget=0.7, do_sample=True)
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         model.generate(ids, pixels, latency_budget=0.7, max_new_tokens=0)
-    with pytest.raises(ValueError, match="kv_cache must be a LayerSkipKVCache"):
+    with pytest.raises(ValueError, match="eos_check_every must be an int >= 1"):
+        model.generate(ids, pixels, latency_budget=0.7, eos_check_every=0)
+    with pytest.raises(ValueError, match=r"takes no \['kv_cache'\]"):
         model.generate(ids, pixels, latency_budget=0.7, kv_cache={})
 
 

@@ -15,7 +15,7 @@ from model import generate as generate_cli
 from model import train as train_cli
 from model.train import encode_conversation
 
-from _tiny_llava import IMAGE_TOKEN, IMAGE_TOKENS, tiny_config
+from _tiny_llava import IMAGE_TOKEN, IMAGE_TOKENS, tiny_config, tiny_llava_config
 
 
 def tiny_processor() -> LlavaProcessor:
@@ -37,34 +37,102 @@ def checkpoint(tmp_path_factory):
     """A plain transformers Llava checkpoint directory (no AdaLLaVA weights), its processor and an image."""
     root = tmp_path_factory.mktemp("llava")
     torch.manual_seed(0)
-    config = tiny_config("L")
-    llava = LlavaForConditionalGeneration(config).eval()
+    llava = LlavaForConditionalGeneration(tiny_llava_config()).eval()
     llava.save_pretrained(root / "ckpt")
     tiny_processor().save_pretrained(root / "ckpt")
     Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8")).save(root / "img.png")
     return root, llava
 
 
-def test_from_pretrained_loads_llava_weights_and_overrides(checkpoint):
+def _keys(directory):
+    from model.checkpoint import checkpoint_keys
+
+    return checkpoint_keys(directory)
+
+
+def test_transformers_writes_the_llava_hf_layout(checkpoint):
+    # The layout llava-hf publishes: what the strict loading below must map.
+    keys = _keys(checkpoint[0] / "ckpt")
+    assert "language_model.lm_head.weight" in keys and "lm_head.weight" not in keys
+
+
+def test_from_pretrained_loads_every_llava_tensor_exactly(checkpoint):
     root, llava = checkpoint
-    model = AdaLlavaForConditionalGeneration.from_pretrained(root / "ckpt", switch_kind="H").eval()
-    assert model.config.switch_kind == "H" and model.scheme.kind == "H"
+    model, info = AdaLlavaForConditionalGeneration.from_pretrained(root / "ckpt", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert all(k.startswith(("latency_encoder.", "scheduler.")) for k in info["missing_keys"])
+    assert model.has_trained_scheduler is False
     theirs = llava.state_dict()
-    for name, value in model.state_dict().items():
-        if name in theirs:
-            assert torch.equal(value, theirs[name]), name
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("latency_encoder.", "scheduler."))}
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+
+    reference = LlavaForConditionalGeneration.from_pretrained(root / "ckpt").eval()
     ids = torch.tensor([[4] + [IMAGE_TOKEN] * IMAGE_TOKENS + [9, 10, 5]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        expected = llava(input_ids=ids, pixel_values=pixels).logits
-        full = model(input_ids=ids, pixel_values=pixels, plan=ExecutionPlan.full(model.config.shape)).logits
-    torch.testing.assert_close(full, expected)
+        expected = reference(input_ids=ids, pixel_values=pixels).logits
+        full = model.eval()(input_ids=ids, pixel_values=pixels, plan=ExecutionPlan.full(model.config.shape)).logits
+    torch.testing.assert_close(full, expected, rtol=0, atol=0)
+
+
+def test_from_pretrained_overrides_the_config(checkpoint):
+    model = AdaLlavaForConditionalGeneration.from_pretrained(checkpoint[0] / "ckpt", switch_kind="H")
+    assert model.config.switch_kind == "H" and model.scheme.kind == "H"
+
+
+def _rewritten(src, dst, change):
+    """A copy of checkpoint ``src`` whose tensors went through ``change(dict) -> dict``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = change(load_file(dst / "model.safetensors"))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_from_pretrained_loads_the_published_llava_hf_layout(checkpoint, tmp_path):
+    # llava-hf's published checkpoints keep CLIP's vision_model prefix.
+    root, llava = checkpoint
+    prefixed = _rewritten(root / "ckpt", tmp_path / "published", lambda t: {
+        ("vision_tower.vision_model." + k.removeprefix("vision_tower.")
+         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+        for k, v in t.items()})
+    model = AdaLlavaForConditionalGeneration.from_pretrained(prefixed)
+    theirs = llava.state_dict()
+    for name, value in model.state_dict().items():
+        if not name.startswith(("latency_encoder.", "scheduler.")):
+            assert torch.equal(value, theirs[name]), name
+
+
+def test_from_pretrained_rejects_keys_that_do_not_map(checkpoint, tmp_path):
+    root, _ = checkpoint
+    extra = _rewritten(root / "ckpt", tmp_path / "extra", lambda t: {**t, "language_model.head.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"map to no parameter: language_model\.head\.weight"):
+        AdaLlavaForConditionalGeneration.from_pretrained(extra)
+    renamed = _rewritten(root / "ckpt", tmp_path / "renamed", lambda t: {
+        ("lm_head.weight_old" if k == "language_model.lm_head.weight" else k): v for k, v in t.items()})
+    with pytest.raises(ValueError, match=r"does not hold: lm_head\.weight"):
+        AdaLlavaForConditionalGeneration.from_pretrained(renamed)
+
+
+def test_from_pretrained_rejects_a_partial_scheduler(tmp_path):
+    torch.manual_seed(0)
+    AdaLlavaForConditionalGeneration(tiny_config("L")).save_pretrained(tmp_path / "full")
+    partial = _rewritten(tmp_path / "full", tmp_path / "partial",
+                         lambda t: {k: v for k, v in t.items() if not k.startswith("scheduler.")})
+    assert AdaLlavaForConditionalGeneration.from_pretrained(tmp_path / "full").has_trained_scheduler
+    with pytest.raises(ValueError, match=r"partial scheduler; missing: scheduler\.proj\.bias, scheduler\.proj\.weight"):
+        AdaLlavaForConditionalGeneration.from_pretrained(partial)
 
 
 def test_generate_cli_prints_answer_plan_flops_and_latency(checkpoint, capsys):
     root, _ = checkpoint
     args = ["w3 w4", "--model", str(root / "ckpt"), "--image", str(root / "img.png"), "--budget", "0.75",
-            "--max-new-tokens", "4", "--backend", "torch"]
+            "--max-new-tokens", "4", "--backend", "torch", "--allow-untrained-scheduler"]
     assert generate_cli.main(args) == 0
     text = capsys.readouterr().out
     assert "plan: AdaLLaVA-L at budget 0.75: 3/4 layers run" in text
@@ -79,10 +147,70 @@ def test_generate_cli_prints_answer_plan_flops_and_latency(checkpoint, capsys):
     assert report["prompt_tokens"] < 3 + IMAGE_TOKENS + 2 + 1
 
 
-def test_generate_cli_rejects_a_budget_out_of_range(checkpoint):
+def _cli(root, *extra, budget="0.75", model=None, image=None):
+    return generate_cli.main(["q", "--model", str(model or root / "ckpt"), "--image", str(image or root / "img.png"),
+                              "--budget", budget, "--max-new-tokens", "2", "--backend", "torch", *extra])
+
+
+def _no_loading(monkeypatch):
+    """Make any model loading fail loudly: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before checking the arguments")
+
+    monkeypatch.setattr(AdaLlavaForConditionalGeneration, "from_pretrained", refuse)
+
+
+def test_generate_cli_checks_the_budget_first(checkpoint, monkeypatch, tmp_path):
     root, _ = checkpoint
-    with pytest.raises(ValueError, match="latency budget"):
-        generate_cli.main(["q", "--model", str(root / "ckpt"), "--image", str(root / "img.png"), "--budget", "1.5"])
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"latency budget must be a number in \[0.5, 1.0\], got 1.5"):
+        _cli(root, budget="1.5", model=tmp_path / "missing", image=tmp_path / "missing.png")
+
+
+def test_generate_cli_names_a_missing_model_directory(checkpoint, monkeypatch, tmp_path):
+    root, _ = checkpoint
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"--model must be a local checkpoint directory; '.*/nowhere' does not exist"):
+        _cli(root, model=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"--model '.*' has no config.json"):
+        _cli(root, model=tmp_path)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--device", "gpu"), r"--device must be a device such as 'cpu' or 'cuda:0', got 'gpu'"),
+    (("--max-new-tokens", "0"), r"--max-new-tokens must be an int >= 1, got 0"),
+])
+def test_generate_cli_rejects_bad_arguments_before_loading(checkpoint, monkeypatch, extra, match):
+    root, _ = checkpoint
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        _cli(root, *extra)
+
+
+def test_generate_cli_names_a_missing_image(checkpoint, monkeypatch, tmp_path):
+    root, _ = checkpoint
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"--image must be an image file; '.*/none.png' does not exist"):
+        _cli(root, image=tmp_path / "none.png")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_generate_cli_rejects_cuda_without_cuda(checkpoint, monkeypatch):
+    root, _ = checkpoint
+    _no_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"--device is 'cuda', but CUDA is not available here"):
+        _cli(root, "--device", "cuda")
+
+
+def test_generate_cli_refuses_an_untrained_scheduler_below_budget_one(checkpoint, monkeypatch, capsys):
+    root, _ = checkpoint
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        with pytest.raises(ValueError, match=r"holds no trained AdaLLaVA latency encoder and scheduler .* "
+                                             r"--allow-untrained-scheduler"):
+            _cli(root)
+    assert _cli(root, budget="1.0") == 0  # a full budget needs no plan
+    assert "warning:" in capsys.readouterr().err
 
 
 def test_encode_conversation_labels_only_the_answers():
@@ -113,3 +241,4 @@ def test_train_script_runs_and_saves(checkpoint, tmp_path, capsys):
     assert "step 2/2  loss" in capsys.readouterr().out
     trained = AdaLlavaForConditionalGeneration.from_pretrained(out)
     assert trained.config.switch_kind == "L" and trained.scheduler.proj.weight.shape[0] == 2
+    assert trained.has_trained_scheduler

@@ -89,7 +89,7 @@ _MAX_SPLITS = 32
 @triton.jit
 def _head_proj_kernel(
     x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
-    M, K, SEQ, M_BUCKET,
+    M, K, SEQ, M_BUCKET, ROPE_SLOTS,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_cb, stride_cs, stride_cd,
     stride_yb, stride_ys, stride_yh, stride_yd,
@@ -97,7 +97,8 @@ def _head_proj_kernel(
     ROPE: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T)."""
+    """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
+    are not rotated (V, when q, k and v are projected in one launch)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
@@ -135,8 +136,9 @@ def _head_proj_kernel(
         cos_hi = tl.load(cos_ptr + c_off + HALF * stride_cd, mask=tile_mask, other=0.0).to(tl.float32)
         sin_lo = tl.load(sin_ptr + c_off, mask=tile_mask, other=0.0).to(tl.float32)
         sin_hi = tl.load(sin_ptr + c_off + HALF * stride_cd, mask=tile_mask, other=0.0).to(tl.float32)
-        out_lo = acc_lo * cos_lo - acc_hi * sin_lo
-        out_hi = acc_hi * cos_hi + acc_lo * sin_hi
+        rotate = slot < ROPE_SLOTS
+        out_lo = tl.where(rotate, acc_lo * cos_lo - acc_hi * sin_lo, acc_lo)
+        out_hi = tl.where(rotate, acc_hi * cos_hi + acc_lo * sin_hi, acc_hi)
     else:
         out_lo = acc_lo
         out_hi = acc_hi
@@ -341,12 +343,14 @@ def _block_h(head_dim: int) -> int:
 def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, head_dim: int,
     cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, *, split: int | None = None,
+    rope_slots: int | None = None,
 ) -> torch.Tensor:
     """Project ``x`` ``[batch, seq, hidden]`` onto ``heads`` of ``w``, rotated when ``cos``/``sin`` are given.
 
     ``out`` is a 4-D view indexed ``[batch, seq, slot, d]`` (any strides);
     ``cos`` and ``sin`` are contiguous ``[batch or 1, seq, head_dim]`` tensors.
     ``split`` overrides the number of reduction splits (default: chosen to fill the GPU).
+    ``rope_slots``: rotate only the first this many slots (default: all).
     """
     batch, seq, hidden = x.shape
     m, n_heads = batch * seq, heads.numel()
@@ -369,7 +373,7 @@ def head_projection(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split)  # noqa: E731
     _PROJ[regime][grid](
         x2, w, heads, cos, sin, target,
-        m, hidden, seq, triton.next_power_of_2(m),
+        m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *target.stride(),
         HEAD_DIM=head_dim, BLOCK_H=_block_h(head_dim), ROPE=rope, SPLIT_K=split, **_flags(x.dtype),
     )

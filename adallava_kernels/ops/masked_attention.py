@@ -17,46 +17,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int
 from ..kv_cache import KVCacheLayer
+from ..plan import LayerPlan
 from ._common import check_index, check_same_dtype, check_tensor, resolve_backend
 
 __all__ = [
-    "AttentionIndices",
     "attention_indices",
     "masked_attention",
     "masked_attention_reference",
     "masked_attention_triton",
-    "output_columns",
 ]
 
 _MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-def output_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The features of ``heads``: ``heads[i] * head_dim + d`` for every ``d`` (q rows and o_proj columns), int32."""
-    offsets = torch.arange(head_dim, dtype=torch.int32, device=heads.device)
-    return (heads.to(torch.int32)[:, None] * head_dim + offsets).reshape(-1)
-
-
-class AttentionIndices:
-    """The int32 index lists one layer's masked attention reads, built once per plan.
-
-    ``heads``: active query heads; ``kv_heads``: the KV heads they read;
-    ``head_to_kv[i]``: position in ``kv_heads`` of the KV head of ``heads[i]``;
-    ``q_features``/``kv_features``: the weight rows of ``heads``/``kv_heads``
-    (``q_features`` are also ``o_proj``'s columns).
-    """
-
-    def __init__(self, heads: torch.Tensor, kv_heads: torch.Tensor, head_to_kv: torch.Tensor, head_dim: int):
-        self.heads = heads.to(torch.int32)
-        self.kv_heads = kv_heads.to(torch.int32)
-        self.head_to_kv = head_to_kv.to(torch.int32)
-        self.q_features = output_columns(self.heads, head_dim)
-        self.kv_features = output_columns(self.kv_heads, head_dim)
-
-
-def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionIndices:
-    """Derive the KV heads and the query-to-KV map from sorted active query heads.
+def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> LayerPlan:
+    """The attention part of a :class:`~adallava_kernels.plan.LayerPlan` from sorted active query heads.
 
     The number of KV heads needed depends on the values, so on a GPU this
     reads it back to the host once; an ``ExecutionPlan`` layer has these lists
@@ -65,7 +42,8 @@ def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: 
     kv_of_head = active_heads.long() // (num_heads // num_kv_heads)
     kv_heads = torch.unique_consecutive(kv_of_head)
     head_to_kv = torch.searchsorted(kv_heads, kv_of_head)
-    return AttentionIndices(active_heads, kv_heads, head_to_kv, head_dim)
+    return LayerPlan.for_heads(active_heads, kv_heads, head_to_kv, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +62,7 @@ def _visible(batch: int, q_len: int, kv_len: int, padding: torch.Tensor | None, 
 
 
 def masked_attention_reference(
-    x, w_q, w_k, w_v, w_o, idx: AttentionIndices, cos, sin, padding, kv_cache, head_dim: int
+    x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, padding, kv_cache, head_dim: int
 ) -> torch.Tensor:
     """PyTorch reference, without input checks: the oracle for the kernels and the CPU backend.
 
@@ -124,7 +102,7 @@ def masked_attention_reference(
 
 
 def masked_attention_triton(
-    x, w_q, w_k, w_v, w_o, idx: AttentionIndices, cos, sin, padding, kv_cache, head_dim: int
+    x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, padding, kv_cache, head_dim: int
 ) -> torch.Tensor:
     """Triton path, without input checks (``masked_attention`` checks)."""
     from .attention_kernels import flash_attention, head_projection
@@ -147,12 +125,6 @@ def masked_attention_triton(
     return col_gathered_linear(attn.view(batch, seq, nq * head_dim), w_o, idx.q_features)
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_weights(x, w_q, w_k, w_v, w_o, num_heads: int, num_kv_heads: int) -> int:
     """Check the weights against ``x`` and the head counts; return ``head_dim``."""
     device = x.device
@@ -160,6 +132,13 @@ def _check_weights(x, w_q, w_k, w_v, w_o, num_heads: int, num_kv_heads: int) -> 
         check_tensor(name, w, dim=2, device=device)
     check_same_dtype("x", x, w_q=w_q, w_k=w_k, w_v=w_v, w_o=w_o)
     hidden = x.shape[-1]
+    weights_hidden = {w_q.shape[1], w_k.shape[1], w_v.shape[1], w_o.shape[0]}
+    if len(weights_hidden) == 1 and hidden not in weights_hidden:
+        # The four weights agree on the hidden size: x is the odd one out.
+        raise ValueError(
+            f"x must have the weights' hidden size {w_q.shape[1]} in its last dim ([batch, seq, hidden]), "
+            f"got shape {list(x.shape)}"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     q_out = w_q.shape[0]
@@ -188,8 +167,9 @@ def check_rotary(cos: object, sin: object, batch: int, seq: int, head_dim: int, 
         if t.dim() == 2:
             t = t.unsqueeze(0)
         if t.dim() != 3 or t.shape[0] not in (1, batch) or tuple(t.shape[1:]) != (seq, head_dim):
+            batches = "1" if batch == 1 else f"{batch} or 1"
             raise ValueError(
-                f"{name} must have shape [{batch} or 1, {seq}, {head_dim}] ([batch, seq, head_dim], as "
+                f"{name} must have shape [{batches}, {seq}, {head_dim}] ([batch, seq, head_dim], as "
                 f"LlamaRotaryEmbedding returns it), got {list(t.shape)}"
             )
         out.append(t.contiguous())
@@ -212,7 +192,7 @@ def check_padding(mask: object, batch: int, kv_len: int, device) -> torch.Tensor
 
 
 def run_masked_attention(
-    x, w_q, w_k, w_v, w_o, idx: AttentionIndices, cos, sin, *,
+    x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, *,
     head_dim: int, attention_mask=None, kv_cache: KVCacheLayer | None = None, backend: str = "auto",
 ) -> torch.Tensor:
     """The op for callers whose weights and indices are already checked (``MaskedAttention``).
@@ -283,8 +263,8 @@ def masked_attention(
         ``[batch, seq, hidden]`` in the dtype of ``x``.
     """
     check_tensor("x", x, dim=3)
-    _check_count("num_heads", num_heads)
-    _check_count("num_kv_heads", num_kv_heads)
+    check_int("num_heads", num_heads, positive_wording=True)
+    check_int("num_kv_heads", num_kv_heads, positive_wording=True)
     head_dim = _check_weights(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads)
     check_index("active_heads", active_heads, num_heads, x.device, check_values=check_indices)
     idx = attention_indices(active_heads, num_heads, num_kv_heads, head_dim)

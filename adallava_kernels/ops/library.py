@@ -1,0 +1,113 @@
+"""The Triton kernels as ``torch.ops.adallava.*`` operators (``torch.library.custom_op``).
+
+Registered like the extension's C++ ops, each with a fake (shape-only)
+implementation, so that ``torch.compile`` traces a step that calls them and
+a CUDA graph captures them like any other op. They are functional (each
+returns a new tensor) and check nothing: the runtime and the ops that call
+them validated their inputs at plan time.
+
+- ``head_projection(x, w, heads, cos, sin, head_dim, rope_slots)``: ``[batch, seq, len(heads),
+  head_dim]``, its first ``rope_slots`` heads rotated when ``cos``/``sin`` are given;
+- ``flash_attention(q, k, v, head_to_kv, padding, scale)``: causal attention,
+  ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
+- ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``;
+- ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
+  ``col_gathered_linear(x, w, cols)``.
+
+Importing this module registers them; it compiles nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["adallava_ops"]
+
+
+@torch.library.custom_op("adallava::head_projection", mutates_args=())
+def head_projection(
+    x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+    head_dim: int, rope_slots: int,
+) -> torch.Tensor:
+    from .attention_kernels import head_projection as launch
+
+    out = x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
+    return launch(x, w, heads, head_dim, cos, sin, out, rope_slots=rope_slots)
+
+
+@head_projection.register_fake
+def _(x, w, heads, cos, sin, head_dim, rope_slots):
+    return x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
+
+
+@torch.library.custom_op("adallava::flash_attention", mutates_args=())
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_to_kv: torch.Tensor, padding: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    from .attention_kernels import flash_attention as launch
+
+    return launch(q, k, v, head_to_kv, padding, torch.empty_like(q), scale)
+
+
+@flash_attention.register_fake
+def _(q, k, v, head_to_kv, padding, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("adallava::paged_decode_attention", mutates_args=())
+def paged_decode_attention(
+    q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
+    lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int,
+) -> torch.Tensor:
+    from .paged_attention import paged_decode_attention_triton
+
+    return paged_decode_attention_triton(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)
+
+
+@paged_decode_attention.register_fake
+def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("adallava::row_gathered_linear", mutates_args=())
+def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    from .gathered_linear import row_gathered_linear as launch
+
+    return launch(x, w, rows)
+
+
+@row_gathered_linear.register_fake
+def _(x, w, rows):
+    return x.new_empty(*x.shape[:-1], rows.shape[0])
+
+
+@torch.library.custom_op("adallava::swiglu_gathered", mutates_args=())
+def swiglu_gathered(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    from .gathered_linear import swiglu_gathered as launch
+
+    return launch(x, w_gate, w_up, rows)
+
+
+@swiglu_gathered.register_fake
+def _(x, w_gate, w_up, rows):
+    return x.new_empty(*x.shape[:-1], rows.shape[0])
+
+
+@torch.library.custom_op("adallava::col_gathered_linear", mutates_args=())
+def col_gathered_linear(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    from .gathered_linear import col_gathered_linear as launch
+
+    return launch(x, w, cols)
+
+
+@col_gathered_linear.register_fake
+def _(x, w, cols):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def adallava_ops():
+    """``torch.ops.adallava`` with the Triton operators registered (and the extension's, when built)."""
+    return torch.ops.adallava

@@ -1,0 +1,97 @@
+"""Decode attention that reads a :class:`~adallava_kernels.LayerSkipKVCache`'s pages in place.
+
+One new query per sequence and active head attends the keys its sequence
+stores in positions ``[starts[b], lengths[b])`` (``starts``: the left
+padding; ``lengths``: positions stored, this step's included), read through
+the block table ``[batch, kept KV heads, pages]`` of the layer. Sequence
+lengths live on the device, so a decode step launches the same grid whatever
+the context: the reduction is split over the context in a number of splits
+fixed by the table's width (the sequences' ``max_tokens``), which is what
+lets a step be captured once as a CUDA graph and replayed.
+
+- :func:`paged_decode_attention_reference`: PyTorch, gathers the pages
+  (``O(max_tokens)`` per call): the oracle and the CPU path;
+- :func:`paged_decode_attention_triton`: one program per (sequence, head,
+  split) streams its pages with an online softmax; the splits are combined
+  by ``attention_kernels``' log-sum-exp combine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "paged_decode_attention_reference",
+    "paged_decode_attention_triton",
+    "paged_decode_splits",
+    "visible_positions_mask",
+]
+
+
+def visible_positions_mask(lengths: torch.Tensor, starts: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[batch, 1, 1, width]`` mask: 0 on positions ``[starts, lengths)``, the dtype's minimum elsewhere.
+
+    A finite minimum (as transformers uses), so positions never written
+    (zeros, or another sequence's stale data) get exactly zero weight
+    without a NaN where a row sees nothing.
+    """
+    positions = torch.arange(width, device=lengths.device)
+    visible = (positions >= starts[:, None]) & (positions < lengths[:, None])
+    zero = torch.zeros((), dtype=dtype, device=lengths.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def attend_gathered_pages(
+    q: torch.Tensor, pages: torch.Tensor, head_tables: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA of ``q`` ``[batch, heads, 1, d]`` over the pages ``head_tables`` ``[batch, heads, width]`` names.
+
+    ``pages`` is the pool's ``[2, num_pages, page_size, d]`` (K and V), so one
+    indexing op fetches both; ``head_tables`` has one row per query head (its
+    KV head's pages), which is how GQA is served. ``mask``: from
+    :func:`visible_positions_mask`. Returns ``[batch, heads, 1, d]``.
+    """
+    batch, heads, width = head_tables.shape
+    kv = pages[:, head_tables].view(2, batch, heads, width * pages.shape[2], pages.shape[3])
+    k, v = kv.unbind(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
+    lengths: torch.Tensor, starts: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """``q`` ``[batch, heads, d]`` -> ``[batch, heads, d]``; ``block_tables`` ``[batch, kv_heads, width]``."""
+    head_tables = block_tables.index_select(1, head_to_kv.long())
+    mask = visible_positions_mask(lengths, starts, block_tables.shape[2] * pages.shape[2], q.dtype)
+    return attend_gathered_pages(q[:, :, None], pages, head_tables, mask, scale)[:, :, 0]
+
+
+# Below this many positions per split, splitting costs more than it hides.
+_MIN_POSITIONS_PER_SPLIT = 256
+_MAX_SPLITS = 32
+
+
+def paged_decode_splits(batch: int, heads: int, max_positions: int, device: torch.device) -> int:
+    """KV splits for a decode step: enough (batch x heads x splits) programs to cover the GPU twice,
+    from the positions the pages can hold (``max_tokens``), not the current length, so it stays fixed."""
+    from .attention_kernels import _INTERPRET
+    from .gathered_linear import _multiprocessors
+
+    programs = batch * heads
+    minimum = 32 if _INTERPRET else _MIN_POSITIONS_PER_SPLIT  # the interpreter splits small tests too
+    if programs == 0 or programs >= _multiprocessors(device):
+        return 1
+    return max(1, min(-(-2 * _multiprocessors(device) // programs), -(-max_positions // minimum), _MAX_SPLITS))
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
+    lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton path of :func:`paged_decode_attention_reference`, without input checks; a row with
+    nothing visible gives 0."""
+    from ._paged_kernels import launch_paged_decode
+
+    return launch_paged_decode(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, out)

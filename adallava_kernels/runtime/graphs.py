@@ -1,0 +1,124 @@
+"""CUDA graphs of decode steps: captured once per (plans of the rows, batch size, table width), replayed after.
+
+A decode step is a fixed sequence of launches once its plans are known:
+skipped layers are absent, every grid depends only on the batch, the plans
+and the pages reserved, and sequence lengths are read on the device. So it
+is captured once and replayed with its inputs copied into persistent
+buffers. Batches with the same key share one graph; the graphs live in a
+bounded cache (least recently used out first) and share one memory pool.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import torch
+
+__all__ = ["GraphCache", "GraphEntry", "GraphStats"]
+
+
+@dataclass
+class GraphStats:
+    """What the graphs have cost, in wall seconds: ``warmup_seconds``, the first (eager) step of each key,
+    Triton's compiling and autotuning included; ``capture_seconds``, recording the graphs."""
+
+    captures: int = 0
+    warmup_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    replays: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class GraphEntry:
+    """One captured step: its persistent inputs, its outputs, and the batch whose state it holds now."""
+
+    tokens: torch.Tensor
+    state: torch.Tensor
+    tables: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    outputs: tuple[torch.Tensor, ...] = ()
+    capture_seconds: float = 0.0
+    owner: weakref.ref | None = field(default=None, repr=False)
+    views: list = field(default_factory=list, repr=False)  # the step's table views over ``tables``
+
+
+class GraphCache:
+    """At most ``max_graphs`` captured decode steps, by key."""
+
+    def __init__(self, max_graphs: int) -> None:
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.max_graphs = max_graphs
+        self.stats = GraphStats()
+        self._entries: OrderedDict[Hashable, GraphEntry] = OrderedDict()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, key: Hashable, make: Callable[[], GraphEntry]) -> GraphEntry:
+        """The entry of ``key``, made (without a graph yet) if absent; the oldest goes when the cache is full."""
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+            return found
+        while len(self._entries) >= self.max_graphs:
+            _, old = self._entries.popitem(last=False)
+            _release(old)
+            self.stats.evictions += 1
+        entry = self._entries[key] = make()
+        return entry
+
+    def warm_up(self, step: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """Run ``step`` eagerly on a side stream, as graph capture asks of the first run (Triton compiles
+        and autotunes its kernels here)."""
+        start = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = step()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.stats.warmup_seconds += time.perf_counter() - start
+        return out
+
+    def replay(self, entry: GraphEntry) -> tuple[torch.Tensor, ...]:
+        entry.graph.replay()
+        self.stats.replays += 1
+        return entry.outputs
+
+    def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]]) -> None:
+        """Record ``step`` (which reads and writes only ``entry``'s buffers and the KV pages) into ``entry``."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = step()
+        torch.cuda.synchronize()
+        entry.graph, entry.outputs = graph, outputs
+        entry.capture_seconds = time.perf_counter() - start
+        self.stats.captures += 1
+        self.stats.capture_seconds += entry.capture_seconds
+
+    def clear(self) -> None:
+        for entry in self._entries.values():
+            _release(entry)
+        self._entries.clear()
+
+
+def _release(entry: GraphEntry) -> None:
+    """Give the entry's state back to the batch that owns it (it goes on eagerly or in another graph)."""
+    owner = entry.owner() if entry.owner is not None else None
+    if owner is not None:
+        owner.unbind(entry)
+    entry.graph, entry.outputs = None, ()

@@ -1,0 +1,628 @@
+"""PlannedDecoder: a transformers Llama decoder serving requests under execution plans.
+
+Plan on the host once per request, run on the device with no host sync:
+
+- :meth:`PlannedDecoder.admit` validates a request and reserves every KV page
+  it can need (its plan's kept layers and KV heads, ``max_tokens``
+  positions), or refuses it, changing nothing;
+- :meth:`PlannedDecoder.prefill` runs the prompt; a scheduler that plans
+  mid-prefill (AdaLLaVA, after the prefix layers) is a ``planner`` callback,
+  the one place a device value may come back to the host;
+- :meth:`PlannedDecoder.decode` forms a :class:`DecodeBatch`: its block
+  tables, row sets and per-layer programs are built once, and each
+  :meth:`DecodeBatch.step` is a fixed sequence of launches that reads the
+  sequence lengths on the device (captured as a CUDA graph on CUDA).
+
+Rows whose plans agree on a layer run it together (the prefix layers of
+AdaLLaVA run batched for every row); a skipped layer is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Callable, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_int
+from ..kv_cache import LayerSkipKVCache
+from ..ops._common import check_tensor, resolve_backend
+from ..ops.paged_attention import paged_decode_splits, visible_positions_mask
+from ..plan import ExecutionPlan
+from .graphs import GraphCache, GraphEntry
+from .layers import DecodeInputs, KVPages, LayerProgram, LayerTables, PrefillInputs, rms_norm, rope_sign
+from .weights import DecoderWeights
+
+__all__ = ["PlannedDecoder", "DecodeBatch"]
+
+Planner = Callable[[torch.Tensor], Sequence[ExecutionPlan]]
+
+
+@dataclasses.dataclass
+class _Request:
+    plan: ExecutionPlan | None  # None until set: admitted for any plan (its pages are the full plan's)
+    max_tokens: int
+    prefilled: bool = False
+    length: int = 0  # positions stored, counted on the host
+    starts: torch.Tensor | None = None  # [1] int32 on the device: the left padding, from prefill
+    batch: object = None  # the decode batch that holds its device state now
+
+
+@dataclasses.dataclass
+class _Run:
+    """One layer program over one set of rows."""
+
+    program: LayerProgram
+    rows: int  # index into the row sets; 0 is every row
+    tables: LayerTables | None = None
+    table_index: int = -1  # position of ``tables`` in a decode step's table list
+    split: int = 1
+
+
+class PlannedDecoder:
+    """A Llama decoder whose requests each run their own :class:`ExecutionPlan`, over a paged KV pool.
+
+    Build it with :meth:`from_hf`. It holds the weights in the kernels'
+    layout (:class:`~adallava_kernels.runtime.weights.DecoderWeights`) and a
+    :class:`~adallava_kernels.LayerSkipKVCache` of ``num_pages`` pages
+    (``self.cache``). ``backend``: ``"triton"`` (gathered and paged Triton
+    kernels), ``"torch"`` (PyTorch ops; the CPU path) or ``"auto"`` (Triton
+    on CUDA). ``cuda_graphs``: replay decode steps as CUDA graphs on CUDA,
+    at most ``max_graphs`` of them.
+
+    All validation happens at admission, at plan time and when a decode
+    batch is formed; prefill layers and decode steps read no device value
+    back. ``graph_stats()`` reports what graph captures cost.
+    """
+
+    def __init__(
+        self, weights: DecoderWeights, *, num_pages: int, page_size: int = 16, backend: str = "auto",
+        cuda_graphs: bool = True, max_graphs: int = 8,
+    ) -> None:
+        if not isinstance(weights, DecoderWeights):
+            raise TypeError(f"weights must be DecoderWeights, got {type(weights).__name__}")
+        self.weights, self.shape = weights, weights.shape
+        self.backend = resolve_backend("PlannedDecoder", backend, weights.device, _has_triton())
+        self.cache = LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=page_size, dtype=weights.dtype,
+                                      device=weights.device)
+        self.graphs = GraphCache(max_graphs) if cuda_graphs and weights.device.type == "cuda" else None
+        self._requests: dict[Hashable, _Request] = {}
+        self._programs: dict[tuple, list] = {}  # (layer, heads, neurons) -> [LayerProgram, references]
+        self._plans: dict[ExecutionPlan, list] = {}  # plan -> [its programs by layer, references]
+        self._full = ExecutionPlan.full(self.shape)
+        self._rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
+        self._pages = KVPages.of(self.cache.pages)
+
+    @classmethod
+    def from_hf(
+        cls, model, *, lm_head=None, num_pages: int, page_size: int = 16, backend: str = "auto",
+        partial_layers=None, cuda_graphs: bool = True, max_graphs: int = 8,
+    ) -> "PlannedDecoder":
+        """From a transformers ``LlamaForCausalLM``, ``LlavaForConditionalGeneration`` (its language model),
+        or a ``LlamaModel`` with ``lm_head``. ``partial_layers``: the layers a plan may run with only some
+        heads or neurons (default all; each gets column-major copies of ``o_proj`` and ``down_proj``)."""
+        weights = DecoderWeights.from_hf(model, lm_head=lm_head, partial_layers=partial_layers)
+        return cls(weights, num_pages=num_pages, page_size=page_size, backend=backend, cuda_graphs=cuda_graphs,
+                   max_graphs=max_graphs)
+
+    # -- requests ------------------------------------------------------------------
+
+    def pages_for(self, plan: ExecutionPlan | None, max_tokens: int) -> int:
+        """Pages a request under ``plan`` (``None``: any plan) for ``max_tokens`` positions reserves."""
+        return self.cache.pages_for(self._full if plan is None else plan, max_tokens)
+
+    def admit(self, seq_id: Hashable, plan: ExecutionPlan | None, max_tokens: int) -> None:
+        """Admit ``seq_id`` for at most ``max_tokens`` positions (prompt and generated tokens that are fed back).
+
+        Reserves every KV page the request can need: its plan's, or, with
+        ``plan=None`` (a scheduler that plans during prefill), the full plan's,
+        narrowed by :meth:`set_plan`. A request whose pages cannot be reserved
+        is refused with a ``ValueError`` saying how many it needs and how many
+        are free; nothing changes for the other sequences.
+        """
+        if seq_id in self._requests:
+            raise ValueError(f"sequence {seq_id!r} is already admitted")
+        check_int("max_tokens", max_tokens, 1)
+        if plan is not None:
+            self._check_plan(plan)
+        self.cache.add_sequence(seq_id, self._full if plan is None else plan, max_tokens, reserve=True)
+        try:
+            self._acquire(self._full if plan is None else plan)
+        except Exception:
+            self.cache.free(seq_id)
+            raise
+        self._requests[seq_id] = _Request(plan, max_tokens)
+
+    def set_plan(self, seq_id: Hashable, plan: ExecutionPlan) -> None:
+        """Give ``seq_id`` its plan before its first decode step (or from a prefill ``planner``).
+
+        Pages of the KV heads the plan drops go back to the pool, those it
+        adds are taken (a ``ValueError`` when they are not free). Layers that
+        already ran must run the same units under the new plan.
+        """
+        request = self._request(seq_id)
+        if request.prefilled:
+            raise ValueError(f"sequence {seq_id!r} has run its prefill: its plan is fixed")
+        self._check_plan(plan)
+        self._acquire(plan)
+        try:
+            self.cache.set_plan(seq_id, plan)
+        except Exception:
+            self._release(plan)
+            raise
+        self._release(self._full if request.plan is None else request.plan)
+        request.plan = plan
+
+    def free(self, seq_id: Hashable) -> None:
+        """Return the pages of ``seq_id`` to the pool and forget it."""
+        request = self._request(seq_id)
+        self.cache.free(seq_id)
+        self._release(self._full if request.plan is None else request.plan)
+        request.batch = None  # a batch that still holds it refuses to step
+        del self._requests[seq_id]
+
+    def plan(self, seq_id: Hashable) -> ExecutionPlan | None:
+        return self._request(seq_id).plan
+
+    @property
+    def sequences(self) -> tuple[Hashable, ...]:
+        return tuple(self._requests)
+
+    def resize_pool(self, num_pages: int) -> None:
+        """Replace the KV pool by an empty one of ``num_pages`` pages (only while no sequence is admitted;
+        the captured graphs, which read the old pool, are dropped)."""
+        if self._requests:
+            raise ValueError(f"resize_pool needs an empty pool; {len(self._requests)} sequences are admitted")
+        self.cache = LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=self.cache.page_size,
+                                      dtype=self.weights.dtype, device=self.weights.device)
+        self._pages = KVPages.of(self.cache.pages)
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    def graph_stats(self) -> dict:
+        """The graph cache's captures, the wall seconds of their warm-up steps and of the recordings, the
+        replays and the evictions (``{"enabled": False}`` without graphs: on a CPU, or ``cuda_graphs=False``)."""
+        if self.graphs is None:
+            return {"enabled": False}
+        return {"enabled": True, "cached": len(self.graphs), "max_graphs": self.graphs.max_graphs,
+                **self.graphs.stats.as_dict()}
+
+    # -- prefill -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(
+        self, seq_ids: Sequence[Hashable], inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        *, planner: Planner | None = None, plan_after: int | None = None, logits_to_keep: int = 1,
+    ) -> torch.Tensor:
+        """Run the prompts of ``seq_ids`` (row ``b`` is ``seq_ids[b]``) and store their K/V in the pool.
+
+        Args:
+            inputs_embeds: ``[batch, T, hidden]`` in the weights' dtype, on their device.
+            attention_mask: ``[batch, T]`` left padding (1: token, 0: padding), or ``None``.
+            planner: called once with the hidden states ``[batch, T, hidden]`` entering layer
+                ``plan_after``; returns one plan per row, set with :meth:`set_plan`
+                before the remaining layers run.
+            logits_to_keep: logits of the last this many positions (0: all).
+
+        Returns:
+            ``[batch, logits_to_keep or T, vocab]`` logits.
+        """
+        requests = self._fresh(seq_ids)
+        seq = self._check_prompt(inputs_embeds, attention_mask, len(seq_ids), left_padding=True)
+        for seq_id, request in zip(seq_ids, requests):
+            if seq > request.max_tokens:
+                raise ValueError(f"sequence {seq_id!r}: a prompt of {seq} positions exceeds its max_tokens "
+                                 f"{request.max_tokens}")
+        logits, starts = self._run_prompt(inputs_embeds, attention_mask, list(seq_ids), requests, planner,
+                                          plan_after, logits_to_keep)
+        self.cache.advance(list(seq_ids), seq)
+        for b, request in enumerate(requests):
+            request.prefilled, request.length, request.starts = True, seq, starts[b:b + 1]
+        return logits
+
+    @torch.no_grad()
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        plans: Sequence[ExecutionPlan] | None = None, *, planner: Planner | None = None, plan_after: int | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, list[ExecutionPlan]]:
+        """A planned forward over whole sequences that stores no K/V: ``plans`` (one per row), or the full
+        plan until ``planner`` gives them at ``plan_after``. ``attention_mask`` may pad anywhere (it makes
+        no sync). Returns the logits and the plans run."""
+        batch = inputs_embeds.shape[0] if isinstance(inputs_embeds, torch.Tensor) else 0
+        self._check_prompt(inputs_embeds, attention_mask, batch, left_padding=False)
+        rows = [self._full] * batch if plans is None else list(plans)
+        if len(rows) != batch:
+            raise ValueError(f"plans must hold one plan per row ({batch}), got {len(rows)}")
+        for plan in rows:
+            self._check_plan(plan)
+        requests = [_Request(plan, inputs_embeds.shape[1]) for plan in rows]
+        for plan in rows:
+            self._acquire(plan)
+        try:
+            logits, _ = self._run_prompt(inputs_embeds, attention_mask, None, requests, planner, plan_after,
+                                         logits_to_keep)
+        finally:
+            for request in requests:
+                self._release(request.plan)
+        return logits, [r.plan for r in requests]
+
+    def _run_prompt(self, h, mask, seq_ids, requests, planner, plan_after, logits_to_keep):
+        layers = self.shape.num_layers
+        if planner is not None and (isinstance(plan_after, bool) or not isinstance(plan_after, int)
+                                    or not 0 <= plan_after <= layers):
+            raise ValueError(f"plan_after must be an int in [0, {layers}] with a planner, got {plan_after!r}")
+        batch, seq, _ = h.shape
+        padding = None if mask is None else mask.to(torch.int32)
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.int32, device=h.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as transformers' generate derives them
+        cos, sin = self.weights.rotary(h, positions)
+        shared = PrefillInputs(cos, sin, cos[:, :, None], (sin * self._rope_sign)[:, :, None],
+                               _prompt_mask(mask, h.dtype), padding)
+        starts = (seq - mask.sum(-1)).to(torch.int32)
+        stop = plan_after if planner is not None else layers
+        h = self._prefill_layers(h, 0, stop, shared, seq_ids, requests)
+        if planner is not None:
+            self._apply_planner(planner, h, seq_ids, requests, stop)
+            h = self._prefill_layers(h, stop, layers, shared, seq_ids, requests)
+        keep = seq if logits_to_keep == 0 else logits_to_keep
+        hidden = rms_norm(h[:, seq - keep:], self.weights.norm, self.weights.norm_eps)
+        return hidden @ self.weights.lm_head.t(), starts
+
+    def _prefill_layers(self, h, start, stop, shared: PrefillInputs, seq_ids, requests):
+        if start == stop:
+            return h
+        schedule, row_sets, host_rows = self._schedule([self._plan_of(r) for r in requests], range(start, stop))
+        if seq_ids is not None:
+            self._attach_tables(schedule, host_rows, seq_ids, decode=False)
+        inputs = [shared if rows is None else _select_rows(shared, rows) for rows in row_sets]
+        pages = self._pages if seq_ids is not None else None
+        for runs in schedule:
+            h = _run_layer(h, runs, row_sets, lambda run, part: run.program.prefill(
+                part, inputs[run.rows], pages, run.tables))
+        return h
+
+    def _apply_planner(self, planner, h, seq_ids, requests, ran: int) -> None:
+        plans = list(planner(h))
+        if len(plans) != len(requests):
+            raise ValueError(f"the planner must return one plan per row ({len(requests)}), got {len(plans)}")
+        for b, (request, plan) in enumerate(zip(requests, plans)):
+            self._check_plan(plan)
+            before = self._plan_of(request)
+            changed = [i for i in range(ran) if (plan.heads[i], plan.neurons[i]) != (before.heads[i], before.neurons[i])]
+            if changed:
+                raise ValueError(f"the plan of row {b} changes layers {changed}, which ran before the planner")
+            if seq_ids is not None:
+                self.set_plan(seq_ids[b], plan)
+            else:
+                self._acquire(plan)
+                self._release(before)
+                request.plan = plan
+
+    # -- decode --------------------------------------------------------------------------
+
+    def decode(self, seq_ids: Sequence[Hashable]) -> "DecodeBatch":
+        """A decode batch of prefilled sequences (row ``b`` is ``seq_ids[b]``), built once; step it."""
+        return DecodeBatch(self, list(seq_ids))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _request(self, seq_id: Hashable) -> _Request:
+        try:
+            return self._requests[seq_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"sequence {seq_id!r} is not admitted (never, or freed)") from None
+
+    def _fresh(self, seq_ids: Sequence[Hashable]) -> list[_Request]:
+        if not seq_ids or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids must name distinct admitted sequences, got {list(seq_ids)!r}")
+        requests = [self._request(s) for s in seq_ids]
+        for seq_id, request in zip(seq_ids, requests):
+            if request.prefilled:
+                raise ValueError(f"sequence {seq_id!r} has run its prefill already")
+        return requests
+
+    def _plan_of(self, request: _Request) -> ExecutionPlan:
+        return self._full if request.plan is None else request.plan
+
+    def _check_plan(self, plan: ExecutionPlan) -> None:
+        if not isinstance(plan, ExecutionPlan):
+            raise ValueError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+        plan.check_shape(self.shape)
+
+    def _check_prompt(self, h, mask, batch: int, *, left_padding: bool) -> int:
+        weights = self.weights
+        check_tensor("inputs_embeds", h, dim=3, dtypes=(weights.dtype,), device=weights.device)
+        if h.shape[0] == 0 or h.shape[1] == 0 or h.shape[2] != self.shape.hidden_size:
+            raise ValueError(f"inputs_embeds must be [batch >= 1, T >= 1, {self.shape.hidden_size}], "
+                             f"got {list(h.shape)}")
+        if h.shape[0] != batch:
+            raise ValueError(f"inputs_embeds has {h.shape[0]} rows, but {batch} sequences were given")
+        if mask is not None:
+            check_tensor("attention_mask", mask, dim=2, dtypes=_MASK_DTYPES, device=weights.device)
+            if tuple(mask.shape) != tuple(h.shape[:2]):
+                raise ValueError(f"attention_mask must be [{h.shape[0]}, {h.shape[1]}] like inputs_embeds, "
+                                 f"got {list(mask.shape)}")
+            # Plan time: the one read-back of a prompt, before any layer runs (decode needs left padding).
+            keep = mask != 0
+            if left_padding and bool((keep[:, :-1] & ~keep[:, 1:]).any() | ~keep[:, -1].all()):
+                raise ValueError("attention_mask must be left padding: zeros, then ones, with the last column all 1")
+        return h.shape[1]
+
+    def _acquire(self, plan: ExecutionPlan) -> None:
+        """Reference ``plan``'s layer programs, building those no other plan shares at first use."""
+        slot = self._plans.get(plan)
+        if slot is not None:
+            slot[1] += 1
+            return
+        layers = plan.layers(self.weights.device)
+        programs, made = [], []
+        try:
+            for i in range(self.shape.num_layers):
+                key = (i, plan.heads[i], plan.neurons[i])
+                shared = self._programs.get(key)
+                if shared is None:
+                    program = LayerProgram(self.weights.layers[i], layers[i], self.shape, self.backend)
+                    shared = self._programs[key] = [program, 0]
+                shared[1] += 1
+                made.append(key)
+                programs.append(shared[0])
+        except Exception:
+            for key in made:
+                self._unref(key)
+            raise
+        self._plans[plan] = [tuple(programs), 1]
+
+    def _release(self, plan: ExecutionPlan) -> None:
+        slot = self._plans[plan]
+        slot[1] -= 1
+        if slot[1] == 0:
+            del self._plans[plan]
+            for i in range(self.shape.num_layers):
+                self._unref((i, plan.heads[i], plan.neurons[i]))
+
+    def _unref(self, key) -> None:
+        shared = self._programs[key]
+        shared[1] -= 1
+        if shared[1] == 0:
+            del self._programs[key]
+
+    def _schedule(self, plans: Sequence[ExecutionPlan], layers) -> tuple[list[list[_Run]], list, list[list[int]]]:
+        """Per layer, its programs and the rows each runs (a skipped layer runs nothing). The row sets come
+        as device index tensors made in one copy (``None``: every row) and as host lists."""
+        batch = len(plans)
+        programs = [self._plans[plan][0] for plan in plans]
+        index: dict[tuple[int, ...], int] = {tuple(range(batch)): 0}
+        schedule = []
+        for layer in layers:
+            runs_of: dict[int, tuple[LayerProgram, list[int]]] = {}
+            for b in range(batch):
+                program = programs[b][layer]
+                runs_of.setdefault(id(program), (program, []))[1].append(b)
+            runs = [_Run(program, index.setdefault(tuple(rows), len(index)))
+                    for program, rows in runs_of.values() if program.runs_attention or program.runs_mlp]
+            schedule.append(runs)
+        host_rows = [list(rows) for rows, _ in sorted(index.items(), key=lambda item: item[1])]
+        row_sets: list = [None]
+        if len(host_rows) > 1:
+            flat = torch.tensor([r for rows in host_rows[1:] for r in rows], dtype=torch.long)
+            row_sets += list(flat.to(self.weights.device).split([len(rows) for rows in host_rows[1:]]))
+        return schedule, row_sets, host_rows
+
+    def _attach_tables(self, schedule, host_rows, seq_ids, *, decode: bool) -> None:
+        """Each run's block tables ``[rows, kv_heads, width]`` (stacked on the device, widths padded)."""
+        width = max(-(-self._request(s).max_tokens // self.cache.page_size) for s in seq_ids)
+        for runs in schedule:
+            for run in runs:
+                if not run.program.runs_attention:
+                    continue
+                layer = run.program.index
+                tables = torch.stack([_padded(self.cache.page_table(seq_ids[b], layer), width)
+                                      for b in host_rows[run.rows]])
+                run.tables = run.program.tables(tables, per_query_head=decode and self.backend == "torch")
+                if decode and self.backend == "triton":
+                    run.split = paged_decode_splits(len(host_rows[run.rows]), run.program.nq,
+                                                    width * self.cache.page_size, self.weights.device)
+
+
+_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return True
+
+
+def _padded(table: torch.Tensor, width: int) -> torch.Tensor:
+    return table if table.shape[1] == width else F.pad(table, (0, width - table.shape[1]))
+
+
+def _prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[batch, 1, T, T]`` additive causal-and-padding mask, the dtype's minimum where hidden (finite, as
+    transformers, so a padded query that sees nothing averages instead of giving NaN)."""
+    seq = mask.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
+    visible = causal[None, None] & (mask != 0)[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)
+
+
+def _select_rows(inputs, rows: torch.Tensor):
+    """``inputs`` (a PrefillInputs or DecodeInputs) for the rows ``rows`` only."""
+    values = (getattr(inputs, f.name) for f in dataclasses.fields(inputs))
+    return type(inputs)(*(None if t is None else t.index_select(0, rows) for t in values))
+
+
+def _run_layer(h, runs: list[_Run], row_sets, run_one) -> torch.Tensor:
+    """One layer over every row: each run on its rows (``h`` untouched by a skipped layer)."""
+    if len(runs) == 1 and runs[0].rows == 0:
+        return run_one(runs[0], h)
+    out = h
+    for run in runs:
+        rows = row_sets[run.rows]
+        part = h if rows is None else h.index_select(0, rows)
+        part = run_one(run, part)
+        out = part if rows is None else out.index_copy(0, rows, part)
+    return out
+
+
+class DecodeBatch:
+    """Decode steps of a fixed set of prefilled sequences, planned once.
+
+    At construction (plan time): checks, the per-layer programs and row
+    sets, every block table (packed in one buffer), and the device state
+    (``state[0]``: positions stored, ``state[1]``: left padding). A
+    :meth:`step` then reads nothing back from the device. On CUDA with
+    graphs, the first step of a new (plans, batch size, width) runs eagerly
+    and the step is captured; later steps, of this batch or another with the
+    same key, replay it.
+    """
+
+    def __init__(self, runner: PlannedDecoder, seq_ids: list[Hashable]) -> None:
+        if not seq_ids or len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids must name distinct admitted sequences, got {seq_ids!r}")
+        requests = [runner._request(s) for s in seq_ids]
+        for seq_id, request in zip(seq_ids, requests):
+            if not request.prefilled:
+                raise ValueError(f"sequence {seq_id!r} has not run its prefill")
+        self.runner, self.seq_ids, self.requests = runner, seq_ids, requests
+        self.batch = len(seq_ids)
+        self.plans = [runner._plan_of(r) for r in requests]
+        self.schedule, self.row_sets, host_rows = runner._schedule(self.plans, range(runner.shape.num_layers))
+        runner._attach_tables(self.schedule, host_rows, seq_ids, decode=True)
+        self.width = max(-(-r.max_tokens // runner.cache.page_size) for r in requests)
+        # Batches with equal plans row by row, batch size and table width share one graph.
+        self.key = (tuple(self.plans), self.width, runner.backend)
+        lengths = torch.tensor([r.length for r in requests], dtype=torch.int32).to(runner.weights.device)
+        self.state = torch.stack([lengths, torch.cat([r.starts for r in requests])])
+        self.tables_flat, self.tables = _pack_tables(self.schedule)
+        self._entry: GraphEntry | None = None
+        for request in requests:  # a sequence's device state moves into this batch
+            request.batch = self
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (``[batch]`` int64 on the device); returns ``(logits [batch, vocab],
+        greedy next tokens [batch])``. With CUDA graphs these are the graph's output buffers: read or
+        copy them before the next step of any batch with the same key."""
+        runner = self.runner
+        for seq_id, request in zip(self.seq_ids, self.requests):
+            if request.batch is not self:
+                raise ValueError(f"sequence {seq_id!r} was freed or joined another decode batch; form a new one")
+            if request.length + 1 > request.max_tokens:
+                raise ValueError(f"sequence {seq_id!r} is full: {request.length} positions stored of the "
+                                 f"{request.max_tokens} reserved by admit")
+        check_tensor("tokens", tokens, dim=1, dtypes=(torch.int64,), device=runner.weights.device)
+        if tokens.shape[0] != self.batch:
+            raise ValueError(f"tokens must have one entry per row ({self.batch}), got {tokens.shape[0]}")
+        if runner.graphs is None:
+            out = self.forward_step(tokens, self.state, self.tables)
+        else:
+            out = self._graph_step(tokens)
+        runner.cache.advance(self.seq_ids, 1)
+        for request in self.requests:
+            request.length += 1
+        return out
+
+    def forward_step(self, tokens: torch.Tensor, state: torch.Tensor, tables: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step itself, a pure function of its tensors (what a graph captures and ``torch.compile`` traces)."""
+        runner = self.runner
+        weights = runner.weights
+        lengths, starts = state[0], state[1]
+        h = F.embedding(tokens, weights.embed)
+        cos, sin = weights.rotary(h[:, None], (lengths - starts).long()[:, None])
+        lengths_after = lengths + 1
+        width = self.width * runner.cache.page_size
+        mask = visible_positions_mask(lengths_after, starts, width, h.dtype) if runner.backend == "torch" else None
+        every = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner._rope_sign)[:, :, None], lengths,
+                             lengths_after, starts, mask)
+        inputs = [every if rows is None else _select_rows(every, rows) for rows in self.row_sets]
+        pages = runner._pages
+        for runs in self.schedule:
+            h = _run_layer(h, runs, self.row_sets, lambda run, part: run.program.decode(
+                part, inputs[run.rows], pages, tables[run.table_index], run.split))
+        logits = rms_norm(h, weights.norm, weights.norm_eps) @ weights.lm_head.t()
+        lengths.add_(1)
+        return logits, logits.argmax(-1)
+
+    def _graph_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        graphs = self.runner.graphs
+        entry = graphs.entry(self.key, self._new_entry)
+        if entry.owner is None or entry.owner() is not self:
+            self._bind(entry)
+        entry.tokens.copy_(tokens)
+        step = lambda: self.forward_step(entry.tokens, entry.state, entry.views)  # noqa: E731
+        if entry.graph is None:
+            # The first step of a key runs eagerly (the warm-up), then is recorded for the next ones;
+            # recording runs nothing, so the pages and lengths change only on replay.
+            out = graphs.warm_up(step)
+            graphs.capture(entry, step)
+            return out
+        return graphs.replay(entry)
+
+    def _new_entry(self) -> GraphEntry:
+        entry = GraphEntry(tokens=torch.zeros(self.batch, dtype=torch.int64, device=self.state.device),
+                           state=torch.empty_like(self.state), tables=torch.empty_like(self.tables_flat))
+        entry.views = _unpack_like(entry.tables, self.tables)
+        return entry
+
+    def _bind(self, entry: GraphEntry) -> None:
+        """Move this batch's state into ``entry``'s buffers (saving the previous owner's first)."""
+        previous = entry.owner() if entry.owner is not None else None
+        if previous is not None:
+            previous.unbind(entry)
+        if self._entry is not None and self._entry is not entry:
+            self.unbind(self._entry)
+        entry.state.copy_(self.state)
+        entry.tables.copy_(self.tables_flat)
+        entry.owner = weakref.ref(self)
+        self._entry = entry
+
+    def unbind(self, entry: GraphEntry) -> None:
+        """Take this batch's state back from ``entry`` (another batch needs the graph, or it is evicted)."""
+        if self._entry is entry:
+            self.state.copy_(entry.state)
+            self._entry = None
+            entry.owner = None
+
+    def close(self) -> None:
+        """Release the graph this batch holds (its state stays with the batch)."""
+        if self._entry is not None:
+            self.unbind(self._entry)
+
+
+def _pack_tables(schedule) -> tuple[torch.Tensor, list[LayerTables]]:
+    """Every run's tables in one int32 buffer (one copy binds a batch to a graph), and views of it;
+    each run learns its position in the list."""
+    runs = [run for layer_runs in schedule for run in layer_runs if run.program.runs_attention]
+    for position, run in enumerate(runs):
+        run.table_index = position
+    tables = [run.tables for run in runs]
+    parts = [t for lt in tables for t in (lt.tables, lt.head_tables) if t is not None]
+    if not parts:
+        return torch.empty(0, dtype=torch.int32), []  # no layer attends: nothing to bind
+    flat = torch.cat([t.reshape(-1) for t in parts])
+    return flat, _unpack_like(flat, tables)
+
+
+def _unpack_like(flat: torch.Tensor, like: list[LayerTables]) -> list[LayerTables]:
+    views, offset = [], 0
+
+    def take(t):
+        nonlocal offset
+        if t is None:
+            return None
+        view = flat[offset:offset + t.numel()].view(t.shape)
+        offset += t.numel()
+        return view
+
+    for lt in like:
+        views.append(LayerTables(take(lt.tables), take(lt.head_tables)))
+    return views

@@ -1,0 +1,84 @@
+"""Paged decode attention: the Triton kernel and the PyTorch path against a float64 loop over the pages."""
+
+import math
+
+import pytest
+import torch
+
+from adallava_kernels.ops.paged_attention import (
+    paged_decode_attention_reference,
+    paged_decode_attention_triton,
+    paged_decode_splits,
+)
+from adallava_kernels.testing import assert_close, poisoned
+
+from _device import DEVICE, to_device
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale):
+    """float64, one (sequence, head) at a time, reading each visible position's page by hand."""
+    batch, heads, d = q.shape
+    page_size = pages.shape[2]
+    out = torch.zeros(batch, heads, d, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kv = int(head_to_kv[h])
+            positions = range(int(starts[b]), int(lengths[b]))
+            rows = [(int(tables[b, kv, p // page_size]), p % page_size) for p in positions]
+            keys = torch.stack([pages[0, page, slot] for page, slot in rows]).double()
+            values = torch.stack([pages[1, page, slot] for page, slot in rows]).double()
+            weights = torch.softmax(keys @ q[b, h].double() * scale, dim=0)
+            out[b, h] = weights @ values
+    return out
+
+
+def case(dtype, page_size=5, width=7, seed=0):
+    """3 sequences, 5 query heads over 2 KV heads (an arbitrary map after masking), pages of an odd size."""
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, kv_heads, d, num_pages = 3, 5, 2, 24, 60
+    q = torch.randn(batch, heads, d, generator=g).to(dtype)
+    pages = torch.randn(2, num_pages, page_size, d, generator=g).to(dtype)
+    tables = torch.randperm(num_pages, generator=g)[: batch * kv_heads * width].view(batch, kv_heads, width).int()
+    head_to_kv = torch.tensor([0, 1, 1, 0, 1], dtype=torch.int32)
+    # Lengths short of, at and inside the pages; left padding on two rows.
+    lengths = torch.tensor([4, width * page_size, 19], dtype=torch.int32)
+    starts = torch.tensor([0, 3, 18], dtype=torch.int32)
+    return q, pages, tables, head_to_kv, lengths, starts, d**-0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reference_equals_the_loop(dtype):
+    args = case(dtype)
+    out = paged_decode_attention_reference(*args)
+    assert_close(out, loop_oracle(*args), dtype)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, None], ids=lambda s: f"split{s}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_equals_the_loop(dtype, split):
+    q, pages, tables, head_to_kv, lengths, starts, scale = case(dtype)
+    if split is None:  # as the runtime picks it: from the pages' capacity, not the lengths
+        split = paged_decode_splits(3, 5, tables.shape[2] * pages.shape[2], DEVICE)
+    out = poisoned(*q.shape, dtype=dtype, device=DEVICE)
+    paged_decode_attention_triton(*to_device(q, pages, tables, head_to_kv, lengths, starts), scale, split, out=out)
+    assert_close(out.cpu(), loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale))
+
+
+def test_strided_query_and_one_page():
+    """q as a slice of a projection output (the runtime's), a page size of 1 and a 1-position context."""
+    q, pages, tables, head_to_kv, _, _, scale = case(torch.float32, page_size=1, width=9)
+    wide = torch.randn(3, 9, 1, 24)
+    wide[:, 2:7, 0] = q
+    lengths, starts = torch.tensor([1, 9, 5], dtype=torch.int32), torch.tensor([0, 8, 0], dtype=torch.int32)
+    out = paged_decode_attention_triton(*to_device(wide[:, 2:7, 0], pages, tables, head_to_kv, lengths, starts),
+                                        scale, 3)
+    assert_close(out.cpu(), loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale))
+
+
+def test_splits_follow_capacity_and_stay_in_bounds():
+    assert paged_decode_splits(1, 32, 4096, torch.device("cpu")) >= 1
+    for batch, heads, positions in [(1, 1, 10), (1, 8, 700), (64, 32, 4096), (2, 5, 3)]:
+        split = paged_decode_splits(batch, heads, positions, torch.device("cpu"))
+        assert 1 <= split <= 32 and split <= max(1, math.ceil(positions / 32))

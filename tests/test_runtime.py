@@ -1,0 +1,364 @@
+"""The plan runtime: equal to the zeroed model, no host sync in a step, few ops per layer, traceable, and
+admission that refuses what does not fit without touching the other sequences.
+
+Backends: ``torch`` on the CPU, and ``triton`` on DEVICE (the GPU, or the CPU under TRITON_INTERPRET=1).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adallava_kernels import ExecutionPlan, ModelShape, cost
+from adallava_kernels.runtime import GraphCache, PlannedDecoder
+from adallava_kernels.runtime.layers import LayerProgram
+from adallava_kernels.testing import assert_close
+
+from _device import DEVICE
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, NEURONS, LAYERS, VOCAB = 64, 8, 2, 8, 100, 4, 128
+SHAPE = ModelShape(HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, NEURONS, VOCAB)
+BACKENDS = [pytest.param("torch", torch.device("cpu"), id="torch"), pytest.param("triton", DEVICE, id="triton")]
+
+# -L: a layer skipped; -H: heads and neuron groups off, a layer with attention only, one with its MLP only.
+PLAN_L = ExecutionPlan.from_layer_mask([1, 1, 0, 1], SHAPE)
+PLAN_H = ExecutionPlan(SHAPE, [range(8), range(8), [1, 2, 5], []],
+                       [range(100), range(100), range(0, 100, 3), range(40, 90)])
+PLAN_H2 = ExecutionPlan(SHAPE, [range(8), range(8), [0, 7], [3]], [range(100), range(100), [], range(60)])
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=NEURONS, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=VOCAB)
+    return LlamaForCausalLM(config).eval()
+
+
+def zeroed(model, plan):
+    """The oracle: transformers' Llama with the plan's inactive heads and neurons zeroed in o_proj/down_proj."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(ref.model.layers):
+            heads_off = torch.ones(HEADS, dtype=torch.bool)
+            heads_off[list(plan.heads[i])] = False
+            layer.self_attn.o_proj.weight[:, heads_off.repeat_interleave(HEAD_DIM)] = 0
+            neurons_off = torch.ones(NEURONS, dtype=torch.bool)
+            neurons_off[list(plan.neurons[i])] = False
+            layer.mlp.down_proj.weight[:, neurons_off] = 0
+    return ref
+
+
+def prompts(batch=2, length=9):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    return ids, mask
+
+
+def runner_for(model, backend, device, **kwargs):
+    return PlannedDecoder.from_hf(copy.deepcopy(model).to(device), num_pages=kwargs.pop("num_pages", 120),
+                                  page_size=4, backend=backend, **kwargs)
+
+
+def generate(runner, ids, mask, plans, steps, *, planner_at=None, room=0):
+    """Greedy tokens and every step's logits through the runtime (plans given at admission or by a planner);
+    ``room``: positions reserved beyond the generation."""
+    device = runner.weights.device
+    seq_ids = [f"s{b}" for b in range(ids.shape[0])]
+    for s, plan in zip(seq_ids, plans):
+        runner.admit(s, None if planner_at is not None else plan, ids.shape[1] + steps + room)
+    embeds = runner.weights.embed[ids.to(device)]
+    kwargs = {} if planner_at is None else dict(planner=lambda h: plans, plan_after=planner_at)
+    logits = runner.prefill(seq_ids, embeds, mask.to(device), **kwargs)[:, -1]
+    batch = runner.decode(seq_ids)
+    token, out = logits.argmax(-1), [logits.cpu()]
+    for _ in range(steps - 1):
+        logits, token = batch.step(token)
+        out.append(logits.cpu())
+    return seq_ids, torch.stack(out, 1)
+
+
+def oracle_logits(model, ids, mask, plan, steps):
+    with torch.no_grad():
+        g = zeroed(model, plan).generate(ids[None, mask.bool()], max_new_tokens=steps, min_new_tokens=steps,
+                                         do_sample=False, pad_token_id=0, output_logits=True,
+                                         return_dict_in_generate=True)
+    return torch.stack(g.logits, 1)[0]
+
+
+# --- equivalence -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("plans, planner_at", [((PLAN_L, PLAN_H), None), ((PLAN_H, PLAN_H2), 2)],
+                         ids=["L-and-H-at-admission", "H-from-a-planner"])
+def test_runtime_equals_the_zeroed_model_with_padding(model, backend, device, plans, planner_at):
+    runner = runner_for(model, backend, device)
+    ids, mask = prompts()
+    steps = 5
+    seq_ids, logits = generate(runner, ids, mask, plans, steps, planner_at=planner_at)
+    for b, plan in enumerate(plans):
+        assert_close(logits[b], oracle_logits(model, ids[b], mask[b], plan, steps), torch.float32)
+    # The pool holds the plans' layers and KV heads only, with every page reserved at admission.
+    stored = ids.shape[1] + steps - 1  # the last token is not fed back
+    for s, plan in zip(seq_ids, plans):
+        for layer in range(LAYERS):
+            assert runner.cache.kv_heads(s, layer) == plan.kv_heads(layer)
+            assert runner.cache.length(s, layer) == (stored if plan.kv_heads(layer) else 0)
+        assert runner.cache.sequence_bytes(s) == cost.kv_cache_bytes(
+            SHAPE, ids.shape[1] + steps, plan, kv_bytes=4, page_size=runner.cache.page_size)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_forward_without_cache_equals_the_zeroed_model(model, backend, device):
+    runner = runner_for(model, backend, device)
+    ids, mask = prompts()
+    embeds = runner.weights.embed[ids.to(device)]
+    logits, plans = runner.forward(embeds, mask.to(device), [PLAN_H, PLAN_L])
+    assert plans == [PLAN_H, PLAN_L] and runner.cache.pages_in_use == 0
+    for b, plan in enumerate(plans):
+        with torch.no_grad():
+            expected = zeroed(model, plan)(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits
+        real = mask[b].bool()
+        assert_close(logits[b].cpu()[real], expected[0][real], torch.float32)
+
+
+# --- no host sync, few ops ------------------------------------------------------------------
+
+SYNC_OPS = {
+    "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
+    "aten.unique_consecutive.default", "aten.masked_select.default", "aten.lift_fresh.default",
+    "aten.lift_fresh_copy.default",
+}
+
+
+class Dispatched(TorchDispatchMode):
+    """Records every aten op dispatched, and Tensor.tolist calls (which dispatch nothing)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops = []
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.ops.append("Tensor.tolist")
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def syncs(self, start=0, stop=None):
+        return [op for op in self.ops[start:stop] if op in SYNC_OPS or op == "Tensor.tolist"]
+
+
+def per_layer(monkeypatch, mode, method):
+    """(layer index, ops, syncs, first op) of every call of ``LayerProgram.<method>`` while ``mode`` is on."""
+    calls, original = [], getattr(LayerProgram, method)
+
+    def wrapped(self, *args, **kwargs):
+        start = len(mode.ops)
+        out = original(self, *args, **kwargs)
+        calls.append((self.index, len(mode.ops) - start, mode.syncs(start), start))
+        return out
+
+    monkeypatch.setattr(LayerProgram, method, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("plans", [(PLAN_L, PLAN_L), (PLAN_H, PLAN_H2)], ids=["L", "H-two-plans"])
+def test_decode_step_reads_nothing_back_and_stays_under_40_ops_a_layer(model, backend, device, plans, monkeypatch):
+    runner = runner_for(model, backend, device)
+    ids, mask = prompts()
+    seq_ids, _ = generate(runner, ids, mask, plans, 2, room=2)  # prefill and a step: programs built, graph captured
+    batch = runner.decode(seq_ids)
+    token = torch.zeros(2, dtype=torch.long, device=device)
+    with Dispatched(monkeypatch) as mode:
+        calls = per_layer(monkeypatch, mode, "decode")
+        batch.step(token)
+        batch.step(token)
+    assert mode.syncs() == []
+    ran = {(i, n) for i, n, _, _ in calls}
+    assert len(calls) == 2 * sum(len(runs) for runs in batch.schedule)  # every run of every kept layer
+    assert max(n for _, n in ran) <= 40, sorted(ran)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_prefill_layers_read_nothing_back_after_planning(model, backend, device, monkeypatch):
+    runner = runner_for(model, backend, device)
+    ids, mask = prompts()
+    for s in ("a", "b"):
+        runner.admit(s, None, 20)
+    embeds = runner.weights.embed[ids.to(device)]
+    planned_at = []
+
+    def planner(hidden):
+        planned_at.append(len(mode.ops))
+        return [PLAN_H, PLAN_H2]
+
+    with Dispatched(monkeypatch) as mode:
+        calls = per_layer(monkeypatch, mode, "prefill")
+        runner.prefill(["a", "b"], embeds, mask.to(device), planner=planner, plan_after=2)
+    assert [syncs for _, _, syncs, _ in calls] == [[]] * len(calls)
+    # After planning, only plan time builds from host data (the plans' index tables, the pages set_plan
+    # takes, the row sets): all before the first layer after the planner runs.
+    resumed = min(start for _, _, _, start in calls if start > planned_at[0])
+    assert mode.syncs(resumed) == []
+    assert set(mode.syncs(planned_at[0], resumed)) <= {"aten.lift_fresh.default"}
+    assert mode.syncs(0, planned_at[0]) == ["aten._local_scalar_dense.default"]  # the mask is left padding
+
+
+# --- torch.compile --------------------------------------------------------------------------
+
+
+def test_decode_step_traces_with_torch_compile(model):
+    runner = runner_for(model, "torch", torch.device("cpu"))
+    ids, mask = prompts()
+    seq_ids, _ = generate(runner, ids, mask, (PLAN_H, PLAN_L), 2, room=1)
+    batch = runner.decode(seq_ids)
+    token = torch.tensor([5, 9])
+    state = batch.state.clone()
+    eager = batch.forward_step(token, batch.state, batch.tables)[0].clone()
+    batch.state.copy_(state)  # the same step again, from the same state
+    torch._dynamo.reset()
+    compiled = torch.compile(batch.forward_step, fullgraph=True, backend="eager")
+    traced = compiled(token, batch.state, batch.tables)[0]
+    assert_close(traced, eager, torch.float32)
+    assert torch.equal(batch.state[0], state[0] + 1)
+
+
+# --- admission and bad input ------------------------------------------------------------------
+
+
+def test_admission_refuses_what_does_not_fit_and_changes_nothing(model):
+    runner = runner_for(model, "torch", torch.device("cpu"), num_pages=40)
+    runner.admit("small", PLAN_L, 12)  # 3 kept layers x 2 KV heads x 3 pages of 4
+    assert runner.cache.pages_in_use == 18 == runner.pages_for(PLAN_L, 12)
+    tables = [runner.cache.page_table("small", i).clone() for i in range(LAYERS)]
+    with pytest.raises(ValueError, match="KV pool exhausted: sequence 'big' needs 24 pages for 12 positions under "
+                                         "its plan, 22 of 40 are free"):
+        runner.admit("big", None, 12)
+    assert runner.sequences == ("small",) and runner.cache.pages_in_use == 18
+    assert all(torch.equal(runner.cache.page_table("small", i), t) for i, t in enumerate(tables))
+    other = ExecutionPlan.full(ModelShape(HIDDEN, LAYERS, HEADS, HEADS, HEAD_DIM, NEURONS, VOCAB))
+    with pytest.raises(ValueError, match="plan is for ModelShape.*num_kv_heads=8.*but the model is.*num_kv_heads=2"):
+        runner.admit("other", other, 12)
+    with pytest.raises(ValueError, match="sequence 'small' is already admitted"):
+        runner.admit("small", PLAN_L, 12)
+    with pytest.raises(ValueError, match="max_tokens must be an int >= 1"):
+        runner.admit("zero", PLAN_L, 0)
+    assert runner.sequences == ("small",) and runner.cache.pages_in_use == 18
+
+
+def test_bad_calls_are_clear(model):
+    runner = runner_for(model, "torch", torch.device("cpu"))
+    ids, mask = prompts()
+    embeds = runner.weights.embed[ids]
+    runner.admit("a", PLAN_L, 10)
+    runner.admit("b", PLAN_H, 10)
+    right_padded = torch.ones_like(mask)
+    right_padded[0, -1] = 0
+    failures = [
+        (lambda: runner.prefill(["a", "b"], embeds, right_padded), "attention_mask must be left padding"),
+        (lambda: runner.prefill(["a", "b"], embeds.double(), mask), "inputs_embeds must have dtype"),
+        (lambda: runner.prefill(["a"], embeds, mask), "inputs_embeds has 2 rows, but 1 sequences"),
+        (lambda: runner.prefill(["a", "a"], embeds, mask), "seq_ids must name distinct admitted sequences"),
+        (lambda: runner.prefill(["a", "zzz"], embeds, mask), "sequence 'zzz' is not admitted"),
+        (lambda: runner.prefill(["a", "b"], embeds, mask[:, :5]), r"attention_mask must be \[2, 9\]"),
+        (lambda: runner.decode(["a", "b"]), "sequence 'a' has not run its prefill"),
+        (lambda: runner.prefill(["a", "b"], embeds, mask, planner=lambda h: [PLAN_L] * 2, plan_after=9),
+         r"plan_after must be an int in \[0, 4\]"),
+    ]
+    for call, match in failures:
+        with pytest.raises(ValueError, match=match):
+            call()
+    layer_0_cut = ExecutionPlan(SHAPE, [[0]] + [range(8)] * 3, [range(100)] * 4)
+    with pytest.raises(ValueError, match=r"the plan of row 1 changes layers \[0\], which ran before the planner"):
+        runner.forward(embeds, mask, None, planner=lambda h: [PLAN_L, layer_0_cut], plan_after=1)
+    runner.prefill(["a", "b"], embeds, mask)
+    with pytest.raises(ValueError, match="sequence 'a' has run its prefill: its plan is fixed"):
+        runner.set_plan("a", PLAN_H)
+    batch = runner.decode(["a", "b"])
+    token = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="tokens must have dtype"):
+        batch.step(token.int())
+    batch.step(token)  # position 10 of 10
+    with pytest.raises(ValueError, match="sequence 'a' is full: 10 positions stored of the 10 reserved"):
+        batch.step(token)
+    runner.free("a")
+    with pytest.raises(ValueError, match="sequence 'a' was freed or joined another decode batch"):
+        batch.step(token)
+    assert runner.cache.sequences == ("b",)
+    alone = runner.decode(["b"])
+    runner.decode(["b"])
+    with pytest.raises(ValueError, match="sequence 'b' was freed or joined another decode batch"):
+        alone.step(token[:1])
+
+
+# --- graph binding (on the CPU, with a stand-in for CUDA graphs) --------------------------------
+
+
+class ReplayedCall:
+    """Stands in for a CUDA graph on the CPU: "recording" runs nothing, a replay runs the step and, like a
+    graph, writes into the same output tensors each time."""
+
+    def __init__(self, entry, step):
+        self.entry, self.step = entry, step
+
+    def replay(self):
+        out = self.step()
+        if self.entry.outputs:
+            for static, new in zip(self.entry.outputs, out):
+                static.copy_(new)
+        else:
+            self.entry.outputs = out
+
+
+class CPUGraphs(GraphCache):
+    def warm_up(self, step):
+        return step()
+
+    def capture(self, entry, step):
+        entry.graph = ReplayedCall(entry, step)
+        self.stats.captures += 1
+
+
+@pytest.mark.parametrize("max_graphs", [1, 4])
+def test_batches_share_and_hand_over_graphs_without_mixing_state(model, max_graphs):
+    """Two batches with one key share a graph, a third with another key competes for a cache of one:
+    each keeps its own lengths, so every token equals the eager runtime's. Real CUDA graphs and the
+    Triton kernels on a GPU; on a CPU, the torch backend with the stand-in."""
+    plans = {"x": PLAN_H, "y": PLAN_H, "z": PLAN_L}
+    ids, _ = prompts(batch=3)
+    on_gpu = DEVICE.type == "cuda"
+    backend, device = ("triton", DEVICE) if on_gpu else ("torch", torch.device("cpu"))
+    ids = ids.to(device)
+
+    def run(graphs):
+        runner = runner_for(model, backend, device)
+        runner.graphs = graphs
+        batches, tokens = {}, {}
+        for name, plan in plans.items():
+            runner.admit(name, plan, 20)
+            row = ids[len(batches):len(batches) + 1]  # a different prompt per sequence
+            logits = runner.prefill([name], runner.weights.embed[row])
+            batches[name], tokens[name] = runner.decode([name]), [logits[:, -1].argmax(-1)]
+        for _ in range(3):  # interleaved: x, y (same graph), z (another key), ...
+            for name in plans:
+                _, token = batches[name].step(tokens[name][-1])
+                tokens[name].append(token.clone())
+        return {name: torch.cat(t).tolist() for name, t in tokens.items()}, runner
+
+    eager, _ = run(None)
+    graphed, runner = run(GraphCache(max_graphs) if on_gpu else CPUGraphs(max_graphs))
+    assert graphed == eager
+    stats = runner.graphs.stats
+    assert stats.captures == (2 if max_graphs > 1 else 9 - stats.replays)
+    assert stats.evictions == (0 if max_graphs > 1 else stats.captures - 1)
