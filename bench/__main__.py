@@ -1,32 +1,37 @@
 """``python -m bench``: does the wall-clock follow the FLOPs an AdaLLaVA plan predicts, op by op and end to end?
 
 Prints the predicted cost of the plans, the measured tables of the masked
-MLP, the masked attention, the layer-skip KV cache and the whole model under
-many plans, then the validation table: per op, the Pearson correlation of
-measured time with predicted FLOPs, the fitted line, the worst deviation
-from proportionality and a verdict. With ``--out DIR`` it writes
-``results.json`` (every row, with the device, dtype, commit, date and
-command), ``report.md`` and ``plot.png``.
+MLP, the masked attention, the layer-skip KV cache, the whole model under
+many plans and the request latency per budget, then the validation table:
+per op, the Pearson correlation of wall time (and of GPU time) with predicted
+FLOPs, the fitted line, the worst deviation from proportionality and a
+verdict on wall time. Every timed case has its wall time (median and IQR,
+flagged when the IQR exceeds 5% of the median) and, on CUDA, its GPU time.
+With ``--out DIR`` it writes ``results.json`` (every row, with the device,
+dtype, commit, date and command), ``report.md`` and the figures
+(``plot.png``, ``latency.png``, ``ops*.png``; ``python -m bench.plot``
+redraws them). ``--compare OLD/results.json`` sets each case's time beside
+the old run's and flags regressions over 5%.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
+from pathlib import Path
 
 import torch
 
 from adallava_kernels import PRESETS, check_budget, get_device, get_shape
 
-from pathlib import Path
-
-from . import attention, kv_cache, mlp, plans, report
+from . import attention, compare, kv_cache, latency, mlp, plans, plot, report, timing
 from . import model as model_bench
-from ._common import DTYPES, metadata, progress, write_json
+from ._common import DTYPES, load_results, metadata, progress, write_json
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
-SECTIONS = ("mlp", "attention", "kv", "model")
+SECTIONS = ("mlp", "attention", "kv", "model", "latency")
 
 
 def section_list(text: str) -> list[str]:
@@ -42,6 +47,29 @@ def budget_list(text: str) -> list[float]:
         return [check_budget(float(b)) for b in text.split(",")]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def results_file(text: str) -> dict:
+    """``--compare``: a results.json of an earlier run, checked before anything is timed."""
+    try:
+        results = load_results(text, "--compare")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not compare.cases(results):
+        raise argparse.ArgumentTypeError(f"--compare: {text} has no timed case to compare with")
+    return {"path": text, "results": results}
+
+
+def positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
 
 
 def int_list(text: str) -> list[int]:
@@ -61,9 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", type=section_list, default=list(SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
-                        help="kernels the model section runs (default auto: Triton on CUDA)")
+                        help="kernels the model and latency sections run (default auto: Triton on CUDA)")
     parser.add_argument("--decode-steps", type=int, default=model_bench.DECODE_STEPS,
-                        help="decode steps the model section times per plan")
+                        help="decode steps between the two generate calls that time transformers' decode step "
+                             "(the library's is timed step by step)")
     parser.add_argument("--random-plans", type=int, default=model_bench.RANDOM_PLANS,
                         help="random plans the model section adds to the budgets' plans")
     parser.add_argument("--roofline-device", default="H200",
@@ -93,10 +122,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="attention batch sizes (default 1 on CPU; 1,8 on CUDA)")
     parser.add_argument("--kv-pool-gib", type=float, default=40.0,
                         help="pool size for the sequences-per-pool column of the KV-cache table (default 40 GiB)")
-    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
+    parser.add_argument("--latency-prompt", type=positive(int), default=None,
+                        help=f"prompt tokens of the latency section's request (default {latency.GPU_REQUEST[0]} on "
+                             f"CUDA, {latency.CPU_REQUEST[0]} on CPU)")
+    parser.add_argument("--latency-new-tokens", type=positive(int), default=None,
+                        help=f"new tokens of the latency section's request, at least 2 (default "
+                             f"{latency.GPU_REQUEST[1]} on CUDA, {latency.CPU_REQUEST[1]} on CPU)")
+    defaults = timing.END_TO_END
+    parser.add_argument("--min-reps", type=positive(int), default=defaults.min_reps,
+                        help=f"end-to-end cases are timed for this many repetitions or --min-time, whichever "
+                             f"comes first, and {defaults.floor_reps} at least (default {defaults.min_reps})")
+    parser.add_argument("--min-time", type=positive(float), default=defaults.min_seconds,
+                        help=f"seconds of --min-reps' rule (default {defaults.min_seconds:g})")
+    parser.add_argument("--quick", action="store_true",
+                        help="short timing runs (2 repetitions), to check that everything runs")
+    parser.add_argument("--compare", type=results_file, default=None, metavar="OLD/results.json",
+                        help="set each case's time beside this earlier run's and flag regressions over 5%%")
     parser.add_argument("--out", default=None, type=Path,
-                        help="directory for results.json, report.md and plot.png")
-    return parser.parse_args(argv)
+                        help="directory for results.json, report.md and the figures")
+    args = parser.parse_args(argv)
+    if args.latency_new_tokens is not None and args.latency_new_tokens < 2:
+        parser.error(f"--latency-new-tokens must be at least 2 (one output token after the first), "
+                     f"got {args.latency_new_tokens}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,14 +157,17 @@ def main(argv: list[str] | None = None) -> dict:
     roofline_device = get_device(args.roofline_device)
     scale = args.scale or (1 if on_gpu or model_name == "tiny" else 4)
     op_models = args.models or (["llava-7b", "llava-13b"] if on_gpu else [model_name])
-    min_run_time = 0.05 if args.quick else 0.2
+    budgets = timing_budgets(args)
     dtype_name = str(dtype).removeprefix("torch.")
     results = {
         "meta": metadata(device, dtype),
+        "device_type": device.type,
         "model": model_name,
         "shape": shape.to_dict(),
         "sections": args.only,
         "roofline_device": vars(roofline_device) | {"ridge_point": roofline_device.ridge_point},
+        "timing": {name: vars(b) | {"rule": b.describe()} for name, b in budgets.items()}
+                  | {"iqr_limit": timing.IQR_LIMIT},
     }
     report_rows: list[dict] = []
 
@@ -124,40 +175,93 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{model_name}: AdaLLaVA plans, prefill over {args.tokens} tokens, decode at context {args.context}, "
           f"roofline on {roofline_device.name} ({roofline_device.source})")
     print(plans.table(plan_rows))
+    if plans.merged(plan_rows)[1]:
+        print(plans.why_merged(shape))
     results["plans"] = {"num_tokens": args.tokens, "context_len": args.context, "rows": plan_rows}
 
     if "mlp" in args.only:
-        results["mlp"] = run_mlp(args, op_models, scale, device, dtype, min_run_time)
+        results["mlp"] = run_mlp(args, op_models, scale, device, dtype, budgets["ops"])
         report_rows += mlp.report_rows(results["mlp"]["rows"])
     prefill, decode = attention_cases(args, on_gpu)
     if "attention" in args.only:
-        results["attention"] = run_attention(op_models, scale, device, dtype, prefill, decode, min_run_time)
+        results["attention"] = run_attention(op_models, scale, device, dtype, prefill, decode, budgets["ops"])
         report_rows += attention.report_rows(results["attention"]["rows"])
     if "kv" in args.only:
         results["kv_cache"] = run_kv(args, model_name, shape, op_models, scale, device, dtype, prefill, decode,
-                                     min_run_time)
+                                     budgets["ops"])
+    run_shape = model_run_shape(shape, model_name, on_gpu, scale)
     if "model" in args.only:
-        results["model_runs"] = run_model(args, model_name, shape, on_gpu, scale, device, dtype, roofline_device,
-                                          min_run_time)
-        report_rows += model_bench.report_rows(results["model_runs"]["rows"])
+        results["model_runs"] = run_model(args, model_name, run_shape, on_gpu, device, dtype, roofline_device,
+                                          budgets["end_to_end"])
+        report_rows += model_bench.report_rows(results["model_runs"]["rows"], args.backend)
+    if "latency" in args.only:
+        # The model section's model lives in reference cycles (its hooks): free it before two more are built.
+        gc.collect()
+        results["latency"] = run_latency(args, model_name, run_shape, on_gpu, device, dtype, budgets["end_to_end"])
 
     reports = report.summarize(report_rows) if report_rows else []
     results["report"] = {"min_pearson": report.MIN_PEARSON, "max_deviation": report.MAX_DEVIATION,
                          "rows": report_rows, "series": report.report_json(reports)}
     if reports:
-        print(f"\nvalidation on {results['meta']['device']} ({dtype_name}): measured time against predicted FLOPs")
+        print(f"\nvalidation on {results['meta']['device']} ({dtype_name}): wall and GPU time against predicted FLOPs")
         print(report.table(reports))
+    if args.compare:
+        results["compare"] = run_compare(results, args.compare)
+    summary, sections = summarize_run(results, reports, budgets)
+    print("\n" + summary)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "results.json", results)
-        (args.out / "report.md").write_text(report.markdown(reports, results["meta"]))
-        if report_rows:
-            report.plot(report_rows, args.out / "plot.png")
-        print(f"\nwrote {args.out}/results.json, report.md" + (", plot.png" if report_rows else ""))
+        write_outputs(args.out, results, reports, summary, sections)
     return results
 
 
-def run_mlp(args, op_models, scale, device, dtype, min_run_time) -> dict:
+def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tuple[str, str]]]:
+    """The report's one-line summary and its sections after the validation table; prints the unstable cases
+    and where the GPU times come from."""
+    unstable = compare.unstable_cases(results)
+    if unstable:
+        shown = "; ".join(unstable[:8])
+        if len(unstable) > 8:
+            shown += f"; ... ({len(unstable)} in all, listed in report.md)"
+        print(f"\ntimed cases whose IQR exceeds {timing.IQR_LIMIT:.0%} of the median (marked ! above): {shown}")
+    sources = compare.gpu_sources(results)
+    gpu_note = ("GPU time: " + "; ".join(sources) if sources
+                else "GPU time: not measured (on a CPU there is no device time apart from the wall time)")
+    print(gpu_note)
+    latency_note = latency.summary(results["latency"]["rows"]) if "latency" in results else None
+    summary = report.summary_line(reports, len(unstable), len(compare.cases(results)), results["meta"]["device"],
+                                  [latency_note] if latency_note else [])
+    sections = []
+    if "latency" in results:
+        sections.append(("Request latency per budget", latency.markdown(results["latency"]["rows"])))
+    ops = (timing.DO_BENCH + f", {budgets['ops'].min_seconds:g} s" if results["device_type"] == "cuda"
+           else budgets["ops"].describe())
+    how = (f"Wall time of an end-to-end case: {budgets['end_to_end'].describe()}; of an op: {ops}; the median and "
+           f"the IQR are reported. {gpu_note}.")
+    sections.append(("How the times were taken", how))
+    sections.append(("Timed cases with an IQR over 5% of the median", "\n".join(f"- {c}" for c in unstable) or "none"))
+    if "compare" in results:
+        sections.append((f"Against {results['compare']['old']}", compare.markdown(results["compare"])))
+    return summary, sections
+
+
+def write_outputs(out: Path, results: dict, reports, summary: str, sections) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(report.markdown(reports, results["meta"], summary, sections))
+    figures = plot.draw_all(results, out)
+    print(f"\nwrote {out}/results.json, report.md" + "".join(f", {p.name}" for p in figures))
+
+
+def timing_budgets(args) -> dict[str, timing.TimingBudget]:
+    """How long each kind of case is timed: ``--quick`` for a check that everything runs."""
+    if args.quick:
+        return {"end_to_end": timing.QUICK, "ops": timing.QUICK}
+    end_to_end = dataclasses.replace(timing.END_TO_END, min_reps=args.min_reps, min_seconds=args.min_time,
+                                     floor_reps=min(timing.END_TO_END.floor_reps, args.min_reps))
+    return {"end_to_end": end_to_end, "ops": timing.OPS}
+
+
+def run_mlp(args, op_models, scale, device, dtype, budget) -> dict:
     names, skipped = mlp.providers(device)
     tokens = args.mlp_tokens or list(mlp.GPU_TOKENS if device.type == "cuda" else mlp.CPU_TOKENS)
     shapes = {m: mlp.scaled(get_shape(m), scale) for m in op_models}
@@ -165,7 +269,7 @@ def run_mlp(args, op_models, scale, device, dtype, min_run_time) -> dict:
     rows = [
         row
         for m, s, t in progress(cases, "mlp")
-        for row in mlp.run_shape(m, s, t, device, dtype, names, min_run_time=min_run_time)
+        for row in mlp.run_shape(m, s, t, device, dtype, names, budget=budget)
     ]
     print(f"\nmasked MLP on {device} ({str(dtype).removeprefix('torch.')}), sizes divided by {scale}; "
           f"providers {', '.join(names)}" + "".join(f"; {k} not run: {why}" for k, why in skipped.items()))
@@ -186,12 +290,12 @@ def attention_cases(args, on_gpu: bool) -> tuple[dict, dict]:
     return prefill, decode
 
 
-def run_attention(op_models, scale, device, dtype, prefill, decode, min_run_time) -> dict:
+def run_attention(op_models, scale, device, dtype, prefill, decode, budget) -> dict:
     names, skipped = attention.providers(device)
     shapes = {m: attention.scaled(get_shape(m), scale) for m in op_models}
     rows = []
     for m in progress(shapes, "attention"):
-        rows += attention.run({m: shapes[m]}, device, dtype, names, prefill, decode, min_run_time)
+        rows += attention.run({m: shapes[m]}, device, dtype, names, prefill, decode, budget)
     print(f"\nmasked attention on {device} ({str(dtype).removeprefix('torch.')}), hidden and heads divided by "
           f"{scale}; providers {', '.join(names)}" + "".join(f"; {k} not run: {why}" for k, why in skipped.items()))
     print(attention.table(rows))
@@ -199,7 +303,7 @@ def run_attention(op_models, scale, device, dtype, prefill, decode, min_run_time
             "decode": decode, "providers": names, "skipped": skipped, "rows": rows}
 
 
-def run_kv(args, model_name, shape, op_models, scale, device, dtype, prefill, decode, min_run_time) -> dict:
+def run_kv(args, model_name, shape, op_models, scale, device, dtype, prefill, decode, budget) -> dict:
     kv_shape = attention.scaled(shape, scale)
     memory = kv_cache.memory_rows(model_name, kv_shape, args.budgets, args.context, args.kv_pool_gib, device, dtype)
     print(f"\nlayer-skip KV cache on {device} ({str(dtype).removeprefix('torch.')}), {model_name} with heads "
@@ -211,27 +315,57 @@ def run_kv(args, model_name, shape, op_models, scale, device, dtype, prefill, de
         row
         for m, s in progress(shapes.items(), "kv cache")
         for row in kv_cache.bandwidth_rows(m, s, max(decode["batches"]), max(decode["contexts"]),
-                                           max(prefill["seqs"]), device, dtype, min_run_time)
+                                           max(prefill["seqs"]), device, dtype, budget)
     ]
     print(kv_cache.bandwidth_table(bandwidth))
     return {"shape": kv_shape.to_dict(), "page_size": kv_cache.PAGE_SIZE, "pool_gib": args.kv_pool_gib,
             "memory": memory, "bandwidth": bandwidth}
 
 
-def run_model(args, model_name, shape, on_gpu, scale, device, dtype, roofline_device, min_run_time) -> dict:
-    # On a CPU the full-size stacks take too long; tiny runs as it is.
-    run_shape = shape
-    if not (on_gpu or model_name == "tiny"):
-        run_shape = dataclasses.replace(attention.scaled(shape, scale), intermediate_size=shape.intermediate_size // scale)
+def model_run_shape(shape, model_name: str, on_gpu: bool, scale: int):
+    """The shape the model and latency sections build: on a CPU a model other than tiny is scaled down."""
+    if on_gpu or model_name == "tiny":
+        return shape
+    return dataclasses.replace(attention.scaled(shape, scale), intermediate_size=shape.intermediate_size // scale)
+
+
+def run_model(args, model_name, run_shape, on_gpu, device, dtype, roofline_device, budget) -> dict:
     tokens = args.tokens if on_gpu else model_bench.CPU_TOKENS
-    rows = model_bench.run(run_shape, model_name, args.budgets, device, dtype, roofline_device, tokens,
-                           backend=args.backend, min_run_time=min_run_time, decode_steps=args.decode_steps,
-                           random_count=args.random_plans)
+    rows, graphs = model_bench.run(run_shape, model_name, args.budgets, device, dtype, roofline_device, tokens,
+                                   backend=args.backend, budget=budget, decode_steps=args.decode_steps,
+                                   random_count=args.random_plans)
     print(f"\nAdaLLaVA end to end on {device} ({str(dtype).removeprefix('torch.')}), {model_name} with random "
-          f"weights, prefill over {tokens} tokens, {args.decode_steps} decode steps, kernels {args.backend}")
+          f"weights, prefill over {tokens} tokens, kernels {args.backend}: a decode step is one step of the "
+          f"runtime (a CUDA graph replay on CUDA), transformers' (generate({args.decode_steps} + 1) - "
+          f"generate(1)) / {args.decode_steps}; ratios to the full plan")
     print(model_bench.table(rows))
+    if graphs.get("enabled"):
+        print(f"CUDA graphs of the decode steps: {graphs['captures']} captured in {graphs['capture_seconds']:.3f} s "
+              f"after {graphs['warmup_seconds']:.3f} s of warm-up steps, {graphs['replays']} replays, "
+              f"{graphs['evictions']} evicted")
     return {"shape": run_shape.to_dict(), "tokens": tokens, "decode_steps": args.decode_steps,
+            "backend": args.backend, "graphs": graphs, "rows": rows}
+
+
+def run_latency(args, model_name, run_shape, on_gpu, device, dtype, budget) -> dict:
+    default_prompt, default_new = latency.GPU_REQUEST if on_gpu else latency.CPU_REQUEST
+    prompt, new_tokens = args.latency_prompt or default_prompt, args.latency_new_tokens or default_new
+    rows = latency.run(run_shape, model_name, args.budgets, device, dtype, prompt, new_tokens, backend=args.backend,
+                       budget=budget)
+    print(f"\nrequest latency on {device} ({str(dtype).removeprefix('torch.')}), {model_name} with random weights, "
+          f"{prompt} prompt tokens, {new_tokens} new tokens, kernels {args.backend}; TTFT: time to first token "
+          f"(scheduler included), TPOT: time per output token, E2E: the whole request; / full, / dense: ratio to "
+          f"the full plan and to transformers' generate; / ideal: ratio to budget x full")
+    print(latency.table(rows))
+    return {"shape": run_shape.to_dict(), "prompt_tokens": prompt, "new_tokens": new_tokens,
             "backend": args.backend, "rows": rows}
+
+
+def run_compare(results: dict, old: dict) -> dict:
+    result = compare.compare(results, old["results"])
+    print(f"\nagainst {old['path']}")
+    print(compare.render(results, old["results"], result))
+    return {"old": old["path"], "old_meta": old["results"].get("meta")} | result
 
 
 if __name__ == "__main__":

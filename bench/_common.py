@@ -9,23 +9,26 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
-    """Median time of ``fn()``: ``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark`` on CPU."""
-    if device.type == "cuda":
-        import triton.testing
+def timing_cells(row: dict) -> dict[str, str]:
+    """A timed row's wall time, spread, GPU time and host share as table cells (``-`` where not measured)."""
+    gpu, host = row.get("gpu_s"), row.get("host_share")
+    return {
+        "wall_ms": f"{row['median_s'] * 1e3:.3f}",
+        "iqr": f"{row['iqr_ratio']:.1%}" + (" !" if row["unstable"] else ""),
+        "gpu_ms": "-" if gpu is None else f"{gpu * 1e3:.3f}",
+        "host": "-" if host is None else f"{host:.0%}",
+    }
 
-        return triton.testing.do_bench(fn, return_mode="median") / 1e3
-    from torch.utils import benchmark
 
-    fn()  # first call pays for allocation and thread-pool start-up
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+# Columns of timing_cells; "!" marks an IQR over 5% of the median.
+TIMING_COLUMNS = [("wall_ms", "wall ms", "s"), ("iqr", "IQR", "s"), ("gpu_ms", "GPU ms", "s"), ("host", "host", "s")]
 
 
 def progress(items: Iterable, desc: str) -> Iterable:
@@ -38,7 +41,8 @@ def progress(items: Iterable, desc: str) -> Iterable:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    # torch.utils.benchmark times on one thread; the machine's size is context.
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores), timed on 1 thread"
 
 
 def git_commit() -> str:
@@ -83,6 +87,25 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def row_seconds(row: dict) -> float:
+    """A timed row's wall time (its median); the first GPU run's model rows called it ``seconds``."""
+    return row["median_s"] if "median_s" in row else row["seconds"]
+
+
+def load_results(path: str | Path, argument: str = "RESULTS") -> dict:
+    """A ``results.json`` written by ``python -m bench``; a ``ValueError`` naming ``argument`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{argument}: {path} is not a file")
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{argument}: {path} is not JSON ({e})") from None
+    if not isinstance(results, dict) or "meta" not in results:
+        raise ValueError(f"{argument}: {path} is not a results.json written by python -m bench (no 'meta')")
+    return results
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:

@@ -5,15 +5,16 @@ o_proj), prefill over ``seq`` tokens and decode of one token over a context.
 
 Providers:
 - ``sdpa_all``: dense projections and ``F.scaled_dot_product_attention`` over
-  every head (what a masked head costs when it is only zeroed: no saving);
+  every head (what a masked head costs when it is only zeroed: no saving; a
+  reference point);
 - ``sdpa_gathered``: gather the active heads' weights with ``index_select`` on
-  every call, SDPA over the active heads (``masked_attention(backend="torch")``,
-  the reference AdaLLaVA inference);
+  every call, SDPA over the active heads (the reference AdaLLaVA inference; the
+  library's torch backend, ``masked_attention(backend="torch")``);
 - ``flash_attn``: as ``sdpa_gathered`` with ``flash_attn_func`` for the
   attention itself (only where ``flash_attn`` imports);
-- ``triton``: ``masked_attention(backend="triton")``: the weights read in
-  place, RoPE in the projection, flash attention over the active heads,
-  column-gathered o_proj (CUDA only).
+- ``triton``: the library's Triton kernels, ``masked_attention(backend="triton")``:
+  the weights read in place, RoPE in the projection, flash attention over the
+  active heads, column-gathered o_proj (CUDA only).
 
 Decode steps read a cache of ``context`` positions holding only the active
 KV heads (all heads for ``sdpa_all``); each timed step writes one position and
@@ -34,9 +35,11 @@ import torch.nn.functional as F
 from adallava_kernels import ContiguousKVCache, ModelShape, cost
 from adallava_kernels.cost import Precision
 from adallava_kernels.ops.layout import prepare_column_gather
-from adallava_kernels.ops.masked_attention import AttentionIndices, attention_indices, run_masked_attention
+from adallava_kernels.ops.masked_attention import attention_indices, run_masked_attention
+from adallava_kernels.plan import LayerPlan
 
-from ._common import format_table, median_seconds
+from ._common import TIMING_COLUMNS, format_table, timing_cells
+from .timing import OPS, TimingBudget, measure_op
 
 HEAD_FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # 7B: 32, 24, 16, 8 of 32 heads
 GPU_PREFILL = {"seqs": (700, 2048, 8192), "batches": (1, 8)}
@@ -118,7 +121,7 @@ def dense_attention(layer: Layer, x, cos, sin, cache: ContiguousKVCache | None):
     return F.linear(out.transpose(1, 2).reshape(batch, seq, -1), layer.w_o)
 
 
-def flash_attn_gathered(layer: Layer, idx: AttentionIndices, x, cos, sin, cache: ContiguousKVCache | None):
+def flash_attn_gathered(layer: Layer, idx: LayerPlan, x, cos, sin, cache: ContiguousKVCache | None):
     """Gathered heads as ``sdpa_gathered``, with ``flash_attn_func`` for the attention."""
     from flash_attn import flash_attn_func
 
@@ -138,7 +141,7 @@ def flash_attn_gathered(layer: Layer, idx: AttentionIndices, x, cos, sin, cache:
     return F.linear(out.reshape(batch, seq, -1), layer.w_o.index_select(1, idx.q_features.long()))
 
 
-def _calls(layer: Layer, idx: AttentionIndices, x, cos, sin, caches: dict) -> dict[str, Callable[[], object]]:
+def _calls(layer: Layer, idx: LayerPlan, x, cos, sin, caches: dict) -> dict[str, Callable[[], object]]:
     d = layer.shape.head_dim
 
     def ours(backend, w_o):
@@ -174,7 +177,7 @@ def _filled_cache(batch, kv_heads, context, d, device, dtype, generator) -> Cont
 def run_case(
     model: str, shape: ModelShape, stage: str, batch: int, q_len: int, kv_len: int,
     device: torch.device, dtype: torch.dtype, names: list[str],
-    fractions=HEAD_FRACTIONS, min_run_time: float = 0.2, seed: int = 0,
+    fractions=HEAD_FRACTIONS, budget: TimingBudget = OPS, seed: int = 0,
 ) -> list[dict]:
     """Rows for one (stage, batch, length): every provider at every head fraction."""
     generator = torch.Generator().manual_seed(seed)
@@ -207,7 +210,8 @@ def run_case(
             if name == "sdpa_all" and fraction != 1.0:
                 continue  # the dense baseline does not depend on the heads kept
             fn = _rewinding(calls[name], caches, kv_len - 1) if caches else calls[name]
-            seconds = median_seconds(fn, device, min_run_time)
+            timing = measure_op(fn, device, budget)
+            seconds = timing.median_s
             if fraction == 1.0:
                 all_heads_s[name] = seconds
             done = full if name == "sdpa_all" else executed
@@ -215,7 +219,7 @@ def run_case(
                 "model": model, "stage": stage, "batch": batch, "q_len": q_len, "kv_len": kv_len,
                 "provider": name, "heads": shape.num_heads if name == "sdpa_all" else nq,
                 "kv_heads": shape.num_kv_heads if name == "sdpa_all" else nkv,
-                "flops": done.flops, "median_s": seconds,
+                "flops": done.flops, **timing.fields(),
                 "tflops": done.flops / seconds / 1e12, "gbps": done.bytes / seconds / 1e9,
                 "kv_bytes": done.kv_load_bytes,
                 "time_ratio": seconds / all_heads_s[name],
@@ -226,17 +230,15 @@ def run_case(
 
 
 def run(models: dict[str, ModelShape], device, dtype, names, prefill: dict, decode: dict,
-        min_run_time: float = 0.2) -> list[dict]:
+        budget: TimingBudget = OPS) -> list[dict]:
     rows = []
     for model, shape in models.items():
         for batch in prefill["batches"]:
             for seq in prefill["seqs"]:
-                rows += run_case(model, shape, "prefill", batch, seq, seq, device, dtype, names,
-                                 min_run_time=min_run_time)
+                rows += run_case(model, shape, "prefill", batch, seq, seq, device, dtype, names, budget=budget)
         for batch in decode["batches"]:
             for context in decode["contexts"]:
-                rows += run_case(model, shape, "decode", batch, 1, context + 1, device, dtype, names,
-                                 min_run_time=min_run_time)
+                rows += run_case(model, shape, "decode", batch, 1, context + 1, device, dtype, names, budget=budget)
     return rows
 
 
@@ -248,7 +250,7 @@ COLUMNS = [
     ("kv_len", "kv", "d"),
     ("provider", "provider", "s"),
     ("heads", "heads", "d"),
-    ("median_s", "median ms", ".3f"),
+    *TIMING_COLUMNS,
     ("tflops", "TFLOP/s", ".3f"),
     ("gbps", "GB/s", ".1f"),
     ("time_ratio", "time / all heads", ".3f"),
@@ -258,13 +260,14 @@ COLUMNS = [
 
 
 def table(rows: list[dict]) -> str:
-    return format_table([r | {"median_s": r["median_s"] * 1e3} for r in rows], COLUMNS)
+    return format_table([r | timing_cells(r) for r in rows], COLUMNS)
 
 
 def report_rows(rows: list[dict]) -> list[dict]:
     """The head-masked providers' rows in the validation report's form, one op per case."""
     return [
         {"op": f"attention {r['model']} {r['stage']} b{r['batch']} q{r['q_len']} kv{r['kv_len']}",
-         "series": r["provider"], "label": f"{r['heads']} heads", "flops": r["flops"], "seconds": r["median_s"]}
+         "series": r["provider"], "label": f"{r['heads']} heads", "flops": r["flops"], "seconds": r["median_s"],
+         "gpu_seconds": r["gpu_s"], "unstable": r["unstable"]}
         for r in rows if r["provider"] != "sdpa_all"
     ]

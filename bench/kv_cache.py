@@ -20,8 +20,9 @@ from transformers import DynamicCache
 from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, cost
 from adallava_kernels.kv_cache import LayerSkipKVCache
 
-from ._common import format_table, median_seconds
+from ._common import TIMING_COLUMNS, format_table, timing_cells
 from .plans import random_scores
+from .timing import OPS, TimingBudget, measure_op
 
 PAGE_SIZE = 16
 
@@ -73,10 +74,10 @@ def memory_rows(model: str, shape: ModelShape, budgets, tokens: int, pool_gib: f
     return rows
 
 
-def bandwidth_rows(model: str, shape: ModelShape, batch: int, context: int, chunk: int, device, dtype,
-                   min_run_time: float = 0.2) -> list[dict]:
-    """The extension ops on one full layer of ``batch`` sequences: ``kv_append`` of 1 and of ``chunk``
-    tokens at position ``context``, and ``kv_gather`` of ``context`` positions."""
+def bandwidth_calls(shape: ModelShape, batch: int, context: int, chunk: int, device, dtype) -> dict[str, tuple]:
+    """The extension ops on one full layer of ``batch`` sequences, as ``{name: (call, elements moved)}``:
+    ``kv_append`` of 1 and of ``chunk`` tokens at position ``context``, and ``kv_gather`` of ``context``
+    positions."""
     heads, d = shape.num_kv_heads, shape.head_dim
     length = context + chunk
     cache = LayerSkipKVCache(shape, num_pages=batch * heads * -(-length // PAGE_SIZE), page_size=PAGE_SIZE,
@@ -90,28 +91,34 @@ def bandwidth_rows(model: str, shape: ModelShape, batch: int, context: int, chun
     rows = batch * heads
     starts = torch.full((rows,), context, dtype=torch.int32, device=device)
 
-    results = []
-    for tokens in (1, chunk):
+    def append(tokens):
         new = torch.randn(rows, tokens, d).to(device, dtype)
-        append = lambda new=new: cache.ops.kv_append(cache.k_pages, cache.v_pages, new, new, table, starts)  # noqa: E731
-        results.append(_bandwidth_row(model, f"append {tokens} token(s)", append, 2 * rows * tokens * d,
-                                      device, dtype, min_run_time))
-    gather = lambda: cache.ops.kv_gather(cache.k_pages, cache.v_pages, table, context)  # noqa: E731
-    results.append(_bandwidth_row(model, f"gather {context} positions", gather, 2 * rows * context * d,
-                                  device, dtype, min_run_time))
-    return results
+        return lambda: cache.ops.kv_append(cache.k_pages, cache.v_pages, new, new, table, starts)
+
+    calls = {f"append {tokens} token(s)": (append(tokens), 2 * rows * tokens * d) for tokens in (1, chunk)}
+    calls[f"gather {context} positions"] = (lambda: cache.ops.kv_gather(cache.k_pages, cache.v_pages, table, context),
+                                            2 * rows * context * d)
+    return calls
 
 
-def _bandwidth_row(model, name, fn, elements, device, dtype, min_run_time) -> dict:
+def bandwidth_rows(model: str, shape: ModelShape, batch: int, context: int, chunk: int, device, dtype,
+                   budget: TimingBudget = OPS) -> list[dict]:
+    """Bandwidth of each of :func:`bandwidth_calls` against a ``copy_`` of the same bytes."""
+    return [_bandwidth_row(model, name, fn, elements, device, dtype, budget)
+            for name, (fn, elements) in bandwidth_calls(shape, batch, context, chunk, device, dtype).items()]
+
+
+def _bandwidth_row(model, name, fn, elements, device, dtype, budget) -> dict:
     element = torch.finfo(dtype).bits // 8
-    seconds = median_seconds(fn, device, min_run_time)
+    timing = measure_op(fn, device, budget)
     src = torch.empty(elements, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    copy_s = median_seconds(lambda: dst.copy_(src), device, min_run_time)
+    copy_s = measure_op(lambda: dst.copy_(src), device, budget).median_s
     # Read and written once each.
     moved = 2 * elements * element
+    seconds = timing.median_s
     return {
-        "model": model, "op": name, "bytes": moved, "median_s": seconds, "gbps": moved / seconds / 1e9,
+        "model": model, "op": name, "bytes": moved, **timing.fields(), "gbps": moved / seconds / 1e9,
         "copy_gbps": moved / copy_s / 1e9, "vs_copy": copy_s / seconds,
     }
 
@@ -122,7 +129,7 @@ MEMORY_COLUMNS = [
     ("sequences_per_pool", "sequences / pool", "d"), ("vs_dynamic", "vs DynamicCache", ".3f"),
 ]
 BANDWIDTH_COLUMNS = [
-    ("model", "model", "s"), ("op", "op", "s"), ("median_s", "median ms", ".3f"), ("gbps", "GB/s", ".1f"),
+    ("model", "model", "s"), ("op", "op", "s"), *TIMING_COLUMNS, ("gbps", "GB/s", ".1f"),
     ("copy_gbps", "copy_ GB/s", ".1f"), ("vs_copy", "of copy_", ".2f"),
 ]
 
@@ -136,4 +143,4 @@ def memory_table(rows: list[dict]) -> str:
 
 
 def bandwidth_table(rows: list[dict]) -> str:
-    return format_table([r | {"median_s": r["median_s"] * 1e3} for r in rows], BANDWIDTH_COLUMNS)
+    return format_table([r | timing_cells(r) for r in rows], BANDWIDTH_COLUMNS)

@@ -1,16 +1,20 @@
 """Neuron-masked SwiGLU MLP: measured time of each way to skip neurons, against the dense MLP.
 
 Providers:
-- ``dense``: the full MLP, three ``F.linear`` calls;
-- ``zero_mask``: the full MLP with inactive neurons multiplied by zero (what training does);
+- ``dense``: the full MLP, three ``F.linear`` calls (a reference point);
+- ``zero_mask``: the full MLP with inactive neurons multiplied by zero (what
+  training does): the no-savings reference, shown but not judged;
 - ``index_select``: gather the active weights on every call, then ``F.linear``
-  (the reference AdaLLaVA inference; ``masked_mlp(backend="torch")``);
+  (the reference AdaLLaVA inference; the library's torch backend,
+  ``masked_mlp(backend="torch")``);
 - ``pregathered``: ``F.linear`` on active weights gathered beforehand (the ideal when a copy is free);
-- ``triton``: ``masked_mlp(backend="triton")`` reading the weights in place (CUDA only).
+- ``triton``: the library's Triton kernels, ``masked_mlp(backend="triton")``,
+  reading the weights in place (CUDA only).
 
-Neurons are kept in whole groups, as AdaLLaVA-H switches them. On a CPU the
-model's hidden and intermediate sizes are divided by ``scale`` so a run takes
-seconds.
+Neurons are kept in whole groups, as AdaLLaVA-H switches them, so a keep
+ratio of 0.85 of 32 groups keeps 28 of them: the rows carry the share that ran
+(``kept_share``, 0.875) beside the nominal ratio. On a CPU the model's hidden
+and intermediate sizes are divided by ``scale``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from adallava_kernels import ModelShape, cost, masked_mlp, neuron_groups
 from adallava_kernels.cost import Precision
 from adallava_kernels.ops.layout import prepare_column_gather
 
-from ._common import format_table, median_seconds
+from ._common import TIMING_COLUMNS, format_table, timing_cells
+from .timing import OPS, Timing, TimingBudget, measure_op
 
 KEEP_RATIOS = (1.0, 0.85, 0.75, 0.6, 0.5, 0.25)
 GPU_TOKENS = (1, 8, 64, 700, 4096)
@@ -72,7 +77,7 @@ def _masked_calls(x, w_gate, w_up, w_down, w_down_prepared, active):
 
 def run_shape(
     model: str, shape: ModelShape, tokens: int, device: torch.device, dtype: torch.dtype,
-    names: list[str], ratios=KEEP_RATIOS, min_run_time: float = 0.2, seed: int = 0,
+    names: list[str], ratios=KEEP_RATIOS, budget: TimingBudget = OPS, seed: int = 0,
 ) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     hidden, inter = shape.hidden_size, shape.intermediate_size
@@ -84,25 +89,27 @@ def run_shape(
     w_down_prepared = prepare_column_gather(w_down) if "triton" in names else w_down
     precision = Precision(*(torch.finfo(dtype).bits / 8,) * 3)
     full = cost.masked_mlp_cost(shape, tokens, inter, precision)
-    dense_s = median_seconds(lambda: dense_mlp(x, w_gate, w_up, w_down), device, min_run_time)
+    dense = measure_op(lambda: dense_mlp(x, w_gate, w_up, w_down), device, budget)
 
-    def row(provider, ratio, neurons, seconds, executed):
+    def row(provider, ratio, neurons, timing: Timing, executed):
         predicted = cost.masked_mlp_cost(shape, tokens, neurons, precision)
+        seconds = timing.median_s
         return {
             "model": model, "provider": provider, "tokens": tokens, "keep_ratio": ratio, "neurons": neurons,
-            "flops": predicted.flops, "median_s": seconds,
+            # What ran: neurons go in whole groups, so 0.85 of 32 groups keeps 28, a share of 0.875.
+            "kept_share": neurons / inter, "flops": predicted.flops, **timing.fields(),
             "tflops": executed.flops / seconds / 1e12, "gbps": executed.bytes / seconds / 1e9,
-            "time_ratio": seconds / dense_s, "flops_ratio": predicted.flops / full.flops,
+            "time_ratio": seconds / dense.median_s, "flops_ratio": predicted.flops / full.flops,
         }
 
-    rows = [row("dense", 1.0, inter, dense_s, full)]
+    rows = [row("dense", 1.0, inter, dense, full)]
     for ratio in ratios:
         active = kept_neurons(shape, ratio, generator).to(device)
         calls = _masked_calls(x, w_gate, w_up, w_down, w_down_prepared, active)
         executed = cost.masked_mlp_cost(shape, tokens, active.numel(), precision)
         for name in names[1:]:
-            seconds = median_seconds(calls[name], device, min_run_time)
-            rows.append(row(name, ratio, active.numel(), seconds, full if name == "zero_mask" else executed))
+            timing = measure_op(calls[name], device, budget)
+            rows.append(row(name, ratio, active.numel(), timing, full if name == "zero_mask" else executed))
     return rows
 
 
@@ -110,9 +117,9 @@ COLUMNS = [
     ("model", "model", "s"),
     ("tokens", "tokens", "d"),
     ("provider", "provider", "s"),
-    ("keep_ratio", "keep", ".2f"),
+    ("kept_share", "kept", ".3f"),
     ("neurons", "neurons", "d"),
-    ("median_s", "median ms", ".3f"),
+    *TIMING_COLUMNS,
     ("tflops", "TFLOP/s", ".3f"),
     ("gbps", "GB/s", ".1f"),
     ("time_ratio", "time / dense", ".3f"),
@@ -121,13 +128,13 @@ COLUMNS = [
 
 
 def table(rows: list[dict]) -> str:
-    return format_table([r | {"median_s": r["median_s"] * 1e3} for r in rows], COLUMNS)
+    return format_table([r | timing_cells(r) for r in rows], COLUMNS)
 
 
 def report_rows(rows: list[dict]) -> list[dict]:
     """The masked providers' rows in the validation report's form, one op per model and token count."""
     return [
-        {"op": f"mlp {r['model']} {r['tokens']} tok", "series": r["provider"], "label": f"keep {r['keep_ratio']:.2f}",
-         "flops": r["flops"], "seconds": r["median_s"]}
+        {"op": f"mlp {r['model']} {r['tokens']} tok", "series": r["provider"], "label": f"keep {r['kept_share']:.3f}",
+         "flops": r["flops"], "seconds": r["median_s"], "gpu_seconds": r["gpu_s"], "unstable": r["unstable"]}
         for r in rows if r["provider"] != "dense"
     ]

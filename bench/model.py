@@ -4,16 +4,29 @@ Plans: AdaLLaVA-L and -H at each budget (seeded random scores stand in for
 a trained scheduler), the early-exit baseline at each budget, and random
 plans (random layer masks and random head and MLP-group subsets). Each runs
 through the kernels (``forward(plan=..., backend=...)``, logits of the last
-position only, as the cost model counts ``lm_head``); the dense model is
-transformers' own Llava forward on the same weights. Decode is timed as
-``(generate(k + 1 tokens) - generate(1 token)) / k`` over the layer-skip KV
-cache, and priced as the mean of those ``k`` steps' FLOPs.
+position only, as the cost model counts ``lm_head``). Two references, not
+judged: the full plan through the kernels (every ratio is taken to it) and
+transformers' own Llava forward and ``generate`` on the same weights.
+
+Every timed call is a zero-argument callable handed to ``bench.timing``,
+which returns its wall time (median, IQR) and GPU time. Prefill is
+``forward(plan=..., backend=...)``: the plan runtime without a KV cache, CUDA
+events around each call. A decode step of the library is one
+``DecodeBatch.step`` of a request prefilled through the runtime
+(:func:`runtime_decode_step`): a CUDA graph replay on CUDA (captured in the
+warm-up), an eager step on a CPU; its GPU time is the profiler's device
+records of the step. Each repetition is a real next step, so the context
+grows by a few dozen positions over the timing; the step is priced at the
+mean context. transformers' decode step, the reference, is
+``(generate(k + 1 tokens) - generate(1 token)) / k`` (:func:`decode_step`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from typing import Callable
 
 import torch
 
@@ -21,17 +34,24 @@ from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, c
 from adallava_kernels.devices import DeviceSpec
 from adallava_kernels.plan import neuron_groups
 
-from ._common import format_table, median_seconds, progress
+from . import timing
+from ._common import TIMING_COLUMNS, format_table, progress, timing_cells
 from .plans import random_scores
 
 GPU_TOKENS = 700
 CPU_TOKENS = 64
 DECODE_STEPS = 8
 RANDOM_PLANS = 6
+DENSE = "dense (transformers)"
+FULL = "full plan"
 
 
-def build(shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """An AdaLLaVA model whose language model has ``shape`` and random weights (a minimal vision tower)."""
+def build(shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int = 0, switch_kind: str = "L"):
+    """An AdaLLaVA model whose language model has ``shape`` and random weights (a minimal vision tower).
+
+    ``switch_kind`` picks the scheduler (-L or -H); the decoder's weights
+    depend on ``seed`` only, as they are drawn before the scheduler's.
+    """
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from model import AdaLlavaConfig, AdaLlavaForConditionalGeneration
@@ -44,7 +64,8 @@ def build(shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int
     )
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
                               image_size=16, patch_size=8)
-    config = AdaLlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab_size - 1)
+    config = AdaLlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab_size - 1,
+                            switch_kind=switch_kind)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # builds the weights in place instead of in float32 first
@@ -90,59 +111,125 @@ def plans(shape: ModelShape, budgets: list[float], random_count: int = RANDOM_PL
     return out
 
 
+def prefill_call(model, ids: torch.Tensor, plan: ExecutionPlan | None, backend: str) -> Callable[[], object]:
+    """The prefill of ``ids`` under ``plan`` through the kernels (``None``: transformers' forward), last logits only."""
+    def call():
+        with torch.no_grad():
+            if plan is None:
+                return model(input_ids=ids, logits_to_keep=1)
+            return model(input_ids=ids, plan=plan, backend=backend, logits_to_keep=1)
+    return call
+
+
+def generate_call(model, ids: torch.Tensor, new_tokens: int, backend: str, *, plan: ExecutionPlan | None = None,
+                  latency_budget: float = 1.0) -> Callable[[], object]:
+    """A request of ``new_tokens`` greedy tokens under ``latency_budget`` and ``plan`` (``None``: the scheduler's)."""
+    def call():
+        return model.generate(ids, latency_budget=latency_budget, plan=plan, max_new_tokens=new_tokens,
+                              backend=backend)
+    return call
+
+
+def dense_generate_call(model, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
+    """transformers' own greedy ``generate`` on the same weights, made to produce exactly ``new_tokens``."""
+    mask = torch.ones_like(ids)
+    eos = model.generation_config.eos_token_id
+
+    def call():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=eos)
+    return call
+
+
+def decode_step(measure: Callable[[Callable[[], object]], timing.Timing], call_of: Callable[[int], Callable],
+                steps: int) -> timing.Timing:
+    """One decode step: ``(call_of(steps + 1) - call_of(1)) / steps``, ``call_of(n)`` generating ``n`` tokens."""
+    return timing.per_step(measure(call_of(1)), measure(call_of(steps + 1)), steps)
+
+
+# Positions reserved for the timed decode steps of a plan: warm-up, repetitions and profiled calls.
+DECODE_ROOM = 256
+
+
+def runtime_decode_step(model, ids: torch.Tensor, plan: ExecutionPlan, backend: str, measure) -> tuple:
+    """Time one decode step of ``plan`` through the runtime: a request is prefilled, then each repetition
+    is one ``DecodeBatch.step`` (a graph replay on CUDA). Returns the timing and the steps taken."""
+    request = model.start_request(ids, latency_budget=1.0, plan=plan, max_new_tokens=DECODE_ROOM, backend=backend)
+    batch = request.runtime.decode(request.seq_ids)
+    token = request.logits[:, -1].argmax(-1)
+    taken = 0
+
+    def step():
+        nonlocal taken
+        taken += 1
+        return batch.step(token)
+
+    try:
+        return measure(step), taken
+    finally:
+        batch.close()
+        request.free()
+
+
 def _decode_flops(shape: ModelShape, prompt: int, steps: int, plan: ExecutionPlan | None) -> float:
     """Mean FLOPs of decode steps 2..steps+1 after a prefill of ``prompt`` positions."""
     return sum(cost.decode_flops(shape, prompt + s, plan) for s in range(1, steps + 1)) / steps
 
 
 def run(shape: ModelShape, model_name: str, budgets: list[float], device: torch.device, dtype: torch.dtype,
-        roofline_device: DeviceSpec, tokens: int, backend: str = "auto", min_run_time: float = 0.2,
-        decode_steps: int = DECODE_STEPS, random_count: int = RANDOM_PLANS, seed: int = 0) -> list[dict]:
-    """Rows of measured and predicted prefill and decode time, one per plan and stage, and the dense model's."""
+        roofline_device: DeviceSpec, tokens: int, backend: str = "auto",
+        budget: timing.TimingBudget = timing.END_TO_END, decode_steps: int = DECODE_STEPS,
+        random_count: int = RANDOM_PLANS, seed: int = 0) -> tuple[list[dict], dict]:
+    """Rows of measured and predicted prefill and decode time, one per plan and stage, and the references';
+    and what the runtime's CUDA graphs cost (``PlannedDecoder.graph_stats``)."""
     model = build(shape, device, dtype, seed)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab_size - 1, (1, tokens), generator=generator).to(device)
     precision = cost.Precision(*(torch.finfo(dtype).bits / 8,) * 3)
-    # generate puts the latency token after the prompt: one more position than the prompt.
-    prompt = tokens + 1
+    measure = functools.partial(timing.measure, device=device, budget=budget)
 
-    def row(stage, family, label, plan, seconds, flops, breakdown):
+    def row(stage, family, label, plan, measured: timing.Timing, flops, breakdown):
         return {
             "model": model_name, "stage": stage, "family": family, "label": label,
             "layers_on": shape.num_layers if plan is None else sum(plan.layer_mask),
-            "flops": flops, "seconds": seconds,
+            "flops": flops, **measured.fields(),
             "roofline_s": cost.roofline(breakdown, roofline_device).total_seconds,
             "plan": None if plan is None else plan.to_json(),
         }
 
-    with torch.no_grad():
-        dense_s = median_seconds(lambda: model(input_ids=ids, logits_to_keep=1), device, min_run_time)
-    dense = cost.prefill_cost(shape, tokens, None, precision=precision)
-    rows = [row("prefill", "dense (transformers)", "dense", None, dense_s, dense.flops, dense)]
-    for family, label, plan in progress(plans(shape, budgets, random_count, seed), f"model {model_name}"):
-        with torch.no_grad():
-            seconds = median_seconds(
-                lambda: model(input_ids=ids, plan=plan, backend=backend, logits_to_keep=1), device, min_run_time)
+    def stages(family, label, plan, prompt, prefill_fn, decode):
+        """Prefill and one decode step of a plan; ``prompt``: positions before the first decode step;
+        ``decode()`` gives the step's timing and how many steps it took."""
         prefill = cost.prefill_cost(shape, tokens, plan, precision=precision)
-        rows.append(row("prefill", family, label, plan, seconds, prefill.flops, prefill))
+        measured, steps = decode()
+        step = cost.decode_cost(shape, prompt + steps // 2 + 1, plan, precision=precision)
+        return [row("prefill", family, label, plan, measure(prefill_fn), prefill.flops, prefill),
+                row("decode", family, label, plan, measured, _decode_flops(shape, prompt, steps, plan), step)]
 
-        def generate(n):
-            return lambda: model.generate(ids, latency_budget=1.0, plan=plan, max_new_tokens=n, backend=backend)
+    # transformers' generate has no latency token; ours puts it after the prompt: one more position.
+    rows = stages(DENSE, "dense", None, tokens, prefill_call(model, ids, None, backend),
+                  lambda: (decode_step(measure, lambda n: dense_generate_call(model, ids, n), decode_steps),
+                           decode_steps))
+    cases = [(FULL, "full", ExecutionPlan.full(shape)), *plans(shape, budgets, random_count, seed)]
+    for family, label, plan in progress(cases, f"model {model_name}"):
+        rows += stages(family, label, plan, tokens + 1, prefill_call(model, ids, plan, backend),
+                       lambda plan=plan: runtime_decode_step(model, ids, plan, backend, measure))
+    return rows, model.runtime(backend).graph_stats()
 
-        one = median_seconds(generate(1), device, min_run_time)
-        more = median_seconds(generate(decode_steps + 1), device, min_run_time)
-        step = cost.decode_cost(shape, prompt + decode_steps // 2 + 1, plan, precision=precision)
-        rows.append(row("decode", family, label, plan, max(more - one, 1e-9) / decode_steps,
-                        _decode_flops(shape, prompt, decode_steps, plan), step))
-    return rows
+
+def series_name(backend: str) -> str:
+    """The library's end-to-end series in the validation report."""
+    return f"adallava_kernels ({backend}), all plans"
 
 
-def report_rows(rows: list[dict]) -> list[dict]:
-    """The kernel plans' rows in the validation report's form (the dense model is a single reference point)."""
+def report_rows(rows: list[dict], backend: str) -> list[dict]:
+    """The kernel plans' rows in the validation report's form (transformers' model is a reference point)."""
     return [
-        {"op": f"model {r['model']} {r['stage']}", "series": "kernels, all plans", "label": r["label"],
-         "flops": r["flops"], "seconds": r["seconds"], "predicted_seconds": r["roofline_s"]}
-        for r in rows if r["family"] != "dense (transformers)"
+        {"op": f"model {r['model']} {r['stage']}", "series": series_name(backend), "label": r["label"],
+         "flops": r["flops"], "seconds": r["median_s"], "gpu_seconds": r["gpu_s"], "unstable": r["unstable"],
+         "predicted_seconds": r["roofline_s"]}
+        for r in rows if r["family"] != DENSE
     ]
 
 
@@ -153,21 +240,28 @@ COLUMNS = [
     ("layers_on", "layers", "d"),
     ("tflop", "TFLOP", ".4g"),
     ("flops_ratio", "FLOPs ratio", ".3f"),
-    ("ms", "measured ms", ".3f"),
-    ("time_ratio", "time ratio", ".3f"),
+    *TIMING_COLUMNS,
+    ("time_ratio", "wall ratio", ".3f"),
+    ("gpu_ratio", "GPU ratio", "s"),
     ("roofline_ms", "roofline ms", ".4g"),
 ]
 
 
+def _ratio(value: float | None, ref: float | None) -> float | None:
+    return None if value is None or not ref else value / ref
+
+
 def table(rows: list[dict]) -> str:
-    """Rows with FLOPs and time relative to the full plan of the same stage (budget 1.0 of AdaLLaVA-L)."""
-    full = {r["stage"]: r for r in rows if r["label"] == "L 1.00"}
+    """Rows with FLOPs, wall and GPU time relative to the full plan of the same stage."""
+    full = {r["stage"]: r for r in rows if r["family"] == FULL}
     shown = []
     for r in rows:
         ref = full.get(r["stage"])
-        shown.append(r | {
-            "tflop": r["flops"] / 1e12, "ms": r["seconds"] * 1e3, "roofline_ms": r["roofline_s"] * 1e3,
+        gpu_ratio = _ratio(r["gpu_s"], ref and ref["gpu_s"])
+        shown.append(r | timing_cells(r) | {
+            "tflop": r["flops"] / 1e12, "roofline_ms": r["roofline_s"] * 1e3,
             "flops_ratio": r["flops"] / ref["flops"] if ref else math.nan,
-            "time_ratio": r["seconds"] / ref["seconds"] if ref else math.nan,
+            "time_ratio": r["median_s"] / ref["median_s"] if ref else math.nan,
+            "gpu_ratio": "-" if gpu_ratio is None else f"{gpu_ratio:.3f}",
         })
     return format_table(shown, COLUMNS)

@@ -76,5 +76,30 @@ COLUMNS = [
 ]
 
 
+def merged(rows: list[dict]) -> tuple[list[dict], bool]:
+    """The rows with each -H row that keeps exactly the -L plan of the same budget folded into that -L row
+    (kind ``AdaLLaVA-L = -H``), and whether any was folded."""
+    l_plans = {r["budget"]: r["plan"] for r in rows if r["kind"] == "AdaLLaVA-L"}
+    same = {r["budget"] for r in rows if r["kind"] == "AdaLLaVA-H" and l_plans.get(r["budget"]) == r["plan"]}
+    out = []
+    for r in rows:
+        if r["budget"] in same:
+            if r["kind"] == "AdaLLaVA-H":
+                continue
+            r = r | {"kind": "AdaLLaVA-L = -H"}
+        out.append(r)
+    return out, bool(same)
+
+
+def why_merged(shape: ModelShape) -> str:
+    """Why AdaLLaVA-H can keep the -L plans: with one -H unit per layer, a unit is the whole layer."""
+    scheme = UnitScheme.default("H", shape)
+    if scheme.units_per_layer == 1:
+        return (f"AdaLLaVA-L = -H: the two keep the same plan at that budget; with {shape.num_heads} heads and "
+                f"-H units of {scheme.rank} heads and {scheme.rank} MLP groups, each -H unit is a whole layer")
+    return "AdaLLaVA-L = -H: the two keep the same plan at that budget"
+
+
 def table(rows: list[dict]) -> str:
-    return format_table(rows, COLUMNS)
+    """The plans, with -H rows identical to the -L rows of the same budget shown once."""
+    return format_table(merged(rows)[0], COLUMNS)

@@ -1,11 +1,22 @@
 """Validation report: when a plan predicts 60% of the FLOPs, does it take 60% of the time?
 
 Each (op, series) group of measurements is judged on two numbers: the Pearson
-correlation of measured seconds with predicted FLOPs, and the worst deviation
-from proportionality, anchored at the plan with the most FLOPs (the dense or
-fullest plan). A high correlation alone is not enough: ``t = a + b * flops``
-with a large fixed cost ``a`` correlates perfectly yet saves far less time
-than the plan promises, and only the deviation shows it.
+correlation of measured wall time with predicted FLOPs, and the worst
+deviation from proportionality, anchored at the plan with the most FLOPs (the
+dense or fullest plan). A high correlation alone is not enough: ``t = a + b *
+flops`` with a large fixed cost ``a`` correlates perfectly yet saves far less
+time than the plan promises, and only the deviation shows it.
+
+The verdict is on wall time, which is what users get. Where the GPU time was
+measured its correlation with FLOPs is shown beside it, with the host's share
+of the wall time: a series whose GPU time follows the FLOPs while its wall
+time does not is held back by the host.
+
+Every series has a role: ``library`` (what ``adallava_kernels`` runs on a GPU:
+its Triton kernels, the model's kernel path), ``library (torch)`` (its PyTorch
+backend, what runs on a CPU), ``alternative`` (another way to skip the same
+work, for comparison) or ``reference`` (a baseline that saves nothing by
+design, such as ``zero_mask``: shown, not judged).
 """
 
 from __future__ import annotations
@@ -13,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -23,9 +33,34 @@ from ._common import format_table
 MIN_PEARSON = 0.99
 MAX_DEVIATION = 0.10
 REQUIRED_KEYS = ("op", "series", "label", "flops", "seconds")
-COLUMNS = (("op", "op"), ("series", "series"), ("plans", "plans"), ("pearson", "pearson r"),
-           ("slope", "slope (s/TFLOP)"), ("intercept", "intercept (ms)"),
-           ("deviation", "worst deviation"), ("verdict", "verdict"))
+LIBRARY, LIBRARY_TORCH, ALTERNATIVE, REFERENCE = "library", "library (torch)", "alternative", "reference"
+# Series names across the benchmarks and their role. "library" is what the library runs on a GPU (its
+# Triton kernels, the model's kernel path); "library (torch)" its PyTorch backend, what runs on a CPU.
+# The model's series is "adallava_kernels (backend), all plans" (the first GPU run: "kernels, all plans").
+ROLES = {
+    "triton": LIBRARY, "kernels, all plans": LIBRARY, "index_select": LIBRARY_TORCH, "sdpa_gathered": LIBRARY_TORCH,
+    "pregathered": ALTERNATIVE, "flash_attn": ALTERNATIVE,
+    "zero_mask": REFERENCE, "dense": REFERENCE, "sdpa_all": REFERENCE,
+}
+NOT_JUDGED = "reference: not judged"
+COLUMNS = (("op", "op"), ("series", "series"), ("role", "role"), ("plans", "plans"), ("pearson", "r wall"),
+           ("pearson_gpu", "r GPU"), ("slope", "slope (s/TFLOP)"), ("intercept", "intercept (ms)"),
+           ("deviation", "worst deviation"), ("host", "host share"), ("unstable", "IQR > 5%"),
+           ("verdict", "verdict (wall)"))
+
+
+def role_of(series: str) -> str:
+    """``library``, ``library (torch)``, ``alternative`` or ``reference``: what a series is there for."""
+    if series in ROLES:
+        return ROLES[series]
+    return LIBRARY if series.startswith("adallava_kernels") else ALTERNATIVE
+
+
+def r_text(r: float) -> str:
+    """r to 4 decimals, truncated toward minus infinity, so a failing r never prints as the threshold itself;
+    the table and the verdict both print it this way. The 1e-6 absorbs rounding error, so a perfect fit
+    computed as 0.99999999999 prints as 1.0000."""
+    return f"{math.floor(r * 1e4 + 1e-6) / 1e4:.4f}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +76,18 @@ class SeriesReport:
     worst_deviation: float
     worst_label: str
     verdict: str
+    role: str = LIBRARY
+    pearson_gpu: float | None = None
+    host_share: float | None = None
+    unstable: int = 0
+
+    @property
+    def judged(self) -> bool:
+        return self.role != REFERENCE
+
+    @property
+    def follows(self) -> bool:
+        return self.verdict == "follows FLOPs"
 
 
 def _paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,16 +142,21 @@ def proportional_deviations(flops: Sequence[float], seconds: Sequence[float]) ->
     return (seconds / expected - 1.0).tolist()
 
 
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+
+
 def _validated(rows: Sequence[dict]) -> list[dict]:
     for i, row in enumerate(rows):
         for key in REQUIRED_KEYS:
             if key not in row:
                 raise ValueError(f"rows[{i}] has no {key!r} key; every row needs {', '.join(REQUIRED_KEYS)}")
         for key in ("flops", "seconds"):
-            value = row[key]
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                    or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"rows[{i}][{key!r}] must be a positive finite number, got {value!r}")
+            if not _positive(row[key]):
+                raise ValueError(f"rows[{i}][{key!r}] must be a positive finite number, got {row[key]!r}")
+        gpu = row.get("gpu_seconds")
+        if gpu is not None and not _positive(gpu):
+            raise ValueError(f"rows[{i}]['gpu_seconds'] must be None or a positive finite number, got {gpu!r}")
     return list(rows)
 
 
@@ -123,27 +175,40 @@ def _verdict(points: int, flops_vary: bool, r: float | None, deviation: float, l
     if r is None:
         reasons.append("r undefined (time is constant)")
     elif r < MIN_PEARSON:
-        # Truncate rather than round, so a failing r never prints as the threshold itself.
-        reasons.append(f"r {math.floor(r * 1e4) / 1e4:.4f} < {MIN_PEARSON:g}")
+        reasons.append(f"r {r_text(r)} < {MIN_PEARSON:g}")
     if abs(deviation) > MAX_DEVIATION:
         reasons.append(f"worst deviation {deviation:+.1%} at {label} > {MAX_DEVIATION:.0%}")
     return "; ".join(reasons) or "follows FLOPs"
 
 
+def _correlation(flops: list[float], seconds: list[float]) -> float | None:
+    """Pearson r where it is defined: 3 points or more, FLOPs and times that vary."""
+    if len(flops) < 3 or len(set(flops)) < 2 or len(set(seconds)) < 2:
+        return None
+    return pearson(flops, seconds)
+
+
 def _report(op: str, series: str, rows: list[dict]) -> SeriesReport:
     flops = [row["flops"] for row in rows]
     seconds = [row["seconds"] for row in rows]
+    gpu = [row.get("gpu_seconds") for row in rows]
+    has_gpu = all(g is not None for g in gpu)
     flops_vary = len(set(flops)) > 1
-    slope = intercept = r = None
+    slope = intercept = None
     if flops_vary:
         slope, intercept = linear_fit(flops, seconds)
-        if len(rows) >= 3 and len(set(seconds)) > 1:
-            r = pearson(flops, seconds)
+    r = _correlation(flops, seconds)
     deviations = proportional_deviations(flops, seconds)
     worst = max(range(len(rows)), key=lambda i: abs(deviations[i]))
     label = str(rows[worst]["label"])
-    return SeriesReport(op, series, len(rows), r, slope, intercept, deviations[worst], label,
-                        _verdict(len(rows), flops_vary, r, deviations[worst], label))
+    role = rows[0].get("role") or role_of(series)
+    verdict = NOT_JUDGED if role == REFERENCE else _verdict(len(rows), flops_vary, r, deviations[worst], label)
+    return SeriesReport(
+        op, series, len(rows), r, slope, intercept, deviations[worst], label, verdict, role,
+        pearson_gpu=_correlation(flops, gpu) if has_gpu else None,
+        host_share=float(np.median([(s - g) / s for s, g in zip(seconds, gpu)])) if has_gpu else None,
+        unstable=sum(bool(row.get("unstable")) for row in rows),
+    )
 
 
 def summarize(rows: Sequence[dict]) -> list[SeriesReport]:
@@ -156,10 +221,12 @@ def _cells(report: SeriesReport) -> dict[str, str]:
     def fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
         return "-" if value is None else format(value * scale, spec)
 
-    return {"op": report.op, "series": report.series, "plans": str(report.points),
-            "pearson": fmt(report.pearson, ".4f"), "slope": fmt(report.slope, ".4g", 1e12),
-            "intercept": fmt(report.intercept, ".4f", 1e3),
-            "deviation": f"{report.worst_deviation:+.1%} ({report.worst_label})", "verdict": report.verdict}
+    return {"op": report.op, "series": report.series, "role": report.role, "plans": str(report.points),
+            "pearson": "-" if report.pearson is None else r_text(report.pearson),
+            "pearson_gpu": "-" if report.pearson_gpu is None else r_text(report.pearson_gpu),
+            "slope": fmt(report.slope, ".4g", 1e12), "intercept": fmt(report.intercept, ".4f", 1e3),
+            "deviation": f"{report.worst_deviation:+.1%} ({report.worst_label})",
+            "host": fmt(report.host_share, ".0%"), "unstable": str(report.unstable), "verdict": report.verdict}
 
 
 def table(reports: Sequence[SeriesReport]) -> str:
@@ -167,8 +234,28 @@ def table(reports: Sequence[SeriesReport]) -> str:
     return format_table([_cells(r) for r in reports], [(key, header, "") for key, header in COLUMNS])
 
 
-def markdown(reports: Sequence[SeriesReport], meta: dict) -> str:
-    """A Markdown summary to paste into an issue: run metadata, the table and the thresholds."""
+def summary_line(reports: Sequence[SeriesReport], unstable: int, timed: int, device: str,
+                 extra: Sequence[str] = ()) -> str:
+    """One sentence: how many of the library's series follow FLOPs, the end-to-end r, ``extra`` clauses, and how
+    stable the timing was."""
+    judged = [r for r in reports if r.role in (LIBRARY, LIBRARY_TORCH)]
+    parts = [f"On {device}, {sum(r.follows for r in judged)} of {len(judged)} library series follow FLOPs in wall time"]
+    for r in reports:
+        if r.op.startswith("model ") and r.role in (LIBRARY, LIBRARY_TORCH):
+            stage = r.op.rsplit(" ", 1)[-1]
+            wall = "-" if r.pearson is None else r_text(r.pearson)
+            gpu = "" if r.pearson_gpu is None else f", GPU {r_text(r.pearson_gpu)}"
+            host = "" if r.host_share is None else f", host {r.host_share:.0%} of wall"
+            parts.append(f"end to end {stage}: r wall {wall}{gpu}{host}")
+    parts += extra
+    parts.append(f"{unstable} of {timed} timed cases have an IQR over 5% of their median")
+    return "; ".join(parts) + "."
+
+
+def markdown(reports: Sequence[SeriesReport], meta: dict, summary: str | None = None,
+             sections: Sequence[tuple[str, str]] = ()) -> str:
+    """A Markdown report to paste into an issue: a one-line summary, run metadata, the validation table,
+    the thresholds, then ``sections`` (title, Markdown body) such as the latency table."""
     def field(key: str) -> str:
         return str(meta.get(key) or "unknown")
 
@@ -179,45 +266,15 @@ def markdown(reports: Sequence[SeriesReport], meta: dict) -> str:
         cells = _cells(report)
         # A literal pipe would split the cell in two.
         lines.append("| " + " | ".join(cells[key].replace("|", "\\|") for key, _ in COLUMNS) + " |")
-    thresholds = (f"A series follows FLOPs when Pearson r >= {MIN_PEARSON:g} and every plan's time is within "
-                  f"{MAX_DEVIATION:.0%} of proportional to its FLOPs, anchored at its largest-FLOPs plan.")
-    return "\n".join([header, "", *lines, "", thresholds]) + "\n"
-
-
-def plot(rows: Sequence[dict], path: str | Path) -> Path:
-    """Measured time against predicted FLOPs, one subplot per op, written as a PNG."""
-    # Imported here so that summarizing never needs matplotlib; the Agg canvas
-    # renders off-screen without touching pyplot's global backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    groups = _groups(rows)
-    if not groups:
-        raise ValueError("rows is empty: there is nothing to plot")
-    ops = list(dict.fromkeys(op for op, _ in groups))
-    ncols, nrows = min(2, len(ops)), math.ceil(len(ops) / 2)
-    fig = Figure(figsize=(6 * ncols, 4.5 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, op in zip(axes, ops):
-        for (group_op, series), group in groups.items():
-            if group_op != op:
-                continue
-            tflops = np.array([row["flops"] for row in group]) / 1e12
-            ms = np.array([row["seconds"] for row in group]) * 1e3
-            (points,) = ax.plot(tflops, ms, "o", label=series)
-            ref = int(np.argmax(tflops))
-            ax.plot([0.0, tflops[ref]], [0.0, ms[ref]], "--", color=points.get_color(),
-                    label=f"{series}, proportional")
-        ax.set(title=op, xlabel="predicted TFLOPs", ylabel="measured time (ms)")
-        ax.set_xlim(left=0), ax.set_ylim(bottom=0)
-        ax.legend(fontsize="small")
-    for ax in axes[len(ops):]:
-        ax.set_visible(False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    thresholds = (f"A series follows FLOPs when the Pearson r of its wall time with FLOPs is >= {MIN_PEARSON:g} "
+                  f"and every plan's wall time is within {MAX_DEVIATION:.0%} of proportional to its FLOPs, "
+                  f"anchored at its largest-FLOPs plan. r is truncated to 4 decimals. Reference series save "
+                  f"nothing by design and are not judged. Host share: (wall - GPU) / wall, the median over the "
+                  f"series' plans; IQR > 5%: plans whose timing spread exceeds 5% of the median.")
+    parts = ([summary, ""] if summary else []) + [header, "", *lines, "", thresholds]
+    for title, body in sections:
+        parts += ["", f"## {title}", "", body]
+    return "\n".join(parts) + "\n"
 
 
 def report_json(reports: Sequence[SeriesReport]) -> list[dict]:

@@ -3,8 +3,13 @@
     pytest bench --benchmark-only                     # CUDA when present (llava-7b, bf16), else CPU (tiny, fp32)
     pytest bench --benchmark-only --benchmark-json=out.json
 
-Each case records its predicted FLOPs in ``extra_info``, so a tracked series
-can be divided by them. These are not tests of correctness: ``tests/`` is.
+The cases follow the sections of ``python -m bench``: the masked MLP and
+attention, the KV cache's append and gather, the model's prefill and
+``generate`` under every family's plans with the full plan and transformers
+as references, and the latency section's requests (time to first token and
+the whole request, per family and budget). An op or prefill records its
+predicted FLOPs in ``extra_info``, so a tracked series can be divided by
+them. These are not tests of correctness: ``tests/`` is.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adallava_kernels import UnitScheme, best_plan, cost, get_shape, masked_attention, masked_mlp
+from adallava_kernels import ExecutionPlan, cost, get_shape, masked_attention, masked_mlp
 from adallava_kernels.ops.layout import prepare_column_gather
 
 from . import attention as attention_bench
+from . import kv_cache as kv_bench
+from . import latency as latency_bench
 from . import mlp as mlp_bench
 from . import model as model_bench
-from .plans import random_scores
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -50,7 +56,7 @@ def test_masked_mlp(benchmark, keep):
     g = torch.Generator().manual_seed(0)
     hidden, inter = SHAPE.hidden_size, SHAPE.intermediate_size
     x = _randn(TOKENS, hidden, generator=g)
-    w_gate, w_up = _randn(inter, hidden, scale=hidden**-0.5, generator=g), _randn(inter, hidden, scale=hidden**-0.5, generator=g)
+    w_gate, w_up = (_randn(inter, hidden, scale=hidden**-0.5, generator=g) for _ in range(2))
     w_down = prepare_column_gather(_randn(hidden, inter, scale=inter**-0.5, generator=g))
     active = mlp_bench.kept_neurons(SHAPE, keep, g).to(DEVICE)
     benchmark.extra_info["flops"] = cost.masked_mlp_cost(SHAPE, TOKENS, active.numel()).flops
@@ -76,17 +82,72 @@ def test_masked_attention_prefill(benchmark, fraction):
                                               num_kv_heads=s.num_kv_heads, check_indices=False)))
 
 
+@pytest.mark.parametrize("op", ["append 1", "append chunk", "gather"])
+def test_kv_cache(benchmark, op):
+    context, chunk = (700, 700) if ON_GPU else (128, 64)
+    calls = list(kv_bench.bandwidth_calls(SHAPE, 1, context, chunk, DEVICE, DTYPE).values())
+    fn, elements = calls[["append 1", "append chunk", "gather"].index(op)]
+    benchmark.extra_info["bytes"] = 2 * elements * torch.finfo(DTYPE).bits // 8
+    benchmark(_timed(fn))
+
+
+# -- end to end: the model section's plans and references, and the latency section's requests --------------
+
+PLANS = [(model_bench.FULL, "full", ExecutionPlan.full(SHAPE)), *model_bench.plans(SHAPE, list(BUDGETS), 2),
+         (model_bench.DENSE, "dense", None)]
+PLAN_IDS = [label.replace(" ", "-") for _, label, _ in PLANS]
+
+
 @pytest.fixture(scope="module")
-def model():
-    return model_bench.build(SHAPE, DEVICE, DTYPE)
+def models():
+    """The -L and -H models on one set of weights, as the latency section builds them."""
+    return latency_bench.shared_models(SHAPE, DEVICE, DTYPE)
 
 
-@pytest.mark.parametrize("kind", ["L", "H"])
-@pytest.mark.parametrize("budget", BUDGETS)
-def test_model_prefill(benchmark, model, kind, budget):
-    scheme = UnitScheme.default(kind, SHAPE)
-    plan = best_plan(scheme, budget, random_scores(scheme, torch.Generator().manual_seed(0)))
-    ids = torch.randint(0, SHAPE.vocab_size - 1, (1, TOKENS), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, SHAPE.vocab_size - 1, (1, TOKENS), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
+@pytest.mark.parametrize("family, label, plan", PLANS, ids=PLAN_IDS)
+def test_model_prefill(benchmark, models, ids, family, label, plan):
     benchmark.extra_info["flops"] = cost.prefill_flops(SHAPE, TOKENS, plan)
-    with torch.no_grad():
-        benchmark(_timed(lambda: model(input_ids=ids, plan=plan, backend="auto", logits_to_keep=1)))
+    benchmark(_timed(model_bench.prefill_call(models["L"], ids, plan, "auto")))
+
+
+@pytest.mark.parametrize("new_tokens", [1, model_bench.DECODE_STEPS + 1])
+@pytest.mark.parametrize("family, label, plan", PLANS, ids=PLAN_IDS)
+def test_model_generate(benchmark, models, ids, family, label, plan, new_tokens):
+    """A decode step is the difference of the two token counts' times over DECODE_STEPS, as the model section
+    takes it."""
+    benchmark.extra_info["decode_steps"] = new_tokens - 1
+    if plan is None:
+        benchmark(_timed(model_bench.dense_generate_call(models["L"], ids, new_tokens)))
+    else:
+        benchmark(_timed(model_bench.generate_call(models["L"], ids, new_tokens, "auto", plan=plan)))
+
+
+REQUEST = latency_bench.GPU_REQUEST if ON_GPU else latency_bench.CPU_REQUEST
+REQUESTS = [(f, b) for f in latency_bench.FAMILIES for b in BUDGETS] + [(model_bench.FULL, 1.0),
+                                                                          (model_bench.DENSE, 1.0)]
+
+
+@pytest.mark.parametrize("metric", ["ttft", "e2e"])
+@pytest.mark.parametrize("family, budget", REQUESTS, ids=[f"{f}-{b:.2f}" for f, b in REQUESTS])
+def test_request(benchmark, models, family, budget, metric):
+    """A request of the latency section: time to first token (scheduler included) or the whole request."""
+    from model.baselines import early_exit_plan
+
+    prompt, new_tokens = REQUEST
+    request_ids = torch.randint(0, SHAPE.vocab_size - 1, (1, prompt), generator=torch.Generator().manual_seed(0))
+    request_ids = request_ids.to(DEVICE)
+    n = 1 if metric == "ttft" else new_tokens
+    benchmark.extra_info["new_tokens"] = n
+    if family == model_bench.DENSE:
+        call = model_bench.dense_generate_call(models["L"], request_ids, n)
+    elif family in (model_bench.FULL, "early-exit"):
+        plan = ExecutionPlan.full(SHAPE) if family == model_bench.FULL else early_exit_plan(SHAPE, budget)
+        call = model_bench.generate_call(models["L"], request_ids, n, "auto", plan=plan, latency_budget=budget)
+    else:
+        call = model_bench.generate_call(models[family[-1]], request_ids, n, "auto", latency_budget=budget)
+    benchmark(_timed(call))

@@ -129,13 +129,13 @@ def test_uncorrelated_timings_fail_on_r():
 
 
 def test_two_plans_are_too_few():
-    (result,) = report.summarize(rows_for("mlp", "dense", proportional, budgets=(1.0, 0.5)))
+    (result,) = report.summarize(rows_for("mlp", "triton", proportional, budgets=(1.0, 0.5)))
     assert result.verdict == "too few plans (2)"
     assert result.pearson is None
 
 
 def test_plans_with_equal_flops_are_too_few():
-    rows = rows_for("mlp", "dense", proportional, budgets=(1.0, 1.0, 1.0))
+    rows = rows_for("mlp", "triton", proportional, budgets=(1.0, 1.0, 1.0))
     (result,) = report.summarize(rows)
     assert result.verdict.startswith("too few plans (3")
     assert result.pearson is None and result.slope is None and result.intercept is None
@@ -183,7 +183,7 @@ def test_table_lists_every_series_and_verdict(mixed_reports):
     text = report.table(mixed_reports)
     for r in mixed_reports:
         assert r.series in text and r.verdict in text
-    assert "pearson r" in text and "slope (s/TFLOP)" in text
+    assert "r wall" in text and "r GPU" in text and "slope (s/TFLOP)" in text and "verdict (wall)" in text
     (decode_line,) = [line for line in text.splitlines() if "AdaLLaVA-L" in line]
     assert "-" in decode_line.split()  # two plans: no pearson r
     # Slope is seconds per TFLOP: 5 ms per 2 TFLOP.
@@ -214,11 +214,104 @@ def test_markdown_marks_missing_meta_as_unknown(mixed_reports):
 def test_report_json_is_plain_dicts(mixed_reports):
     data = report.report_json(mixed_reports)
     assert [d["series"] for d in data] == [r.series for r in mixed_reports]
-    assert set(data[0]) == {"op", "series", "points", "pearson", "slope", "intercept",
-                            "worst_deviation", "worst_label", "verdict"}
+    assert set(data[0]) == {"op", "series", "points", "pearson", "slope", "intercept", "worst_deviation",
+                            "worst_label", "verdict", "role", "pearson_gpu", "host_share", "unstable"}
 
 
-# -- plot ---------------------------------------------------------------------
+# -- roles, GPU time, r as printed ------------------------------------------------
+
+def test_reference_series_are_shown_but_not_judged():
+    (result,) = report.summarize(rows_for("mlp", "zero_mask", lambda f: 5e-3))
+    assert result.role == report.REFERENCE and not result.judged
+    assert result.verdict == report.NOT_JUDGED
+    assert result.worst_deviation == pytest.approx(1.0)  # still measured: half the FLOPs, the same time
+
+
+@pytest.mark.parametrize("series, role", [
+    ("triton", "library"), ("index_select", "library (torch)"), ("sdpa_gathered", "library (torch)"),
+    ("pregathered", "alternative"), ("flash_attn", "alternative"), ("zero_mask", "reference"),
+    ("adallava_kernels (auto), all plans", "library"), ("kernels, all plans", "library"), ("other", "alternative"),
+])
+def test_role_of_each_series(series, role):
+    assert report.role_of(series) == role
+
+
+def test_a_row_may_name_its_role():
+    rows = [r | {"role": "reference"} for r in rows_for("mlp", "triton", proportional)]
+    assert report.summarize(rows)[0].verdict == report.NOT_JUDGED
+
+
+@pytest.mark.parametrize("r, text", [(0.77059, "0.7705"), (-0.42167, "-0.4217"), (1.0, "1.0000"),
+                                     (0.98999, "0.9899")])
+def test_r_text_truncates_to_four_decimals(r, text):
+    assert report.r_text(r) == text
+
+
+def test_table_and_verdict_print_the_same_r():
+    # Find timings whose r rounds and truncates differently at 4 decimals (the case the two used to disagree on).
+    rng = np.random.default_rng(0)
+    for _ in range(1000):
+        seconds = iter(rng.uniform(1e-3, 2e-3, size=len(BUDGETS)))
+        rows = rows_for("mlp", "index_select", lambda f: next(seconds))
+        (result,) = report.summarize(rows)
+        if result.pearson is not None and f"{result.pearson:.4f}" != report.r_text(result.pearson):
+            break
+    else:
+        pytest.fail("no r found whose rounding and truncation differ")
+    text = report.table([result])
+    printed = report.r_text(result.pearson)
+    assert f"r {printed} < 0.99" in result.verdict
+    (line,) = [line for line in text.splitlines() if "index_select" in line]
+    assert line.split()[5] == printed  # op, series, role "library (torch)", plans, r wall
+    assert f"{result.pearson:.4f}" not in line
+
+
+def test_gpu_correlation_and_host_share():
+    # Wall time carries a fixed host cost of 5 ms; the GPU time is proportional to the FLOPs.
+    rows = [r | {"gpu_seconds": proportional(r["flops"]), "seconds": 5e-3 + proportional(r["flops"])}
+            for r in rows_for("model tiny prefill", "adallava_kernels (auto), all plans", proportional)]
+    rows[1]["unstable"] = True
+    (result,) = report.summarize(rows)
+    assert result.pearson_gpu == pytest.approx(1.0)
+    # Host share per plan: 5 / (5 + 5 b) for budgets 1.0, 0.85, 0.75, 0.6, 0.5; the median is at b = 0.75.
+    assert result.host_share == pytest.approx(5 / (5 + 5 * 0.75))
+    assert result.unstable == 1
+    assert result.verdict.startswith("worst deviation")  # judged on wall time
+    cells = report.table([result]).splitlines()[2]
+    assert "57%" in cells
+
+
+def test_gpu_statistics_need_every_point():
+    rows = rows_for("mlp", "triton", proportional)
+    rows[0]["gpu_seconds"] = 1e-3
+    (result,) = report.summarize(rows)
+    assert result.pearson_gpu is None and result.host_share is None
+    rows[0]["gpu_seconds"] = -1.0
+    with pytest.raises(ValueError, match=r"rows\[0\]\['gpu_seconds'\] must be None or a positive"):
+        report.summarize(rows)
+
+
+def test_summary_line_counts_library_series_and_states_end_to_end_r():
+    follows = rows_for("mlp", "triton", proportional)
+    fails = rows_for("mlp", "index_select", lambda f: 5e-3 + proportional(f))
+    reference = rows_for("mlp", "zero_mask", lambda f: 5e-3)
+    model = [r | {"gpu_seconds": proportional(r["flops"]) / 2}
+             for r in rows_for("model tiny decode", "adallava_kernels (auto), all plans", proportional)]
+    line = report.summary_line(report.summarize(follows + fails + reference + model), 3, 40, "NVIDIA H100",
+                               ["a request at budget 0.50 takes 0.60"])
+    assert line.startswith("On NVIDIA H100, 2 of 3 library series follow FLOPs in wall time")
+    assert "end to end decode: r wall 1.0000, GPU 1.0000, host 50% of wall" in line
+    assert "a request at budget 0.50 takes 0.60" in line
+    assert line.endswith("3 of 40 timed cases have an IQR over 5% of their median.")
+    assert "\n" not in line
+
+
+def test_markdown_opens_with_the_summary_and_appends_sections(mixed_reports):
+    text = report.markdown(mixed_reports, {"device": "cpu"}, "One line.", [("Latency", "| a |")])
+    lines = text.splitlines()
+    assert lines[0] == "One line." and lines[2].startswith("**device** cpu")
+    assert text.rstrip().endswith("## Latency\n\n| a |")
+
 
 def test_importing_the_report_does_not_import_matplotlib():
     import subprocess
@@ -227,20 +320,3 @@ def test_importing_the_report_does_not_import_matplotlib():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_plot_writes_a_png_in_a_new_directory(tmp_path):
-    rows = (rows_for("mlp", "triton", proportional) + rows_for("mlp", "index_select", lambda f: 2 * proportional(f))
-            + rows_for("attention", "sdpa_gathered", proportional)
-            + rows_for("model-decode", "AdaLLaVA-H/kernels", lambda f: 1e-3 + proportional(f)))
-    target = tmp_path / "new" / "dir" / "report.png"
-    assert not target.parent.exists()
-    path = report.plot(rows, target)
-    assert path == target
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
-
-
-def test_plot_rejects_empty_rows(tmp_path):
-    with pytest.raises(ValueError, match="rows is empty"):
-        report.plot([], tmp_path / "empty.png")

@@ -1,0 +1,334 @@
+"""Figures of a benchmark run, drawn from its ``results.json`` alone, so any past run can be redrawn.
+
+    python -m bench.plot RESULTS.json [--out DIR]
+
+- ``plot.png``, the headline: for prefill and for one decode step, each
+  plan's measured time relative to the full plan against its FLOPs relative
+  to the full plan, families in colour (filled: wall time; hollow: GPU time
+  where measured), with the ideal diagonal and a band of +-10% around it;
+- ``latency.png``: time to first token, time per output token and end-to-end
+  latency against the budget, one line per family, with the ideal
+  ``budget * full`` line and the references;
+- ``ops.png`` (then ``ops-2.png``, ...): time against predicted FLOPs for each
+  op case, at most 12 panels per image, one kind of op per image.
+
+Reads the current format and the first GPU run's (``bench/results/h100-2026-11-23``),
+whose model rows hold ``seconds`` instead of ``median_s`` and have no full-plan row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ._common import load_results, row_seconds
+from .report import REFERENCE, role_of
+
+PANELS_PER_PAGE = 12
+BAND = 0.10
+FAMILY_COLORS = {
+    "AdaLLaVA-L": "tab:blue", "AdaLLaVA-H": "tab:orange", "early-exit": "tab:green",
+    "random-L": "tab:purple", "random-H": "tab:brown",
+}
+# One colour per provider across every op page: the library's Triton kernels in red.
+SERIES_COLORS = {
+    "triton": "tab:red", "index_select": "tab:blue", "sdpa_gathered": "tab:blue", "pregathered": "tab:green",
+    "flash_attn": "tab:green", "zero_mask": "tab:gray",
+}
+DENSE = "dense (transformers)"
+FULL = "full plan"
+OP_KINDS = {"mlp": "masked MLP", "attention": "masked attention"}
+LATENCY_PANELS = (("ttft", "time to first token"), ("tpot", "time per output token"), ("e2e", "end-to-end latency"))
+
+
+# -- the data each figure draws ------------------------------------------------
+
+def _full_rows(rows: list[dict]) -> dict[str, dict]:
+    """Per stage, the row every ratio is taken to: the full plan, else ``L 1.00``, else the largest-FLOPs plan."""
+    full = {}
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        planned = [r for r in rows if r["stage"] == stage and r["family"] != DENSE]
+        by_family = [r for r in planned if r["family"] == FULL] or [r for r in planned if r["label"] == "L 1.00"]
+        full[stage] = by_family[0] if by_family else max(planned, key=lambda r: r["flops"])
+    return full
+
+
+def headline_data(results: dict) -> dict[str, dict]:
+    """Per stage: ``families`` {family: [point]} with one point per plan, and the ``dense`` reference point.
+
+    A point holds the plan's label, ``flops_ratio``, ``wall_ratio`` and
+    ``gpu_ratio`` (``None`` where the GPU time was not measured), all relative
+    to the full plan of the same stage.
+    """
+    rows = results.get("model_runs", {}).get("rows", [])
+    if not rows:
+        raise ValueError("results have no model_runs rows: the headline figure needs the model section")
+    data = {}
+    for stage, ref in _full_rows(rows).items():
+        ref_gpu = ref.get("gpu_s")
+
+        def point(r):
+            gpu = r.get("gpu_s")
+            return {"label": r["label"], "flops_ratio": r["flops"] / ref["flops"],
+                    "wall_ratio": row_seconds(r) / row_seconds(ref),
+                    "gpu_ratio": gpu / ref_gpu if gpu is not None and ref_gpu else None}
+
+        families: dict[str, list[dict]] = {}
+        dense = None
+        for r in rows:
+            if r["stage"] != stage or r["family"] == FULL:
+                continue
+            if r["family"] == DENSE:
+                dense = point(r)
+            else:
+                families.setdefault(r["family"], []).append(point(r))
+        data[stage] = {"families": families, "dense": dense}
+    return data
+
+
+def latency_data(results: dict) -> dict[str, dict]:
+    """Per metric (ttft, tpot, e2e): ``families`` {family: [(budget, ms)]}, the references' ms and the
+    ``ideal`` [(budget, budget * full ms)] over the budgets measured."""
+    rows = results.get("latency", {}).get("rows", [])
+    if not rows:
+        raise ValueError("results have no latency rows: the latency figure needs the latency section")
+    data = {}
+    for metric, _ in LATENCY_PANELS:
+        families: dict[str, list[tuple[float, float]]] = {}
+        refs = {}
+        for r in rows:
+            ms = r[metric]["median_s"] * 1e3
+            if r["family"] in (FULL, DENSE):
+                refs[r["family"]] = ms
+            else:
+                families.setdefault(r["family"], []).append((r["budget"], ms))
+        budgets = sorted({b for points in families.values() for b, _ in points} | {1.0})
+        ideal = [(b, b * refs[FULL]) for b in budgets] if FULL in refs else []
+        data[metric] = {"families": {f: sorted(p) for f, p in families.items()}, "full": refs.get(FULL),
+                        "dense": refs.get(DENSE), "ideal": ideal}
+    return data
+
+
+def op_pages(rows: Sequence[dict], per_page: int = PANELS_PER_PAGE) -> list[tuple[str, list[str]]]:
+    """The op cases of the validation rows, as pages of at most ``per_page``: (kind, ops) each, one kind a page.
+    End-to-end ops are left to the headline figure."""
+    by_kind: dict[str, list[str]] = {}
+    for op in dict.fromkeys(r["op"] for r in rows):
+        kind = op.split(" ", 1)[0]
+        if kind != "model":
+            by_kind.setdefault(kind, []).append(op)
+    return [(kind, ops[i:i + per_page]) for kind, ops in by_kind.items() for i in range(0, len(ops), per_page)]
+
+
+# -- drawing --------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    # The Agg canvas renders off-screen without touching pyplot's global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _run_title(results: dict, with_model: bool = True) -> str:
+    meta = results.get("meta", {})
+    model = f"{results.get('model', '?')}, " if with_model else ""
+    return (f"{model}{meta.get('dtype', '?')}, {meta.get('device', '?')} "
+            f"(commit {str(meta.get('commit', '?'))[:12]}, {str(meta.get('date', '?'))[:10]})")
+
+
+def _suptitle(fig, title: str, detail: str) -> None:
+    """``title`` over ``detail``, wrapped to the figure's width (about 16 characters an inch at this size)."""
+    width = int(fig.get_figwidth() * 16)
+    fig.suptitle("\n".join([textwrap.fill(title, width), textwrap.fill(detail, width)]), fontsize="medium")
+
+
+def _shared_legend(fig, axes) -> None:
+    """One legend for every panel, below them, so that no point hides behind it."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=4, fontsize="small")
+
+
+def _color(family: str) -> str:
+    return FAMILY_COLORS.get(family, "tab:gray")
+
+
+def draw_headline(results: dict, path: Path | None = None):
+    """``plot.png``: time ratio against FLOPs ratio, one point per plan; returns the figure."""
+    data = headline_data(results)
+    fig = _figure(6.5 * len(data), 6.0)
+    axes = fig.subplots(1, len(data), squeeze=False)[0]
+    stage_names = {"prefill": "prefill", "decode": "one decode step"}
+    for ax, (stage, stage_data) in zip(axes, data.items()):
+        points = [p for ps in stage_data["families"].values() for p in ps]
+        ratios = [p["flops_ratio"] for p in points] + [1.0]
+        lo = max(0.0, min(ratios) - 0.05)
+        x = np.linspace(lo, 1.05, 50)
+        ax.fill_between(x, (1 - BAND) * x, (1 + BAND) * x, color="0.85", label=f"ideal ±{BAND:.0%}")
+        ax.plot(x, x, "k--", lw=1, label="ideal: time ratio = FLOPs ratio")
+        has_gpu = False
+        for family, fam_points in stage_data["families"].items():
+            fx = [p["flops_ratio"] for p in fam_points]
+            ax.plot(fx, [p["wall_ratio"] for p in fam_points], "o", color=_color(family), ms=7, alpha=0.85,
+                    label=f"{family} (wall)", gid=f"plans:{stage}:{family}")
+            gpu = [(p["flops_ratio"], p["gpu_ratio"]) for p in fam_points if p["gpu_ratio"] is not None]
+            if gpu:
+                has_gpu = True
+                gx, gy = zip(*gpu)
+                ax.plot(gx, gy, "o", mfc="none", mec=_color(family), ms=7, gid=f"gpu:{stage}:{family}")
+        ax.plot([1.0], [1.0], "kX", ms=9, label="full plan (the anchor)")
+        dense = stage_data["dense"]
+        if dense is not None:
+            ax.plot([dense["flops_ratio"]], [dense["wall_ratio"]], "k*", ms=13,
+                    label="transformers dense (reference, wall)")
+        if has_gpu:
+            ax.plot([], [], "o", mfc="none", mec="0.3", label="hollow: GPU time")
+        ax.set(title=f"{stage_names.get(stage, stage)}: does the time follow the FLOPs?",
+               xlabel="FLOPs ratio to the full plan", ylabel="measured time ratio to the full plan")
+        ax.set_xlim(lo, 1.05)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    _shared_legend(fig, axes)
+    _suptitle(fig, "Every plan against the full plan through the kernels", _run_title(results))
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def draw_latency(results: dict, path: Path | None = None):
+    """``latency.png``: latency against the budget, one line per family per metric; returns the figure."""
+    data = latency_data(results)
+    rows = results["latency"]["rows"]
+    fig = _figure(6.0 * len(LATENCY_PANELS), 5.0)
+    axes = fig.subplots(1, len(LATENCY_PANELS), squeeze=False)[0]
+    for ax, (metric, title) in zip(axes, LATENCY_PANELS):
+        metric_data = data[metric]
+        for family, points in metric_data["families"].items():
+            budgets, ms = zip(*points)
+            ax.plot(budgets, ms, "o-", color=_color(family), label=family, gid=f"family:{metric}:{family}")
+            spread = [(r["budget"], r[metric]["q1_s"] * 1e3, r[metric]["q3_s"] * 1e3)
+                      for r in rows if r["family"] == family and "q1_s" in r[metric]]
+            if spread:
+                b, lo, hi = zip(*spread)
+                ax.vlines(b, lo, hi, color=_color(family), lw=3, alpha=0.4)
+        if metric_data["ideal"]:
+            ib, ims = zip(*metric_data["ideal"])
+            ax.plot(ib, ims, "k--", lw=1, label="ideal: budget x full plan", gid=f"ideal:{metric}")
+        if metric_data["full"] is not None:
+            ax.axhline(metric_data["full"], color="0.4", ls=":", label="full plan (reference)")
+        if metric_data["dense"] is not None:
+            ax.axhline(metric_data["dense"], color="k", ls="-.", lw=1, label="transformers dense (reference)")
+        ax.set(title=title, xlabel="latency budget", ylabel="ms (median; bars: IQR)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    _shared_legend(fig, axes)
+    first = rows[0]
+    _suptitle(fig, f"Request latency: {first['prompt_tokens']} prompt tokens, {first['new_tokens']} new tokens",
+              _run_title(results))
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def _flops_unit(flops: float) -> tuple[float, str]:
+    for scale, name in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
+        if flops >= scale:
+            return scale, name
+    return 1.0, "FLOP"
+
+
+def _ops_panel(ax, op: str, rows: list[dict]) -> None:
+    scale, unit = _flops_unit(max(r["flops"] for r in rows))
+    for series in dict.fromkeys(r["series"] for r in rows):
+        group = [r for r in rows if r["series"] == series]
+        role = group[0].get("role") or role_of(series)
+        x = np.array([r["flops"] for r in group]) / scale
+        ms = np.array([r["seconds"] for r in group]) * 1e3
+        (points,) = ax.plot(x, ms, "o", color=SERIES_COLORS.get(series), label=f"{series}: {role}",
+                            gid=f"series:{op}:{series}")
+        gpu = [(xi, r["gpu_seconds"] * 1e3) for xi, r in zip(x, group) if r.get("gpu_seconds") is not None]
+        if gpu:
+            gx, gy = zip(*gpu)
+            ax.plot(gx, gy, "o", mfc="none", mec=points.get_color())
+        if role != REFERENCE:
+            ref = int(np.argmax(x))
+            ax.plot([0.0, x[ref]], [0.0, ms[ref]], "--", lw=1, color=points.get_color())
+    ax.set_title(op.split(" ", 1)[1] if " " in op else op, fontsize="medium")
+    ax.set(xlabel=f"predicted {unit}", ylabel="wall ms")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+
+
+def draw_ops(results: dict, out_dir: Path) -> list[Path]:
+    """``ops.png``, ``ops-2.png``, ...: one panel per op case, at most 12 a page; returns the paths."""
+    rows = results.get("report", {}).get("rows", [])
+    pages = op_pages(rows)
+    paths = []
+    for number, (kind, ops) in enumerate(pages, start=1):
+        ncols = min(3, len(ops))
+        nrows = math.ceil(len(ops) / ncols)
+        fig = _figure(5.2 * ncols, 4.0 * nrows + 0.6)
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax, op in zip(axes, ops):
+            _ops_panel(ax, op, [r for r in rows if r["op"] == op])
+        for ax in axes[len(ops):]:
+            ax.set_visible(False)
+        same_kind = [p for p in pages if p[0] == kind]
+        part = f" ({same_kind.index((kind, ops)) + 1} of {len(same_kind)})" if len(same_kind) > 1 else ""
+        has_gpu = any(r.get("gpu_seconds") is not None for r in rows if r["op"] in ops)
+        _suptitle(fig, f"{OP_KINDS.get(kind, kind)}{part}: wall time against predicted FLOPs",
+                  ("filled: wall, hollow: GPU; " if has_gpu else "")
+                  + f"dashed: proportional through the largest plan; {_run_title(results, False)}")
+        paths.append(_save(fig, out_dir / ("ops.png" if number == 1 else f"ops-{number}.png")))
+    return paths
+
+
+def draw_all(results: dict, out_dir: str | Path) -> list[Path]:
+    """Every figure ``results`` has data for, written to ``out_dir``; returns the paths written."""
+    out_dir = Path(out_dir)
+    paths = []
+    if results.get("model_runs", {}).get("rows"):
+        draw_headline(results, out_dir / "plot.png")
+        paths.append(out_dir / "plot.png")
+    if results.get("latency", {}).get("rows"):
+        draw_latency(results, out_dir / "latency.png")
+        paths.append(out_dir / "latency.png")
+    return paths + draw_ops(results, out_dir)
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", metavar="RESULTS.json", help="results.json of a run of python -m bench")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: RESULTS's own)")
+    args = parser.parse_args(argv)
+    try:
+        results = load_results(args.results)
+    except ValueError as e:
+        parser.error(str(e))
+    paths = draw_all(results, args.out or Path(args.results).parent)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

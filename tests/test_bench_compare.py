@@ -1,0 +1,108 @@
+"""Before and after: the arithmetic of --compare on synthetic runs, the old format, and errors that name the file."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import compare
+from bench.__main__ import main as bench_main
+
+ROOT = Path(__file__).resolve().parent.parent
+FIRST_GPU_RUN = ROOT / "bench" / "results" / "h100-2026-11-23" / "results.json"
+
+
+def run(model_seconds, mlp_seconds=(), latency_e2e=None, device="test", seconds_key="median_s"):
+    """A results dict with model rows ``{label: seconds}`` (prefill), MLP rows and one latency row."""
+    results = {
+        "meta": {"device": device, "dtype": "float32", "commit": "abc", "date": "2026-01-01"},
+        "model_runs": {"rows": [{"model": "tiny", "stage": "prefill", "family": "f", "label": label,
+                                 seconds_key: s} for label, s in model_seconds.items()]},
+        "mlp": {"rows": [{"model": "tiny", "tokens": 8, "provider": "index_select", "neurons": n, "median_s": s,
+                          "unstable": n == 130} for n, s in mlp_seconds]},
+    }
+    if latency_e2e is not None:
+        metrics = {m: {"median_s": latency_e2e / k, "unstable": False} for m, k in (("ttft", 4), ("tpot", 8),
+                                                                                     ("e2e", 1))}
+        results["latency"] = {"rows": [{"model": "tiny", "family": "AdaLLaVA-L", "budget": 0.5, **metrics}]}
+    return results
+
+
+def test_ratio_and_regression_flag():
+    # Old times of 1 s keep the ratios exact in binary floating point.
+    old = run({"L 0.50": 1.0, "L 0.75": 1.0, "L 1.00": 1.0, "H 0.50": 1.0, "exit 0.50": 0.8})
+    new = run({"L 0.50": 1.06, "L 0.75": 1.05, "L 1.00": 0.96, "H 0.50": 0.9, "random-L 0": 0.1})
+    result = compare.compare(new, old)
+    by_case = {r["case"]: r for r in result["rows"]}
+    assert list(by_case) == [f"model tiny prefill {label}" for label in ("L 0.50", "L 0.75", "L 1.00", "H 0.50")]
+    assert by_case["model tiny prefill L 0.50"]["ratio"] == pytest.approx(1.06)
+    # Over 5% slower is a regression; exactly 5% is not; over 5% faster is marked faster.
+    assert [by_case[f"model tiny prefill {label}"]["verdict"] for label in ("L 0.50", "L 0.75", "L 1.00", "H 0.50")] \
+        == ["regression", "same", "same", "faster"]
+    assert (result["regressions"], result["faster"]) == (1, 1)
+    assert result["only_new"] == ["model tiny prefill random-L 0"]
+    assert result["only_old"] == ["model tiny prefill exit 0.50"]
+    ratios = [1.06, 1.05, 0.96, 0.9]
+    assert result["geomean_ratio"] == pytest.approx(math.prod(ratios) ** (1 / 4))
+    text = compare.table(result)
+    assert text.count("REGRESSION") == 1 and "1.060" in text
+    assert "4 cases in common: 1 slower by more than 5% (regression), 1 faster" in compare.summary(result)
+
+
+def test_threshold_is_configurable_and_checked():
+    old, new = run({"L 0.50": 10e-3}), run({"L 0.50": 10.3e-3})
+    assert compare.compare(new, old)["regressions"] == 0
+    assert compare.compare(new, old, threshold=0.02)["regressions"] == 1
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        compare.compare(new, old, threshold=-0.1)
+
+
+def test_cases_cover_every_section_and_the_old_model_format():
+    old = run({"L 0.50": 10e-3}, mlp_seconds=[(260, 1e-4), (130, 2e-4)], latency_e2e=40e-3, seconds_key="seconds")
+    times = compare.case_times(old)
+    assert times == {
+        "mlp tiny 8 tok index_select 260 neurons": 1e-4, "mlp tiny 8 tok index_select 130 neurons": 2e-4,
+        "model tiny prefill L 0.50": 10e-3,
+        "latency tiny AdaLLaVA-L 0.50 ttft": 10e-3, "latency tiny AdaLLaVA-L 0.50 tpot": 5e-3,
+        "latency tiny AdaLLaVA-L 0.50 e2e": 40e-3,
+    }
+    assert compare.unstable_cases(old) == ["mlp tiny 8 tok index_select 130 neurons"]
+
+
+def test_different_devices_are_pointed_out():
+    old, new = run({"L 0.50": 1e-3}, device="NVIDIA H100"), run({"L 0.50": 1e-3}, device="cpu")
+    text = compare.render(new, old, compare.compare(new, old))
+    assert "different devices" in text
+
+
+def test_the_first_gpu_run_against_itself():
+    results = json.loads(FIRST_GPU_RUN.read_text())
+    result = compare.compare(results, results)
+    # 250 MLP, 180 attention, 6 KV-cache and 61 model rows, every ratio 1.
+    assert len(result["rows"]) == 497 and {r["ratio"] for r in result["rows"]} == {1.0}
+    assert result["regressions"] == 0 and not result["only_new"] and not result["only_old"]
+
+
+def test_compare_command(tmp_path, capsys):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(run({"L 0.50": 10e-3})))
+    new.write_text(json.dumps(run({"L 0.50": 12e-3})))
+    result = compare.main([str(old), str(new)])
+    assert result["regressions"] == 1
+    assert "REGRESSION" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "is not a file"), ("[1, 2", "is not JSON"), ('{"model": "tiny"}', "no 'meta'"),
+    ('{"meta": {}, "plans": {}}', "has no timed case"),
+], ids=["missing", "not-json", "no-meta", "nothing-timed"])
+def test_bench_compare_names_a_bad_file_before_timing_anything(tmp_path, capsys, content, message):
+    path = tmp_path / "old" / "results.json"
+    if content is not None:
+        path.parent.mkdir()
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        bench_main(["--compare", str(path), "--only", "model"])
+    err = capsys.readouterr().err
+    assert "--compare" in err and message in err
