@@ -5,7 +5,8 @@ skipped layers are absent, every grid depends only on the batch, the plans
 and the pages reserved, and sequence lengths are read on the device. So it
 is captured once and replayed with its inputs copied into persistent
 buffers. Batches with the same key share one graph; the graphs live in a
-bounded cache (least recently used out first) and share one memory pool.
+bounded cache (least recently used out first), each with its own memory
+pool.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ class GraphCache:
         self.max_graphs = max_graphs
         self.stats = GraphStats()
         self._entries: OrderedDict[Hashable, GraphEntry] = OrderedDict()
-        self._pool = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,12 +97,12 @@ class GraphCache:
 
     def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]]) -> None:
         """Record ``step`` (which reads and writes only ``entry``'s buffers and the KV pages) into ``entry``."""
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # A private memory pool per graph: graphs of different batches replay in any order, and a shared
+        # pool would let one replay's intermediates overwrite another graph's outputs before they are read.
+        with torch.cuda.graph(graph):
             outputs = step()
         torch.cuda.synchronize()
         entry.graph, entry.outputs = graph, outputs
