@@ -12,7 +12,7 @@ Made once per model (not per plan or per request):
 
 Norms, embedding, ``lm_head`` and the rotary module are shared with the
 source model. The stacked and column-major copies are new memory (for
-LLaVA-1.5-7B in bf16: 9.1 GB stacked plus 2.0 GB column-major for its 16
+LLaVA-1.5-7B in bf16: 9.0 GB stacked plus 2.0 GB column-major for its 16
 switchable layers), the price of a plan-independent layout made once.
 """
 
