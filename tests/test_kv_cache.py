@@ -1,20 +1,33 @@
 """The layer-skip KV cache: extension ops, the paged pool against a plain Python model, failures, transformers.
 
-Runs on DEVICE: the CUDA extension where there is a GPU, the C++ CPU one otherwise.
+Runs on DEVICE: the CUDA extension where there is a GPU, the C++ CPU one otherwise. The raw ops' bad-input
+cases run in a child process (``_op_checks.py``), so a native crash fails a test instead of killing pytest.
 """
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adallava_kernels._C  # noqa: F401  (built by the install: its absence fails, it is not skipped)
 from adallava_kernels import ExecutionPlan, ModelShape, cost, masked_attention
-from adallava_kernels.kv_cache import LayerSkipKVCache, transformers_cache
+from adallava_kernels.kv_cache import LayerSkipKVCache, cache_ops, transformers_cache
+from adallava_kernels.kv_cache import ops as kv_ops
+from adallava_kernels.kv_cache.ops import CacheOpInputError
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE
+from _transformers import CACHE_KEYWORD
+from _op_checks import CASES as RAW_CASES
 
 ops = torch.ops.adallava
 
@@ -76,34 +89,8 @@ def test_batched_append_writes_every_head_of_a_row_from_its_start(dtype):
     assert torch.equal(k_pages, expected_k) and torch.equal(v_pages, expected_v)
 
 
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        ({"key": torch.randn(2, 3, 1, 7), "value": torch.randn(2, 3, 1, 7)}, r"key must be \[batch, heads, tokens, 8\]"),
-        ({"tables": torch.zeros(2, 2, 3, dtype=torch.int32)}, r"block_tables must be \[batch, heads, pages\] = \[2, 3"),
-        ({"tables": torch.zeros(6, 3, dtype=torch.int32)}, "block_tables must be 3-D"),
-        ({"starts": torch.zeros(6, dtype=torch.int32)}, r"starts must have one entry per batch row \(2\)"),
-        # Batch row 1's three heads are table rows 3-5: three tokens from position 2 overflow their one page.
-        ({"key": torch.randn(2, 3, 3, 8), "value": torch.randn(2, 3, 3, 8),
-          "starts": torch.tensor([0, 2], dtype=torch.int32)}, r"row 3: positions \[2, 5\) do not fit the 1 pages of its block_tables row"),
-    ],
-    ids=["head-dim", "tables-heads", "tables-rows-form", "starts", "past-the-pages"],
-)
-def test_batched_append_input_checks(change, match):
-    args = {
-        "k_pages": torch.zeros(6, 4, 8), "v_pages": torch.zeros(6, 4, 8),
-        "key": torch.randn(2, 3, 1, 8), "value": torch.randn(2, 3, 1, 8),
-        "tables": torch.zeros(2, 3, 1, dtype=torch.int32), "starts": torch.zeros(2, dtype=torch.int32),
-    } | change
-    with pytest.raises(RuntimeError, match=match):
-        ops.kv_append(*args.values())
-    assert not args["k_pages"].any() and not args["v_pages"].any()  # nothing was written
-
-
 def test_ops_pass_opcheck():
     """Schema, fake (meta) implementations for torch.compile, and registration are consistent."""
-    from adallava_kernels.kv_cache import cache_ops
-
     cache_ops()
     k_pages, v_pages = randn(6, 4, 8), randn(6, 4, 8)
     tables = torch.tensor([[3, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
@@ -114,41 +101,114 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(ops.kv_gather.default, (k_pages, v_pages, tables, 6))
 
 
-@pytest.mark.parametrize(
-    "change, match",
-    [
-        ({"key": torch.randn(2, 5, 7)}, r"key must be \[rows, tokens, 8\]"),
-        ({"value": torch.randn(2, 4, 8)}, "value must have the shape of key"),
-        ({"key": torch.randn(2, 5, 8).double(), "value": torch.randn(2, 5, 8).double()}, "key must have the dtype"),
-        ({"tables": torch.tensor([[3, 1], [0, 5]])}, "block_tables must be int32"),
-        ({"tables": torch.tensor([[3, 1]], dtype=torch.int32)}, r"block_tables must have one row per key row \(2\)"),
-        ({"starts": torch.tensor([1], dtype=torch.int32)}, r"starts must have one entry per key row \(2\)"),
-        ({"v_pages": torch.zeros(6, 4, 8).half()}, "v_pages must have the dtype of k_pages"),
-        ({"k_pages": torch.zeros(6, 4, 8, 1), "v_pages": torch.zeros(6, 4, 8, 1)}, "k_pages must be 3-D"),
-    ],
-)
-def test_op_input_checks(change, match):
-    args = {
-        "k_pages": torch.zeros(6, 4, 8), "v_pages": torch.zeros(6, 4, 8),
-        "key": torch.randn(2, 5, 8), "value": torch.randn(2, 5, 8),
-        "tables": torch.tensor([[3, 1], [0, 5]], dtype=torch.int32), "starts": torch.tensor([1, 0], dtype=torch.int32),
-    } | change
-    with pytest.raises(RuntimeError, match=match):
-        ops.kv_append(*args.values())
+# --- bad input: an error, never a crash -------------------------------------------
 
 
-def test_cpu_op_checks_page_indices_and_positions_before_writing():
-    k_pages, v_pages = torch.zeros(6, 4, 8), torch.zeros(6, 4, 8)
-    key = torch.randn(2, 5, 8)
-    bad_page = torch.tensor([[3, 1], [0, 6]], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"block_tables\[1, 1\] = 6 is not a page of the pool \[0, 6\)"):
-        ops.kv_append(k_pages, v_pages, key, key, bad_page, torch.tensor([1, 0], dtype=torch.int32))
-    too_long = torch.tensor([4, 0], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"row 0: positions \[4, 9\) do not fit the 2 pages"):
-        ops.kv_append(k_pages, v_pages, key, key, torch.tensor([[3, 1], [0, 5]], dtype=torch.int32), too_long)
-    assert not k_pages.any() and not v_pages.any()  # nothing was written
-    with pytest.raises(RuntimeError, match=r"length 9 must be in \[0, 8\]"):
-        ops.kv_gather(k_pages, v_pages, torch.tensor([[3, 1]], dtype=torch.int32), 9)
+@pytest.fixture(scope="module")
+def raw_op_results():
+    """What the raw ops raised for every case of ``_op_checks``, all run in one child process on DEVICE."""
+    return run_child([sys.executable, str(Path(__file__).with_name("_op_checks.py")), str(DEVICE)])
+
+
+def run_child(command: list[str]) -> dict:
+    """The JSON ``command`` prints. A native crash there fails the calling test, naming the signal and the
+    last case the child announced on stderr, instead of killing the test process (or a pytest-xdist worker)."""
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        started = [line for line in proc.stderr.splitlines() if line.startswith("case ")]
+        during = started[-1] if started else "start-up"
+        pytest.fail(f"the child running the raw ops' bad-input cases {exit_reason(proc.returncode)} during "
+                    f"{during}:\n{proc.stderr[-4000:]}", pytrace=False)
+    return json.loads(proc.stdout)
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+def test_a_crash_in_the_child_fails_naming_the_signal_and_the_case():
+    crash = ("import os, signal, sys; print('case boom', file=sys.stderr, flush=True); "
+             "os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(pytest.fail.Exception, match="was killed by SIGSEGV during case boom"):
+        run_child([sys.executable, "-c", crash])
+
+
+@pytest.mark.parametrize("name", list(RAW_CASES))
+def test_raw_op_raises_its_check_and_writes_nothing(raw_op_results, name):
+    result = raw_op_results[name]
+    assert result["error"] == "RuntimeError", result
+    assert re.search(RAW_CASES[name].match, result["message"]), result["message"]
+    assert result["untouched"]  # a rejected call wrote nothing
+
+
+# Checked in Python by kv_cache.ops; the page indices and positions are left to the CPU op.
+CHECKED_CASES = [name for name, case in RAW_CASES.items() if not case.reads_tables]
+
+
+@pytest.mark.parametrize("name", CHECKED_CASES)
+def test_checked_op_raises_the_extensions_message_before_dispatch(raw_op_results, name, monkeypatch):
+    case = RAW_CASES[name]
+    dispatched = []
+    monkeypatch.setattr(kv_ops, "_extension", lambda: dispatched.append(case.op))
+    with pytest.raises(CacheOpInputError) as raised:
+        getattr(kv_ops, case.op)(*case.args(DEVICE))
+    assert str(raised.value) == raw_op_results[name]["message"]
+    assert isinstance(raised.value, RuntimeError) and isinstance(raised.value, ValueError)
+    assert dispatched == []
+
+
+def test_checked_op_names_a_tensor_on_another_device():
+    other = "meta" if DEVICE.type == "cpu" else "cpu"
+    pools = torch.zeros(6, 4, 8, device=DEVICE)
+    key = randn(2, 5, 8)
+    tables = torch.tensor([[3, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    here = pools.device  # with its index on CUDA: cuda:0
+    calls = [
+        ((pools, pools.to(other), key, key, tables, starts), rf"v_pages must be on the device of k_pages \({here}"),
+        ((pools, pools, key.to(other), key.to(other), tables, starts),
+         rf"key must be on the device of the pools \({here}\), got {other}"),
+        ((pools, pools, key, key, tables, starts.to(other)),
+         rf"starts must be on the device of the pools \({here}\), got {other}"),
+    ]
+    for args, match in calls:
+        with pytest.raises(CacheOpInputError, match=match):
+            kv_ops.kv_append(*args)
+    with pytest.raises(CacheOpInputError, match=r"block_tables must be contiguous"):
+        kv_ops.kv_gather(pools, pools, tables.t(), 1)
+    with pytest.raises(CacheOpInputError, match="length must be an int, got float"):
+        kv_ops.kv_gather(pools, pools, tables, 1.0)
+
+
+def test_checked_ops_read_nothing_from_the_device_and_the_pool_calls_them():
+    """The checks read metadata only: the op is all that is dispatched (no .item(), no copy to the host)."""
+    k_pages, v_pages = randn(6, 4, 8), randn(6, 4, 8)
+    tables = torch.tensor([[3, 1], [0, 5]], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    key, batched_tables = randn(2, 1, 5, 8), tables[:, None]
+    with RecordOps() as recorded:
+        kv_ops.kv_append(k_pages, v_pages, key, key, batched_tables, starts)
+        kv_ops.kv_gather(k_pages, v_pages, tables, 6)
+    assert recorded.ops == ["adallava.kv_append.default", "adallava.kv_gather.default"]
+
+    pool = LayerSkipKVCache(SHAPE, num_pages=4, page_size=4, dtype=torch.float32, device=DEVICE)
+    assert pool.ops is cache_ops() and pool.ops.kv_append is kv_ops.kv_append
+    assert pool.ops.kv_gather is kv_ops.kv_gather
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 # --- the pool against a plain Python model ------------------------------------
@@ -461,8 +521,8 @@ def test_transformers_generate_matches_dynamic_cache_at_a_full_plan():
     # min_new_tokens: the page count below must not depend on where the default EOS happens to fall.
     kwargs = dict(max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        ours = model.generate(ids, past_key_values=transformers_cache(cache, [0, 1]), **kwargs)
-        theirs = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
+        ours = model.generate(ids, **{CACHE_KEYWORD: transformers_cache(cache, [0, 1])}, **kwargs)
+        theirs = model.generate(ids, **{CACHE_KEYWORD: DynamicCache()}, **kwargs)
     assert torch.equal(ours, theirs)
     # 15 positions (the last token is not fed back) in pages of 4, 3 layers x 2 KV heads, 2 sequences.
     assert cache.pages_in_use == 2 * 3 * 2 * 4

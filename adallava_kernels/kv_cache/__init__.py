@@ -2,7 +2,8 @@
 
 - :mod:`.pool`: :class:`LayerSkipKVCache`, the paged pool shared by many
   sequences (host bookkeeping of pages, sequences and plans);
-- :mod:`.ops`: the extension's ops that move its data (C++ on CPU, CUDA on GPU);
+- :mod:`.ops`: the extension's ops that move its data (C++ on CPU, CUDA on GPU),
+  with their argument checks in Python;
 - :mod:`.layers`: what ``masked_attention`` asks of a cache
   (:class:`KVCacheLayer`), :class:`ContiguousKVCache`,
   :class:`TransformersCacheLayer`, the pool's :class:`PagedCacheLayer` view
