@@ -11,7 +11,9 @@ With ``--out DIR`` it writes ``results.json`` (every row, with the device,
 dtype, commit, date and command), ``report.md`` and the figures
 (``plot.png``, ``latency.png``, ``ops*.png``; ``python -m bench.plot``
 redraws them). ``--compare OLD/results.json`` sets each case's time beside
-the old run's and flags regressions over 5%.
+the old run's and flags regressions over 5% and beyond the runs' IQRs. A
+section that fails is reported and recorded under ``errors`` in results.json;
+the others still run and are written, and the command exits with 1.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from adallava_kernels import PRESETS, check_budget, get_device, get_shape
 
 from . import attention, compare, kv_cache, latency, mlp, plans, plot, report, timing
 from . import model as model_bench
-from ._common import DTYPES, load_results, metadata, progress, write_json
+from ._common import (DTYPES, checked_device, default_dtype, error_record, load_results, metadata, progress,
+                      write_json)
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
 SECTIONS = ("mlp", "attention", "kv", "model", "latency")
@@ -104,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(on CPU the model section uses {model_bench.CPU_TOKENS})")
     parser.add_argument("--context", type=int, default=700, help="positions a decode step attends to")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the ops are timed (default: cuda when present)")
+                        help="where the ops are timed: cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the timed ops (default bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--scale", type=int, default=None,
@@ -137,10 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="short timing runs (2 repetitions), to check that everything runs")
     parser.add_argument("--compare", type=results_file, default=None, metavar="OLD/results.json",
-                        help="set each case's time beside this earlier run's and flag regressions over 5%%")
+                        help="set each case's time beside this earlier run's and flag regressions over 5%% and "
+                             "beyond the two runs' combined IQR")
     parser.add_argument("--out", default=None, type=Path,
                         help="directory for results.json, report.md and the figures")
     args = parser.parse_args(argv)
+    args.device = checked_device(parser, args.device)
     if args.latency_new_tokens is not None and args.latency_new_tokens < 2:
         parser.error(f"--latency-new-tokens must be at least 2 (one output token after the first), "
                      f"got {args.latency_new_tokens}")
@@ -149,9 +154,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     on_gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    dtype = default_dtype(args.dtype, device)
     model_name = args.model or ("llava-7b" if on_gpu else "tiny")
     shape = get_shape(model_name)
     roofline_device = get_device(args.roofline_device)
@@ -178,26 +183,34 @@ def main(argv: list[str] | None = None) -> dict:
     if plans.merged(plan_rows)[1]:
         print(plans.why_merged(shape))
     results["plans"] = {"num_tokens": args.tokens, "context_len": args.context, "rows": plan_rows}
+    results["errors"] = {}
 
-    if "mlp" in args.only:
-        results["mlp"] = run_mlp(args, op_models, scale, device, dtype, budgets["ops"])
-        report_rows += mlp.report_rows(results["mlp"]["rows"])
     prefill, decode = attention_cases(args, on_gpu)
-    if "attention" in args.only:
-        results["attention"] = run_attention(op_models, scale, device, dtype, prefill, decode, budgets["ops"])
-        report_rows += attention.report_rows(results["attention"]["rows"])
-    if "kv" in args.only:
-        results["kv_cache"] = run_kv(args, model_name, shape, op_models, scale, device, dtype, prefill, decode,
-                                     budgets["ops"])
     run_shape = model_run_shape(shape, model_name, on_gpu, scale)
-    if "model" in args.only:
-        results["model_runs"] = run_model(args, model_name, run_shape, on_gpu, device, dtype, roofline_device,
-                                          budgets["end_to_end"])
-        report_rows += model_bench.report_rows(results["model_runs"]["rows"], args.backend)
-    if "latency" in args.only:
-        # The model section's model lives in reference cycles (its hooks): free it before two more are built.
-        gc.collect()
-        results["latency"] = run_latency(args, model_name, run_shape, on_gpu, device, dtype, budgets["end_to_end"])
+    # Per section: its key in results.json, how it runs, and its rows in the validation report.
+    sections = {
+        "mlp": ("mlp", lambda: run_mlp(args, op_models, scale, device, dtype, budgets["ops"]),
+                lambda done: mlp.report_rows(done["rows"])),
+        "attention": ("attention",
+                      lambda: run_attention(op_models, scale, device, dtype, prefill, decode, budgets["ops"]),
+                      lambda done: attention.report_rows(done["rows"])),
+        "kv": ("kv_cache", lambda: run_kv(args, model_name, shape, op_models, scale, device, dtype, prefill, decode,
+                                          budgets["ops"]), None),
+        "model": ("model_runs", lambda: run_model(args, model_name, run_shape, on_gpu, device, dtype, roofline_device,
+                                                  budgets["end_to_end"]),
+                  lambda done: model_bench.report_rows(done["rows"], args.backend)),
+        "latency": ("latency", lambda: run_latency(args, model_name, run_shape, on_gpu, device, dtype,
+                                                   budgets["end_to_end"]), None),
+    }
+    for name in (section for section in SECTIONS if section in args.only):
+        key, run, to_report = sections[name]
+        done = run_section(name, run, results["errors"])
+        if done is not None:
+            results[key] = done
+            report_rows += to_report(done) if to_report else []
+        if args.out:
+            # A run cut short still leaves the sections it finished.
+            write_json(args.out / "results.json", results)
 
     reports = report.summarize(report_rows) if report_rows else []
     results["report"] = {"min_pearson": report.MIN_PEARSON, "max_deviation": report.MAX_DEVIATION,
@@ -214,6 +227,33 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def run_section(name: str, run, errors: dict) -> dict | None:
+    """``run()``'s result; if it raises, its traceback on stderr, a line saying so, the error recorded in
+    ``errors[name]`` and ``None``, so that the other sections still run and are written."""
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - any failure of one section is reported, not fatal to the others
+        errors[name] = error_record(error)
+        print(f"\nsection {name} failed: {type(error).__name__}: {error} (the other sections go on)")
+        return None
+    finally:
+        # A section's model lives in reference cycles (its hooks), and a failed one leaves its model and pool
+        # behind: free them before the next section builds its own.
+        gc.collect()
+
+
+def failure_note(errors: dict) -> str | None:
+    """A clause for the summary naming the sections that failed and why."""
+    if not errors:
+        return None
+    return "sections that failed: " + ", ".join(f"{name} ({e['type']}: {e['message']})" for name, e in errors.items())
+
+
+def exit_status(results: dict) -> int:
+    """The command's exit status: 1 when a section failed (its error is in results.json), else 0."""
+    return 1 if results.get("errors") else 0
+
+
 def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tuple[str, str]]]:
     """The report's one-line summary and its sections after the validation table; prints the unstable cases
     and where the GPU times come from."""
@@ -228,9 +268,13 @@ def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tupl
                 else "GPU time: not measured (on a CPU there is no device time apart from the wall time)")
     print(gpu_note)
     latency_note = latency.summary(results["latency"]["rows"]) if "latency" in results else None
+    notes = [note for note in (failure_note(results.get("errors")), latency_note) if note]
     summary = report.summary_line(reports, len(unstable), len(compare.cases(results)), results["meta"]["device"],
-                                  [latency_note] if latency_note else [])
+                                  notes)
     sections = []
+    if results.get("errors"):
+        sections.append(("Sections that failed", "\n".join(
+            f"- {name}: `{e['type']}: {e['message']}`" for name, e in results["errors"].items())))
     if "latency" in results:
         sections.append(("Request latency per budget", latency.markdown(results["latency"]["rows"])))
     ops = (timing.DO_BENCH + f", {budgets['ops'].min_seconds:g} s" if results["device_type"] == "cuda"
@@ -355,7 +399,8 @@ def run_latency(args, model_name, run_shape, on_gpu, device, dtype, budget) -> d
     print(f"\nrequest latency on {device} ({str(dtype).removeprefix('torch.')}), {model_name} with random weights, "
           f"{prompt} prompt tokens, {new_tokens} new tokens, kernels {args.backend}; TTFT: time to first token "
           f"(scheduler included), TPOT: time per output token, E2E: the whole request; / full, / dense: ratio to "
-          f"the full plan and to transformers' generate; / ideal: ratio to budget x full")
+          f"the full plan and to transformers' generate; / ideal: ratio to the full plan's E2E x the request's "
+          f"FLOPs ratio (E2E FLOPs ratio)")
     print(latency.table(rows))
     return {"shape": run_shape.to_dict(), "prompt_tokens": prompt, "new_tokens": new_tokens,
             "backend": args.backend, "rows": rows}
@@ -369,4 +414,4 @@ def run_compare(results: dict, old: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_status(main(sys.argv[1:])))

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+
+from adallava_kernels import cost
+from adallava_kernels._checks import check_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,6 +43,26 @@ def progress(items: Iterable, desc: str) -> Iterable:
     return tqdm(list(items), desc=desc, leave=False, disable=None, file=sys.stderr)
 
 
+def checked_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device`` as a device this process can allocate on; otherwise the parser exits with status 2 and a
+    one-line error naming ``--device``.
+
+    Checked after parsing rather than with ``type=``, so that the error is one line rather than under the long
+    usage; left to torch, a CUDA device without CUDA fails deep inside with an ``AssertionError``.
+    """
+    try:
+        return check_device("--device", text)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def default_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``--dtype``, by default bfloat16 on CUDA and float32 on a CPU."""
+    if name:
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -58,12 +83,12 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def metadata(device: torch.device, dtype: torch.dtype) -> dict:
-    """Where and how a run was made, stored with its numbers."""
+def metadata(device: torch.device, dtype: torch.dtype, module: str = "bench") -> dict:
+    """Where and how a run was made, stored with its numbers; ``module``: what ``python -m`` ran."""
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", module, *sys.argv[1:]]),
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
@@ -92,6 +117,47 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 def row_seconds(row: dict) -> float:
     """A timed row's wall time (its median); the first GPU run's model rows called it ``seconds``."""
     return row["median_s"] if "median_s" in row else row["seconds"]
+
+
+def error_record(error: BaseException) -> dict:
+    """An exception as results.json records it, with its traceback printed to stderr."""
+    traceback.print_exc()
+    return {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
+
+
+def row_iqr(row: dict) -> float:
+    """A timed row's wall-time IQR; 0 for the first GPU run's model rows, which recorded none."""
+    return row["q3_s"] - row["q1_s"] if "q1_s" in row and "q3_s" in row else 0.0
+
+
+def ideal_ratio(row: dict, metric: str) -> float:
+    """The FLOPs ratio to the full plan that a latency row's plan predicts for ``metric`` (ttft, tpot, e2e): its
+    ideal time is that share of the full plan's (runs before ``flops_ratios`` recorded only the prefill's)."""
+    ratios = row.get("flops_ratios")
+    return ratios[metric] if ratios else row["flops_ratio"]
+
+
+def si_scale(value: float) -> tuple[float, str]:
+    """The scale and SI prefix of the largest unit (T down to none) that ``value`` reaches."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return scale, prefix
+    return 1.0, ""
+
+
+def flops_unit(flops: float) -> tuple[float, str]:
+    """The scale and name of the largest unit (TFLOP down to FLOP) that ``flops`` reaches."""
+    scale, prefix = si_scale(flops)
+    return scale, prefix + "FLOP"
+
+
+def si_text(value: float, unit: str) -> str:
+    """``value`` in the SI prefix that fits, four significant digits: ``215.2 MFLOP``, ``13.48 GB``."""
+    scale, prefix = si_scale(value)
+    return f"{value / scale:.4g} {prefix}{unit}"
+
+
+flops_text = cost.format_flops  # one FLOPs format for the library, its CLIs and the bench
 
 
 def load_results(path: str | Path, argument: str = "RESULTS") -> dict:

@@ -38,7 +38,7 @@ from adallava_kernels.ops.layout import prepare_column_gather
 from adallava_kernels.ops.masked_attention import attention_indices, run_masked_attention
 from adallava_kernels.plan import LayerPlan
 
-from ._common import TIMING_COLUMNS, format_table, timing_cells
+from ._common import TIMING_COLUMNS, format_table, row_iqr, timing_cells
 from .timing import OPS, TimingBudget, measure_op
 
 HEAD_FRACTIONS = (1.0, 0.75, 0.5, 0.25)  # 7B: 32, 24, 16, 8 of 32 heads
@@ -268,6 +268,6 @@ def report_rows(rows: list[dict]) -> list[dict]:
     return [
         {"op": f"attention {r['model']} {r['stage']} b{r['batch']} q{r['q_len']} kv{r['kv_len']}",
          "series": r["provider"], "label": f"{r['heads']} heads", "flops": r["flops"], "seconds": r["median_s"],
-         "gpu_seconds": r["gpu_s"], "unstable": r["unstable"]}
+         "iqr_seconds": row_iqr(r), "gpu_seconds": r["gpu_s"], "unstable": r["unstable"]}
         for r in rows if r["provider"] != "sdpa_all"
     ]

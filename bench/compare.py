@@ -6,7 +6,10 @@
 A case is matched by what it ran (op, shape, provider, plan label, budget),
 not by its position, so runs with different options compare on the cases
 they share. The ratio is new / old wall-time median; over ``1 + THRESHOLD``
-is a regression. Reads the current format and the first GPU run's.
+is a regression, and under ``1 - THRESHOLD`` faster, only where the two
+medians differ by more than the two runs' IQRs together: a larger change
+inside that spread is marked ``within IQR``, as the timing did not resolve
+it. Reads the current format and the first GPU run's (which has no IQR).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import argparse
 import math
 import sys
 
-from ._common import format_table, load_results, row_seconds
+from ._common import format_table, load_results, row_iqr, row_seconds
+from .timing import within_spread
 
 THRESHOLD = 0.05
 LATENCY_METRICS = ("ttft", "tpot", "e2e")
@@ -55,26 +59,39 @@ def unstable_cases(results: dict) -> list[str]:
     return [case for case, row in cases(results).items() if row.get("unstable")]
 
 
+def verdict(new_row: dict, old_row: dict, threshold: float = THRESHOLD) -> str:
+    """``regression``, ``faster``, ``within IQR`` (over the threshold, inside the runs' combined IQR) or ``same``."""
+    new_s, old_s = row_seconds(new_row), row_seconds(old_row)
+    ratio = new_s / old_s if old_s > 0 else math.inf
+    if 1 - threshold <= ratio <= 1 + threshold:
+        return "same"
+    if within_spread(new_s, row_iqr(new_row), old_s, row_iqr(old_row)):
+        return "within IQR"
+    return "regression" if ratio > 1 else "faster"
+
+
 def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
     """Rows of (case, new_s, old_s, ratio, verdict) for the cases both runs timed, in the new run's order,
     and the cases only one of them has."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    new_times, old_times = case_times(new), case_times(old)
+    new_cases, old_cases = cases(new), cases(old)
     rows = []
-    for case, new_s in new_times.items():
-        if case not in old_times:
+    for case, new_row in new_cases.items():
+        if case not in old_cases:
             continue
-        old_s = old_times[case]
-        ratio = new_s / old_s if old_s > 0 else math.inf
-        verdict = "regression" if ratio > 1 + threshold else "faster" if ratio < 1 - threshold else "same"
-        rows.append({"case": case, "new_s": new_s, "old_s": old_s, "ratio": ratio, "verdict": verdict})
+        old_row = old_cases[case]
+        new_s, old_s = row_seconds(new_row), row_seconds(old_row)
+        rows.append({"case": case, "new_s": new_s, "old_s": old_s, "ratio": new_s / old_s if old_s > 0 else math.inf,
+                     "new_iqr_s": row_iqr(new_row), "old_iqr_s": row_iqr(old_row),
+                     "verdict": verdict(new_row, old_row, threshold)})
     return {
         "threshold": threshold, "rows": rows,
-        "only_new": [c for c in new_times if c not in old_times],
-        "only_old": [c for c in old_times if c not in new_times],
+        "only_new": [c for c in new_cases if c not in old_cases],
+        "only_old": [c for c in old_cases if c not in new_cases],
         "regressions": sum(r["verdict"] == "regression" for r in rows),
         "faster": sum(r["verdict"] == "faster" for r in rows),
+        "within_iqr": sum(r["verdict"] == "within IQR" for r in rows),
         "geomean_ratio": math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
         if rows and all(0 < r["ratio"] < math.inf for r in rows) else None,
     }
@@ -94,8 +111,10 @@ def _runs_line(new: dict, old: dict) -> str:
 
 def summary(result: dict) -> str:
     geomean = result["geomean_ratio"]
-    return (f"{len(result['rows'])} cases in common: {result['regressions']} slower by more than "
-            f"{result['threshold']:.0%} (regression), {result['faster']} faster by more than {result['threshold']:.0%}"
+    limit = f"{result['threshold']:.0%}"
+    return (f"{len(result['rows'])} cases in common: {result['regressions']} slower by more than {limit} and by more "
+            f"than the runs' combined IQR (regression), {result['faster']} faster by more than {limit} and the IQR, "
+            f"{result.get('within_iqr', 0)} changed by more than {limit} but within the IQR"
             + ("" if geomean is None else f", geometric mean ratio {geomean:.3f}")
             + f"; {len(result['only_new'])} only in the new run, {len(result['only_old'])} only in the old one")
 
@@ -106,7 +125,8 @@ COLUMNS = [("case", "case", "s"), ("new_ms", "new ms", ".4f"), ("old_ms", "old m
 
 def _shown(result: dict) -> list[dict]:
     return [r | {"new_ms": r["new_s"] * 1e3, "old_ms": r["old_s"] * 1e3,
-                 "flag": {"regression": "REGRESSION", "faster": "faster"}.get(r["verdict"], "")}
+                 "flag": {"regression": "REGRESSION", "faster": "faster", "within IQR": "(within IQR)"}.get(
+                     r["verdict"], "")}
             for r in result["rows"]]
 
 

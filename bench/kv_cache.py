@@ -22,7 +22,7 @@ from adallava_kernels.kv_cache import LayerSkipKVCache
 
 from ._common import TIMING_COLUMNS, format_table, timing_cells
 from .plans import random_scores
-from .timing import OPS, TimingBudget, measure_op
+from .timing import OPS, TimingBudget, measure_copy, measure_op
 
 PAGE_SIZE = 16
 
@@ -111,9 +111,7 @@ def bandwidth_rows(model: str, shape: ModelShape, batch: int, context: int, chun
 def _bandwidth_row(model, name, fn, elements, device, dtype, budget) -> dict:
     element = torch.finfo(dtype).bits // 8
     timing = measure_op(fn, device, budget)
-    src = torch.empty(elements, dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    copy_s = measure_op(lambda: dst.copy_(src), device, budget).median_s
+    copy_s = measure_copy(elements, device, dtype, budget).median_s
     # Read and written once each.
     moved = 2 * elements * element
     seconds = timing.median_s

@@ -28,7 +28,7 @@ from adallava_kernels import ModelShape, cost, masked_mlp, neuron_groups
 from adallava_kernels.cost import Precision
 from adallava_kernels.ops.layout import prepare_column_gather
 
-from ._common import TIMING_COLUMNS, format_table, timing_cells
+from ._common import TIMING_COLUMNS, format_table, row_iqr, timing_cells
 from .timing import OPS, Timing, TimingBudget, measure_op
 
 KEEP_RATIOS = (1.0, 0.85, 0.75, 0.6, 0.5, 0.25)
@@ -135,6 +135,7 @@ def report_rows(rows: list[dict]) -> list[dict]:
     """The masked providers' rows in the validation report's form, one op per model and token count."""
     return [
         {"op": f"mlp {r['model']} {r['tokens']} tok", "series": r["provider"], "label": f"keep {r['kept_share']:.3f}",
-         "flops": r["flops"], "seconds": r["median_s"], "gpu_seconds": r["gpu_s"], "unstable": r["unstable"]}
+         "flops": r["flops"], "seconds": r["median_s"], "iqr_seconds": row_iqr(r), "gpu_seconds": r["gpu_s"],
+         "unstable": r["unstable"]}
         for r in rows if r["provider"] != "dense"
     ]

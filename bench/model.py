@@ -23,7 +23,7 @@ mean context. transformers' decode step, the reference, is
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import random
 from typing import Callable
@@ -35,7 +35,7 @@ from adallava_kernels.devices import DeviceSpec
 from adallava_kernels.plan import neuron_groups
 
 from . import timing
-from ._common import TIMING_COLUMNS, format_table, progress, timing_cells
+from ._common import TIMING_COLUMNS, flops_text, format_table, progress, row_iqr, timing_cells
 from .plans import random_scores
 
 GPU_TOKENS = 700
@@ -94,8 +94,10 @@ def _random_plan(shape: ModelShape, kind: str, rng: random.Random) -> ExecutionP
     return ExecutionPlan(shape, heads, neurons)
 
 
-def plans(shape: ModelShape, budgets: list[float], random_count: int = RANDOM_PLANS, seed: int = 0):
-    """``(family, label, plan)`` for every plan the model bench runs."""
+def plans(shape: ModelShape, budgets: list[float], random_count: int = RANDOM_PLANS, seed: int = 0, *,
+          early_exit: bool = True, random_kinds: tuple[str, ...] = ("L", "H")):
+    """``(family, label, plan)`` for every plan the model bench runs: -L and -H at each budget, the early-exit
+    baseline (``early_exit``) and ``random_count`` random plans, alternating over ``random_kinds``."""
     from model.baselines import early_exit_plan
 
     out = []
@@ -104,10 +106,11 @@ def plans(shape: ModelShape, budgets: list[float], random_count: int = RANDOM_PL
         generator = torch.Generator().manual_seed(seed)
         out += [(f"AdaLLaVA-{kind}", f"{kind} {b:.2f}", best_plan(scheme, b, random_scores(scheme, generator)))
                 for b in budgets]
-    out += [("early-exit", f"exit {b:.2f}", early_exit_plan(shape, b)) for b in budgets]
+    if early_exit:
+        out += [("early-exit", f"exit {b:.2f}", early_exit_plan(shape, b)) for b in budgets]
     rng = random.Random(seed)
     out += [(f"random-{k}", f"random-{k} {i}", _random_plan(shape, k, rng))
-            for i in range(random_count) for k in ("L", "H")][:random_count]
+            for i in range(random_count) for k in random_kinds][:random_count]
     return out
 
 
@@ -148,14 +151,23 @@ def decode_step(measure: Callable[[Callable[[], object]], timing.Timing], call_o
     return timing.per_step(measure(call_of(1)), measure(call_of(steps + 1)), steps)
 
 
-# Positions reserved for the timed decode steps of a plan: warm-up, repetitions and profiled calls.
-DECODE_ROOM = 256
+# Calls of a decode step in one CPU repetition at most, so that the positions a timing takes are bounded
+# (timing.max_calls); a block of 10 steps of a small model still takes far longer than the timer's overhead.
+DECODE_CALLS_PER_REP = 10
 
 
-def runtime_decode_step(model, ids: torch.Tensor, plan: ExecutionPlan, backend: str, measure) -> tuple:
+def decode_room(device: torch.device, budget: timing.TimingBudget) -> int:
+    """Decode steps one timed decode can take: warm-up, repetitions and profiled calls (each stores a position)."""
+    return timing.max_calls(budget, device, DECODE_CALLS_PER_REP)
+
+
+def runtime_decode_step(model, ids: torch.Tensor, plan: ExecutionPlan, backend: str, device: torch.device,
+                        budget: timing.TimingBudget) -> tuple[timing.Timing, int]:
     """Time one decode step of ``plan`` through the runtime: a request is prefilled, then each repetition
     is one ``DecodeBatch.step`` (a graph replay on CUDA). Returns the timing and the steps taken."""
-    request = model.start_request(ids, latency_budget=1.0, plan=plan, max_new_tokens=DECODE_ROOM, backend=backend)
+    # The prefill's last token is not stored: room for n steps is n + 1 new tokens.
+    request = model.start_request(ids, latency_budget=1.0, plan=plan, max_new_tokens=decode_room(device, budget) + 1,
+                                  backend=backend)
     batch = request.runtime.decode(request.seq_ids)
     token = request.logits[:, -1].argmax(-1)
     taken = 0
@@ -166,15 +178,92 @@ def runtime_decode_step(model, ids: torch.Tensor, plan: ExecutionPlan, backend: 
         return batch.step(token)
 
     try:
-        return measure(step), taken
+        return timing.measure(step, device, budget, most_per_rep=DECODE_CALLS_PER_REP), taken
     finally:
         batch.close()
         request.free()
 
 
-def _decode_flops(shape: ModelShape, prompt: int, steps: int, plan: ExecutionPlan | None) -> float:
+def mean_decode_flops(shape: ModelShape, prompt: int, steps: int, plan: ExecutionPlan | None) -> float:
     """Mean FLOPs of decode steps 2..steps+1 after a prefill of ``prompt`` positions."""
     return sum(cost.decode_flops(shape, prompt + s, plan) for s in range(1, steps + 1)) / steps
+
+
+def read_bytes(breakdown: cost.CostBreakdown) -> float:
+    """Bytes a forward must read: weights, activations and the KV cache (what bounds a decode step)."""
+    return sum(op.weight_bytes + op.act_load_bytes + op.kv_load_bytes for op in breakdown.ops())
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every timed plan of one model shares: the model, the prompt, and how a call is timed and priced."""
+
+    shape: ModelShape
+    model_name: str
+    model: object
+    ids: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    roofline_device: DeviceSpec
+    backend: str
+    budget: timing.TimingBudget
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.shape[1]
+
+    def measure(self, fn: Callable[[], object]) -> timing.Timing:
+        return timing.measure(fn, self.device, self.budget)
+
+
+def setup(shape: ModelShape, model_name: str, device: torch.device, dtype: torch.dtype, roofline_device: DeviceSpec,
+          tokens: int, backend: str = "auto", budget: timing.TimingBudget = timing.END_TO_END, seed: int = 0) -> Bench:
+    """A random-weight model of ``shape`` and a prompt of ``tokens`` random ids, for :func:`plan_rows`."""
+    model = build(shape, device, dtype, seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape.vocab_size - 1, (1, tokens), generator=generator).to(device)
+    return Bench(shape, model_name, model, ids, device, dtype, roofline_device, backend, budget)
+
+
+def _row(bench: Bench, stage: str, family: str, label: str, plan: ExecutionPlan | None, measured: timing.Timing,
+         flops: float, breakdown: cost.CostBreakdown) -> dict:
+    return {
+        "model": bench.model_name, "stage": stage, "family": family, "label": label,
+        "layers_on": bench.shape.num_layers if plan is None else sum(plan.layer_mask),
+        "flops": flops, "read_bytes": read_bytes(breakdown), **measured.fields(),
+        "roofline_s": cost.roofline(breakdown, bench.roofline_device).total_seconds,
+        "plan": None if plan is None else plan.to_json(),
+    }
+
+
+def _stages(bench: Bench, family: str, label: str, plan: ExecutionPlan | None, prompt: int,
+            prefill_fn: Callable[[], object], decode: Callable[[], tuple[timing.Timing, int]]) -> list[dict]:
+    """Prefill and one decode step of a plan; ``prompt``: positions before the first decode step;
+    ``decode()`` gives the step's timing and how many steps it took."""
+    precision = cost.Precision(*(torch.finfo(bench.dtype).bits / 8,) * 3)
+    prefill = cost.prefill_cost(bench.shape, bench.tokens, plan, precision=precision)
+    measured, steps = decode()
+    step = cost.decode_cost(bench.shape, prompt + steps // 2 + 1, plan, precision=precision)
+    return [_row(bench, "prefill", family, label, plan, bench.measure(prefill_fn), prefill.flops, prefill),
+            _row(bench, "decode", family, label, plan, measured, mean_decode_flops(bench.shape, prompt, steps, plan),
+                 step)]
+
+
+def plan_rows(bench: Bench, family: str, label: str, plan: ExecutionPlan) -> list[dict]:
+    """The prefill and decode rows of ``plan`` through the kernels (the decode step through the runtime)."""
+    # Our prompt ends with the latency token: one position more than the ids.
+    prefill = prefill_call(bench.model, bench.ids, plan, bench.backend)
+    return _stages(bench, family, label, plan, bench.tokens + 1, prefill,
+                   lambda: runtime_decode_step(bench.model, bench.ids, plan, bench.backend, bench.device, bench.budget))
+
+
+def dense_rows(bench: Bench, decode_steps: int) -> list[dict]:
+    """transformers' own forward and decode step on the same weights, the reference."""
+    # transformers' generate has no latency token.
+    prefill = prefill_call(bench.model, bench.ids, None, bench.backend)
+    return _stages(bench, DENSE, "dense", None, bench.tokens, prefill,
+                   lambda: (decode_step(bench.measure, lambda n: dense_generate_call(bench.model, bench.ids, n),
+                                        decode_steps), decode_steps))
 
 
 def run(shape: ModelShape, model_name: str, budgets: list[float], device: torch.device, dtype: torch.dtype,
@@ -183,39 +272,12 @@ def run(shape: ModelShape, model_name: str, budgets: list[float], device: torch.
         random_count: int = RANDOM_PLANS, seed: int = 0) -> tuple[list[dict], dict]:
     """Rows of measured and predicted prefill and decode time, one per plan and stage, and the references';
     and what the runtime's CUDA graphs cost (``PlannedDecoder.graph_stats``)."""
-    model = build(shape, device, dtype, seed)
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, shape.vocab_size - 1, (1, tokens), generator=generator).to(device)
-    precision = cost.Precision(*(torch.finfo(dtype).bits / 8,) * 3)
-    measure = functools.partial(timing.measure, device=device, budget=budget)
-
-    def row(stage, family, label, plan, measured: timing.Timing, flops, breakdown):
-        return {
-            "model": model_name, "stage": stage, "family": family, "label": label,
-            "layers_on": shape.num_layers if plan is None else sum(plan.layer_mask),
-            "flops": flops, **measured.fields(),
-            "roofline_s": cost.roofline(breakdown, roofline_device).total_seconds,
-            "plan": None if plan is None else plan.to_json(),
-        }
-
-    def stages(family, label, plan, prompt, prefill_fn, decode):
-        """Prefill and one decode step of a plan; ``prompt``: positions before the first decode step;
-        ``decode()`` gives the step's timing and how many steps it took."""
-        prefill = cost.prefill_cost(shape, tokens, plan, precision=precision)
-        measured, steps = decode()
-        step = cost.decode_cost(shape, prompt + steps // 2 + 1, plan, precision=precision)
-        return [row("prefill", family, label, plan, measure(prefill_fn), prefill.flops, prefill),
-                row("decode", family, label, plan, measured, _decode_flops(shape, prompt, steps, plan), step)]
-
-    # transformers' generate has no latency token; ours puts it after the prompt: one more position.
-    rows = stages(DENSE, "dense", None, tokens, prefill_call(model, ids, None, backend),
-                  lambda: (decode_step(measure, lambda n: dense_generate_call(model, ids, n), decode_steps),
-                           decode_steps))
+    bench = setup(shape, model_name, device, dtype, roofline_device, tokens, backend, budget, seed)
+    rows = dense_rows(bench, decode_steps)
     cases = [(FULL, "full", ExecutionPlan.full(shape)), *plans(shape, budgets, random_count, seed)]
     for family, label, plan in progress(cases, f"model {model_name}"):
-        rows += stages(family, label, plan, tokens + 1, prefill_call(model, ids, plan, backend),
-                       lambda plan=plan: runtime_decode_step(model, ids, plan, backend, measure))
-    return rows, model.runtime(backend).graph_stats()
+        rows += plan_rows(bench, family, label, plan)
+    return rows, bench.model.runtime(backend).graph_stats()
 
 
 def series_name(backend: str) -> str:
@@ -227,8 +289,8 @@ def report_rows(rows: list[dict], backend: str) -> list[dict]:
     """The kernel plans' rows in the validation report's form (transformers' model is a reference point)."""
     return [
         {"op": f"model {r['model']} {r['stage']}", "series": series_name(backend), "label": r["label"],
-         "flops": r["flops"], "seconds": r["median_s"], "gpu_seconds": r["gpu_s"], "unstable": r["unstable"],
-         "predicted_seconds": r["roofline_s"]}
+         "flops": r["flops"], "seconds": r["median_s"], "iqr_seconds": row_iqr(r), "gpu_seconds": r["gpu_s"],
+         "unstable": r["unstable"], "predicted_seconds": r["roofline_s"]}
         for r in rows if r["family"] != DENSE
     ]
 
@@ -238,7 +300,7 @@ COLUMNS = [
     ("family", "plan", "s"),
     ("label", "label", "s"),
     ("layers_on", "layers", "d"),
-    ("tflop", "TFLOP", ".4g"),
+    ("flops_text", "FLOPs", "s"),
     ("flops_ratio", "FLOPs ratio", ".3f"),
     *TIMING_COLUMNS,
     ("time_ratio", "wall ratio", ".3f"),
@@ -259,7 +321,7 @@ def table(rows: list[dict]) -> str:
         ref = full.get(r["stage"])
         gpu_ratio = _ratio(r["gpu_s"], ref and ref["gpu_s"])
         shown.append(r | timing_cells(r) | {
-            "tflop": r["flops"] / 1e12, "roofline_ms": r["roofline_s"] * 1e3,
+            "flops_text": flops_text(r["flops"]), "roofline_ms": r["roofline_s"] * 1e3,
             "flops_ratio": r["flops"] / ref["flops"] if ref else math.nan,
             "time_ratio": r["median_s"] / ref["median_s"] if ref else math.nan,
             "gpu_ratio": "-" if gpu_ratio is None else f"{gpu_ratio:.3f}",

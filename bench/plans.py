@@ -11,7 +11,7 @@ import torch
 from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, cost
 from adallava_kernels.devices import DeviceSpec
 
-from ._common import format_table
+from ._common import flops_text, format_table
 
 
 def random_scores(scheme: UnitScheme, generator: torch.Generator):
@@ -66,7 +66,7 @@ COLUMNS = [
     ("units", "units", "d"),
     ("layers_on", "layers", "d"),
     ("heads_on", "heads", "d"),
-    ("prefill_flops", "prefill FLOPs", ".4g"),
+    ("prefill_flops_text", "prefill FLOPs", "s"),
     ("prefill_flops_ratio", "FLOPs ratio", ".3f"),
     ("prefill_roofline_s", "prefill roofline s", ".4g"),
     ("prefill_roofline_ratio", "ratio", ".3f"),
@@ -102,4 +102,4 @@ def why_merged(shape: ModelShape) -> str:
 
 def table(rows: list[dict]) -> str:
     """The plans, with -H rows identical to the -L rows of the same budget shown once."""
-    return format_table(merged(rows)[0], COLUMNS)
+    return format_table([r | {"prefill_flops_text": flops_text(r["prefill_flops"])} for r in merged(rows)[0]], COLUMNS)

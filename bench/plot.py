@@ -7,8 +7,8 @@
   to the full plan, families in colour (filled: wall time; hollow: GPU time
   where measured), with the ideal diagonal and a band of +-10% around it;
 - ``latency.png``: time to first token, time per output token and end-to-end
-  latency against the budget, one line per family, with the ideal
-  ``budget * full`` line and the references;
+  latency against the budget, one line per family, with each family's ideal
+  (its plans' FLOPs ratio times the full plan's time, dashed) and the references;
 - ``ops.png`` (then ``ops-2.png``, ...): time against predicted FLOPs for each
   op case, at most 12 panels per image, one kind of op per image.
 
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ._common import load_results, row_seconds
+from ._common import flops_unit, ideal_ratio, load_results, row_seconds
 from .report import REFERENCE, role_of
 
 PANELS_PER_PAGE = 12
@@ -94,13 +94,14 @@ def headline_data(results: dict) -> dict[str, dict]:
 
 def latency_data(results: dict) -> dict[str, dict]:
     """Per metric (ttft, tpot, e2e): ``families`` {family: [(budget, ms)]}, the references' ms and the
-    ``ideal`` [(budget, budget * full ms)] over the budgets measured."""
+    ``ideal`` {family: [(budget, FLOPs ratio * full ms)]}, the ratio its plan predicts for the metric."""
     rows = results.get("latency", {}).get("rows", [])
     if not rows:
         raise ValueError("results have no latency rows: the latency figure needs the latency section")
     data = {}
     for metric, _ in LATENCY_PANELS:
         families: dict[str, list[tuple[float, float]]] = {}
+        ratios: dict[str, list[tuple[float, float]]] = {}
         refs = {}
         for r in rows:
             ms = r[metric]["median_s"] * 1e3
@@ -108,8 +109,9 @@ def latency_data(results: dict) -> dict[str, dict]:
                 refs[r["family"]] = ms
             else:
                 families.setdefault(r["family"], []).append((r["budget"], ms))
-        budgets = sorted({b for points in families.values() for b, _ in points} | {1.0})
-        ideal = [(b, b * refs[FULL]) for b in budgets] if FULL in refs else []
+                ratios.setdefault(r["family"], []).append((r["budget"], ideal_ratio(r, metric)))
+        ideal = ({f: sorted((b, ratio * refs[FULL]) for b, ratio in points) for f, points in ratios.items()}
+                 if FULL in refs else {})
         data[metric] = {"families": {f: sorted(p) for f, p in families.items()}, "full": refs.get(FULL),
                         "dense": refs.get(DENSE), "ideal": ideal}
     return data
@@ -228,9 +230,10 @@ def draw_latency(results: dict, path: Path | None = None):
             if spread:
                 b, lo, hi = zip(*spread)
                 ax.vlines(b, lo, hi, color=_color(family), lw=3, alpha=0.4)
-        if metric_data["ideal"]:
-            ib, ims = zip(*metric_data["ideal"])
-            ax.plot(ib, ims, "k--", lw=1, label="ideal: budget x full plan", gid=f"ideal:{metric}")
+        for i, (family, points) in enumerate(metric_data["ideal"].items()):
+            ib, ims = zip(*points)
+            ax.plot(ib, ims, "--", color=_color(family), lw=1, gid=f"ideal:{metric}:{family}",
+                    label="dashed: ideal, FLOPs ratio x full plan" if i == 0 else None)
         if metric_data["full"] is not None:
             ax.axhline(metric_data["full"], color="0.4", ls=":", label="full plan (reference)")
         if metric_data["dense"] is not None:
@@ -247,15 +250,8 @@ def draw_latency(results: dict, path: Path | None = None):
     return fig
 
 
-def _flops_unit(flops: float) -> tuple[float, str]:
-    for scale, name in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP")):
-        if flops >= scale:
-            return scale, name
-    return 1.0, "FLOP"
-
-
 def _ops_panel(ax, op: str, rows: list[dict]) -> None:
-    scale, unit = _flops_unit(max(r["flops"] for r in rows))
+    scale, unit = flops_unit(max(r["flops"] for r in rows))
     for series in dict.fromkeys(r["series"] for r in rows):
         group = [r for r in rows if r["series"] == series]
         role = group[0].get("role") or role_of(series)

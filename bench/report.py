@@ -7,6 +7,12 @@ dense or fullest plan). A high correlation alone is not enough: ``t = a + b *
 flops`` with a large fixed cost ``a`` correlates perfectly yet saves far less
 time than the plan promises, and only the deviation shows it.
 
+A deviation is only held against a series when the timing resolved it: a
+point whose time is within its IQR and the anchor's (scaled to its FLOPs) of
+proportional could be proportional, and a series whose every deviation over
+the limit is of that kind gets no verdict ("within the measured spread"),
+rather than one drawn from noise.
+
 The verdict is on wall time, which is what users get. Where the GPU time was
 measured its correlation with FLOPs is shown beside it, with the host's share
 of the wall time: a series whose GPU time follows the FLOPs while its wall
@@ -29,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from ._common import format_table
+from .timing import within_spread
 
 MIN_PEARSON = 0.99
 MAX_DEVIATION = 0.10
@@ -43,6 +50,8 @@ ROLES = {
     "zero_mask": REFERENCE, "dense": REFERENCE, "sdpa_all": REFERENCE,
 }
 NOT_JUDGED = "reference: not judged"
+FOLLOWS = "follows FLOPs"
+WITHIN_SPREAD = "within the measured spread"
 COLUMNS = (("op", "op"), ("series", "series"), ("role", "role"), ("plans", "plans"), ("pearson", "r wall"),
            ("pearson_gpu", "r GPU"), ("slope", "slope (s/TFLOP)"), ("intercept", "intercept (ms)"),
            ("deviation", "worst deviation"), ("host", "host share"), ("unstable", "IQR > 5%"),
@@ -87,7 +96,12 @@ class SeriesReport:
 
     @property
     def follows(self) -> bool:
-        return self.verdict == "follows FLOPs"
+        return self.verdict == FOLLOWS
+
+    @property
+    def within_spread(self) -> bool:
+        """No verdict: every deviation over the limit is inside the measured spread."""
+        return self.verdict.startswith(WITHIN_SPREAD)
 
 
 def _paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -168,17 +182,33 @@ def _groups(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
-def _verdict(points: int, flops_vary: bool, r: float | None, deviation: float, label: str) -> str:
+def unresolved(flops: Sequence[float], seconds: Sequence[float], iqrs: Sequence[float]) -> list[bool]:
+    """Per point: whether its time is within the IQRs (its own and the anchor's, scaled to its FLOPs) of the
+    time proportional to its FLOPs, anchored as :func:`proportional_deviations` is."""
+    ref = int(np.argmax(flops))
+    return [within_spread(s, iqr, seconds[ref] * f / flops[ref], iqrs[ref] * f / flops[ref])
+            for f, s, iqr in zip(flops, seconds, iqrs)]
+
+
+def _verdict(points: int, flops_vary: bool, r: float | None, deviations: list[float], labels: list[str],
+             noise: list[bool]) -> str:
     if points < 3 or not flops_vary:
         return f"too few plans ({points}{'' if flops_vary else ', all with the same FLOPs'})"
+    over = [i for i, d in enumerate(deviations) if abs(d) > MAX_DEVIATION]
+    resolved = [i for i in over if not noise[i]]
+    if over and not resolved:
+        worst = max(over, key=lambda i: abs(deviations[i]))
+        return (f"{WITHIN_SPREAD}: every deviation over {MAX_DEVIATION:.0%} (worst {deviations[worst]:+.1%} at "
+                f"{labels[worst]}) is inside the IQRs; no verdict")
     reasons = []
     if r is None:
         reasons.append("r undefined (time is constant)")
     elif r < MIN_PEARSON:
         reasons.append(f"r {r_text(r)} < {MIN_PEARSON:g}")
-    if abs(deviation) > MAX_DEVIATION:
-        reasons.append(f"worst deviation {deviation:+.1%} at {label} > {MAX_DEVIATION:.0%}")
-    return "; ".join(reasons) or "follows FLOPs"
+    if resolved:
+        worst = max(resolved, key=lambda i: abs(deviations[i]))
+        reasons.append(f"worst deviation {deviations[worst]:+.1%} at {labels[worst]} > {MAX_DEVIATION:.0%}")
+    return "; ".join(reasons) or FOLLOWS
 
 
 def _correlation(flops: list[float], seconds: list[float]) -> float | None:
@@ -200,11 +230,12 @@ def _report(op: str, series: str, rows: list[dict]) -> SeriesReport:
     r = _correlation(flops, seconds)
     deviations = proportional_deviations(flops, seconds)
     worst = max(range(len(rows)), key=lambda i: abs(deviations[i]))
-    label = str(rows[worst]["label"])
+    labels = [str(row["label"]) for row in rows]
+    noise = unresolved(flops, seconds, [row.get("iqr_seconds") or 0.0 for row in rows])
     role = rows[0].get("role") or role_of(series)
-    verdict = NOT_JUDGED if role == REFERENCE else _verdict(len(rows), flops_vary, r, deviations[worst], label)
+    verdict = NOT_JUDGED if role == REFERENCE else _verdict(len(rows), flops_vary, r, deviations, labels, noise)
     return SeriesReport(
-        op, series, len(rows), r, slope, intercept, deviations[worst], label, verdict, role,
+        op, series, len(rows), r, slope, intercept, deviations[worst], labels[worst], verdict, role,
         pearson_gpu=_correlation(flops, gpu) if has_gpu else None,
         host_share=float(np.median([(s - g) / s for s, g in zip(seconds, gpu)])) if has_gpu else None,
         unstable=sum(bool(row.get("unstable")) for row in rows),
@@ -236,17 +267,23 @@ def table(reports: Sequence[SeriesReport]) -> str:
 
 def summary_line(reports: Sequence[SeriesReport], unstable: int, timed: int, device: str,
                  extra: Sequence[str] = ()) -> str:
-    """One sentence: how many of the library's series follow FLOPs, the end-to-end r, ``extra`` clauses, and how
-    stable the timing was."""
+    """One sentence: how many of the library's series follow FLOPs (and how many the timing could not judge), the
+    end-to-end r, ``extra`` clauses, and how stable the timing was."""
     judged = [r for r in reports if r.role in (LIBRARY, LIBRARY_TORCH)]
-    parts = [f"On {device}, {sum(r.follows for r in judged)} of {len(judged)} library series follow FLOPs in wall time"]
+    first = f"On {device}, {sum(r.follows for r in judged)} of {len(judged)} library series follow FLOPs in wall time"
+    noisy = sum(r.within_spread for r in judged)
+    if noisy:
+        first += (f"; {noisy} {'deviates' if noisy == 1 else 'deviate'} from it only within the measured spread "
+                  f"(IQR): no verdict")
+    parts = [first]
     for r in reports:
         if r.op.startswith("model ") and r.role in (LIBRARY, LIBRARY_TORCH):
             stage = r.op.rsplit(" ", 1)[-1]
             wall = "-" if r.pearson is None else r_text(r.pearson)
             gpu = "" if r.pearson_gpu is None else f", GPU {r_text(r.pearson_gpu)}"
             host = "" if r.host_share is None else f", host {r.host_share:.0%} of wall"
-            parts.append(f"end to end {stage}: r wall {wall}{gpu}{host}")
+            spread = " (deviations within the measured spread)" if r.within_spread else ""
+            parts.append(f"end to end {stage}: r wall {wall}{gpu}{host}{spread}")
     parts += extra
     parts.append(f"{unstable} of {timed} timed cases have an IQR over 5% of their median")
     return "; ".join(parts) + "."
@@ -268,9 +305,10 @@ def markdown(reports: Sequence[SeriesReport], meta: dict, summary: str | None = 
         lines.append("| " + " | ".join(cells[key].replace("|", "\\|") for key, _ in COLUMNS) + " |")
     thresholds = (f"A series follows FLOPs when the Pearson r of its wall time with FLOPs is >= {MIN_PEARSON:g} "
                   f"and every plan's wall time is within {MAX_DEVIATION:.0%} of proportional to its FLOPs, "
-                  f"anchored at its largest-FLOPs plan. r is truncated to 4 decimals. Reference series save "
-                  f"nothing by design and are not judged. Host share: (wall - GPU) / wall, the median over the "
-                  f"series' plans; IQR > 5%: plans whose timing spread exceeds 5% of the median.")
+                  f"anchored at its largest-FLOPs plan; a deviation inside the plan's and the anchor's IQRs is not "
+                  f"held against it, and a series with no other gets no verdict. r is truncated to 4 decimals. "
+                  f"Reference series save nothing by design and are not judged. Host share: (wall - GPU) / wall, "
+                  f"the median over the series' plans; IQR > 5%: plans whose timing spread exceeds 5% of the median.")
     parts = ([summary, ""] if summary else []) + [header, "", *lines, "", thresholds]
     for title, body in sections:
         parts += ["", f"## {title}", "", body]

@@ -42,6 +42,10 @@ DEVICE_TIME_SOURCES = ("profiler", "graph-replay", None)
 CUDA_EVENTS = "CUDA events, queue drained before each call"
 DO_BENCH = "triton.testing.do_bench (CUDA events, back-to-back calls, L2 flushed)"
 MIN_STEP_S = 1e-9
+# Calls the profiler adds at most (profile_reps' ``most``).
+PROFILE_MOST = 5
+# Calls per repetition of the CPU timer at most: it grows a block of calls tenfold until the block takes 1 ms.
+CPU_MOST_PER_REP = 10**6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +147,12 @@ class Timing:
         }
 
 
+def within_spread(a_s: float, a_iqr_s: float, b_s: float, b_iqr_s: float) -> bool:
+    """Whether two medians differ by no more than their two IQRs together: a difference the timing did not
+    resolve, which no verdict may rest on."""
+    return abs(a_s - b_s) <= a_iqr_s + b_iqr_s
+
+
 def per_step(first: Timing, longer: Timing, steps: int) -> Timing:
     """One decode step as ``(longer - first) / steps``: two calls that differ by ``steps`` decode steps.
 
@@ -187,7 +197,7 @@ def warm_up(fn: Callable[[], object], budget: TimingBudget, sync: Callable[[], o
     return calls
 
 
-def profile_reps(median_s: float, target_s: float = 0.2, most: int = 5) -> int:
+def profile_reps(median_s: float, target_s: float = 0.2, most: int = PROFILE_MOST) -> int:
     """Calls to profile: enough for about ``target_s`` of work, between 1 and ``most``."""
     if median_s <= 0:
         return most
@@ -239,8 +249,25 @@ def _cuda_samples(fn: Callable[[], object], budget: TimingBudget) -> list[float]
     return collect(once, budget)
 
 
-def _cpu_samples(fn: Callable[[], object], budget: TimingBudget) -> tuple[list[float], int]:
-    """Per-call seconds of blocks of calls, and the calls per block (timer overhead under 0.1% of a block)."""
+def _timeit_calls(number: int) -> int:
+    """Calls of ``fn`` in one ``torch.utils.benchmark.Timer.timeit(number)``: it runs ``max(number // 100, 2)``
+    calls of its own warm-up before the ``number`` it times."""
+    return number + max(number // 100, 2)
+
+
+def _block_sizes(most_per_rep: int) -> list[int]:
+    """The block sizes the CPU timer tries before settling on one: 1, 10, 100, ... below ``most_per_rep``."""
+    sizes, number = [], 1
+    while number < most_per_rep:
+        sizes.append(number)
+        number *= 10
+    return sizes
+
+
+def _cpu_samples(fn: Callable[[], object], budget: TimingBudget,
+                 most_per_rep: int = CPU_MOST_PER_REP) -> tuple[list[float], int]:
+    """Per-call seconds of blocks of calls, and the calls per block (timer overhead under 0.1% of a block, with
+    at most ``most_per_rep`` calls a block)."""
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
@@ -248,23 +275,40 @@ def _cpu_samples(fn: Callable[[], object], budget: TimingBudget) -> tuple[list[f
     # call on every core can take ten times as long).
     warm_up(lambda: timer.timeit(1), budget)
     number = 1
-    while number < 10**6 and timer.timeit(number).raw_times[0] < 1e-3:
-        number *= 10
+    while number < most_per_rep and timer.timeit(number).raw_times[0] < 1e-3:
+        number = min(number * 10, most_per_rep)
     return collect(lambda: timer.timeit(number).times[0], budget), number
 
 
+def max_calls(budget: TimingBudget, device: torch.device, most_per_rep: int = CPU_MOST_PER_REP) -> int:
+    """The most calls of ``fn`` that ``measure(fn, device, budget, most_per_rep=most_per_rep)`` makes: what a
+    caller whose ``fn`` uses something up on every call (a decode step stores a position) must set aside.
+
+    On CUDA: the warm-up, the repetitions and the profiled calls. On a CPU: the warm-up and the block sizes tried
+    (each a ``timeit`` call with its own warm-up), then every repetition at the largest block.
+    """
+    if device.type == "cuda":
+        return budget.warmup_calls + budget.min_reps + PROFILE_MOST
+    tried = sum(_timeit_calls(n) for n in _block_sizes(most_per_rep))
+    return budget.warmup_calls * _timeit_calls(1) + tried + budget.min_reps * _timeit_calls(most_per_rep)
+
+
 def measure(fn: Callable[[], object], device: torch.device, budget: TimingBudget = END_TO_END,
-            device_time: str | None = "profiler") -> Timing:
+            device_time: str | None = "profiler", most_per_rep: int = CPU_MOST_PER_REP) -> Timing:
     """Wall time of ``fn()`` and, on CUDA, its GPU time.
 
     ``device_time``: ``"profiler"`` (sum of the profiler's device records over
     a few extra calls), ``"graph-replay"`` (``fn`` replays a captured CUDA graph:
     the events around it are its GPU time) or ``None`` (not measured).
+    ``most_per_rep`` bounds the calls of one CPU repetition (on CUDA each is one
+    call), so that :func:`max_calls` bounds them all.
     """
     if device_time not in DEVICE_TIME_SOURCES:
         raise ValueError(f"device_time must be one of {DEVICE_TIME_SOURCES}, got {device_time!r}")
+    if most_per_rep < 1:
+        raise ValueError(f"most_per_rep must be >= 1, got {most_per_rep}")
     if device.type != "cuda":
-        samples, number = _cpu_samples(fn, budget)
+        samples, number = _cpu_samples(fn, budget, most_per_rep)
         return Timing.from_samples(samples, f"torch.utils.benchmark, 1 thread, {number} call(s) per repetition")
     timing = Timing.from_samples(_cuda_samples(fn, budget), CUDA_EVENTS)
     if device_time == "profiler":
@@ -285,3 +329,11 @@ def measure_op(fn: Callable[[], object], device: torch.device, budget: TimingBud
     q1, median, q3 = (ms / 1e3 for ms in quartiles)
     timing = Timing(median, q1, q3, None, DO_BENCH)
     return timing.with_gpu(profiled_gpu_seconds(fn, profile_reps(median)), PROFILER)
+
+
+def measure_copy(elements: int, device: torch.device, dtype: torch.dtype, budget: TimingBudget = OPS) -> Timing:
+    """A device-to-device ``copy_`` of ``elements`` elements, timed as a single op: what moving bytes costs on
+    this device, the yardstick of ops bound by memory."""
+    src = torch.empty(elements, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    return measure_op(lambda: dst.copy_(src), device, budget)

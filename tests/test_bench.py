@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+from bench import report, timing
 from bench.__main__ import main
 from bench.attention import HEAD_FRACTIONS
 from bench.mlp import KEEP_RATIOS
 
-from adallava_kernels import ExecutionPlan, cost, get_shape
+from adallava_kernels import ExecutionPlan, cost, get_device, get_shape
 
 # The bench runs on CUDA when there is a GPU, which adds the GPU-only providers.
 ON_GPU = torch.cuda.is_available()
@@ -19,7 +20,8 @@ HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["--model", "tiny", "--scale", "1", "--mlp-tokens", "1,9", "--quick",
+    # --models: on CUDA the default adds the llava-7b and -13b op shapes.
+    main(["--model", "tiny", "--models", "tiny", "--scale", "1", "--mlp-tokens", "1,9", "--quick",
           "--attention-seqs", "19", "--attention-contexts", "21", "--attention-batches", "2",
           "--budgets", "0.5,0.75,1.0", "--roofline-device", "A100", "--decode-steps", "2", "--random-plans", "2",
           "--latency-prompt", "16", "--latency-new-tokens", "2", "--backend", "torch", "--out", str(out)])
@@ -130,10 +132,16 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
 
 
 def timed(row):
-    """A row that carries a wall-time median with its quartiles, and no GPU time on a CPU."""
-    if not 0 < row["q1_s"] <= row["median_s"] <= row["q3_s"] or row["reps"] < 1 or not row["timer"]:
+    """A row that carries a wall-time median with its quartiles, its GPU time and host share on a GPU, and
+    none on a CPU."""
+    # do_bench (an op on CUDA) does not say how many repetitions it took.
+    reps_known = row["reps"] >= 1 if row["reps"] is not None else row["timer"] == timing.DO_BENCH
+    if not 0 < row["q1_s"] <= row["median_s"] <= row["q3_s"] or not reps_known or not row["timer"]:
         return False
-    return ON_GPU or (row["gpu_s"] is None and row["host_share"] is None)
+    if ON_GPU:
+        return row["gpu_s"] is not None and row["gpu_s"] > 0 and bool(row["gpu_source"]) \
+            and row["host_share"] is not None
+    return row["gpu_s"] is None and row["host_share"] is None
 
 
 def test_bench_only_runs_the_chosen_sections_and_compares(tmp_path, capsys):
@@ -176,3 +184,161 @@ def test_bench_rejects_bad_timing_options(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+# -- a section that fails ------------------------------------------------------------
+
+def test_a_failing_section_is_recorded_and_the_others_are_written(tmp_path, capsys, monkeypatch):
+    import bench.__main__ as runner
+
+    def broken(*args):
+        raise ValueError("sequence is full")
+
+    monkeypatch.setattr(runner, "run_attention", broken)
+    out = tmp_path / "run"
+    results = main(["--model", "tiny", "--models", "tiny", "--only", "attention,kv", "--quick", "--scale", "1",
+                    "--attention-seqs", "9", "--attention-contexts", "9", "--budgets", "0.5,1.0", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert "section attention failed: ValueError: sequence is full (the other sections go on)" in captured.out
+    assert "Traceback" in captured.err and runner.exit_status(results) == 1
+    data = json.loads((out / "results.json").read_text())
+    assert "attention" not in data and data["kv_cache"]["bandwidth"]  # the section after it ran
+    error = data["errors"]["attention"]
+    assert (error["type"], error["message"]) == ("ValueError", "sequence is full")
+    report_md = (out / "report.md").read_text()
+    assert "sections that failed: attention (ValueError: sequence is full)" in report_md.splitlines()[0]
+    assert "## Sections that failed" in report_md
+
+
+def test_a_run_without_failures_exits_zero():
+    import bench.__main__ as runner
+
+    assert runner.exit_status({"errors": {}}) == 0
+
+
+# -- clear errors and readable numbers -----------------------------------------------
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device is 'cuda', but CUDA is not available here; use 'cpu'"),
+    ("gpu", "--device must be a device such as 'cpu' or 'cuda:0', got 'gpu'"),
+], ids=["cuda-without-cuda", "unknown"])
+def test_bench_names_a_device_it_cannot_use_in_one_line(device, message, capsys, monkeypatch):
+    from bench import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (main, gpu_check.main):
+        with pytest.raises(SystemExit) as exit_info:
+            command(["--device", device])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_small_flops_print_in_a_unit_that_fits():
+    from bench import model as model_bench
+    from bench import plans
+    from bench._common import flops_text
+
+    assert [flops_text(f) for f in (3.765e6, 215.2e6, 1.895e9, 13.48e12, 512)] == [
+        "3.765 MFLOP", "215.2 MFLOP", "1.895 GFLOP", "13.48 TFLOP", "512 FLOP"]
+    row = {"model": "tiny", "stage": "decode", "family": model_bench.FULL, "label": "full", "layers_on": 4,
+           "flops": 3.765e6, "median_s": 1e-3, "iqr_ratio": 0.0, "unstable": False, "gpu_s": None,
+           "host_share": None, "roofline_s": 1.5e-6}
+    text = model_bench.table([row])
+    assert "3.765 MFLOP" in text and "0.0000" not in text
+    tiny = get_shape("tiny")
+    text = plans.table(plans.run(tiny, [0.5, 1.0], get_device("H200"), 700, 700))
+    assert "1.895 GFLOP" in text and "3.789 GFLOP" in text
+
+
+# -- the decode step's room ---------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [timing.END_TO_END, timing.QUICK], ids=["end-to-end", "quick"])
+def test_a_timed_decode_has_room_for_every_call_the_timer_can_make(budget, monkeypatch):
+    from bench import model as model_bench
+
+    bench = model_bench.setup(get_shape("tiny"), "tiny", torch.device("cpu"), torch.float32, get_device("H200"), 16,
+                              "torch", budget)
+    device = torch.device("cpu")
+    most = timing.max_calls(budget, device, model_bench.DECODE_CALLS_PER_REP)
+
+    def every_call(fn, device, budget, most_per_rep):
+        # The timer at its worst: as many calls as its budget allows.
+        assert most_per_rep == model_bench.DECODE_CALLS_PER_REP
+        for _ in range(timing.max_calls(budget, device, most_per_rep)):
+            fn()
+        return timing.Timing(1e-3, 1e-3, 1e-3, 1, "every call")
+
+    monkeypatch.setattr(timing, "measure", every_call)
+    measured, taken = model_bench.runtime_decode_step(bench.model, bench.ids, ExecutionPlan.full(bench.shape),
+                                                      "torch", device, budget)
+    assert taken == most and measured.timer == "every call"
+
+
+# -- gpu-check: the reduced plan set in one table -----------------------------------------
+
+def test_gpu_check_prints_one_table_and_writes_json_after_every_plan(tmp_path, capsys, monkeypatch):
+    from bench import gpu_check
+
+    written = []
+    real_write = gpu_check.write_json
+    monkeypatch.setattr(gpu_check, "write_json", lambda path, payload: written.append(
+        (path, len(payload["model_runs"]["rows"]), "floor" in payload)) or real_write(path, payload))
+    out = tmp_path / "check"
+    results = gpu_check.main(["--device", "cpu", "--quick", "--tokens", "16", "--backend", "torch",
+                              "--out", str(out)])
+    labels = ["full", "L 0.50", "L 0.75", "L 1.00", "H 0.50", "H 0.75", "H 1.00", "random-H 0", "random-H 1"]
+    # results.json after each of the 9 plans (prefill and decode rows), then once more with the floor.
+    assert [(rows, floor) for _, rows, floor in written] == [(2 * i, False) for i in range(1, 10)] + [(18, True)]
+    assert {path for path, _, _ in written} == {out / "results.json"}
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"] == "tiny" and not data["errors"] and data["meta"]["command"].split()[1:3] == [
+        "-m", "bench.gpu_check"]
+    assert [r["label"] for r in data["model_runs"]["rows"] if r["stage"] == "decode"] == labels
+    # Timed on the CPU whatever the machine has: no GPU time.
+    assert all(0 < r["q1_s"] <= r["median_s"] <= r["q3_s"] and r["gpu_s"] is None for r in data["model_runs"]["rows"])
+
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if "prefill wall ms" in line)
+    assert "decode wall ms" in lines[header] and "GPU / wall" in lines[header]
+    table = "\n".join(lines[header:])
+    # One row a plan, under the header and its rule.
+    assert all(f"  {label}  " in line for line, label in zip(lines[header + 2:header + 11], labels, strict=True))
+    check = data["check"]
+    for stage in ("prefill", "decode"):
+        c = check[stage]
+        assert c["plans"] == 9 and c["pearson_gpu"] is None and c["worst_gpu"] is None
+        assert f"{stage}: r(FLOPs, wall) {report.r_text(c['pearson_wall'])}, r(FLOPs, GPU) -; worst deviation wall " \
+               f"{c['worst_wall']:+.1%} ({c['worst_wall_label']})" in table
+    # The floor: the bytes the full plan's decode step reads, at the rate of this run's copy.
+    floor = data["floor"]
+    full_decode = data["model_runs"]["rows"][1]
+    assert floor["read_bytes"] == full_decode["read_bytes"] > 0
+    assert floor["floor_s"] == pytest.approx(floor["read_bytes"] / floor["copy_bytes_per_s"])
+    assert floor["copy_bytes_per_s"] == pytest.approx(2 * floor["copy_bytes"] / floor["copy"]["median_s"])
+    assert floor["step_s"] == full_decode["median_s"] and floor["step_source"] == "median_s"
+    assert f"full-plan decode step: wall {floor['step_s'] * 1e3:.3f} ms, {floor['vs_floor']:.2f}x the bandwidth " \
+           f"floor of {floor['floor_s'] * 1e3:.3f} ms" in table
+
+
+def test_gpu_check_cut_short_keeps_the_plans_it_finished(tmp_path, monkeypatch):
+    from bench import gpu_check
+    from bench import model as model_bench
+
+    real_rows, done = model_bench.plan_rows, []
+
+    def two_then_fail(bench, family, label, plan):
+        if len(done) == 2:
+            raise RuntimeError("out of memory")
+        done.append(label)
+        return real_rows(bench, family, label, plan)
+
+    monkeypatch.setattr(model_bench, "plan_rows", two_then_fail)
+    out = tmp_path / "check"
+    results = gpu_check.main(["--device", "cpu", "--quick", "--tokens", "8", "--backend", "torch", "--out", str(out)])
+    data = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in data["model_runs"]["rows"]] == ["full", "full", "L 0.50", "L 0.50"]
+    error = data["errors"]["model"]
+    assert (error["type"], error["message"]) == ("RuntimeError", "out of memory") and "Traceback" in error["traceback"]
+    assert "floor" in data and results["errors"]

@@ -47,7 +47,38 @@ def test_ratio_and_regression_flag():
     assert result["geomean_ratio"] == pytest.approx(math.prod(ratios) ** (1 / 4))
     text = compare.table(result)
     assert text.count("REGRESSION") == 1 and "1.060" in text
-    assert "4 cases in common: 1 slower by more than 5% (regression), 1 faster" in compare.summary(result)
+    assert ("4 cases in common: 1 slower by more than 5% and by more than the runs' combined IQR (regression), "
+            "1 faster by more than 5% and the IQR, 0 changed by more than 5% but within the IQR") \
+        in compare.summary(result)
+
+
+def spread_run(cases):
+    """A results dict with model rows ``{label: (q1, median, q3)}``."""
+    return {"meta": {"device": "test"}, "model_runs": {"rows": [
+        {"model": "tiny", "stage": "decode", "family": "f", "label": label, "q1_s": q1, "median_s": median,
+         "q3_s": q3} for label, (q1, median, q3) in cases.items()]}}
+
+
+def test_a_change_inside_the_runs_combined_iqr_is_not_a_regression():
+    # IQRs of 0.25 ms in each run: a change of 0.5 ms or less is not resolved, whatever its ratio.
+    old = spread_run({"a": (0.875, 1.0, 1.125), "b": (0.875, 1.0, 1.125), "c": (0.875, 1.0, 1.125),
+                      "d": (0.875, 1.0, 1.125)})
+    new = spread_run({"a": (1.375, 1.5, 1.625), "b": (1.5, 1.625, 1.75), "c": (0.375, 0.5, 0.625),
+                      "d": (0.25, 0.375, 0.5)})
+    result = compare.compare(new, old)
+    assert [r["verdict"] for r in result["rows"]] == ["within IQR", "regression", "within IQR", "faster"]
+    assert (result["regressions"], result["faster"], result["within_iqr"]) == (1, 1, 2)
+    assert result["rows"][0]["new_iqr_s"] == 0.25 and result["rows"][0]["old_iqr_s"] == 0.25
+    text = compare.table(result)
+    assert text.count("REGRESSION") == 1 and text.count("(within IQR)") == 2
+
+
+def test_two_runs_of_the_same_noisy_case_flag_nothing():
+    # The same case timed twice on a busy CPU: medians 1.83x apart, but the spread of one run covers it.
+    old = spread_run({"attention decode": (0.10, 0.103, 0.25)})
+    new = spread_run({"attention decode": (0.10, 0.189, 0.20)})
+    assert compare.compare(new, old)["rows"][0]["verdict"] == "within IQR"
+    assert compare.compare(new, old)["regressions"] == 0
 
 
 def test_threshold_is_configurable_and_checked():

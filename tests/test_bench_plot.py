@@ -35,8 +35,10 @@ def synthetic_results(gpu=True):
         metrics = {m: {"median_s": base * (0.3 + 0.7 * level), "q1_s": base * 0.3, "q3_s": base, "unstable": False,
                        "gpu_s": None, "host_share": None}
                    for m, base in (("ttft", 10e-3), ("tpot", 2e-3), ("e2e", 30e-3))}
+        # A plan's FLOPs ratio need not be its budget: the ideal follows the FLOPs.
+        ratios = {m: 0.4 + 0.6 * level for m in ("ttft", "tpot", "e2e")}
         latency_rows.append({"model": "tiny", "family": family, "budget": level, "prompt_tokens": 64,
-                             "new_tokens": 8, **metrics})
+                             "new_tokens": 8, "flops_ratio": ratios["ttft"], "flops_ratios": ratios, **metrics})
     report_rows = [{"op": f"{kind} tiny case {i}", "series": series, "label": f"keep {k}", "flops": 1e9 * k,
                     "seconds": 1e-3 * k, "gpu_seconds": None}
                    for kind, cases in (("mlp", 14), ("attention", 3)) for i in range(cases)
@@ -92,9 +94,11 @@ def test_latency_figure_has_one_line_per_family_and_the_ideal():
         e2e = lines[f"family:e2e:{family}"]
         assert list(e2e.get_xdata()) == [0.5, 0.75, 1.0]
         assert list(e2e.get_ydata()) == pytest.approx([30 * (0.3 + 0.7 * b) for b in (0.5, 0.75, 1.0)])
-    ideal = artists(fig, "ideal:")["ideal:ttft"]
-    # budget x the full plan's 10 ms
-    assert list(ideal.get_ydata()) == pytest.approx([5.0, 7.5, 10.0])
+    ideal = artists(fig, "ideal:")
+    assert set(ideal) == {f"ideal:{m}:{f}" for m, _ in plot.LATENCY_PANELS for f in families}
+    # Each plan's FLOPs ratio (0.4 + 0.6 x budget here), not its budget, x the full plan's 10 ms.
+    assert list(ideal["ideal:ttft:AdaLLaVA-L"].get_xdata()) == [0.5, 0.75, 1.0]
+    assert list(ideal["ideal:ttft:AdaLLaVA-L"].get_ydata()) == pytest.approx([7.0, 8.5, 10.0])
 
 
 def test_latency_needs_the_latency_section():

@@ -128,6 +128,39 @@ def test_uncorrelated_timings_fail_on_r():
     assert "worst deviation" in result.verdict  # these timings are far from proportional too
 
 
+def slow_point_with_iqr(iqr_share):
+    """Proportional rows but the 0.6 plan 20% slow, every point with an IQR of ``iqr_share`` of its time."""
+    rows = rows_for("mlp", "index_select", lambda f: proportional(f) * (1.2 if f == 0.6 * DENSE_FLOPS else 1.0))
+    return [r | {"iqr_seconds": iqr_share * r["seconds"]} for r in rows]
+
+
+def test_a_deviation_inside_the_iqrs_gets_no_verdict():
+    # The slow point is 0.6 ms over its proportional 3 ms: IQRs of 10% (0.36 ms) and the anchor's 10% scaled to
+    # the plan's FLOPs (0.3 ms) cover it, so the timing did not resolve the deviation.
+    (result,) = report.summarize(slow_point_with_iqr(0.10))
+    assert result.worst_deviation == pytest.approx(0.2) and result.worst_label == "budget 0.6"
+    assert result.within_spread and not result.follows
+    assert result.verdict == ("within the measured spread: every deviation over 10% (worst +20.0% at budget 0.6) "
+                              "is inside the IQRs; no verdict")
+
+
+def test_a_deviation_beyond_the_iqrs_is_held_against_the_series():
+    # IQRs of 2%: 0.06 + 0.072 ms, far under the 0.6 ms deviation.
+    (result,) = report.summarize(slow_point_with_iqr(0.02))
+    assert not result.within_spread
+    assert result.verdict.endswith("worst deviation +20.0% at budget 0.6 > 10%")
+
+
+def test_summary_line_says_which_series_deviate_only_within_the_spread():
+    noisy = slow_point_with_iqr(0.10)
+    model = [r | {"op": "model tiny decode", "series": "adallava_kernels (torch), all plans"} for r in noisy]
+    line = report.summary_line(report.summarize(noisy + rows_for("mlp", "triton", proportional) + model), 0, 15,
+                               "cpu")
+    assert line.startswith("On cpu, 1 of 3 library series follow FLOPs in wall time; 2 deviate from it only within "
+                           "the measured spread (IQR): no verdict;")
+    assert "end to end decode: r wall 0.9" in line and "(deviations within the measured spread)" in line
+
+
 def test_two_plans_are_too_few():
     (result,) = report.summarize(rows_for("mlp", "triton", proportional, budgets=(1.0, 0.5)))
     assert result.verdict == "too few plans (2)"
@@ -320,3 +353,37 @@ def test_importing_the_report_does_not_import_matplotlib():
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- request latency: the ideal is the plan's FLOPs ratio, and a difference inside the IQRs is said to be ------
+
+def latency_row(family, budget, e2e, iqr, flops_ratio):
+    """A latency row whose metrics all take ``e2e`` seconds with an IQR of ``iqr`` seconds."""
+    timed = {"median_s": e2e, "q1_s": e2e - iqr / 2, "q3_s": e2e + iqr / 2, "unstable": False, "gpu_s": None,
+             "host_share": None}
+    return {"family": family, "budget": budget, "layers_on": 2, "flops_ratio": flops_ratio,
+            "flops_ratios": {"ttft": flops_ratio, "tpot": flops_ratio, "e2e": flops_ratio},
+            "ttft": timed, "tpot": timed, "e2e": timed}
+
+
+def test_latency_ideal_divides_by_the_plans_flops_ratio_not_the_budget():
+    from bench import latency
+
+    # At budget 0.7 the plan keeps 0.501 of the FLOPs: its ideal is 0.501 x the full plan's 10 ms.
+    rows = [latency_row("AdaLLaVA-L", 0.7, 6.0, 0.0, 0.501), latency_row("full plan", 1.0, 10.0, 0.0, 1.0)]
+    shown = latency.comparisons(rows)[0]
+    assert shown["e2e_vs_ideal"] == pytest.approx(6.0 / (0.501 * 10.0))
+    assert shown["e2e_flops_ratio"] == 0.501
+    assert "1.198" in latency.table(rows)  # 6 / 5.01
+
+
+def test_latency_summary_says_when_a_difference_is_inside_the_iqrs():
+    from bench import latency
+
+    full = latency_row("full plan", 1.0, 10.0, 2.0, 1.0)
+    resolved = latency_row("AdaLLaVA-L", 0.5, 6.0, 0.5, 0.501)
+    noisy = latency_row("AdaLLaVA-H", 0.5, 9.0, 2.0, 0.501)  # 1 s under the full plan, IQRs of 2 s each
+    line = latency.summary([resolved, noisy, full])
+    assert line == ("a request at budget 0.50 takes 0.60 (AdaLLaVA-L, ideal 0.501), 0.90 (AdaLLaVA-H, ideal 0.501; "
+                    "within the IQRs of the full plan's: no difference resolved) of the full plan's end-to-end "
+                    "latency")

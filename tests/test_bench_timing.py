@@ -2,6 +2,7 @@
 checked on synthetic timings (no timing is asserted)."""
 
 import math
+import re
 import types
 
 import pytest
@@ -126,10 +127,12 @@ def test_a_gpu_time_over_the_wall_time_gives_a_negative_host_share():
     assert t.host_share == pytest.approx(-0.1)
 
 
-def test_graph_replay_is_its_own_gpu_time():
+def test_graph_replay_gpu_time_gives_the_host_share():
+    # 6 ms of replay in 8 ms of wall time: the other 2 ms, a quarter, are the host's.
     t = Timing(median_s=8e-3, q1_s=8e-3, q3_s=8e-3, reps=20, timer=timing.CUDA_EVENTS)
-    replay = t.with_gpu(t.median_s, timing.GRAPH_REPLAY)
-    assert replay.host_share == 0.0 and replay.gpu_source == timing.GRAPH_REPLAY
+    replay = t.with_gpu(6e-3, timing.GRAPH_REPLAY)
+    assert replay.host_s == pytest.approx(2e-3) and replay.host_share == pytest.approx(0.25)
+    assert replay.gpu_source == timing.GRAPH_REPLAY and replay.fields()["host_share"] == pytest.approx(0.25)
 
 
 def test_per_step_is_the_difference_over_the_steps():
@@ -179,6 +182,44 @@ def test_measure_on_cpu_has_no_gpu_time():
     assert t.gpu_s is None and t.host_share is None
     assert t.reps >= timing.QUICK.floor_reps and 0 < t.q1_s <= t.median_s <= t.q3_s
     assert "torch.utils.benchmark" in t.timer
+
+
+class Counter:
+    """A call that counts itself: how many times the timer ran it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("budget", [timing.QUICK, timing.END_TO_END], ids=["quick", "end-to-end"])
+@pytest.mark.parametrize("most_per_rep", [1, 10, 50])
+def test_max_calls_bounds_what_measure_calls_on_cpu(budget, most_per_rep):
+    # A call that takes nanoseconds grows the timer's blocks to the cap: the worst case of the bound.
+    fn = Counter()
+    t = timing.measure(fn, torch.device("cpu"), budget, most_per_rep=most_per_rep)
+    assert fn.calls <= timing.max_calls(budget, torch.device("cpu"), most_per_rep)
+    assert 1 <= int(re.search(r"(\d+) call\(s\) per repetition", t.timer).group(1)) <= most_per_rep
+
+
+def test_max_calls_counts_warm_up_blocks_tried_and_repetitions():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # Blocks of one call: 3 warm-up timeit(1) calls and 20 repetitions, each timeit(1) runs 2 + 1 calls.
+    assert timing.max_calls(timing.END_TO_END, cpu, 1) == 3 * 3 + 20 * 3
+    # Blocks of up to 10: timeit(1) is tried (3 calls), then 20 repetitions of timeit(10) (2 + 10 calls).
+    assert timing.max_calls(timing.END_TO_END, cpu, 10) == 3 * 3 + 3 + 20 * 12
+    # Up to 1000: timeit(1), (10) and (100) are tried, then timeit(1000) runs 10 + 1000 calls.
+    assert timing.max_calls(timing.QUICK, cpu, 1000) == 1 * 3 + (3 + 12 + 102) + 2 * 1010
+    # On CUDA, one call a repetition: warm-up, repetitions and at most 5 profiled calls.
+    assert timing.max_calls(timing.END_TO_END, cuda) == 3 + 20 + 5
+
+
+def test_measure_with_one_call_a_repetition_makes_exactly_the_bound():
+    fn = Counter()
+    timing.measure(fn, torch.device("cpu"), timing.END_TO_END, most_per_rep=1)
+    assert fn.calls == timing.max_calls(timing.END_TO_END, torch.device("cpu"), 1)
 
 
 def test_measure_rejects_an_unknown_device_time_source():

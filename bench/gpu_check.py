@@ -1,0 +1,213 @@
+"""``python -m bench.gpu_check`` (the bench half of ``make gpu-check``): does the model follow its FLOPs here?
+
+The model section of the benchmark (``bench/model.py``) at one shape,
+``llava-7b`` on CUDA (``tiny`` on a CPU, so that the same path runs in the
+test suite), under a reduced plan set: the full plan, AdaLLaVA-L and -H at
+budgets 0.5, 0.75 and 1.0, and two random -H plans. It prints one table, per
+plan: prefill and decode wall and GPU time and GPU / wall; under it, per
+stage, the Pearson r of FLOPs with wall and with GPU time and the worst
+deviation from proportionality (``bench/report.py``); then the full plan's
+decode step against the bandwidth floor: the bytes the step must read
+(``adallava_kernels.cost``) over the rate of a device-to-device copy measured
+in the same run. ``results.json`` is rewritten after every plan, so a run cut
+short keeps the rows it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from adallava_kernels import PRESETS, ExecutionPlan, get_device, get_shape
+
+from . import model as model_bench
+from . import report, timing
+from ._common import (DTYPES, checked_device, default_dtype, error_record, flops_text, format_table, metadata,
+                      progress, si_text, timing_cells, write_json)
+
+BUDGETS = (0.5, 0.75, 1.0)
+RANDOM_PLANS = 2
+# The copy that measures the device's rate: as many bytes as the step reads, up to 1 GiB (far past any cache).
+COPY_MOST_BYTES = 2**30
+DEFAULT_OUT = Path("bench/out/gpu-check")
+
+
+def reduced_plans(shape, seed: int = 0) -> list[tuple]:
+    """``(family, label, plan)``: the full plan, -L and -H at :data:`BUDGETS` and :data:`RANDOM_PLANS` random -H
+    plans, as ``bench.model.plans`` builds them."""
+    return [(model_bench.FULL, "full", ExecutionPlan.full(shape)),
+            *model_bench.plans(shape, list(BUDGETS), RANDOM_PLANS, seed, early_exit=False, random_kinds=("H",))]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, choices=sorted(PRESETS),
+                        help="model shape (default llava-7b on CUDA, tiny on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"prefill length (default {model_bench.GPU_TOKENS} on CUDA, {model_bench.CPU_TOKENS} on "
+                             f"CPU)")
+    parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                        help="kernels the model runs (default auto: Triton on CUDA)")
+    parser.add_argument("--roofline-device", default="H200",
+                        help="device the rows' roofline time is predicted for (default H200)")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions a case, to check that everything runs")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"directory of results.json, rewritten after every plan (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    args.device = checked_device(parser, args.device)
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time every plan of :func:`reduced_plans`, then the copy; ``results.json`` after each. A plan that fails
+    ends the timing: its error is recorded and what finished is still summarised."""
+    device, on_gpu = args.device, args.device.type == "cuda"
+    dtype = default_dtype(args.dtype, device)
+    model_name = args.model or ("llava-7b" if on_gpu else "tiny")
+    shape = get_shape(model_name)
+    tokens = args.tokens or (model_bench.GPU_TOKENS if on_gpu else model_bench.CPU_TOKENS)
+    budget, op_budget = (timing.QUICK, timing.QUICK) if args.quick else (timing.END_TO_END, timing.OPS)
+    results = _header(device, dtype, model_name, shape, tokens, args.backend, budget)
+
+    def save() -> None:
+        write_json(args.out / "results.json", results)
+
+    bench = model_bench.setup(shape, model_name, device, dtype, get_device(args.roofline_device), tokens,
+                              args.backend, budget)
+    rows = results["model_runs"]["rows"]
+    try:
+        for family, label, plan in progress(reduced_plans(shape), f"gpu-check {model_name}"):
+            rows += model_bench.plan_rows(bench, family, label, plan)
+            save()
+    except Exception as error:  # noqa: BLE001 - the plans that finished are still summarised
+        results["errors"]["model"] = error_record(error)
+    results["model_runs"]["graphs"] = bench.model.runtime(args.backend).graph_stats()
+    full_decode = next((r for r in rows if r["family"] == model_bench.FULL and r["stage"] == "decode"), None)
+    if full_decode is not None:
+        results["floor"] = bandwidth_floor(full_decode, device, dtype, op_budget)
+    results["check"] = check(rows, args.backend)
+    save()
+    return results
+
+
+def _header(device, dtype, model_name, shape, tokens, backend, budget) -> dict:
+    """What results.json holds before the first plan: the run's metadata and an empty ``model_runs``."""
+    return {
+        "meta": metadata(device, dtype, "bench.gpu_check"), "device_type": device.type, "model": model_name,
+        "shape": shape.to_dict(), "sections": ["model"], "budgets": list(BUDGETS), "random_plans": RANDOM_PLANS,
+        "timing": {"end_to_end": vars(budget) | {"rule": budget.describe()}, "iqr_limit": timing.IQR_LIMIT},
+        "model_runs": {"shape": shape.to_dict(), "tokens": tokens, "backend": backend, "rows": []},
+        "errors": {},
+    }
+
+
+def bandwidth_floor(decode_row: dict, device: torch.device, dtype: torch.dtype, budget: timing.TimingBudget) -> dict:
+    """The decode step against the time its reads take at the rate of a device-to-device copy of this run."""
+    element = torch.finfo(dtype).bits // 8
+    elements = int(min(decode_row["read_bytes"], COPY_MOST_BYTES)) // element
+    copy = timing.measure_copy(elements, device, dtype, budget)
+    # A copy reads and writes each byte: its rate is the memory traffic per second.
+    rate = 2 * elements * element / copy.median_s
+    step_s = decode_row["gpu_s"] if decode_row["gpu_s"] is not None else decode_row["median_s"]
+    floor_s = decode_row["read_bytes"] / rate
+    return {"read_bytes": decode_row["read_bytes"], "copy_bytes": elements * element, "copy": copy.fields(),
+            "copy_bytes_per_s": rate, "floor_s": floor_s, "step_s": step_s,
+            "step_source": "gpu_s" if decode_row["gpu_s"] is not None else "median_s", "vs_floor": step_s / floor_s}
+
+
+def check(rows: list[dict], backend: str) -> dict:
+    """Per stage, the validation report's r of FLOPs with wall and GPU time, worst deviations and verdict."""
+    wall_rows = model_bench.report_rows(rows, backend)
+    # The GPU time as a series of its own gives its worst deviation; the profiler's time has no IQR.
+    gpu_rows = [r | {"seconds": r["gpu_seconds"], "iqr_seconds": 0.0} for r in wall_rows if r["gpu_seconds"]]
+    gpu = {s.op: s for s in report.summarize(gpu_rows)} if len(gpu_rows) == len(wall_rows) and gpu_rows else {}
+    out = {}
+    for wall in report.summarize(wall_rows) if wall_rows else []:
+        stage = wall.op.rsplit(" ", 1)[-1]
+        on_gpu = gpu.get(wall.op)
+        out[stage] = {"pearson_wall": wall.pearson, "pearson_gpu": wall.pearson_gpu,
+                      "worst_wall": wall.worst_deviation, "worst_wall_label": wall.worst_label,
+                      "worst_gpu": on_gpu and on_gpu.worst_deviation, "worst_gpu_label": on_gpu and on_gpu.worst_label,
+                      "verdict": wall.verdict, "plans": wall.points}
+    return out
+
+
+def _stage_columns(stage: str) -> list[tuple[str, str, str]]:
+    return [(f"{stage}_ratio", f"{stage} FLOPs ratio", ".3f"), (f"{stage}_wall", f"{stage} wall ms", "s"),
+            (f"{stage}_iqr", "IQR", "s"), (f"{stage}_gpu", "GPU ms", "s"), (f"{stage}_share", "GPU / wall", "s")]
+
+
+COLUMNS = [("family", "plan", "s"), ("label", "label", "s"), ("layers_on", "layers", "d"),
+           ("prefill_flops", "prefill FLOPs", "s"), *_stage_columns("prefill"), *_stage_columns("decode")]
+
+
+def _plan_cells(prefill: dict, decode: dict | None, full: dict) -> dict:
+    cells = {"family": prefill["family"], "label": prefill["label"], "layers_on": prefill["layers_on"],
+             "prefill_flops": flops_text(prefill["flops"])}
+    for stage, row in (("prefill", prefill), ("decode", decode)):
+        if row is None:
+            cells |= {f"{stage}_ratio": float("nan"), f"{stage}_wall": "-", f"{stage}_iqr": "-", f"{stage}_gpu": "-",
+                      f"{stage}_share": "-"}
+            continue
+        shown = timing_cells(row)
+        ref = full.get(stage)
+        cells |= {f"{stage}_ratio": row["flops"] / ref["flops"] if ref else float("nan"),
+                  f"{stage}_wall": shown["wall_ms"], f"{stage}_iqr": shown["iqr"], f"{stage}_gpu": shown["gpu_ms"],
+                  f"{stage}_share": "-" if row["gpu_s"] is None else f"{row['gpu_s'] / row['median_s']:.2f}"}
+    return cells
+
+
+def _r(value: float | None) -> str:
+    return "-" if value is None else report.r_text(value)
+
+
+def _deviation(value: float | None, label: str | None) -> str:
+    return "-" if value is None else f"{value:+.1%} ({label})"
+
+
+def table(results: dict) -> str:
+    """The plans' table, then the per-stage correlations and worst deviations, then the bandwidth floor."""
+    rows = results["model_runs"]["rows"]
+    full = {r["stage"]: r for r in rows if r["family"] == model_bench.FULL}
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["label"], {})[r["stage"]] = r
+    lines = [format_table([_plan_cells(stages["prefill"], stages.get("decode"), full)
+                           for stages in by_label.values() if "prefill" in stages], COLUMNS)]
+    for stage, c in results.get("check", {}).items():
+        lines.append(f"{stage}: r(FLOPs, wall) {_r(c['pearson_wall'])}, r(FLOPs, GPU) {_r(c['pearson_gpu'])}; "
+                     f"worst deviation wall {_deviation(c['worst_wall'], c['worst_wall_label'])}, GPU "
+                     f"{_deviation(c['worst_gpu'], c['worst_gpu_label'])}; verdict (wall): {c['verdict']}")
+    floor = results.get("floor")
+    if floor:
+        which = "GPU" if floor["step_source"] == "gpu_s" else "wall"
+        lines.append(f"full-plan decode step: {which} {floor['step_s'] * 1e3:.3f} ms, {floor['vs_floor']:.2f}x the "
+                     f"bandwidth floor of {floor['floor_s'] * 1e3:.3f} ms ({si_text(floor['read_bytes'], 'B')} read at "
+                     f"{si_text(floor['copy_bytes_per_s'], 'B/s')}, the read + write rate of a "
+                     f"{si_text(floor['copy_bytes'], 'B')} device-to-device copy in this run)")
+    for name, error in results.get("errors", {}).items():
+        lines.append(f"{name} stopped early: {error['type']}: {error['message']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
+    print(f"\ngpu-check on {results['meta']['device']} ({results['meta']['dtype']}), {results['model']} with random "
+          f"weights, prefill over {results['model_runs']['tokens']} tokens, kernels {args.backend}; a decode step is "
+          f"one step of the runtime (a CUDA graph replay on CUDA); FLOPs ratios to the full plan")
+    print(table(results))
+    print(f"\nwrote {args.out / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main(sys.argv[1:])["errors"] else 0)
