@@ -12,7 +12,9 @@ them validated their inputs at plan time.
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
 - ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``;
 - ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
-  ``col_gathered_linear(x, w, cols)``.
+  ``col_gathered_linear(x, w, cols)``;
+- ``rms_norm(x, weight, eps)`` and ``fused_add_rms_norm(x, residual, weight, eps)`` ->
+  ``(normed, x + residual)``: transformers' ``LlamaRMSNorm``, the second fused with the residual add.
 
 Importing this module registers them; it compiles nothing.
 """
@@ -106,6 +108,32 @@ def col_gathered_linear(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor) ->
 @col_gathered_linear.register_fake
 def _(x, w, cols):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("adallava::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    from .rms_norm import rms_norm_triton
+
+    return rms_norm_triton(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("adallava::fused_add_rms_norm", mutates_args=())
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .rms_norm import fused_add_rms_norm_triton
+
+    return fused_add_rms_norm_triton(x, residual, weight, eps)
+
+
+@fused_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 def adallava_ops():
