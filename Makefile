@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BENCH_OUT ?= bench/out
 TORCH_INCLUDE_ROOT = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
 
-.PHONY: env test bench compile-cuda clean
+.PHONY: env test test-oldest bench gpu-check compile-cuda clean
 
 env: $(VENV)/.installed
 
@@ -20,8 +20,31 @@ TEST_WORKERS ?= $(shell $(PY) -c "import os, torch; print(min(12, os.cpu_count()
 test: env
 	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
+# The oldest transformers release the package supports (setup.py's lower bound): the drop-in modules,
+# the runtime and the model must still match transformers there. A second venv, torch as in the first.
+OLDEST_TRANSFORMERS ?= 5.17.0
+OLDEST_VENV ?= .venv-oldest
+EQUIVALENCE_TESTS = tests/test_masked_attention.py tests/test_masked_mlp.py tests/test_patch.py tests/test_runtime.py \
+	tests/test_model.py tests/test_kv_cache.py::test_transformers_generate_matches_dynamic_cache_at_a_full_plan
+
+$(OLDEST_VENV)/.installed: setup.py scripts/setup_env.sh $(wildcard csrc/*)
+	VENV=$(OLDEST_VENV) TRANSFORMERS_VERSION=$(OLDEST_TRANSFORMERS) bash scripts/setup_env.sh
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
+	$(OLDEST_VENV)/bin/python -m pytest $(EQUIVALENCE_TESTS) $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
+
 bench: env
 	$(PY) -m bench --out $(BENCH_OUT)
+
+# On a GPU machine, one command: the test suite on xdist workers, then the model at llava-7b under a reduced
+# plan set in one table (bench/gpu_check.py). The bench runs even when a test fails; either failing fails it.
+gpu-check: env
+	status=0; \
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) || status=$$?; \
+	$(PY) -m bench.gpu_check --out $(BENCH_OUT)/gpu-check || status=$$?; \
+	exit $$status
 
 # nvcc -c of every CUDA source, and of the CUDA registration (ADALLAVA_WITH_CUDA) in
 # the .cpp files against the installed torch's headers: needs nvcc, not a GPU
@@ -38,4 +61,4 @@ compile-cuda: env
 	done
 
 clean:
-	rm -rf $(VENV) build *.egg-info bench/out
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info bench/out

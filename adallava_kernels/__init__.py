@@ -4,6 +4,7 @@ Importing the package queries no GPU and compiles nothing.
 """
 
 from . import budget, cost, devices, kv_cache
+from ._checks import check_token_ids
 from .budget import UnitScheme, best_plan, check_budget
 from .devices import DeviceSpec, get_device
 from .kv_cache import ContiguousKVCache, KVCacheLayer, LayerSkipKVCache, TransformersCacheLayer
@@ -35,6 +36,7 @@ __all__ = [
     "best_plan",
     "budget",
     "check_budget",
+    "check_token_ids",
     "cost",
     "devices",
     "get_device",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_device", "check_int"]
+__all__ = ["check_device", "check_int", "check_token_ids"]
 
 
 def check_int(name: str, value: object, minimum: int = 1, *, positive_wording: bool = False) -> int:
@@ -40,3 +40,17 @@ def check_device(name: str, device: object) -> torch.device:
         if parsed.index is not None and parsed.index >= count:
             raise ValueError(f"{name} is {device!r}, but this machine has {count} CUDA device(s)")
     return parsed
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Every id of the integer tensor ``ids`` in ``[0, vocab_size)``, else ``ValueError`` naming ``name``
+    and the first bad id (an embedding lookup would raise a bare ``IndexError`` on a CPU and a device-side
+    assert, which ends the process's CUDA context, on a GPU). Reads two values back: call it at plan time."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size})")

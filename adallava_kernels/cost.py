@@ -49,6 +49,7 @@ __all__ = [
     "decode_flops",
     "kv_cache_bytes",
     "roofline",
+    "format_flops",
 ]
 
 ATTENTION_OPS = ("attn_norm", "q_proj", "k_proj", "v_proj", "qk_matmul", "softmax", "sv_matmul", "o_proj", "attn_add")
@@ -379,3 +380,15 @@ def roofline(breakdown: CostBreakdown, device: DeviceSpec | str) -> Roofline:
         compute_time[op.name] += t_compute
     bound = {name: seconds[name] > 0 and compute_time[name] >= seconds[name] for name in OP_NAMES}
     return Roofline(spec, seconds, bound)
+
+
+_SI_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def format_flops(flops: float) -> str:
+    """``flops`` in the largest unit it reaches, four significant digits: ``9.33 TFLOP``, ``215.2 MFLOP``
+    (a fixed unit would print a tiny model's cost as ``0.0000 TFLOP``)."""
+    for scale, prefix in _SI_PREFIXES:
+        if abs(flops) >= scale:
+            return f"{flops / scale:.4g} {prefix}FLOP"
+    return f"{flops:.4g} FLOP"

@@ -144,6 +144,31 @@ def padding_from_mask(mask: torch.Tensor | None, batch: int, kv_len: int) -> tor
     return keep.expand(batch, kv_len)
 
 
+
+# What a transformers Llama decoder layer passes its attention besides the hidden states, the rotary
+# tables, the mask and the cache, and that the masked attention does not need: positions arrive as
+# ``position_embeddings``, and the cache is always written when one is given.
+_UNUSED_LAYER_KEYWORDS = frozenset({"position_ids", "use_cache", "cache_position"})
+
+
+def _one_cache(cache, past_key_values):
+    """The KV cache a decoder layer passed: ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("MaskedAttention got two different caches, cache= and past_key_values=; pass one")
+    return cache if cache is not None else past_key_values
+
+
+def _check_layer_keywords(kwargs: dict) -> None:
+    """Refuse every keyword the masked attention would otherwise drop: a cache under a name it does not
+    know would decode with no cache, silently; packed-sequence or attention-output options would be ignored."""
+    unknown = sorted(set(kwargs) - _UNUSED_LAYER_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"MaskedAttention.forward got keyword arguments it does not support: {unknown}; it takes "
+            "hidden_states, position_embeddings, attention_mask, cache= (or past_key_values=), "
+            f"and ignores {sorted(_UNUSED_LAYER_KEYWORDS)}"
+        )
+
 class MaskedAttention(nn.Module):
     """A transformers ``LlamaAttention`` that computes only the heads its layer plan keeps.
 
@@ -224,11 +249,13 @@ class MaskedAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        cache=None,
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cos, sin = position_embeddings
-        cache = self._cache_layer(past_key_values)
+        cache = self._cache_layer(_one_cache(cache, past_key_values))
+        _check_layer_keywords(kwargs)
         batch, seq = hidden_states.shape[:2]
         kv_len = seq + (0 if cache is None else cache.length)
         padding = check_padding(padding_from_mask(attention_mask, batch, kv_len), batch, kv_len, hidden_states.device)

@@ -7,6 +7,9 @@ device, so a decode step reads them without a host sync or a copy.
 
 from __future__ import annotations
 
+import array
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable, Sequence
@@ -266,6 +269,7 @@ class ExecutionPlan:
         )
         self._layers: dict[torch.device, tuple[LayerPlan, ...]] = {}
         self._hash: int | None = None
+        self._fingerprint: str | None = None
 
     # -- constructors -------------------------------------------------------
 
@@ -374,9 +378,28 @@ class ExecutionPlan:
             plan.check_shape(shape)
         return plan
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the plan's content (shape, groups, every index), computed once per plan object
+        (about 4 ms for a LLaVA-7B -H plan on a CPU core): equal plans have equal fingerprints, so a
+        runtime keys its tables and graphs by it and never compares two plans' 350k indices per step."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(repr((dataclasses.astuple(self.shape), self.num_groups)).encode())
+            for per_layer in (self.heads, self.neurons):
+                for indices in per_layer:
+                    digest.update(len(indices).to_bytes(4, "little"))
+                    digest.update(array.array("i", indices).tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ExecutionPlan):
             return NotImplemented
+        if other is self:
+            return True
+        if self._fingerprint is not None and other._fingerprint is not None and self._fingerprint != other._fingerprint:
+            return False
         return (self.shape, self.num_groups, self.heads, self.neurons) == (
             other.shape, other.num_groups, other.heads, other.neurons,
         )

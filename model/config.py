@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from transformers import LlavaConfig
 
 from adallava_kernels import ModelShape, UnitScheme
 from adallava_kernels._checks import check_int
 
-__all__ = ["AdaLlavaConfig", "SCHEDULER_MODES", "BUDGET_COSTS"]
+__all__ = ["AdaLlavaConfig", "SCHEDULER_MODES", "BUDGET_COSTS", "quiet_model_type_warning"]
 
 SCHEDULER_MODES = ("probabilistic", "deterministic")
 BUDGET_COSTS = ("units", "flops")
@@ -97,3 +100,30 @@ class AdaLlavaConfig(LlavaConfig):
         shape = self.shape
         prefix = shape.num_layers // 2 if self.prefix_layers is None else self.prefix_layers
         return UnitScheme(self.switch_kind, shape, prefix, self.head_rank)
+
+
+class _ModelTypeFilter(logging.Filter):
+    """Drops transformers' model-type mismatch warning when one side is AdaLLaVA's ``adallava``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("You are using a model of type") and "`adallava`" in message)
+
+
+@contextlib.contextmanager
+def quiet_model_type_warning():
+    """Silence, while loading, the one transformers warning that every AdaLLaVA load would print.
+
+    transformers warns when a config.json of one model type is read by a config class of another. Both
+    happen by design here: ``AdaLlavaForConditionalGeneration.from_pretrained`` reads llava-hf
+    checkpoints (``llava``), and a processor's tokenizer loader reads an AdaLLaVA checkpoint's config
+    with the base class (``adallava`` into ``""``). Only that warning, only inside the block, and only
+    when ``adallava`` is one of the two: every other message still shows.
+    """
+    logger = logging.getLogger("transformers.configuration_utils")
+    quiet = _ModelTypeFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -25,6 +25,7 @@ from adallava_kernels import ExecutionPlan, ModelShape, check_budget, cost
 from adallava_kernels._checks import check_device, check_int
 
 from .checkpoint import check_checkpoint_dir, checkpoint_keys
+from .config import quiet_model_type_warning
 from .modeling import SCHEDULER_PREFIXES, AdaLlavaForConditionalGeneration, fit_image_tokens
 
 __all__ = ["main", "plan_summary", "generation_flops", "llava_prompt", "expand_to_square", "check_args"]
@@ -104,10 +105,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from PIL import Image
-    from transformers import AutoProcessor
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("question")
     parser.add_argument("--model", required=True, type=Path, help="local LLaVA or AdaLLaVA checkpoint directory")
@@ -123,7 +121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--allow-untrained-scheduler", action="store_true",
                         help="run a budget below 1.0 on a checkpoint without AdaLLaVA's scheduler (arbitrary plans)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; a bad argument or checkpoint prints one line naming it (exit status 2), no traceback."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except ValueError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from transformers import AutoProcessor
+
     trained = check_args(args)
     if not trained:
         print(f"warning: {args.model} holds no trained latency encoder and scheduler: the latency token and "
@@ -135,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.switch_kind:
         overrides["switch_kind"] = args.switch_kind
     model = AdaLlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, **overrides).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    with quiet_model_type_warning():
+        processor = AutoProcessor.from_pretrained(args.model)
     image = Image.open(args.image).convert("RGB")
     if model.config.image_aspect_ratio == "pad":
         mean = processor.image_processor.image_mean
@@ -186,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{report['plan']['layers_run']}/{report['plan']['num_layers']} layers run")
     for i, layer in enumerate(report["plan"]["layers"]):
         print(f"  layer {i:3d}: {layer}")
-    print(f"FLOPs: {flops / 1e12:.4f} TFLOP ({100 * report['flops_share']:.1f}% of the dense model's "
-          f"{dense / 1e12:.4f}) for {prompt} prompt tokens and {produced} new tokens")
+    print(f"FLOPs: {cost.format_flops(flops)} ({100 * report['flops_share']:.1f}% of the dense model's "
+          f"{cost.format_flops(dense)}) for {prompt} prompt tokens and {produced} new tokens")
     print(f"latency: {seconds:.3f} s on {device} ({report['dtype']}, backend {args.backend})")
     return 0
 

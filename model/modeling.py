@@ -29,11 +29,11 @@ from torch.nn import functional as F
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging
 
-from adallava_kernels import ExecutionPlan, LayerSkipKVCache, check_budget
+from adallava_kernels import ExecutionPlan, LayerSkipKVCache, check_budget, check_token_ids
 from adallava_kernels._checks import check_int
 from adallava_kernels.runtime import PlannedDecoder
 
-from .config import AdaLlavaConfig
+from .config import AdaLlavaConfig, quiet_model_type_warning
 from .prumerge import vision_prumerge
 from .scheduler import (
     LatencyEncoder,
@@ -200,9 +200,10 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**LLAVA_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        with quiet_model_type_warning():
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
         model.has_trained_scheduler = _check_loaded_keys(model, info, pretrained_model_name_or_path)
         if not model.has_trained_scheduler:
             logger.warning(
@@ -268,7 +269,9 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         slots = input_ids == self.config.image_token_id
         # The placeholder's own embedding is never used; a converted LLaVA checkpoint keeps its
         # vocabulary, so its placeholder id lies past the embedding table.
-        embeds = self.get_input_embeddings()(input_ids.masked_fill(slots, 0))
+        text_ids = input_ids.masked_fill(slots, 0)
+        check_token_ids("input_ids", text_ids, self.get_input_embeddings().num_embeddings)
+        embeds = self.get_input_embeddings()(text_ids)
         if pixel_values is None:
             return embeds
         features = torch.cat(self.image_features(pixel_values)).to(embeds.dtype)

@@ -22,6 +22,7 @@ import torch
 
 from adallava_kernels.budget import MAX_BUDGET, MIN_BUDGET
 
+from .config import quiet_model_type_warning
 from .modeling import IGNORE_INDEX, AdaLlavaForConditionalGeneration
 
 __all__ = ["LLM_LR", "SCHEDULER_LR", "build_optimizer", "random_budgets", "training_step", "encode_conversation",
@@ -157,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     overrides = {} if args.switch_kind is None else {"switch_kind": args.switch_kind}
     model = AdaLlavaForConditionalGeneration.from_pretrained(args.model, **overrides)
-    processor = AutoProcessor.from_pretrained(args.model)
+    with quiet_model_type_warning():
+        processor = AutoProcessor.from_pretrained(args.model)
     records = json.loads(args.data.read_text())
     if not isinstance(records, list) or not records:
         raise SystemExit(f"{args.data}: expected a non-empty JSON list of conversations")

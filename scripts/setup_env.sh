@@ -12,6 +12,9 @@ PYTHON=${PYTHON:-python3}
 CPU_TORCH=${CPU_TORCH:-2.13.0}
 # The Triton release whose interpreter the CPU test suite runs under.
 CPU_TRITON=${CPU_TRITON:-3.7.1}
+# Empty: the newest transformers the requirements admit. A version: that one
+# (make test-oldest pins the oldest supported release).
+TRANSFORMERS_VERSION=${TRANSFORMERS_VERSION:-}
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv --system-site-packages "$VENV"
@@ -35,6 +38,9 @@ try:
 except md.PackageNotFoundError:
     print(f"triton=={sys.argv[1]}")
 PY
+if [ -n "$TRANSFORMERS_VERSION" ]; then
+    echo "transformers==$TRANSFORMERS_VERSION" >>"$constraints"
+fi
 
 "${pip[@]}" -c "$constraints" "setuptools>=64" wheel ninja
 "${pip[@]}" -c "$constraints" --no-build-isolation -e ".[test,bench]"

@@ -23,6 +23,7 @@ from adallava_kernels.ops import _common
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE, to_device
+from _transformers import CACHE_KEYWORD
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
@@ -348,11 +349,45 @@ def test_module_generate_matches_zeroed_model(backend):
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     cache = DynamicCache()
     with torch.no_grad():
-        tokens = masked.generate(*to_device(ids), past_key_values=cache, **kwargs).cpu()
+        tokens = masked.generate(*to_device(ids), **{CACHE_KEYWORD: cache}, **kwargs).cpu()
         assert torch.equal(tokens, reference.generate(ids, **kwargs))
     # Layer 1 keeps heads 3 and 5, both in KV head 1: its cache holds one KV head of two.
     # (12 positions: the last generated token is never fed back.)
     assert [list(layer.keys.shape) for layer in cache.layers] == [[2, 2, 12, 16], [2, 1, 12, 16]]
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_module_reads_the_cache_under_either_keyword(keyword):
+    # transformers 5.24 passes the cache as cache=, earlier releases as past_key_values=: both must store K/V.
+    attn = hf_attention(llama_config(96, 6, 2, 16))
+    attn.layer_idx = 0
+    module = MaskedAttention.from_hf(attn, backend="torch")
+    module.set_plan(PLAN.layer(1))
+    x = torch.randn(1, 5, 96)
+    cos, sin = rotary(attn.config, 1, torch.arange(5)[None])
+    cache = DynamicCache()
+    with torch.no_grad():
+        module(x[:, :4], (cos[:, :4], sin[:, :4]), **{keyword: cache})
+        last = module(x[:, 4:], (cos[:, 4:], sin[:, 4:]), **{keyword: cache})[0]
+    assert cache.get_seq_length(0) == 5
+    assert list(cache.layers[0].keys.shape) == [1, 2, 5, 16]  # heads 1 and 4 read KV heads 0 and 1
+    expected = oracle(attn, x, PLAN.layer(1).heads, torch.arange(5)[None])[:, 4:]
+    assert_close(last, expected)
+
+
+@pytest.mark.parametrize("keywords, error, match", [
+    (dict(past_key_value="the old singular name"), TypeError, r"does not support: \['past_key_value'\]"),
+    (dict(output_attentions=True), TypeError, r"does not support: \['output_attentions'\]"),
+    (dict(cache=DynamicCache(), past_key_values=DynamicCache()), ValueError, "two different caches"),
+], ids=["unknown-cache-name", "attention-weights", "two-caches"])
+def test_module_refuses_keywords_it_would_drop(keywords, error, match):
+    attn = hf_attention(llama_config(96, 6, 2, 16))
+    attn.layer_idx = 0
+    module = MaskedAttention.from_hf(attn, backend="torch")
+    x = torch.randn(1, 3, 96)
+    cos, sin = rotary(attn.config, 1, torch.arange(3)[None])
+    with pytest.raises(error, match=match):
+        module(x, (cos, sin), **keywords)
 
 
 def test_module_plan_changes_and_rejects():

@@ -187,6 +187,18 @@ def test_plan_checks():
         model(input_ids=ids, pixel_values=pixels, plan=ExecutionPlan.full(shape), backend="cuda")
 
 
+@pytest.mark.parametrize("bad_id", [128, -1], ids=["past-the-vocabulary", "negative"])
+def test_out_of_vocabulary_ids_are_named(bad_id):
+    model = tiny_model("L")
+    ids, pixels = tiny_inputs(batch=2)
+    ids[1, -1] = bad_id  # the vocabulary is 128 ids; 127 is the image placeholder
+    match = rf"input_ids holds token id {bad_id}, outside the vocabulary \[0, 128\)"
+    with pytest.raises(ValueError, match=match):
+        model(input_ids=ids, pixel_values=pixels, latency_budget=0.75)
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids, pixels, latency_budget=0.75, max_new_tokens=2, backend="torch")
+
+
 def test_latency_encoder_depends_on_units_only():
     model = tiny_model("H")
     scheme = model.scheme  # 4 layers x 4 units: 0.70 and 0.74 buy floor(11.2) - 8 = floor(11.84) - 8 = 3 units

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -85,6 +86,21 @@ def test_equality_and_hash():
     assert a == b and hash(a) == hash(b)
     assert a != c
     assert a != ExecutionPlan.from_layer_mask([1, 1, 0, 1], TINY, num_groups=4)
+
+
+def test_fingerprint_is_the_content():
+    a = ExecutionPlan.from_layer_mask([1, 1, 0, 1], TINY)
+    b = ExecutionPlan(TINY, [list(h) for h in a.heads], [list(n) for n in a.neurons])
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 32
+    # Any difference in content: one neuron, the groups, the model's shape.
+    one_neuron = ExecutionPlan(TINY, a.heads, [a.neurons[0][:-1]] + list(a.neurons[1:]))
+    other_groups = ExecutionPlan.from_layer_mask([1, 1, 0, 1], TINY, num_groups=4)
+    wider = dataclasses.replace(TINY, vocab_size=TINY.vocab_size + 1)
+    other_shape = ExecutionPlan(wider, a.heads, a.neurons)
+    prints = {p.fingerprint for p in (a, one_neuron, other_groups, other_shape)}
+    assert len(prints) == 4
+    # Plans with different fingerprints are unequal without a comparison of their indices.
+    assert a != one_neuron and a == b
 
 
 # --- bad input -------------------------------------------------------------

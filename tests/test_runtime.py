@@ -5,6 +5,7 @@ Backends: ``torch`` on the CPU, and ``triton`` on DEVICE (the GPU, or the CPU un
 """
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from adallava_kernels.runtime.layers import LayerProgram
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE
+from _graphs import FreedTensorRead, RecordingGraphs
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, NEURONS, LAYERS, VOCAB = 64, 8, 2, 8, 100, 4, 128
 SHAPE = ModelShape(HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, NEURONS, VOCAB)
@@ -175,7 +177,9 @@ def per_layer(monkeypatch, mode, method):
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("plans", [(PLAN_L, PLAN_L), (PLAN_H, PLAN_H2)], ids=["L", "H-two-plans"])
 def test_decode_step_reads_nothing_back_and_stays_under_40_ops_a_layer(model, backend, device, plans, monkeypatch):
-    runner = runner_for(model, backend, device)
+    # Eager steps on every device: a replayed CUDA graph would run no layer to count (what it records is
+    # the same sequence of launches).
+    runner = runner_for(model, backend, device, cuda_graphs=False)
     ids, mask = prompts()
     seq_ids, _ = generate(runner, ids, mask, plans, 2, room=2)  # prefill and a step: programs built, graph captured
     batch = runner.decode(seq_ids)
@@ -215,23 +219,51 @@ def test_prefill_layers_read_nothing_back_after_planning(model, backend, device,
     assert mode.syncs(0, planned_at[0]) == ["aten._local_scalar_dense.default"]  # the mask is left padding
 
 
+def test_eager_torch_step_reads_the_context_not_the_reservation(model, monkeypatch):
+    # A step of the torch path gathers the table columns the longest row has filled, not every page that
+    # max_tokens reserved (a 55-token context cost 1.3 ms with 64 reserved and 27.8 ms with 8192).
+    from adallava_kernels.runtime import layers
+
+    widths, gather = [], layers.attend_gathered_pages
+
+    def spy(q, pages, head_tables, mask, scale):
+        widths.append((head_tables.shape[2], mask.shape[-1]))
+        return gather(q, pages, head_tables, mask, scale)
+
+    monkeypatch.setattr(layers, "attend_gathered_pages", spy)
+    runner = runner_for(model, "torch", torch.device("cpu"), num_pages=2000)
+    ids, mask = prompts()
+    steps = 5
+    _, logits = generate(runner, ids, mask, (PLAN_L, PLAN_H), steps, room=400)  # 414 positions reserved
+    # Attention runs per step: layers 0 and 1 for both rows at once (the same program), 2 for the -H row,
+    # 3 for the -L row. The prompt is 9 positions in pages of 4: 10, 11, 12, 13 visible -> 3, 3, 3, 4 pages.
+    per_step = 4
+    assert widths == [(pages, 4 * pages) for pages in (3, 3, 3, 4) for _ in range(per_step)]
+    for b, plan in enumerate((PLAN_L, PLAN_H)):
+        assert_close(logits[b], oracle_logits(model, ids[b], mask[b], plan, steps), torch.float32)
+
+
 # --- torch.compile --------------------------------------------------------------------------
 
 
-def test_decode_step_traces_with_torch_compile(model):
-    runner = runner_for(model, "torch", torch.device("cpu"))
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_decode_step_traces_with_torch_compile(model, backend, device):
+    # The traced step (one graph, no break: the Triton kernels enter as custom ops) must give the oracle's
+    # logits for the token the oracle generated, not merely its own eager run's.
+    plans, steps = (PLAN_H, PLAN_L), 3
+    runner = runner_for(model, backend, device, cuda_graphs=False)
     ids, mask = prompts()
-    seq_ids, _ = generate(runner, ids, mask, (PLAN_H, PLAN_L), 2, room=1)
+    seq_ids, _ = generate(runner, ids, mask, plans, steps - 1, room=1)
+    expected = [oracle_logits(model, ids[b], mask[b], plan, steps) for b, plan in enumerate(plans)]
     batch = runner.decode(seq_ids)
-    token = torch.tensor([5, 9])
-    state = batch.state.clone()
-    eager = batch.forward_step(token, batch.state, batch.tables)[0].clone()
-    batch.state.copy_(state)  # the same step again, from the same state
+    token = torch.stack([e[-2].argmax(-1) for e in expected]).to(device)
+    lengths = batch.state[0].clone()
     torch._dynamo.reset()
     compiled = torch.compile(batch.forward_step, fullgraph=True, backend="eager")
     traced = compiled(token, batch.state, batch.tables)[0]
-    assert_close(traced, eager, torch.float32)
-    assert torch.equal(batch.state[0], state[0] + 1)
+    for b in range(len(plans)):
+        assert_close(traced[b].cpu(), expected[b][-1], torch.float32)
+    assert torch.equal(batch.state[0], lengths + 1)
 
 
 # --- admission and bad input ------------------------------------------------------------------
@@ -269,7 +301,11 @@ def test_bad_calls_are_clear(model):
         (lambda: runner.prefill(["a", "b"], embeds, right_padded), "attention_mask must be left padding"),
         (lambda: runner.prefill(["a", "b"], embeds.double(), mask), "inputs_embeds must have dtype"),
         (lambda: runner.prefill(["a"], embeds, mask), "inputs_embeds has 2 rows, but 1 sequences"),
-        (lambda: runner.prefill(["a", "a"], embeds, mask), "seq_ids must name distinct admitted sequences"),
+        (lambda: runner.prefill(["a", "a"], embeds, mask), "seq_ids must not repeat a sequence"),
+        (lambda: runner.prefill([], embeds, mask), "seq_ids must name at least one admitted sequence"),
+        (lambda: runner.admit(["unhashable"], PLAN_L, 10), r"seq_id must be hashable .*got a list: \['unhashable'\]"),
+        (lambda: runner.prefill(["a", {"b": 1}], embeds, mask), "seq_id must be hashable"),
+        (lambda: runner.decode([["a"]]), "seq_id must be hashable"),
         (lambda: runner.prefill(["a", "zzz"], embeds, mask), "sequence 'zzz' is not admitted"),
         (lambda: runner.prefill(["a", "b"], embeds, mask[:, :5]), r"attention_mask must be \[2, 9\]"),
         (lambda: runner.decode(["a", "b"]), "sequence 'a' has not run its prefill"),
@@ -289,7 +325,9 @@ def test_bad_calls_are_clear(model):
     token = torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="tokens must have dtype"):
         batch.step(token.int())
-    batch.step(token)  # position 10 of 10
+    with pytest.raises(ValueError, match=rf"tokens holds an id outside the vocabulary \[0, {VOCAB}\)"):
+        batch.step(torch.tensor([0, VOCAB]))
+    batch.step(token)  # position 10 of 10 (the refused step stored nothing)
     with pytest.raises(ValueError, match="sequence 'a' is full: 10 positions stored of the 10 reserved"):
         batch.step(token)
     runner.free("a")
@@ -303,31 +341,6 @@ def test_bad_calls_are_clear(model):
 
 
 # --- graph binding (on the CPU, with a stand-in for CUDA graphs) --------------------------------
-
-
-class ReplayedCall:
-    """Stands in for a CUDA graph on the CPU: "recording" runs nothing, a replay runs the step and, like a
-    graph, writes into the same output tensors each time."""
-
-    def __init__(self, entry, step):
-        self.entry, self.step = entry, step
-
-    def replay(self):
-        out = self.step()
-        if self.entry.outputs:
-            for static, new in zip(self.entry.outputs, out):
-                static.copy_(new)
-        else:
-            self.entry.outputs = out
-
-
-class CPUGraphs(GraphCache):
-    def warm_up(self, step):
-        return step()
-
-    def capture(self, entry, step):
-        entry.graph = ReplayedCall(entry, step)
-        self.stats.captures += 1
 
 
 @pytest.mark.parametrize("max_graphs", [1, 4])
@@ -357,8 +370,91 @@ def test_batches_share_and_hand_over_graphs_without_mixing_state(model, max_grap
         return {name: torch.cat(t).tolist() for name, t in tokens.items()}, runner
 
     eager, _ = run(None)
-    graphed, runner = run(GraphCache(max_graphs) if on_gpu else CPUGraphs(max_graphs))
+    graphed, runner = run(GraphCache(max_graphs) if on_gpu else RecordingGraphs(max_graphs))
     assert graphed == eager
     stats = runner.graphs.stats
-    assert stats.captures == (2 if max_graphs > 1 else 9 - stats.replays)
-    assert stats.evictions == (0 if max_graphs > 1 else stats.captures - 1)
+    # Steps x y z, three times; x and y share a key. Four graphs hold both keys: 2 captures, 7 replays.
+    # One graph: each switch between the keys evicts and recaptures; only y after x replays.
+    expected = (2, 7, 0) if max_graphs > 1 else (6, 3, 5)
+    assert (stats.captures, stats.replays, stats.evictions) == expected
+
+
+def equal_new(plan):
+    """A plan equal to ``plan`` but another object (as a scheduler makes one per request)."""
+    return ExecutionPlan(plan.shape, [list(h) for h in plan.heads], [list(n) for n in plan.neurons])
+
+
+def graph_runner(model):
+    """Real CUDA graphs and the Triton kernels on a GPU; on a CPU, the torch backend with the recording stand-in."""
+    if DEVICE.type == "cuda":
+        return runner_for(model, "triton", DEVICE), DEVICE
+    runner = runner_for(model, "torch", torch.device("cpu"))
+    runner.graphs = RecordingGraphs(4)
+    return runner, torch.device("cpu")
+
+
+def serve_one(runner, name, plan, ids, steps):
+    """Admit, prefill and decode one request; its logits ``[steps, vocab]`` (a copy of each step's)."""
+    device = runner.weights.device
+    runner.admit(name, plan, ids.shape[0] + steps)
+    logits = runner.prefill([name], runner.weights.embed[ids[None].to(device)])[0, -1:]
+    batch = runner.decode([name])
+    out, token = [logits.cpu()], logits.argmax(-1)
+    for _ in range(steps - 1):
+        step_logits, token = batch.step(token)
+        out.append(step_logits.cpu().clone())
+    return batch, torch.cat(out)
+
+
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["runtime", "without-keep-alive"])
+def test_a_graph_outlives_the_request_that_captured_it(model, keep_alive, monkeypatch):
+    # Request a captures the step of its plan; a is freed and collected; b, with an equal plan built anew,
+    # replays a's graph, which reads a's layer programs by address. The entry must keep them alive.
+    if not keep_alive:
+        if DEVICE.type == "cuda":
+            pytest.skip("the control case reads freed memory on a GPU; the stand-in shows it on the CPU")
+        capture = RecordingGraphs.capture
+        monkeypatch.setattr(RecordingGraphs, "capture", lambda self, entry, step, keep_alive=(): capture(self, entry, step))
+    runner, device = graph_runner(model)
+    ids, _ = prompts(batch=2)
+    batch_a, _ = serve_one(runner, "a", PLAN_H, ids[0], 3)  # the first step is captured, the second replays
+    runner.free("a")
+    del batch_a
+    gc.collect()
+    (entry,) = runner.graphs._entries.values()
+    if device.type == "cuda":  # freed memory gets new contents: a dangling read would show in the logits
+        poison = [torch.full((1 << 20,), float("nan"), device=device) for _ in range(64)]
+        del poison
+    if not keep_alive:
+        with pytest.raises(FreedTensorRead):
+            serve_one(runner, "b", equal_new(PLAN_H), ids[1], 3)
+        return
+    if device.type == "cpu":
+        assert entry.graph.reads and all(ref() is not None for ref in entry.graph.reads)
+    _, logits = serve_one(runner, "b", equal_new(PLAN_H), ids[1], 3)
+    assert runner.graph_stats()["captures"] == 1  # b replayed a's graph
+    assert_close(logits, oracle_logits(model, ids[1], torch.ones_like(ids[1]), PLAN_H, 3), torch.float32)
+
+
+def test_steps_never_compare_or_hash_plans(model, monkeypatch):
+    # Requests whose plans equal earlier ones but are other objects: forming their batch and stepping it
+    # neither hashes nor compares plans (a 7B plan holds 350k indices).
+    runner, device = graph_runner(model)
+    ids, _ = prompts(batch=3)
+    serve_one(runner, "first", PLAN_H, ids[0], 2)
+    for b, name in enumerate(("x", "y"), start=1):
+        plan = equal_new(PLAN_H)
+        plan.fingerprint  # made once per plan, at plan time
+        runner.admit(name, plan, ids.shape[1] + 3)
+        runner.prefill([name], runner.weights.embed[ids[b:b + 1].to(device)])
+
+    def refuse(*args):
+        raise AssertionError("a plan was hashed or compared on the step path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ExecutionPlan, "__eq__", refuse)
+        patch.setattr(ExecutionPlan, "__hash__", refuse)
+        batch = runner.decode(["x", "y"])
+        token = torch.zeros(2, dtype=torch.long, device=device)
+        for _ in range(3):
+            _, token = batch.step(token)

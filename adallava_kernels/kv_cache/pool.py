@@ -19,7 +19,25 @@ from ..shape import ModelShape
 from .layers import PagedCacheLayer, check_storable
 from .ops import cache_ops
 
-__all__ = ["LayerSkipKVCache"]
+__all__ = ["LayerSkipKVCache", "check_seq_id", "check_seq_ids"]
+
+
+def check_seq_id(seq_id) -> None:
+    """A sequence id keys dictionaries of the pool and of the runtime: it must be hashable."""
+    try:
+        hash(seq_id)
+    except TypeError:
+        raise ValueError(
+            f"seq_id must be hashable (an int, a str or a tuple of them), got a {type(seq_id).__name__}: {seq_id!r}"
+        ) from None
+
+
+def check_seq_ids(seq_ids: Sequence[Hashable]) -> None:
+    """Hashable ids, none repeated."""
+    for seq_id in seq_ids:
+        check_seq_id(seq_id)
+    if len(set(seq_ids)) != len(seq_ids):
+        raise ValueError(f"seq_ids must not repeat a sequence, got {list(seq_ids)!r}")
 
 
 @dataclasses.dataclass
@@ -129,6 +147,7 @@ class LayerSkipKVCache:
         ``ValueError`` says how many it needs and how many are free when they
         are not); otherwise pages are taken as positions are appended.
         """
+        check_seq_id(seq_id)
         if seq_id in self._sequences:
             raise ValueError(f"sequence {seq_id!r} is already in the cache")
         needed = self.pages_for(plan, max_tokens)
@@ -324,8 +343,7 @@ class LayerSkipKVCache:
             raise ValueError(f"sequence {seq_id!r} is not in the cache (never added, or freed)") from None
 
     def _distinct(self, seq_ids: Sequence[Hashable]) -> list[_Sequence]:
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids must not repeat a sequence, got {list(seq_ids)!r}")
+        check_seq_ids(seq_ids)
         return [self._sequence(s) for s in seq_ids]
 
     def _layer(self, layer: int) -> int:

@@ -49,6 +49,9 @@ class GraphEntry:
     capture_seconds: float = 0.0
     owner: weakref.ref | None = field(default=None, repr=False)
     views: list = field(default_factory=list, repr=False)  # the step's table views over ``tables``
+    # What the recorded step reads by address besides the buffers above (the capturing batch's layer
+    # programs and row sets): a graph holds raw pointers, so the entry holds the tensors.
+    keep_alive: tuple = field(default=(), repr=False)
 
 
 class GraphCache:
@@ -95,8 +98,9 @@ class GraphCache:
         self.stats.replays += 1
         return entry.outputs
 
-    def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]]) -> None:
-        """Record ``step`` (which reads and writes only ``entry``'s buffers and the KV pages) into ``entry``."""
+    def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]], keep_alive: tuple = ()) -> None:
+        """Record ``step`` into ``entry``. It reads and writes ``entry``'s buffers and the KV pages, and reads
+        ``keep_alive``'s tensors, which the entry then holds for as long as the graph lives."""
         torch.cuda.synchronize()
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
@@ -105,7 +109,7 @@ class GraphCache:
         with torch.cuda.graph(graph):
             outputs = step()
         torch.cuda.synchronize()
-        entry.graph, entry.outputs = graph, outputs
+        entry.graph, entry.outputs, entry.keep_alive = graph, outputs, keep_alive
         entry.capture_seconds = time.perf_counter() - start
         self.stats.captures += 1
         self.stats.capture_seconds += entry.capture_seconds
@@ -121,4 +125,4 @@ def _release(entry: GraphEntry) -> None:
     owner = entry.owner() if entry.owner is not None else None
     if owner is not None:
         owner.unbind(entry)
-    entry.graph, entry.outputs = None, ()
+    entry.graph, entry.outputs, entry.keep_alive = None, (), ()

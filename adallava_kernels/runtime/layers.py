@@ -228,7 +228,11 @@ class LayerProgram:
             q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         _OPS.kv_append(pages.k, pages.v, k, v, tables.tables, inputs.lengths)
         if tables.head_tables is not None:
-            out = attend_gathered_pages(q, pages.kv, tables.head_tables, inputs.mask, self.scale).reshape(rows, nq * d)
+            head_tables = tables.head_tables
+            visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
+            if visible != head_tables.shape[2]:
+                head_tables = head_tables[:, :, :visible]
+            out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, self.scale).reshape(rows, nq * d)
         else:
             out = _OPS.paged_decode_attention(q[:, :, 0], pages.kv, tables.tables, self.head_to_kv,
                                                         inputs.lengths_after, inputs.starts, self.scale, split)

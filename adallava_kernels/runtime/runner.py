@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .._checks import check_int
 from ..kv_cache import LayerSkipKVCache
+from ..kv_cache.pool import check_seq_id, check_seq_ids
 from ..ops._common import check_tensor, resolve_backend
 from ..ops.paged_attention import paged_decode_splits, visible_positions_mask
 from ..plan import ExecutionPlan
@@ -90,7 +91,7 @@ class PlannedDecoder:
         self.graphs = GraphCache(max_graphs) if cuda_graphs and weights.device.type == "cuda" else None
         self._requests: dict[Hashable, _Request] = {}
         self._programs: dict[tuple, list] = {}  # (layer, heads, neurons) -> [LayerProgram, references]
-        self._plans: dict[ExecutionPlan, list] = {}  # plan -> [its programs by layer, references]
+        self._plans: dict[str, list] = {}  # plan fingerprint -> [its programs by layer, references]
         self._full = ExecutionPlan.full(self.shape)
         self._rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
         self._pages = KVPages.of(self.cache.pages)
@@ -122,6 +123,7 @@ class PlannedDecoder:
         is refused with a ``ValueError`` saying how many it needs and how many
         are free; nothing changes for the other sequences.
         """
+        check_seq_id(seq_id)
         if seq_id in self._requests:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
         check_int("max_tokens", max_tokens, 1)
@@ -317,8 +319,9 @@ class PlannedDecoder:
             raise ValueError(f"sequence {seq_id!r} is not admitted (never, or freed)") from None
 
     def _fresh(self, seq_ids: Sequence[Hashable]) -> list[_Request]:
-        if not seq_ids or len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids must name distinct admitted sequences, got {list(seq_ids)!r}")
+        if not seq_ids:
+            raise ValueError("seq_ids must name at least one admitted sequence, got none")
+        check_seq_ids(seq_ids)
         requests = [self._request(s) for s in seq_ids]
         for seq_id, request in zip(seq_ids, requests):
             if request.prefilled:
@@ -354,7 +357,7 @@ class PlannedDecoder:
 
     def _acquire(self, plan: ExecutionPlan) -> None:
         """Reference ``plan``'s layer programs, building those no other plan shares at first use."""
-        slot = self._plans.get(plan)
+        slot = self._plans.get(plan.fingerprint)
         if slot is not None:
             slot[1] += 1
             return
@@ -374,13 +377,13 @@ class PlannedDecoder:
             for key in made:
                 self._unref(key)
             raise
-        self._plans[plan] = [tuple(programs), 1]
+        self._plans[plan.fingerprint] = [tuple(programs), 1]
 
     def _release(self, plan: ExecutionPlan) -> None:
-        slot = self._plans[plan]
+        slot = self._plans[plan.fingerprint]
         slot[1] -= 1
         if slot[1] == 0:
-            del self._plans[plan]
+            del self._plans[plan.fingerprint]
             for i in range(self.shape.num_layers):
                 self._unref((i, plan.heads[i], plan.neurons[i]))
 
@@ -394,7 +397,7 @@ class PlannedDecoder:
         """Per layer, its programs and the rows each runs (a skipped layer runs nothing). The row sets come
         as device index tensors made in one copy (``None``: every row) and as host lists."""
         batch = len(plans)
-        programs = [self._plans[plan][0] for plan in plans]
+        programs = [self._plans[plan.fingerprint][0] for plan in plans]
         index: dict[tuple[int, ...], int] = {tuple(range(batch)): 0}
         schedule = []
         for layer in layers:
@@ -485,8 +488,9 @@ class DecodeBatch:
     """
 
     def __init__(self, runner: PlannedDecoder, seq_ids: list[Hashable]) -> None:
-        if not seq_ids or len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"seq_ids must name distinct admitted sequences, got {seq_ids!r}")
+        if not seq_ids:
+            raise ValueError("seq_ids must name at least one admitted sequence, got none")
+        check_seq_ids(seq_ids)
         requests = [runner._request(s) for s in seq_ids]
         for seq_id, request in zip(seq_ids, requests):
             if not request.prefilled:
@@ -497,8 +501,9 @@ class DecodeBatch:
         self.schedule, self.row_sets, host_rows = runner._schedule(self.plans, range(runner.shape.num_layers))
         runner._attach_tables(self.schedule, host_rows, seq_ids, decode=True)
         self.width = max(-(-r.max_tokens // runner.cache.page_size) for r in requests)
-        # Batches with equal plans row by row, batch size and table width share one graph.
-        self.key = (tuple(self.plans), self.width, runner.backend)
+        # Batches with equal plans row by row, batch size and table width share one graph. The key holds
+        # the plans' fingerprints, made once per plan: looking it up never compares two plans.
+        self.key = (tuple(plan.fingerprint for plan in self.plans), self.width, runner.backend)
         lengths = torch.tensor([r.length for r in requests], dtype=torch.int32).to(runner.weights.device)
         self.state = torch.stack([lengths, torch.cat([r.starts for r in requests])])
         self.tables_flat, self.tables = _pack_tables(self.schedule)
@@ -511,7 +516,12 @@ class DecodeBatch:
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per row (``[batch]`` int64 on the device); returns ``(logits [batch, vocab],
         greedy next tokens [batch])``. With CUDA graphs these are the graph's output buffers: read or
-        copy them before the next step of any batch with the same key."""
+        copy them before the next step of any batch with the same key.
+
+        The token ids are not read back (that would be a host sync per step): an id outside the
+        vocabulary is a ``ValueError`` on the CPU and a device-side assert on a GPU. Check ids that do
+        not come from the model's own logits once, where they enter (``adallava_kernels.check_token_ids``, as
+        the model's ``embed`` does)."""
         runner = self.runner
         for seq_id, request in zip(self.seq_ids, self.requests):
             if request.batch is not self:
@@ -523,7 +533,10 @@ class DecodeBatch:
         if tokens.shape[0] != self.batch:
             raise ValueError(f"tokens must have one entry per row ({self.batch}), got {tokens.shape[0]}")
         if runner.graphs is None:
-            out = self.forward_step(tokens, self.state, self.tables)
+            try:
+                out = self.forward_step(tokens, self.state, self.tables, self._visible_pages())
+            except IndexError as error:  # the embedding, the step's first op: nothing was written yet
+                raise ValueError(f"tokens holds an id outside the vocabulary [0, {runner.shape.vocab_size})") from error
         else:
             out = self._graph_step(tokens)
         runner.cache.advance(self.seq_ids, 1)
@@ -531,15 +544,26 @@ class DecodeBatch:
             request.length += 1
         return out
 
-    def forward_step(self, tokens: torch.Tensor, state: torch.Tensor, tables: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step itself, a pure function of its tensors (what a graph captures and ``torch.compile`` traces)."""
+    def _visible_pages(self) -> int | None:
+        """Eager torch steps: the table columns this step's longest row reads, from the host's lengths (no
+        sync), so the gathered attention costs the context, not ``max_tokens``. ``None`` (every column) on
+        the Triton path, whose kernel stops at each row's length on the device."""
+        if self.runner.backend != "torch":
+            return None
+        longest = max(request.length for request in self.requests) + 1
+        return -(-longest // self.runner.cache.page_size)
+
+    def forward_step(self, tokens: torch.Tensor, state: torch.Tensor, tables: list,
+                     visible_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step itself, a pure function of its tensors (what a graph captures and ``torch.compile`` traces).
+        ``visible_pages``: the torch path attends that many table columns (default: all, a fixed shape)."""
         runner = self.runner
         weights = runner.weights
         lengths, starts = state[0], state[1]
         h = F.embedding(tokens, weights.embed)
         cos, sin = weights.rotary(h[:, None], (lengths - starts).long()[:, None])
         lengths_after = lengths + 1
-        width = self.width * runner.cache.page_size
+        width = (self.width if visible_pages is None else visible_pages) * runner.cache.page_size
         mask = visible_positions_mask(lengths_after, starts, width, h.dtype) if runner.backend == "torch" else None
         every = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner._rope_sign)[:, :, None], lengths,
                              lengths_after, starts, mask)
@@ -563,7 +587,9 @@ class DecodeBatch:
             # The first step of a key runs eagerly (the warm-up), then is recorded for the next ones;
             # recording runs nothing, so the pages and lengths change only on replay.
             out = graphs.warm_up(step)
-            graphs.capture(entry, step)
+            # The graph reads this batch's layer programs (index tensors, gathered weights) and row sets by
+            # address, also when a later batch with equal plans replays it after this one is gone.
+            graphs.capture(entry, step, keep_alive=(self.schedule, self.row_sets))
             return out
         return graphs.replay(entry)
 
