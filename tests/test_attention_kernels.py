@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adallava_kernels.ops.attention_kernels import flash_attention, head_projection
+from adallava_kernels.ops.flash_attention import flash_attention, head_projection
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device

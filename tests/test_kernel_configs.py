@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from adallava_kernels.ops import attention_kernels, gathered_linear
+from adallava_kernels.ops import flash_attention as attention_kernels, gathered_linear
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device

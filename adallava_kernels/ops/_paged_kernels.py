@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETING as _INTERPRET
-from .attention_kernels import _LOG2E, _combine_kernel
+from .flash_attention import _LOG2E, _combine_kernel
 
 # One query row per program: the scores are a reduction over head_dim, not a
 # tl.dot (which needs 16 rows); decode streams K/V, so the tile is sized for

@@ -105,7 +105,7 @@ def masked_attention_triton(
     x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, padding, kv_cache, head_dim: int
 ) -> torch.Tensor:
     """Triton path, without input checks (``masked_attention`` checks)."""
-    from .attention_kernels import flash_attention, head_projection
+    from .flash_attention import flash_attention, head_projection
     from .gathered_linear import col_gathered_linear
 
     batch, seq, _ = x.shape

@@ -13,7 +13,7 @@ lets a step be captured once as a CUDA graph and replayed.
   (``O(max_tokens)`` per call): the oracle and the CPU path;
 - :func:`paged_decode_attention_triton`: one program per (sequence, head,
   split) streams its pages with an online softmax; the splits are combined
-  by ``attention_kernels``' log-sum-exp combine.
+  by ``flash_attention``' log-sum-exp combine.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ _MAX_SPLITS = 32
 def paged_decode_splits(batch: int, heads: int, max_positions: int, device: torch.device) -> int:
     """KV splits for a decode step: enough (batch x heads x splits) programs to cover the GPU twice,
     from the positions the pages can hold (``max_tokens``), not the current length, so it stays fixed."""
-    from .attention_kernels import _INTERPRET
+    from .flash_attention import _INTERPRET
     from .gathered_linear import _multiprocessors
 
     programs = batch * heads
