@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from ._checks import check_int
+from .checks import check_int
 from .cost import layer_ops
 from .plan import ExecutionPlan, neuron_groups
 from .shape import ModelShape

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._checks import check_device
+from .checks import check_device
 from .shape import ModelShape
 
 __all__ = ["ExecutionPlan", "LayerPlan", "neuron_groups"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from ._checks import check_int
+from .checks import check_int
 
 __all__ = ["ModelShape", "PRESETS", "get_shape"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import LlavaConfig
 
 from adallava_kernels import ModelShape, UnitScheme
-from adallava_kernels._checks import check_int
+from adallava_kernels.checks import check_int
 
 __all__ = ["AdaLlavaConfig", "SCHEDULER_MODES", "BUDGET_COSTS"]
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from adallava_kernels import ExecutionPlan, ModelShape, check_budget, cost
-from adallava_kernels._checks import check_device, check_int
+from adallava_kernels.checks import check_device, check_int
 
 from .checkpoint import check_checkpoint_dir, checkpoint_keys
 from .modeling import SCHEDULER_PREFIXES, AdaLlavaForConditionalGeneration, fit_image_tokens

@@ -30,7 +30,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.utils import logging
 
 from adallava_kernels import ExecutionPlan, LayerSkipKVCache, check_budget
-from adallava_kernels._checks import check_int
+from adallava_kernels.checks import check_int
 from adallava_kernels.runtime import PlannedDecoder
 
 from .config import AdaLlavaConfig

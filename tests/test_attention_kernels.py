@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adallava_kernels.ops.flash_attention import flash_attention, head_projection
+from adallava_kernels.ops.flash_attention import flash_attention
+from adallava_kernels.ops.head_projection import head_projection
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device

@@ -31,7 +31,7 @@ def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
     head_dim: int, rope_slots: int,
 ) -> torch.Tensor:
-    from .flash_attention import head_projection as launch
+    from .head_projection import head_projection as launch
 
     out = x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
     return launch(x, w, heads, head_dim, cos, sin, out, rope_slots=rope_slots)

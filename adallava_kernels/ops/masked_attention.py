@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from ..checks import check_int
 from ..kv_cache import KVCacheLayer
 from ..plan import LayerPlan
-from ._common import check_index, check_same_dtype, check_tensor, resolve_backend
+from .common import check_index, check_same_dtype, check_tensor, resolve_backend
 
 __all__ = [
     "attention_indices",
@@ -105,7 +105,8 @@ def masked_attention_triton(
     x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, padding, kv_cache, head_dim: int
 ) -> torch.Tensor:
     """Triton path, without input checks (``masked_attention`` checks)."""
-    from .flash_attention import flash_attention, head_projection
+    from .flash_attention import flash_attention
+    from .head_projection import head_projection
     from .gathered_linear import col_gathered_linear
 
     batch, seq, _ = x.shape

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import check_index, check_same_dtype, check_tensor, resolve_backend
+from .common import check_index, check_same_dtype, check_tensor, resolve_backend
 
 __all__ = ["masked_mlp", "masked_mlp_reference", "masked_mlp_triton"]
 

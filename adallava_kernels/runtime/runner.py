@@ -26,9 +26,9 @@ from typing import Callable, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from ..checks import check_int
 from ..kv_cache import LayerSkipKVCache
-from ..ops._common import check_tensor, resolve_backend
+from ..ops.common import check_tensor, resolve_backend
 from ..ops.paged_attention import paged_decode_splits, visible_positions_mask
 from ..plan import ExecutionPlan
 from .graphs import GraphCache, GraphEntry
