@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 from adallava_kernels import ExecutionPlan, LayerSkipKVCache, check_budget
 from adallava_kernels.checks import check_int
+from adallava_kernels.masks import causal_mask, positions
 from adallava_kernels.runtime import PlannedDecoder
 
 from .config import AdaLlavaConfig
@@ -122,19 +123,6 @@ class AdaRequest:
         for s in self.seq_ids:
             if s in self.runtime.sequences:
                 self.runtime.free(s)
-
-
-def _additive_mask(mask2d: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[batch, 1, q_len, kv_len]`` causal-plus-padding mask, 0 where attended, the dtype's minimum elsewhere."""
-    kv_len = mask2d.shape[1]
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask2d.device).tril(kv_len - q_len)
-    visible = causal[None, None] & mask2d.bool()[:, None, None, :]
-    return torch.zeros(visible.shape, dtype=dtype, device=mask2d.device).masked_fill(~visible, torch.finfo(dtype).min)
-
-
-def _positions(mask2d: torch.Tensor) -> torch.Tensor:
-    """Position ids as transformers' ``generate`` derives them: attended tokens before each one."""
-    return (mask2d.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _listed(keys) -> str:
@@ -343,7 +331,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         """Run the decoder under switch gates; ``schedule(h)`` is called after the prefix layers and returns
         ``{layer: (layer_gate, head_gate, neuron_gate)}``."""
         lm = self.model.language_model
-        mask4d = _additive_mask(mask2d, h.shape[1], h.dtype)
+        mask4d = causal_mask(mask2d, h.shape[1], h.dtype)
         rotary = lm.rotary_emb(h, positions)
         gates: dict[int, tuple] = {}
         try:
@@ -463,7 +451,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             result.plans = self.plan_from_logits(logits, budgets, mask2d)
             return gates_from_plan(result.plans, scheme, hidden.device, hidden.dtype)
 
-        hidden = self._masked_layers(h, mask2d, _positions(mask2d), schedule=schedule)
+        hidden = self._masked_layers(h, mask2d, positions(mask2d), schedule=schedule)
         result.logits = self.lm_head(hidden[:, -keep:])
         if labels is not None:
             result.loss = self._loss(result.logits, labels)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..checks import check_int
 from ..kv_cache import KVCacheLayer
+from ..masks import causal_visible
 from ..plan import LayerPlan
 from .common import check_index, check_same_dtype, check_tensor, resolve_backend
 
@@ -49,16 +50,6 @@ def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.chunk(2, dim=-1)
     return torch.cat((-hi, lo), dim=-1)
-
-
-def _visible(batch: int, q_len: int, kv_len: int, padding: torch.Tensor | None, device) -> torch.Tensor:
-    """``[batch, 1, q_len, kv_len]``: key ``j`` is visible to query ``i`` (at ``kv_len - q_len + i``)."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos
-    allowed = allowed.expand(batch, 1, q_len, kv_len)
-    if padding is not None:
-        allowed = allowed & (padding != 0)[:, None, None, :]
-    return allowed
 
 
 def masked_attention_reference(
@@ -93,7 +84,7 @@ def masked_attention_reference(
     elif padding is None and seq == 1:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        visible = _visible(batch, seq, kv_len, padding, x.device)
+        visible = causal_visible(batch, seq, kv_len, padding, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
         # SDPA gives NaN for a query that sees no key; the op defines its output as 0.
         out = torch.where(visible.any(-1, keepdim=True), out, 0.0)

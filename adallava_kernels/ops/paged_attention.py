@@ -21,25 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..masks import visible_positions_mask
+
 __all__ = [
     "paged_decode_attention_reference",
     "paged_decode_attention_triton",
     "paged_decode_splits",
     "visible_positions_mask",
 ]
-
-
-def visible_positions_mask(lengths: torch.Tensor, starts: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive ``[batch, 1, 1, width]`` mask: 0 on positions ``[starts, lengths)``, the dtype's minimum elsewhere.
-
-    A finite minimum (as transformers uses), so positions never written
-    (zeros, or another sequence's stale data) get exactly zero weight
-    without a NaN where a row sees nothing.
-    """
-    positions = torch.arange(width, device=lengths.device)
-    visible = (positions >= starts[:, None]) & (positions < lengths[:, None])
-    zero = torch.zeros((), dtype=dtype, device=lengths.device)
-    return torch.where(visible, zero, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def attend_gathered_pages(

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..checks import check_int
 from ..kv_cache import LayerSkipKVCache
 from ..ops.common import check_tensor, resolve_backend
-from ..ops.paged_attention import paged_decode_splits, visible_positions_mask
+from ..masks import causal_mask, positions, visible_positions_mask
+from ..ops.paged_attention import paged_decode_splits
 from ..plan import ExecutionPlan
 from .graphs import GraphCache, GraphEntry
 from .layers import DecodeInputs, KVPages, LayerProgram, LayerTables, PrefillInputs, rms_norm, rope_sign
@@ -258,10 +259,9 @@ class PlannedDecoder:
         padding = None if mask is None else mask.to(torch.int32)
         if mask is None:
             mask = torch.ones(batch, seq, dtype=torch.int32, device=h.device)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as transformers' generate derives them
-        cos, sin = self.weights.rotary(h, positions)
+        cos, sin = self.weights.rotary(h, positions(mask))
         shared = PrefillInputs(cos, sin, cos[:, :, None], (sin * self._rope_sign)[:, :, None],
-                               _prompt_mask(mask, h.dtype), padding)
+                               causal_mask(mask, seq, h.dtype), padding)
         starts = (seq - mask.sum(-1)).to(torch.int32)
         stop = plan_after if planner is not None else layers
         h = self._prefill_layers(h, 0, stop, shared, seq_ids, requests)
@@ -441,16 +441,6 @@ def _has_triton():
 
 def _padded(table: torch.Tensor, width: int) -> torch.Tensor:
     return table if table.shape[1] == width else F.pad(table, (0, width - table.shape[1]))
-
-
-def _prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[batch, 1, T, T]`` additive causal-and-padding mask, the dtype's minimum where hidden (finite, as
-    transformers, so a padded query that sees nothing averages instead of giving NaN)."""
-    seq = mask.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-    visible = causal[None, None] & (mask != 0)[:, None, None, :]
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(visible, zero, torch.finfo(dtype).min)
 
 
 def _select_rows(inputs, rows: torch.Tensor):
