@@ -65,7 +65,7 @@ def apply_masked_kernels(
             check_hf_mlp(layer.mlp)
             layer.mlp = MaskedMLP.from_hf(layer.mlp, backend=backend, gather_layout=gather_layout)
         if plan is not None:
-            device = layer.self_attn.q_weight.device
+            device = layer.self_attn.qkv_weight.device
             layer.self_attn.set_plan(plan.layer(i, device))
             layer.mlp.set_plan(plan.layer(i, device))
     return model

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 from ..checks import check_int
 from ..kv_cache import LayerSkipKVCache
-from ..ops.common import check_tensor, resolve_backend
 from ..masks import causal_mask, positions, visible_positions_mask
+from ..ops.common import check_tensor, resolve_backend
+from ..ops.masked_attention import rope_sign
 from ..ops.paged_attention import paged_decode_splits
 from ..plan import ExecutionPlan
 from .graphs import GraphCache, GraphEntry
-from .layers import DecodeInputs, KVPages, LayerProgram, LayerTables, PrefillInputs, rms_norm, rope_sign
+from .layers import DecodeInputs, KVPages, LayerProgram, LayerTables, PrefillInputs, rms_norm
 from .weights import DecoderWeights
 
 __all__ = ["PlannedDecoder", "DecodeBatch"]
