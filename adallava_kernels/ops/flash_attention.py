@@ -15,35 +15,30 @@ import triton
 import triton.language as tl
 
 from .split_combine import combine_splits
-from .triton_utils import INTERPRET, LOG2E, autotuned, dot, dot_flags, regime, smallest_block, splits
+from .triton_utils import (
+    LOG2E, autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits,
+)
 
 __all__ = ["CONFIGS", "flash_attention"]
-
-
-def _config(warps, stages, **blocks):
-    return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
 CONFIGS = {
     # FlashAttention-2's forward tiles for head_dim 128 on Hopper and Ampere.
     "prefill": [
-        _config(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _config(4, 3, BLOCK_M=64, BLOCK_N=64),
-        _config(8, 2, BLOCK_M=128, BLOCK_N=128),
+        config(8, 3, BLOCK_M=128, BLOCK_N=64),
+        config(4, 3, BLOCK_M=64, BLOCK_N=64),
+        config(8, 2, BLOCK_M=128, BLOCK_N=128),
     ],
     # A 16-row query tile is the smallest tl.dot takes; the KV stream dominates.
     "decode": [
-        _config(4, 3, BLOCK_M=16, BLOCK_N=64),
-        _config(4, 3, BLOCK_M=16, BLOCK_N=128),
+        config(4, 3, BLOCK_M=16, BLOCK_N=64),
+        config(4, 3, BLOCK_M=16, BLOCK_N=128),
     ],
 }
-# Under TRITON_INTERPRET=1 autotuning does not work: one small config, so odd sizes still cross tile
-# boundaries in tests.
-INTERPRETER_CONFIGS = [_config(4, 1, BLOCK_M=16, BLOCK_N=16)]
+INTERPRETER_CONFIGS = [config(4, 1, BLOCK_M=16, BLOCK_N=16)]
 
-# Below this many KV positions per split, splitting costs more than it hides. The interpreter
-# splits finer, so that small test shapes take the split path.
-_MIN_KV_PER_SPLIT = 32 if INTERPRET else 256
+# Split the reduction only where each split keeps at least this many KV positions.
+_MIN_KV_PER_SPLIT = min_per_split(256)
 
 
 @triton.jit

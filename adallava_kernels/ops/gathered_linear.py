@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .layout import prepare_column_gather
-from .triton_utils import DECODE_MAX_TOKENS, autotuned, dot, dot_flags, multiprocessors, regime, smallest_block
+from .triton_utils import DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, multiprocessors, regime, smallest_block
 
 __all__ = [
     "CONFIGS",
@@ -45,9 +45,7 @@ __all__ = [
 
 
 def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
-    )
+    return config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
 
 
 CONFIGS = {
@@ -71,8 +69,6 @@ CONFIGS = {
         _config(16, 32, 256, warps=4, stages=4, group_m=1),
     ],
 }
-# Under TRITON_INTERPRET=1 autotuning does not work: one small config, so
-# odd sizes still cross tile boundaries in tests.
 INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, group_m=2)]
 
 _TUNE_KEY = ["M_BUCKET", "N", "K", "IEEE"]

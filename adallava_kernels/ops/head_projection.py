@@ -19,37 +19,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, autotuned, dot, dot_flags, regime, smallest_block, splits
+from .triton_utils import autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits
 
 __all__ = ["CONFIGS", "head_projection"]
-
-
-def _config(warps, stages, **blocks):
-    return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
 # One program computes [BLOCK_M tokens, head_dim]: a 128-wide tile at head_dim 128.
 CONFIGS = {
     "prefill": [
         # Hopper: 128x128 tiles with 64-deep K and 3-4 stages fit its 228 KB of shared memory.
-        _config(8, 3, BLOCK_M=128, BLOCK_K=64),
-        _config(4, 4, BLOCK_M=64, BLOCK_K=64),
+        config(8, 3, BLOCK_M=128, BLOCK_K=64),
+        config(4, 4, BLOCK_M=64, BLOCK_K=64),
         # Ampere: 32-deep K so 4 stages fit 164 KB.
-        _config(4, 4, BLOCK_M=128, BLOCK_K=32),
+        config(4, 4, BLOCK_M=128, BLOCK_K=32),
     ],
     # 1 to 16 tokens: the weight stream dominates; deep K tiles keep loads in flight.
     "decode": [
-        _config(4, 4, BLOCK_M=16, BLOCK_K=128),
-        _config(4, 3, BLOCK_M=16, BLOCK_K=256),
+        config(4, 4, BLOCK_M=16, BLOCK_K=128),
+        config(4, 3, BLOCK_M=16, BLOCK_K=256),
     ],
 }
-# Under TRITON_INTERPRET=1 autotuning does not work: one small config, so odd sizes still cross tile
-# boundaries in tests.
-INTERPRETER_CONFIGS = [_config(4, 1, BLOCK_M=16, BLOCK_K=32)]
+INTERPRETER_CONFIGS = [config(4, 1, BLOCK_M=16, BLOCK_K=32)]
 
-# Below this much reduction per split (hidden features), splitting costs more than it hides. The
-# interpreter splits finer, so that small test shapes take the split path.
-_MIN_K_PER_SPLIT = 32 if INTERPRET else 128
+# Split the reduction only where each split keeps at least this many hidden features.
+_MIN_K_PER_SPLIT = min_per_split(128)
 
 
 @triton.jit

@@ -57,17 +57,12 @@ def paged_decode_attention_reference(
     return attend_gathered_pages(q[:, :, None], pages, head_tables, mask, scale)[:, :, 0]
 
 
-# Below this many positions per split, splitting costs more than it hides.
-_MIN_POSITIONS_PER_SPLIT = 256
-
-
 def paged_decode_splits(batch: int, heads: int, max_positions: int, device: torch.device) -> int:
     """KV splits for a decode step: enough (batch x heads x splits) programs to cover the GPU twice,
     from the positions the pages can hold (``max_tokens``), not the current length, so it stays fixed."""
-    from .triton_utils import INTERPRET, splits
+    from .triton_utils import min_per_split, splits
 
-    minimum = 32 if INTERPRET else _MIN_POSITIONS_PER_SPLIT  # the interpreter splits small tests too
-    return splits(batch * heads, -(-max_positions // minimum), device)
+    return splits(batch * heads, -(-max_positions // min_per_split(256)), device)
 
 
 def paged_decode_attention_triton(

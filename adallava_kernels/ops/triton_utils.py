@@ -4,9 +4,13 @@
   interpreter's bf16 upcast; :func:`dot_flags` gives its two constexprs;
 - :data:`DECODE_MAX_TOKENS` and :func:`regime`: a launch of at most this many
   token rows is ``"decode"`` (memory-bound tiles), else ``"prefill"``;
-- :func:`autotuned`: one kernel autotuned per regime over a config table
-  ``{"prefill": [...], "decode": [...]}`` (the shape every kernel's table has);
-- :func:`multiprocessors` and :func:`splits`: how many programs fill the GPU;
+- :func:`config` and :func:`autotuned`: one kernel autotuned per regime over a
+  config table ``{"prefill": [...], "decode": [...]}`` (the shape every
+  kernel's table has), and over its one interpreter config under
+  TRITON_INTERPRET=1, where autotuning does not work (a small config, so odd
+  sizes still cross tile boundaries in tests);
+- :func:`multiprocessors`, :func:`splits` and :func:`min_per_split`: how many
+  programs fill the GPU, and when a split reduction stops paying;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
@@ -26,8 +30,10 @@ __all__ = [
     "LOG2E",
     "REGIMES",
     "autotuned",
+    "config",
     "dot",
     "dot_flags",
+    "min_per_split",
     "multiprocessors",
     "regime",
     "smallest_block",
@@ -59,6 +65,10 @@ def dot_flags(dtype: torch.dtype) -> dict:
     return {"IEEE": dtype == torch.float32, "UPCAST": INTERPRET}
 
 
+def config(warps: int, stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
 def regime(m: int) -> str:
     return "decode" if m <= DECODE_MAX_TOKENS else "prefill"
 
@@ -82,6 +92,13 @@ def multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a few splits, so the split paths are exercised
+
+
+def min_per_split(compiled: int) -> int:
+    """The least reduction (features, positions) a split should cover: ``compiled`` on a GPU, below which
+    splitting costs more than it hides; 32 under the interpreter, so small test shapes take the split
+    paths."""
+    return 32 if INTERPRET else compiled
 
 
 def splits(programs: int, reduction_blocks: int, device: torch.device) -> int:
