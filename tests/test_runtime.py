@@ -186,7 +186,7 @@ def test_decode_step_reads_nothing_back_and_stays_under_40_ops_a_layer(model, ba
         batch.step(token)
     assert mode.syncs() == []
     ran = {(i, n) for i, n, _, _ in calls}
-    assert len(calls) == 2 * sum(len(runs) for runs in batch.schedule)  # every run of every kept layer
+    assert len(calls) == 2 * sum(len(runs) for runs in batch.schedule.layers)  # every run of every kept layer
     assert max(n for _, n in ran) <= 40, sorted(ran)
 
 

@@ -22,15 +22,15 @@ from ..ops.library import adallava_ops
 from ..ops.masked_attention import AttentionProgram
 from ..ops.masked_mlp import MlpProgram
 from ..ops.paged_attention import attend_gathered_pages
-from ..plan import LayerPlan
+from ..plan import ExecutionPlan, LayerPlan
 from ..shape import ModelShape
-from .weights import LayerWeights
+from .weights import DecoderWeights, LayerWeights
 
 # torch.ops.adallava: the Triton operators (registered by importing ops.library) and the extension's
 # cache ops (registered when the pool loads the extension, before any layer runs).
 _OPS = adallava_ops()
 
-__all__ = ["KVPages", "LayerProgram", "LayerTables", "PrefillInputs", "DecodeInputs", "rms_norm"]
+__all__ = ["KVPages", "LayerProgram", "LayerTables", "PrefillInputs", "ProgramCache", "DecodeInputs", "rms_norm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -161,3 +161,56 @@ class LayerProgram:
                                               inputs.lengths_after, inputs.starts, attention.scale, split)
             out = out.view(rows, width)
         return attention.output(out)
+
+
+class ProgramCache:
+    """The layer programs of the plans in use: one per (layer, heads, neurons), shared by every plan that
+    runs the layer alike, built when a plan first needs it and dropped when no plan holds it."""
+
+    def __init__(self, weights: DecoderWeights, backend: str) -> None:
+        self.weights, self.backend = weights, backend
+        self._programs: dict[tuple, list] = {}  # (layer, heads, neurons) -> [LayerProgram, references]
+        self._plans: dict[ExecutionPlan, list] = {}  # plan -> [its programs by layer, references]
+
+    def of(self, plan: ExecutionPlan) -> tuple[LayerProgram, ...]:
+        """The programs of an acquired ``plan``, by layer."""
+        return self._plans[plan][0]
+
+    def acquire(self, plan: ExecutionPlan) -> None:
+        """Reference ``plan``'s layer programs, building those no other plan shares at first use."""
+        slot = self._plans.get(plan)
+        if slot is not None:
+            slot[1] += 1
+            return
+        shape = self.weights.shape
+        layers = plan.layers(self.weights.device)
+        programs, made = [], []
+        try:
+            for i in range(shape.num_layers):
+                key = (i, plan.heads[i], plan.neurons[i])
+                shared = self._programs.get(key)
+                if shared is None:
+                    program = LayerProgram(self.weights.layers[i], layers[i], shape, self.backend)
+                    shared = self._programs[key] = [program, 0]
+                shared[1] += 1
+                made.append(key)
+                programs.append(shared[0])
+        except Exception:
+            for key in made:
+                self._unref(key)
+            raise
+        self._plans[plan] = [tuple(programs), 1]
+
+    def release(self, plan: ExecutionPlan) -> None:
+        slot = self._plans[plan]
+        slot[1] -= 1
+        if slot[1] == 0:
+            del self._plans[plan]
+            for i in range(self.weights.shape.num_layers):
+                self._unref((i, plan.heads[i], plan.neurons[i]))
+
+    def _unref(self, key) -> None:
+        shared = self._programs[key]
+        shared[1] -= 1
+        if shared[1] == 0:
+            del self._programs[key]
