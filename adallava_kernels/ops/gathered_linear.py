@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m)
+def _config(bm, bn, bk, warps, stages, band=8):
+    return config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BAND_M=band)
 
 
 CONFIGS = {
@@ -63,28 +63,28 @@ CONFIGS = {
     # takes, and wide, deep weight tiles keep many loads in flight.
     "decode": [
         # Hopper and Ampere alike: the weight stream dominates, tiles differ in width.
-        _config(16, 64, 128, warps=4, stages=4, group_m=1),
-        _config(16, 128, 128, warps=4, stages=4, group_m=1),
-        _config(16, 64, 256, warps=4, stages=3, group_m=1),
-        _config(16, 32, 256, warps=4, stages=4, group_m=1),
+        _config(16, 64, 128, warps=4, stages=4, band=1),
+        _config(16, 128, 128, warps=4, stages=4, band=1),
+        _config(16, 64, 256, warps=4, stages=3, band=1),
+        _config(16, 32, 256, warps=4, stages=4, band=1),
     ],
 }
-INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, group_m=2)]
+INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, band=2)]
 
 _TUNE_KEY = ["M_BUCKET", "N", "K", "IEEE"]
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.constexpr):
+    # Banded launch order: the BAND_M row tiles of a band share each weight tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    per_band = BAND_M * num_pid_n
+    first_m = (pid // per_band) * BAND_M
+    band_rows = tl.minimum(num_pid_m - first_m, BAND_M)
+    pid_m = first_m + (pid % per_band) % band_rows
+    pid_n = (pid % per_band) // band_rows
     return pid_m, pid_n
 
 
@@ -94,10 +94,10 @@ def _row_gather_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
     SWIGLU: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -133,10 +133,10 @@ def _col_gather_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

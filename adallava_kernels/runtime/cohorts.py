@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..ops.paged_attention import paged_decode_splits
 from .layers import LayerProgram, LayerTables
 
-__all__ = ["Run", "Schedule", "attach_tables", "for_cohort", "pack_tables", "run_layer", "schedule", "unpack_tables"]
+__all__ = ["Run", "Schedule", "attach_tables", "for_cohort", "pack_tables", "run_layer", "build_schedule", "unpack_tables"]
 
 
 @dataclasses.dataclass
@@ -41,7 +41,7 @@ class Schedule:
     rows: list[list[int]]  # the same, on the host
 
 
-def schedule(programs: Sequence[Sequence[LayerProgram]], layers: Sequence[int], device: torch.device) -> Schedule:
+def build_schedule(programs: Sequence[Sequence[LayerProgram]], layers: Sequence[int], device: torch.device) -> Schedule:
     """The runs of ``layers`` for a batch whose row ``b`` runs ``programs[b][layer]`` (a skipped layer runs
     nothing)."""
     batch = len(programs)
@@ -63,21 +63,21 @@ def schedule(programs: Sequence[Sequence[LayerProgram]], layers: Sequence[int], 
 
 
 def attach_tables(
-    plan: Schedule, page_table: Callable[[Hashable, int], torch.Tensor], seq_ids: Sequence[Hashable], width: int,
+    schedule: Schedule, page_table: Callable[[Hashable, int], torch.Tensor], seq_ids: Sequence[Hashable], width: int,
     page_size: int, *, decode: bool, backend: str, device: torch.device,
 ) -> None:
     """Each run's block tables ``[cohort rows, kv_heads, width]`` (``page_table(seq_id, layer)``, stacked on
     the device, padded to ``width`` pages); in decode, the torch path's per-query-head tables or the
     Triton path's KV splits."""
-    for runs in plan.layers:
+    for runs in schedule.layers:
         for run in runs:
             if not run.program.runs_attention:
                 continue
             layer = run.program.index
-            tables = torch.stack([_padded(page_table(seq_ids[b], layer), width) for b in plan.rows[run.cohort]])
+            tables = torch.stack([_padded(page_table(seq_ids[b], layer), width) for b in schedule.rows[run.cohort]])
             run.tables = run.program.tables(tables, per_query_head=decode and backend == "torch")
             if decode and backend == "triton":
-                run.split = paged_decode_splits(len(plan.rows[run.cohort]), run.program.nq, width * page_size,
+                run.split = paged_decode_splits(len(schedule.rows[run.cohort]), run.program.nq, width * page_size,
                                                 device)
 
 
@@ -106,10 +106,10 @@ def run_layer(h: torch.Tensor, runs: list[Run], cohorts: list, run_one) -> torch
     return out
 
 
-def pack_tables(plan: Schedule) -> tuple[torch.Tensor, list[LayerTables]]:
+def pack_tables(schedule: Schedule) -> tuple[torch.Tensor, list[LayerTables]]:
     """Every run's tables in one int32 buffer (one copy binds a batch to a graph), and views of it;
     each run learns its position in the list."""
-    runs = [run for layer_runs in plan.layers for run in layer_runs if run.program.runs_attention]
+    runs = [run for layer_runs in schedule.layers for run in layer_runs if run.program.runs_attention]
     for position, run in enumerate(runs):
         run.table_index = position
     tables = [run.tables for run in runs]

@@ -32,7 +32,7 @@ from ..masks import causal_mask, positions, visible_positions_mask
 from ..ops.common import check_tensor, resolve_backend
 from ..ops.masked_attention import rope_sign
 from ..plan import ExecutionPlan
-from .cohorts import Schedule, attach_tables, for_cohort, pack_tables, run_layer, schedule
+from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, pack_tables, run_layer
 from .graphs import GraphCache, GraphOwner
 from .layers import DecodeInputs, KVPages, PrefillInputs, ProgramCache, rms_norm
 from .weights import DecoderWeights
@@ -264,13 +264,13 @@ class PlannedDecoder:
     def _prefill_layers(self, h, start, stop, shared: PrefillInputs, seq_ids, requests):
         if start == stop:
             return h
-        plan = self._schedule([self._plan_of(r) for r in requests], range(start, stop))
+        schedule = self._schedule([self._plan_of(r) for r in requests], range(start, stop))
         if seq_ids is not None:
-            self._attach_tables(plan, seq_ids, decode=False)
-        inputs = [for_cohort(shared, rows) for rows in plan.cohorts]
+            self._attach_tables(schedule, seq_ids, decode=False)
+        inputs = [for_cohort(shared, rows) for rows in schedule.cohorts]
         pages = self.pages if seq_ids is not None else None
-        for runs in plan.layers:
-            h = run_layer(h, runs, plan.cohorts, lambda run, part: run.program.prefill(
+        for runs in schedule.layers:
+            h = run_layer(h, runs, schedule.cohorts, lambda run, part: run.program.prefill(
                 part, inputs[run.cohort], pages, run.tables))
         return h
 
@@ -343,12 +343,12 @@ class PlannedDecoder:
 
     def _schedule(self, plans: Sequence[ExecutionPlan], layers) -> Schedule:
         """Per layer, its programs and the cohorts each runs (a skipped layer runs nothing)."""
-        return schedule([self.programs.of(plan) for plan in plans], layers, self.weights.device)
+        return build_schedule([self.programs.of(plan) for plan in plans], layers, self.weights.device)
 
-    def _attach_tables(self, plan: Schedule, seq_ids, *, decode: bool) -> None:
+    def _attach_tables(self, schedule: Schedule, seq_ids, *, decode: bool) -> None:
         """Each run's block tables ``[cohort rows, kv_heads, width]`` (stacked on the device, widths padded)."""
         width = max(-(-self._request(s).max_tokens // self.cache.page_size) for s in seq_ids)
-        attach_tables(plan, self.cache.page_table, seq_ids, width, self.cache.page_size, decode=decode,
+        attach_tables(schedule, self.cache.page_table, seq_ids, width, self.cache.page_size, decode=decode,
                       backend=self.backend, device=self.weights.device)
 
 
