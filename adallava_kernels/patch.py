@@ -35,7 +35,8 @@ def apply_masked_kernels(
     model: nn.Module, *, plan: ExecutionPlan | None = None, backend: str = "auto", gather_layout: bool = True,
 ) -> nn.Module:
     """Replace the attention and MLP of every decoder layer of ``model`` with ``MaskedAttention`` and
-    ``MaskedMLP`` over the same weights; return ``model``.
+    ``MaskedMLP`` over the same weights (q|k|v and gate|up stacked, each copy replacing the layer's
+    original); return ``model``.
 
     Args:
         model: a transformers Llama (``LlamaForCausalLM``, ``LlamaModel``) or Llava
