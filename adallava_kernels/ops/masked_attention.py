@@ -30,7 +30,7 @@ from ..checks import check_int
 from ..kv_cache import KVCacheLayer
 from ..masks import causal_visible
 from ..plan import LayerPlan
-from .common import check_index, check_same_dtype, check_tensor, resolve_backend
+from .common import MASK_DTYPES, check_index, check_same_dtype, check_tensor, resolve_backend
 from .library import adallava_ops
 
 # torch.ops.adallava: the Triton operators, registered by importing ops.library.
@@ -45,8 +45,6 @@ __all__ = [
     "rope",
     "rope_sign",
 ]
-
-_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> LayerPlan:
@@ -319,7 +317,7 @@ def check_padding(mask: object, batch: int, kv_len: int, device) -> torch.Tensor
     """A ``[batch, kv_len]`` padding mask (nonzero: attend) as int32, or ``None``."""
     if mask is None:
         return None
-    check_tensor("attention_mask", mask, dim=2, dtypes=_MASK_DTYPES, device=device)
+    check_tensor("attention_mask", mask, dim=2, dtypes=MASK_DTYPES, device=device)
     if tuple(mask.shape) != (batch, kv_len):
         raise ValueError(
             f"attention_mask must be a [batch, past + seq] = [{batch}, {kv_len}] padding mask "

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..checks import check_int
 from ..kv_cache import LayerSkipKVCache
 from ..masks import causal_mask, positions, visible_positions_mask
-from ..ops.common import check_tensor, resolve_backend
+from ..ops.common import MASK_DTYPES, check_tensor, resolve_backend
 from ..ops.masked_attention import rope_sign
 from ..plan import ExecutionPlan
 from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, pack_tables, run_layer
@@ -331,7 +331,7 @@ class PlannedDecoder:
         if h.shape[0] != batch:
             raise ValueError(f"inputs_embeds has {h.shape[0]} rows, but {batch} sequences were given")
         if mask is not None:
-            check_tensor("attention_mask", mask, dim=2, dtypes=_MASK_DTYPES, device=weights.device)
+            check_tensor("attention_mask", mask, dim=2, dtypes=MASK_DTYPES, device=weights.device)
             if tuple(mask.shape) != tuple(h.shape[:2]):
                 raise ValueError(f"attention_mask must be [{h.shape[0]}, {h.shape[1]}] like inputs_embeds, "
                                  f"got {list(mask.shape)}")
@@ -350,9 +350,6 @@ class PlannedDecoder:
         width = max(-(-self._request(s).max_tokens // self.cache.page_size) for s in seq_ids)
         attach_tables(schedule, self.cache.page_table, seq_ids, width, self.cache.page_size, decode=decode,
                       backend=self.backend, device=self.weights.device)
-
-
-_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def _has_triton():
