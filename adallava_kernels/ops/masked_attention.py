@@ -8,7 +8,8 @@ query head to KV head is arbitrary; it is carried as ``head_to_kv``.
 
 - :class:`AttentionProgram`: one layer's attention under one layer plan,
   resolved once (the one planned attention: ``MaskedAttention``, the
-  runtime's ``LayerProgram`` and :func:`masked_attention` run it). Over the
+  runtime's ``LayerProgram`` and :func:`masked_attention`'s Triton backend
+  run it). Over the
   weights stacked ``[q; k; v]`` (:class:`AttentionWeights`): with every head
   on, dense matmuls and SDPA; with some off, ``"triton"`` reads the plan's
   rows in place (``head_projection`` with RoPE for q, k and v in one launch,
