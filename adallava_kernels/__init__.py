@@ -4,7 +4,7 @@ Importing the package queries no GPU and compiles nothing.
 """
 
 from . import budget, cost, devices, kv_cache
-from ._checks import check_token_ids
+from .checks import check_token_ids
 from .budget import UnitScheme, best_plan, check_budget
 from .devices import DeviceSpec, get_device
 from .kv_cache import ContiguousKVCache, KVCacheLayer, LayerSkipKVCache, TransformersCacheLayer

@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from ._checks import check_int
+from .checks import check_int
 from .cost import layer_ops
 from .plan import ExecutionPlan, neuron_groups
 from .shape import ModelShape
@@ -238,7 +238,7 @@ def _unit_costs(scheme: UnitScheme, num_tokens: int, head_order, group_order):
         heads = head_order[layer, : units * scheme.rank].tolist()
         groups = group_order[layer, : units * scheme.rank].tolist()
         return layer_flops(
-            shape, num_tokens, heads=len(heads), kv_heads=len({h // shape.group_size for h in heads}),
+            shape, num_tokens, heads=len(heads), kv_heads=len({h // shape.heads_per_kv_head for h in heads}),
             neurons=sum(sizes[g] for g in groups),
         )
 

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ._checks import check_int
+from .checks import check_int
 from .devices import DeviceSpec, get_device
 from .plan import ExecutionPlan
 from .shape import ModelShape

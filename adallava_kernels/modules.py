@@ -1,4 +1,12 @@
-"""Drop-in ``nn.Module`` versions of the ops, driven by an ExecutionPlan layer."""
+"""Drop-in ``nn.Module`` versions of the ops, driven by an ExecutionPlan layer.
+
+Each holds its weights as the runtime does (q|k|v and gate|up stacked,
+``o_proj`` and ``down_proj`` column-major) and builds, once per plan and
+device, the planned attention or MLP the runtime's layers run
+(:class:`~adallava_kernels.ops.masked_attention.AttentionProgram`,
+:class:`~adallava_kernels.ops.masked_mlp.MlpProgram`), so a fix to a planned
+layer lands in both.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,10 @@ import torch
 from torch import nn
 
 from .kv_cache import KVCacheLayer, TransformersCacheLayer
+from .ops.common import resolve_backend
 from .ops.layout import prepare_column_gather
-from .ops.masked_attention import check_padding, run_masked_attention
-from .ops.masked_mlp import masked_mlp
+from .ops.masked_attention import AttentionProgram, AttentionWeights, check_padding, run_masked_attention
+from .ops.masked_mlp import MlpProgram, MlpWeights
 from .plan import LayerPlan
 
 __all__ = ["MaskedAttention", "MaskedMLP", "check_hf_attention", "check_hf_mlp"]
@@ -46,35 +55,62 @@ def check_hf_attention(attn: nn.Module) -> tuple[int, int, int]:
     return num_heads, num_kv_heads, head_dim
 
 
-def _keep_transformers_names(module: nn.Module, names: dict[str, str]) -> None:
-    """Save and load the parameters ``names`` maps under transformers' names (``q_weight`` as
-    ``q_proj.weight``), row-major, so a model patched with these modules still writes (and reads)
-    checkpoints transformers loads, and a column-major copy is saved once, as the weight it is."""
+def _keep_transformers_names(module: nn.Module, names: dict[str, dict[str, int]]) -> None:
+    """Save and load the parameters ``names`` maps under transformers' names, row-major: a stacked one as
+    its parts, split by rows (``qkv_weight`` -> ``{"q_proj.weight": q rows, "k_proj.weight": ...}``), a
+    column-major copy as the weight it is. So a model patched with these modules still writes (and
+    reads) checkpoints transformers loads, each weight once."""
 
     def to_transformers(module, state_dict, prefix, local_metadata):
         for ours, theirs in names.items():
-            if prefix + ours in state_dict:
-                state_dict[prefix + theirs] = state_dict.pop(prefix + ours).contiguous()
+            if prefix + ours not in state_dict:
+                continue
+            value = state_dict.pop(prefix + ours)
+            if len(theirs) == 1:
+                state_dict[prefix + next(iter(theirs))] = value.contiguous()
+                continue
+            # Clones: parts of one storage would be saved as one shared tensor, which safetensors refuses.
+            for name, part in zip(theirs, value.split(list(theirs.values()))):
+                state_dict[prefix + name] = part.clone()
 
     def from_transformers(module, state_dict, prefix, *args):
         for ours, theirs in names.items():
-            if prefix + theirs in state_dict:
-                state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+            if all(prefix + name in state_dict for name in theirs):
+                parts = [state_dict.pop(prefix + name) for name in theirs]
+                state_dict[prefix + ours] = parts[0] if len(parts) == 1 else torch.cat(parts)
 
     module.register_state_dict_post_hook(to_transformers)
     module.register_load_state_dict_pre_hook(from_transformers)
 
 
+class _Programs:
+    """A module's program for its current plan, built at first use and rebuilt when the plan, the
+    backend's resolution or the weights (moved, or changed in place: a torch program of a partial plan
+    holds a gathered copy) change."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._plan = self._key = self._program = None
+
+    def get(self, plan, backend: str, weights: tuple[torch.Tensor, ...], build):
+        """The program of ``plan`` (``build(plan, resolved backend)`` when there is none yet)."""
+        resolved = resolve_backend(self._what, backend, weights[0].device, True)
+        key = (resolved, tuple((w.data_ptr(), w.device, w._version) for w in weights))
+        if self._program is None or plan is not self._plan or key != self._key:
+            self._program, self._plan, self._key = build(plan, resolved), plan, key
+        return self._program
+
+
 class MaskedMLP(nn.Module):
     """A transformers ``LlamaMLP`` that computes only the neurons its layer plan keeps.
 
-    Holds the weights as the kernels read them: gate and up as given (shared
-    with the source module), down as one column-major copy made here, so
-    gathered columns are contiguous (``gather_layout=False`` shares ``w_down``
-    as given instead, for a layer that always runs whole). Call
-    :meth:`set_plan` once per request; ``forward(x)`` has ``LlamaMLP``'s
-    signature, so the module can replace one. Its state dict uses
-    ``LlamaMLP``'s names (``gate_proj.weight``, ...), row-major.
+    Holds the weights as the runtime does: gate and up stacked (one copy made
+    here), down as one column-major copy, so gathered columns are contiguous
+    (``gather_layout=False`` keeps ``w_down`` as given instead, for a layer
+    that always runs whole). Call :meth:`set_plan` once per request;
+    ``forward(x)`` has ``LlamaMLP``'s signature, so the module can replace
+    one. Its state dict uses ``LlamaMLP``'s names (``gate_proj.weight``,
+    ...), row-major.
     """
 
     def __init__(
@@ -82,18 +118,21 @@ class MaskedMLP(nn.Module):
         backend: str = "auto", gather_layout: bool = True,
     ):
         super().__init__()
-        self.gate_weight = nn.Parameter(w_gate, requires_grad=False)
-        self.up_weight = nn.Parameter(w_up, requires_grad=False)
+        intermediate = w_gate.shape[0]
+        self.gate_up_weight = nn.Parameter(torch.cat([w_gate, w_up]), requires_grad=False)
         self.down_weight = nn.Parameter(prepare_column_gather(w_down) if gather_layout else w_down, requires_grad=False)
         self.backend = backend
+        self.intermediate_size = intermediate
         # The index of a full plan, kept so an unplanned forward allocates nothing.
         self.register_buffer(
-            "all_neurons", torch.arange(w_gate.shape[0], dtype=torch.int32, device=w_gate.device), persistent=False
+            "all_neurons", torch.arange(intermediate, dtype=torch.int32, device=w_gate.device), persistent=False
         )
         self._neurons: torch.Tensor | None = None
-        _keep_transformers_names(
-            self, {"gate_weight": "gate_proj.weight", "up_weight": "up_proj.weight", "down_weight": "down_proj.weight"}
-        )
+        self._programs = _Programs("MaskedMLP")
+        _keep_transformers_names(self, {
+            "gate_up_weight": {"gate_proj.weight": intermediate, "up_proj.weight": intermediate},
+            "down_weight": {"down_proj.weight": intermediate},
+        })
 
     @classmethod
     def from_hf(cls, mlp: nn.Module, *, backend: str = "auto", gather_layout: bool = True) -> "MaskedMLP":
@@ -109,18 +148,20 @@ class MaskedMLP(nn.Module):
         host: no device value is read). A plan on another device is copied
         here once; build it with ``plan.layer(i, device)`` to avoid that.
         """
-        if layer is not None and layer.model_neurons != self.gate_weight.shape[0]:
+        if layer is not None and layer.model_neurons != self.intermediate_size:
             raise ValueError(
                 f"layer plan {layer.index} is for a model with {layer.describe_model()}, "
-                f"but this MLP has {self.gate_weight.shape[0]} neurons"
+                f"but this MLP has {self.intermediate_size} neurons"
             )
-        self._neurons = None if layer is None else layer.to(self.gate_weight.device).neurons
+        self._neurons = None if layer is None else layer.to(self.gate_up_weight.device).neurons
+
+    def _program(self, neurons: torch.Tensor, backend: str) -> MlpProgram:
+        return MlpProgram(MlpWeights(self.gate_up_weight, self.down_weight, self.down_weight), neurons, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         neurons = self.all_neurons if self._neurons is None else self._neurons
-        return masked_mlp(
-            x, self.gate_weight, self.up_weight, self.down_weight, neurons, backend=self.backend, check_indices=False
-        )
+        weights = (self.gate_up_weight, self.down_weight)
+        return self._programs.get(neurons, self.backend, weights, self._program)(x)
 
 
 def padding_from_mask(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
@@ -172,9 +213,9 @@ def _check_layer_keywords(kwargs: dict) -> None:
 class MaskedAttention(nn.Module):
     """A transformers ``LlamaAttention`` that computes only the heads its layer plan keeps.
 
-    q/k/v weights are shared with the source module; ``o_proj`` is held as
-    one column-major copy, so its gathered columns are contiguous
-    (``gather_layout=False`` shares it as given instead). Call
+    Holds the weights as the runtime does: q, k and v stacked (one copy made
+    here), ``o_proj`` as one column-major copy, so its gathered columns are
+    contiguous (``gather_layout=False`` keeps it as given instead). Call
     :meth:`set_plan` once per request. ``forward`` takes ``LlamaAttention``'s
     arguments and returns ``(output, None)``, so the module can replace one
     inside a transformers decoder layer; with a transformers ``Cache`` it
@@ -193,9 +234,7 @@ class MaskedAttention(nn.Module):
                 f"w_q has {w_q.shape[0]} rows, which is not num_heads ({num_heads}) heads, "
                 f"or num_heads is not a multiple of num_kv_heads ({num_kv_heads})"
             )
-        self.q_weight = nn.Parameter(w_q, requires_grad=False)
-        self.k_weight = nn.Parameter(w_k, requires_grad=False)
-        self.v_weight = nn.Parameter(w_v, requires_grad=False)
+        self.qkv_weight = nn.Parameter(torch.cat([w_q, w_k, w_v]), requires_grad=False)
         self.o_weight = nn.Parameter(prepare_column_gather(w_o) if gather_layout else w_o, requires_grad=False)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -208,7 +247,11 @@ class MaskedAttention(nn.Module):
             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=self.head_dim,
         )
         self._plan: LayerPlan | None = None
-        _keep_transformers_names(self, {f"{p}_weight": f"{p}_proj.weight" for p in "qkvo"})
+        self._programs = _Programs("MaskedAttention")
+        _keep_transformers_names(self, {
+            "qkv_weight": {"q_proj.weight": w_q.shape[0], "k_proj.weight": w_k.shape[0], "v_proj.weight": w_v.shape[0]},
+            "o_weight": {"o_proj.weight": w_o.shape[0]},
+        })
 
     @classmethod
     def from_hf(cls, attn: nn.Module, *, backend: str = "auto", gather_layout: bool = True) -> "MaskedAttention":
@@ -235,7 +278,12 @@ class MaskedAttention(nn.Module):
                 f"layer plan {layer.index} is for a model with {layer.describe_model()}, but this attention has "
                 f"{self.num_heads} heads over {self.num_kv_heads} KV heads of dim {self.head_dim}"
             )
-        self._plan = layer.to(self.q_weight.device)
+        self._plan = layer.to(self.qkv_weight.device)
+
+    def _program(self, plan: LayerPlan, backend: str) -> AttentionProgram:
+        weights = AttentionWeights(self.qkv_weight, self.o_weight, self.o_weight, self.num_heads, self.num_kv_heads,
+                                   self.head_dim)
+        return AttentionProgram(weights, plan.to(self.qkv_weight.device), backend)
 
     def _cache_layer(self, cache) -> KVCacheLayer | None:
         if cache is None or isinstance(cache, KVCacheLayer):
@@ -259,9 +307,7 @@ class MaskedAttention(nn.Module):
         batch, seq = hidden_states.shape[:2]
         kv_len = seq + (0 if cache is None else cache.length)
         padding = check_padding(padding_from_mask(attention_mask, batch, kv_len), batch, kv_len, hidden_states.device)
-        out = run_masked_attention(
-            hidden_states, self.q_weight, self.k_weight, self.v_weight, self.o_weight,
-            self._full if self._plan is None else self._plan, cos, sin,
-            head_dim=self.head_dim, attention_mask=padding, kv_cache=cache, backend=self.backend,
-        )
+        plan = self._full if self._plan is None else self._plan
+        program = self._programs.get(plan, self.backend, (self.qkv_weight, self.o_weight), self._program)
+        out = run_masked_attention(hidden_states, program, cos, sin, attention_mask=padding, kv_cache=cache)
         return out, None

@@ -35,7 +35,8 @@ def apply_masked_kernels(
     model: nn.Module, *, plan: ExecutionPlan | None = None, backend: str = "auto", gather_layout: bool = True,
 ) -> nn.Module:
     """Replace the attention and MLP of every decoder layer of ``model`` with ``MaskedAttention`` and
-    ``MaskedMLP`` over the same weights; return ``model``.
+    ``MaskedMLP`` over the same weights (q|k|v and gate|up stacked, each copy replacing the layer's
+    original); return ``model``.
 
     Args:
         model: a transformers Llama (``LlamaForCausalLM``, ``LlamaModel``) or Llava
@@ -65,7 +66,7 @@ def apply_masked_kernels(
             check_hf_mlp(layer.mlp)
             layer.mlp = MaskedMLP.from_hf(layer.mlp, backend=backend, gather_layout=gather_layout)
         if plan is not None:
-            device = layer.self_attn.q_weight.device
+            device = layer.self_attn.qkv_weight.device
             layer.self_attn.set_plan(plan.layer(i, device))
             layer.mlp.set_plan(plan.layer(i, device))
     return model

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ._checks import check_device
+from .checks import check_device
 from .shape import ModelShape
 
 __all__ = ["ExecutionPlan", "LayerPlan", "neuron_groups"]
@@ -151,13 +151,13 @@ def _build_layers(
     intermediate_size: int, device: torch.device,
 ) -> list[LayerPlan]:
     """Layer plans from host index lists, every index of every layer sent to ``device`` in one copy."""
-    group = num_heads // num_kv_heads
+    per_kv = num_heads // num_kv_heads
     parts: list[list[int]] = []
     for _, heads, neurons in layers:
-        kv = sorted({h // group for h in heads})
+        kv = sorted({h // per_kv for h in heads})
         slot = {k: p for p, k in enumerate(kv)}
         parts += [
-            list(heads), kv, [slot[h // group] for h in heads],
+            list(heads), kv, [slot[h // per_kv] for h in heads],
             [h * head_dim + d for h in heads for d in range(head_dim)],
             [k * head_dim + d for k in kv for d in range(head_dim)],
             list(neurons),
@@ -316,8 +316,8 @@ class ExecutionPlan:
 
     def kv_heads(self, layer: int) -> tuple[int, ...]:
         """KV heads that layer ``layer`` needs: those read by an active query head."""
-        group = self.shape.group_size
-        return tuple(sorted({h // group for h in self.heads[layer]}))
+        per_kv = self.shape.heads_per_kv_head
+        return tuple(sorted({h // per_kv for h in self.heads[layer]}))
 
     def layer(self, index: int, device: torch.device | str = "cpu") -> LayerPlan:
         """Index tensors of one layer on ``device`` (built on first use, then cached)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from ._checks import check_int
+from .checks import check_int
 
 __all__ = ["ModelShape", "PRESETS", "get_shape"]
 
@@ -36,7 +36,7 @@ class ModelShape:
             )
 
     @property
-    def group_size(self) -> int:
+    def heads_per_kv_head(self) -> int:
         """Query heads that share one KV head (1 for multi-head attention)."""
         return self.num_heads // self.num_kv_heads
 

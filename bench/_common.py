@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from adallava_kernels import cost
-from adallava_kernels._checks import check_device
+from adallava_kernels.checks import check_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -12,9 +12,10 @@ Providers:
   library's torch backend, ``masked_attention(backend="torch")``);
 - ``flash_attn``: as ``sdpa_gathered`` with ``flash_attn_func`` for the
   attention itself (only where ``flash_attn`` imports);
-- ``triton``: the library's Triton kernels, ``masked_attention(backend="triton")``:
-  the weights read in place, RoPE in the projection, flash attention over the
-  active heads, column-gathered o_proj (CUDA only).
+- ``triton``: the library's Triton kernels, the ``AttentionProgram`` that
+  ``MaskedAttention`` and the runtime run: the weights read in place (q, k
+  and v stacked, one projection launch), RoPE in the projection, flash
+  attention over the active heads, column-gathered o_proj (CUDA only).
 
 Decode steps read a cache of ``context`` positions holding only the active
 KV heads (all heads for ``sdpa_all``); each timed step writes one position and
@@ -35,7 +36,13 @@ import torch.nn.functional as F
 from adallava_kernels import ContiguousKVCache, ModelShape, cost
 from adallava_kernels.cost import Precision
 from adallava_kernels.ops.layout import prepare_column_gather
-from adallava_kernels.ops.masked_attention import attention_indices, run_masked_attention
+from adallava_kernels.ops.masked_attention import (
+    AttentionProgram,
+    AttentionWeights,
+    attention_indices,
+    masked_attention_reference,
+    run_masked_attention,
+)
 from adallava_kernels.plan import LayerPlan
 
 from ._common import TIMING_COLUMNS, format_table, row_iqr, timing_cells
@@ -92,6 +99,7 @@ class Layer:
     w_v: torch.Tensor
     w_o: torch.Tensor
     w_o_columns: torch.Tensor  # column-major copy of w_o, as MaskedAttention holds it
+    w_qkv: torch.Tensor  # w_q, w_k and w_v stacked, as MaskedAttention holds them
 
     @classmethod
     def random(cls, shape: ModelShape, device, dtype, generator) -> "Layer":
@@ -100,9 +108,9 @@ class Layer:
         def weight(rows, cols):
             return (torch.randn(rows, cols, generator=generator) * cols**-0.5).to(device, dtype)
 
+        w_q, w_k, w_v = weight(q_out, hidden), weight(kv_out, hidden), weight(kv_out, hidden)
         w_o = weight(hidden, q_out)
-        return cls(shape, weight(q_out, hidden), weight(kv_out, hidden), weight(kv_out, hidden), w_o,
-                   prepare_column_gather(w_o))
+        return cls(shape, w_q, w_k, w_v, w_o, prepare_column_gather(w_o), torch.cat([w_q, w_k, w_v]))
 
 
 def dense_attention(layer: Layer, x, cos, sin, cache: ContiguousKVCache | None):
@@ -144,17 +152,16 @@ def flash_attn_gathered(layer: Layer, idx: LayerPlan, x, cos, sin, cache: Contig
 def _calls(layer: Layer, idx: LayerPlan, x, cos, sin, caches: dict) -> dict[str, Callable[[], object]]:
     d = layer.shape.head_dim
 
-    def ours(backend, w_o):
-        return lambda: run_masked_attention(
-            x, layer.w_q, layer.w_k, layer.w_v, w_o, idx, cos, sin,
-            head_dim=d, kv_cache=caches.get("active"), backend=backend,
-        )
-
+    s = layer.shape
+    # Plan time, once: the program MaskedAttention holds for this plan.
+    program = AttentionProgram(AttentionWeights(layer.w_qkv, layer.w_o, layer.w_o_columns, s.num_heads,
+                                                s.num_kv_heads, d), idx, "triton")
     return {
         "sdpa_all": lambda: dense_attention(layer, x, cos, sin, caches.get("all")),
-        "sdpa_gathered": ours("torch", layer.w_o),
+        "sdpa_gathered": lambda: masked_attention_reference(
+            x, layer.w_q, layer.w_k, layer.w_v, layer.w_o, idx, cos, sin, None, caches.get("active"), d),
         "flash_attn": lambda: flash_attn_gathered(layer, idx, x, cos, sin, caches.get("active")),
-        "triton": ours("triton", layer.w_o_columns),
+        "triton": lambda: run_masked_attention(x, program, cos, sin, kv_cache=caches.get("active")),
     }
 
 

@@ -253,13 +253,13 @@ def draw_latency(results: dict, path: Path | None = None):
 def _ops_panel(ax, op: str, rows: list[dict]) -> None:
     scale, unit = flops_unit(max(r["flops"] for r in rows))
     for series in dict.fromkeys(r["series"] for r in rows):
-        group = [r for r in rows if r["series"] == series]
-        role = group[0].get("role") or role_of(series)
-        x = np.array([r["flops"] for r in group]) / scale
-        ms = np.array([r["seconds"] for r in group]) * 1e3
+        measured = [r for r in rows if r["series"] == series]
+        role = measured[0].get("role") or role_of(series)
+        x = np.array([r["flops"] for r in measured]) / scale
+        ms = np.array([r["seconds"] for r in measured]) * 1e3
         (points,) = ax.plot(x, ms, "o", color=SERIES_COLORS.get(series), label=f"{series}: {role}",
                             gid=f"series:{op}:{series}")
-        gpu = [(xi, r["gpu_seconds"] * 1e3) for xi, r in zip(x, group) if r.get("gpu_seconds") is not None]
+        gpu = [(xi, r["gpu_seconds"] * 1e3) for xi, r in zip(x, measured) if r.get("gpu_seconds") is not None]
         if gpu:
             gx, gy = zip(*gpu)
             ax.plot(gx, gy, "o", mfc="none", mec=points.get_color())

@@ -1,6 +1,6 @@
 """Validation report: when a plan predicts 60% of the FLOPs, does it take 60% of the time?
 
-Each (op, series) group of measurements is judged on two numbers: the Pearson
+The measurements of each (op, series) are judged on two numbers: the Pearson
 correlation of measured wall time with predicted FLOPs, and the worst
 deviation from proportionality, anchored at the plan with the most FLOPs (the
 dense or fullest plan). A high correlation alone is not enough: ``t = a + b *
@@ -174,12 +174,12 @@ def _validated(rows: Sequence[dict]) -> list[dict]:
     return list(rows)
 
 
-def _groups(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Rows keyed by (op, series), in the order each group first appears."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+def _by_series(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows keyed by (op, series), in the order each (op, series) first appears."""
+    keyed: dict[tuple[str, str], list[dict]] = {}
     for row in _validated(rows):
-        groups.setdefault((row["op"], row["series"]), []).append(row)
-    return groups
+        keyed.setdefault((row["op"], row["series"]), []).append(row)
+    return keyed
 
 
 def unresolved(flops: Sequence[float], seconds: Sequence[float], iqrs: Sequence[float]) -> list[bool]:
@@ -243,8 +243,8 @@ def _report(op: str, series: str, rows: list[dict]) -> SeriesReport:
 
 
 def summarize(rows: Sequence[dict]) -> list[SeriesReport]:
-    """One report per (op, series), in the order the groups first appear in ``rows``."""
-    return [_report(op, series, group) for (op, series), group in _groups(rows).items()]
+    """One report per (op, series), in the order they first appear in ``rows``."""
+    return [_report(op, series, measured) for (op, series), measured in _by_series(rows).items()]
 
 
 def _cells(report: SeriesReport) -> dict[str, str]:

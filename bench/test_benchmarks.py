@@ -75,7 +75,7 @@ def test_masked_attention_prefill(benchmark, fraction):
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos().to(DEVICE, DTYPE), angles.sin().to(DEVICE, DTYPE)
     heads = attention_bench.kept_heads(s.num_heads, fraction, g).to(DEVICE)
-    kv = len({int(h) // s.group_size for h in heads})
+    kv = len({int(h) // s.heads_per_kv_head for h in heads})
     benchmark.extra_info["flops"] = cost.masked_attention_cost(
         s, heads=heads.numel(), kv_heads=kv, q_tokens=TOKENS, kv_tokens=TOKENS).flops
     benchmark(_timed(lambda: masked_attention(x, w_q, w_k, w_v, w_o, heads, cos, sin, num_heads=s.num_heads,

@@ -1,5 +1,6 @@
 """Reading checkpoint directories tensor file by tensor file: safetensors or PyTorch ``.bin``, one file
-or shards with an index, as transformers and the LLaVA code base write them."""
+or shards with an index, as transformers and the LLaVA code base write them; the names a LLaVA
+checkpoint's tensors take in AdaLLaVA, and the check that a load filled every parameter."""
 
 from __future__ import annotations
 
@@ -10,7 +11,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-__all__ = ["checkpoint_files", "checkpoint_keys", "load_tensors", "check_checkpoint_dir"]
+__all__ = [
+    "LLAVA_KEY_MAPPING",
+    "SCHEDULER_PREFIXES",
+    "check_checkpoint_dir",
+    "check_loaded_keys",
+    "checkpoint_files",
+    "checkpoint_keys",
+    "load_tensors",
+]
+
+# transformers' Llava checkpoint layout (as llava-hf publishes it, and as LlavaForConditionalGeneration.
+# save_pretrained writes it) to AdaLLaVA's parameter names. transformers applies these renamings only to
+# model_type "llava", so a subclass with its own model_type names them itself.
+LLAVA_KEY_MAPPING = {
+    r"^language_model\.lm_head": "lm_head",
+    r"^language_model\.model": "model.language_model",
+    r"^vision_tower": "model.vision_tower",
+    r"^multi_modal_projector": "model.multi_modal_projector",
+}
+# Parameters a plain LLaVA checkpoint does not hold: they start untrained.
+SCHEDULER_PREFIXES = ("latency_encoder.", "scheduler.")
 
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
 _INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -58,3 +79,29 @@ def checkpoint_keys(directory: Path) -> list[str]:
         else:
             keys.extend(load_tensors(path))
     return keys
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+    return ", ".join(keys[:20]) + more
+
+
+def check_loaded_keys(model: torch.nn.Module, info: dict, source) -> bool:
+    """Raise unless every checkpoint tensor mapped onto a parameter and every parameter but the
+    scheduler's was loaded (``info``: transformers' loading info); return whether the latency encoder
+    and scheduler were loaded."""
+    scheduler_keys = {k for k in model.state_dict() if k.startswith(SCHEDULER_PREFIXES)}
+    missing = set(info.get("missing_keys", ()))
+    problems = []
+    if info.get("unexpected_keys"):
+        problems.append(f"checkpoint keys that map to no parameter: {_listed(info['unexpected_keys'])}")
+    if missing - scheduler_keys:
+        problems.append(f"parameters the checkpoint does not hold: {_listed(missing - scheduler_keys)}")
+    if info.get("mismatched_keys"):
+        problems.append(f"keys of another shape: {_listed(str(k) for k in info['mismatched_keys'])}")
+    if missing & scheduler_keys and not scheduler_keys <= missing:
+        problems.append(f"a partial scheduler; missing: {_listed(missing & scheduler_keys)}")
+    if problems:
+        raise ValueError(f"{source} is not a LLaVA or AdaLLaVA checkpoint of this model: " + "; ".join(problems))
+    return not missing & scheduler_keys

@@ -8,7 +8,7 @@ import logging
 from transformers import LlavaConfig
 
 from adallava_kernels import ModelShape, UnitScheme
-from adallava_kernels._checks import check_int
+from adallava_kernels.checks import check_int
 
 __all__ = ["AdaLlavaConfig", "SCHEDULER_MODES", "BUDGET_COSTS", "quiet_model_type_warning"]
 

@@ -22,11 +22,12 @@ from typing import Sequence
 import torch
 
 from adallava_kernels import ExecutionPlan, ModelShape, check_budget, cost
-from adallava_kernels._checks import check_device, check_int
+from adallava_kernels.checks import check_device, check_int
 
-from .checkpoint import check_checkpoint_dir, checkpoint_keys
+from .checkpoint import SCHEDULER_PREFIXES, check_checkpoint_dir, checkpoint_keys
 from .config import quiet_model_type_warning
-from .modeling import SCHEDULER_PREFIXES, AdaLlavaForConditionalGeneration, fit_image_tokens
+from .modeling import AdaLlavaForConditionalGeneration
+from .prumerge import fit_image_tokens
 
 __all__ = ["main", "plan_summary", "generation_flops", "llava_prompt", "expand_to_square", "check_args"]
 

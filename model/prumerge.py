@@ -16,18 +16,34 @@ Per image, with ``N`` patch tokens ``x_j`` and their [CLS] attention ``a_j``:
 4. One extra token is appended: ``sum_j a_j x_j`` over the pruned tokens.
 
 So an image gives ``int(N * r) + 1`` tokens, a number that varies per image (see
-``model.fit_image_tokens``). The merge runs on the vision features, before the projector.
+:func:`fit_image_tokens`). The merge runs on the vision features, before the projector.
 Departures, both measure-zero or batch-1-only: the outlier fence is computed per image in float64
 (the reference pools the whole batch through NumPy, which is the same for the batch of one it
 evaluates with), and ``m`` is capped at ``N - 1`` (the reference fixes 32 and fails below 33 tokens).
+
+:func:`image_features` and :func:`embed_inputs` give a LLaVA model's input embeddings with its
+visual tokens, PruMerged when its config says so.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["iqr_outliers", "kept_tokens", "prune_merge", "cls_attention_and_keys", "vision_prumerge"]
+from adallava_kernels import check_token_ids
+
+__all__ = [
+    "cls_attention_and_keys",
+    "embed_inputs",
+    "fit_image_tokens",
+    "image_features",
+    "iqr_outliers",
+    "kept_tokens",
+    "prune_merge",
+    "vision_prumerge",
+]
 
 
 def _check_float(name: str, tensor: torch.Tensor, dims: tuple[int, ...]) -> None:
@@ -205,3 +221,69 @@ def vision_prumerge(
     outputs, q, k = _run_capturing_qk(vision_model, pixel_values, layer)
     attention, keys = _cls_attention(q, k)
     return prune_merge(outputs.hidden_states[layer][:, 1:], attention, keys, neighbors=neighbors)
+
+
+# -- a LLaVA model's inputs ---------------------------------------------------------------------
+
+
+def image_features(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Projected visual tokens of a Llava ``model``, one ``[tokens, hidden]`` tensor per image (with
+    PruMerge: the kept tokens, merged, then one extra token, a count that varies per image)."""
+    config = model.config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer must be one int for AdaLLaVA, got {layer!r}")
+    tower = model.model.vision_tower
+    pixel_values = pixel_values.to(model.dtype)
+    if config.prumerge:
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("prumerge needs vision_feature_select_strategy='default' (patch features, no [CLS])")
+        merged = vision_prumerge(tower, pixel_values, layer, neighbors=config.prumerge_neighbors)
+        return [model.model.multi_modal_projector(m[None])[0] for m in merged]
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    if config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]
+    return list(model.model.multi_modal_projector(hidden))
+
+
+def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings with the visual tokens scattered over the image placeholders."""
+    slots = input_ids == model.config.image_token_id
+    # The placeholder's own embedding is never used; a converted LLaVA checkpoint keeps its
+    # vocabulary, so its placeholder id lies past the embedding table.
+    text_ids = input_ids.masked_fill(slots, 0)
+    check_token_ids("input_ids", text_ids, model.get_input_embeddings().num_embeddings)
+    embeds = model.get_input_embeddings()(text_ids)
+    if pixel_values is None:
+        return embeds
+    features = torch.cat(image_features(model, pixel_values)).to(embeds.dtype)
+    if int(slots.sum()) != features.shape[0]:
+        raise ValueError(
+            f"input_ids hold {int(slots.sum())} image tokens, but the images give {features.shape[0]} "
+            "visual tokens (with PruMerge the count varies per image: see model.fit_image_tokens)"
+        )
+    return embeds.masked_scatter(slots[..., None], features)
+
+
+def fit_image_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, counts: Sequence[int], image_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize each row's run of image tokens to ``counts[b]`` (PruMerge keeps a varying number), left-padding
+    the rows back to one length. Each row must hold one contiguous run of image tokens."""
+    rows, masks = [], []
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    for b, row in enumerate(input_ids):
+        keep = attention_mask[b].bool()
+        ids = row[keep]
+        slots = (ids == image_token_id).nonzero().flatten()
+        if slots.numel() == 0 or int(slots[-1] - slots[0]) + 1 != slots.numel():
+            raise ValueError(f"input_ids row {b} must hold one contiguous run of image tokens")
+        start, stop = int(slots[0]), int(slots[-1]) + 1
+        run = ids.new_full((counts[b],), image_token_id)
+        rows.append(torch.cat([ids[:start], run, ids[stop:]]))
+    width = max(r.numel() for r in rows)
+    for r in rows:
+        masks.append(torch.cat([r.new_zeros(width - r.numel()), r.new_ones(r.numel())]))
+    ids = torch.stack([torch.cat([r.new_full((width - r.numel(),), pad_token_id), r]) for r in rows])
+    return ids, torch.stack(masks)

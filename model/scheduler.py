@@ -24,11 +24,16 @@ head version in AdaLLaVA's ``scheduler/scheduler_utils.py``):
 
 The deterministic baseline instead switches on every logit above 0 (a hard
 sigmoid, straight-through) and learns the budget from a penalty.
+
+Per batch: :func:`insert_latency_token` puts each sample's token after its
+prompt; :func:`plan_from_logits` (inference) and :func:`sample_switches`
+(training) turn the scheduler's logits into plans or switches.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -36,16 +41,23 @@ from torch.nn import functional as F
 
 from adallava_kernels import ExecutionPlan, UnitScheme, best_plan, check_budget, neuron_groups
 
+from .outputs import IGNORE_INDEX
+
 __all__ = [
     "LatencyEncoder",
     "Scheduler",
     "budget_units",
+    "check_budgets",
+    "check_plans",
     "deterministic_switches",
     "gates_from_plan",
     "gates_from_switches",
+    "insert_latency_token",
+    "plan_from_logits",
     "plan_from_switches",
     "sample_head_switches",
     "sample_layer_switches",
+    "sample_switches",
     "switch_latency",
 ]
 
@@ -235,3 +247,86 @@ def gates_from_plan(plans: list[ExecutionPlan], scheme: UnitScheme, device, dtyp
             neurons[b, list(plan.neurons[layer])] = 1
         gates[layer] = (None, heads.to(device), neurons.to(device))
     return gates
+
+
+# -- a batch: its latency tokens, and its plans or switches --------------------------------------
+
+
+def check_budgets(latency_budget, batch: int) -> list[float]:
+    """One budget per sample from one number or one per sample, each checked against [0.5, 1.0]."""
+    values = torch.as_tensor(latency_budget, dtype=torch.float64).flatten().tolist()
+    if len(values) not in (1, batch):
+        raise ValueError(f"latency_budget must be one number or one per sample ({batch}), got {len(values)}")
+    return [check_budget(v) for v in (values * batch if len(values) == 1 else values)]
+
+
+def check_plans(plan, batch: int, scheme: UnitScheme) -> list[ExecutionPlan] | None:
+    """One plan per sample from one plan or one per sample (``None``: the scheduler plans), each for
+    the scheme's model and running its prefix layers whole."""
+    if plan is None:
+        return None
+    plans = [plan] * batch if isinstance(plan, ExecutionPlan) else list(plan)
+    if len(plans) != batch:
+        raise ValueError(f"plan must be one ExecutionPlan or one per sample ({batch}), got {len(plans)}")
+    for p in plans:
+        if not isinstance(p, ExecutionPlan):
+            raise ValueError(f"plan must hold ExecutionPlans, got {type(p).__name__}")
+        p.check_shape(scheme.shape)
+        if not all(p.layer_mask[: scheme.prefix_layers]) or any(
+            len(p.heads[i]) < p.shape.num_heads or len(p.neurons[i]) < p.shape.intermediate_size
+            for i in range(scheme.prefix_layers)
+        ):
+            raise ValueError(f"plan must run the {scheme.prefix_layers} prefix layers whole")
+    return plans
+
+
+def insert_latency_token(encoder: LatencyEncoder, embeds, mask2d, labels, budgets, position):
+    """Put each sample's latency token after its prompt: before the first answer label, else after the
+    last attended token, or at ``position``. Returns the new embeds, mask, labels and positions."""
+    batch, seq = mask2d.shape
+    if position is not None:
+        where = torch.as_tensor(position, dtype=torch.long).flatten().expand(batch).tolist()
+    else:
+        where = []
+        for b in range(batch):
+            answer = [] if labels is None else (labels[b] != IGNORE_INDEX).nonzero().flatten().tolist()
+            attended = mask2d[b].nonzero().flatten()
+            where.append(answer[0] if answer else int(attended[-1]) + 1 if attended.numel() else seq)
+    for b, w in enumerate(where):
+        if not 0 <= w <= seq:
+            raise ValueError(f"latency_position {w} for sample {b} is outside [0, {seq}]")
+    tokens = encoder(budgets).to(embeds.dtype)
+    one = mask2d.new_ones(1)
+    rows = [(torch.cat([embeds[b, :w], tokens[b:b + 1], embeds[b, w:]]),
+             torch.cat([mask2d[b, :w], one, mask2d[b, w:]])) for b, w in enumerate(where)]
+    new_labels = None
+    if labels is not None:
+        ignore = labels.new_full((1,), IGNORE_INDEX)
+        new_labels = torch.stack([torch.cat([labels[b, :w], ignore, labels[b, w:]]) for b, w in enumerate(where)])
+    where = torch.tensor(where, dtype=torch.long, device=embeds.device)
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), new_labels, where
+
+
+def plan_from_logits(scheduler: Scheduler, config, logits: torch.Tensor, budgets: Sequence[float],
+                     mask2d: torch.Tensor) -> list[ExecutionPlan]:
+    """Inference plans: the best plan under each budget, priced in equal units or (``budget_cost="flops"``)
+    at each sample's prompt length (deterministic mode: the logits' signs)."""
+    if config.scheduler_mode == "deterministic":
+        return [plan_from_switches(s, config.scheme) for s in (logits > 0).float()]
+    if config.budget_cost == "units":
+        tokens = [None] * mask2d.shape[0]
+    else:
+        tokens = [int(n) for n in mask2d.sum(-1).tolist()]
+    return [scheduler.best_plan(logits[b], budgets[b], tokens[b]) for b in range(len(budgets))]
+
+
+def sample_switches(config, logits: torch.Tensor, budgets: Sequence[float], generator=None) -> torch.Tensor:
+    """Training switches (0/1 values carrying straight-through gradients)."""
+    scheme = config.scheme
+    if config.scheduler_mode == "deterministic":
+        return deterministic_switches(logits)
+    units = budget_units(scheme, torch.tensor(budgets))
+    tau = config.gumbel_tau
+    if scheme.kind == "L":
+        return sample_layer_switches(logits, units, tau, generator=generator)
+    return sample_head_switches(logits, units, scheme.rank, tau, generator=generator)

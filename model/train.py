@@ -23,7 +23,8 @@ import torch
 from adallava_kernels.budget import MAX_BUDGET, MIN_BUDGET
 
 from .config import quiet_model_type_warning
-from .modeling import IGNORE_INDEX, AdaLlavaForConditionalGeneration
+from .modeling import AdaLlavaForConditionalGeneration
+from .outputs import IGNORE_INDEX
 
 __all__ = ["LLM_LR", "SCHEDULER_LR", "build_optimizer", "random_budgets", "training_step", "encode_conversation",
            "batches", "main"]

@@ -94,7 +94,7 @@ def _next_unit_costs(scheme, plan, scores, num_tokens):
     sizes = [len(g) for g in neuron_groups(shape.intermediate_size, shape.num_heads)]
 
     def flops(heads, groups):
-        kv = len({h // shape.group_size for h in heads})
+        kv = len({h // shape.heads_per_kv_head for h in heads})
         return layer_flops(shape, num_tokens, heads=len(heads), kv_heads=kv, neurons=sum(sizes[g] for g in groups))
 
     out = []

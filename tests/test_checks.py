@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adallava_kernels import ContiguousKVCache, ExecutionPlan, LayerSkipKVCache, cost, get_shape, masked_attention
-from adallava_kernels import _checks
+from adallava_kernels import checks
 from adallava_kernels.kv_cache import layers as kv_layers, pool as kv_pool
 
 attention_module = importlib.import_module("adallava_kernels.ops.masked_attention")
@@ -43,18 +43,18 @@ def test_cuda_without_cuda_is_a_value_error(taker):
 
 
 def test_check_device_accepts_what_torch_allocates_on():
-    assert _checks.check_device("device", "cpu") == torch.device("cpu")
-    assert _checks.check_device("device", torch.device("cpu")) == torch.device("cpu")
+    assert checks.check_device("device", "cpu") == torch.device("cpu")
+    assert checks.check_device("device", torch.device("cpu")) == torch.device("cpu")
     with pytest.raises(ValueError, match=r"device must be a device string or torch.device, got int"):
-        _checks.check_device("device", 0)
+        checks.check_device("device", 0)
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         with pytest.raises(ValueError, match=rf"this machine has {count} CUDA device"):
-            _checks.check_device("device", f"cuda:{count}")
+            checks.check_device("device", f"cuda:{count}")
 
 
 def test_count_checks_are_one_function():
-    assert cost.check_int is kv_pool.check_int is kv_layers.check_int is attention_module.check_int is _checks.check_int
+    assert cost.check_int is kv_pool.check_int is kv_layers.check_int is attention_module.check_int is checks.check_int
     for value in (0, -1, 2.0, True, "3"):
         with pytest.raises(ValueError, match=rf"page_size must be an int >= 1, got {value!r}"):
             cost.kv_cache_bytes(TINY, 3, page_size=value)

@@ -11,10 +11,15 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from adallava_kernels.ops import attention_kernels, gathered_linear
+from adallava_kernels.ops import flash_attention, gathered_linear, head_projection
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device
+
+
+def only(kernels: dict, regime: str, config, **tune) -> object:
+    """``kernels[regime]``'s kernel autotuned over ``config`` alone."""
+    return triton.autotune(configs=[config], **tune)(kernels[regime].fn)
 
 
 def config_id(config) -> str:
@@ -27,15 +32,14 @@ def cases(table: dict) -> list:
             for c in configs]
 
 
-GEMM_CONFIGS = {"prefill": gathered_linear.PREFILL_CONFIGS, "decode": gathered_linear.DECODE_CONFIGS}
 # Tokens in each regime, neither a multiple of any tile.
 TOKENS = {"prefill": 37, "decode": 3}
 
 
-@pytest.mark.parametrize("regime, config", cases(GEMM_CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(gathered_linear.CONFIGS))
 def test_gathered_linear_config(regime, config, monkeypatch):
-    monkeypatch.setitem(gathered_linear._ROW, regime, gathered_linear._tuned(gathered_linear._row_gather_kernel, [config]))
-    monkeypatch.setitem(gathered_linear._COL, regime, gathered_linear._tuned(gathered_linear._col_gather_kernel, [config]))
+    for kernels in (gathered_linear.ROW_KERNELS, gathered_linear.COL_KERNELS):
+        monkeypatch.setitem(kernels, regime, only(kernels, regime, config, key=["M_BUCKET"], restore_value=["y_ptr"]))
     tokens, hidden, inter = TOKENS[regime], 200, 300
     x = torch.randn(tokens, hidden).half()
     w_gate, w_up = ((torch.randn(inter, hidden) * hidden**-0.5).half() for _ in range(2))
@@ -54,31 +58,29 @@ def test_gathered_linear_config(regime, config, monkeypatch):
     assert_close(out.cpu(), F.linear(act.cpu().double(), w_down.double()[:, idx]))
 
 
-@pytest.mark.parametrize("regime, config", cases(attention_kernels.PROJECTION_CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(head_projection.CONFIGS))
 def test_head_projection_config(regime, config, monkeypatch):
-    kernel = triton.autotune(configs=[config], key=["M_BUCKET"], restore_value=["y_ptr"])(
-        attention_kernels._head_proj_kernel)
-    monkeypatch.setitem(attention_kernels._PROJ, regime, kernel)
+    kernels = head_projection.KERNELS
+    monkeypatch.setitem(kernels, regime, only(kernels, regime, config, key=["M_BUCKET"], restore_value=["y_ptr"]))
     batch, seq, hidden, head_dim = 1, TOKENS[regime], 200, 24
     x = torch.randn(batch, seq, hidden).half()
     w = (torch.randn(5 * head_dim, hidden) * hidden**-0.5).half()
     heads = torch.tensor([1, 2, 4], dtype=torch.int32)
     out = poisoned(batch, seq, 3, head_dim, dtype=torch.float16, device=DEVICE)
-    attention_kernels.head_projection(*to_device(x, w, heads), head_dim, None, None, out)
+    head_projection.head_projection(*to_device(x, w, heads), head_dim, None, None, out)
     expected = F.linear(x.double(), w.double()).view(batch, seq, 5, head_dim)[:, :, heads.long()]
     assert_close(out.cpu(), expected)
 
 
-@pytest.mark.parametrize("regime, config", cases(attention_kernels.ATTENTION_CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(flash_attention.CONFIGS))
 def test_flash_attention_config(regime, config, monkeypatch):
-    kernel = triton.autotune(configs=[config], key=["SQ_BUCKET"])(attention_kernels._flash_attn_kernel)
-    monkeypatch.setitem(attention_kernels._ATTN, regime, kernel)
+    monkeypatch.setitem(flash_attention.KERNELS, regime, only(flash_attention.KERNELS, regime, config, key=["SQ_BUCKET"]))
     batch, q_len, kv_len, head_dim = 2, TOKENS[regime], 150, 24
     q = torch.randn(batch, q_len, 3, head_dim).half()
     k, v = (torch.randn(batch, 2, kv_len, head_dim).half() for _ in range(2))
     head_to_kv = torch.tensor([0, 1, 1], dtype=torch.int32)
     out = poisoned(batch, q_len, 3, head_dim, dtype=torch.float16, device=DEVICE)
-    attention_kernels.flash_attention(*to_device(q, k, v, head_to_kv), None, out, head_dim**-0.5)
+    flash_attention.flash_attention(*to_device(q, k, v, head_to_kv), None, out, head_dim**-0.5)
 
     kk, vv = (t.double()[:, head_to_kv.long()] for t in (k, v))
     scores = torch.einsum("bqhd,bhkd->bhqk", q.double(), kk) * head_dim**-0.5

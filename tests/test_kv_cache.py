@@ -300,10 +300,10 @@ def test_random_interleavings_match_the_model(operations, seed, dtype):
             if tokens and fits(cache, [seq_id], tokens):
                 forward_append(cache, model, [seq_id], tokens, dtype, seed + step)
         elif op == "batch" and len(live) > 1:
-            group = rng.sample(live, rng.randint(2, len(live)))
-            tokens = min([tokens] + [12 - cache.length(s) for s in group])
-            if tokens and fits(cache, group, tokens):
-                forward_append(cache, model, group, tokens, dtype, seed + step)
+            chosen = rng.sample(live, rng.randint(2, len(live)))
+            tokens = min([tokens] + [12 - cache.length(s) for s in chosen])
+            if tokens and fits(cache, chosen, tokens):
+                forward_append(cache, model, chosen, tokens, dtype, seed + step)
         elif op == "free" and seq_id in live:
             cache.free(seq_id)
             del model.data[seq_id]

@@ -19,7 +19,7 @@ from adallava_kernels import (
     TransformersCacheLayer,
     masked_attention,
 )
-from adallava_kernels.ops import _common
+from adallava_kernels.ops import common
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE, to_device
@@ -278,7 +278,7 @@ def test_rejected_calls_leave_the_cache_unchanged():
 def test_backend_convention(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         call(backend="cuda")
-    monkeypatch.setattr(_common, "INTERPRETING", False)
+    monkeypatch.setattr(common, "INTERPRETING", False)
     with pytest.raises(BackendUnavailableError, match="Triton kernels run on CUDA tensors"):
         call(backend="triton")
     same = args()

@@ -4,7 +4,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from adallava_kernels import BackendUnavailableError, ExecutionPlan, masked_mlp
-from adallava_kernels.ops import _common
+from adallava_kernels.ops import common
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE, on_device
@@ -161,7 +161,7 @@ def test_bad_input(call_args, error, match):
 def test_backend_convention(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         masked_mlp(*args(), backend="cuda")
-    monkeypatch.setattr(_common, "INTERPRETING", False)
+    monkeypatch.setattr(common, "INTERPRETING", False)
     with pytest.raises(BackendUnavailableError, match="Triton kernels run on CUDA tensors"):
         masked_mlp(*args(), backend="triton")
     # "auto" on CPU is the PyTorch reference.

@@ -10,6 +10,7 @@ from adallava_kernels import ExecutionPlan, cost
 from adallava_kernels.budget import flops_budget, layer_flops
 from adallava_kernels.testing import assert_close
 from model import IGNORE_INDEX, AdaLlavaForConditionalGeneration, fit_image_tokens
+from model import inference
 from model.baselines import deterministic_config, early_exit_plan
 from model.scheduler import (
     budget_units,
@@ -344,7 +345,7 @@ def test_generate_equals_the_stepwise_masked_reference_and_stores_only_the_plan(
 
 
 @pytest.mark.parametrize("check_every", [1, 3, 8])
-def test_generate_stops_at_eos_and_reads_it_back_every_k_steps(check_every):
+def test_generate_stops_at_eos_and_reads_it_back_every_k_steps(check_every, monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Syncs(TorchDispatchMode):
@@ -360,13 +361,13 @@ def test_generate_stops_at_eos_and_reads_it_back_every_k_steps(check_every):
     new = free_run[0, ids.shape[1]:].tolist()
     eos = new[2]
     stop = new.index(eos) + 1  # transformers stops after the first EOS
-    decode = model._decode
+    decode = inference.decode_n_tokens
 
     def counted(*args, **kwargs):
         with Syncs():
             return decode(*args, **kwargs)
 
-    model._decode = counted
+    monkeypatch.setattr(inference, "decode_n_tokens", counted)
     gen = model.generate(ids, pixels, latency_budget=0.7, max_new_tokens=8, eos_token_id=eos, backend="torch",
                          eos_check_every=check_every)
     assert gen.sequences[0, ids.shape[1]:].tolist() == new[:stop]

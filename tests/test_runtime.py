@@ -9,7 +9,7 @@ import gc
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adallava_kernels import ExecutionPlan, ModelShape, cost
@@ -131,6 +131,14 @@ def test_forward_without_cache_equals_the_zeroed_model(model, backend, device):
 
 # --- no host sync, few ops ------------------------------------------------------------------
 
+def _triton_launchers() -> list:
+    """The classes whose ``run`` launches a Triton kernel: compiled, and under TRITON_INTERPRET=1."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return [JITFunction, InterpretedFunction]
+
+
 SYNC_OPS = {
     "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
     "aten.unique_consecutive.default", "aten.masked_select.default", "aten.lift_fresh.default",
@@ -139,7 +147,9 @@ SYNC_OPS = {
 
 
 class Dispatched(TorchDispatchMode):
-    """Records every aten op dispatched, and Tensor.tolist calls (which dispatch nothing)."""
+    """Records every aten and custom op dispatched, every Triton kernel launched directly (one entry per
+    launch: the interpreter's own tensor ops inside a launch are not the step's), and Tensor.tolist calls
+    (which dispatch nothing)."""
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -151,10 +161,27 @@ class Dispatched(TorchDispatchMode):
             return tolist(tensor)
 
         monkeypatch.setattr(torch.Tensor, "tolist", counted)
+        for launcher in _triton_launchers():
+            monkeypatch.setattr(launcher, "run", self._launch_counter(launcher.run))
+
+    def _launch_counter(self, run):
+        def counted_run(kernel, *args, **kwargs):
+            if not self._in_op:  # a custom op's own launch is that op, counted once
+                self.ops.append(f"triton.{getattr(kernel, '__name__', type(kernel).__name__)}")
+            with _disable_current_modes():
+                return run(kernel, *args, **kwargs)
+
+        return counted_run
+
+    _in_op = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
+        self._in_op = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self._in_op = False
 
     def syncs(self, start=0, stop=None):
         return [op for op in self.ops[start:stop] if op in SYNC_OPS or op == "Tensor.tolist"]
@@ -190,7 +217,7 @@ def test_decode_step_reads_nothing_back_and_stays_under_40_ops_a_layer(model, ba
         batch.step(token)
     assert mode.syncs() == []
     ran = {(i, n) for i, n, _, _ in calls}
-    assert len(calls) == 2 * sum(len(runs) for runs in batch.schedule)  # every run of every kept layer
+    assert len(calls) == 2 * sum(len(runs) for runs in batch.schedule.layers)  # every run of every kept layer
     assert max(n for _, n in ran) <= 40, sorted(ran)
 
 

@@ -20,7 +20,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from .._checks import check_device, check_int
+from ..checks import check_device, check_int
 
 __all__ = [
     "KVCacheLayer",

@@ -13,7 +13,7 @@ from typing import Hashable, Sequence
 
 import torch
 
-from .._checks import check_device, check_int
+from ..checks import check_device, check_int
 from ..plan import ExecutionPlan
 from ..shape import ModelShape
 from .layers import PagedCacheLayer, check_storable

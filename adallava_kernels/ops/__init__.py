@@ -1,6 +1,10 @@
-"""The ops, one module each: launcher with input checks, kernels, and PyTorch reference."""
+"""The ops, one module each: launcher with input checks, kernels, and PyTorch reference
+(``masked_attention``, ``masked_mlp``, ``paged_attention``, ``gathered_linear``); the attention's Triton
+kernels one a module (``head_projection``, ``flash_attention``, ``split_combine``,
+``paged_decode_kernel``); what the kernels share (``triton_utils``) and what the ops check
+(``common``); the kernels as ``torch.ops.adallava`` operators (``library``)."""
 
-from ._common import BACKENDS, BackendUnavailableError
+from .common import BACKENDS, BackendUnavailableError
 from .masked_attention import masked_attention, masked_attention_reference
 from .masked_mlp import masked_mlp, masked_mlp_reference
 

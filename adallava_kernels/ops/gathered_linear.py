@@ -25,17 +25,17 @@ bytes).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING as _INTERPRET, kernel_configs
 from .layout import prepare_column_gather
+from .triton_utils import DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, multiprocessors, regime, smallest_block
 
 __all__ = [
+    "CONFIGS",
     "DECODE_MAX_TOKENS",
     "row_gathered_linear",
     "col_gathered_linear",
@@ -43,64 +43,49 @@ __all__ = [
     "prepare_column_gather",
 ]
 
-DECODE_MAX_TOKENS = 16
 
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
-    )
+def _config(bm, bn, bk, warps, stages, band=8):
+    return config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BAND_M=band)
 
 
-# Prefill, many tokens: compute-bound tiles for tl.dot.
-PREFILL_CONFIGS = [
-    # Hopper (H100/H200): 128x128 and 128x256 tiles, 64-deep K, 3-4 stages fit its 228 KB of shared memory.
-    _config(128, 128, 64, warps=8, stages=3),
-    _config(128, 256, 64, warps=8, stages=3),
-    _config(128, 128, 64, warps=4, stages=4),
-    # Ampere (A100): 32-deep K with 4 stages fits 164 KB of shared memory.
-    _config(128, 128, 32, warps=4, stages=4),
-    _config(64, 128, 32, warps=4, stages=4),
-]
-# Decode, 1 to 16 tokens: memory-bound; a 16-row tile is the smallest tl.dot
-# takes, and wide, deep weight tiles keep many loads in flight.
-DECODE_CONFIGS = [
-    # Hopper and Ampere alike: the weight stream dominates, tiles differ in width.
-    _config(16, 64, 128, warps=4, stages=4, group_m=1),
-    _config(16, 128, 128, warps=4, stages=4, group_m=1),
-    _config(16, 64, 256, warps=4, stages=3, group_m=1),
-    _config(16, 32, 256, warps=4, stages=4, group_m=1),
-]
-# Under TRITON_INTERPRET=1 autotuning does not work: one small config, so
-# odd sizes still cross tile boundaries in tests.
-INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, group_m=2)]
+CONFIGS = {
+    # Prefill, many tokens: compute-bound tiles for tl.dot.
+    "prefill": [
+        # Hopper (H100/H200): 128x128 and 128x256 tiles, 64-deep K, 3-4 stages fit its 228 KB of shared memory.
+        _config(128, 128, 64, warps=8, stages=3),
+        _config(128, 256, 64, warps=8, stages=3),
+        _config(128, 128, 64, warps=4, stages=4),
+        # Ampere (A100): 32-deep K with 4 stages fits 164 KB of shared memory.
+        _config(128, 128, 32, warps=4, stages=4),
+        _config(64, 128, 32, warps=4, stages=4),
+    ],
+    # Decode, 1 to 16 tokens: memory-bound; a 16-row tile is the smallest tl.dot
+    # takes, and wide, deep weight tiles keep many loads in flight.
+    "decode": [
+        # Hopper and Ampere alike: the weight stream dominates, tiles differ in width.
+        _config(16, 64, 128, warps=4, stages=4, band=1),
+        _config(16, 128, 128, warps=4, stages=4, band=1),
+        _config(16, 64, 256, warps=4, stages=3, band=1),
+        _config(16, 32, 256, warps=4, stages=4, band=1),
+    ],
+}
+INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, band=2)]
 
 _TUNE_KEY = ["M_BUCKET", "N", "K", "IEEE"]
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.constexpr):
+    # Banded launch order: the BAND_M row tiles of a band share each weight tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    per_band = BAND_M * num_pid_n
+    first_m = (pid // per_band) * BAND_M
+    band_rows = tl.minimum(num_pid_m - first_m, BAND_M)
+    pid_m = first_m + (pid % per_band) % band_rows
+    pid_n = (pid % per_band) // band_rows
     return pid_m, pid_n
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:
-        # The interpreter computes bf16 dots wrongly; fp32 is exact for bf16 inputs.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        # fp32 inputs: full precision, not TF32.
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -109,10 +94,10 @@ def _row_gather_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
     SWIGLU: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -129,10 +114,10 @@ def _row_gather_kernel(
         mask_k = offs_k < K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b1 = tl.load(w1_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc1 = _dot(a, b1, acc1, IEEE, UPCAST)
+        acc1 = dot(a, b1, acc1, IEEE, UPCAST)
         if SWIGLU:
             b2 = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc2 = _dot(a, b2, acc2, IEEE, UPCAST)
+            acc2 = dot(a, b2, acc2, IEEE, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         w1_ptrs += BLOCK_K * stride_w1k
         w2_ptrs += BLOCK_K * stride_w2k
@@ -148,10 +133,10 @@ def _col_gather_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,7 +155,7 @@ def _col_gather_kernel(
             w_ptr + offs_n[None, :] * stride_wn + cols[:, None] * stride_wk,
             mask=mask_k[:, None] & mask_n[None, :], other=0.0,
         )
-        acc = _dot(a, b, acc, IEEE, UPCAST)
+        acc = dot(a, b, acc, IEEE, UPCAST)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -179,22 +164,9 @@ def _col_gather_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask)
 
 
-def _tuned(kernel, configs):
-    # Restoring y after each tuning run keeps split-K's atomic partial sums
-    # from piling up in the output while configs are timed.
-    return triton.autotune(configs=configs, key=_TUNE_KEY, restore_value=["y_ptr"])(kernel)
-
-
-_CONFIGS = {
-    "prefill": kernel_configs(PREFILL_CONFIGS, INTERPRETER_CONFIGS),
-    "decode": kernel_configs(DECODE_CONFIGS, INTERPRETER_CONFIGS),
-}
-_ROW = {regime: _tuned(_row_gather_kernel, configs) for regime, configs in _CONFIGS.items()}
-_COL = {regime: _tuned(_col_gather_kernel, configs) for regime, configs in _CONFIGS.items()}
-
-
-def _regime(m: int) -> str:
-    return "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+# Restoring y after each tuning run keeps split-K's atomic partial sums from piling up in the output.
+ROW_KERNELS = autotuned(_row_gather_kernel, CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY, restore_value=["y_ptr"])
+COL_KERNELS = autotuned(_col_gather_kernel, CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY, restore_value=["y_ptr"])
 
 
 def _m_bucket(m: int) -> int:
@@ -202,25 +174,12 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so the split path is exercised
-
-
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Reduction splits for decode: enough programs for two waves over the GPU."""
-    if _regime(m) == "prefill" or k == 0:
+    if regime(m) == "prefill" or k == 0:
         return 1
-    smallest_tile_n = min(c.kwargs["BLOCK_N"] for c in _CONFIGS["decode"])
-    tiles = triton.cdiv(n, smallest_tile_n)
-    return max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), triton.cdiv(k, 128), 16))
-
-
-def _flags(dtype: torch.dtype) -> dict:
-    """fp32 inputs take IEEE dots (not TF32); the interpreter upcasts before tl.dot."""
-    return {"IEEE": dtype == torch.float32, "UPCAST": _INTERPRET}
+    tiles = triton.cdiv(n, smallest_block("BLOCK_N", CONFIGS, INTERPRETER_CONFIGS, "decode"))
+    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), triton.cdiv(k, 128), 16))
 
 
 def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor):
@@ -228,11 +187,11 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
     n = rows.numel()
     w2_ = w1 if w2 is None else w2
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _ROW[_regime(m)][grid](
+    ROW_KERNELS[regime(m)][grid](
         x2, w1, w2_, rows, out, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
         out.stride(0), out.stride(1),
-        SWIGLU=w2 is not None, **_flags(x2.dtype),
+        SWIGLU=w2 is not None, **dot_flags(x2.dtype),
     )
     return out
 
@@ -245,10 +204,10 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
     split = _split_k(m, n, k, x2.device)
     target = out if split == 1 else torch.zeros(m, n, dtype=torch.float32, device=x2.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    _COL[_regime(m)][grid](
+    COL_KERNELS[regime(m)][grid](
         x2, w, cols, target, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1),
-        SPLIT_K=split, **_flags(x2.dtype),
+        SPLIT_K=split, **dot_flags(x2.dtype),
     )
     if split > 1:
         out.copy_(target)

@@ -33,7 +33,7 @@ def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
     head_dim: int, rope_slots: int,
 ) -> torch.Tensor:
-    from .attention_kernels import head_projection as launch
+    from .head_projection import head_projection as launch
 
     out = x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
     return launch(x, w, heads, head_dim, cos, sin, out, rope_slots=rope_slots)
@@ -49,7 +49,7 @@ def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_to_kv: torch.Tensor, padding: Optional[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
-    from .attention_kernels import flash_attention as launch
+    from .flash_attention import flash_attention as launch
 
     return launch(q, k, v, head_to_kv, padding, torch.empty_like(q), scale)
 

@@ -6,30 +6,46 @@ and of the KV heads only those an active query head reads (GQA: a KV head is
 needed while any of its query heads is active). After masking, the map from
 query head to KV head is arbitrary; it is carried as ``head_to_kv``.
 
-The reference gathers the active heads' weight rows with ``index_select`` and
-runs PyTorch's SDPA; the Triton path reads the weights in place, applies RoPE
-in the projection's epilogue, writes K/V in the cache layout, runs causal
-flash attention over the active heads and the column-gathered ``o_proj``.
+- :class:`AttentionProgram`: one layer's attention under one layer plan,
+  resolved once (the one planned attention: ``MaskedAttention``, the
+  runtime's ``LayerProgram`` and :func:`masked_attention`'s Triton backend
+  run it). Over the
+  weights stacked ``[q; k; v]`` (:class:`AttentionWeights`): with every head
+  on, dense matmuls and SDPA; with some off, ``"triton"`` reads the plan's
+  rows in place (``head_projection`` with RoPE for q, k and v in one launch,
+  causal flash attention, the column-gathered ``o_proj``) and ``"torch"``
+  multiplies by a copy of the plan's rows and columns gathered once.
+- :func:`masked_attention_reference`: gathers the active heads' weight rows
+  with ``index_select`` on every call and runs PyTorch's SDPA: the oracle,
+  and :func:`masked_attention`'s torch backend.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from ..checks import check_int
 from ..kv_cache import KVCacheLayer
+from ..masks import causal_visible
 from ..plan import LayerPlan
-from ._common import check_index, check_same_dtype, check_tensor, resolve_backend
+from .common import MASK_DTYPES, check_index, check_same_dtype, check_tensor, resolve_backend
+from .library import adallava_ops
+
+# torch.ops.adallava: the Triton operators, registered by importing ops.library.
+_OPS = adallava_ops()
 
 __all__ = [
+    "AttentionProgram",
+    "AttentionWeights",
     "attention_indices",
     "masked_attention",
     "masked_attention_reference",
-    "masked_attention_triton",
+    "rope",
+    "rope_sign",
 ]
-
-_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> LayerPlan:
@@ -46,19 +62,154 @@ def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: 
                                head_dim=head_dim)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin``, with ``rotate_half(x) * sin == roll(x, d / 2) * signed_sin``
+    where ``signed_sin`` is ``sin`` with its first half negated (exact: a sign flip rounds nothing)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
+
+
+def rope_sign(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[-1] * (head_dim / 2) + [1] * (head_dim / 2)``: ``signed_sin = sin * rope_sign``."""
+    sign = torch.ones(head_dim, dtype=dtype, device=device)
+    sign[: head_dim // 2] = -1
+    return sign
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One attention layer's weights as a planned attention reads them (made once per model)."""
+
+    w_qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]: q_proj, k_proj, v_proj stacked
+    w_o: torch.Tensor  # [hidden, heads * head_dim], any layout
+    w_o_columns: torch.Tensor | None  # w_o column-major, for gathered columns (None: the plans keep every head)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def stack(cls, w_q, w_k, w_v, w_o, *, num_heads: int, num_kv_heads: int,
+              w_o_columns: torch.Tensor | None = None) -> "AttentionWeights":
+        """q, k and v stacked into one new tensor (a copy of the three)."""
+        return cls(torch.cat([w_q, w_k, w_v]), w_o, w_o_columns, num_heads, num_kv_heads, w_q.shape[0] // num_heads)
+
+
+class AttentionProgram:
+    """One attention layer under one layer plan: weights, indices and kernels chosen at plan time.
+
+    ``backend`` is resolved (``"torch"`` or ``"triton"``). Running it reads nothing back from the
+    device and builds no index. Stages, shared by every caller: :meth:`project` (q, k, v of the
+    plan's heads, rotated), :meth:`attend` (causal attention over those heads), :meth:`output`
+    (``o_proj`` over their columns); :meth:`__call__` runs them around a
+    :class:`~adallava_kernels.kv_cache.KVCacheLayer`.
+    """
+
+    def __init__(self, weights: AttentionWeights, plan: LayerPlan, backend: str) -> None:
+        nh, nkvh, d = weights.num_heads, weights.num_kv_heads, weights.head_dim
+        self.nq, self.nkv, self.head_dim = plan.num_heads, plan.num_kv_heads, d
+        self.hidden = weights.w_o.shape[0]
+        self.scale = d**-0.5
+        # One query head per kept KV head, in order: the query-to-KV map is the identity.
+        self.identity_map = self.nq == self.nkv
+        self.head_to_kv = plan.head_to_kv
+        self.gathered = backend == "triton" and self.nq > 0 and not plan.full_attention
+        self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
+        if self.gathered:
+            # Slots of q, k and v heads in the stacked weight, as head_projection indexes it.
+            self.qkv_heads = torch.cat([plan.heads, plan.kv_heads + nh, plan.kv_heads + nh + nkvh])
+            self.w_qkv, self.o_columns = weights.w_qkv, plan.q_features
+            self.w_o_columns = weights.w_o if weights.w_o_columns is None else weights.w_o_columns
+        elif plan.full_attention:
+            self.w_qkv_t, self.w_o_t = weights.w_qkv.t(), weights.w_o.t()
+        else:
+            q_rows, kv_rows = nh * d, nkvh * d
+            rows = torch.cat([plan.q_features, plan.kv_features + q_rows, plan.kv_features + q_rows + kv_rows])
+            self.w_qkv_t = weights.w_qkv.index_select(0, rows.long()).t()
+            self.w_o_t = weights.w_o.index_select(1, plan.q_features.long()).t()
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, signed_sin)`` ``[batch or 1, seq, 1, d]``, broadcast over heads, for the torch path."""
+        return cos[:, :, None], (sin * self.rope_sign)[:, :, None]
+
+    def project(self, x, cos, sin, cos4, signed_sin4):
+        """``x`` ``[batch, seq, hidden]`` -> ``q`` ``[batch, seq, heads, d]``, ``k`` and ``v``
+        ``[batch, kv_heads, seq, d]`` (the cache's layout), q and k rotated. ``cos``/``sin``: ``[batch or 1,
+        seq, d]`` (Triton); ``cos4``/``signed_sin4``: from :meth:`rotary` (torch)."""
+        batch, seq, _ = x.shape
+        nq, nkv, d = self.nq, self.nkv, self.head_dim
+        if self.gathered:
+            qkv = _OPS.head_projection(x, self.w_qkv, self.qkv_heads, cos, sin, d, nq + nkv)
+            q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nkv], qkv[:, :, nq + nkv:]
+        else:
+            qkv = (x @ self.w_qkv_t).view(batch, seq, nq + 2 * nkv, d)
+            qk = rope(qkv[:, :, :nq + nkv], cos4, signed_sin4)
+            q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv:]
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    def project_decode(self, x, cos, sin, cos4, signed_sin4):
+        """One token per row: ``x`` ``[rows, hidden]`` -> ``q`` ``[rows, heads, 1, d]``, ``k`` and ``v``
+        ``[rows, kv_heads, 1, d]`` (SDPA's and the cache's layout), in as few ops as a decode step allows."""
+        rows = x.shape[0]
+        nq, nkv, d = self.nq, self.nkv, self.head_dim
+        if self.gathered:
+            qkv = _OPS.head_projection(x[:, None], self.w_qkv, self.qkv_heads, cos, sin, d,
+                                       nq + nkv).view(rows, nq + 2 * nkv, 1, d)
+            return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        qkv = (x @ self.w_qkv_t).view(rows, nq + 2 * nkv, 1, d)
+        qk = rope(qkv[:, :nq + nkv], cos4, signed_sin4)
+        return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
+
+    def attend(self, q, k, v, padding: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention of ``q`` ``[batch, q_len, heads, d]`` (the last ``q_len`` positions) over ``k``,
+        ``v`` ``[batch, kv_heads, kv_len, d]`` -> ``[batch, q_len, heads * d]``.
+
+        ``padding``: ``[batch, kv_len]`` int32 (0: padding) or ``None``. ``mask``: an additive
+        ``[batch, 1, q_len, kv_len]`` mask for the torch path (a query that sees nothing averages, as
+        transformers); without one, the torch path masks by ``padding`` and such a query gives 0, as
+        the Triton kernel does.
+        """
+        batch, q_len = q.shape[:2]
+        if self.gathered:
+            out = _OPS.flash_attention(q, k, v, self.head_to_kv, padding, self.scale)
+            return out.reshape(batch, q_len, self.nq * self.head_dim)
+        if not self.identity_map:
+            k, v = k.index_select(1, self.head_to_kv.long()), v.index_select(1, self.head_to_kv.long())
+        q = q.transpose(1, 2)
+        kv_len = k.shape[2]
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        elif padding is None and kv_len == q_len:
+            # No mask tensor: lets SDPA take its flash kernels on a GPU.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        elif padding is None and q_len == 1:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            visible = causal_visible(batch, q_len, kv_len, padding, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+            # SDPA gives NaN for a query that sees no key.
+            out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
+        return out.transpose(1, 2).reshape(batch, q_len, self.nq * self.head_dim)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """``o_proj`` of ``out`` ``[..., heads * d]`` over the plan's heads' columns -> ``[..., hidden]``."""
+        if self.gathered:
+            return _OPS.col_gathered_linear(out, self.w_o_columns, self.o_columns)
+        return out @ self.w_o_t
+
+    def __call__(self, x, cos, sin, padding=None, kv_cache: KVCacheLayer | None = None) -> torch.Tensor:
+        """The layer's attention of the new tokens ``x`` ``[batch, seq, hidden]``: their K/V appended to
+        ``kv_cache`` (``None``: ``x`` is the whole sequence), ``padding`` ``[batch, past + seq]`` int32."""
+        cos4, signed_sin4 = (None, None) if self.gathered else self.rotary(cos.to(x.dtype), sin.to(x.dtype))
+        q, k, v = self.project(x, cos, sin, cos4, signed_sin4)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        if self.nq == 0:
+            return x.new_zeros(*x.shape[:2], self.hidden)
+        return self.output(self.attend(q, k, v, padding))
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.chunk(2, dim=-1)
     return torch.cat((-hi, lo), dim=-1)
-
-
-def _visible(batch: int, q_len: int, kv_len: int, padding: torch.Tensor | None, device) -> torch.Tensor:
-    """``[batch, 1, q_len, kv_len]``: key ``j`` is visible to query ``i`` (at ``kv_len - q_len + i``)."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos
-    allowed = allowed.expand(batch, 1, q_len, kv_len)
-    if padding is not None:
-        allowed = allowed & (padding != 0)[:, None, None, :]
-    return allowed
 
 
 def masked_attention_reference(
@@ -93,36 +244,12 @@ def masked_attention_reference(
     elif padding is None and seq == 1:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
-        visible = _visible(batch, seq, kv_len, padding, x.device)
+        visible = causal_visible(batch, seq, kv_len, padding, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
         # SDPA gives NaN for a query that sees no key; the op defines its output as 0.
         out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
     out = out.transpose(1, 2).reshape(batch, seq, idx.q_features.numel())
     return F.linear(out, w_o.index_select(1, idx.q_features.long()))
-
-
-def masked_attention_triton(
-    x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, padding, kv_cache, head_dim: int
-) -> torch.Tensor:
-    """Triton path, without input checks (``masked_attention`` checks)."""
-    from .attention_kernels import flash_attention, head_projection
-    from .gathered_linear import col_gathered_linear
-
-    batch, seq, _ = x.shape
-    nq, nkv = idx.heads.numel(), idx.kv_heads.numel()
-    new = dict(dtype=x.dtype, device=x.device)
-    q = torch.empty(batch, seq, nq, head_dim, **new)
-    k = torch.empty(batch, nkv, seq, head_dim, **new)
-    v = torch.empty(batch, nkv, seq, head_dim, **new)
-    head_projection(x, w_q, idx.heads, head_dim, cos, sin, q)
-    # K and V are written in the cache layout [batch, kv_heads, seq, d] through transposed views.
-    head_projection(x, w_k, idx.kv_heads, head_dim, cos, sin, k.transpose(1, 2))
-    head_projection(x, w_v, idx.kv_heads, head_dim, None, None, v.transpose(1, 2))
-    if kv_cache is not None:
-        k, v = kv_cache.update(k, v)
-    attn = torch.empty(batch, seq, nq, head_dim, **new)
-    flash_attention(q, k, v, idx.head_to_kv, padding, attn, head_dim**-0.5)
-    return col_gathered_linear(attn.view(batch, seq, nq * head_dim), w_o, idx.q_features)
 
 
 def _check_weights(x, w_q, w_k, w_v, w_o, num_heads: int, num_kv_heads: int) -> int:
@@ -178,11 +305,20 @@ def check_rotary(cos: object, sin: object, batch: int, seq: int, head_dim: int, 
     return out[0], out[1]
 
 
+def check_cache(kv_cache: object) -> KVCacheLayer | None:
+    if kv_cache is not None and not isinstance(kv_cache, KVCacheLayer):
+        raise TypeError(
+            f"kv_cache must be a KVCacheLayer (ContiguousKVCache, TransformersCacheLayer, "
+            f"LayerSkipKVCache.layer_view), got {type(kv_cache).__name__}"
+        )
+    return kv_cache
+
+
 def check_padding(mask: object, batch: int, kv_len: int, device) -> torch.Tensor | None:
     """A ``[batch, kv_len]`` padding mask (nonzero: attend) as int32, or ``None``."""
     if mask is None:
         return None
-    check_tensor("attention_mask", mask, dim=2, dtypes=_MASK_DTYPES, device=device)
+    check_tensor("attention_mask", mask, dim=2, dtypes=MASK_DTYPES, device=device)
     if tuple(mask.shape) != (batch, kv_len):
         raise ValueError(
             f"attention_mask must be a [batch, past + seq] = [{batch}, {kv_len}] padding mask "
@@ -191,28 +327,23 @@ def check_padding(mask: object, batch: int, kv_len: int, device) -> torch.Tensor
     return mask.to(torch.int32).contiguous()
 
 
-def run_masked_attention(
-    x, w_q, w_k, w_v, w_o, idx: LayerPlan, cos, sin, *,
-    head_dim: int, attention_mask=None, kv_cache: KVCacheLayer | None = None, backend: str = "auto",
-) -> torch.Tensor:
-    """The op for callers whose weights and indices are already checked (``MaskedAttention``).
-
-    Checks what changes per call (rotary tables, mask, cache) before the
-    cache is touched, so a rejected call leaves the cache as it was.
-    """
+def check_call(x, head_dim: int, cos, sin, attention_mask, kv_cache):
+    """What changes per call (cache, rotary tables, mask), checked before the cache is touched, so a
+    rejected call leaves the cache as it was: ``(cos, sin, padding, kv_cache)``."""
     batch, seq, _ = x.shape
-    if kv_cache is not None and not isinstance(kv_cache, KVCacheLayer):
-        raise TypeError(
-            f"kv_cache must be a KVCacheLayer (ContiguousKVCache, TransformersCacheLayer, "
-            f"LayerSkipKVCache.layer_view), got {type(kv_cache).__name__}"
-        )
-    past = 0 if kv_cache is None else kv_cache.length
+    kv_cache = check_cache(kv_cache)
     cos, sin = check_rotary(cos, sin, batch, seq, head_dim, x.device)
-    padding = check_padding(attention_mask, batch, past + seq, x.device)
-    impl = masked_attention_triton
-    if resolve_backend("masked_attention", backend, x.device, masked_attention_triton) == "torch":
-        impl = masked_attention_reference
-    return impl(x, w_q, w_k, w_v, w_o, idx, cos, sin, padding, kv_cache, head_dim)
+    padding = check_padding(attention_mask, batch, seq + (0 if kv_cache is None else kv_cache.length), x.device)
+    return cos, sin, padding, kv_cache
+
+
+def run_masked_attention(
+    x, program: AttentionProgram, cos, sin, *, attention_mask=None, kv_cache: KVCacheLayer | None = None,
+) -> torch.Tensor:
+    """The op for callers that hold a program (``MaskedAttention``, a benchmark): its weights and indices
+    were checked when it was built; this checks what changes per call (:func:`check_call`)."""
+    cos, sin, padding, kv_cache = check_call(x, program.head_dim, cos, sin, attention_mask, kv_cache)
+    return program(x, cos, sin, padding, kv_cache)
 
 
 def masked_attention(
@@ -239,6 +370,11 @@ def masked_attention(
     zero; with no active head the output is zero. A query that sees no key
     (a padded position with nothing before it) gives zero, where transformers'
     eager attention gives an average over its masked keys.
+
+    ``"torch"`` runs :func:`masked_attention_reference`; ``"triton"`` an
+    :class:`AttentionProgram` built for this call, over a copy of ``w_q``,
+    ``w_k`` and ``w_v`` stacked: a caller with the same weights on every call
+    holds a program instead (as ``MaskedAttention`` does) and stacks once.
 
     Args:
         x: ``[batch, seq, hidden]`` (fp32, fp16 or bf16): the new tokens.
@@ -268,7 +404,8 @@ def masked_attention(
     head_dim = _check_weights(x, w_q, w_k, w_v, w_o, num_heads, num_kv_heads)
     check_index("active_heads", active_heads, num_heads, x.device, check_values=check_indices)
     idx = attention_indices(active_heads, num_heads, num_kv_heads, head_dim)
-    return run_masked_attention(
-        x, w_q, w_k, w_v, w_o, idx, cos, sin,
-        head_dim=head_dim, attention_mask=attention_mask, kv_cache=kv_cache, backend=backend,
-    )
+    cos, sin, padding, kv_cache = check_call(x, head_dim, cos, sin, attention_mask, kv_cache)
+    if resolve_backend("masked_attention", backend, x.device, _OPS.head_projection) == "torch":
+        return masked_attention_reference(x, w_q, w_k, w_v, w_o, idx, cos, sin, padding, kv_cache, head_dim)
+    weights = AttentionWeights.stack(w_q, w_k, w_v, w_o, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    return AttentionProgram(weights, idx, "triton")(x, cos, sin, padding, kv_cache)

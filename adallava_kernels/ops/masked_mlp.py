@@ -3,29 +3,86 @@
 The reference gathers the active rows of ``w_gate`` and ``w_up`` and the
 active columns of ``w_down`` and multiplies by nothing else, so its FLOPs
 fall with the active neurons; it copies the gathered weights on every call.
-The Triton path reads the weights in place through the index list: gate and
-up in one pass with SiLU-and-multiply fused, the activation written once at
-width ``n_active``, then the column-gathered down projection.
+The Triton path (:func:`masked_mlp_triton`) reads the weights in place
+through the index list: gate and up in one pass with SiLU-and-multiply fused,
+the activation written once at width ``n_active``, then the column-gathered
+down projection.
+
+:class:`MlpProgram` is one layer's MLP under one layer plan, resolved once
+(the one planned MLP: ``MaskedMLP`` and the runtime's ``LayerProgram`` run
+it): with every neuron on, dense matmuls over gate and up stacked
+(:class:`MlpWeights`); with some off, the Triton path, or (``"torch"``)
+dense matmuls over a copy of the plan's rows and columns gathered once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ._common import check_index, check_same_dtype, check_tensor, resolve_backend
+from .common import check_index, check_same_dtype, check_tensor, resolve_backend
+from .library import adallava_ops
 
-__all__ = ["masked_mlp", "masked_mlp_reference", "masked_mlp_triton"]
+# torch.ops.adallava: the Triton operators, registered by importing ops.library.
+_OPS = adallava_ops()
+
+__all__ = ["MlpProgram", "MlpWeights", "masked_mlp", "masked_mlp_reference", "masked_mlp_triton"]
 
 
 def masked_mlp_triton(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, active_neurons: torch.Tensor
 ) -> torch.Tensor:
-    """Triton path, without input checks (``masked_mlp`` checks)."""
-    from .gathered_linear import col_gathered_linear, swiglu_gathered
+    """Triton path, without input checks (``masked_mlp`` checks; an :class:`MlpProgram` checked at plan time)."""
+    hidden_act = _OPS.swiglu_gathered(x, w_gate, w_up, active_neurons)
+    return _OPS.col_gathered_linear(hidden_act, w_down, active_neurons)
 
-    hidden_act = swiglu_gathered(x, w_gate, w_up, active_neurons)
-    return col_gathered_linear(hidden_act, w_down, active_neurons)
+
+@dataclass(frozen=True)
+class MlpWeights:
+    """One SwiGLU MLP's weights as a planned MLP reads them (made once per model)."""
+
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate_proj and up_proj stacked
+    w_down: torch.Tensor  # [hidden, intermediate], any layout
+    w_down_columns: torch.Tensor | None  # w_down column-major, for gathered columns (None: plans keep every neuron)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_down.shape[1]
+
+    @property
+    def w_gate(self) -> torch.Tensor:
+        return self.w_gate_up[: self.intermediate_size]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return self.w_gate_up[self.intermediate_size:]
+
+
+class MlpProgram:
+    """One MLP under one layer plan's ``neurons`` (int32, on the weights' device), resolved at plan time;
+    ``backend`` is resolved (``"torch"`` or ``"triton"``)."""
+
+    def __init__(self, weights: MlpWeights, neurons: torch.Tensor, backend: str) -> None:
+        full = neurons.numel() == weights.intermediate_size
+        self.gathered = backend == "triton" and neurons.numel() > 0 and not full
+        if self.gathered:
+            self.w_gate, self.w_up, self.neurons = weights.w_gate, weights.w_up, neurons
+            self.w_down_columns = weights.w_down if weights.w_down_columns is None else weights.w_down_columns
+        elif full:
+            self.w_gate_up_t, self.w_down_t = weights.w_gate_up.t(), weights.w_down.t()
+        else:
+            rows = torch.cat([neurons, neurons + weights.intermediate_size]).long()
+            self.w_gate_up_t = weights.w_gate_up.index_select(0, rows).t()
+            self.w_down_t = weights.w_down.index_select(1, neurons.long()).t()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gathered:
+            return masked_mlp_triton(x, self.w_gate, self.w_up, self.w_down_columns, self.neurons)
+        n = self.w_down_t.shape[0]
+        gate_up = x @ self.w_gate_up_t
+        return (F.silu(gate_up[..., :n]) * gate_up[..., n:]) @ self.w_down_t
 
 
 def masked_mlp_reference(

@@ -13,7 +13,7 @@ lets a step be captured once as a CUDA graph and replayed.
   (``O(max_tokens)`` per call): the oracle and the CPU path;
 - :func:`paged_decode_attention_triton`: one program per (sequence, head,
   split) streams its pages with an online softmax; the splits are combined
-  by ``attention_kernels``' log-sum-exp combine.
+  by ``split_combine``'s log-sum-exp combine.
 """
 
 from __future__ import annotations
@@ -21,25 +21,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..masks import visible_positions_mask
+
 __all__ = [
     "paged_decode_attention_reference",
     "paged_decode_attention_triton",
     "paged_decode_splits",
     "visible_positions_mask",
 ]
-
-
-def visible_positions_mask(lengths: torch.Tensor, starts: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive ``[batch, 1, 1, width]`` mask: 0 on positions ``[starts, lengths)``, the dtype's minimum elsewhere.
-
-    A finite minimum (as transformers uses), so positions never written
-    (zeros, or another sequence's stale data) get exactly zero weight
-    without a NaN where a row sees nothing.
-    """
-    positions = torch.arange(width, device=lengths.device)
-    visible = (positions >= starts[:, None]) & (positions < lengths[:, None])
-    zero = torch.zeros((), dtype=dtype, device=lengths.device)
-    return torch.where(visible, zero, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def attend_gathered_pages(
@@ -68,22 +57,12 @@ def paged_decode_attention_reference(
     return attend_gathered_pages(q[:, :, None], pages, head_tables, mask, scale)[:, :, 0]
 
 
-# Below this many positions per split, splitting costs more than it hides.
-_MIN_POSITIONS_PER_SPLIT = 256
-_MAX_SPLITS = 32
-
-
 def paged_decode_splits(batch: int, heads: int, max_positions: int, device: torch.device) -> int:
     """KV splits for a decode step: enough (batch x heads x splits) programs to cover the GPU twice,
     from the positions the pages can hold (``max_tokens``), not the current length, so it stays fixed."""
-    from .attention_kernels import _INTERPRET
-    from .gathered_linear import _multiprocessors
+    from .triton_utils import min_per_split, splits
 
-    programs = batch * heads
-    minimum = 32 if _INTERPRET else _MIN_POSITIONS_PER_SPLIT  # the interpreter splits small tests too
-    if programs == 0 or programs >= _multiprocessors(device):
-        return 1
-    return max(1, min(-(-2 * _multiprocessors(device) // programs), -(-max_positions // minimum), _MAX_SPLITS))
+    return splits(batch * heads, -(-max_positions // min_per_split(256)), device)
 
 
 def paged_decode_attention_triton(
@@ -92,6 +71,6 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """The Triton path of :func:`paged_decode_attention_reference`, without input checks; a row with
     nothing visible gives 0."""
-    from ._paged_kernels import launch_paged_decode
+    from .paged_decode_kernel import launch_paged_decode
 
     return launch_paged_decode(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, out)

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ._common import INTERPRETING, check_same_dtype, check_tensor, resolve_backend
+from .common import INTERPRETING, check_same_dtype, check_tensor, resolve_backend
 from .library import adallava_ops
 
 try:

@@ -19,7 +19,9 @@ from typing import Callable, Hashable
 
 import torch
 
-__all__ = ["GraphCache", "GraphEntry", "GraphStats"]
+from .cohorts import unpack_tables
+
+__all__ = ["GraphCache", "GraphEntry", "GraphOwner", "GraphStats"]
 
 
 @dataclass
@@ -118,6 +120,66 @@ class GraphCache:
         for entry in self._entries.values():
             _release(entry)
         self._entries.clear()
+
+
+class GraphOwner:
+    """What lets a decode batch step through a captured graph: the batch owns an entry's buffers while it
+    steps (its state moves in on :meth:`bind`, back out on :meth:`unbind`), so batches with one key share
+    one graph.
+
+    The batch provides ``graphs`` (the runner's :class:`GraphCache`), ``key``, ``batch`` (rows),
+    ``state``, ``tables_flat`` and ``tables`` (views of it), ``schedule`` (what its step runs), and
+    ``forward_step(tokens, state, tables)``.
+    """
+
+    _entry: GraphEntry | None = None
+
+    def graph_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        graphs = self.graphs
+        entry = graphs.entry(self.key, self._new_entry)
+        if entry.owner is None or entry.owner() is not self:
+            self.bind(entry)
+        entry.tokens.copy_(tokens)
+        step = lambda: self.forward_step(entry.tokens, entry.state, entry.views)  # noqa: E731
+        if entry.graph is None:
+            # The first step of a key runs eagerly (the warm-up), then is recorded for the next ones;
+            # recording runs nothing, so the pages and lengths change only on replay.
+            out = graphs.warm_up(step)
+            # The graph reads this batch's layer programs (index tensors, gathered weights) and cohorts by
+            # address, also when a later batch with equal plans replays it after this one is gone.
+            graphs.capture(entry, step, keep_alive=(self.schedule,))
+            return out
+        return graphs.replay(entry)
+
+    def _new_entry(self) -> GraphEntry:
+        entry = GraphEntry(tokens=torch.zeros(self.batch, dtype=torch.int64, device=self.state.device),
+                           state=torch.empty_like(self.state), tables=torch.empty_like(self.tables_flat))
+        entry.views = unpack_tables(entry.tables, self.tables)
+        return entry
+
+    def bind(self, entry: GraphEntry) -> None:
+        """Move this batch's state into ``entry``'s buffers (saving the previous owner's first)."""
+        previous = entry.owner() if entry.owner is not None else None
+        if previous is not None:
+            previous.unbind(entry)
+        if self._entry is not None and self._entry is not entry:
+            self.unbind(self._entry)
+        entry.state.copy_(self.state)
+        entry.tables.copy_(self.tables_flat)
+        entry.owner = weakref.ref(self)
+        self._entry = entry
+
+    def unbind(self, entry: GraphEntry) -> None:
+        """Take this batch's state back from ``entry`` (another batch needs the graph, or it is evicted)."""
+        if self._entry is entry:
+            self.state.copy_(entry.state)
+            self._entry = None
+            entry.owner = None
+
+    def close(self) -> None:
+        """Release the graph this batch holds (its state stays with the batch)."""
+        if self._entry is not None:
+            self.unbind(self._entry)
 
 
 def _release(entry: GraphEntry) -> None:

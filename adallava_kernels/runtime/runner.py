@@ -9,31 +9,35 @@ Plan on the host once per request, run on the device with no host sync:
   mid-prefill (AdaLLaVA, after the prefix layers) is a ``planner`` callback,
   the one place a device value may come back to the host;
 - :meth:`PlannedDecoder.decode` forms a :class:`DecodeBatch`: its block
-  tables, row sets and per-layer programs are built once, and each
+  tables, cohorts and per-layer programs are built once, and each
   :meth:`DecodeBatch.step` is a fixed sequence of launches that reads the
   sequence lengths on the device (captured as a CUDA graph on CUDA).
 
-Rows whose plans agree on a layer run it together (the prefix layers of
-AdaLLaVA run batched for every row); a skipped layer is absent.
+Rows whose plans agree on a layer run it together, as one cohort
+(:mod:`.cohorts`; the prefix layers of AdaLLaVA run as one cohort of every
+row); a skipped layer is absent.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from ..checks import check_int
 from ..kv_cache import LayerSkipKVCache
 from ..kv_cache.pool import check_seq_id, check_seq_ids
-from ..ops._common import check_tensor, resolve_backend
-from ..ops.paged_attention import paged_decode_splits, visible_positions_mask
+from ..masks import causal_mask, positions, visible_positions_mask
+from ..ops.common import check_tensor, resolve_backend
+from ..ops.masked_attention import rope_sign
+from ..ops.rms_norm import rms_norm
 from ..plan import ExecutionPlan
-from .graphs import GraphCache, GraphEntry
-from .layers import DecodeInputs, KVPages, LayerProgram, LayerTables, PrefillInputs, rms_norm, rope_sign
+from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, pack_tables, run_layer
+from .graphs import GraphCache, GraphOwner
+from .layers import DecodeInputs, KVPages, PrefillInputs, ProgramCache
+from .prompts import check_prompt
 from .weights import DecoderWeights
 
 __all__ = ["PlannedDecoder", "DecodeBatch"]
@@ -49,17 +53,6 @@ class _Request:
     length: int = 0  # positions stored, counted on the host
     starts: torch.Tensor | None = None  # [1] int32 on the device: the left padding, from prefill
     batch: object = None  # the decode batch that holds its device state now
-
-
-@dataclasses.dataclass
-class _Run:
-    """One layer program over one set of rows."""
-
-    program: LayerProgram
-    rows: int  # index into the row sets; 0 is every row
-    tables: LayerTables | None = None
-    table_index: int = -1  # position of ``tables`` in a decode step's table list
-    split: int = 1
 
 
 class PlannedDecoder:
@@ -90,11 +83,10 @@ class PlannedDecoder:
                                       device=weights.device)
         self.graphs = GraphCache(max_graphs) if cuda_graphs and weights.device.type == "cuda" else None
         self._requests: dict[Hashable, _Request] = {}
-        self._programs: dict[tuple, list] = {}  # (layer, heads, neurons) -> [LayerProgram, references]
-        self._plans: dict[str, list] = {}  # plan fingerprint -> [its programs by layer, references]
+        self.programs = ProgramCache(weights, self.backend)
         self._full = ExecutionPlan.full(self.shape)
         self._rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
-        self._pages = KVPages.of(self.cache.pages)
+        self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
 
     @classmethod
     def from_hf(
@@ -131,7 +123,7 @@ class PlannedDecoder:
             self._check_plan(plan)
         self.cache.add_sequence(seq_id, self._full if plan is None else plan, max_tokens, reserve=True)
         try:
-            self._acquire(self._full if plan is None else plan)
+            self.programs.acquire(self._full if plan is None else plan)
         except Exception:
             self.cache.free(seq_id)
             raise
@@ -148,20 +140,20 @@ class PlannedDecoder:
         if request.prefilled:
             raise ValueError(f"sequence {seq_id!r} has run its prefill: its plan is fixed")
         self._check_plan(plan)
-        self._acquire(plan)
+        self.programs.acquire(plan)
         try:
             self.cache.set_plan(seq_id, plan)
         except Exception:
-            self._release(plan)
+            self.programs.release(plan)
             raise
-        self._release(self._full if request.plan is None else request.plan)
+        self.programs.release(self._full if request.plan is None else request.plan)
         request.plan = plan
 
     def free(self, seq_id: Hashable) -> None:
         """Return the pages of ``seq_id`` to the pool and forget it."""
         request = self._request(seq_id)
         self.cache.free(seq_id)
-        self._release(self._full if request.plan is None else request.plan)
+        self.programs.release(self._full if request.plan is None else request.plan)
         request.batch = None  # a batch that still holds it refuses to step
         del self._requests[seq_id]
 
@@ -179,7 +171,7 @@ class PlannedDecoder:
             raise ValueError(f"resize_pool needs an empty pool; {len(self._requests)} sequences are admitted")
         self.cache = LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=self.cache.page_size,
                                       dtype=self.weights.dtype, device=self.weights.device)
-        self._pages = KVPages.of(self.cache.pages)
+        self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -242,13 +234,13 @@ class PlannedDecoder:
             self._check_plan(plan)
         requests = [_Request(plan, inputs_embeds.shape[1]) for plan in rows]
         for plan in rows:
-            self._acquire(plan)
+            self.programs.acquire(plan)
         try:
             logits, _ = self._run_prompt(inputs_embeds, attention_mask, None, requests, planner, plan_after,
                                          logits_to_keep)
         finally:
             for request in requests:
-                self._release(request.plan)
+                self.programs.release(request.plan)
         return logits, [r.plan for r in requests]
 
     def _run_prompt(self, h, mask, seq_ids, requests, planner, plan_after, logits_to_keep):
@@ -260,10 +252,9 @@ class PlannedDecoder:
         padding = None if mask is None else mask.to(torch.int32)
         if mask is None:
             mask = torch.ones(batch, seq, dtype=torch.int32, device=h.device)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as transformers' generate derives them
-        cos, sin = self.weights.rotary(h, positions)
+        cos, sin = self.weights.rotary(h, positions(mask))
         shared = PrefillInputs(cos, sin, cos[:, :, None], (sin * self._rope_sign)[:, :, None],
-                               _prompt_mask(mask, h.dtype), padding)
+                               causal_mask(mask, seq, h.dtype), padding)
         starts = (seq - mask.sum(-1)).to(torch.int32)
         stop = plan_after if planner is not None else layers
         h = self._prefill_layers(h, 0, stop, shared, seq_ids, requests)
@@ -271,20 +262,20 @@ class PlannedDecoder:
             self._apply_planner(planner, h, seq_ids, requests, stop)
             h = self._prefill_layers(h, stop, layers, shared, seq_ids, requests)
         keep = seq if logits_to_keep == 0 else logits_to_keep
-        hidden = rms_norm(h[:, seq - keep:], self.weights.norm, self.weights.norm_eps)
+        hidden = rms_norm(h[:, seq - keep:], self.weights.norm, self.weights.norm_eps, backend=self.backend)
         return hidden @ self.weights.lm_head.t(), starts
 
     def _prefill_layers(self, h, start, stop, shared: PrefillInputs, seq_ids, requests):
         if start == stop:
             return h
-        schedule, row_sets, host_rows = self._schedule([self._plan_of(r) for r in requests], range(start, stop))
+        schedule = self._schedule([self._plan_of(r) for r in requests], range(start, stop))
         if seq_ids is not None:
-            self._attach_tables(schedule, host_rows, seq_ids, decode=False)
-        inputs = [shared if rows is None else _select_rows(shared, rows) for rows in row_sets]
-        pages = self._pages if seq_ids is not None else None
-        for runs in schedule:
-            h = _run_layer(h, runs, row_sets, lambda run, part: run.program.prefill(
-                part, inputs[run.rows], pages, run.tables))
+            self._attach_tables(schedule, seq_ids, decode=False)
+        inputs = [for_cohort(shared, rows) for rows in schedule.cohorts]
+        pages = self.pages if seq_ids is not None else None
+        for runs in schedule.layers:
+            h = run_layer(h, runs, schedule.cohorts, lambda run, part: run.program.prefill(
+                part, inputs[run.cohort], pages, run.tables))
         return h
 
     def _apply_planner(self, planner, h, seq_ids, requests, ran: int) -> None:
@@ -300,8 +291,8 @@ class PlannedDecoder:
             if seq_ids is not None:
                 self.set_plan(seq_ids[b], plan)
             else:
-                self._acquire(plan)
-                self._release(before)
+                self.programs.acquire(plan)
+                self.programs.release(before)
                 request.plan = plan
 
     # -- decode --------------------------------------------------------------------------
@@ -337,101 +328,18 @@ class PlannedDecoder:
         plan.check_shape(self.shape)
 
     def _check_prompt(self, h, mask, batch: int, *, left_padding: bool) -> int:
-        weights = self.weights
-        check_tensor("inputs_embeds", h, dim=3, dtypes=(weights.dtype,), device=weights.device)
-        if h.shape[0] == 0 or h.shape[1] == 0 or h.shape[2] != self.shape.hidden_size:
-            raise ValueError(f"inputs_embeds must be [batch >= 1, T >= 1, {self.shape.hidden_size}], "
-                             f"got {list(h.shape)}")
-        if h.shape[0] != batch:
-            raise ValueError(f"inputs_embeds has {h.shape[0]} rows, but {batch} sequences were given")
-        if mask is not None:
-            check_tensor("attention_mask", mask, dim=2, dtypes=_MASK_DTYPES, device=weights.device)
-            if tuple(mask.shape) != tuple(h.shape[:2]):
-                raise ValueError(f"attention_mask must be [{h.shape[0]}, {h.shape[1]}] like inputs_embeds, "
-                                 f"got {list(mask.shape)}")
-            # Plan time: the one read-back of a prompt, before any layer runs (decode needs left padding).
-            keep = mask != 0
-            if left_padding and bool((keep[:, :-1] & ~keep[:, 1:]).any() | ~keep[:, -1].all()):
-                raise ValueError("attention_mask must be left padding: zeros, then ones, with the last column all 1")
-        return h.shape[1]
+        return check_prompt(h, mask, batch, self.shape.hidden_size, self.weights.dtype, self.weights.device,
+                            left_padding=left_padding)
 
-    def _acquire(self, plan: ExecutionPlan) -> None:
-        """Reference ``plan``'s layer programs, building those no other plan shares at first use."""
-        slot = self._plans.get(plan.fingerprint)
-        if slot is not None:
-            slot[1] += 1
-            return
-        layers = plan.layers(self.weights.device)
-        programs, made = [], []
-        try:
-            for i in range(self.shape.num_layers):
-                key = (i, plan.heads[i], plan.neurons[i])
-                shared = self._programs.get(key)
-                if shared is None:
-                    program = LayerProgram(self.weights.layers[i], layers[i], self.shape, self.backend)
-                    shared = self._programs[key] = [program, 0]
-                shared[1] += 1
-                made.append(key)
-                programs.append(shared[0])
-        except Exception:
-            for key in made:
-                self._unref(key)
-            raise
-        self._plans[plan.fingerprint] = [tuple(programs), 1]
+    def _schedule(self, plans: Sequence[ExecutionPlan], layers) -> Schedule:
+        """Per layer, its programs and the cohorts each runs (a skipped layer runs nothing)."""
+        return build_schedule([self.programs.of(plan) for plan in plans], layers, self.weights.device)
 
-    def _release(self, plan: ExecutionPlan) -> None:
-        slot = self._plans[plan.fingerprint]
-        slot[1] -= 1
-        if slot[1] == 0:
-            del self._plans[plan.fingerprint]
-            for i in range(self.shape.num_layers):
-                self._unref((i, plan.heads[i], plan.neurons[i]))
-
-    def _unref(self, key) -> None:
-        shared = self._programs[key]
-        shared[1] -= 1
-        if shared[1] == 0:
-            del self._programs[key]
-
-    def _schedule(self, plans: Sequence[ExecutionPlan], layers) -> tuple[list[list[_Run]], list, list[list[int]]]:
-        """Per layer, its programs and the rows each runs (a skipped layer runs nothing). The row sets come
-        as device index tensors made in one copy (``None``: every row) and as host lists."""
-        batch = len(plans)
-        programs = [self._plans[plan.fingerprint][0] for plan in plans]
-        index: dict[tuple[int, ...], int] = {tuple(range(batch)): 0}
-        schedule = []
-        for layer in layers:
-            runs_of: dict[int, tuple[LayerProgram, list[int]]] = {}
-            for b in range(batch):
-                program = programs[b][layer]
-                runs_of.setdefault(id(program), (program, []))[1].append(b)
-            runs = [_Run(program, index.setdefault(tuple(rows), len(index)))
-                    for program, rows in runs_of.values() if program.runs_attention or program.runs_mlp]
-            schedule.append(runs)
-        host_rows = [list(rows) for rows, _ in sorted(index.items(), key=lambda item: item[1])]
-        row_sets: list = [None]
-        if len(host_rows) > 1:
-            flat = torch.tensor([r for rows in host_rows[1:] for r in rows], dtype=torch.long)
-            row_sets += list(flat.to(self.weights.device).split([len(rows) for rows in host_rows[1:]]))
-        return schedule, row_sets, host_rows
-
-    def _attach_tables(self, schedule, host_rows, seq_ids, *, decode: bool) -> None:
-        """Each run's block tables ``[rows, kv_heads, width]`` (stacked on the device, widths padded)."""
+    def _attach_tables(self, schedule: Schedule, seq_ids, *, decode: bool) -> None:
+        """Each run's block tables ``[cohort rows, kv_heads, width]`` (stacked on the device, widths padded)."""
         width = max(-(-self._request(s).max_tokens // self.cache.page_size) for s in seq_ids)
-        for runs in schedule:
-            for run in runs:
-                if not run.program.runs_attention:
-                    continue
-                layer = run.program.index
-                tables = torch.stack([_padded(self.cache.page_table(seq_ids[b], layer), width)
-                                      for b in host_rows[run.rows]])
-                run.tables = run.program.tables(tables, per_query_head=decode and self.backend == "torch")
-                if decode and self.backend == "triton":
-                    run.split = paged_decode_splits(len(host_rows[run.rows]), run.program.nq,
-                                                    width * self.cache.page_size, self.weights.device)
-
-
-_MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+        attach_tables(schedule, self.cache.page_table, seq_ids, width, self.cache.page_size, decode=decode,
+                      backend=self.backend, device=self.weights.device)
 
 
 def _has_triton():
@@ -442,44 +350,11 @@ def _has_triton():
     return True
 
 
-def _padded(table: torch.Tensor, width: int) -> torch.Tensor:
-    return table if table.shape[1] == width else F.pad(table, (0, width - table.shape[1]))
-
-
-def _prompt_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[batch, 1, T, T]`` additive causal-and-padding mask, the dtype's minimum where hidden (finite, as
-    transformers, so a padded query that sees nothing averages instead of giving NaN)."""
-    seq = mask.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=mask.device).tril()
-    visible = causal[None, None] & (mask != 0)[:, None, None, :]
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(visible, zero, torch.finfo(dtype).min)
-
-
-def _select_rows(inputs, rows: torch.Tensor):
-    """``inputs`` (a PrefillInputs or DecodeInputs) for the rows ``rows`` only."""
-    values = (getattr(inputs, f.name) for f in dataclasses.fields(inputs))
-    return type(inputs)(*(None if t is None else t.index_select(0, rows) for t in values))
-
-
-def _run_layer(h, runs: list[_Run], row_sets, run_one) -> torch.Tensor:
-    """One layer over every row: each run on its rows (``h`` untouched by a skipped layer)."""
-    if len(runs) == 1 and runs[0].rows == 0:
-        return run_one(runs[0], h)
-    out = h
-    for run in runs:
-        rows = row_sets[run.rows]
-        part = h if rows is None else h.index_select(0, rows)
-        part = run_one(run, part)
-        out = part if rows is None else out.index_copy(0, rows, part)
-    return out
-
-
-class DecodeBatch:
+class DecodeBatch(GraphOwner):
     """Decode steps of a fixed set of prefilled sequences, planned once.
 
-    At construction (plan time): checks, the per-layer programs and row
-    sets, every block table (packed in one buffer), and the device state
+    At construction (plan time): checks, the per-layer programs and
+    cohorts, every block table (packed in one buffer), and the device state
     (``state[0]``: positions stored, ``state[1]``: left padding). A
     :meth:`step` then reads nothing back from the device. On CUDA with
     graphs, the first step of a new (plans, batch size, width) runs eagerly
@@ -498,16 +373,16 @@ class DecodeBatch:
         self.runner, self.seq_ids, self.requests = runner, seq_ids, requests
         self.batch = len(seq_ids)
         self.plans = [runner._plan_of(r) for r in requests]
-        self.schedule, self.row_sets, host_rows = runner._schedule(self.plans, range(runner.shape.num_layers))
-        runner._attach_tables(self.schedule, host_rows, seq_ids, decode=True)
+        self.schedule = runner._schedule(self.plans, range(runner.shape.num_layers))
+        runner._attach_tables(self.schedule, seq_ids, decode=True)
         self.width = max(-(-r.max_tokens // runner.cache.page_size) for r in requests)
         # Batches with equal plans row by row, batch size and table width share one graph. The key holds
         # the plans' fingerprints, made once per plan: looking it up never compares two plans.
         self.key = (tuple(plan.fingerprint for plan in self.plans), self.width, runner.backend)
         lengths = torch.tensor([r.length for r in requests], dtype=torch.int32).to(runner.weights.device)
         self.state = torch.stack([lengths, torch.cat([r.starts for r in requests])])
-        self.tables_flat, self.tables = _pack_tables(self.schedule)
-        self._entry: GraphEntry | None = None
+        self.tables_flat, self.tables = pack_tables(self.schedule)
+        self.graphs = runner.graphs
         for request in requests:  # a sequence's device state moves into this batch
             request.batch = self
 
@@ -516,12 +391,8 @@ class DecodeBatch:
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per row (``[batch]`` int64 on the device); returns ``(logits [batch, vocab],
         greedy next tokens [batch])``. With CUDA graphs these are the graph's output buffers: read or
-        copy them before the next step of any batch with the same key.
-
-        The token ids are not read back (that would be a host sync per step): an id outside the
-        vocabulary is a ``ValueError`` on the CPU and a device-side assert on a GPU. Check ids that do
-        not come from the model's own logits once, where they enter (``adallava_kernels.check_token_ids``, as
-        the model's ``embed`` does)."""
+        copy them before the next step of any batch with the same key. The ids are not read back (a sync
+        per step): check ids that do not come from the model's logits where they enter (``check_token_ids``)."""
         runner = self.runner
         for seq_id, request in zip(self.seq_ids, self.requests):
             if request.batch is not self:
@@ -538,7 +409,7 @@ class DecodeBatch:
             except IndexError as error:  # the embedding, the step's first op: nothing was written yet
                 raise ValueError(f"tokens holds an id outside the vocabulary [0, {runner.shape.vocab_size})") from error
         else:
-            out = self._graph_step(tokens)
+            out = self.graph_step(tokens)
         runner.cache.advance(self.seq_ids, 1)
         for request in self.requests:
             request.length += 1
@@ -567,88 +438,11 @@ class DecodeBatch:
         mask = visible_positions_mask(lengths_after, starts, width, h.dtype) if runner.backend == "torch" else None
         every = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner._rope_sign)[:, :, None], lengths,
                              lengths_after, starts, mask)
-        inputs = [every if rows is None else _select_rows(every, rows) for rows in self.row_sets]
-        pages = runner._pages
-        for runs in self.schedule:
-            h = _run_layer(h, runs, self.row_sets, lambda run, part: run.program.decode(
-                part, inputs[run.rows], pages, tables[run.table_index], run.split))
-        logits = rms_norm(h, weights.norm, weights.norm_eps) @ weights.lm_head.t()
+        inputs = [for_cohort(every, rows) for rows in self.schedule.cohorts]
+        pages = runner.pages
+        for runs in self.schedule.layers:
+            h = run_layer(h, runs, self.schedule.cohorts, lambda run, part: run.program.decode(
+                part, inputs[run.cohort], pages, tables[run.table_index], run.split))
+        logits = rms_norm(h, weights.norm, weights.norm_eps, backend=runner.backend) @ weights.lm_head.t()
         lengths.add_(1)
         return logits, logits.argmax(-1)
-
-    def _graph_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        graphs = self.runner.graphs
-        entry = graphs.entry(self.key, self._new_entry)
-        if entry.owner is None or entry.owner() is not self:
-            self._bind(entry)
-        entry.tokens.copy_(tokens)
-        step = lambda: self.forward_step(entry.tokens, entry.state, entry.views)  # noqa: E731
-        if entry.graph is None:
-            # The first step of a key runs eagerly (the warm-up), then is recorded for the next ones;
-            # recording runs nothing, so the pages and lengths change only on replay.
-            out = graphs.warm_up(step)
-            # The graph reads this batch's layer programs (index tensors, gathered weights) and row sets by
-            # address, also when a later batch with equal plans replays it after this one is gone.
-            graphs.capture(entry, step, keep_alive=(self.schedule, self.row_sets))
-            return out
-        return graphs.replay(entry)
-
-    def _new_entry(self) -> GraphEntry:
-        entry = GraphEntry(tokens=torch.zeros(self.batch, dtype=torch.int64, device=self.state.device),
-                           state=torch.empty_like(self.state), tables=torch.empty_like(self.tables_flat))
-        entry.views = _unpack_like(entry.tables, self.tables)
-        return entry
-
-    def _bind(self, entry: GraphEntry) -> None:
-        """Move this batch's state into ``entry``'s buffers (saving the previous owner's first)."""
-        previous = entry.owner() if entry.owner is not None else None
-        if previous is not None:
-            previous.unbind(entry)
-        if self._entry is not None and self._entry is not entry:
-            self.unbind(self._entry)
-        entry.state.copy_(self.state)
-        entry.tables.copy_(self.tables_flat)
-        entry.owner = weakref.ref(self)
-        self._entry = entry
-
-    def unbind(self, entry: GraphEntry) -> None:
-        """Take this batch's state back from ``entry`` (another batch needs the graph, or it is evicted)."""
-        if self._entry is entry:
-            self.state.copy_(entry.state)
-            self._entry = None
-            entry.owner = None
-
-    def close(self) -> None:
-        """Release the graph this batch holds (its state stays with the batch)."""
-        if self._entry is not None:
-            self.unbind(self._entry)
-
-
-def _pack_tables(schedule) -> tuple[torch.Tensor, list[LayerTables]]:
-    """Every run's tables in one int32 buffer (one copy binds a batch to a graph), and views of it;
-    each run learns its position in the list."""
-    runs = [run for layer_runs in schedule for run in layer_runs if run.program.runs_attention]
-    for position, run in enumerate(runs):
-        run.table_index = position
-    tables = [run.tables for run in runs]
-    parts = [t for lt in tables for t in (lt.tables, lt.head_tables) if t is not None]
-    if not parts:
-        return torch.empty(0, dtype=torch.int32), []  # no layer attends: nothing to bind
-    flat = torch.cat([t.reshape(-1) for t in parts])
-    return flat, _unpack_like(flat, tables)
-
-
-def _unpack_like(flat: torch.Tensor, like: list[LayerTables]) -> list[LayerTables]:
-    views, offset = [], 0
-
-    def take(t):
-        nonlocal offset
-        if t is None:
-            return None
-        view = flat[offset:offset + t.numel()].view(t.shape)
-        offset += t.numel()
-        return view
-
-    for lt in like:
-        views.append(LayerTables(take(lt.tables), take(lt.head_tables)))
-    return views

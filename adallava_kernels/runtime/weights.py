@@ -26,6 +26,8 @@ from torch import nn
 
 from ..modules import check_hf_attention, check_hf_mlp
 from ..ops.layout import prepare_column_gather
+from ..ops.masked_attention import AttentionWeights
+from ..ops.masked_mlp import MlpWeights
 from ..shape import ModelShape
 
 __all__ = ["LayerWeights", "DecoderWeights"]
@@ -36,20 +38,8 @@ class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
-    w_qkv: torch.Tensor
-    w_o: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
-    w_o_columns: torch.Tensor | None
-    w_down_columns: torch.Tensor | None
-
-    @property
-    def w_gate(self) -> torch.Tensor:
-        return self.w_gate_up[: self.w_down.shape[1]]
-
-    @property
-    def w_up(self) -> torch.Tensor:
-        return self.w_gate_up[self.w_down.shape[1]:]
+    attention: AttentionWeights
+    mlp: MlpWeights
 
 
 @dataclass
@@ -112,20 +102,21 @@ def _decoder_and_head(model: nn.Module, lm_head: nn.Module | None) -> tuple[nn.M
 
 def _layer_weights(layer: nn.Module, partial: bool) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
-    check_hf_attention(attn)
     check_hf_mlp(mlp)
     eps = float(layer.input_layernorm.variance_epsilon)
     if float(layer.post_attention_layernorm.variance_epsilon) != eps:
         raise ValueError("the two RMSNorms of a decoder layer must share their epsilon")
     w_o, w_down = attn.o_proj.weight.detach(), mlp.down_proj.weight.detach()
+    num_heads, num_kv_heads, _ = check_hf_attention(attn)
     return LayerWeights(
         input_norm=layer.input_layernorm.weight.detach(),
         post_norm=layer.post_attention_layernorm.weight.detach(),
         eps=eps,
-        w_qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
-        w_o=w_o,
-        w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-        w_down=w_down,
-        w_o_columns=prepare_column_gather(w_o) if partial else None,
-        w_down_columns=prepare_column_gather(w_down) if partial else None,
+        attention=AttentionWeights.stack(
+            attn.q_proj.weight.detach(), attn.k_proj.weight.detach(), attn.v_proj.weight.detach(), w_o,
+            num_heads=num_heads, num_kv_heads=num_kv_heads,
+            w_o_columns=prepare_column_gather(w_o) if partial else None),
+        mlp=MlpWeights(
+            w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), w_down=w_down,
+            w_down_columns=prepare_column_gather(w_down) if partial else None),
     )

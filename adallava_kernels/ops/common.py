@@ -16,6 +16,8 @@ AUTOTUNE = os.environ.get("ADALLAVA_AUTOTUNE", "1") != "0"
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What a padding mask (nonzero: attend) may be: transformers passes bool or integer masks.
+MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Triton kernel of the paged decode attention (see ``paged_attention``)."""
+"""Triton kernel of the paged decode attention (see ``paged_attention``): one program per (sequence,
+head, split) streams its pages with an online softmax; the splits meet in ``split_combine``."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING as _INTERPRET
-from .attention_kernels import _LOG2E, _combine_kernel
+from .split_combine import combine_splits
+from .triton_utils import INTERPRET, LOG2E
 
 # One query row per program: the scores are a reduction over head_dim, not a
 # tl.dot (which needs 16 rows); decode streams K/V, so the tile is sized for
 # loads in flight. Fixed, not autotuned: a step is captured once as a graph.
-_BLOCK_N = 16 if _INTERPRET else 64
+_BLOCK_N = 16 if INTERPRET else 64
 _NUM_WARPS = 4
 
 
@@ -103,18 +104,15 @@ def launch_paged_decode(
     block_d = max(16, triton.next_power_of_2(head_dim))
     _paged_decode_kernel[(batch * nq, split)](
         q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, target, lse,
-        nq, page_size, split_len, scale * _LOG2E,
+        nq, page_size, split_len, scale * LOG2E,
         *q.stride(), *k_pages.stride(), *block_tables.stride(),
         *t_strides, *l_strides,
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
     )
     if split > 1:
-        # The combine kernel indexes [batch, row, head, split, d]: one row per sequence here.
-        _combine_kernel[(1, batch * nq)](
-            target, lse, out, 1, nq,
-            target.stride(0), 0, target.stride(1), target.stride(3), target.stride(2),
-            lse.stride(0), 0, lse.stride(1), lse.stride(2),
-            out.stride(0), 0, out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_SPLIT=max(2, triton.next_power_of_2(split)),
-        )
+        # The combine indexes [batch, row, head, d, split]: one row per sequence here.
+        combine_splits(target, (target.stride(0), 0, target.stride(1), target.stride(3), target.stride(2)),
+                       lse, (lse.stride(0), 0, lse.stride(1), lse.stride(2)),
+                       out, (out.stride(0), 0, out.stride(1), out.stride(2)),
+                       rows=1, batch=batch, heads=nq, head_dim=head_dim, split=split)
     return out

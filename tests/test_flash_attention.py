@@ -1,49 +1,18 @@
-"""The attention kernels (Triton; under TRITON_INTERPRET=1 on a CPU) against float64 references.
+"""The flash attention kernel (Triton; under TRITON_INTERPRET=1 on a CPU) against float64 references.
 
-Outputs are filled with NaN first, so an element a kernel never writes fails.
-Reduction splits are forced both ways, so the atomic and the combine paths run.
+Outputs are filled with NaN first, so an element the kernel never writes fails.
+KV splits are forced both ways, so the combine path runs.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from adallava_kernels.ops.attention_kernels import flash_attention, head_projection
+from adallava_kernels.ops.flash_attention import flash_attention
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def rotate(t, cos, sin):
-    lo, hi = t.chunk(2, dim=-1)
-    return t * cos + torch.cat((-hi, lo), dim=-1) * sin
-
-
-def rope_tables(batch, seq, head_dim):
-    angles = torch.rand(batch, seq, head_dim // 2) * 6.28
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("rope", [True, False], ids=["rope", "plain"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("batch, seq", [(1, 1), (2, 7), (1, 37)], ids=["T1", "B2-T7", "T37"])
-def test_head_projection(batch, seq, dtype, rope, split):
-    hidden, head_dim, heads = 90, 24, 5
-    x = torch.randn(batch, seq, hidden).to(dtype)
-    w = (torch.randn(heads * head_dim, hidden) * hidden**-0.5).to(dtype)
-    chosen = torch.tensor([0, 3, 4], dtype=torch.int32)
-    cos, sin = rope_tables(batch, seq, head_dim) if rope else (None, None)
-    # The [batch, heads, seq, d] layout of a KV cache, written through a transposed view.
-    out = poisoned(batch, 3, seq, head_dim, dtype=dtype, device=DEVICE)
-    head_projection(*to_device(x, w, chosen), head_dim, *to_device(cos, sin), out.transpose(1, 2), split=split)
-    expected = F.linear(x.double(), w.double()).view(batch, seq, heads, head_dim)[:, :, chosen.long()]
-    if rope:
-        expected = rotate(expected, cos.double()[:, :, None], sin.double()[:, :, None])
-    assert_close(out.cpu(), expected.transpose(1, 2))
 
 
 def attention_reference(q, k, v, head_to_kv, padding):
@@ -94,19 +63,3 @@ def test_flash_attention_without_padding_and_all_masked_rows(split):
     out = out.cpu()
     assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))
     assert_close(out, attention_reference(q, k, v, head_to_kv, padding))
-
-
-@pytest.mark.parametrize("split", [1, 3])
-def test_head_projection_rotates_only_the_first_slots(split):
-    """q, k and v heads of a stacked weight in one launch: the v slots (from rope_slots on) are not rotated."""
-    batch, seq, hidden, head_dim = 2, 3, 90, 24
-    x = torch.randn(batch, seq, hidden)
-    w = torch.randn(9 * head_dim, hidden) * hidden**-0.5  # 5 q heads, 2 k heads, 2 v heads
-    slots = torch.tensor([0, 3, 4, 5, 6, 8], dtype=torch.int32)  # q 0, 3, 4; k 0, 1; v 1
-    cos, sin = rope_tables(batch, seq, head_dim)
-    out = poisoned(batch, seq, 6, head_dim, dtype=torch.float32, device=DEVICE)
-    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), out, split=split, rope_slots=5)
-    plain = F.linear(x.double(), w.double()).view(batch, seq, 9, head_dim)[:, :, slots.long()]
-    expected = torch.cat([rotate(plain[:, :, :5], cos.double()[:, :, None], sin.double()[:, :, None]),
-                          plain[:, :, 5:]], dim=2)
-    assert_close(out.cpu(), expected)

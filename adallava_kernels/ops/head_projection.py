@@ -1,0 +1,163 @@
+"""Per-head projection with RoPE in the epilogue: ``x @ W[head rows].T`` for a list of heads.
+
+One program per (token tile, head slot): a program holds the two halves of its head in two
+accumulators, because RoPE rotates element ``d`` with element ``d + head_dim / 2``, and applies the
+rotation to the fp32 accumulator. The output layout is free (strides per batch, position, head and
+element), so K and V are written straight into the ``[batch, heads, seq, head_dim]`` layout a KV
+cache stores; slots from ``rope_slots`` on are not rotated, so q, k and v of a stacked weight
+``[q; k; v]`` are projected in one launch.
+
+When the grid would not fill the GPU (decode, few heads, small batch) the reduction over the hidden
+features is split across programs that add fp32 partial sums atomically (RoPE is linear, so
+rotating the partial sums is exact). This is what lets time fall with the number of active heads:
+without the split, 8 heads of one sequence would occupy 8 programs whatever their count.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits
+
+__all__ = ["CONFIGS", "head_projection"]
+
+
+# One program computes [BLOCK_M tokens, head_dim]: a 128-wide tile at head_dim 128.
+CONFIGS = {
+    "prefill": [
+        # Hopper: 128x128 tiles with 64-deep K and 3-4 stages fit its 228 KB of shared memory.
+        config(8, 3, BLOCK_M=128, BLOCK_K=64),
+        config(4, 4, BLOCK_M=64, BLOCK_K=64),
+        # Ampere: 32-deep K so 4 stages fit 164 KB.
+        config(4, 4, BLOCK_M=128, BLOCK_K=32),
+    ],
+    # 1 to 16 tokens: the weight stream dominates; deep K tiles keep loads in flight.
+    "decode": [
+        config(4, 4, BLOCK_M=16, BLOCK_K=128),
+        config(4, 3, BLOCK_M=16, BLOCK_K=256),
+    ],
+}
+INTERPRETER_CONFIGS = [config(4, 1, BLOCK_M=16, BLOCK_K=32)]
+
+# Split the reduction only where each split keeps at least this many hidden features.
+_MIN_K_PER_SPLIT = min_per_split(128)
+
+
+@triton.jit
+def _head_proj_kernel(
+    x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
+    M, K, SEQ, M_BUCKET, ROPE_SLOTS,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_cb, stride_cs, stride_cd,
+    stride_yb, stride_ys, stride_yh, stride_yd,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    ROPE: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
+    are not rotated (V, when q, k and v are projected in one launch)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    slot = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    head = tl.load(heads_ptr + slot).to(tl.int64)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_H)
+    mask_m = offs_m < M
+    mask_d = offs_d < HALF
+    rows_lo = head * HEAD_DIM + offs_d
+    rows_hi = rows_lo + HALF
+
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )
+        w_mask = mask_k[:, None] & mask_d[None, :]
+        w_lo = tl.load(w_ptr + rows_lo[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        w_hi = tl.load(w_ptr + rows_hi[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
+        acc_lo = dot(a, w_lo, acc_lo, IEEE, UPCAST)
+        acc_hi = dot(a, w_hi, acc_hi, IEEE, UPCAST)
+
+    batch = offs_m // SEQ
+    pos = offs_m % SEQ
+    tile_mask = mask_m[:, None] & mask_d[None, :]
+    if ROPE:
+        # rotate_half: (lo, hi) -> (lo * cos - hi * sin, hi * cos + lo * sin).
+        c_off = batch[:, None] * stride_cb + pos[:, None] * stride_cs + offs_d[None, :] * stride_cd
+        cos_lo = tl.load(cos_ptr + c_off, mask=tile_mask, other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_ptr + c_off + HALF * stride_cd, mask=tile_mask, other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_ptr + c_off, mask=tile_mask, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_ptr + c_off + HALF * stride_cd, mask=tile_mask, other=0.0).to(tl.float32)
+        rotate = slot < ROPE_SLOTS
+        out_lo = tl.where(rotate, acc_lo * cos_lo - acc_hi * sin_lo, acc_lo)
+        out_hi = tl.where(rotate, acc_hi * cos_hi + acc_lo * sin_hi, acc_hi)
+    else:
+        out_lo = acc_lo
+        out_hi = acc_hi
+    y_off = batch[:, None] * stride_yb + pos[:, None] * stride_ys + slot * stride_yh + offs_d[None, :] * stride_yd
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_off, out_lo.to(y_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(y_ptr + y_off + HALF * stride_yd, out_hi.to(y_ptr.dtype.element_ty), mask=tile_mask)
+    else:
+        tl.atomic_add(y_ptr + y_off, out_lo, mask=tile_mask)
+        tl.atomic_add(y_ptr + y_off + HALF * stride_yd, out_hi, mask=tile_mask)
+
+
+
+KERNELS = autotuned(_head_proj_kernel, CONFIGS, INTERPRETER_CONFIGS, ["M_BUCKET", "K", "HEAD_DIM", "IEEE"],
+                    restore_value=["y_ptr"])
+
+
+def _block_h(head_dim: int) -> int:
+    # tl.dot needs each tile dimension to be at least 16.
+    return max(16, triton.next_power_of_2(head_dim // 2))
+
+
+def head_projection(
+    x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, head_dim: int,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, *, split: int | None = None,
+    rope_slots: int | None = None,
+) -> torch.Tensor:
+    """Project ``x`` ``[batch, seq, hidden]`` onto ``heads`` of ``w``, rotated when ``cos``/``sin`` are given.
+
+    ``out`` is a 4-D view indexed ``[batch, seq, slot, d]`` (any strides);
+    ``cos`` and ``sin`` are contiguous ``[batch or 1, seq, head_dim]`` tensors.
+    ``split`` overrides the number of reduction splits (default: chosen to fill the GPU).
+    ``rope_slots``: rotate only the first this many slots (default: all).
+    """
+    batch, seq, hidden = x.shape
+    m, n_heads = batch * seq, heads.numel()
+    if m == 0 or n_heads == 0:
+        return out
+    x2 = x.reshape(m, hidden)
+    which = regime(m)
+    block_m = smallest_block("BLOCK_M", CONFIGS, INTERPRETER_CONFIGS, which)
+    programs = triton.cdiv(m, block_m) * n_heads
+    if split is None:
+        split = 1 if which == "prefill" else splits(programs, triton.cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
+    target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    rope = cos is not None
+    if rope:
+        # A batch of 1 broadcasts: stride 0 reads the same rows for every sequence.
+        rope_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), cos.stride(2))
+    else:
+        cos = sin = x2  # any pointer: never read without ROPE
+        rope_strides = (0, 0, 0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split)  # noqa: E731
+    KERNELS[which][grid](
+        x2, w, heads, cos, sin, target,
+        m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *target.stride(),
+        HEAD_DIM=head_dim, BLOCK_H=_block_h(head_dim), ROPE=rope, SPLIT_K=split, **dot_flags(x.dtype),
+    )
+    if split > 1:
+        out.copy_(target)
+    return out
+

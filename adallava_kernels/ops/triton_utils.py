@@ -1,0 +1,108 @@
+"""What every Triton kernel of the library shares: the dot, its flags, the regimes, the GPU's size.
+
+- :func:`dot`: ``tl.dot`` with fp32 inputs kept IEEE (not TF32) and the
+  interpreter's bf16 upcast; :func:`dot_flags` gives its two constexprs;
+- :data:`DECODE_MAX_TOKENS` and :func:`regime`: a launch of at most this many
+  token rows is ``"decode"`` (memory-bound tiles), else ``"prefill"``;
+- :func:`config` and :func:`autotuned`: one kernel autotuned per regime over a
+  config table ``{"prefill": [...], "decode": [...]}`` (the shape every
+  kernel's table has), and over its one interpreter config under
+  TRITON_INTERPRET=1, where autotuning does not work (a small config, so odd
+  sizes still cross tile boundaries in tests);
+- :func:`multiprocessors`, :func:`splits` and :func:`min_per_split`: how many
+  programs fill the GPU, and when a split reduction stops paying;
+- :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRETING as INTERPRET, kernel_configs
+
+__all__ = [
+    "DECODE_MAX_TOKENS",
+    "INTERPRET",
+    "LOG2E",
+    "REGIMES",
+    "autotuned",
+    "config",
+    "dot",
+    "dot_flags",
+    "min_per_split",
+    "multiprocessors",
+    "regime",
+    "smallest_block",
+    "splits",
+]
+
+DECODE_MAX_TOKENS = 16
+REGIMES = ("prefill", "decode")
+# Softmax in base 2: exp(x) = exp2(x * log2(e)), folded into the score scale.
+LOG2E = 1.4426950408889634
+# Reductions are split at most this many ways: past it the combine costs more than the split hides.
+MAX_SPLITS = 32
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        # The interpreter computes bf16 dots wrongly; fp32 is exact for bf16 inputs.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        # fp32 inputs: full precision, not TF32.
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """fp32 inputs take IEEE dots (not TF32); the interpreter upcasts before tl.dot."""
+    return {"IEEE": dtype == torch.float32, "UPCAST": INTERPRET}
+
+
+def config(warps: int, stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+def regime(m: int) -> str:
+    return "decode" if m <= DECODE_MAX_TOKENS else "prefill"
+
+
+def autotuned(kernel, table: dict, interpreter: list, key: list[str], restore_value: list[str] | None = None) -> dict:
+    """``{regime: kernel autotuned over table[regime]}`` (``interpreter`` under TRITON_INTERPRET=1, the
+    first config with ADALLAVA_AUTOTUNE=0). ``restore_value``: outputs a timed run adds into (split-K's
+    atomic partial sums), restored after each so they do not pile up while configs are timed."""
+    extra = {} if restore_value is None else {"restore_value": restore_value}
+    return {r: triton.autotune(configs=kernel_configs(table[r], interpreter), key=key, **extra)(kernel)
+            for r in REGIMES}
+
+
+def smallest_block(name: str, table: dict, interpreter: list, which: str) -> int:
+    """The smallest ``name`` tile of the configs a kernel is tuned over in regime ``which``."""
+    return min(c.kwargs[name] for c in kernel_configs(table[which], interpreter))
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so the split paths are exercised
+
+
+def min_per_split(compiled: int) -> int:
+    """The least reduction (features, positions) a split should cover: ``compiled`` on a GPU, below which
+    splitting costs more than it hides; 32 under the interpreter, so small test shapes take the split
+    paths."""
+    return 32 if INTERPRET else compiled
+
+
+def splits(programs: int, reduction_blocks: int, device: torch.device) -> int:
+    """Reduction splits so that ``programs`` times the splits covers the GPU about twice."""
+    if programs == 0 or programs >= multiprocessors(device):
+        return 1
+    return max(1, min(triton.cdiv(2 * multiprocessors(device), programs), reduction_blocks, MAX_SPLITS))
