@@ -45,6 +45,7 @@ __all__ = [
     "masked_mlp_cost",
     "prefill_cost",
     "decode_cost",
+    "batch_decode_cost",
     "prefill_flops",
     "decode_flops",
     "kv_cache_bytes",
@@ -306,6 +307,39 @@ def decode_cost(
     check_int("context_len", context_len)
     check_int("batch_size", batch_size)
     return _breakdown("decode", shape, 1, context_len, plan, batch_size, precision)
+
+
+def batch_decode_cost(
+    shape: ModelShape, context_len: int, plans: Sequence[ExecutionPlan | None], precision: Precision = Precision(),
+) -> CostBreakdown:
+    """Per-op cost of one decode step of a batch whose row ``b`` runs ``plans[b]`` (``None``: the full plan),
+    each row attending ``context_len`` positions, as the plan runtime runs it.
+
+    At each layer the rows whose plans keep the same heads and neurons there form a cohort, which reads
+    that layer's weights once for all its rows; rows that differ read their own. So the FLOPs are the
+    rows' own, summed, while the weight bytes are paid once per distinct layer plan in the batch: a batch
+    of equal plans costs :func:`decode_cost` with ``batch_size``, a batch of plans that share no layer
+    costs the sum of one-row steps (only ``lm_head`` is read once).
+    """
+    check_int("context_len", context_len)
+    if not plans:
+        raise ValueError("plans must hold one plan (or None) per row, got none")
+    full = ExecutionPlan.full(shape)
+    plans = [full if plan is None else plan for plan in plans]
+    counts = [_active_counts(shape, plan) for plan in plans]
+    layers = []
+    for i in range(shape.num_layers):
+        cohorts: dict[tuple, list] = {}  # the layer's (heads, neurons) -> [rows, its active counts]
+        for plan, row_counts in zip(plans, counts):
+            cohorts.setdefault((plan.heads[i], plan.neurons[i]), [0, row_counts[i]])[0] += 1
+        total = None
+        for rows, (heads, kv_heads, neurons) in cohorts.values():
+            ops = layer_ops(shape, heads=heads, kv_heads=kv_heads, neurons=neurons, q_tokens=1,
+                            kv_tokens=context_len, batch_size=rows, precision=precision)
+            total = ops if total is None else tuple(a + b for a, b in zip(total, ops))
+        layers.append(total)
+    lm_head = _linear("lm_head", len(plans), shape.hidden_size, shape.vocab_size, precision)
+    return CostBreakdown("decode", tuple(layers), lm_head)
 
 
 def prefill_flops(shape: ModelShape, num_tokens: int, plan: ExecutionPlan | None = None, batch_size: int = 1) -> float:

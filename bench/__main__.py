@@ -28,13 +28,13 @@ import torch
 
 from adallava_kernels import PRESETS, check_budget, get_device, get_shape
 
-from . import attention, compare, kv_cache, latency, mlp, plans, plot, report, timing
+from . import attention, compare, kv_cache, latency, mlp, plans, plot, report, serve, timing
 from . import model as model_bench
 from ._common import (DTYPES, checked_device, default_dtype, error_record, load_results, metadata, progress,
                       write_json)
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
-SECTIONS = ("mlp", "attention", "kv", "model", "latency")
+SECTIONS = ("mlp", "attention", "kv", "model", "latency", "serve")
 
 
 def section_list(text: str) -> list[str]:
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                   lambda done: model_bench.report_rows(done["rows"], args.backend)),
         "latency": ("latency", lambda: run_latency(args, model_name, run_shape, on_gpu, device, dtype,
                                                    budgets["end_to_end"]), None),
+        "serve": ("serve", lambda: run_serve(args, model_name, run_shape, device, dtype), None),
     }
     for name in (section for section in SECTIONS if section in args.only):
         key, run, to_report = sections[name]
@@ -404,6 +405,16 @@ def run_latency(args, model_name, run_shape, on_gpu, device, dtype, budget) -> d
     print(latency.table(rows))
     return {"shape": run_shape.to_dict(), "prompt_tokens": prompt, "new_tokens": new_tokens,
             "backend": args.backend, "rows": rows}
+
+
+def run_serve(args, model_name, run_shape, device, dtype) -> dict:
+    result = serve.run(run_shape, model_name, device, dtype, backend=args.backend)
+    print(f"\nserving {result['requests']} requests on {device} ({str(dtype).removeprefix('torch.')}), {model_name} "
+          f"with random weights, each under its own plan, {result['prompt']} prompt tokens and {result['new_tokens']} "
+          f"new ones, kernels {result['backend']}: one by one (first decode step apart, TPOT over the others), "
+          f"then all in one decode batch")
+    print(serve.table(result))
+    return result
 
 
 def run_compare(results: dict, old: dict) -> dict:

@@ -186,3 +186,25 @@ def test_measured_cpu_profile_and_unknown_device():
     assert spec.peak_flops > 1e8 and spec.bandwidth > 1e8 and math.isfinite(spec.ridge_point)
     with pytest.raises(ValueError, match="unknown device 'B200'"):
         get_device("B200")
+
+
+def test_batch_decode_cost_pays_weights_once_per_cohort():
+    shape = get_shape("tiny")
+    layers = shape.num_layers
+    a = ExecutionPlan.from_layer_mask([1] * layers, shape)
+    b = ExecutionPlan(shape, [range(shape.num_heads)] * (layers - 1) + [[0]],
+                      [range(shape.intermediate_size)] * (layers - 1) + [range(7)])
+    same = cost.batch_decode_cost(shape, 300, [a, a, a])
+    assert same.flops == pytest.approx(cost.decode_flops(shape, 300, a, batch_size=3))
+    assert same.bytes == pytest.approx(cost.decode_cost(shape, 300, a, batch_size=3).bytes)
+    # None is the full plan: one cohort with a full plan built anew.
+    assert cost.batch_decode_cost(shape, 300, [None, a]).bytes == cost.batch_decode_cost(shape, 300, [a, a]).bytes
+    mixed = cost.batch_decode_cost(shape, 300, [a, b])
+    # FLOPs: each row's own. Weight bytes: the shared layers once, the last layer once per plan.
+    assert mixed.flops == pytest.approx(cost.decode_flops(shape, 300, a) + cost.decode_flops(shape, 300, b))
+    weights = lambda breakdown: sum(op.weight_bytes for op in breakdown.ops())  # noqa: E731
+    one_a, one_b = cost.decode_cost(shape, 300, a), cost.decode_cost(shape, 300, b)
+    last_b = sum(op.weight_bytes for op in one_b.layers[-1])
+    assert weights(mixed) == pytest.approx(weights(one_a) + last_b)
+    with pytest.raises(ValueError, match="plans must hold one plan"):
+        cost.batch_decode_cost(shape, 300, [])

@@ -1,5 +1,5 @@
 """The ops, one module each: launcher with input checks, kernels, and PyTorch reference
-(``masked_attention``, ``masked_mlp``, ``paged_attention``, ``gathered_linear``); the attention's Triton
+(``masked_attention``, ``masked_mlp``, ``paged_attention``, ``gathered_linear``, ``rms_norm``); the attention's Triton
 kernels one a module (``head_projection``, ``flash_attention``, ``split_combine``,
 ``paged_decode_kernel``); what the kernels share (``triton_utils``) and what the ops check
 (``common``); the kernels as ``torch.ops.adallava`` operators (``library``)."""
@@ -7,6 +7,7 @@ kernels one a module (``head_projection``, ``flash_attention``, ``split_combine`
 from .common import BACKENDS, BackendUnavailableError
 from .masked_attention import masked_attention, masked_attention_reference
 from .masked_mlp import masked_mlp, masked_mlp_reference
+from .rms_norm import fused_add_rms_norm, rms_norm
 
 __all__ = [
     "BACKENDS",
@@ -15,4 +16,6 @@ __all__ = [
     "masked_attention_reference",
     "masked_mlp",
     "masked_mlp_reference",
+    "fused_add_rms_norm",
+    "rms_norm",
 ]
