@@ -9,7 +9,11 @@ they share. The ratio is new / old wall-time median; over ``1 + THRESHOLD``
 is a regression, and under ``1 - THRESHOLD`` faster, only where the two
 medians differ by more than the two runs' IQRs together: a larger change
 inside that spread is marked ``within IQR``, as the timing did not resolve
-it. Reads the current format and the first GPU run's (which has no IQR).
+it. Runs timed on a CPU are compared but not judged: there, two runs of the
+same code differ by more than each case's own IQR (machine load, clocks and
+memory placement move whole runs), so a change over the threshold is marked
+``not judged``, never a regression. Reads the current format and the first
+GPU run's (which has no IQR).
 """
 
 from __future__ import annotations
@@ -59,12 +63,20 @@ def unstable_cases(results: dict) -> list[str]:
     return [case for case, row in cases(results).items() if row.get("unstable")]
 
 
-def verdict(new_row: dict, old_row: dict, threshold: float = THRESHOLD) -> str:
-    """``regression``, ``faster``, ``within IQR`` (over the threshold, inside the runs' combined IQR) or ``same``."""
+def judged(new: dict, old: dict) -> bool:
+    """Whether a change between the two runs can be judged: neither was timed on a CPU."""
+    return "cpu" not in (new.get("device_type"), old.get("device_type"))
+
+
+def verdict(new_row: dict, old_row: dict, threshold: float = THRESHOLD, judge: bool = True) -> str:
+    """``regression``, ``faster``, ``within IQR`` (over the threshold, inside the runs' combined IQR), ``not judged``
+    (over the threshold, on a CPU) or ``same``."""
     new_s, old_s = row_seconds(new_row), row_seconds(old_row)
     ratio = new_s / old_s if old_s > 0 else math.inf
     if 1 - threshold <= ratio <= 1 + threshold:
         return "same"
+    if not judge:
+        return "not judged"
     if within_spread(new_s, row_iqr(new_row), old_s, row_iqr(old_row)):
         return "within IQR"
     return "regression" if ratio > 1 else "faster"
@@ -76,6 +88,7 @@ def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     new_cases, old_cases = cases(new), cases(old)
+    judge = judged(new, old)
     rows = []
     for case, new_row in new_cases.items():
         if case not in old_cases:
@@ -84,14 +97,15 @@ def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
         new_s, old_s = row_seconds(new_row), row_seconds(old_row)
         rows.append({"case": case, "new_s": new_s, "old_s": old_s, "ratio": new_s / old_s if old_s > 0 else math.inf,
                      "new_iqr_s": row_iqr(new_row), "old_iqr_s": row_iqr(old_row),
-                     "verdict": verdict(new_row, old_row, threshold)})
+                     "verdict": verdict(new_row, old_row, threshold, judge)})
     return {
-        "threshold": threshold, "rows": rows,
+        "threshold": threshold, "judged": judge, "rows": rows,
         "only_new": [c for c in new_cases if c not in old_cases],
         "only_old": [c for c in old_cases if c not in new_cases],
         "regressions": sum(r["verdict"] == "regression" for r in rows),
         "faster": sum(r["verdict"] == "faster" for r in rows),
         "within_iqr": sum(r["verdict"] == "within IQR" for r in rows),
+        "not_judged": sum(r["verdict"] == "not judged" for r in rows),
         "geomean_ratio": math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
         if rows and all(0 < r["ratio"] < math.inf for r in rows) else None,
     }
@@ -112,6 +126,11 @@ def _runs_line(new: dict, old: dict) -> str:
 def summary(result: dict) -> str:
     geomean = result["geomean_ratio"]
     limit = f"{result['threshold']:.0%}"
+    if not result.get("judged", True):
+        return (f"{len(result['rows'])} cases in common, timed on a CPU: {result['not_judged']} changed by more than "
+                f"{limit}, not judged (two runs of the same code on a CPU differ by more than their IQRs)"
+                + ("" if geomean is None else f", geometric mean ratio {geomean:.3f}")
+                + f"; {len(result['only_new'])} only in the new run, {len(result['only_old'])} only in the old one")
     return (f"{len(result['rows'])} cases in common: {result['regressions']} slower by more than {limit} and by more "
             f"than the runs' combined IQR (regression), {result['faster']} faster by more than {limit} and the IQR, "
             f"{result.get('within_iqr', 0)} changed by more than {limit} but within the IQR"
@@ -125,7 +144,8 @@ COLUMNS = [("case", "case", "s"), ("new_ms", "new ms", ".4f"), ("old_ms", "old m
 
 def _shown(result: dict) -> list[dict]:
     return [r | {"new_ms": r["new_s"] * 1e3, "old_ms": r["old_s"] * 1e3,
-                 "flag": {"regression": "REGRESSION", "faster": "faster", "within IQR": "(within IQR)"}.get(
+                 "flag": {"regression": "REGRESSION", "faster": "faster", "within IQR": "(within IQR)",
+                          "not judged": "(not judged)"}.get(
                      r["verdict"], "")}
             for r in result["rows"]]
 

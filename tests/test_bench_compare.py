@@ -137,3 +137,17 @@ def test_bench_compare_names_a_bad_file_before_timing_anything(tmp_path, capsys,
         bench_main(["--compare", str(path), "--only", "model"])
     err = capsys.readouterr().err
     assert "--compare" in err and message in err
+
+
+@pytest.mark.parametrize("device_type, expected", [("cuda", "regression"), ("cpu", "not judged")])
+def test_runs_timed_on_a_cpu_are_compared_but_not_judged(device_type, expected):
+    # Two runs of the same code on a CPU differ beyond each case's IQR: a 20% change with tight IQRs is a
+    # regression between GPU runs and only reported between CPU runs.
+    old = spread_run({"full": (0.99, 1.0, 1.01)}) | {"device_type": device_type}
+    new = spread_run({"full": (1.19, 1.2, 1.21)}) | {"device_type": device_type}
+    result = compare.compare(new, old)
+    assert result["rows"][0]["verdict"] == expected
+    assert result["regressions"] == (expected == "regression") and result["judged"] == (device_type == "cuda")
+    if device_type == "cpu":
+        assert "timed on a CPU: 1 changed by more than 5%, not judged" in compare.summary(result)
+        assert "(not judged)" in compare.table(result) and "REGRESSION" not in compare.table(result)
