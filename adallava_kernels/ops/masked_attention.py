@@ -111,6 +111,7 @@ class AttentionProgram:
         # One query head per kept KV head, in order: the query-to-KV map is the identity.
         self.identity_map = self.nq == self.nkv
         self.head_to_kv = plan.head_to_kv
+        self.head_to_kv_index = plan.head_to_kv.long()  # index_select's dtype, converted once per plan
         self.gathered = backend == "triton" and self.nq > 0 and not plan.full_attention
         self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
         if self.gathered:
@@ -172,7 +173,7 @@ class AttentionProgram:
             out = _OPS.flash_attention(q, k, v, self.head_to_kv, padding, self.scale)
             return out.reshape(batch, q_len, self.nq * self.head_dim)
         if not self.identity_map:
-            k, v = k.index_select(1, self.head_to_kv.long()), v.index_select(1, self.head_to_kv.long())
+            k, v = k.index_select(1, self.head_to_kv_index), v.index_select(1, self.head_to_kv_index)
         q = q.transpose(1, 2)
         kv_len = k.shape[2]
         if mask is not None:

@@ -57,6 +57,7 @@ class PrefillInputs:
     signed_sin4: torch.Tensor
     mask: torch.Tensor  # [rows, 1, T, T] additive, causal and padding
     padding: torch.Tensor | None  # [rows, T] int32 (1: attend) for the Triton kernel; None without padding
+    first_slots: torch.Tensor  # [rows] int32 zeros: a prompt's K/V go to positions 0..T-1 of its pages
 
 
 @dataclass
@@ -110,7 +111,7 @@ class LayerProgram:
         head_tables = None
         if per_query_head:
             attention = self.attention
-            head_tables = tables if attention.identity_map else tables.index_select(1, attention.head_to_kv.long())
+            head_tables = tables if attention.identity_map else tables.index_select(1, attention.head_to_kv_index)
         return LayerTables(tables, head_tables)
 
     # -- prefill -------------------------------------------------------------------
@@ -124,8 +125,7 @@ class LayerProgram:
         attention = self.attention
         q, k, v = attention.project(x, inputs.cos, inputs.sin, inputs.cos4, inputs.signed_sin4)
         if pages is not None:
-            starts = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-            _OPS.kv_append(pages.k, pages.v, k, v, tables.tables, starts)
+            _OPS.kv_append(pages.k, pages.v, k, v, tables.tables, inputs.first_slots)
         return attention.output(attention.attend(q, k, v, inputs.padding, inputs.mask))
 
     # -- decode --------------------------------------------------------------------

@@ -254,7 +254,8 @@ class PlannedDecoder:
             mask = torch.ones(batch, seq, dtype=torch.int32, device=h.device)
         cos, sin = self.weights.rotary(h, positions(mask))
         shared = PrefillInputs(cos, sin, cos[:, :, None], (sin * self._rope_sign)[:, :, None],
-                               causal_mask(mask, seq, h.dtype), padding)
+                               causal_mask(mask, seq, h.dtype), padding,
+                               torch.zeros(batch, dtype=torch.int32, device=h.device))
         starts = (seq - mask.sum(-1)).to(torch.int32)
         stop = plan_after if planner is not None else layers
         h = self._prefill_layers(h, 0, stop, shared, seq_ids, requests)
