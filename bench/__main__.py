@@ -28,13 +28,13 @@ import torch
 
 from adallava_kernels import PRESETS, check_budget, get_device, get_shape
 
-from . import attention, compare, kv_cache, latency, mlp, plans, plot, report, serve, timing
+from . import attention, compare, kernels, kv_cache, latency, mlp, plans, plot, report, serve, timing
 from . import model as model_bench
 from ._common import (DTYPES, checked_device, default_dtype, error_record, load_results, metadata, progress,
                       write_json)
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
-SECTIONS = ("mlp", "attention", "kv", "model", "latency", "serve")
+SECTIONS = ("mlp", "attention", "kv", "model", "latency", "serve", "kernels")
 
 
 def section_list(text: str) -> list[str]:
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency": ("latency", lambda: run_latency(args, model_name, run_shape, on_gpu, device, dtype,
                                                    budgets["end_to_end"]), None),
         "serve": ("serve", lambda: run_serve(args, model_name, run_shape, device, dtype), None),
+        "kernels": ("kernels", lambda: run_kernels(args, model_name, run_shape, on_gpu, device, dtype), None),
     }
     for name in (section for section in SECTIONS if section in args.only):
         key, run, to_report = sections[name]
@@ -414,6 +415,17 @@ def run_serve(args, model_name, run_shape, device, dtype) -> dict:
           f"new ones, kernels {result['backend']}: one by one (first decode step apart, TPOT over the others), "
           f"then all in one decode batch")
     print(serve.table(result))
+    return result
+
+
+def run_kernels(args, model_name, run_shape, on_gpu, device, dtype) -> dict:
+    tokens, context = (args.tokens, args.context) if on_gpu else (kernels.CPU_TOKENS, kernels.CPU_CONTEXT)
+    result = kernels.run(run_shape, model_name, device, dtype, args.backend, tokens, context)
+    print(f"\nper kernel on {device} ({result['dtype']}), {model_name} with random weights, kernels "
+          f"{result['backend']}: a full and a partial layer of the runtime, prefill over {tokens} tokens and one "
+          f"decode step at context {context}, each layer call alone under torch.profiler (median of "
+          f"{result['reps']} calls)")
+    print(kernels.table(result))
     return result
 
 

@@ -371,3 +371,21 @@ def test_serve_runs_every_request_alone_and_in_one_batch(tmp_path, capsys):
         assert batch["graphs"]["captures"] == 1 and batch["graphs"]["replays"] == batch["steps"]
     else:
         assert batch["graphs"] == {"enabled": False} and "graphs, one by one: none" in out
+
+
+def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_path, capsys):
+    main(["--model", "tiny", "--only", "kernels", "--backend", "torch", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "measured copy rate" in printed and "matmul rate" in printed and "ridge point" in printed
+    profiled = json.loads((tmp_path / "results.json").read_text())["kernels"]
+    assert profiled["copy_bytes_per_s"] > 0 and profiled["matmul_flops_per_s"] > 0
+    assert profiled["model"] == "tiny" and profiled["tokens"] > 0 and profiled["context"] > 1
+    layers = {(layer["layer"], layer["stage"]): layer for layer in profiled["layers"]}
+    assert set(layers) == {(kind, stage) for kind in ("full", "partial") for stage in ("prefill", "decode")}
+    for layer in layers.values():
+        assert layer["kernel_count"] == len(layer["kernels"]) >= 1 and layer["total_s"] > 0
+        assert all(kernel["seconds"] > 0 for kernel in layer["kernels"])
+        priced = [kernel for kernel in layer["kernels"] if kernel["ops"] is not None]
+        assert priced and all(kernel["flops"] > 0 and kernel["fraction"] > 0 for kernel in priced)
+    for stage in ("prefill", "decode"):
+        assert layers["partial", stage]["predicted_flops"] < layers["full", stage]["predicted_flops"]
