@@ -1,5 +1,5 @@
 """The ops, one module each: launcher with input checks, kernels, and PyTorch reference
-(``masked_attention``, ``masked_mlp``, ``paged_attention``, ``gathered_linear``, ``rms_norm``); the attention's Triton
+(``masked_attention``, ``masked_mlp``, ``paged_attention``, ``gathered_linear``, ``rms_norm``, ``silu_and_mul``, ``rope``); the attention's Triton
 kernels one a module (``head_projection``, ``flash_attention``, ``split_combine``,
 ``paged_decode_kernel``); what the kernels share (``triton_utils``) and what the ops check
 (``common``); the kernels as ``torch.ops.adallava`` operators (``library``)."""

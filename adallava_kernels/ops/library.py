@@ -14,7 +14,9 @@ them validated their inputs at plan time.
 - ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
   ``col_gathered_linear(x, w, cols)``;
 - ``rms_norm(x, weight, eps)`` and ``fused_add_rms_norm(x, residual, weight, eps)`` ->
-  ``(normed, x + residual)``: transformers' ``LlamaRMSNorm``, the second fused with the residual add.
+  ``(normed, x + residual)``: transformers' ``LlamaRMSNorm``, the second fused with the residual add;
+- ``silu_and_mul(gate_up)``: ``silu(gate) * up`` of a stacked gate|up projection;
+- ``rope_(x, cos, sin, heads)``: rotary embedding of the first ``heads`` heads of ``x``, in place.
 
 Importing this module registers them; it compiles nothing.
 """
@@ -134,6 +136,30 @@ def fused_add_rms_norm(
 @fused_add_rms_norm.register_fake
 def _(x, residual, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("adallava::silu_and_mul", mutates_args=())
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    from .silu_and_mul import silu_and_mul_triton
+
+    return silu_and_mul_triton(gate_up)
+
+
+@silu_and_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@torch.library.custom_op("adallava::rope_", mutates_args=("x",))
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    from .rope import rope_triton_
+
+    rope_triton_(x, cos, sin, heads)
+
+
+@rope_.register_fake
+def _(x, cos, sin, heads):
+    return None
 
 
 def adallava_ops():

@@ -33,6 +33,7 @@ from ..masks import causal_visible
 from ..plan import LayerPlan
 from .common import MASK_DTYPES, check_index, check_same_dtype, check_tensor, resolve_backend
 from .library import adallava_ops
+from .rope import rope, rope_, rope_sign
 
 # torch.ops.adallava: the Triton operators, registered by importing ops.library.
 _OPS = adallava_ops()
@@ -60,19 +61,6 @@ def attention_indices(active_heads: torch.Tensor, num_heads: int, num_kv_heads: 
     head_to_kv = torch.searchsorted(kv_heads, kv_of_head)
     return LayerPlan.for_heads(active_heads, kv_heads, head_to_kv, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                head_dim=head_dim)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin``, with ``rotate_half(x) * sin == roll(x, d / 2) * signed_sin``
-    where ``signed_sin`` is ``sin`` with its first half negated (exact: a sign flip rounds nothing)."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
-
-
-def rope_sign(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[-1] * (head_dim / 2) + [1] * (head_dim / 2)``: ``signed_sin = sin * rope_sign``."""
-    sign = torch.ones(head_dim, dtype=dtype, device=device)
-    sign[: head_dim // 2] = -1
-    return sign
 
 
 @dataclass(frozen=True)
@@ -112,6 +100,7 @@ class AttentionProgram:
         self.identity_map = self.nq == self.nkv
         self.head_to_kv = plan.head_to_kv
         self.head_to_kv_index = plan.head_to_kv.long()  # index_select's dtype, converted once per plan
+        self.backend = backend
         self.gathered = backend == "triton" and self.nq > 0 and not plan.full_attention
         self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
         if self.gathered:
@@ -140,6 +129,9 @@ class AttentionProgram:
         if self.gathered:
             qkv = _OPS.head_projection(x, self.w_qkv, self.qkv_heads, cos, sin, d, nq + nkv)
             q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nkv], qkv[:, :, nq + nkv:]
+        elif self.backend == "triton":  # one matmul, then q and k rotated in place in one launch
+            qkv = rope_((x @ self.w_qkv_t).view(batch, seq, nq + 2 * nkv, d), cos, sin, nq + nkv, backend="triton")
+            q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nkv], qkv[:, :, nq + nkv:]
         else:
             qkv = (x @ self.w_qkv_t).view(batch, seq, nq + 2 * nkv, d)
             qk = rope(qkv[:, :, :nq + nkv], cos4, signed_sin4)
@@ -156,6 +148,9 @@ class AttentionProgram:
                                        nq + nkv).view(rows, nq + 2 * nkv, 1, d)
             return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         qkv = (x @ self.w_qkv_t).view(rows, nq + 2 * nkv, 1, d)
+        if self.backend == "triton":  # [rows, heads, 1, d] is [rows, 1, heads, d] in memory
+            rope_(qkv.view(rows, 1, nq + 2 * nkv, d), cos, sin, nq + nkv, backend="triton")
+            return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         qk = rope(qkv[:, :nq + nkv], cos4, signed_sin4)
         return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .common import check_index, check_same_dtype, check_tensor, resolve_backend
 from .library import adallava_ops
+from .silu_and_mul import silu_and_mul
 
 # torch.ops.adallava: the Triton operators, registered by importing ops.library.
 _OPS = adallava_ops()
@@ -66,6 +67,7 @@ class MlpProgram:
 
     def __init__(self, weights: MlpWeights, neurons: torch.Tensor, backend: str) -> None:
         full = neurons.numel() == weights.intermediate_size
+        self.backend = backend
         self.gathered = backend == "triton" and neurons.numel() > 0 and not full
         if self.gathered:
             self.w_gate, self.w_up, self.neurons = weights.w_gate, weights.w_up, neurons
@@ -80,9 +82,7 @@ class MlpProgram:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.gathered:
             return masked_mlp_triton(x, self.w_gate, self.w_up, self.w_down_columns, self.neurons)
-        n = self.w_down_t.shape[0]
-        gate_up = x @ self.w_gate_up_t
-        return (F.silu(gate_up[..., :n]) * gate_up[..., n:]) @ self.w_down_t
+        return silu_and_mul(x @ self.w_gate_up_t, backend=self.backend) @ self.w_down_t
 
 
 def masked_mlp_reference(

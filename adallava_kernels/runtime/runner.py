@@ -31,7 +31,7 @@ from ..kv_cache import LayerSkipKVCache
 from ..kv_cache.pool import check_seq_id, check_seq_ids
 from ..masks import causal_mask, positions, visible_positions_mask
 from ..ops.common import check_tensor, resolve_backend
-from ..ops.masked_attention import rope_sign
+from ..ops.rope import rope_sign
 from ..ops.rms_norm import rms_norm
 from ..plan import ExecutionPlan
 from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, pack_tables, run_layer
