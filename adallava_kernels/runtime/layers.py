@@ -167,25 +167,33 @@ class LayerProgram:
         return attention.output(out)
 
 
+@dataclass
+class _Held:
+    """Something the cache built, and how many plans hold it now."""
+
+    value: object
+    holders: int = 0
+
+
 class ProgramCache:
     """The layer programs of the plans in use: one per (layer, heads, neurons), shared by every plan that
     runs the layer alike, built when a plan first needs it and dropped when no plan holds it."""
 
     def __init__(self, weights: DecoderWeights, backend: str) -> None:
         self.weights, self.backend = weights, backend
-        self._programs: dict[tuple, list] = {}  # (layer, heads, neurons) -> [LayerProgram, references]
-        # plan fingerprint -> [its programs by layer, references]: a lookup never compares two plans
-        self._plans: dict[str, list] = {}
+        self._programs: dict[tuple, _Held] = {}  # (layer, heads, neurons) -> its LayerProgram
+        # plan fingerprint -> its programs by layer: a lookup never compares two plans
+        self._plans: dict[str, _Held] = {}
 
     def of(self, plan: ExecutionPlan) -> tuple[LayerProgram, ...]:
         """The programs of an acquired ``plan``, by layer."""
-        return self._plans[plan.fingerprint][0]
+        return self._plans[plan.fingerprint].value
 
     def acquire(self, plan: ExecutionPlan) -> None:
         """Reference ``plan``'s layer programs, building those no other plan shares at first use."""
-        slot = self._plans.get(plan.fingerprint)
-        if slot is not None:
-            slot[1] += 1
+        held = self._plans.get(plan.fingerprint)
+        if held is not None:
+            held.holders += 1
             return
         shape = self.weights.shape
         layers = plan.layers(self.weights.device)
@@ -196,26 +204,26 @@ class ProgramCache:
                 shared = self._programs.get(key)
                 if shared is None:
                     program = LayerProgram(self.weights.layers[i], layers[i], shape, self.backend)
-                    shared = self._programs[key] = [program, 0]
-                shared[1] += 1
+                    shared = self._programs[key] = _Held(program)
+                shared.holders += 1
                 made.append(key)
-                programs.append(shared[0])
+                programs.append(shared.value)
         except Exception:
             for key in made:
                 self._unref(key)
             raise
-        self._plans[plan.fingerprint] = [tuple(programs), 1]
+        self._plans[plan.fingerprint] = _Held(tuple(programs), 1)
 
     def release(self, plan: ExecutionPlan) -> None:
-        slot = self._plans[plan.fingerprint]
-        slot[1] -= 1
-        if slot[1] == 0:
+        held = self._plans[plan.fingerprint]
+        held.holders -= 1
+        if held.holders == 0:
             del self._plans[plan.fingerprint]
             for i in range(self.weights.shape.num_layers):
                 self._unref((i, plan.heads[i], plan.neurons[i]))
 
     def _unref(self, key) -> None:
         shared = self._programs[key]
-        shared[1] -= 1
-        if shared[1] == 0:
+        shared.holders -= 1
+        if shared.holders == 0:
             del self._programs[key]
