@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 from _shapes import GQA6
 
 from adallava_kernels import ExecutionPlan, ModelShape, cost, get_device, get_shape

@@ -9,7 +9,7 @@ from adallava_kernels.ops import library  # noqa: F401  (registers the operators
 from adallava_kernels.ops.rope import rope, rope_, rope_sign, rope_triton_
 from adallava_kernels.testing import assert_close
 
-from _device import DEVICE, to_device
+from _device import to_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
