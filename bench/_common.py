@@ -63,6 +63,12 @@ def default_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (nothing to wait for on a CPU): a wall clock read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -36,7 +36,7 @@ from adallava_kernels.runtime.layers import DecodeInputs, PrefillInputs
 
 from . import model as model_bench
 from . import timing
-from ._common import device_name, format_table, si_text
+from ._common import device_name, format_table, si_text, sync
 
 CPU_TOKENS = 32
 CPU_CONTEXT = 64
@@ -145,11 +145,6 @@ def _capturing(programs: dict, method: str):
         yield calls
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _innermost(event, ranges) -> str | None:
     """The stage label of the narrowest range whose interval holds ``event``."""
     holding = [r for r in ranges if r.time_range.start <= event.time_range.start
@@ -195,10 +190,10 @@ def profile_call(call: Callable[[], object], device: torch.device, reps: int) ->
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     runs = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         with profile(activities=activities) as prof:
             call()
-            _sync(device)
+            sync(device)
         runs.append((_gpu_kernels if on_gpu else _cpu_kernels)(prof.events()))
     first = runs[0]
     alike = [run for run in runs if [k[0] for k in run] == [k[0] for k in first]]

@@ -33,7 +33,7 @@ from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, c
 from adallava_kernels.runtime import PlannedDecoder
 
 from . import model as model_bench
-from ._common import format_table, progress
+from ._common import format_table, progress, sync
 from .plans import random_scores
 
 REQUESTS = 16
@@ -56,16 +56,11 @@ def request_plans(shape: ModelShape, count: int = REQUESTS, seed: int = 0) -> li
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device: torch.device) -> tuple[object, float]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return out, time.perf_counter() - start
 
 
