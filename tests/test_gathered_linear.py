@@ -102,3 +102,39 @@ def test_bad_out():
         row_gathered_linear(x, w, rows, out=torch.empty(3, 11))
     with pytest.raises(ValueError, match="out must be a contiguous torch.float32"):
         row_gathered_linear(x, w, rows, out=torch.empty(3, 10, dtype=torch.float16))
+
+
+# -- plans bound as data: index lists padded to their capacity -------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [1, 5], ids=lambda t: f"T{t}")
+def test_swiglu_gather_skips_free_slots(tokens):
+    # 37 real neurons, then -1 up to the capacity of 150: whole tiles of free slots, and one shared.
+    x = randn(tokens, 70, dtype=torch.float32)
+    w_gate, w_up = randn(150, 70, dtype=torch.float32), randn(150, 70, dtype=torch.float32)
+    real = index(150, 37)
+    rows = torch.cat([real, torch.full((113,), -1, dtype=torch.int32)])
+    out = poisoned(tokens, 150, dtype=torch.float32)
+    swiglu_gathered(x, w_gate, w_up, rows, out=out)
+    idx = real.long()
+    expected = F.silu(F.linear(x.double(), w_gate.double()[idx])) * F.linear(x.double(), w_up.double()[idx])
+    assert_close(out[:, :37], expected)
+
+
+@pytest.mark.parametrize("count", [0, 1, 53, 141])
+@pytest.mark.parametrize("tokens", [1, 6], ids=lambda t: f"T{t}")
+def test_col_gather_reads_the_count_and_the_row_mask(tokens, count):
+    """Only the first ``count`` columns (a device scalar) and the elements ``x_mask`` keeps count: the rest
+    of ``x`` holds NaN and ``cols`` holds -1 past the count, so reading either would show."""
+    w = prepare_column_gather(randn(90, 230, dtype=torch.float32, scale=0.1))
+    cols = torch.full((141,), -1, dtype=torch.int32)
+    cols[:count] = index(230, count)
+    x = randn(tokens, 141, dtype=torch.float32)
+    keep = torch.rand(tokens, 141) < 0.7
+    x[~keep] = float("nan")
+    x[:, count:] = float("nan")
+    out = poisoned(tokens, 90, dtype=torch.float32)
+    col_gathered_linear(x, w, cols, out=out, count=torch.tensor([count], dtype=torch.int32),
+                        x_mask=keep.to(torch.bfloat16))
+    kept = torch.where(keep, x, 0.0)[:, :count].double()
+    assert_close(out, F.linear(kept, w.double()[:, cols[:count].long()]))

@@ -60,3 +60,18 @@ def test_head_projection_rotates_only_the_first_slots(split):
     expected = torch.cat([rotate(plain[:, :, :5], cos.double()[:, :, None], sin.double()[:, :, None]),
                           plain[:, :, 5:]], dim=2)
     assert_close(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_head_projection_skips_free_slots(split):
+    """A head list padded to its capacity with -1 (a plan bound as data): the real slots are exact, and
+    the kernel reads no weight row for a free one (an index of -1 would read before the weight)."""
+    batch, seq, hidden, head_dim = 2, 1, 90, 24
+    x = torch.randn(batch, seq, hidden)
+    w = torch.randn(5 * head_dim, hidden) * hidden**-0.5
+    slots = torch.tensor([3, 0, 4, -1, -1, -1, -1], dtype=torch.int32)
+    cos, sin = rope_tables(batch, seq, head_dim)
+    out = poisoned(batch, seq, 7, head_dim, dtype=torch.float32, device=DEVICE)
+    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), out, split=split)
+    plain = F.linear(x.double(), w.double()).view(batch, seq, 5, head_dim)[:, :, [3, 0, 4]]
+    assert_close(out[:, :, :3].cpu(), rotate(plain, cos.double()[:, :, None], sin.double()[:, :, None]))

@@ -96,3 +96,15 @@ SPLIT_CASES = [
 def test_splits_follow_capacity(case, interpreted, compiled):
     expected = interpreted if os.environ.get("TRITON_INTERPRET") == "1" else compiled
     assert paged_decode_splits(*case, torch.device("cpu")) == expected
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_triton_skips_free_head_slots(split):
+    """A head list padded with -1 (a plan bound as data): the real heads are exact, free ones read nothing."""
+    q, pages, tables, head_to_kv, lengths, starts, scale = case(torch.float32)
+    padded = torch.tensor([0, 1, -1, 0, -1], dtype=torch.int32)
+    out = poisoned(*q.shape, dtype=torch.float32, device=DEVICE)
+    paged_decode_attention_triton(*to_device(q, pages, tables, padded, lengths, starts), scale, split, out=out)
+    real = [0, 1, 3]
+    expected = loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale)
+    assert_close(out[:, real].cpu(), expected[:, real])
+    assert head_to_kv[real].tolist() == padded[real].tolist()

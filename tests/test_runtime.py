@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adallava_kernels import ExecutionPlan, ModelShape, cost
-from adallava_kernels.runtime import GraphCache, PlannedDecoder
+from adallava_kernels.runtime import DecodeBatch, GraphCache, PlannedDecoder
 from adallava_kernels.runtime.layers import LayerProgram
 from adallava_kernels.testing import assert_close
 
@@ -98,8 +98,10 @@ def oracle_logits(model, ids, mask, plan, steps):
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("plans, planner_at", [((PLAN_L, PLAN_H), None), ((PLAN_H, PLAN_H2), 2)],
                          ids=["L-and-H-at-admission", "H-from-a-planner"])
-def test_runtime_equals_the_zeroed_model_with_padding(model, backend, device, plans, planner_at):
-    runner = runner_for(model, backend, device)
+@pytest.mark.parametrize("bind_plans", [False, True], ids=["cohorts", "bound"])
+def test_runtime_equals_the_zeroed_model_with_padding(model, backend, device, plans, planner_at, bind_plans):
+    # Decode by cohorts (the eager path) or with the plans bound as data (the graphs' path, run eagerly).
+    runner = runner_for(model, backend, device, cuda_graphs=False, bind_plans=bind_plans)
     ids, mask = prompts()
     steps = 5
     seq_ids, logits = generate(runner, ids, mask, plans, steps, planner_at=planner_at)
@@ -433,15 +435,17 @@ def serve_one(runner, name, plan, ids, steps):
     return batch, torch.cat(out)
 
 
-@pytest.mark.parametrize("keep_alive", [True, False], ids=["runtime", "without-keep-alive"])
-def test_a_graph_outlives_the_request_that_captured_it(model, keep_alive, monkeypatch):
-    # Request a captures the step of its plan; a is freed and collected; b, with an equal plan built anew,
-    # replays a's graph, which reads a's layer programs by address. The entry must keep them alive.
-    if not keep_alive:
+@pytest.mark.parametrize("own_buffers", [True, False], ids=["runtime", "reading-the-batch's-buffers"])
+def test_a_graph_outlives_the_request_that_captured_it(model, own_buffers, monkeypatch):
+    # Request a captures the step; a is freed and collected; b, with an equal plan built anew, replays a's
+    # graph. Everything the graph reads by address must outlive a: the entry's buffers, the weights, the
+    # pool. The control case has the step read the capturing batch's own plan data, which dies with it.
+    if not own_buffers:
         if DEVICE.type == "cuda":
             pytest.skip("the control case reads freed memory on a GPU; the stand-in shows it on the CPU")
-        capture = RecordingGraphs.capture
-        monkeypatch.setattr(RecordingGraphs, "capture", lambda self, entry, step, keep_alive=(): capture(self, entry, step))
+        forward = DecodeBatch.forward_step
+        monkeypatch.setattr(DecodeBatch, "forward_step", lambda self, tokens, state, views, visible=None: forward(
+            self, tokens, state, self.views, visible))
     runner, device = graph_runner(model)
     ids, _ = prompts(batch=2)
     batch_a, _ = serve_one(runner, "a", PLAN_H, ids[0], 3)  # the first step is captured, the second replays
@@ -452,7 +456,7 @@ def test_a_graph_outlives_the_request_that_captured_it(model, keep_alive, monkey
     if device.type == "cuda":  # freed memory gets new contents: a dangling read would show in the logits
         poison = [torch.full((1 << 20,), float("nan"), device=device) for _ in range(64)]
         del poison
-    if not keep_alive:
+    if not own_buffers:
         with pytest.raises(FreedTensorRead):
             serve_one(runner, "b", equal_new(PLAN_H), ids[1], 3)
         return
@@ -485,3 +489,75 @@ def test_steps_never_compare_or_hash_plans(model, monkeypatch):
         token = torch.zeros(2, dtype=torch.long, device=device)
         for _ in range(3):
             _, token = batch.step(token)
+
+
+def distinct_h_plans(count, seed=0):
+    """``count`` distinct -H plans: the prefix layers whole, then random heads and neurons (some of each)."""
+    g = torch.Generator().manual_seed(seed)
+    plans = []
+    while len(plans) < count:
+        heads, neurons = [range(HEADS)] * 2, [range(NEURONS)] * 2
+        for _ in range(LAYERS - 2):
+            heads.append(sorted(torch.randperm(HEADS, generator=g)[:int(torch.randint(1, HEADS, (1,), generator=g))].tolist()))
+            neurons.append(sorted(torch.randperm(NEURONS, generator=g)[:int(torch.randint(1, NEURONS, (1,), generator=g))].tolist()))
+        plan = ExecutionPlan(SHAPE, heads, neurons)
+        if all(plan.fingerprint != p.fingerprint for p in plans):
+            plans.append(plan)
+    return plans
+
+
+def slot_heads(runner, views, rows):
+    """Per row, the query heads a bound step's buffers say it runs (read from its layers' slots)."""
+    out = []
+    for layer, slots in enumerate(views):
+        if slots.o_mask is None:
+            out.append([list(range(HEADS))] * rows)
+            continue
+        ids = slots.qkv_heads[:HEADS].tolist() if slots.qkv_heads is not None else list(range(HEADS))
+        keep = slots.o_mask[:, ::HEAD_DIM].cpu()
+        out.append([[ids[j] for j in range(HEADS) if keep[b, j] != 0] for b in range(rows)])
+    return [[out[layer][b] for layer in range(LAYERS)] for b in range(rows)]
+
+
+def test_distinct_plans_replay_one_graph_per_step_shape(model):
+    """16 requests, 16 distinct -H plans, decoded one by one and in batches of 4: one capture per step
+    shape (batch size, width bucket), and every later step replays a graph whose buffers hold the plans
+    of the batch that steps it. The tokens equal the eager bound steps'."""
+    plans = distinct_h_plans(16)
+    ids, _ = prompts(batch=16)
+    on_gpu = DEVICE.type == "cuda"
+    backend, device = ("triton", DEVICE) if on_gpu else ("torch", torch.device("cpu"))
+    steps = 3
+
+    def run(graphs):
+        runner = runner_for(model, backend, device, num_pages=400, cuda_graphs=graphs is not None, bind_plans=True)
+        runner.graphs = graphs
+        tokens, bound = [], []
+        groups = [[b] for b in range(8)] + [list(range(8 + 4 * k, 12 + 4 * k)) for k in range(2)]
+        for group in groups:
+            names = [f"r{b}" for b in group]
+            for b, name in zip(group, names):
+                runner.admit(name, plans[b], ids.shape[1] + steps)
+                runner.prefill([name], runner.weights.embed[ids[b:b + 1].to(device)])
+            batch = runner.decode(names)
+            token = torch.zeros(len(group), dtype=torch.long, device=device)
+            for _ in range(steps):
+                _, token = batch.step(token)
+                tokens.append(token.cpu().clone())
+                if graphs is not None:
+                    entry = graphs._entries[batch.key]
+                    assert entry.owner() is batch
+                    assert all(torch.equal(mine, theirs) for mine, theirs in zip(batch.buffers, entry.buffers))
+                    assert slot_heads(runner, entry.views, len(group)) == [
+                        [list(plans[b].heads[layer]) for layer in range(LAYERS)] for b in group]
+            bound.append(batch.key)
+            for name in names:
+                runner.free(name)
+        return tokens, bound, runner
+
+    eager, _, _ = run(None)
+    graphed, keys, runner = run(GraphCache(4) if on_gpu else RecordingGraphs(4))
+    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+    assert len(set(keys)) == 2  # (1 row, 4 pages) and (4 rows, 4 pages): the plans are not in the key
+    stats = runner.graphs.stats
+    assert (stats.captures, stats.replays, stats.evictions) == (2, 10 * steps - 2, 0)

@@ -69,11 +69,14 @@ class LayerSkipKVCache:
         num_pages: pages in the pool (each K plus V of ``page_size`` positions of one head).
         page_size: positions per page.
         dtype, device: of the stored K/V.
+        scratch_page: also hold one page that no sequence owns (``self.scratch_page``, after the
+            ``num_pages``): where a batch's bound plans send the K/V a row does not keep (a unit of the
+            batch's union that its own plan lacks), so they land nowhere that is read as data.
     """
 
     def __init__(
         self, shape: ModelShape, *, num_pages: int, page_size: int = 16,
-        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", scratch_page: bool = False,
     ) -> None:
         if not isinstance(shape, ModelShape):
             raise ValueError(f"shape must be a ModelShape, got {type(shape).__name__}")
@@ -86,7 +89,9 @@ class LayerSkipKVCache:
         self.page_size = page_size
         self.ops = cache_ops()
         # K and V in one tensor, so a reader can fetch both pages of a table entry in one indexing op.
-        self.pages = torch.zeros(2, num_pages, page_size, shape.head_dim, dtype=dtype, device=device)
+        self.pages = torch.zeros(2, num_pages + scratch_page, page_size, shape.head_dim, dtype=dtype, device=device)
+        self._num_pages = num_pages
+        self.scratch_page: int | None = num_pages if scratch_page else None
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pages are taken from the end
         self._sequences: dict[Hashable, _Sequence] = {}
 
@@ -102,7 +107,8 @@ class LayerSkipKVCache:
 
     @property
     def num_pages(self) -> int:
-        return self.pages.shape[1]
+        """Pages sequences can take (the scratch page is not one of them)."""
+        return self._num_pages
 
     @property
     def pages_free(self) -> int:
@@ -329,6 +335,10 @@ class LayerSkipKVCache:
         if table is None:
             return torch.empty(len(seq.pages[layer]), 0, dtype=torch.int32, device=self.pages.device)
         return table
+
+    def page_lists(self, seq_id: Hashable, layer: int) -> tuple[tuple[int, ...], ...]:
+        """The host's copy of :meth:`page_table`: per kept KV head of ``layer``, its pages (reads no device value)."""
+        return tuple(tuple(head) for head in self._sequence(seq_id).pages[self._layer(layer)])
 
     def layer_view(self, seq_ids: Sequence[Hashable], layer: int) -> PagedCacheLayer:
         """``layer`` of ``seq_ids`` as a ``KVCacheLayer`` for ``masked_attention`` (batch row i = seq_ids[i])."""

@@ -103,7 +103,13 @@ def _row_gather_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
+    rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=-1)
+    # -1 marks the free slots of a list padded to its capacity (a plan bound as data), at its end:
+    # a tile of free slots has nothing to compute, and a free slot's weight row is never read.
+    if tl.max(rows, 0) < 0:
+        return
+    mask_n = mask_n & (rows >= 0)
+    rows = rows.to(tl.int64)
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w1_ptrs = w1_ptr + rows[None, :] * stride_w1n + offs_k[:, None] * stride_w1k
@@ -129,28 +135,34 @@ def _row_gather_kernel(
 
 @triton.jit
 def _col_gather_kernel(
-    x_ptr, w_ptr, cols_ptr, y_ptr,
+    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr,
     M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk,
+    SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically."""
+    """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically.
+    COUNTED: only the first count[0] columns count (a list padded to its capacity, read on the device);
+    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit), never read else."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    k_end = K
+    if COUNTED:
+        k_end = tl.minimum(tl.load(count_ptr), K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    for k0 in range(pid_k * BLOCK_K, k_end, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_end
         cols = tl.load(cols_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-        a = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        if XMASK:
+            keep = tl.load(xmask_ptr + offs_m[:, None] * stride_mm + offs_k[None, :] * stride_mk, mask=a_mask, other=0)
+            a_mask = a_mask & (keep != 0)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=a_mask, other=0.0)
         b = tl.load(
             w_ptr + offs_n[None, :] * stride_wn + cols[:, None] * stride_wk,
             mask=mask_k[:, None] & mask_n[None, :], other=0.0,
@@ -196,18 +208,21 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
     return out
 
 
-def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor):
+def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor,
+                 count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None):
     m, k = x2.shape
     n = w.shape[0]
     if k == 0:
         return out.zero_()
     split = _split_k(m, n, k, x2.device)
     target = out if split == 1 else torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    mask_strides = (0, 0) if x_mask is None else (x_mask.stride(0), x_mask.stride(1))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     COL_KERNELS[regime(m)][grid](
-        x2, w, cols, target, m, n, k, _m_bucket(m),
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1),
-        SPLIT_K=split, **dot_flags(x2.dtype),
+        x2, w, cols, target, cols if count is None else count, x2 if x_mask is None else x_mask,
+        m, n, k, _m_bucket(m),
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1), *mask_strides,
+        SPLIT_K=split, COUNTED=count is not None, XMASK=x_mask is not None, **dot_flags(x2.dtype),
     )
     if split > 1:
         out.copy_(target)
@@ -258,9 +273,18 @@ def swiglu_gathered(
     return y
 
 
-def col_gathered_linear(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None):
-    """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``."""
+def col_gathered_linear(
+    x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None, *,
+    count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None,
+):
+    """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``.
+
+    For a plan bound as data: ``count`` (int32 ``[1]``, on the device) keeps only the first ``count[0]``
+    entries of ``cols`` and of ``x``'s last dim (the rest is a padded list's free slots, never read);
+    ``x_mask`` ``[rows of x, len(cols)]`` keeps ``x[m, k]`` only where it is nonzero (the units a row's
+    own plan lacks in a batch's union), and the masked elements are never read.
+    """
     y = _out(x, w.shape[0], out)
     if y.numel():
-        _launch_cols(_flat(x), w, _index(cols), y.view(math.prod(y.shape[:-1]), w.shape[0]))
+        _launch_cols(_flat(x), w, _index(cols), y.view(math.prod(y.shape[:-1]), w.shape[0]), count, x_mask)
     return y

@@ -63,6 +63,8 @@ def _head_proj_kernel(
     slot = tl.program_id(1)
     pid_k = tl.program_id(2)
     head = tl.load(heads_ptr + slot).to(tl.int64)
+    if head < 0:  # a free slot of a list padded to its capacity (plans bound as data): nothing to project
+        return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_H)
     mask_m = offs_m < M

@@ -12,7 +12,10 @@ them validated their inputs at plan time.
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
 - ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``;
 - ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
-  ``col_gathered_linear(x, w, cols)``;
+  ``col_gathered_linear(x, w, cols, count=None, x_mask=None)``;
+- index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
+  ``head_to_kv`` with -1 (those slots are skipped and their outputs left unwritten), ``cols`` with a
+  ``count`` read on the device;
 - ``rms_norm(x, weight, eps)`` and ``fused_add_rms_norm(x, residual, weight, eps)`` ->
   ``(normed, x + residual)``: transformers' ``LlamaRMSNorm``, the second fused with the residual add;
 - ``silu_and_mul(gate_up)``: ``silu(gate) * up`` of a stacked gate|up projection;
@@ -101,14 +104,17 @@ def _(x, w_gate, w_up, rows):
 
 
 @torch.library.custom_op("adallava::col_gathered_linear", mutates_args=())
-def col_gathered_linear(x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def col_gathered_linear(
+    x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, count: Optional[torch.Tensor] = None,
+    x_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     from .gathered_linear import col_gathered_linear as launch
 
-    return launch(x, w, cols)
+    return launch(x, w, cols, count=count, x_mask=x_mask)
 
 
 @col_gathered_linear.register_fake
-def _(x, w, cols):
+def _(x, w, cols, count=None, x_mask=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

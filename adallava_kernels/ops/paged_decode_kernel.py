@@ -34,6 +34,8 @@ def _paged_decode_kernel(
     b = (bh // NQ).to(tl.int64)
     h = (bh % NQ).to(tl.int64)
     kvh = tl.load(kvmap_ptr + h).to(tl.int64)
+    if kvh < 0:  # a free slot of a head list padded to its capacity (a plan bound as data)
+        return
     length = tl.load(len_ptr + b)
     start = tl.load(start_ptr + b)
     lo = tl.maximum(start, pid_split * SPLIT_LEN)

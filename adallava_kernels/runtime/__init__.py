@@ -16,7 +16,8 @@ The device form of a plan is :class:`adallava_kernels.plan.LayerPlan`
 
 from .graphs import GraphCache, GraphStats
 from .layers import LayerProgram
-from .runner import DecodeBatch, PlannedDecoder
+from .decode import DecodeBatch
+from .runner import PlannedDecoder
 from .weights import DecoderWeights, LayerWeights
 
 __all__ = ["DecodeBatch", "DecoderWeights", "GraphCache", "GraphStats", "LayerProgram", "LayerWeights",

@@ -1,12 +1,13 @@
-"""CUDA graphs of decode steps: captured once per (plans of the rows, batch size, table width), replayed after.
+"""CUDA graphs of decode steps: captured once per step shape, replayed after.
 
-A decode step is a fixed sequence of launches once its plans are known:
-skipped layers are absent, every grid depends only on the batch, the plans
-and the pages reserved, and sequence lengths are read on the device. So it
-is captured once and replayed with its inputs copied into persistent
-buffers. Batches with the same key share one graph; the graphs live in a
-bounded cache (least recently used out first), each with its own memory
-pool.
+A bound decode step (:mod:`.binding`) is a fixed sequence of launches once
+its shape is known: each layer's sub-block modes, the batch size and the
+table width bucket. Every grid depends on those only; the plans' indices,
+counts and masks, the block tables and the sequence lengths are read on the
+device. So it is captured once and replayed with its inputs copied into
+persistent buffers: a batch with other plans of the same shape binds its
+data into the buffers and replays. The graphs live in a bounded cache (least
+recently used out first), each with its own memory pool.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 import torch
-
-from .cohorts import unpack_tables
 
 __all__ = ["GraphCache", "GraphEntry", "GraphOwner", "GraphStats"]
 
@@ -41,18 +40,21 @@ class GraphStats:
 
 @dataclass
 class GraphEntry:
-    """One captured step: its persistent inputs, its outputs, and the batch whose state it holds now."""
+    """One captured step: its persistent inputs, its outputs, and the batch whose state it holds now.
+
+    ``buffers``: the bound plans' data (indices, counts, masks, block tables), which a batch copies in
+    when it binds the entry; ``views``: the step's per-layer views of them. The step reads nothing
+    else by address but the weights and the KV pool, which the runner holds."""
 
     tokens: torch.Tensor
     state: torch.Tensor
-    tables: torch.Tensor
+    buffers: tuple[torch.Tensor, ...]
     graph: torch.cuda.CUDAGraph | None = None
     outputs: tuple[torch.Tensor, ...] = ()
     capture_seconds: float = 0.0
     owner: weakref.ref | None = field(default=None, repr=False)
-    views: list = field(default_factory=list, repr=False)  # the step's table views over ``tables``
-    # What the recorded step reads by address besides the buffers above (the capturing batch's layer
-    # programs and row sets): a graph holds raw pointers, so the entry holds the tensors.
+    views: list = field(default_factory=list, repr=False)
+    # Anything else a recorded step reads by address: a graph holds raw pointers, so the entry holds it.
     keep_alive: tuple = field(default=(), repr=False)
 
 
@@ -128,8 +130,8 @@ class GraphOwner:
     one graph.
 
     The batch provides ``graphs`` (the runner's :class:`GraphCache`), ``key``, ``batch`` (rows),
-    ``state``, ``tables_flat`` and ``tables`` (views of it), ``schedule`` (what its step runs), and
-    ``forward_step(tokens, state, tables)``.
+    ``state``, ``buffers`` (its bound plans' data), ``views_of(buffers)`` (the step's views of such
+    buffers) and ``forward_step(tokens, state, views)``.
     """
 
     _entry: GraphEntry | None = None
@@ -145,16 +147,15 @@ class GraphOwner:
             # The first step of a key runs eagerly (the warm-up), then is recorded for the next ones;
             # recording runs nothing, so the pages and lengths change only on replay.
             out = graphs.warm_up(step)
-            # The graph reads this batch's layer programs (index tensors, gathered weights) and cohorts by
-            # address, also when a later batch with equal plans replays it after this one is gone.
-            graphs.capture(entry, step, keep_alive=(self.schedule,))
+            graphs.capture(entry, step)
             return out
         return graphs.replay(entry)
 
     def _new_entry(self) -> GraphEntry:
         entry = GraphEntry(tokens=torch.zeros(self.batch, dtype=torch.int64, device=self.state.device),
-                           state=torch.empty_like(self.state), tables=torch.empty_like(self.tables_flat))
-        entry.views = unpack_tables(entry.tables, self.tables)
+                           state=torch.empty_like(self.state),
+                           buffers=tuple(torch.empty_like(b) for b in self.buffers))
+        entry.views = self.views_of(entry.buffers)
         return entry
 
     def bind(self, entry: GraphEntry) -> None:
@@ -165,7 +166,8 @@ class GraphOwner:
         if self._entry is not None and self._entry is not entry:
             self.unbind(self._entry)
         entry.state.copy_(self.state)
-        entry.tables.copy_(self.tables_flat)
+        for mine, theirs in zip(self.buffers, entry.buffers):
+            theirs.copy_(mine)
         entry.owner = weakref.ref(self)
         self._entry = entry
 

@@ -23,15 +23,17 @@ from ..ops.masked_attention import AttentionProgram
 from ..ops.masked_mlp import MlpProgram
 from ..ops.paged_attention import attend_gathered_pages
 from ..ops.rms_norm import fused_add_rms_norm, rms_norm
+from ..ops.silu_and_mul import silu_and_mul
 from ..plan import ExecutionPlan, LayerPlan
 from ..shape import ModelShape
+from .binding import SKIP, SLOTS
 from .weights import DecoderWeights, LayerWeights
 
 # torch.ops.adallava: the Triton operators (registered by importing ops.library) and the extension's
 # cache ops (registered when the pool loads the extension, before any layer runs).
 _OPS = adallava_ops()
 
-__all__ = ["KVPages", "LayerProgram", "LayerTables", "PrefillInputs", "ProgramCache", "DecodeInputs"]
+__all__ = ["BoundLayer", "KVPages", "LayerProgram", "LayerTables", "PrefillInputs", "ProgramCache", "DecodeInputs"]
 
 
 @dataclass(frozen=True)
@@ -136,17 +138,8 @@ class LayerProgram:
         return self._sub_blocks(h, lambda x: self._decode_attention(x, inputs, pages, tables, split))
 
     def _sub_blocks(self, h: torch.Tensor, attend) -> torch.Tensor:
-        """The attention (``attend``), then the MLP, each behind its RMSNorm and added to the residual
-        stream. The attention's residual add and the MLP's norm are one pass (one launch on Triton)."""
-        if self.runs_attention:
-            out = attend(rms_norm(h, self.input_norm, self.eps, backend=self.backend))
-            if not self.runs_mlp:
-                return h + out
-            x, h = fused_add_rms_norm(out, h, self.post_norm, self.eps, backend=self.backend)
-            return h + self.mlp(x)
-        if self.runs_mlp:
-            return h + self.mlp(rms_norm(h, self.post_norm, self.eps, backend=self.backend))
-        return h
+        return sub_blocks(h, attend if self.runs_attention else None, self.mlp if self.runs_mlp else None,
+                          self.input_norm, self.post_norm, self.eps, self.backend)
 
     def _decode_attention(self, x, inputs: DecodeInputs, pages, tables: LayerTables, split: int) -> torch.Tensor:
         attention = self.attention
@@ -165,6 +158,85 @@ class LayerProgram:
                                               inputs.lengths_after, inputs.starts, attention.scale, split)
             out = out.view(rows, width)
         return attention.output(out)
+
+
+def sub_blocks(h: torch.Tensor, attend, mlp, input_norm, post_norm, eps: float, backend: str) -> torch.Tensor:
+    """The attention (``attend``), then the MLP, each behind its RMSNorm and added to the residual stream
+    (``None``: the sub-block does not run). The attention's residual add and the MLP's norm are one pass
+    (one launch on Triton)."""
+    if attend is not None:
+        out = attend(rms_norm(h, input_norm, eps, backend=backend))
+        if mlp is None:
+            return h + out
+        x, h = fused_add_rms_norm(out, h, post_norm, eps, backend=backend)
+        return h + mlp(x)
+    if mlp is not None:
+        return h + mlp(rms_norm(h, post_norm, eps, backend=backend))
+    return h
+
+
+class BoundLayer:
+    """One decoder layer of a bound decode step (:mod:`.binding`): its sub-blocks in their modes, the
+    plan read from a :class:`~.binding.LayerSlots` at run time. It holds no plan, so one serves every
+    batch with the same modes at this layer; ``full`` is the layer's program under the full plan (its
+    dense matmuls, norms and head map), which the FULL mode and the torch backend run."""
+
+    def __init__(self, weights: LayerWeights, full: "LayerProgram", modes: tuple[str, str], backend: str) -> None:
+        self.index, self.full, self.backend = full.index, full, backend
+        self.attention_mode, self.mlp_mode = modes
+        self.nq, self.nkv, self.head_dim = full.nq, full.nkv, full.head_dim
+        self.slots_on_triton = backend == "triton"
+        if self.slots_on_triton and SLOTS in modes and (
+                weights.attention.w_o_columns is None or weights.mlp.w_down_columns is None):
+            raise ValueError(
+                f"layer {self.index} was not prepared for partial plans (its index is not in the runner's "
+                "partial_layers), but a plan of the batch keeps only some of its units"
+            )
+        self.w_qkv, self.w_o_columns = weights.attention.w_qkv, weights.attention.w_o_columns
+        self.w_gate, self.w_up, self.w_down_columns = weights.mlp.w_gate, weights.mlp.w_up, weights.mlp.w_down_columns
+
+    def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages: KVPages, slots, split: int) -> torch.Tensor:
+        full = self.full
+        attend = None if self.attention_mode == SKIP else (lambda x: self._attention(x, inputs, pages, slots, split))
+        mlp = None if self.mlp_mode == SKIP else (lambda x: self._mlp(x, slots))
+        return sub_blocks(h, attend, mlp, full.input_norm, full.post_norm, full.eps, self.backend)
+
+    def _attention(self, x, inputs: DecodeInputs, pages: KVPages, slots, split: int) -> torch.Tensor:
+        full, rows = self.full.attention, x.shape[0]
+        nq, nkv, d = self.nq, self.nkv, self.head_dim
+        gathered = self.slots_on_triton and self.attention_mode == SLOTS
+        if gathered:  # the union's q, k and v heads, rotated, in one launch; free slots skipped
+            qkv = _OPS.head_projection(x[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin, d,
+                                       nq + nkv).view(rows, nq + 2 * nkv, 1, d)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        else:
+            q, k, v = full.project_decode(x, inputs.cos, inputs.sin, inputs.cos4, inputs.signed_sin4)
+        _OPS.kv_append(pages.k, pages.v, k, v, slots.tables, inputs.lengths)
+        if self.backend == "torch":
+            head_tables = slots.head_tables
+            visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
+            if visible != head_tables.shape[2]:
+                head_tables = head_tables[:, :, :visible]
+            out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, full.scale).reshape(rows, nq * d)
+            if self.attention_mode == SLOTS:
+                out = out * slots.o_mask
+            return out @ full.w_o_t
+        head_to_kv = slots.head_to_kv if gathered else full.head_to_kv
+        out = _OPS.paged_decode_attention(q[:, :, 0], pages.kv, slots.tables, head_to_kv, inputs.lengths_after,
+                                          inputs.starts, full.scale, split).view(rows, nq * d)
+        if not gathered:
+            return out @ full.w_o_t
+        return _OPS.col_gathered_linear(out, self.w_o_columns, slots.o_cols, slots.o_count, slots.o_mask)
+
+    def _mlp(self, x, slots) -> torch.Tensor:
+        full = self.full.mlp
+        if self.slots_on_triton and self.mlp_mode == SLOTS:
+            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
+            return _OPS.col_gathered_linear(act, self.w_down_columns, slots.neurons, slots.n_count, slots.n_mask)
+        act = silu_and_mul(x @ full.w_gate_up_t, backend=self.backend)
+        if self.mlp_mode == SLOTS:
+            act = act * slots.n_mask
+        return act @ full.w_down_t
 
 
 @dataclass

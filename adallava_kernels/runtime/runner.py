@@ -8,10 +8,12 @@ Plan on the host once per request, run on the device with no host sync:
 - :meth:`PlannedDecoder.prefill` runs the prompt; a scheduler that plans
   mid-prefill (AdaLLaVA, after the prefix layers) is a ``planner`` callback,
   the one place a device value may come back to the host;
-- :meth:`PlannedDecoder.decode` forms a :class:`DecodeBatch`: its block
-  tables, cohorts and per-layer programs are built once, and each
-  :meth:`DecodeBatch.step` is a fixed sequence of launches that reads the
-  sequence lengths on the device (captured as a CUDA graph on CUDA).
+- :meth:`PlannedDecoder.decode` forms a :class:`~.decode.DecodeBatch`: its
+  block tables and what each layer runs are built once, and each
+  :meth:`~.decode.DecodeBatch.step` is a fixed sequence of launches that
+  reads the sequence lengths on the device. With CUDA graphs the batch binds
+  its plans as data (:mod:`.binding`), so one captured step serves every
+  batch of its shape, whatever the plans.
 
 Rows whose plans agree on a layer run it together, as one cohort
 (:mod:`.cohorts`; the prefix layers of AdaLLaVA run as one cohort of every
@@ -24,19 +26,20 @@ import dataclasses
 from typing import Callable, Hashable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check_int
 from ..kv_cache import LayerSkipKVCache
 from ..kv_cache.pool import check_seq_id, check_seq_ids
-from ..masks import causal_mask, positions, visible_positions_mask
-from ..ops.common import check_tensor, resolve_backend
+from ..masks import causal_mask, positions
+from ..ops.common import resolve_backend
 from ..ops.rope import rope_sign
 from ..ops.rms_norm import rms_norm
 from ..plan import ExecutionPlan
-from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, pack_tables, run_layer
-from .graphs import GraphCache, GraphOwner
-from .layers import DecodeInputs, KVPages, PrefillInputs, ProgramCache
+from .binding import SKIP
+from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, run_layer
+from .decode import DecodeBatch
+from .graphs import GraphCache
+from .layers import BoundLayer, KVPages, PrefillInputs, ProgramCache
 from .prompts import check_prompt
 from .weights import DecoderWeights
 
@@ -64,7 +67,9 @@ class PlannedDecoder:
     (``self.cache``). ``backend``: ``"triton"`` (gathered and paged Triton
     kernels), ``"torch"`` (PyTorch ops; the CPU path) or ``"auto"`` (Triton
     on CUDA). ``cuda_graphs``: replay decode steps as CUDA graphs on CUDA,
-    at most ``max_graphs`` of them.
+    at most ``max_graphs`` of them, one per step shape. ``bind_plans``: decode
+    batches bind their plans as data (:mod:`.binding`); always with graphs,
+    and by default only then.
 
     All validation happens at admission, at plan time and when a decode
     batch is formed; prefill layers and decode steps read no device value
@@ -73,32 +78,37 @@ class PlannedDecoder:
 
     def __init__(
         self, weights: DecoderWeights, *, num_pages: int, page_size: int = 16, backend: str = "auto",
-        cuda_graphs: bool = True, max_graphs: int = 8,
+        cuda_graphs: bool = True, max_graphs: int = 8, bind_plans: bool | None = None,
     ) -> None:
         if not isinstance(weights, DecoderWeights):
             raise TypeError(f"weights must be DecoderWeights, got {type(weights).__name__}")
         self.weights, self.shape = weights, weights.shape
         self.backend = resolve_backend("PlannedDecoder", backend, weights.device, _has_triton())
-        self.cache = LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=page_size, dtype=weights.dtype,
-                                      device=weights.device)
+        self.cache = self._new_pool(num_pages, page_size)
         self.graphs = GraphCache(max_graphs) if cuda_graphs and weights.device.type == "cuda" else None
+        if bind_plans is False and self.graphs is not None:
+            raise ValueError("bind_plans=False needs cuda_graphs=False: a captured step serves any plans "
+                             "only with the plans bound as data")
+        self.bind_plans = bind_plans
         self._requests: dict[Hashable, _Request] = {}
         self.programs = ProgramCache(weights, self.backend)
         self._full = ExecutionPlan.full(self.shape)
+        self.programs.acquire(self._full)  # held for good: bound steps run its dense programs
+        self._bound: dict[tuple, BoundLayer] = {}  # (layer, its modes) -> the layer of bound steps
         self._rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
 
     @classmethod
     def from_hf(
         cls, model, *, lm_head=None, num_pages: int, page_size: int = 16, backend: str = "auto",
-        partial_layers=None, cuda_graphs: bool = True, max_graphs: int = 8,
+        partial_layers=None, cuda_graphs: bool = True, max_graphs: int = 8, bind_plans: bool | None = None,
     ) -> "PlannedDecoder":
         """From a transformers ``LlamaForCausalLM``, ``LlavaForConditionalGeneration`` (its language model),
         or a ``LlamaModel`` with ``lm_head``. ``partial_layers``: the layers a plan may run with only some
         heads or neurons (default all; each gets column-major copies of ``o_proj`` and ``down_proj``)."""
         weights = DecoderWeights.from_hf(model, lm_head=lm_head, partial_layers=partial_layers)
         return cls(weights, num_pages=num_pages, page_size=page_size, backend=backend, cuda_graphs=cuda_graphs,
-                   max_graphs=max_graphs)
+                   max_graphs=max_graphs, bind_plans=bind_plans)
 
     # -- requests ------------------------------------------------------------------
 
@@ -169,8 +179,7 @@ class PlannedDecoder:
         the captured graphs, which read the old pool, are dropped)."""
         if self._requests:
             raise ValueError(f"resize_pool needs an empty pool; {len(self._requests)} sequences are admitted")
-        self.cache = LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=self.cache.page_size,
-                                      dtype=self.weights.dtype, device=self.weights.device)
+        self.cache = self._new_pool(num_pages, self.cache.page_size)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
         if self.graphs is not None:
             self.graphs.clear()
@@ -298,11 +307,30 @@ class PlannedDecoder:
 
     # -- decode --------------------------------------------------------------------------
 
-    def decode(self, seq_ids: Sequence[Hashable]) -> "DecodeBatch":
+    def decode(self, seq_ids: Sequence[Hashable]) -> DecodeBatch:
         """A decode batch of prefilled sequences (row ``b`` is ``seq_ids[b]``), built once; step it."""
-        return DecodeBatch(self, list(seq_ids))
+        bound = self.graphs is not None or bool(self.bind_plans)
+        return DecodeBatch(self, list(seq_ids), bound=bound)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _new_pool(self, num_pages: int, page_size: int) -> LayerSkipKVCache:
+        # The scratch page takes what bound steps write for units a row's own plan lacks.
+        return LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=page_size, dtype=self.weights.dtype,
+                                device=self.weights.device, scratch_page=True)
+
+    def _bound_layers(self, modes) -> list[BoundLayer]:
+        """The layers a bound step with these (attention, MLP) modes per layer runs (one per layer, shared)."""
+        full = self.programs.of(self._full)
+        layers = []
+        for i, layer_modes in enumerate(modes):
+            if layer_modes == (SKIP, SKIP):
+                continue
+            key = (i, layer_modes)
+            if key not in self._bound:
+                self._bound[key] = BoundLayer(self.weights.layers[i], full[i], layer_modes, self.backend)
+            layers.append(self._bound[key])
+        return layers
 
     def _request(self, seq_id: Hashable) -> _Request:
         try:
@@ -349,101 +377,3 @@ def _has_triton():
     except ImportError:
         return None
     return True
-
-
-class DecodeBatch(GraphOwner):
-    """Decode steps of a fixed set of prefilled sequences, planned once.
-
-    At construction (plan time): checks, the per-layer programs and
-    cohorts, every block table (packed in one buffer), and the device state
-    (``state[0]``: positions stored, ``state[1]``: left padding). A
-    :meth:`step` then reads nothing back from the device. On CUDA with
-    graphs, the first step of a new (plans, batch size, width) runs eagerly
-    and the step is captured; later steps, of this batch or another with the
-    same key, replay it.
-    """
-
-    def __init__(self, runner: PlannedDecoder, seq_ids: list[Hashable]) -> None:
-        if not seq_ids:
-            raise ValueError("seq_ids must name at least one admitted sequence, got none")
-        check_seq_ids(seq_ids)
-        requests = [runner._request(s) for s in seq_ids]
-        for seq_id, request in zip(seq_ids, requests):
-            if not request.prefilled:
-                raise ValueError(f"sequence {seq_id!r} has not run its prefill")
-        self.runner, self.seq_ids, self.requests = runner, seq_ids, requests
-        self.batch = len(seq_ids)
-        self.plans = [runner._plan_of(r) for r in requests]
-        self.schedule = runner._schedule(self.plans, range(runner.shape.num_layers))
-        runner._attach_tables(self.schedule, seq_ids, decode=True)
-        self.width = max(-(-r.max_tokens // runner.cache.page_size) for r in requests)
-        # Batches with equal plans row by row, batch size and table width share one graph. The key holds
-        # the plans' fingerprints, made once per plan: looking it up never compares two plans.
-        self.key = (tuple(plan.fingerprint for plan in self.plans), self.width, runner.backend)
-        lengths = torch.tensor([r.length for r in requests], dtype=torch.int32).to(runner.weights.device)
-        self.state = torch.stack([lengths, torch.cat([r.starts for r in requests])])
-        self.tables_flat, self.tables = pack_tables(self.schedule)
-        self.graphs = runner.graphs
-        for request in requests:  # a sequence's device state moves into this batch
-            request.batch = self
-
-    # -- stepping ----------------------------------------------------------------------------
-
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row (``[batch]`` int64 on the device); returns ``(logits [batch, vocab],
-        greedy next tokens [batch])``. With CUDA graphs these are the graph's output buffers: read or
-        copy them before the next step of any batch with the same key. The ids are not read back (a sync
-        per step): check ids that do not come from the model's logits where they enter (``check_token_ids``)."""
-        runner = self.runner
-        for seq_id, request in zip(self.seq_ids, self.requests):
-            if request.batch is not self:
-                raise ValueError(f"sequence {seq_id!r} was freed or joined another decode batch; form a new one")
-            if request.length + 1 > request.max_tokens:
-                raise ValueError(f"sequence {seq_id!r} is full: {request.length} positions stored of the "
-                                 f"{request.max_tokens} reserved by admit")
-        check_tensor("tokens", tokens, dim=1, dtypes=(torch.int64,), device=runner.weights.device)
-        if tokens.shape[0] != self.batch:
-            raise ValueError(f"tokens must have one entry per row ({self.batch}), got {tokens.shape[0]}")
-        if runner.graphs is None:
-            try:
-                out = self.forward_step(tokens, self.state, self.tables, self._visible_pages())
-            except IndexError as error:  # the embedding, the step's first op: nothing was written yet
-                raise ValueError(f"tokens holds an id outside the vocabulary [0, {runner.shape.vocab_size})") from error
-        else:
-            out = self.graph_step(tokens)
-        runner.cache.advance(self.seq_ids, 1)
-        for request in self.requests:
-            request.length += 1
-        return out
-
-    def _visible_pages(self) -> int | None:
-        """Eager torch steps: the table columns this step's longest row reads, from the host's lengths (no
-        sync), so the gathered attention costs the context, not ``max_tokens``. ``None`` (every column) on
-        the Triton path, whose kernel stops at each row's length on the device."""
-        if self.runner.backend != "torch":
-            return None
-        longest = max(request.length for request in self.requests) + 1
-        return -(-longest // self.runner.cache.page_size)
-
-    def forward_step(self, tokens: torch.Tensor, state: torch.Tensor, tables: list,
-                     visible_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step itself, a pure function of its tensors (what a graph captures and ``torch.compile`` traces).
-        ``visible_pages``: the torch path attends that many table columns (default: all, a fixed shape)."""
-        runner = self.runner
-        weights = runner.weights
-        lengths, starts = state[0], state[1]
-        h = F.embedding(tokens, weights.embed)
-        cos, sin = weights.rotary(h[:, None], (lengths - starts).long()[:, None])
-        lengths_after = lengths + 1
-        width = (self.width if visible_pages is None else visible_pages) * runner.cache.page_size
-        mask = visible_positions_mask(lengths_after, starts, width, h.dtype) if runner.backend == "torch" else None
-        every = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner._rope_sign)[:, :, None], lengths,
-                             lengths_after, starts, mask)
-        inputs = [for_cohort(every, rows) for rows in self.schedule.cohorts]
-        pages = runner.pages
-        for runs in self.schedule.layers:
-            h = run_layer(h, runs, self.schedule.cohorts, lambda run, part: run.program.decode(
-                part, inputs[run.cohort], pages, tables[run.table_index], run.split))
-        logits = rms_norm(h, weights.norm, weights.norm_eps, backend=runner.backend) @ weights.lm_head.t()
-        lengths.add_(1)
-        return logits, logits.argmax(-1)

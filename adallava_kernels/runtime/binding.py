@@ -1,0 +1,216 @@
+"""Plans bound as data: one captured decode step serves every mix of plans of its shape.
+
+A CUDA graph replays fixed launches on fixed addresses, so a step whose
+launches are built from the plans (the cohorts of :mod:`.cohorts`) needs a
+graph per mix of plans, and AdaLLaVA-H gives nearly every request its own.
+A *bound* step instead runs each sub-block of a layer (attention, MLP) in a
+mode decided by all the rows' plans together:
+
+- :data:`SKIP`: no row runs it; it is absent from the step;
+- :data:`FULL`: every row runs all its units: the dense matmuls;
+- :data:`SLOTS`: the batch's *union* (every unit some row keeps) runs, read
+  from index lists of the full capacity padded with -1 and counts that live
+  in device buffers. A row's units outside its own plan are masked: their
+  K/V go to the pool's scratch page and their outputs are never read.
+
+The modes, the batch size and the table width are the step's shape, the
+graph's key (:attr:`BoundPlans.key`). The indices, counts, masks and block
+tables are data, packed in two buffers that a batch copies into its graph's
+in one copy each (:class:`BoundPlans`). So after warm-up, a stream of
+requests with distinct plans causes no new capture.
+
+On the torch backend the union is every unit (dense compute; the masks zero
+what a row lacks): the bound step's reference, and what the CPU stand-in for
+CUDA graphs records. What a SLOTS sub-block costs (the union's weights read
+once per step, its units computed for every row) is
+``cost.batch_decode_cost(..., union=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from ..plan import ExecutionPlan
+from ..shape import ModelShape
+
+__all__ = ["FULL", "SKIP", "SLOTS", "BoundPlans", "LayerSlots", "bind_plans", "layer_modes", "width_bucket"]
+
+SKIP, FULL, SLOTS = "skip", "full", "slots"
+
+# Host lists of one row's pages in one layer: per kept KV head (the plan's kv_heads order), its pages.
+PageLists = Callable[[int, int], Sequence[Sequence[int]]]
+
+
+@dataclasses.dataclass
+class LayerSlots:
+    """One layer's bound plan data: views of a batch's (or a graph's) buffers; ``None`` where unused.
+
+    ``tables`` ``[rows, kv_heads, width]``: each row's pages per KV slot (the scratch page where the row keeps
+    no KV); ``head_tables`` ``[rows, heads, width]``: the same per query head (torch). Attention slots:
+    ``qkv_heads`` (q, k, v head slots of the stacked weight), ``head_to_kv``, ``o_cols`` and ``o_count`` (the
+    union's ``o_proj`` columns), ``o_mask`` ``[rows, heads * head_dim]``. MLP slots: ``neurons``,
+    ``n_count``, ``n_mask`` ``[rows, neurons]``. Masks hold 1 where the row's own plan keeps the unit.
+    """
+
+    tables: torch.Tensor | None = None
+    head_tables: torch.Tensor | None = None
+    qkv_heads: torch.Tensor | None = None
+    head_to_kv: torch.Tensor | None = None
+    o_cols: torch.Tensor | None = None
+    o_count: torch.Tensor | None = None
+    o_mask: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    n_count: torch.Tensor | None = None
+    n_mask: torch.Tensor | None = None
+
+
+def width_bucket(pages: int) -> int:
+    """Table widths a graph serves: the next power of two, so requests of nearby ``max_tokens`` share one."""
+    return 1 << max(0, pages - 1).bit_length()
+
+
+def layer_modes(plans: Sequence[ExecutionPlan], shape: ModelShape) -> tuple[tuple[str, str], ...]:
+    """Per layer, the (attention, MLP) modes of a batch whose rows run ``plans``."""
+    return tuple(
+        (_mode([len(p.heads[i]) for p in plans], shape.num_heads),
+         _mode([len(p.neurons[i]) for p in plans], shape.intermediate_size))
+        for i in range(shape.num_layers)
+    )
+
+
+def _mode(counts: list[int], capacity: int) -> str:
+    if not any(counts):
+        return SKIP
+    return FULL if all(c == capacity for c in counts) else SLOTS
+
+
+@dataclasses.dataclass
+class BoundPlans:
+    """A batch's plans as data: ``index`` (int32) and ``masks`` (the model's dtype), on the device, and
+    where each layer's :class:`LayerSlots` lie in them."""
+
+    modes: tuple[tuple[str, str], ...]
+    index: torch.Tensor
+    masks: torch.Tensor
+    layout: list[dict[str, tuple[str, int, tuple[int, ...]]]]  # per layer: field -> (buffer, offset, shape)
+
+    def views(self, index: torch.Tensor, masks: torch.Tensor) -> list[LayerSlots]:
+        """Each layer's slots as views of ``index`` and ``masks`` (these buffers, or a graph's copies)."""
+        buffers = {"index": index, "masks": masks}
+        return [LayerSlots(**{name: buffers[kind][offset:offset + _numel(shape)].view(shape)
+                              for name, (kind, offset, shape) in fields.items()})
+                for fields in self.layout]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class _Packer:
+    """Host tensors packed into the two flat buffers, remembering where each went."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {"index": [], "masks": []}
+        self.sizes = {"index": 0, "masks": 0}
+
+    def add(self, kind: str, tensor: torch.Tensor) -> tuple[str, int, tuple[int, ...]]:
+        where = (kind, self.sizes[kind], tuple(tensor.shape))
+        self.parts[kind].append(tensor.reshape(-1))
+        self.sizes[kind] += tensor.numel()
+        return where
+
+    def flat(self, kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        parts = self.parts[kind]
+        host = torch.cat(parts).to(dtype) if parts else torch.empty(0, dtype=dtype)
+        return host.to(device)  # one copy per buffer
+
+
+def bind_plans(
+    plans: Sequence[ExecutionPlan], page_lists: PageLists, shape: ModelShape, *, backend: str, width: int,
+    scratch_page: int, dtype: torch.dtype, device: torch.device,
+) -> BoundPlans:
+    """Bind the plans of a batch (row ``b`` runs ``plans[b]``; ``page_lists(b, layer)`` lists its pages) to
+    tables of ``width`` pages, on ``backend`` (``"triton"``: the union's slots; ``"torch"``: every unit)."""
+    modes = layer_modes(plans, shape)
+    packer = _Packer()
+    layout = []
+    for i, (attention, mlp) in enumerate(modes):
+        fields: dict = {}
+        if attention != SKIP:
+            fields.update(_attention(packer, plans, page_lists, shape, i, attention, backend, width, scratch_page))
+        if mlp == SLOTS:
+            fields.update(_mlp(packer, plans, shape, i, backend))
+        layout.append(fields)
+    return BoundPlans(modes, packer.flat("index", torch.int32, device), packer.flat("masks", dtype, device), layout)
+
+
+def _padded(values: Sequence[int], capacity: int) -> torch.Tensor:
+    """``values`` then -1 up to ``capacity`` (free slots, which the kernels skip)."""
+    out = torch.full((capacity,), -1, dtype=torch.int32)
+    out[:len(values)] = torch.as_tensor(list(values), dtype=torch.int32)
+    return out
+
+
+def _own(plans: Sequence[ExecutionPlan], units: Sequence[Sequence[int]], capacity: int) -> torch.Tensor:
+    """``[rows, capacity]`` bool: which units each row's own plan keeps."""
+    own = torch.zeros(len(plans), capacity, dtype=torch.bool)
+    for b, kept in enumerate(units):
+        own[b, list(kept)] = True
+    return own
+
+
+def _union(own: torch.Tensor, mode: str, backend: str) -> list[int]:
+    """The units a sub-block runs: the rows' union on Triton's slot kernels, else every unit (dense)."""
+    if mode == SLOTS and backend == "triton":
+        return [u for u, kept in enumerate(own.any(0).tolist()) if kept]
+    return list(range(own.shape[1]))
+
+
+def _attention(packer, plans, page_lists, shape, layer, mode, backend, width, scratch_page) -> dict:
+    heads, kv_heads, d, per_kv = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.heads_per_kv_head
+    own = _own(plans, [p.heads[layer] for p in plans], heads)
+    union = _union(own, mode, backend)
+    kv_union = sorted({h // per_kv for h in union})
+    kv_slot = {kv: s for s, kv in enumerate(kv_union)}
+    head_to_kv = [kv_slot[h // per_kv] for h in union]
+
+    tables = torch.full((len(plans), kv_heads, width), scratch_page, dtype=torch.int32)
+    for b, plan in enumerate(plans):
+        for kv, pages in zip(plan.kv_heads(layer), page_lists(b, layer)):
+            tables[b, kv_slot[kv], :len(pages)] = torch.as_tensor(list(pages), dtype=torch.int32)
+    fields = {"tables": packer.add("index", tables)}
+    if backend == "torch":
+        fields["head_tables"] = packer.add("index", tables[:, torch.as_tensor(head_to_kv)])
+    if mode != SLOTS:
+        return fields
+    if backend == "triton":
+        fields["qkv_heads"] = packer.add("index", torch.cat([
+            _padded(union, heads), _padded([k + heads for k in kv_union], kv_heads),
+            _padded([k + heads + kv_heads for k in kv_union], kv_heads)]))
+        fields["head_to_kv"] = packer.add("index", _padded(head_to_kv, heads))
+        fields["o_cols"] = packer.add("index", _padded([h * d + e for h in union for e in range(d)], heads * d))
+        fields["o_count"] = packer.add("index", torch.tensor([len(union) * d], dtype=torch.int32))
+    mask = torch.zeros(len(plans), heads, dtype=torch.bool)
+    mask[:, :len(union)] = own[:, union]
+    fields["o_mask"] = packer.add("masks", mask.repeat_interleave(d, dim=1))
+    return fields
+
+
+def _mlp(packer, plans, shape, layer, backend) -> dict:
+    neurons = shape.intermediate_size
+    own = _own(plans, [p.neurons[layer] for p in plans], neurons)
+    union = _union(own, SLOTS, backend)
+    fields = {}
+    if backend == "triton":
+        fields["neurons"] = packer.add("index", _padded(union, neurons))
+        fields["n_count"] = packer.add("index", torch.tensor([len(union)], dtype=torch.int32))
+    mask = torch.zeros(len(plans), neurons, dtype=torch.bool)
+    mask[:, :len(union)] = own[:, union]
+    fields["n_mask"] = packer.add("masks", mask)
+    return fields
