@@ -311,21 +311,28 @@ def decode_cost(
 
 def batch_decode_cost(
     shape: ModelShape, context_len: int, plans: Sequence[ExecutionPlan | None], precision: Precision = Precision(),
+    *, union: bool = False,
 ) -> CostBreakdown:
     """Per-op cost of one decode step of a batch whose row ``b`` runs ``plans[b]`` (``None``: the full plan),
     each row attending ``context_len`` positions, as the plan runtime runs it.
 
-    At each layer the rows whose plans keep the same heads and neurons there form a cohort, which reads
-    that layer's weights once for all its rows; rows that differ read their own. So the FLOPs are the
-    rows' own, summed, while the weight bytes are paid once per distinct layer plan in the batch: a batch
-    of equal plans costs :func:`decode_cost` with ``batch_size``, a batch of plans that share no layer
-    costs the sum of one-row steps (only ``lm_head`` is read once).
+    Eager steps (``union=False``): at each layer the rows whose plans keep the same heads and neurons
+    there form a cohort, which reads that layer's weights once for all its rows; rows that differ read
+    their own. So the FLOPs are the rows' own, summed, while the weight bytes are paid once per distinct
+    layer plan in the batch: a batch of equal plans costs :func:`decode_cost` with ``batch_size``, a
+    batch of plans that share no layer costs the sum of one-row steps (only ``lm_head`` is read once).
+
+    Bound steps (``union=True``, the CUDA graphs' path, ``runtime.binding``): each layer runs the union
+    of the rows' units for every row, so its weights are read once and every row pays the union's FLOPs
+    and reads the union's KV heads (a row's own or, for the units it lacks, the scratch page).
     """
     check_int("context_len", context_len)
     if not plans:
         raise ValueError("plans must hold one plan (or None) per row, got none")
     full = ExecutionPlan.full(shape)
     plans = [full if plan is None else plan for plan in plans]
+    if union:
+        return _union_decode_cost(shape, context_len, plans, precision)
     counts = [_active_counts(shape, plan) for plan in plans]
     layers = []
     for i in range(shape.num_layers):
@@ -338,6 +345,19 @@ def batch_decode_cost(
                             kv_tokens=context_len, batch_size=rows, precision=precision)
             total = ops if total is None else tuple(a + b for a, b in zip(total, ops))
         layers.append(total)
+    lm_head = _linear("lm_head", len(plans), shape.hidden_size, shape.vocab_size, precision)
+    return CostBreakdown("decode", tuple(layers), lm_head)
+
+
+def _union_decode_cost(shape, context_len, plans, precision) -> CostBreakdown:
+    per_kv = shape.heads_per_kv_head
+    layers = []
+    for i in range(shape.num_layers):
+        heads = set().union(*(plan.heads[i] for plan in plans))
+        neurons = set().union(*(plan.neurons[i] for plan in plans))
+        layers.append(layer_ops(shape, heads=len(heads), kv_heads=len({h // per_kv for h in heads}),
+                                neurons=len(neurons), q_tokens=1, kv_tokens=context_len, batch_size=len(plans),
+                                precision=precision))
     lm_head = _linear("lm_head", len(plans), shape.hidden_size, shape.vocab_size, precision)
     return CostBreakdown("decode", tuple(layers), lm_head)
 

@@ -8,14 +8,16 @@ new ones; on a CPU ``CPU_REQUEST``) and is served through one
 :class:`~adallava_kernels.runtime.PlannedDecoder`:
 
 - **one by one**: admit, prefill, ``new_tokens - 1`` decode steps, free;
-  the first step apart (it warms up and captures a graph for a plan the
-  runtime has not seen), then each request's time per output token (TPOT)
+  the first step apart (on CUDA it binds the request's plan into a graph's
+  buffers, or warms up and captures one for a step shape not seen yet), then
+  each request's time per output token (TPOT)
   over the other steps, beside the full plan's and its plan's FLOPs ratio
   (a mean decode step's, from the cost model);
 - **one batch**: all requests admitted and prefilled, then decoded together
   in one :class:`~adallava_kernels.runtime.DecodeBatch`: tokens per second,
-  and the step's time against ``cost.batch_decode_cost`` (rows whose plans
-  agree on a layer read its weights once).
+  and the step's time against ``cost.batch_decode_cost`` (with CUDA graphs
+  the plans are bound as data and each layer runs the rows' union; eager,
+  rows whose plans agree on a layer read its weights once).
 
 It reports what the plans cost the runtime's CUDA graphs: captures, the
 wall seconds of their eager warm-up steps and of the recordings, replays.
@@ -141,7 +143,7 @@ def run(shape: ModelShape, model_name: str, device: torch.device, dtype: torch.d
         batch = _serve_batch(runner, requests[1:], embeds[1:], new_tokens, device)
         batch["graphs"] = _graphs(runner, stats)
         plans = [plan for _, plan in requests[1:]]
-        predicted = cost.batch_decode_cost(shape, prompt + new_tokens // 2, plans)
+        predicted = cost.batch_decode_cost(shape, prompt + new_tokens // 2, plans, union=runner.graphs is not None)
         batch["flops"], batch["read_bytes"] = predicted.flops, model_bench.read_bytes(predicted)
     full_tpot = rows[0]["tpot_s"]
     for row in rows:

@@ -207,3 +207,20 @@ def test_batch_decode_cost_pays_weights_once_per_cohort():
     assert weights(mixed) == pytest.approx(weights(one_a) + last_b)
     with pytest.raises(ValueError, match="plans must hold one plan"):
         cost.batch_decode_cost(shape, 300, [])
+
+
+def test_bound_batch_decode_cost_runs_the_union_for_every_row():
+    shape = get_shape("tiny")
+    layers, per_kv = shape.num_layers, shape.heads_per_kv_head
+    h1 = ExecutionPlan(shape, [[0]] * layers, [range(5)] * layers)
+    h2 = ExecutionPlan(shape, [[per_kv]] * layers, [range(3, 9)] * layers)
+    union = ExecutionPlan(shape, [[0, per_kv]] * layers, [range(9)] * layers)  # both rows' units
+    bound = cost.batch_decode_cost(shape, 300, [h1, h2], union=True)
+    expected = cost.decode_cost(shape, 300, union, batch_size=2)
+    assert bound.flops == pytest.approx(expected.flops) and bound.bytes == pytest.approx(expected.bytes)
+    # Equal plans: their union is the plan, so binding costs what cohorts cost.
+    assert cost.batch_decode_cost(shape, 300, [h1, h1], union=True).bytes == pytest.approx(
+        cost.batch_decode_cost(shape, 300, [h1, h1]).bytes)
+    # Disjoint plans: cohorts read each plan's weights (the union's) and compute each row's own units.
+    eager = cost.batch_decode_cost(shape, 300, [h1, h2])
+    assert eager.flops < bound.flops

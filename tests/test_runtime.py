@@ -4,6 +4,7 @@ admission that refuses what does not fit without touching the other sequences.
 Backends: ``torch`` on the CPU, and ``triton`` on DEVICE (the GPU, or the CPU under TRITON_INTERPRET=1).
 """
 
+import collections
 import copy
 import gc
 
@@ -141,6 +142,10 @@ def _triton_launchers() -> list:
     return [JITFunction, InterpretedFunction]
 
 
+# Dispatched ops that launch no kernel: views, allocations, dtype arithmetic.
+NO_LAUNCH = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.promote_types.default",
+             "aten._unsafe_view.default"}
+
 SYNC_OPS = {
     "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
     "aten.unique_consecutive.default", "aten.masked_select.default", "aten.lift_fresh.default",
@@ -156,10 +161,12 @@ class Dispatched(TorchDispatchMode):
     def __init__(self, monkeypatch):
         super().__init__()
         self.ops = []
+        self.launch = []  # per entry of ops: does it launch a kernel (not a view, an allocation, a tolist)
         tolist = torch.Tensor.tolist
 
         def counted(tensor):
             self.ops.append("Tensor.tolist")
+            self.launch.append(False)
             return tolist(tensor)
 
         monkeypatch.setattr(torch.Tensor, "tolist", counted)
@@ -170,6 +177,7 @@ class Dispatched(TorchDispatchMode):
         def counted_run(kernel, *args, **kwargs):
             if not self._in_op:  # a custom op's own launch is that op, counted once
                 self.ops.append(f"triton.{getattr(kernel, '__name__', type(kernel).__name__)}")
+                self.launch.append(True)
             with _disable_current_modes():
                 return run(kernel, *args, **kwargs)
 
@@ -179,27 +187,35 @@ class Dispatched(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(str(func))
+        self.launch.append(not func.is_view and str(func) not in NO_LAUNCH)
         self._in_op = True
         try:
             return func(*args, **(kwargs or {}))
         finally:
             self._in_op = False
 
+    def launches(self, start=0, stop=None) -> list[str]:
+        return [op for op, launch in zip(self.ops[start:stop], self.launch[start:stop]) if launch]
+
     def syncs(self, start=0, stop=None):
         return [op for op in self.ops[start:stop] if op in SYNC_OPS or op == "Tensor.tolist"]
 
 
-def per_layer(monkeypatch, mode, method):
-    """(layer index, ops, syncs, first op) of every call of ``LayerProgram.<method>`` while ``mode`` is on."""
-    calls, original = [], getattr(LayerProgram, method)
+LayerCall = collections.namedtuple("LayerCall", "index ops syncs start launches")
+
+
+def per_layer(monkeypatch, mode, method, cls=LayerProgram):
+    """A :class:`LayerCall` (layer index, ops, syncs, first op, kernel launches) of every call of
+    ``cls.<method>`` while ``mode`` is on."""
+    calls, original = [], getattr(cls, method)
 
     def wrapped(self, *args, **kwargs):
         start = len(mode.ops)
         out = original(self, *args, **kwargs)
-        calls.append((self.index, len(mode.ops) - start, mode.syncs(start), start))
+        calls.append(LayerCall(self.index, len(mode.ops) - start, mode.syncs(start), start, mode.launches(start)))
         return out
 
-    monkeypatch.setattr(LayerProgram, method, wrapped)
+    monkeypatch.setattr(cls, method, wrapped)
     return calls
 
 
@@ -218,7 +234,7 @@ def test_decode_step_reads_nothing_back_and_stays_under_40_ops_a_layer(model, ba
         batch.step(token)
         batch.step(token)
     assert mode.syncs() == []
-    ran = {(i, n) for i, n, _, _ in calls}
+    ran = {(call.index, call.ops) for call in calls}
     assert len(calls) == 2 * sum(len(runs) for runs in batch.schedule.layers)  # every run of every kept layer
     assert max(n for _, n in ran) <= 40, sorted(ran)
 
@@ -239,13 +255,33 @@ def test_prefill_layers_read_nothing_back_after_planning(model, backend, device,
     with Dispatched(monkeypatch) as mode:
         calls = per_layer(monkeypatch, mode, "prefill")
         runner.prefill(["a", "b"], embeds, mask.to(device), planner=planner, plan_after=2)
-    assert [syncs for _, _, syncs, _ in calls] == [[]] * len(calls)
+    assert [call.syncs for call in calls] == [[]] * len(calls)
     # After planning, only plan time builds from host data (the plans' index tables, the pages set_plan
     # takes, the row sets): all before the first layer after the planner runs.
-    resumed = min(start for _, _, _, start in calls if start > planned_at[0])
+    resumed = min(call.start for call in calls if call.start > planned_at[0])
     assert mode.syncs(resumed) == []
     assert set(mode.syncs(planned_at[0], resumed)) <= {"aten.lift_fresh.default"}
     assert mode.syncs(0, planned_at[0]) == ["aten._local_scalar_dense.default"]  # the mask is left padding
+
+
+def test_prefill_layers_launch_few_kernels_whole_or_partial(model, monkeypatch):
+    """The Triton path (the GPU's) of one request's prefill: a whole layer and a partial one (some heads,
+    some neurons) each launch at most 15 kernels, within 2 of each other, and read nothing back."""
+    runner = runner_for(model, "triton", DEVICE, cuda_graphs=False)
+    plan = ExecutionPlan(SHAPE, [range(HEADS), [1, 2, 5], range(HEADS), [0]],
+                         [range(NEURONS), range(0, NEURONS, 3), range(NEURONS), range(10)])
+    runner.admit("a", plan, 20)
+    ids, _ = prompts()
+    embeds = runner.weights.embed[ids[:1].to(DEVICE)]
+    with Dispatched(monkeypatch) as mode:
+        calls = per_layer(monkeypatch, mode, "prefill")
+        runner.prefill(["a"], embeds)
+    by_layer = {call.index: call for call in calls}
+    whole, partial = by_layer[0].launches, by_layer[1].launches
+    assert len(whole) <= 15 and len(partial) <= 15, (whole, partial)
+    assert abs(len(whole) - len(partial)) <= 2, (whole, partial)
+    assert by_layer[2].launches == whole and by_layer[3].launches == partial
+    assert all(call.syncs == [] for call in calls)
 
 
 def test_eager_torch_step_reads_the_context_not_the_reservation(model, monkeypatch):

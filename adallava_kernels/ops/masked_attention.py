@@ -100,6 +100,8 @@ class AttentionProgram:
         self.identity_map = self.nq == self.nkv
         self.head_to_kv = plan.head_to_kv
         self.head_to_kv_index = plan.head_to_kv.long()  # index_select's dtype, converted once per plan
+        # Every head on: query head h reads KV head h // group, the map SDPA's own GQA applies (no copies).
+        self.sdpa_gqa = {"enable_gqa": True} if plan.full_attention and not self.identity_map else {}
         self.backend = backend
         self.gathered = backend == "triton" and self.nq > 0 and not plan.full_attention
         self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
@@ -167,20 +169,21 @@ class AttentionProgram:
         if self.gathered:
             out = _OPS.flash_attention(q, k, v, self.head_to_kv, padding, self.scale)
             return out.reshape(batch, q_len, self.nq * self.head_dim)
-        if not self.identity_map:
+        gqa = self.sdpa_gqa
+        if not self.identity_map and not gqa:
             k, v = k.index_select(1, self.head_to_kv_index), v.index_select(1, self.head_to_kv_index)
         q = q.transpose(1, 2)
         kv_len = k.shape[2]
         if mask is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, **gqa)
         elif padding is None and kv_len == q_len:
             # No mask tensor: lets SDPA take its flash kernels on a GPU.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **gqa)
         elif padding is None and q_len == 1:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale, **gqa)
         else:
             visible = causal_visible(batch, q_len, kv_len, padding, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale, **gqa)
             # SDPA gives NaN for a query that sees no key.
             out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
         return out.transpose(1, 2).reshape(batch, q_len, self.nq * self.head_dim)
