@@ -54,12 +54,13 @@ STAGES = {
     "qkv": [("q_proj", "k_proj", "v_proj")],
     "attention": [("qk_matmul", "softmax", "sv_matmul")],
     "o_proj": [("o_proj",)],
-    "mlp": [("gate_proj", "up_proj"), ("down_proj",)],
+    "mlp": [("gate_proj", "up_proj"), ("down_proj", "mlp_add")],
 }
-# Two kernels in the MLP: the gathered Triton path, whose first kernel fuses SiLU-and-multiply.
-FUSED_MLP = [("gate_proj", "up_proj", "mlp_act"), ("down_proj",)]
+# Two kernels in the MLP: the Triton path's first fuses SiLU-and-multiply; the down projection adds the
+# residual in every path.
+FUSED_MLP = [("gate_proj", "up_proj", "mlp_act"), ("down_proj", "mlp_add")]
 # Kernels outside the wrapped sub-blocks: the norms (the second fuses the attention's residual add),
-# the decode attention over the pages, and the MLP's residual add, the layer's last op.
+# the decode attention over the pages, and a residual add that ends a layer without an MLP.
 NORMS = [("attn_norm",), ("attn_add", "mlp_norm")]
 MATMUL = re.compile(r"matmul|aten::mm|addmm|linear|bmm|gemm|nvjet|cutlass|xmma|gather_kernel|head_proj", re.I)
 ATTENTION = re.compile(r"attention|attn|fmha|flash|paged_decode", re.I)
@@ -96,9 +97,9 @@ def _replaced(obj, name: str, make: Callable[[Callable], Callable]):
 
 def _ranged(label: str) -> Callable[[Callable], Callable]:
     def make(original):
-        def call(*args):
+        def call(*args, **kwargs):
             with torch.profiler.record_function(STAGE_PREFIX + label):
-                return original(*args)
+                return original(*args, **kwargs)
         return call
     return make
 
@@ -108,11 +109,11 @@ def _stage_ranges(program):
     """Profiler ranges around the program's attention stages and its MLP, for this instance only."""
     with contextlib.ExitStack() as stack:
         if program.attention is not None:
-            for method, label in (("project", "qkv"), ("project_decode", "qkv"), ("attend", "attention"),
-                                  ("output", "o_proj")):
+            for method, label in (("project", "qkv"), ("project_decode", "qkv"), ("project_to_pages", "qkv"),
+                                  ("attend", "attention"), ("output", "o_proj")):
                 stack.enter_context(_replaced(program.attention, method, _ranged(label)))
         if program.mlp is not None:
-            stack.enter_context(_replaced(program, "mlp", _ranged("mlp")))
+            stack.enter_context(_replaced(program.mlp, "add_to", _ranged("mlp")))
         yield
 
 

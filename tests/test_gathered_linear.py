@@ -138,3 +138,15 @@ def test_col_gather_reads_the_count_and_the_row_mask(tokens, count):
                         x_mask=keep.to(torch.bfloat16))
     kept = torch.where(keep, x, 0.0)[:, :count].double()
     assert_close(out, F.linear(kept, w.double()[:, cols[:count].long()]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 45], ids=lambda t: f"T{t}")
+def test_col_gather_adds_the_residual(tokens, dtype):
+    # Decode (split reductions, the sums started at the residual) and prefill (added in the epilogue).
+    w = prepare_column_gather(randn(90, 230, dtype=dtype, scale=0.1))
+    cols = index(230, 141)
+    x, residual = randn(tokens, 141, dtype=dtype), randn(tokens, 90, dtype=dtype)
+    out = poisoned(tokens, 90, dtype=dtype)
+    col_gathered_linear(x, w, cols, out=out, residual=residual)
+    assert_close(out, residual.double() + F.linear(x.double(), w.double()[:, cols.long()]))

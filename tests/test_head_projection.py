@@ -75,3 +75,42 @@ def test_head_projection_skips_free_slots(split):
     head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), out, split=split)
     plain = F.linear(x.double(), w.double()).view(batch, seq, 5, head_dim)[:, :, [3, 0, 4]]
     assert_close(out[:, :, :3].cpu(), rotate(plain, cos.double()[:, :, None], sin.double()[:, :, None]))
+
+
+@pytest.mark.parametrize("seq", [1, 3], ids=["decode", "T3"])
+def test_head_projection_writes_k_and_v_to_the_pages(seq):
+    """The KV append fused in: the K and V slots go to each row's pages at its positions (K rotated, V
+    not), q to ``out``; every other element of the pages keeps its poison. head_dim 40: a head's 20
+    rotation pairs span two decode programs, the second partly masked."""
+    from adallava_kernels.ops.head_projection import PagedKV
+
+    batch, hidden, head_dim, page_size, width = 3, 90, 40, 5, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(batch, seq, hidden, generator=g)
+    w = torch.randn(9 * head_dim, hidden, generator=g) * hidden**-0.5  # 5 q heads, 2 k heads, 2 v heads
+    slots = torch.tensor([0, 3, 4, 5, 6, 7, 8], dtype=torch.int32)  # q 0, 3, 4; k 0, 1; v 0, 1
+    cos, sin = rope_tables(batch, seq, head_dim)
+    tables = torch.randperm(40, generator=g)[:batch * 2 * width].view(batch, 2, width).int()
+    positions = torch.tensor([0, 7, 20 - seq], dtype=torch.int32)
+    k_pages = poisoned(40, page_size, head_dim, dtype=torch.float32, device=DEVICE)
+    v_pages = poisoned(40, page_size, head_dim, dtype=torch.float32, device=DEVICE)
+    q = poisoned(batch, seq, 3, head_dim, dtype=torch.float32, device=DEVICE)
+    paged = PagedKV(k_pages, v_pages, *to_device(tables, positions))
+    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), q, rope_slots=5, paged=paged)
+
+    plain = F.linear(x.double(), w.double()).view(batch, seq, 9, head_dim)[:, :, slots.long()]
+    rotated = rotate(plain[:, :, :5], cos.double()[:, :, None], sin.double()[:, :, None])
+    assert_close(q.cpu(), rotated[:, :, :3])
+    expected_k = torch.full((40, page_size, head_dim), float("nan"), dtype=torch.float64)
+    expected_v = expected_k.clone()
+    for b in range(batch):
+        for s in range(seq):
+            position = int(positions[b]) + s
+            for j in range(2):
+                page, offset = int(tables[b, j, position // page_size]), position % page_size
+                expected_k[page, offset] = rotated[b, s, 3 + j]
+                expected_v[page, offset] = plain[b, s, 5 + j]
+    for actual, expected in ((k_pages.cpu(), expected_k), (v_pages.cpu(), expected_v)):
+        written = ~expected.isnan()
+        assert torch.equal(~actual.isnan(), written)  # nothing else of the pages was touched
+        assert_close(actual[written], expected[written])

@@ -135,15 +135,17 @@ def _row_gather_kernel(
 
 @triton.jit
 def _col_gather_kernel(
-    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr,
+    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr,
     M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk,
-    SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm, stride_rn,
+    SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically.
     COUNTED: only the first count[0] columns count (a list padded to its capacity, read on the device);
-    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit), never read else."""
+    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit), never read else;
+    RESIDUAL: y = res + that (the residual add fused; with SPLIT_K > 1 the launcher starts the sums at res)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -171,6 +173,9 @@ def _col_gather_kernel(
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
+        if RESIDUAL:
+            res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+            acc += res.to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(y_ptrs, acc, mask=mask)
@@ -209,20 +214,28 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
 
 
 def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor,
-                 count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None):
+                 count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None):
     m, k = x2.shape
     n = w.shape[0]
     if k == 0:
-        return out.zero_()
+        return out.zero_() if residual is None else out.copy_(residual)
     split = _split_k(m, n, k, x2.device)
-    target = out if split == 1 else torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    if split == 1:
+        target = out
+    elif residual is None:
+        target = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    else:
+        target = residual.to(torch.float32, copy=True)  # the split sums are added onto the residual
     mask_strides = (0, 0) if x_mask is None else (x_mask.stride(0), x_mask.stride(1))
+    res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     COL_KERNELS[regime(m)][grid](
         x2, w, cols, target, cols if count is None else count, x2 if x_mask is None else x_mask,
-        m, n, k, _m_bucket(m),
+        x2 if residual is None else residual, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1), *mask_strides,
-        SPLIT_K=split, COUNTED=count is not None, XMASK=x_mask is not None, **dot_flags(x2.dtype),
+        *res_strides, SPLIT_K=split, COUNTED=count is not None, XMASK=x_mask is not None,
+        RESIDUAL=residual is not None and split == 1, **dot_flags(x2.dtype),
     )
     if split > 1:
         out.copy_(target)
@@ -275,16 +288,19 @@ def swiglu_gathered(
 
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None, *,
-    count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None,
+    count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None,
 ):
     """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``.
 
     For a plan bound as data: ``count`` (int32 ``[1]``, on the device) keeps only the first ``count[0]``
     entries of ``cols`` and of ``x``'s last dim (the rest is a padded list's free slots, never read);
     ``x_mask`` ``[rows of x, len(cols)]`` keeps ``x[m, k]`` only where it is nonzero (the units a row's
-    own plan lacks in a batch's union), and the masked elements are never read.
+    own plan lacks in a batch's union), and the masked elements are never read. ``residual`` (the shape
+    of the result): added to it in the same pass (a decoder layer's residual stream).
     """
     y = _out(x, w.shape[0], out)
     if y.numel():
-        _launch_cols(_flat(x), w, _index(cols), y.view(math.prod(y.shape[:-1]), w.shape[0]), count, x_mask)
+        rows = math.prod(y.shape[:-1])
+        _launch_cols(_flat(x), w, _index(cols), y.view(rows, w.shape[0]), count, x_mask,
+                     None if residual is None else residual.reshape(rows, w.shape[0]))
     return y

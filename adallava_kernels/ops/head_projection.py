@@ -15,13 +15,15 @@ without the split, 8 heads of one sequence would occupy 8 programs whatever thei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from .triton_utils import autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits
 
-__all__ = ["CONFIGS", "head_projection"]
+__all__ = ["CONFIGS", "PagedKV", "head_projection"]
 
 
 # One program computes [BLOCK_M tokens, head_dim]: a 128-wide tile at head_dim 128.
@@ -48,25 +50,34 @@ _MIN_K_PER_SPLIT = min_per_split(128)
 @triton.jit
 def _head_proj_kernel(
     x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
-    M, K, SEQ, M_BUCKET, ROPE_SLOTS,
+    k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr,
+    M, K, SEQ, M_BUCKET, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS, KV_SLOTS, PAGE,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_cb, stride_cs, stride_cd,
     stride_yb, stride_ys, stride_yh, stride_yd,
+    stride_pp, stride_ps, stride_tb, stride_th, stride_tw,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-    ROPE: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ROPE: tl.constexpr, SPLIT_K: tl.constexpr, PAGED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
-    are not rotated (V, when q, k and v are projected in one launch)."""
+    are not rotated (V, when q, k and v are projected in one launch). A program computes BLOCK_H of a head's
+    rotation pairs (element d with d + HEAD_DIM / 2): PAIR_BLOCKS programs share a head, which fills the
+    GPU in decode without splitting the reduction.
+
+    PAGED: slots [Q_SLOTS, Q_SLOTS + KV_SLOTS) are K heads and the next KV_SLOTS V heads; they go to the
+    pages instead of y (KV slot j of row b at position pos[b] + s: page table[b, j, position // PAGE]),
+    so the projection is also the KV append."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_k = tl.program_id(2) // PAIR_BLOCKS
+    pid_p = tl.program_id(2) % PAIR_BLOCKS
     head = tl.load(heads_ptr + slot).to(tl.int64)
     if head < 0:  # a free slot of a list padded to its capacity (plans bound as data): nothing to project
         return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_H)
+    offs_d = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_m = offs_m < M
     mask_d = offs_d < HALF
     rows_lo = head * HEAD_DIM + offs_d
@@ -103,6 +114,26 @@ def _head_proj_kernel(
     else:
         out_lo = acc_lo
         out_hi = acc_hi
+    to_pages = False
+    if PAGED:
+        to_pages = slot >= Q_SLOTS
+        kv = slot - Q_SLOTS
+        is_v = kv >= KV_SLOTS
+        kv = tl.where(is_v, kv - KV_SLOTS, kv)
+        page_rows = mask_m & to_pages
+        position = tl.load(pos_ptr + batch, mask=page_rows, other=0) + pos
+        page = tl.load(table_ptr + batch * stride_tb + kv * stride_th + (position // PAGE) * stride_tw,
+                       mask=page_rows, other=0).to(tl.int64)
+        p_off = page[:, None] * stride_pp + (position % PAGE)[:, None] * stride_ps + offs_d[None, :]
+        k_mask = tile_mask & page_rows[:, None] & (is_v == 0)
+        v_mask = tile_mask & page_rows[:, None] & is_v
+        dtype = k_pages_ptr.dtype.element_ty
+        tl.store(k_pages_ptr + p_off, out_lo.to(dtype), mask=k_mask)
+        tl.store(k_pages_ptr + p_off + HALF, out_hi.to(dtype), mask=k_mask)
+        tl.store(v_pages_ptr + p_off, out_lo.to(dtype), mask=v_mask)
+        tl.store(v_pages_ptr + p_off + HALF, out_hi.to(dtype), mask=v_mask)
+        tile_mask = tile_mask & (to_pages == 0)
+        slot = tl.minimum(slot, Q_SLOTS - 1)  # y holds the q slots only: never addressed past them
     y_off = batch[:, None] * stride_yb + pos[:, None] * stride_ys + slot * stride_yh + offs_d[None, :] * stride_yd
     if SPLIT_K == 1:
         tl.store(y_ptr + y_off, out_lo.to(y_ptr.dtype.element_ty), mask=tile_mask)
@@ -112,20 +143,34 @@ def _head_proj_kernel(
         tl.atomic_add(y_ptr + y_off + HALF * stride_yd, out_hi, mask=tile_mask)
 
 
-
 KERNELS = autotuned(_head_proj_kernel, CONFIGS, INTERPRETER_CONFIGS, ["M_BUCKET", "K", "HEAD_DIM", "IEEE"],
                     restore_value=["y_ptr"])
 
 
-def _block_h(head_dim: int) -> int:
-    # tl.dot needs each tile dimension to be at least 16.
-    return max(16, triton.next_power_of_2(head_dim // 2))
+def _block_h(head_dim: int, which: str) -> int:
+    """Rotation pairs a program computes: a whole head in prefill (a wide tile for tl.dot); in decode the
+    smallest tile tl.dot takes (16), so a head's rows spread over several programs that each read whole
+    weight rows and keep the full reduction (no split partial sums, so the result can go to the pages)."""
+    whole = max(16, triton.next_power_of_2(head_dim // 2))
+    return whole if which == "prefill" else 16
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """Where a projection's K and V heads go instead of its output: the pool's ``k_pages``/``v_pages``
+    ``[num_pages, page_size, head_dim]``, each row's ``tables`` ``[batch, kv_slots, width]`` int32 and
+    ``positions`` ``[batch]`` int32 (the first new token's position; token ``s`` goes to ``positions + s``)."""
+
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    tables: torch.Tensor
+    positions: torch.Tensor
 
 
 def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, head_dim: int,
     cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, *, split: int | None = None,
-    rope_slots: int | None = None,
+    rope_slots: int | None = None, paged: PagedKV | None = None,
 ) -> torch.Tensor:
     """Project ``x`` ``[batch, seq, hidden]`` onto ``heads`` of ``w``, rotated when ``cos``/``sin`` are given.
 
@@ -133,6 +178,8 @@ def head_projection(
     ``cos`` and ``sin`` are contiguous ``[batch or 1, seq, head_dim]`` tensors.
     ``split`` overrides the number of reduction splits (default: chosen to fill the GPU).
     ``rope_slots``: rotate only the first this many slots (default: all).
+    ``paged``: the last ``2 * kv_slots`` slots (K heads, then V heads) are written to the pages (the KV
+    append, fused) and ``out`` holds the other slots only; the reduction is then never split.
     """
     batch, seq, hidden = x.shape
     m, n_heads = batch * seq, heads.numel()
@@ -141,8 +188,12 @@ def head_projection(
     x2 = x.reshape(m, hidden)
     which = regime(m)
     block_m = smallest_block("BLOCK_M", CONFIGS, INTERPRETER_CONFIGS, which)
-    programs = triton.cdiv(m, block_m) * n_heads
-    if split is None:
+    block_h = _block_h(head_dim, which)
+    pair_blocks = triton.cdiv(head_dim // 2, block_h)
+    programs = triton.cdiv(m, block_m) * n_heads * pair_blocks
+    if paged is not None:
+        split = 1
+    elif split is None:
         split = 1 if which == "prefill" else splits(programs, triton.cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
     target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     rope = cos is not None
@@ -152,14 +203,22 @@ def head_projection(
     else:
         cos = sin = x2  # any pointer: never read without ROPE
         rope_strides = (0, 0, 0)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split)  # noqa: E731
+    if paged is None:
+        kv_slots, page_args, page_strides = 0, (x2, x2, heads, heads), (0, 0, 0, 0, 0)
+        page_size = 1
+    else:
+        kv_slots, page_size = paged.tables.shape[1], paged.k_pages.shape[1]
+        page_args = (paged.k_pages, paged.v_pages, paged.tables, paged.positions)
+        page_strides = (paged.k_pages.stride(0), paged.k_pages.stride(1), *paged.tables.stride())
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split * pair_blocks)  # noqa: E731
     KERNELS[which][grid](
-        x2, w, heads, cos, sin, target,
-        m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots,
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *target.stride(),
-        HEAD_DIM=head_dim, BLOCK_H=_block_h(head_dim), ROPE=rope, SPLIT_K=split, **dot_flags(x.dtype),
+        x2, w, heads, cos, sin, target, *page_args,
+        m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots, pair_blocks,
+        n_heads - 2 * kv_slots, kv_slots, page_size,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *target.stride(), *page_strides,
+        HEAD_DIM=head_dim, BLOCK_H=block_h, ROPE=rope, SPLIT_K=split, PAGED=paged is not None,
+        **dot_flags(x.dtype),
     )
     if split > 1:
         out.copy_(target)
     return out
-

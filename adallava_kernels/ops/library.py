@@ -8,11 +8,14 @@ them validated their inputs at plan time.
 
 - ``head_projection(x, w, heads, cos, sin, head_dim, rope_slots)``: ``[batch, seq, len(heads),
   head_dim]``, its first ``rope_slots`` heads rotated when ``cos``/``sin`` are given;
+- ``head_projection_paged(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables,
+  positions)``: the same with its last ``2 * tables.shape[1]`` slots (K, then V) written to the pages
+  at each row's positions (the KV append, fused); returns the other slots (q);
 - ``flash_attention(q, k, v, head_to_kv, padding, scale)``: causal attention,
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
 - ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``;
 - ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
-  ``col_gathered_linear(x, w, cols, count=None, x_mask=None)``;
+  ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped and their outputs left unwritten), ``cols`` with a
   ``count`` read on the device;
@@ -47,6 +50,23 @@ def head_projection(
 @head_projection.register_fake
 def _(x, w, heads, cos, sin, head_dim, rope_slots):
     return x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
+
+
+@torch.library.custom_op("adallava::head_projection_paged", mutates_args=("k_pages", "v_pages"))
+def head_projection_paged(
+    x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+    rope_slots: int, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
+) -> torch.Tensor:
+    from .head_projection import PagedKV, head_projection as launch
+
+    out = x.new_empty(x.shape[0], x.shape[1], heads.shape[0] - 2 * tables.shape[1], head_dim)
+    return launch(x, w, heads, head_dim, cos, sin, out, rope_slots=rope_slots,
+                  paged=PagedKV(k_pages, v_pages, tables, positions))
+
+
+@head_projection_paged.register_fake
+def _(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables, positions):
+    return x.new_empty(x.shape[0], x.shape[1], heads.shape[0] - 2 * tables.shape[1], head_dim)
 
 
 @torch.library.custom_op("adallava::flash_attention", mutates_args=())
@@ -106,15 +126,15 @@ def _(x, w_gate, w_up, rows):
 @torch.library.custom_op("adallava::col_gathered_linear", mutates_args=())
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, count: Optional[torch.Tensor] = None,
-    x_mask: Optional[torch.Tensor] = None,
+    x_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from .gathered_linear import col_gathered_linear as launch
 
-    return launch(x, w, cols, count=count, x_mask=x_mask)
+    return launch(x, w, cols, count=count, x_mask=x_mask, residual=residual)
 
 
 @col_gathered_linear.register_fake
-def _(x, w, cols, count=None, x_mask=None):
+def _(x, w, cols, count=None, x_mask=None, residual=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

@@ -105,10 +105,12 @@ class AttentionProgram:
         self.backend = backend
         self.gathered = backend == "triton" and self.nq > 0 and not plan.full_attention
         self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
-        if self.gathered:
-            # Slots of q, k and v heads in the stacked weight, as head_projection indexes it.
+        self.w_qkv = weights.w_qkv
+        self.qkv_heads = None  # slots of q, k and v heads in the stacked weight, as head_projection indexes it
+        if backend == "triton" and self.nq > 0:
             self.qkv_heads = torch.cat([plan.heads, plan.kv_heads + nh, plan.kv_heads + nh + nkvh])
-            self.w_qkv, self.o_columns = weights.w_qkv, plan.q_features
+        if self.gathered:
+            self.o_columns = plan.q_features
             self.w_o_columns = weights.w_o if weights.w_o_columns is None else weights.w_o_columns
         elif plan.full_attention:
             self.w_qkv_t, self.w_o_t = weights.w_qkv.t(), weights.w_o.t()
@@ -155,6 +157,13 @@ class AttentionProgram:
             return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         qk = rope(qkv[:, :nq + nkv], cos4, signed_sin4)
         return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
+
+    def project_to_pages(self, x, cos, sin, k_pages, v_pages, tables, lengths) -> torch.Tensor:
+        """Triton, one token per row: q, k and v of the plan's heads in one launch, q and k rotated, K and V
+        written straight to the pages at ``lengths`` (the KV append, fused); returns q ``[rows, heads, d]``."""
+        q = _OPS.head_projection_paged(x[:, None], self.w_qkv, self.qkv_heads, cos, sin, self.head_dim,
+                                       self.nq + self.nkv, k_pages, v_pages, tables, lengths)
+        return q[:, 0]
 
     def attend(self, q, k, v, padding: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of ``q`` ``[batch, q_len, heads, d]`` (the last ``q_len`` positions) over ``k``,

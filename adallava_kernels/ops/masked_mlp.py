@@ -69,6 +69,9 @@ class MlpProgram:
         full = neurons.numel() == weights.intermediate_size
         self.backend = backend
         self.gathered = backend == "triton" and neurons.numel() > 0 and not full
+        self.all_neurons = None  # a full plan's neuron list, for the fused decode pass on Triton
+        if backend == "triton" and full:
+            self.w_gate, self.w_up, self.all_neurons = weights.w_gate, weights.w_up, neurons
         if self.gathered:
             self.w_gate, self.w_up, self.neurons = weights.w_gate, weights.w_up, neurons
             self.w_down_columns = weights.w_down if weights.w_down_columns is None else weights.w_down_columns
@@ -83,6 +86,21 @@ class MlpProgram:
         if self.gathered:
             return masked_mlp_triton(x, self.w_gate, self.w_up, self.w_down_columns, self.neurons)
         return silu_and_mul(x @ self.w_gate_up_t, backend=self.backend) @ self.w_down_t
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor, *, decode: bool = False) -> torch.Tensor:
+        """``residual + self(x)``, the residual add fused into the down projection. ``decode`` (a few tokens,
+        Triton): gate and up with SiLU-and-multiply in one gathered pass, every neuron when the plan keeps
+        them all, so a decode MLP is two launches whatever its plan."""
+        if self.gathered:
+            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, self.neurons)
+            return _OPS.col_gathered_linear(act, self.w_down_columns, self.neurons, residual=residual)
+        if decode and self.all_neurons is not None:
+            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
+        else:
+            act = silu_and_mul(x @ self.w_gate_up_t, backend=self.backend)
+        hidden = residual.shape[-1]
+        return torch.addmm(residual.reshape(-1, hidden), act.reshape(-1, act.shape[-1]),
+                           self.w_down_t).view(residual.shape)
 
 
 def masked_mlp_reference(

@@ -26,7 +26,7 @@ from ..ops.rms_norm import fused_add_rms_norm, rms_norm
 from ..ops.silu_and_mul import silu_and_mul
 from ..plan import ExecutionPlan, LayerPlan
 from ..shape import ModelShape
-from .binding import SKIP, SLOTS
+from .binding import FULL, SKIP, SLOTS
 from .weights import DecoderWeights, LayerWeights
 
 # torch.ops.adallava: the Triton operators (registered by importing ops.library) and the extension's
@@ -121,7 +121,7 @@ class LayerProgram:
     def prefill(self, h: torch.Tensor, inputs: PrefillInputs, pages: KVPages | None,
                 tables: LayerTables | None) -> torch.Tensor:
         """``h`` ``[rows, T, hidden]`` through the layer; K/V written to ``pages`` at positions 0..T-1."""
-        return self._sub_blocks(h, lambda x: self._prefill_attention(x, inputs, pages, tables))
+        return self._sub_blocks(h, lambda x: self._prefill_attention(x, inputs, pages, tables), decode=False)
 
     def _prefill_attention(self, x, inputs: PrefillInputs, pages, tables) -> torch.Tensor:
         attention = self.attention
@@ -135,43 +135,45 @@ class LayerProgram:
     def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages: KVPages, tables: LayerTables,
                split: int) -> torch.Tensor:
         """``h`` ``[rows, hidden]`` (one new token per row) through the layer; its K/V written at ``lengths``."""
-        return self._sub_blocks(h, lambda x: self._decode_attention(x, inputs, pages, tables, split))
+        return self._sub_blocks(h, lambda x: self._decode_attention(x, inputs, pages, tables, split), decode=True)
 
-    def _sub_blocks(self, h: torch.Tensor, attend) -> torch.Tensor:
-        return sub_blocks(h, attend if self.runs_attention else None, self.mlp if self.runs_mlp else None,
-                          self.input_norm, self.post_norm, self.eps, self.backend)
+    def _sub_blocks(self, h: torch.Tensor, attend, *, decode: bool) -> torch.Tensor:
+        mlp = (lambda x, residual: self.mlp.add_to(x, residual, decode=decode)) if self.runs_mlp else None
+        return sub_blocks(h, attend if self.runs_attention else None, mlp, self.input_norm, self.post_norm,
+                          self.eps, self.backend)
 
     def _decode_attention(self, x, inputs: DecodeInputs, pages, tables: LayerTables, split: int) -> torch.Tensor:
         attention = self.attention
         rows, width = x.shape[0], self.nq * self.head_dim
+        if tables.head_tables is None:  # Triton: the projection appends K/V, the paged kernel reads them
+            q = attention.project_to_pages(x, inputs.cos, inputs.sin, pages.k, pages.v, tables.tables,
+                                           inputs.lengths)
+            out = _OPS.paged_decode_attention(q, pages.kv, tables.tables, attention.head_to_kv,
+                                              inputs.lengths_after, inputs.starts, attention.scale, split)
+            return attention.output(out.view(rows, width))
         q, k, v = attention.project_decode(x, inputs.cos, inputs.sin, inputs.cos4, inputs.signed_sin4)
         _OPS.kv_append(pages.k, pages.v, k, v, tables.tables, inputs.lengths)
-        if tables.head_tables is not None:
-            head_tables = tables.head_tables
-            visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
-            if visible != head_tables.shape[2]:
-                head_tables = head_tables[:, :, :visible]
-            out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, attention.scale)
-            out = out.reshape(rows, width)
-        else:
-            out = _OPS.paged_decode_attention(q[:, :, 0], pages.kv, tables.tables, attention.head_to_kv,
-                                              inputs.lengths_after, inputs.starts, attention.scale, split)
-            out = out.view(rows, width)
+        head_tables = tables.head_tables
+        visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
+        if visible != head_tables.shape[2]:
+            head_tables = head_tables[:, :, :visible]
+        out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, attention.scale).reshape(rows, width)
         return attention.output(out)
 
 
 def sub_blocks(h: torch.Tensor, attend, mlp, input_norm, post_norm, eps: float, backend: str) -> torch.Tensor:
-    """The attention (``attend``), then the MLP, each behind its RMSNorm and added to the residual stream
-    (``None``: the sub-block does not run). The attention's residual add and the MLP's norm are one pass
-    (one launch on Triton)."""
+    """The attention (``attend(x)``), then the MLP (``mlp(x, residual)``: ``residual`` plus its output), each
+    behind its RMSNorm and added to the residual stream (``None``: the sub-block does not run). The
+    attention's residual add and the MLP's norm are one pass (one launch on Triton); the MLP adds its
+    own residual in its down projection."""
     if attend is not None:
         out = attend(rms_norm(h, input_norm, eps, backend=backend))
         if mlp is None:
             return h + out
         x, h = fused_add_rms_norm(out, h, post_norm, eps, backend=backend)
-        return h + mlp(x)
+        return mlp(x, h)
     if mlp is not None:
-        return h + mlp(rms_norm(h, post_norm, eps, backend=backend))
+        return mlp(rms_norm(h, post_norm, eps, backend=backend), h)
     return h
 
 
@@ -198,21 +200,22 @@ class BoundLayer:
     def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages: KVPages, slots, split: int) -> torch.Tensor:
         full = self.full
         attend = None if self.attention_mode == SKIP else (lambda x: self._attention(x, inputs, pages, slots, split))
-        mlp = None if self.mlp_mode == SKIP else (lambda x: self._mlp(x, slots))
+        mlp = None if self.mlp_mode == SKIP else (lambda x, residual: self._mlp(x, residual, slots))
         return sub_blocks(h, attend, mlp, full.input_norm, full.post_norm, full.eps, self.backend)
 
     def _attention(self, x, inputs: DecodeInputs, pages: KVPages, slots, split: int) -> torch.Tensor:
         full, rows = self.full.attention, x.shape[0]
         nq, nkv, d = self.nq, self.nkv, self.head_dim
         gathered = self.slots_on_triton and self.attention_mode == SLOTS
-        if gathered:  # the union's q, k and v heads, rotated, in one launch; free slots skipped
-            qkv = _OPS.head_projection(x[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin, d,
-                                       nq + nkv).view(rows, nq + 2 * nkv, 1, d)
-            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        if self.backend == "triton":
+            # q, k and v of the union's heads (free slots skipped) or of every head, rotated, K and V
+            # appended to the pages, in one launch.
+            heads = slots.qkv_heads if gathered else full.qkv_heads
+            q = _OPS.head_projection_paged(x[:, None], self.w_qkv, heads, inputs.cos, inputs.sin, d, nq + nkv,
+                                           pages.k, pages.v, slots.tables, inputs.lengths)[:, 0]
         else:
             q, k, v = full.project_decode(x, inputs.cos, inputs.sin, inputs.cos4, inputs.signed_sin4)
-        _OPS.kv_append(pages.k, pages.v, k, v, slots.tables, inputs.lengths)
-        if self.backend == "torch":
+            _OPS.kv_append(pages.k, pages.v, k, v, slots.tables, inputs.lengths)
             head_tables = slots.head_tables
             visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
             if visible != head_tables.shape[2]:
@@ -222,21 +225,22 @@ class BoundLayer:
                 out = out * slots.o_mask
             return out @ full.w_o_t
         head_to_kv = slots.head_to_kv if gathered else full.head_to_kv
-        out = _OPS.paged_decode_attention(q[:, :, 0], pages.kv, slots.tables, head_to_kv, inputs.lengths_after,
+        out = _OPS.paged_decode_attention(q, pages.kv, slots.tables, head_to_kv, inputs.lengths_after,
                                           inputs.starts, full.scale, split).view(rows, nq * d)
         if not gathered:
             return out @ full.w_o_t
         return _OPS.col_gathered_linear(out, self.w_o_columns, slots.o_cols, slots.o_count, slots.o_mask)
 
-    def _mlp(self, x, slots) -> torch.Tensor:
+    def _mlp(self, x, residual, slots) -> torch.Tensor:
         full = self.full.mlp
-        if self.slots_on_triton and self.mlp_mode == SLOTS:
+        if self.mlp_mode == FULL:
+            return full.add_to(x, residual, decode=True)
+        if self.slots_on_triton:
             act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
-            return _OPS.col_gathered_linear(act, self.w_down_columns, slots.neurons, slots.n_count, slots.n_mask)
-        act = silu_and_mul(x @ full.w_gate_up_t, backend=self.backend)
-        if self.mlp_mode == SLOTS:
-            act = act * slots.n_mask
-        return act @ full.w_down_t
+            return _OPS.col_gathered_linear(act, self.w_down_columns, slots.neurons, slots.n_count, slots.n_mask,
+                                            residual)
+        act = silu_and_mul(x @ full.w_gate_up_t, backend=self.backend) * slots.n_mask
+        return torch.addmm(residual, act, full.w_down_t)
 
 
 @dataclass
