@@ -86,8 +86,9 @@ class DecodeBatch(GraphOwner):
         self.layers = runner._bound_layers(self.binding.modes)
         self.split = paged_decode_splits(self.batch, runner.shape.num_heads, self.width * cache.page_size,
                                          weights.device) if runner.backend == "triton" else 1
-        # Batches of one step shape share a graph, whatever their plans: the key holds no plan.
-        self.key = ("bound", self.binding.modes, self.batch, self.width, runner.backend)
+        # Batches of one step shape share a graph, whatever their plans: the key holds no plan, and its
+        # modes are interned to a number once per batch, so a step hashes four small values.
+        self.key = (runner._modes_id(self.binding.modes), self.batch, self.width, runner.backend)
         self.buffers = (self.binding.index, self.binding.masks)
         self.views = self.binding.views(*self.buffers)
 

@@ -95,6 +95,7 @@ class PlannedDecoder:
         self._full = ExecutionPlan.full(self.shape)
         self.programs.acquire(self._full)  # held for good: bound steps run its dense programs
         self._bound: dict[tuple, BoundLayer] = {}  # (layer, its modes) -> the layer of bound steps
+        self._modes: dict[tuple, int] = {}  # the layer modes of bound steps seen -> a number for graph keys
         self._rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
 
@@ -318,6 +319,9 @@ class PlannedDecoder:
         # The scratch page takes what bound steps write for units a row's own plan lacks.
         return LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=page_size, dtype=self.weights.dtype,
                                 device=self.weights.device, scratch_page=True)
+
+    def _modes_id(self, modes: tuple) -> int:
+        return self._modes.setdefault(modes, len(self._modes))
 
     def _bound_layers(self, modes) -> list[BoundLayer]:
         """The layers a bound step with these (attention, MLP) modes per layer runs (one per layer, shared)."""
