@@ -124,8 +124,10 @@ def run(shape: ModelShape, model_name: str, device: torch.device, dtype: torch.d
     model = model_bench.build(shape, device, dtype, seed)
     requests = [(FULL, ExecutionPlan.full(shape)), *request_plans(shape, count, seed)]
     pages = len(requests) * shape.num_layers * shape.num_kv_heads * -(-(prompt + new_tokens) // PAGE_SIZE)
+    # As the AdaLLaVA model builds its runtime: the prefix layers always run whole (dense matmuls).
+    switchable = range(UnitScheme.default("H", shape).prefix_layers, shape.num_layers)
     runner = PlannedDecoder.from_hf(model, num_pages=pages, page_size=PAGE_SIZE, backend=backend,
-                                    max_graphs=len(requests) + 2)
+                                    partial_layers=switchable, max_graphs=len(requests) + 2)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab_size - 1, (len(requests), prompt), generator=generator).to(device)
     with torch.no_grad():

@@ -320,12 +320,13 @@ def test_eager_torch_step_reads_the_context_not_the_reservation(model, monkeypat
 # --- torch.compile --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bind_plans", [False, True], ids=["cohorts", "bound"])
 @pytest.mark.parametrize("backend, device", BACKENDS)
-def test_decode_step_traces_with_torch_compile(model, backend, device):
+def test_decode_step_traces_with_torch_compile(model, backend, device, bind_plans):
     # The traced step (one graph, no break: the Triton kernels enter as custom ops) must give the oracle's
     # logits for the token the oracle generated, not merely its own eager run's.
     plans, steps = (PLAN_H, PLAN_L), 3
-    runner = runner_for(model, backend, device, cuda_graphs=False)
+    runner = runner_for(model, backend, device, cuda_graphs=False, bind_plans=bind_plans)
     ids, mask = prompts()
     seq_ids, _ = generate(runner, ids, mask, plans, steps - 1, room=1)
     expected = [oracle_logits(model, ids[b], mask[b], plan, steps) for b, plan in enumerate(plans)]
@@ -334,7 +335,7 @@ def test_decode_step_traces_with_torch_compile(model, backend, device):
     lengths = batch.state[0].clone()
     torch._dynamo.reset()
     compiled = torch.compile(batch.forward_step, fullgraph=True, backend="eager")
-    traced = compiled(token, batch.state, batch.tables)[0]
+    traced = compiled(token, batch.state, batch.views)[0]
     for b in range(len(plans)):
         assert_close(traced[b].cpu(), expected[b][-1], torch.float32)
     assert torch.equal(batch.state[0], lengths + 1)
@@ -606,3 +607,23 @@ def test_distinct_plans_replay_one_graph_per_step_shape(model):
     assert len(set(keys)) == 2  # (1 row, 4 pages) and (4 rows, 4 pages): the plans are not in the key
     stats = runner.graphs.stats
     assert (stats.captures, stats.replays, stats.evictions) == (2, 10 * steps - 2, 0)
+
+
+def test_step_shape_depends_on_the_layers_that_run_only(model):
+    """A bound step's key: which layers run, the batch size and the table width bucket. Plans that keep
+    every unit of a layer, none of its heads or none of its neurons share the key of any other plan that
+    runs the same layers; a plan that skips a layer has another."""
+    runner = runner_for(model, "torch", torch.device("cpu"), bind_plans=True)
+    ids = prompts()[0][:1]
+    every = [ExecutionPlan.full(SHAPE), PLAN_H, PLAN_H2, *distinct_h_plans(3)]
+    keys = []
+    for b, plan in enumerate([*every, PLAN_L]):
+        name = f"k{b}"
+        runner.admit(name, plan, ids.shape[1] + 4)
+        runner.prefill([name], runner.weights.embed[ids])
+        keys.append(runner.decode([name]).key)
+        runner.free(name)
+    assert len(set(keys[:-1])) == 1 and keys[-1] != keys[0]
+    runner.admit("wide", PLAN_H, ids.shape[1] + 40)  # 13 pages: the 16-page bucket, not the 4-page one
+    runner.prefill(["wide"], runner.weights.embed[ids])
+    assert runner.decode(["wide"]).key != keys[0]

@@ -3,18 +3,22 @@
 A CUDA graph replays fixed launches on fixed addresses, so a step whose
 launches are built from the plans (the cohorts of :mod:`.cohorts`) needs a
 graph per mix of plans, and AdaLLaVA-H gives nearly every request its own.
-A *bound* step instead runs each sub-block of a layer (attention, MLP) in a
-mode decided by all the rows' plans together:
+A *bound* step instead runs each sub-block of a layer (attention, MLP) in one
+of three modes:
 
-- :data:`SKIP`: no row runs it; it is absent from the step;
-- :data:`FULL`: every row runs all its units: the dense matmuls;
-- :data:`SLOTS`: the batch's *union* (every unit some row keeps) runs, read
-  from index lists of the full capacity padded with -1 and counts that live
-  in device buffers. A row's units outside its own plan are masked: their
-  K/V go to the pool's scratch page and their outputs are never read.
+- :data:`SKIP`: no row runs the layer; it is absent from the step;
+- :data:`SLOTS`: a layer prepared for partial plans (the runner's
+  ``partial_layers``) that some row runs: the batch's *union* (every unit
+  some row keeps, possibly none or all) runs, read from index lists of the
+  full capacity padded with -1 and counts that live in device buffers. A
+  row's units outside its own plan are masked: their K/V go to the pool's
+  scratch page and their outputs are never read;
+- :data:`FULL`: a layer not prepared for partial plans: every row runs all
+  its units, the dense matmuls.
 
-The modes, the batch size and the table width are the step's shape, the
-graph's key (:attr:`BoundPlans.key`). The indices, counts, masks and block
+So the modes depend on which layers run, never on which heads or neurons:
+they, the batch size and the table width are the step's shape, the graph's
+key. The indices, counts, masks and block
 tables are data, packed in two buffers that a batch copies into its graph's
 in one copy each (:class:`BoundPlans`). So after warm-up, a stream of
 requests with distinct plans causes no new capture.
@@ -29,7 +33,7 @@ once per step, its units computed for every row) is
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
@@ -72,18 +76,22 @@ def width_bucket(pages: int) -> int:
     return 1 << max(0, pages - 1).bit_length()
 
 
-def layer_modes(plans: Sequence[ExecutionPlan], shape: ModelShape) -> tuple[tuple[str, str], ...]:
-    """Per layer, the (attention, MLP) modes of a batch whose rows run ``plans``."""
-    return tuple(
-        (_mode([len(p.heads[i]) for p in plans], shape.num_heads),
-         _mode([len(p.neurons[i]) for p in plans], shape.intermediate_size))
-        for i in range(shape.num_layers)
-    )
+def layer_modes(plans: Sequence[ExecutionPlan], shape: ModelShape, partial: Collection[int]) -> tuple[tuple[str, str], ...]:
+    """Per layer, the (attention, MLP) modes of a batch whose rows run ``plans``; ``partial``: the layers
+    prepared for partial plans."""
+    modes = []
+    for i in range(shape.num_layers):
+        heads, neurons = [len(p.heads[i]) for p in plans], [len(p.neurons[i]) for p in plans]
+        if not any(heads) and not any(neurons):
+            modes.append((SKIP, SKIP))
+        elif i in partial:
+            modes.append((SLOTS, SLOTS))
+        else:  # a row that keeps only some units here is refused where the layer is built
+            modes.append((_whole(heads, shape.num_heads), _whole(neurons, shape.intermediate_size)))
+    return tuple(modes)
 
 
-def _mode(counts: list[int], capacity: int) -> str:
-    if not any(counts):
-        return SKIP
+def _whole(counts: list[int], capacity: int) -> str:
     return FULL if all(c == capacity for c in counts) else SLOTS
 
 
@@ -132,12 +140,13 @@ class _Packer:
 
 
 def bind_plans(
-    plans: Sequence[ExecutionPlan], page_lists: PageLists, shape: ModelShape, *, backend: str, width: int,
-    scratch_page: int, dtype: torch.dtype, device: torch.device,
+    plans: Sequence[ExecutionPlan], page_lists: PageLists, shape: ModelShape, *, partial: Collection[int],
+    backend: str, width: int, scratch_page: int, dtype: torch.dtype, device: torch.device,
 ) -> BoundPlans:
     """Bind the plans of a batch (row ``b`` runs ``plans[b]``; ``page_lists(b, layer)`` lists its pages) to
-    tables of ``width`` pages, on ``backend`` (``"triton"``: the union's slots; ``"torch"``: every unit)."""
-    modes = layer_modes(plans, shape)
+    tables of ``width`` pages, on ``backend`` (``"triton"``: the union's slots; ``"torch"``: every unit);
+    ``partial``: the layers prepared for partial plans."""
+    modes = layer_modes(plans, shape, partial)
     packer = _Packer()
     layout = []
     for i, (attention, mlp) in enumerate(modes):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..ops.paged_attention import paged_decode_splits
 from .layers import LayerProgram, LayerTables
 
-__all__ = ["Run", "Schedule", "attach_tables", "for_cohort", "pack_tables", "run_layer", "build_schedule", "unpack_tables"]
+__all__ = ["Run", "Schedule", "attach_tables", "for_cohort", "list_tables", "run_layer", "build_schedule"]
 
 
 @dataclasses.dataclass
@@ -30,7 +30,7 @@ class Run:
     program: LayerProgram
     cohort: int  # index into the schedule's cohorts; 0 is every row
     tables: LayerTables | None = None
-    table_index: int = -1  # position of ``tables`` in a decode step's table list
+    table_index: int = -1  # position of ``tables`` in a decode step's table list (``list_tables``)
     split: int = 1
 
 
@@ -106,32 +106,9 @@ def run_layer(h: torch.Tensor, runs: list[Run], cohorts: list, run_one) -> torch
     return out
 
 
-def pack_tables(schedule: Schedule) -> tuple[torch.Tensor, list[LayerTables]]:
-    """Every run's tables in one int32 buffer (one copy binds a batch to a graph), and views of it;
-    each run learns its position in the list."""
+def list_tables(schedule: Schedule) -> list[LayerTables]:
+    """Every run's tables in one list (what a decode step takes as data); each run learns its position."""
     runs = [run for layer_runs in schedule.layers for run in layer_runs if run.program.runs_attention]
     for position, run in enumerate(runs):
         run.table_index = position
-    tables = [run.tables for run in runs]
-    parts = [t for lt in tables for t in (lt.tables, lt.head_tables) if t is not None]
-    if not parts:
-        return torch.empty(0, dtype=torch.int32), []  # no layer attends: nothing to bind
-    flat = torch.cat([t.reshape(-1) for t in parts])
-    return flat, unpack_tables(flat, tables)
-
-
-def unpack_tables(flat: torch.Tensor, like: list[LayerTables]) -> list[LayerTables]:
-    """Views of ``flat`` shaped as ``like`` (what :func:`pack_tables` packed)."""
-    views, offset = [], 0
-
-    def take(t):
-        nonlocal offset
-        if t is None:
-            return None
-        view = flat[offset:offset + t.numel()].view(t.shape)
-        offset += t.numel()
-        return view
-
-    for lt in like:
-        views.append(LayerTables(take(lt.tables), take(lt.head_tables)))
-    return views
+    return [run.tables for run in runs]

@@ -25,7 +25,7 @@ from ..ops.common import check_tensor
 from ..ops.paged_attention import paged_decode_splits
 from ..ops.rms_norm import rms_norm
 from .binding import bind_plans, width_bucket
-from .cohorts import for_cohort, pack_tables, run_layer, unpack_tables
+from .cohorts import for_cohort, list_tables, run_layer
 from .graphs import GraphOwner
 from .layers import DecodeInputs
 
@@ -71,17 +71,15 @@ class DecodeBatch(GraphOwner):
         self.width = pages
         self.schedule = runner._schedule(self.plans, range(runner.shape.num_layers))
         runner._attach_tables(self.schedule, self.seq_ids, decode=True)
-        self.key = None
-        flat, self.tables = pack_tables(self.schedule)
-        self.buffers = (flat,)
-        self.views = self.tables
+        self.key = None  # an eager path: never captured
+        self.views = list_tables(self.schedule)
 
     def _bind(self, runner, pages: int) -> None:
         self.width = width_bucket(pages)
         cache, weights = runner.cache, runner.weights
         self.binding = bind_plans(
             self.plans, lambda b, layer: cache.page_lists(self.seq_ids[b], layer), runner.shape,
-            backend=runner.backend, width=self.width, scratch_page=cache.scratch_page, dtype=weights.dtype,
+            partial=weights.partial_layers, backend=runner.backend, width=self.width, scratch_page=cache.scratch_page, dtype=weights.dtype,
             device=weights.device)
         self.layers = runner._bound_layers(self.binding.modes)
         self.split = paged_decode_splits(self.batch, runner.shape.num_heads, self.width * cache.page_size,
@@ -93,10 +91,8 @@ class DecodeBatch(GraphOwner):
         self.views = self.binding.views(*self.buffers)
 
     def views_of(self, buffers: tuple[torch.Tensor, ...]) -> list:
-        """The step's views of buffers shaped as this batch's (a graph entry's copies)."""
-        if self.bound:
-            return self.binding.views(*buffers)
-        return unpack_tables(buffers[0], self.tables)
+        """The step's per-layer plan data over buffers shaped as this batch's (a graph entry's copies)."""
+        return self.binding.views(*buffers)
 
     # -- stepping ----------------------------------------------------------------------------
 

@@ -62,6 +62,12 @@ class DecoderWeights:
     def device(self) -> torch.device:
         return self.embed.device
 
+    @property
+    def partial_layers(self) -> frozenset[int]:
+        """The layers prepared for partial plans (with the column-major ``o_proj``/``down_proj`` copies)."""
+        return frozenset(i for i, layer in enumerate(self.layers)
+                         if layer.attention.w_o_columns is not None and layer.mlp.w_down_columns is not None)
+
     @classmethod
     def from_hf(cls, model: nn.Module, *, lm_head: nn.Module | None = None,
                 partial_layers: Iterable[int] | None = None) -> "DecoderWeights":
