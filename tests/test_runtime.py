@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adallava_kernels import ExecutionPlan, ModelShape, cost
+from adallava_kernels.ops.triton_utils import DECODE_MAX_TOKENS
 from adallava_kernels.runtime import DecodeBatch, GraphCache, PlannedDecoder
 from adallava_kernels.runtime.layers import BoundLayer, LayerProgram
 from adallava_kernels.testing import assert_close
@@ -143,8 +144,8 @@ def _triton_launchers() -> list:
 
 
 # Dispatched ops that launch no kernel: views, allocations, dtype arithmetic.
-NO_LAUNCH = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.promote_types.default",
-             "aten._unsafe_view.default"}
+NO_LAUNCH = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default",
+             "aten.empty_like.default", "aten.promote_types.default", "aten._unsafe_view.default"}
 
 SYNC_OPS = {
     "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.nonzero.default",
@@ -279,8 +280,8 @@ def test_prefill_layers_launch_few_kernels_whole_or_partial(model, monkeypatch):
     runner = runner_for(model, "triton", DEVICE, cuda_graphs=False)
     plan = ExecutionPlan(SHAPE, [range(HEADS), [1, 2, 5], range(HEADS), [0]],
                          [range(NEURONS), range(0, NEURONS, 3), range(NEURONS), range(10)])
-    runner.admit("a", plan, 20)
-    ids, _ = prompts()
+    ids, _ = prompts(length=DECODE_MAX_TOKENS + 5)  # past the decode regime's tiles: a prefill's
+    runner.admit("a", plan, ids.shape[1] + 1)
     embeds = runner.weights.embed[ids[:1].to(DEVICE)]
     with Dispatched(monkeypatch) as mode:
         calls = per_layer(monkeypatch, mode, "prefill")

@@ -24,7 +24,8 @@ them validated their inputs at plan time.
 - ``silu_and_mul(gate_up)``: ``silu(gate) * up`` of a stacked gate|up projection;
 - ``rope_(x, cos, sin, heads)``: rotary embedding of the first ``heads`` heads of ``x``, in place.
 
-Importing this module registers them; it compiles nothing.
+Importing this module registers them; it compiles nothing. :func:`eager_launchers` calls the same
+functions without the dispatcher in eager mode.
 """
 
 from __future__ import annotations
@@ -33,10 +34,21 @@ from typing import Optional
 
 import torch
 
-__all__ = ["adallava_ops"]
+__all__ = ["adallava_ops", "eager_launchers"]
+
+# The Python functions behind the registered operators, by name: what an eager caller launches directly.
+_FUNCTIONS: dict[str, object] = {}
 
 
-@torch.library.custom_op("adallava::head_projection", mutates_args=())
+def _registered(name: str, mutates_args=()):
+    """``torch.library.custom_op("adallava::<name>")``, keeping the function for :func:`eager_launchers`."""
+    def register(fn):
+        _FUNCTIONS[name] = fn
+        return torch.library.custom_op(f"adallava::{name}", mutates_args=mutates_args)(fn)
+    return register
+
+
+@_registered("head_projection", mutates_args=())
 def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
     head_dim: int, rope_slots: int,
@@ -52,7 +64,7 @@ def _(x, w, heads, cos, sin, head_dim, rope_slots):
     return x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
 
 
-@torch.library.custom_op("adallava::head_projection_paged", mutates_args=("k_pages", "v_pages"))
+@_registered("head_projection_paged", mutates_args=("k_pages", "v_pages"))
 def head_projection_paged(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
     rope_slots: int, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
@@ -69,7 +81,7 @@ def _(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables, pos
     return x.new_empty(x.shape[0], x.shape[1], heads.shape[0] - 2 * tables.shape[1], head_dim)
 
 
-@torch.library.custom_op("adallava::flash_attention", mutates_args=())
+@_registered("flash_attention", mutates_args=())
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_to_kv: torch.Tensor, padding: Optional[torch.Tensor],
     scale: float,
@@ -84,7 +96,7 @@ def _(q, k, v, head_to_kv, padding, scale):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("adallava::paged_decode_attention", mutates_args=())
+@_registered("paged_decode_attention", mutates_args=())
 def paged_decode_attention(
     q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
     lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int,
@@ -99,7 +111,7 @@ def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("adallava::row_gathered_linear", mutates_args=())
+@_registered("row_gathered_linear", mutates_args=())
 def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     from .gathered_linear import row_gathered_linear as launch
 
@@ -111,7 +123,7 @@ def _(x, w, rows):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 
-@torch.library.custom_op("adallava::swiglu_gathered", mutates_args=())
+@_registered("swiglu_gathered", mutates_args=())
 def swiglu_gathered(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     from .gathered_linear import swiglu_gathered as launch
 
@@ -123,7 +135,7 @@ def _(x, w_gate, w_up, rows):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 
-@torch.library.custom_op("adallava::col_gathered_linear", mutates_args=())
+@_registered("col_gathered_linear", mutates_args=())
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, count: Optional[torch.Tensor] = None,
     x_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
@@ -191,3 +203,29 @@ def _(x, cos, sin, heads):
 def adallava_ops():
     """``torch.ops.adallava`` with the Triton operators registered (and the extension's, when built)."""
     return torch.ops.adallava
+
+
+class _EagerLaunchers:
+    """The Triton operators called without the dispatcher in eager mode (a registered Python operator costs
+    microseconds of host time a call, which a prefill pays per layer), and through ``torch.ops.adallava``
+    while ``torch.compile`` traces. The same functions run either way."""
+
+    def __getattr__(self, name: str):
+        function, op = _FUNCTIONS[name], getattr(torch.ops.adallava, name)
+
+        def launch(*args):
+            return op(*args) if torch.compiler.is_compiling() else function(*args)
+
+        launch.__name__ = name
+        setattr(self, name, launch)  # resolved once per name
+        return launch
+
+
+_EAGER = _EagerLaunchers()
+
+
+def eager_launchers() -> _EagerLaunchers:
+    """The Triton operators as the eager paths call them (prefill, the drop-in modules): see
+    :class:`_EagerLaunchers`. A decode step calls ``adallava_ops()``: it is captured as a CUDA graph, where
+    the dispatcher costs nothing, and each operator stays one unit of the step."""
+    return _EAGER

@@ -32,11 +32,13 @@ from ..kv_cache import KVCacheLayer
 from ..masks import causal_visible
 from ..plan import LayerPlan
 from .common import MASK_DTYPES, check_index, check_same_dtype, check_tensor, resolve_backend
-from .library import adallava_ops
+from .library import adallava_ops, eager_launchers
 from .rope import rope, rope_, rope_sign
 
-# torch.ops.adallava: the Triton operators, registered by importing ops.library.
+# torch.ops.adallava: the Triton operators, registered by importing ops.library (what a decode step
+# calls); _LAUNCH: the same, launched without the dispatcher in eager mode (prefill, the drop-ins).
 _OPS = adallava_ops()
+_LAUNCH = eager_launchers()
 
 __all__ = [
     "AttentionProgram",
@@ -131,7 +133,7 @@ class AttentionProgram:
         batch, seq, _ = x.shape
         nq, nkv, d = self.nq, self.nkv, self.head_dim
         if self.gathered:
-            qkv = _OPS.head_projection(x, self.w_qkv, self.qkv_heads, cos, sin, d, nq + nkv)
+            qkv = _LAUNCH.head_projection(x, self.w_qkv, self.qkv_heads, cos, sin, d, nq + nkv)
             q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nkv], qkv[:, :, nq + nkv:]
         elif self.backend == "triton":  # one matmul, then q and k rotated in place in one launch
             qkv = rope_((x @ self.w_qkv_t).view(batch, seq, nq + 2 * nkv, d), cos, sin, nq + nkv, backend="triton")
@@ -142,19 +144,13 @@ class AttentionProgram:
             q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nkv:]
         return q, k.transpose(1, 2), v.transpose(1, 2)
 
-    def project_decode(self, x, cos, sin, cos4, signed_sin4):
-        """One token per row: ``x`` ``[rows, hidden]`` -> ``q`` ``[rows, heads, 1, d]``, ``k`` and ``v``
-        ``[rows, kv_heads, 1, d]`` (SDPA's and the cache's layout), in as few ops as a decode step allows."""
+    def project_decode(self, x, cos4, signed_sin4):
+        """The torch path, one token per row: ``x`` ``[rows, hidden]`` -> ``q`` ``[rows, heads, 1, d]``, ``k``
+        and ``v`` ``[rows, kv_heads, 1, d]`` (SDPA's and the cache's layout). (Triton decodes through
+        :meth:`project_to_pages`.)"""
         rows = x.shape[0]
         nq, nkv, d = self.nq, self.nkv, self.head_dim
-        if self.gathered:
-            qkv = _OPS.head_projection(x[:, None], self.w_qkv, self.qkv_heads, cos, sin, d,
-                                       nq + nkv).view(rows, nq + 2 * nkv, 1, d)
-            return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         qkv = (x @ self.w_qkv_t).view(rows, nq + 2 * nkv, 1, d)
-        if self.backend == "triton":  # [rows, heads, 1, d] is [rows, 1, heads, d] in memory
-            rope_(qkv.view(rows, 1, nq + 2 * nkv, d), cos, sin, nq + nkv, backend="triton")
-            return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         qk = rope(qkv[:, :nq + nkv], cos4, signed_sin4)
         return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
 
@@ -176,7 +172,7 @@ class AttentionProgram:
         """
         batch, q_len = q.shape[:2]
         if self.gathered:
-            out = _OPS.flash_attention(q, k, v, self.head_to_kv, padding, self.scale)
+            out = _LAUNCH.flash_attention(q, k, v, self.head_to_kv, padding, self.scale)
             return out.reshape(batch, q_len, self.nq * self.head_dim)
         gqa = self.sdpa_gqa
         if not self.identity_map and not gqa:
@@ -197,10 +193,11 @@ class AttentionProgram:
             out = torch.where(visible.any(-1, keepdim=True), out, 0.0)
         return out.transpose(1, 2).reshape(batch, q_len, self.nq * self.head_dim)
 
-    def output(self, out: torch.Tensor) -> torch.Tensor:
-        """``o_proj`` of ``out`` ``[..., heads * d]`` over the plan's heads' columns -> ``[..., hidden]``."""
+    def output(self, out: torch.Tensor, *, step: bool = False) -> torch.Tensor:
+        """``o_proj`` of ``out`` ``[..., heads * d]`` over the plan's heads' columns -> ``[..., hidden]``;
+        ``step``: in a decode step (through the registered operator, one unit of a captured graph)."""
         if self.gathered:
-            return _OPS.col_gathered_linear(out, self.w_o_columns, self.o_columns)
+            return (_OPS if step else _LAUNCH).col_gathered_linear(out, self.w_o_columns, self.o_columns)
         return out @ self.w_o_t
 
     def __call__(self, x, cos, sin, padding=None, kv_cache: KVCacheLayer | None = None) -> torch.Tensor:

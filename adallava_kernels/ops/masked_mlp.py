@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .common import check_index, check_same_dtype, check_tensor, resolve_backend
-from .library import adallava_ops
+from .library import adallava_ops, eager_launchers
 from .silu_and_mul import silu_and_mul
 
-# torch.ops.adallava: the Triton operators, registered by importing ops.library.
+# torch.ops.adallava: the Triton operators, registered by importing ops.library (what a decode step
+# calls); _LAUNCH: the same, launched without the dispatcher in eager mode (prefill, the drop-ins).
 _OPS = adallava_ops()
+_LAUNCH = eager_launchers()
 
 __all__ = ["MlpProgram", "MlpWeights", "masked_mlp", "masked_mlp_reference", "masked_mlp_triton"]
 
@@ -36,8 +38,8 @@ def masked_mlp_triton(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, active_neurons: torch.Tensor
 ) -> torch.Tensor:
     """Triton path, without input checks (``masked_mlp`` checks; an :class:`MlpProgram` checked at plan time)."""
-    hidden_act = _OPS.swiglu_gathered(x, w_gate, w_up, active_neurons)
-    return _OPS.col_gathered_linear(hidden_act, w_down, active_neurons)
+    hidden_act = _LAUNCH.swiglu_gathered(x, w_gate, w_up, active_neurons)
+    return _LAUNCH.col_gathered_linear(hidden_act, w_down, active_neurons)
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,12 @@ class MlpProgram:
         """``residual + self(x)``, the residual add fused into the down projection. ``decode`` (a few tokens,
         Triton): gate and up with SiLU-and-multiply in one gathered pass, every neuron when the plan keeps
         them all, so a decode MLP is two launches whatever its plan."""
+        ops = _OPS if decode else _LAUNCH  # a decode step's operators are units of a captured graph
         if self.gathered:
-            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, self.neurons)
-            return _OPS.col_gathered_linear(act, self.w_down_columns, self.neurons, residual=residual)
+            act = ops.swiglu_gathered(x, self.w_gate, self.w_up, self.neurons)
+            return ops.col_gathered_linear(act, self.w_down_columns, self.neurons, None, None, residual)
         if decode and self.all_neurons is not None:
-            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
+            act = ops.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
         else:
             act = silu_and_mul(x @ self.w_gate_up_t, backend=self.backend)
         hidden = residual.shape[-1]

@@ -150,15 +150,15 @@ class LayerProgram:
                                            inputs.lengths)
             out = _OPS.paged_decode_attention(q, pages.kv, tables.tables, attention.head_to_kv,
                                               inputs.lengths_after, inputs.starts, attention.scale, split)
-            return attention.output(out.view(rows, width))
-        q, k, v = attention.project_decode(x, inputs.cos, inputs.sin, inputs.cos4, inputs.signed_sin4)
+            return attention.output(out.view(rows, width), step=True)
+        q, k, v = attention.project_decode(x, inputs.cos4, inputs.signed_sin4)
         _OPS.kv_append(pages.k, pages.v, k, v, tables.tables, inputs.lengths)
         head_tables = tables.head_tables
         visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
         if visible != head_tables.shape[2]:
             head_tables = head_tables[:, :, :visible]
         out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, attention.scale).reshape(rows, width)
-        return attention.output(out)
+        return attention.output(out, step=True)
 
 
 def sub_blocks(h: torch.Tensor, attend, mlp, input_norm, post_norm, eps: float, backend: str) -> torch.Tensor:
@@ -214,7 +214,7 @@ class BoundLayer:
             q = _OPS.head_projection_paged(x[:, None], self.w_qkv, heads, inputs.cos, inputs.sin, d, nq + nkv,
                                            pages.k, pages.v, slots.tables, inputs.lengths)[:, 0]
         else:
-            q, k, v = full.project_decode(x, inputs.cos, inputs.sin, inputs.cos4, inputs.signed_sin4)
+            q, k, v = full.project_decode(x, inputs.cos4, inputs.signed_sin4)
             _OPS.kv_append(pages.k, pages.v, k, v, slots.tables, inputs.lengths)
             head_tables = slots.head_tables
             visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
