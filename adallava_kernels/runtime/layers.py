@@ -153,12 +153,17 @@ class LayerProgram:
             return attention.output(out.view(rows, width), step=True)
         q, k, v = attention.project_decode(x, inputs.cos4, inputs.signed_sin4)
         _OPS.kv_append(pages.k, pages.v, k, v, tables.tables, inputs.lengths)
-        head_tables = tables.head_tables
-        visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
-        if visible != head_tables.shape[2]:
-            head_tables = head_tables[:, :, :visible]
-        out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, attention.scale).reshape(rows, width)
-        return attention.output(out, step=True)
+        out = attend_pages_torch(q, pages, tables.head_tables, inputs.mask, attention.scale)
+        return attention.output(out.reshape(rows, width), step=True)
+
+
+def attend_pages_torch(q, pages: KVPages, head_tables: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The torch path's decode attention: SDPA over the pages ``head_tables`` names, as many table columns as
+    ``mask`` covers (an eager step attends the columns its longest row has filled, not every reserved one)."""
+    visible = mask.shape[-1] // pages.kv.shape[2]
+    if visible != head_tables.shape[2]:
+        head_tables = head_tables[:, :, :visible]
+    return attend_gathered_pages(q, pages.kv, head_tables, mask, scale)
 
 
 def sub_blocks(h: torch.Tensor, attend, mlp, input_norm, post_norm, eps: float, backend: str) -> torch.Tensor:
@@ -187,8 +192,7 @@ class BoundLayer:
         self.index, self.full, self.backend = full.index, full, backend
         self.attention_mode, self.mlp_mode = modes
         self.nq, self.nkv, self.head_dim = full.nq, full.nkv, full.head_dim
-        self.slots_on_triton = backend == "triton"
-        if self.slots_on_triton and SLOTS in modes and (
+        if backend == "triton" and SLOTS in modes and (
                 weights.attention.w_o_columns is None or weights.mlp.w_down_columns is None):
             raise ValueError(
                 f"layer {self.index} was not prepared for partial plans (its index is not in the runner's "
@@ -206,7 +210,7 @@ class BoundLayer:
     def _attention(self, x, inputs: DecodeInputs, pages: KVPages, slots, split: int) -> torch.Tensor:
         full, rows = self.full.attention, x.shape[0]
         nq, nkv, d = self.nq, self.nkv, self.head_dim
-        gathered = self.slots_on_triton and self.attention_mode == SLOTS
+        gathered = self.backend == "triton" and self.attention_mode == SLOTS
         if self.backend == "triton":
             # q, k and v of the union's heads (free slots skipped) or of every head, rotated, K and V
             # appended to the pages, in one launch.
@@ -216,11 +220,7 @@ class BoundLayer:
         else:
             q, k, v = full.project_decode(x, inputs.cos4, inputs.signed_sin4)
             _OPS.kv_append(pages.k, pages.v, k, v, slots.tables, inputs.lengths)
-            head_tables = slots.head_tables
-            visible = inputs.mask.shape[-1] // pages.kv.shape[2]  # an eager step may attend fewer columns
-            if visible != head_tables.shape[2]:
-                head_tables = head_tables[:, :, :visible]
-            out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, full.scale).reshape(rows, nq * d)
+            out = attend_pages_torch(q, pages, slots.head_tables, inputs.mask, full.scale).reshape(rows, nq * d)
             if self.attention_mode == SLOTS:
                 out = out * slots.o_mask
             return out @ full.w_o_t
@@ -235,7 +235,7 @@ class BoundLayer:
         full = self.full.mlp
         if self.mlp_mode == FULL:
             return full.add_to(x, residual, decode=True)
-        if self.slots_on_triton:
+        if self.backend == "triton":
             act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
             return _OPS.col_gathered_linear(act, self.w_down_columns, slots.neurons, slots.n_count, slots.n_mask,
                                             residual)
