@@ -382,7 +382,7 @@ class ExecutionPlan:
     def fingerprint(self) -> str:
         """A digest of the plan's content (shape, groups, every index), computed once per plan object
         (about 4 ms for a LLaVA-7B -H plan on a CPU core): equal plans have equal fingerprints, so a
-        runtime keys its tables and graphs by it and never compares two plans' 350k indices per step."""
+        runtime keys its layer programs by it and never compares two plans' 350k indices."""
         if self._fingerprint is None:
             digest = hashlib.blake2b(digest_size=16)
             digest.update(repr((dataclasses.astuple(self.shape), self.num_groups)).encode())

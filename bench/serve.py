@@ -74,8 +74,9 @@ def _decode(batch, token: torch.Tensor, steps: int) -> torch.Tensor:
 
 def _serve_one(runner: PlannedDecoder, name: str, plan: ExecutionPlan, embeds: torch.Tensor, new_tokens: int,
                device: torch.device) -> dict:
-    """One request alone, timed: its prefill, its first decode step (which warms up and captures a graph for
-    a plan the runtime has not seen) and the time per output token of the steps after it."""
+    """One request alone, timed: its prefill, its first decode step (which binds the plan into a graph's
+    buffers, or warms up and captures a graph for a step shape not seen yet) and the time per output token
+    of the steps after it."""
     runner.admit(name, plan, embeds.shape[1] + new_tokens)
     try:
         logits, prefill_s = _timed(lambda: runner.prefill([name], embeds), device)
