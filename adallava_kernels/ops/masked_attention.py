@@ -102,8 +102,12 @@ class AttentionProgram:
         self.identity_map = self.nq == self.nkv
         self.head_to_kv = plan.head_to_kv
         self.head_to_kv_index = plan.head_to_kv.long()  # index_select's dtype, converted once per plan
-        # Every head on: query head h reads KV head h // group, the map SDPA's own GQA applies (no copies).
-        self.sdpa_gqa = {"enable_gqa": True} if plan.full_attention and not self.identity_map else {}
+        # GQA with every head on. On Triton the flash kernel reads each query head's KV head in place; on a
+        # CPU SDPA's own GQA does (its CUDA flash backend alone takes enable_gqa: with fp32 or a mask the
+        # CUDA dispatcher would fall back to the math path, so there the KV heads are copied per query head).
+        gqa = plan.full_attention and not self.identity_map
+        self.flash_gqa = gqa and backend == "triton"
+        self.sdpa_gqa = {"enable_gqa": True} if gqa and weights.w_qkv.device.type == "cpu" else {}
         self.backend = backend
         self.gathered = backend == "triton" and self.nq > 0 and not plan.full_attention
         self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
@@ -171,7 +175,7 @@ class AttentionProgram:
         the Triton kernel does.
         """
         batch, q_len = q.shape[:2]
-        if self.gathered:
+        if self.gathered or self.flash_gqa:
             out = _LAUNCH.flash_attention(q, k, v, self.head_to_kv, padding, self.scale)
             return out.reshape(batch, q_len, self.nq * self.head_dim)
         gqa = self.sdpa_gqa
