@@ -159,67 +159,70 @@ def bind_plans(
     return BoundPlans(modes, packer.flat("index", torch.int32, device), packer.flat("masks", dtype, device), layout)
 
 
-def _padded(values: Sequence[int], capacity: int) -> torch.Tensor:
+def _padded(values: torch.Tensor, capacity: int) -> torch.Tensor:
     """``values`` then -1 up to ``capacity`` (free slots, which the kernels skip)."""
     out = torch.full((capacity,), -1, dtype=torch.int32)
-    out[:len(values)] = torch.as_tensor(list(values), dtype=torch.int32)
+    out[:values.numel()] = values
     return out
 
 
-def _own(plans: Sequence[ExecutionPlan], units: Sequence[Sequence[int]], capacity: int) -> torch.Tensor:
-    """``[rows, capacity]`` bool: which units each row's own plan keeps."""
+def _own(plans: Sequence[ExecutionPlan], layer: int, kind: str, capacity: int) -> torch.Tensor:
+    """``[rows, capacity]`` bool: which units (``kind``: ``"heads"`` or ``"neurons"``) each row's plan keeps
+    in ``layer``, from the plan's own index tensors (built once per plan on the host, then cached)."""
     own = torch.zeros(len(plans), capacity, dtype=torch.bool)
-    for b, kept in enumerate(units):
-        own[b, list(kept)] = True
+    for b, plan in enumerate(plans):
+        own[b, getattr(plan.layer(layer), kind).long()] = True
     return own
 
 
-def _union(own: torch.Tensor, mode: str, backend: str) -> list[int]:
-    """The units a sub-block runs: the rows' union on Triton's slot kernels, else every unit (dense)."""
+def _union(own: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
+    """The units a sub-block runs, sorted: the rows' union on Triton's slot kernels, else every unit."""
     if mode == SLOTS and backend == "triton":
-        return [u for u, kept in enumerate(own.any(0).tolist()) if kept]
-    return list(range(own.shape[1]))
+        return own.any(0).nonzero().flatten()  # host tensors: no device is read
+    return torch.arange(own.shape[1])
 
 
 def _attention(packer, plans, page_lists, shape, layer, mode, backend, width, scratch_page) -> dict:
     heads, kv_heads, d, per_kv = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.heads_per_kv_head
-    own = _own(plans, [p.heads[layer] for p in plans], heads)
+    own = _own(plans, layer, "heads", heads)
     union = _union(own, mode, backend)
-    kv_union = sorted({h // per_kv for h in union})
-    kv_slot = {kv: s for s, kv in enumerate(kv_union)}
-    head_to_kv = [kv_slot[h // per_kv] for h in union]
+    kv_union = torch.unique(union // per_kv)  # sorted
+    slot_of_kv = torch.full((kv_heads,), -1, dtype=torch.long)
+    slot_of_kv[kv_union] = torch.arange(kv_union.numel())
+    head_to_kv = slot_of_kv[union // per_kv]
 
     tables = torch.full((len(plans), kv_heads, width), scratch_page, dtype=torch.int32)
     for b, plan in enumerate(plans):
-        for kv, pages in zip(plan.kv_heads(layer), page_lists(b, layer)):
-            tables[b, kv_slot[kv], :len(pages)] = torch.as_tensor(list(pages), dtype=torch.int32)
+        kept = plan.layer(layer).kv_heads.long()
+        if kept.numel():  # every kept KV head holds as many pages (all reserved at admission)
+            pages = torch.tensor(page_lists(b, layer), dtype=torch.int32)
+            tables[b, slot_of_kv[kept], :pages.shape[1]] = pages
     fields = {"tables": packer.add("index", tables)}
     if backend == "torch":
-        fields["head_tables"] = packer.add("index", tables[:, torch.as_tensor(head_to_kv)])
+        fields["head_tables"] = packer.add("index", tables[:, head_to_kv])
     if mode != SLOTS:
         return fields
     if backend == "triton":
         fields["qkv_heads"] = packer.add("index", torch.cat([
-            _padded(union, heads), _padded([k + heads for k in kv_union], kv_heads),
-            _padded([k + heads + kv_heads for k in kv_union], kv_heads)]))
+            _padded(union, heads), _padded(kv_union + heads, kv_heads), _padded(kv_union + heads + kv_heads, kv_heads)]))
         fields["head_to_kv"] = packer.add("index", _padded(head_to_kv, heads))
-        fields["o_cols"] = packer.add("index", _padded([h * d + e for h in union for e in range(d)], heads * d))
-        fields["o_count"] = packer.add("index", torch.tensor([len(union) * d], dtype=torch.int32))
+        fields["o_cols"] = packer.add("index", _padded((union[:, None] * d + torch.arange(d)).flatten(), heads * d))
+        fields["o_count"] = packer.add("index", torch.tensor([union.numel() * d], dtype=torch.int32))
     mask = torch.zeros(len(plans), heads, dtype=torch.bool)
-    mask[:, :len(union)] = own[:, union]
+    mask[:, :union.numel()] = own[:, union]
     fields["o_mask"] = packer.add("masks", mask.repeat_interleave(d, dim=1))
     return fields
 
 
 def _mlp(packer, plans, shape, layer, backend) -> dict:
     neurons = shape.intermediate_size
-    own = _own(plans, [p.neurons[layer] for p in plans], neurons)
+    own = _own(plans, layer, "neurons", neurons)
     union = _union(own, SLOTS, backend)
     fields = {}
     if backend == "triton":
         fields["neurons"] = packer.add("index", _padded(union, neurons))
-        fields["n_count"] = packer.add("index", torch.tensor([len(union)], dtype=torch.int32))
+        fields["n_count"] = packer.add("index", torch.tensor([union.numel()], dtype=torch.int32))
     mask = torch.zeros(len(plans), neurons, dtype=torch.bool)
-    mask[:, :len(union)] = own[:, union]
+    mask[:, :union.numel()] = own[:, union]
     fields["n_mask"] = packer.add("masks", mask)
     return fields
