@@ -7,8 +7,9 @@ alike. Each request has a random prompt (``GPU_REQUEST``: 700 tokens and 64
 new ones; on a CPU ``CPU_REQUEST``) and is served through one
 :class:`~adallava_kernels.runtime.PlannedDecoder`:
 
-- **one by one**: admit, prefill, ``new_tokens - 1`` decode steps, free;
-  the first step apart (on CUDA it binds the request's plan into a graph's
+- **one by one**: admit, prefill, form the decode batch (``batch ms``: its
+  block tables and, with CUDA graphs, its plan bound as data),
+  ``new_tokens - 1`` decode steps, free; the first step apart (on CUDA it binds the request's plan into a graph's
   buffers, or warms up and captures one for a step shape not seen yet), then
   each request's time per output token (TPOT)
   over the other steps, beside the full plan's and its plan's FLOPs ratio
@@ -80,13 +81,13 @@ def _serve_one(runner: PlannedDecoder, name: str, plan: ExecutionPlan, embeds: t
     runner.admit(name, plan, embeds.shape[1] + new_tokens)
     try:
         logits, prefill_s = _timed(lambda: runner.prefill([name], embeds), device)
-        batch = runner.decode([name])
+        batch, form_s = _timed(lambda: runner.decode([name]), device)
         token, first_s = _timed(lambda: _decode(batch, logits[:, -1].argmax(-1), 1), device)
         _, decode_s = _timed(lambda: _decode(batch, token, new_tokens - 2), device)
         batch.close()
     finally:
         runner.free(name)
-    return {"prefill_s": prefill_s, "first_step_s": first_s, "tpot_s": decode_s / (new_tokens - 2)}
+    return {"prefill_s": prefill_s, "form_s": form_s, "first_step_s": first_s, "tpot_s": decode_s / (new_tokens - 2)}
 
 
 def _serve_batch(runner: PlannedDecoder, requests: list[tuple[str, ExecutionPlan]], embeds: torch.Tensor,
@@ -97,7 +98,7 @@ def _serve_batch(runner: PlannedDecoder, requests: list[tuple[str, ExecutionPlan
         runner.admit(name, plan, embeds.shape[1] + new_tokens)
     try:
         tokens = torch.cat([runner.prefill([name], row[None])[:, -1].argmax(-1) for name, row in zip(names, embeds)])
-        batch = runner.decode(names)
+        batch, form_s = _timed(lambda: runner.decode(names), device)
         _decode(batch, tokens, 1)  # the batch's first step: its graph's warm-up and capture
         steps = new_tokens - 2
         _, seconds = _timed(lambda: _decode(batch, tokens, steps), device)
@@ -105,7 +106,8 @@ def _serve_batch(runner: PlannedDecoder, requests: list[tuple[str, ExecutionPlan
     finally:
         for name in names:
             runner.free(name)
-    return {"steps": steps, "step_s": seconds / steps, "tokens_per_s": len(requests) * steps / seconds}
+    return {"steps": steps, "form_s": form_s, "step_s": seconds / steps,
+            "tokens_per_s": len(requests) * steps / seconds}
 
 
 def _graphs(runner: PlannedDecoder, before: dict) -> dict:
@@ -159,6 +161,7 @@ COLUMNS = [
     ("label", "request (plan)", "s"),
     ("flops_ratio", "FLOPs ratio", ".3f"),
     ("prefill_ms", "prefill ms", ".3f"),
+    ("form_ms", "batch ms", ".3f"),
     ("first_ms", "first step ms", ".3f"),
     ("tpot_ms", "TPOT ms", ".3f"),
     ("tpot_vs_full", "TPOT / full", ".3f"),
@@ -169,12 +172,14 @@ COLUMNS = [
 def table(result: dict) -> str:
     """Per request alone: its FLOPs ratio, prefill, TPOT, TPOT against the full plan's and against the ratio;
     then the batch and the graphs."""
-    rows = [{**r, "prefill_ms": r["prefill_s"] * 1e3, "first_ms": r["first_step_s"] * 1e3, "tpot_ms": r["tpot_s"] * 1e3,
+    rows = [{**r, "prefill_ms": r["prefill_s"] * 1e3, "form_ms": r["form_s"] * 1e3, "first_ms": r["first_step_s"] * 1e3,
+             "tpot_ms": r["tpot_s"] * 1e3,
              "deviation": r["tpot_vs_full"] / r["flops_ratio"]} for r in result["rows"]]
     batch = result["batch"]
     lines = [format_table(rows, COLUMNS),
              f"one batch of {result['requests']}: {batch['tokens_per_s']:.1f} tokens/s, "
-             f"{batch['step_s'] * 1e3:.3f} ms a step ({cost.format_flops(batch['flops'])} predicted a step)",
+             f"{batch['step_s'] * 1e3:.3f} ms a step ({cost.format_flops(batch['flops'])} predicted a step); "
+             f"forming the batch (its tables, its plans bound) took {batch['form_s'] * 1e3:.3f} ms",
              f"graphs, one by one: {_graphs_text(result['one_by_one_graphs'])}",
              f"graphs, the batch: {_graphs_text(batch['graphs'])}"]
     return "\n".join(lines)
