@@ -99,7 +99,8 @@ def test_splits_follow_capacity(case, interpreted, compiled):
 
 @pytest.mark.parametrize("split", [1, 3])
 def test_triton_skips_free_head_slots(split):
-    """A head list padded with -1 (a plan bound as data): the real heads are exact, free ones read nothing."""
+    """A head list padded with -1 (a plan bound as data): the real heads are exact, free ones read no page
+    and give 0."""
     q, pages, tables, head_to_kv, lengths, starts, scale = case(torch.float32)
     padded = torch.tensor([0, 1, -1, 0, -1], dtype=torch.int32)
     out = poisoned(*q.shape, dtype=torch.float32, device=DEVICE)
@@ -108,3 +109,4 @@ def test_triton_skips_free_head_slots(split):
     expected = loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale)
     assert_close(out[:, real].cpu(), expected[:, real])
     assert head_to_kv[real].tolist() == padded[real].tolist()
+    assert torch.equal(out[:, [2, 4]].cpu(), torch.zeros(3, 2, q.shape[-1]))

@@ -17,8 +17,8 @@ them validated their inputs at plan time.
 - ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
   ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
-  ``head_to_kv`` with -1 (those slots are skipped and their outputs left unwritten), ``cols`` with a
-  ``count`` read on the device;
+  ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
+  paged attention gives 0), ``cols`` with a ``count`` read on the device;
 - ``rms_norm(x, weight, eps)`` and ``fused_add_rms_norm(x, residual, weight, eps)`` ->
   ``(normed, x + residual)``: transformers' ``LlamaRMSNorm``, the second fused with the residual add;
 - ``silu_and_mul(gate_up)``: ``silu(gate) * up`` of a stacked gate|up projection;

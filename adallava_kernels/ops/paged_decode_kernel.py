@@ -34,12 +34,14 @@ def _paged_decode_kernel(
     b = (bh // NQ).to(tl.int64)
     h = (bh % NQ).to(tl.int64)
     kvh = tl.load(kvmap_ptr + h).to(tl.int64)
-    if kvh < 0:  # a free slot of a head list padded to its capacity (a plan bound as data)
-        return
+    # A free slot of a head list padded to its capacity (a plan bound as data) attends nothing: its output
+    # is 0 (and its splits' log-sum-exp -inf), so the combine reads defined values.
+    free = kvh < 0
+    kvh = tl.maximum(kvh, 0)
     length = tl.load(len_ptr + b)
     start = tl.load(start_ptr + b)
     lo = tl.maximum(start, pid_split * SPLIT_LEN)
-    hi = tl.minimum(length, (pid_split + 1) * SPLIT_LEN)
+    hi = tl.where(free, lo, tl.minimum(length, (pid_split + 1) * SPLIT_LEN))
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
