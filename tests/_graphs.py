@@ -121,7 +121,6 @@ class RecordingGraphs(GraphCache):
     def warm_up(self, step):
         return step()
 
-    def capture(self, entry, step, keep_alive=()):
+    def capture(self, entry, step):
         entry.graph = RecordedGraph(entry, step)
-        entry.keep_alive = keep_alive
         self.stats.captures += 1

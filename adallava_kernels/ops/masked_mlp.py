@@ -101,6 +101,10 @@ class MlpProgram:
             act = ops.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
         else:
             act = silu_and_mul(x @ self.w_gate_up_t, backend=self.backend)
+        return self.down_add(act, residual)
+
+    def down_add(self, act: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + act @ w_down.T`` in one matmul over the dense ``down_proj`` (not a gathered plan)."""
         hidden = residual.shape[-1]
         return torch.addmm(residual.reshape(-1, hidden), act.reshape(-1, act.shape[-1]),
                            self.w_down_t).view(residual.shape)

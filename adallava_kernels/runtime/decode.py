@@ -19,7 +19,6 @@ from typing import Hashable
 import torch
 import torch.nn.functional as F
 
-from ..kv_cache.pool import check_seq_ids
 from ..masks import visible_positions_mask
 from ..ops.common import check_tensor
 from ..ops.paged_attention import paged_decode_splits
@@ -45,13 +44,7 @@ class DecodeBatch(GraphOwner):
     """
 
     def __init__(self, runner, seq_ids: list[Hashable], *, bound: bool = False) -> None:
-        if not seq_ids:
-            raise ValueError("seq_ids must name at least one admitted sequence, got none")
-        check_seq_ids(seq_ids)
-        requests = [runner._request(s) for s in seq_ids]
-        for seq_id, request in zip(seq_ids, requests):
-            if not request.prefilled:
-                raise ValueError(f"sequence {seq_id!r} has not run its prefill")
+        requests = runner._requests_of(seq_ids, prefilled=True)
         self.runner, self.seq_ids, self.requests = runner, seq_ids, requests
         self.batch = len(seq_ids)
         self.plans = [runner._plan_of(r) for r in requests]
@@ -79,8 +72,8 @@ class DecodeBatch(GraphOwner):
         cache, weights = runner.cache, runner.weights
         self.binding = bind_plans(
             self.plans, lambda b, layer: cache.page_lists(self.seq_ids[b], layer), runner.shape,
-            partial=weights.partial_layers, backend=runner.backend, width=self.width, scratch_page=cache.scratch_page, dtype=weights.dtype,
-            device=weights.device)
+            partial=weights.partial_layers, backend=runner.backend, width=self.width,
+            scratch_page=cache.scratch_page, dtype=weights.dtype, device=weights.device)
         self.layers = runner._bound_layers(self.binding.modes)
         self.split = paged_decode_splits(self.batch, runner.shape.num_heads, self.width * cache.page_size,
                                          weights.device) if runner.backend == "triton" else 1

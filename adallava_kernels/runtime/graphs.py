@@ -54,8 +54,6 @@ class GraphEntry:
     capture_seconds: float = 0.0
     owner: weakref.ref | None = field(default=None, repr=False)
     views: list = field(default_factory=list, repr=False)
-    # Anything else a recorded step reads by address: a graph holds raw pointers, so the entry holds it.
-    keep_alive: tuple = field(default=(), repr=False)
 
 
 class GraphCache:
@@ -102,9 +100,9 @@ class GraphCache:
         self.stats.replays += 1
         return entry.outputs
 
-    def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]], keep_alive: tuple = ()) -> None:
+    def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]]) -> None:
         """Record ``step`` into ``entry``. It reads and writes ``entry``'s buffers and the KV pages, and reads
-        ``keep_alive``'s tensors, which the entry then holds for as long as the graph lives."""
+        the weights: nothing a freed request owned."""
         torch.cuda.synchronize()
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
@@ -113,7 +111,7 @@ class GraphCache:
         with torch.cuda.graph(graph):
             outputs = step()
         torch.cuda.synchronize()
-        entry.graph, entry.outputs, entry.keep_alive = graph, outputs, keep_alive
+        entry.graph, entry.outputs = graph, outputs
         entry.capture_seconds = time.perf_counter() - start
         self.stats.captures += 1
         self.stats.capture_seconds += entry.capture_seconds
@@ -189,4 +187,4 @@ def _release(entry: GraphEntry) -> None:
     owner = entry.owner() if entry.owner is not None else None
     if owner is not None:
         owner.unbind(entry)
-    entry.graph, entry.outputs, entry.keep_alive = None, (), ()
+    entry.graph, entry.outputs = None, ()

@@ -239,8 +239,7 @@ class BoundLayer:
             act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
             return _OPS.col_gathered_linear(act, self.w_down_columns, slots.neurons, slots.n_count, slots.n_mask,
                                             residual)
-        act = silu_and_mul(x @ full.w_gate_up_t, backend=self.backend) * slots.n_mask
-        return torch.addmm(residual, act, full.w_down_t)
+        return full.down_add(silu_and_mul(x @ full.w_gate_up_t, backend=self.backend) * slots.n_mask, residual)
 
 
 @dataclass

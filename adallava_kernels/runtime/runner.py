@@ -213,7 +213,7 @@ class PlannedDecoder:
         Returns:
             ``[batch, logits_to_keep or T, vocab]`` logits.
         """
-        requests = self._fresh(seq_ids)
+        requests = self._requests_of(seq_ids, prefilled=False)
         seq = self._check_prompt(inputs_embeds, attention_mask, len(seq_ids), left_padding=True)
         for seq_id, request in zip(seq_ids, requests):
             if seq > request.max_tokens:
@@ -342,14 +342,16 @@ class PlannedDecoder:
         except (KeyError, TypeError):
             raise ValueError(f"sequence {seq_id!r} is not admitted (never, or freed)") from None
 
-    def _fresh(self, seq_ids: Sequence[Hashable]) -> list[_Request]:
+    def _requests_of(self, seq_ids: Sequence[Hashable], *, prefilled: bool) -> list[_Request]:
+        """The requests of ``seq_ids`` (at least one, distinct, admitted), each prefilled or not as asked."""
         if not seq_ids:
             raise ValueError("seq_ids must name at least one admitted sequence, got none")
         check_seq_ids(seq_ids)
         requests = [self._request(s) for s in seq_ids]
         for seq_id, request in zip(seq_ids, requests):
-            if request.prefilled:
-                raise ValueError(f"sequence {seq_id!r} has run its prefill already")
+            if request.prefilled != prefilled:
+                state = "has run its prefill already" if request.prefilled else "has not run its prefill"
+                raise ValueError(f"sequence {seq_id!r} {state}")
         return requests
 
     def _plan_of(self, request: _Request) -> ExecutionPlan:
