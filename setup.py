@@ -185,7 +185,7 @@ def main():
             "pillow",
         ],
         extras_require={
-            "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+            "test": ["pytest", "pytest-xdist", "pytest-timeout", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
             "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
         },
         ext_modules=ext_modules,

@@ -287,8 +287,9 @@ def test_gpu_check_prints_one_table_and_writes_json_after_every_plan(tmp_path, c
     out = tmp_path / "check"
     gpu_check.main(["--device", "cpu", "--quick", "--tokens", "16", "--backend", "torch", "--out", str(out)])
     labels = ["full", "L 0.50", "L 0.75", "L 1.00", "H 0.50", "H 0.75", "H 1.00", "random-H 0", "random-H 1"]
-    # results.json after each of the 9 plans (prefill and decode rows), then once more with the floor.
-    assert [(rows, floor) for _, rows, floor in written] == [(2 * i, False) for i in range(1, 10)] + [(18, True)]
+    # results.json after each of the 9 plans (prefill and decode rows), then with the floor, then with the
+    # distinct plans' graph count.
+    assert [(rows, floor) for _, rows, floor in written] == [(2 * i, False) for i in range(1, 10)] + [(18, True)] * 2
     assert {path for path, _, _ in written} == {out / "results.json"}
     data = json.loads((out / "results.json").read_text())
     assert data["model"] == "tiny" and not data["errors"] and data["meta"]["command"].split()[1:3] == [

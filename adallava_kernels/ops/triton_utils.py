@@ -4,11 +4,12 @@
   interpreter's bf16 upcast; :func:`dot_flags` gives its two constexprs;
 - :data:`DECODE_MAX_TOKENS` and :func:`regime`: a launch of at most this many
   token rows is ``"decode"`` (memory-bound tiles), else ``"prefill"``;
-- :func:`config` and :func:`autotuned`: one kernel autotuned per regime over a
-  config table ``{"prefill": [...], "decode": [...]}`` (the shape every
-  kernel's table has), and over its one interpreter config under
-  TRITON_INTERPRET=1, where autotuning does not work (a small config, so odd
-  sizes still cross tile boundaries in tests);
+- :func:`config` and :func:`autotuned`: one kernel per regime, launched with
+  the config a GPU sweep committed for its device and shape bucket
+  (:mod:`.tuning`), else autotuned over a config table ``{"prefill": [...],
+  "decode": [...]}`` (the shape every kernel's table has), and over its one
+  interpreter config under TRITON_INTERPRET=1, where autotuning does not
+  work (a small config, so odd sizes still cross tile boundaries in tests);
 - :func:`multiprocessors`, :func:`splits` and :func:`min_per_split`: how many
   programs fill the GPU, and when a split reduction stops paying;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRETING as INTERPRET, kernel_configs
+from .tuning import Tuned
 
 __all__ = [
     "DECODE_MAX_TOKENS",
@@ -74,11 +76,14 @@ def regime(m: int) -> str:
 
 
 def autotuned(kernel, table: dict, interpreter: list, key: list[str], restore_value: list[str] | None = None) -> dict:
-    """``{regime: kernel autotuned over table[regime]}`` (``interpreter`` under TRITON_INTERPRET=1, the
-    first config with ADALLAVA_AUTOTUNE=0). ``restore_value``: outputs a timed run adds into (split-K's
-    atomic partial sums), restored after each so they do not pile up while configs are timed."""
+    """``{regime: kernel tuned over table[regime]}``: launched with the committed table's config where the
+    device and shape bucket have one (:mod:`.tuning`), else autotuned over ``table[regime]``
+    (``interpreter`` under TRITON_INTERPRET=1, the first config with ADALLAVA_AUTOTUNE=0).
+    ``restore_value``: outputs a timed run adds into (split-K's atomic partial sums), restored after each
+    so they do not pile up while configs are timed."""
     extra = {} if restore_value is None else {"restore_value": restore_value}
-    return {r: triton.autotune(configs=kernel_configs(table[r], interpreter), key=key, **extra)(kernel)
+    return {r: Tuned(kernel, triton.autotune(configs=kernel_configs(table[r], interpreter), key=key, **extra)(kernel),
+                     r, key)
             for r in REGIMES}
 
 

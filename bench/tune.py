@@ -1,0 +1,363 @@
+"""``python -m bench.tune``: time every candidate config of the library's Triton kernels, keep the fastest.
+
+For each kernel, regime and shape bucket a LLaVA-1.5 decode step or prefill
+launches (decode at batch 1, then 16; then a prefill of ``--tokens``), each
+candidate config (the kernel's own list, then :data:`EXTRA` candidates that
+only the sweep tries) is forced in turn through the library's own launchers
+(:func:`adallava_kernels.ops.tuning.forcing`) and timed with
+``triton.testing.do_bench`` (median of CUDA-event timings, L2 flushed
+between calls). The fastest per bucket goes into ``tuned_configs.json`` in
+``--out``, in the format of the committed table
+(``adallava_kernels/ops/tuned_configs.json``: ``--install`` merges it there),
+keyed by the device's name; ``results.json`` holds every time. Both are
+rewritten after each case, so a sweep cut short keeps what it finished, and
+no case starts after ``--budget-s``.
+
+Compiling is most of a sweep: before timing, ``--jobs`` child processes
+launch every candidate once each (``--compile-only``), so the timing
+process finds each kernel in Triton's on-disk cache.
+
+On a CPU there is nothing to tune: under ``TRITON_INTERPRET=1`` (and with
+``--quick``) the sweep runs its own code path at ``tiny`` shapes over the
+interpreter's one config, so that it is tested; without the interpreter it
+writes an empty table and says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from adallava_kernels import get_shape
+from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, tuning
+from adallava_kernels.ops.common import INTERPRETING
+from adallava_kernels.ops.layout import prepare_column_gather
+from adallava_kernels.ops.triton_utils import config
+from adallava_kernels.plan import neuron_groups
+
+from ._common import checked_device, device_name, metadata
+
+DEFAULT_OUT = Path("bench/out/tune")
+DEFAULT_BUDGET_S = 150
+DECODE_BATCHES = (1, 16)
+PREFILL_TOKENS = 700
+
+# Candidates the sweep times beside each kernel's own list (the autotuners never see them): deeper
+# pipelines for the column gather, whose index load halves the buffers Triton keeps in flight, and
+# narrower tiles for the row gather, so more programs cover 132 SMs. A winner among them is used
+# through the table like any other.
+EXTRA = {
+    "_col_gather_kernel": {"decode": [config(4, 5, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BAND_M=1),
+                                      config(4, 7, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BAND_M=1)]},
+    "_row_gather_kernel": {"decode": [config(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BAND_M=1),
+                                      config(4, 5, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, BAND_M=1)]},
+    "_head_proj_kernel": {"decode": [config(4, 5, BLOCK_M=16, BLOCK_K=128)]},
+}
+KERNEL_TABLES = {
+    "_row_gather_kernel": (gathered_linear.CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
+    "_col_gather_kernel": (gathered_linear.CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
+    "_head_proj_kernel": (head_projection.CONFIGS, head_projection.INTERPRETER_CONFIGS),
+    "_flash_attn_kernel": (flash_attention.CONFIGS, flash_attention.INTERPRETER_CONFIGS),
+}
+
+
+@dataclass
+class Case:
+    """One launch the sweep times: ``kernel`` in ``regime``, ``make()`` -> a no-argument call."""
+
+    name: str
+    kernel: str
+    regime: str
+    make: Callable[[], Callable[[], object]]
+
+
+def candidates(kernel: str, regime: str) -> list:
+    tuned, interpreter = KERNEL_TABLES[kernel]
+    if INTERPRETING:
+        return list(interpreter)
+    return list(tuned[regime]) + EXTRA.get(kernel, {}).get(regime, [])
+
+
+def _every_other_group(size: int, groups: int) -> torch.Tensor:
+    """Half a layer's units, every other group, as the -H plans keep them: the partial widths' bucket."""
+    kept = [n for g in neuron_groups(size, groups)[::2] for n in g]
+    return torch.tensor(kept, dtype=torch.int32)
+
+
+def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=DECODE_BATCHES) -> list[Case]:
+    """Decode at each batch (full and half widths; the bound step's count-and-mask form), then a prefill."""
+    hidden, inter, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    nq, nkv = shape.num_heads, shape.num_kv_heads
+    out = []
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, device=device) * scale).to(dtype)
+
+    def mlp_weights():
+        return rand(inter, hidden, scale=hidden**-0.5), rand(inter, hidden, scale=hidden**-0.5)
+
+    full_neurons = torch.arange(inter, dtype=torch.int32)
+    half_neurons = _every_other_group(inter, nq)
+    full_o = torch.arange(nq * d, dtype=torch.int32)
+    half_o = (torch.arange(0, nq, 2)[:, None] * d + torch.arange(d)).flatten().to(torch.int32)
+
+    def swiglu(m, rows):
+        def make():
+            x, (wg, wu), r = rand(m, hidden), mlp_weights(), rows.to(device)
+            return lambda: gathered_linear.swiglu_gathered(x, wg, wu, r)
+        return make
+
+    def col(m, cols, capacity, k_full, bound):
+        def make():
+            w = prepare_column_gather(rand(hidden, k_full, scale=k_full**-0.5))
+            width = capacity if bound else cols.numel()
+            x, residual = rand(m, width), rand(m, hidden)
+            index = torch.full((width,), -1, dtype=torch.int32)
+            index[:cols.numel()] = cols
+            index = index.to(device)
+            if not bound:
+                return lambda: gathered_linear.col_gathered_linear(x, w, index, residual=residual)
+            count = torch.tensor([cols.numel()], dtype=torch.int32, device=device)
+            mask = torch.ones(m, width, dtype=dtype, device=device)
+            return lambda: gathered_linear.col_gathered_linear(x, w, index, count=count, x_mask=mask,
+                                                               residual=residual)
+        return make
+
+    def qkv_paged(batch):
+        def make():
+            slots = nq + 2 * nkv
+            w, x = rand(slots * d, hidden, scale=hidden**-0.5), rand(batch, 1, hidden)
+            heads = torch.arange(slots, dtype=torch.int32, device=device)
+            cos, sin = rand(batch, 1, d), rand(batch, 1, d)
+            pages = 4 * batch * nkv + 1
+            k_pages, v_pages = rand(pages, 16, d), rand(pages, 16, d)
+            tables = torch.arange(batch * nkv * 4, dtype=torch.int32, device=device).view(batch, nkv, 4)
+            positions = torch.full((batch,), 40, dtype=torch.int32, device=device)
+            out_q = torch.empty(batch, 1, nq, d, dtype=dtype, device=device)
+            paged = head_projection.PagedKV(k_pages, v_pages, tables, positions)
+            return lambda: head_projection.head_projection(x, w, heads, d, cos, sin, out_q, rope_slots=nq + nkv,
+                                                           paged=paged)
+        return make
+
+    def qkv_prefill(m):
+        def make():
+            slots = nq + 2 * nkv
+            w, x = rand(slots * d, hidden, scale=hidden**-0.5), rand(1, m, hidden)
+            heads = torch.arange(slots, dtype=torch.int32, device=device)
+            cos, sin = rand(1, m, d), rand(1, m, d)
+            out_qkv = torch.empty(1, m, slots, d, dtype=dtype, device=device)
+            return lambda: head_projection.head_projection(x, w, heads, d, cos, sin, out_qkv, rope_slots=nq + nkv)
+        return make
+
+    def flash(m, heads):
+        def make():
+            q, k, v = rand(1, m, heads, d), rand(1, nkv, m, d), rand(1, nkv, m, d)
+            head_to_kv = (torch.arange(heads) // max(1, heads // nkv)).clamp(max=nkv - 1).to(torch.int32).to(device)
+            out_ = torch.empty_like(q)
+            return lambda: flash_attention.flash_attention(q, k, v, head_to_kv, None, out_, d**-0.5)
+        return make
+
+    for b in batches:
+        out += [
+            Case(f"gate|up b{b} full", "_row_gather_kernel", "decode", swiglu(b, full_neurons)),
+            Case(f"gate|up b{b} half", "_row_gather_kernel", "decode", swiglu(b, half_neurons)),
+            Case(f"q|k|v paged b{b}", "_head_proj_kernel", "decode", qkv_paged(b)),
+            Case(f"down bound b{b}", "_col_gather_kernel", "decode", col(b, full_neurons, inter, inter, True)),
+            Case(f"down half b{b}", "_col_gather_kernel", "decode", col(b, half_neurons, inter, inter, False)),
+            Case(f"o_proj bound b{b}", "_col_gather_kernel", "decode", col(b, full_o, nq * d, nq * d, True)),
+            Case(f"o_proj half b{b}", "_col_gather_kernel", "decode", col(b, half_o, nq * d, nq * d, False)),
+        ]
+    out += [
+        Case(f"gate|up prefill {tokens} full", "_row_gather_kernel", "prefill", swiglu(tokens, full_neurons)),
+        Case(f"gate|up prefill {tokens} half", "_row_gather_kernel", "prefill", swiglu(tokens, half_neurons)),
+        Case(f"q|k|v prefill {tokens}", "_head_proj_kernel", "prefill", qkv_prefill(tokens)),
+        Case(f"attention prefill {tokens}", "_flash_attn_kernel", "prefill", flash(tokens, nq)),
+        Case(f"down prefill {tokens} full", "_col_gather_kernel", "prefill", col(tokens, full_neurons, inter, inter, False)),
+        Case(f"down prefill {tokens} half", "_col_gather_kernel", "prefill", col(tokens, half_neurons, inter, inter, False)),
+        Case(f"o_proj prefill {tokens} half", "_col_gather_kernel", "prefill", col(tokens, half_o, nq * d, nq * d, False)),
+    ]
+    return out
+
+
+def bucket_of_case(case: Case, call: Callable[[], object]) -> tuple[str, str]:
+    """``(kernel/regime, bucket)`` the call's launch of ``case.kernel`` looks up, recorded from the launch."""
+    with tuning.recording() as seen, tuning.forcing(case.kernel, case.regime, candidates(case.kernel, case.regime)[0]):
+        call()
+    mine = [(k, b) for k, b in seen if k == f"{case.kernel}/{case.regime}"]
+    if not mine:
+        raise RuntimeError(f"case {case.name!r} launched no {case.kernel} in regime {case.regime}")
+    return mine[0]
+
+
+def time_call(call: Callable[[], object], device: torch.device, quick: bool) -> float:
+    """Seconds one call takes: the median of do_bench on CUDA; one wall-clock call elsewhere (a smoke run)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(call, warmup=5 if quick else 10, rep=10 if quick else 40,
+                                       return_mode="median") * 1e-3
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: float, quick: bool,
+          compile_only: bool = False) -> dict:
+    """Every case's candidates timed (or only compiled); the tables written after each case."""
+    table: dict = {}
+    rows = []
+    results = {"meta": metadata(device, torch.bfloat16, "bench.tune"), "device": device_name(device), "cases": rows}
+    for case in case_list:
+        if time.monotonic() > deadline:
+            results.setdefault("skipped", []).append(case.name)
+            continue
+        call = case.make()
+        key, bucket = bucket_of_case(case, call)
+        row = {"case": case.name, "kernel": key, "bucket": bucket, "candidates": []}
+        for candidate in candidates(case.kernel, case.regime):
+            entry = tuning.config_to_json(candidate)
+            try:
+                with tuning.forcing(case.kernel, case.regime, candidate):
+                    call()  # compiles
+                    if not compile_only:
+                        entry["seconds"] = time_call(call, device, quick)
+            except Exception as error:  # noqa: BLE001 - a config that cannot run here is recorded, not fatal
+                entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["candidates"].append(entry)
+        timed = [c for c in row["candidates"] if "seconds" in c]
+        if timed:
+            best = min(timed, key=lambda c: c["seconds"])
+            row["best"] = best
+            row["default_seconds"] = row["candidates"][0].get("seconds")
+            buckets = table.setdefault(key, {})
+            # Two cases of one bucket: the faster total wins only if it is faster in the case seen first.
+            if bucket not in buckets or best["seconds"] < buckets[bucket]["seconds"]:
+                buckets[bucket] = {k: best[k] for k in ("kwargs", "num_warps", "num_stages", "seconds")}
+                buckets[bucket]["case"] = case.name
+        rows.append(row)
+        del call
+        if not compile_only:
+            write(out, results, table, device)
+    return results
+
+
+def write(out: Path, results: dict, table: dict, device: torch.device) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = results["meta"]
+    document = {
+        "about": "Kernel configs chosen by python -m bench.tune: per device name, kernel/regime and shape bucket "
+                 "(sizes rounded up to a power of two), the fastest candidate's config and its median seconds.",
+        "runs": {results["device"]: {k: meta[k] for k in ("date", "commit", "command", "torch", "triton")}},
+        "configs": {results["device"]: table} if table else {},
+    }
+    for name, payload in (("tuned_configs.json", document), ("results.json", results)):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, out / name)
+
+
+def install(path: Path, into: Path = tuning.TABLE) -> dict:
+    """Merge a sweep's ``tuned_configs.json`` into the committed table (its device's entries replaced)."""
+    new = json.loads(path.read_text())
+    old = json.loads(into.read_text()) if into.exists() else {"about": new["about"], "runs": {}, "configs": {}}
+    old["about"] = new["about"]
+    for device, run in new["runs"].items():
+        old["runs"][device] = run
+        old["configs"][device] = new["configs"].get(device, {})
+    into.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    return old
+
+
+def compile_in_children(argv: list[str], jobs: int, deadline: float) -> None:
+    """``jobs`` children each compile every ``jobs``-th case's candidates into Triton's on-disk cache."""
+    children = [subprocess.Popen([sys.executable, "-m", "bench.tune", *argv, "--compile-only", "--shard",
+                                  f"{i}/{jobs}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for i in range(jobs)]
+    for child in children:
+        try:
+            child.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="shape preset (default llava-7b; tiny on a CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=None, help=f"prefill tokens (default {PREFILL_TOKENS})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"no case starts after this many seconds (default {DEFAULT_BUDGET_S})")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="compiling children before timing (default: min(8, cores - 2) on CUDA, 0 elsewhere)")
+    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    parser.add_argument("--install", type=Path, default=None, metavar="TUNED_JSON",
+                        help="merge a sweep's tuned_configs.json into the committed table and stop")
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.install is None:
+        args.device = checked_device(parser, args.device)
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.tokens is not None and args.tokens < 1:
+        parser.error(f"--tokens must be a positive int, got {args.tokens}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.install is not None:
+        table = install(args.install)
+        print(f"installed {args.install} into {tuning.TABLE}: {sorted(table['configs'])}")
+        return 0
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    device = args.device
+    on_gpu = device.type == "cuda"
+    if not on_gpu and not INTERPRETING:
+        write(args.out, {"meta": metadata(device, torch.float32, "bench.tune"), "device": device_name(device),
+                         "cases": [], "note": "no GPU and no TRITON_INTERPRET=1: nothing to tune"}, {}, device)
+        print("bench.tune: no GPU and no TRITON_INTERPRET=1: nothing tuned; wrote an empty table")
+        return 0
+    shape = get_shape(args.model or ("llava-7b" if on_gpu else "tiny"))
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    tokens = args.tokens or (PREFILL_TOKENS if on_gpu else 20)
+    batches = DECODE_BATCHES if on_gpu else (1,)
+    case_list = cases(shape, dtype, device, tokens, batches)
+    if args.compile_only:
+        index, count = (int(p) for p in args.shard.split("/"))
+        sweep(case_list[index::count], device, args.out, deadline, args.quick, compile_only=True)
+        return 0
+    jobs = args.jobs if args.jobs is not None else (max(0, min(8, (os.cpu_count() or 2) - 2)) if on_gpu else 0)
+    if jobs:
+        compile_in_children([a for a in argv if a != "--compile-only"], jobs, start + 0.6 * args.budget_s)
+    torch.manual_seed(0)
+    results = sweep(case_list, device, args.out, deadline, args.quick)
+    for row in results["cases"]:
+        best, first = row.get("best"), row.get("default_seconds")
+        if best:
+            gain = f", {first / best['seconds']:.2f}x the first config" if first else ""
+            print(f"{row['case']:28s} {row['bucket']:40s} best {best['seconds'] * 1e6:9.1f} us "
+                  f"{best['kwargs']} w{best['num_warps']} s{best['num_stages']}{gain}")
+        else:
+            print(f"{row['case']:28s} no candidate ran")
+    if results.get("skipped"):
+        print(f"not reached within the budget: {', '.join(results['skipped'])}")
+    print(f"wrote {args.out / 'tuned_configs.json'} in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
+
+Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
+``kernels/results.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``, ``tests.log``);
+a stage that did not run or did not finish makes its rows "not measured", never a guess. Run it alone on a
+folder to redraw the table: ``python scripts/gpu_verdict.py bench/out/gpu-check``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+# Targets, by the issue that set them. Times are H200 targets: on another device the rows still show the
+# measurement, and "holds" is judged against the same number.
+FULL_DECODE_WALL_MS = 3.85  # #27/#28: 85% of the measured copy bandwidth on an H200
+FULL_PREFILL_WALL_MS = 16.5  # #19
+FLOOR_SHARE = 0.85  # #28: a decode step at >= 85% of the copy rate
+DECODE_WALL_OVER_GPU = 1.05  # #18
+PREFILL_WALL_OVER_GPU = 1.10  # #18
+R_MIN = 0.99  # #18: r(FLOPs, wall) over the -L plans
+PROPORTIONAL = 0.05  # #19: -H plans within 5% of proportional
+L_HALF_STEP = 0.54  # #26: an AdaLLaVA-L 0.5 step at one row against the full plan's
+KERNEL_COPY_SHARE = 0.60  # #19: no decode kernel under 60% of the copy rate
+BUDGET_S = 480  # #27: the whole check
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _row(issue: str, what: str, measured, target: str, holds) -> dict:
+    return {"issue": issue, "what": what, "measured": measured, "target": target,
+            "holds": None if measured is None else holds}
+
+
+def _fmt(value, spec: str) -> str | None:
+    return None if value is None else format(value, spec)
+
+
+def test_summary(log: Path) -> dict | None:
+    """Counts of the test log's outcomes: from pytest's summary line where it finished, else from its -v lines."""
+    if not log.exists():
+        return None
+    text = log.read_text(errors="replace")
+    finished = re.findall(r"=+ (.*?) in [\d.]+s", text)
+    counts = {}
+    if finished:
+        for number, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)", finished[-1]):
+            counts["errors" if word.startswith("error") else word] = int(number)
+        counts["finished"] = True
+    else:
+        for word in ("PASSED", "FAILED", "ERROR", "SKIPPED"):
+            counts[word.lower() if word != "ERROR" else "errors"] = len(re.findall(rf"\b{word}\b", text))
+        counts["finished"] = False
+    counts["crashed_workers"] = len(re.findall(r"worker '\w+' crashed", text))
+    counts["failures"] = sorted(set(re.findall(r"^FAILED (\S+)", text, re.M)))[:50]
+    return counts
+
+
+def _model_rows(out: Path) -> list[dict]:
+    rows = []
+    model = _load(out / "model" / "results.json")
+    if not model:
+        return [_row("#27", "model check ran", None, "results.json", None)]
+    floor = model.get("floor")
+    runs = model["model_runs"]["rows"]
+    full = {r["stage"]: r for r in runs if r["family"] == "full plan"}
+    on_gpu = model.get("device_type") == "cuda"
+    if floor:
+        wall_ms = floor["step_s"] * 1e3
+        rows.append(_row("#27 #28", "full-plan decode step, wall", f"{wall_ms:.3f} ms", f"<= {FULL_DECODE_WALL_MS} ms",
+                         wall_ms <= FULL_DECODE_WALL_MS))
+        share = 1 / floor["vs_floor"]
+        rows.append(_row("#27 #28", "full-plan decode step wall, share of the copy rate "
+                         f"(floor {floor['floor_s'] * 1e3:.3f} ms)", f"{share:.1%}", f">= {FLOOR_SHARE:.0%}",
+                         share >= FLOOR_SHARE))
+        if floor.get("gpu_s"):
+            rows.append(_row("#28", "full-plan decode step, GPU time, share of the copy rate",
+                             f"{1 / floor['gpu_vs_floor']:.1%}", f">= {FLOOR_SHARE:.0%}",
+                             1 / floor["gpu_vs_floor"] >= FLOOR_SHARE))
+    if "prefill" in full:
+        ms = full["prefill"]["median_s"] * 1e3
+        rows.append(_row("#19", "full-plan prefill, wall", f"{ms:.3f} ms", f"<= {FULL_PREFILL_WALL_MS} ms",
+                         ms <= FULL_PREFILL_WALL_MS))
+    shares = model.get("proportional", [])
+    for stage, limit in (("decode", DECODE_WALL_OVER_GPU), ("prefill", PREFILL_WALL_OVER_GPU)):
+        values = [(p["wall_over_gpu"], p["label"]) for p in shares if p["stage"] == stage and p["wall_over_gpu"]]
+        if values or not on_gpu:
+            worst = max(values) if values else None
+            rows.append(_row("#18", f"{stage}: worst wall / GPU over the plans", worst and f"{worst[0]:.3f} ({worst[1]})",
+                             f"<= {limit}", worst is not None and worst[0] <= limit))
+    for kind, by_stage in model.get("check_by_family", {}).items():
+        for stage, c in by_stage.items():
+            r = c.get("pearson_wall")
+            rows.append(_row("#18" if kind == "L" else "#19", f"{stage}: r(FLOPs, wall) over the -{kind} plans",
+                             _fmt(r, ".4f"), f">= {R_MIN}", r is not None and r >= R_MIN))
+            g = c.get("pearson_gpu")
+            rows.append(_row("#18" if kind == "L" else "#19", f"{stage}: r(FLOPs, GPU) over the -{kind} plans",
+                             _fmt(g, ".4f"), f">= {R_MIN}", g is not None and g >= R_MIN))
+    for stage in ("decode", "prefill"):
+        for which in ("wall", "gpu"):
+            values = [(abs(p[f"{which}_deviation"]), p["label"], p[f"{which}_deviation"]) for p in shares
+                      if p["stage"] == stage and p["family"] in ("AdaLLaVA-H", "random-H")
+                      and p[f"{which}_deviation"] is not None]
+            worst = max(values) if values else None
+            rows.append(_row("#19", f"{stage}: -H plans' worst deviation from proportional, {which}",
+                             worst and f"{worst[2]:+.1%} ({worst[1]})", f"within {PROPORTIONAL:.0%}",
+                             worst is not None and worst[0] <= PROPORTIONAL))
+    half = next((p for p in shares if p["stage"] == "decode" and p["label"] == "L 0.50"), None)
+    if half:
+        rows.append(_row("#26", "AdaLLaVA-L 0.50 decode step / full plan's, one row, wall",
+                         f"{half['wall_ratio']:.3f}", f"<= {L_HALF_STEP}", half["wall_ratio"] <= L_HALF_STEP))
+    distinct = model.get("distinct_plans")
+    if distinct:
+        after = distinct.get("captures_after_first")
+        rows.append(_row("#18 #27", f"graph captures for {distinct['plans']} distinct -H plans after the first",
+                         after, "0", after == 0))
+    for name, error in model.get("errors", {}).items():
+        rows.append(_row("#27", f"model check: {name} stopped", f"{error['type']}: {error['message'][:80]}",
+                         "no error", False))
+    return rows
+
+
+def _kernel_rows(out: Path) -> list[dict]:
+    kernels = _load(out / "kernels" / "results.json")
+    section = kernels and kernels.get("kernels")
+    if not section:
+        return [_row("#19 #28", "per-kernel profile ran", None, "results.json", None)]
+    rows = []
+    on_gpu = "GPU" in section.get("time", "")
+    worst = None
+    for layer in section["layers"]:
+        if layer["stage"] != "decode":
+            continue
+        for k in layer["kernels"]:
+            if k.get("fraction") is None or k.get("bound") != "memory":
+                continue
+            if worst is None or k["fraction"] < worst[0]:
+                worst = (k["fraction"], f"{k['name'][:40]} in the {layer['layer']} layer")
+    if on_gpu:
+        rows.append(_row("#19 #28", "decode kernels: the lowest share of the copy rate", worst and
+                         f"{worst[0]:.1%} ({worst[1]})", f">= {KERNEL_COPY_SHARE:.0%}",
+                         worst is not None and worst[0] >= KERNEL_COPY_SHARE))
+    counts = {layer["layer"]: layer["kernel_count"] for layer in section["layers"] if layer["stage"] == "decode"}
+    if on_gpu and counts:
+        most = max(counts.values())
+        rows.append(_row("#28", "kernels per decode layer (device records)", str(counts), "<= 8", most <= 8))
+    return rows
+
+
+def _serve_rows(out: Path) -> list[dict]:
+    serve = _load(out / "serve" / "results.json")
+    section = serve and serve.get("serve")
+    if not section:
+        return [_row("#26", "serving run ran", None, "results.json", None)]
+    batch = section["batch"]
+    graphs = batch.get("graphs", {})
+    rows = [_row("#26", f"one batch of {section['requests']}: tokens/s", f"{batch['tokens_per_s']:.1f}", "reported",
+                 True)]
+    if graphs.get("enabled"):
+        rows.append(_row("#26", "graph captures while the batch decodes", graphs["captures"], "0 after warm-up",
+                         graphs["captures"] == 0))
+    return rows
+
+
+def verdict(out: Path) -> dict:
+    out = Path(out)
+    stages = _load(out / "stages.json") or {}
+    setup = _load(out / "setup.json") or {}
+    rows = []
+    elapsed = stages.get("elapsed_s")
+    rows.append(_row("#27", "the whole check, seconds", elapsed, f"<= {BUDGET_S}",
+                     elapsed is not None and elapsed <= BUDGET_S))
+    for stage in stages.get("stages", []):
+        rows.append(_row("#27", f"stage {stage['name']}", f"{stage['status']} in {stage['seconds']} s",
+                         "passed", stage["status"] == "passed"))
+    tests = test_summary(out / "tests.log")
+    if tests is not None:
+        bad = tests.get("failed", 0) + tests.get("errors", 0)
+        done = "" if tests["finished"] else " (cut short)"
+        rows.append(_row("#27", "test suite: failed + errors" + done,
+                         f"{bad} of {bad + tests.get('passed', 0)} ({tests.get('skipped', 0)} skipped)", "0",
+                         bad == 0 and tests["finished"]))
+        rows.append(_row("#27", "test suite: crashed workers", tests["crashed_workers"], "0",
+                         tests["crashed_workers"] == 0))
+    probes = _load(out / "probes.json")
+    if probes is not None:
+        cases = probes.get("cases", {})
+        rows.append(_row("#27", "extension bad-input probes: cases run, child exit status",
+                         f"{len(cases)}, {probes.get('returncode')}", "exit 0", probes.get("returncode") == 0))
+    tune = _load(out / "tune" / "results.json")
+    if tune is not None:
+        chosen = sum(1 for c in tune.get("cases", []) if c.get("best"))
+        rows.append(_row("#27", "kernel sweep: cases with a chosen config",
+                         f"{chosen} of {len(tune.get('cases', [])) + len(tune.get('skipped', []))}", "all",
+                         chosen > 0 and not tune.get("skipped")))
+    rows += _model_rows(out) + _kernel_rows(out) + _serve_rows(out)
+    return {"device": setup.get("device"), "torch": setup.get("torch"), "triton": setup.get("triton"),
+            "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# gpu-check verdict: {result.get('device') or 'device unknown'} "
+             f"(torch {result.get('torch')}, triton {result.get('triton')})", "",
+             "| issue | what | measured | target | holds |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        holds = "not measured" if r["holds"] is None else ("yes" if r["holds"] else "**no**")
+        measured = "-" if r["measured"] is None else r["measured"]
+        lines.append(f"| {r['issue']} | {r['what']} | {measured} | {r['target']} | {holds} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/gpu_verdict.py GPU_CHECK_FOLDER")
+    print(markdown(verdict(Path(sys.argv[1]))))
