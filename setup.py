@@ -39,6 +39,14 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 # in the environment, so it is removed from every command the compiler object
 # holds, whatever its origin.
 STATIC_RUNTIME_FLAGS = frozenset({"-static-libstdc++", "-static-libgcc"})
+# The shared libstdc++ named by its runtime file, not "-lstdc++": where a toolchain
+# has libstdc++.a but no libstdc++.so development link in its search path,
+# "-lstdc++" (g++'s implicit one too) links the archive with no flag at fault, as
+# builds on the H200 image did with every static flag dropped (csrc/README.md).
+# "-l:libstdc++.so.6" can only be the shared library, and placed before g++'s
+# implicit -lstdc++ it resolves every C++ runtime symbol, so nothing is pulled
+# from an archive.
+SHARED_RUNTIME_LINK = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 # The compiler object's commands (setuptools' UnixCCompiler): a C++ extension
 # links with compiler_cxx followed by the flags of linker_so_cxx.
@@ -97,7 +105,8 @@ def without_static_runtime(command: Sequence[str]) -> list[str]:
 
 
 def shared_runtime(build_ext_class):
-    """``build_ext_class`` with the static-runtime flags removed from the compiler's commands."""
+    """``build_ext_class`` with the static-runtime flags removed from the compiler's commands and the shared
+    libstdc++ named on every extension's link line (:data:`SHARED_RUNTIME_LINK`)."""
 
     class SharedRuntimeBuildExtension(build_ext_class):
         def build_extensions(self):
@@ -106,7 +115,8 @@ def shared_runtime(build_ext_class):
                 if isinstance(command, list):
                     setattr(self.compiler, name, without_static_runtime(command))
             for ext in self.extensions:
-                ext.extra_link_args = without_static_runtime(ext.extra_link_args or [])
+                ext.extra_link_args = without_static_runtime(ext.extra_link_args or []) + [
+                    flag for flag in SHARED_RUNTIME_LINK if flag not in (ext.extra_link_args or [])]
             super().build_extensions()
 
     return SharedRuntimeBuildExtension
@@ -147,9 +157,6 @@ def extension_modules():
     common = dict(
         name="adallava_kernels._C",
         include_dirs=[os.path.join(HERE, "csrc")],
-        # The shared libstdc++, named on the link line so that it is a NEEDED
-        # library of _C.so even if a static-runtime flag slipped through.
-        extra_link_args=["-lstdc++"],
     )
     if toolkit is not None:
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))

@@ -60,7 +60,7 @@ REQUIRED = {"torch": "torch", "triton": "triton", "transformers": "transformers"
             "pytest": "pytest", "xdist": "pytest-xdist", "pytest_timeout": "pytest-timeout",
             "hypothesis": "hypothesis", "matplotlib": "matplotlib", "tqdm": "tqdm", "numpy": "numpy",
             "setuptools": "setuptools", "PIL": "pillow"}
-BUILD = ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
+BUILD = ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-v",
          "--disable-pip-version-check", "-e", "."]
 IMPORT_PROBE = r"""
 import json, platform, sys, torch, triton, transformers
@@ -75,6 +75,13 @@ if torch.cuda.is_available():
                 memory_gib=round(p.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability(0)))
 else:
     info.update(device=platform.processor() or platform.machine(), multiprocessors=None)
+# How the extension was linked: the shared libstdc++ must be a NEEDED library (csrc/README.md).
+sys.path.insert(0, "tests")
+from _elf import needed_libraries
+import subprocess
+info["extension_needs"] = needed_libraries(_C.__file__)
+info["toolchain"] = {name: subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True,
+                                          text=True).stdout.strip() for name in ("libstdc++.so", "libstdc++.a")}
 print(json.dumps(info))
 """
 

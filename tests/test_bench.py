@@ -67,6 +67,9 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert attention["providers"] == ["sdpa_all", "sdpa_gathered"] + (on_gpu if ON_GPU else [])
     assert set(attention["skipped"]) == {"flash_attn", "triton"} - set(on_gpu if ON_GPU else [])
     heads = shape.num_heads
+    # The ops are timed in the run's dtype (bfloat16 on CUDA, float32 on a CPU); the bytes follow it.
+    element = torch.finfo(getattr(torch, data["meta"]["dtype"])).bits / 8
+    precision = cost.Precision(element, element, element)
     for stage, q_len, kv_len in (("prefill", 19, 19), ("decode", 1, 22)):
         rows = [r for r in attention["rows"] if r["stage"] == stage]
         expected = [("sdpa_all", heads)] + [
@@ -76,9 +79,9 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
         assert all((r["batch"], r["q_len"], r["kv_len"]) == (2, q_len, kv_len) and timed(r) for r in rows)
         for r in rows:
             predicted = cost.masked_attention_cost(shape, heads=r["heads"], kv_heads=r["kv_heads"], q_tokens=q_len,
-                                                   kv_tokens=kv_len, batch_size=2, precision=cost.Precision(4, 4, 4))
+                                                   kv_tokens=kv_len, batch_size=2, precision=precision)
             full = cost.masked_attention_cost(shape, heads=heads, kv_heads=shape.num_kv_heads, q_tokens=q_len,
-                                              kv_tokens=kv_len, batch_size=2, precision=cost.Precision(4, 4, 4))
+                                              kv_tokens=kv_len, batch_size=2, precision=precision)
             assert r["flops_ratio"] == predicted.flops / full.flops
             assert r["kv_bytes"] == predicted.kv_load_bytes
 

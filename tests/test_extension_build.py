@@ -90,8 +90,26 @@ def test_a_static_libstdcxx_flag_in_the_environment_is_dropped_from_the_link(tmp
     plain = build_probe(tmp_path, build_ext)
     assert "libstdc++.so.6" not in needed_libraries(plain)  # the flag does link libstdc++ statically here
     assert "libstdc++.so.6" in needed_libraries(build_probe(tmp_path, setup_py.shared_runtime(build_ext)))
-    # The extension's own -lstdc++ (setup.py) names the shared library even where the flag is kept.
-    assert "libstdc++.so.6" in needed_libraries(build_probe(tmp_path, build_ext, ["-lstdc++"]))
+    # The shared runtime named by its file (setup.py) is linked even where the flag is kept.
+    assert "libstdc++.so.6" in needed_libraries(build_probe(tmp_path, build_ext, setup_py.SHARED_RUNTIME_LINK))
+
+
+def test_a_toolchain_with_only_the_static_libstdcxx_in_its_path_still_links_the_shared_one(tmp_path):
+    """The H200 image: no flag asked for a static libstdc++, but g++'s implicit -lstdc++ found libstdc++.a
+    first (no libstdc++.so link in its search path). A folder holding only the archive, searched first,
+    makes this machine's toolchain do the same; the build names the shared library by its file."""
+    import subprocess
+
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive):
+        pytest.fail(f"g++ does not know where libstdc++.a is ({archive!r}); the test needs it to reproduce the image")
+    only_archive = tmp_path / "only-archive"
+    only_archive.mkdir()
+    (only_archive / "libstdc++.a").symlink_to(archive)
+    flags = [f"-L{only_archive}"]
+    assert "libstdc++.so.6" not in needed_libraries(build_probe(tmp_path, build_ext, flags))  # the image's case
+    assert "libstdc++.so.6" in needed_libraries(build_probe(tmp_path / "fixed", setup_py.shared_runtime(build_ext),
+                                                            flags))
 
 
 def test_without_static_runtime_keeps_every_other_argument():
@@ -117,7 +135,8 @@ def test_shared_runtime_filters_every_compiler_command_and_the_extensions_link_a
                         Extension("b", ["b.cpp"])]
     build.build_extensions()
     assert build.saw == {"compiler_cxx": ["g++"], "linker_so": ["gcc", "-shared"],
-                         "linker_so_cxx": ["g++", "-shared", "-L/lib"], "ext": [["-lstdc++"], []]}
+                         "linker_so_cxx": ["g++", "-shared", "-L/lib"],
+                         "ext": [["-lstdc++", *setup_py.SHARED_RUNTIME_LINK], setup_py.SHARED_RUNTIME_LINK]}
     assert build.compiler.linker_exe == "cc"
 
 
