@@ -181,6 +181,8 @@ def main():
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
         packages=find_packages(include=["adallava_kernels", "adallava_kernels.*"]),
+        # The kernel configs a GPU sweep chose (adallava_kernels/ops/tuning.py), read at launch.
+        package_data={"adallava_kernels.ops": ["tuned_configs.json"]},
         # Tested with torch 2.11 / Triton 3.6 / transformers 5.17 (CUDA) and torch 2.13 / Triton 3.7 /
         # transformers 5.24 (CPU). transformers 6.0 is announced to remove past_key_values, which the
         # cache adapters still take.

@@ -301,6 +301,8 @@ def parse_args(argv):
     parser.add_argument("--jobs", type=int, default=None,
                         help="compiling children before timing (default: min(8, cores - 2) on CUDA, 0 elsewhere)")
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    parser.add_argument("--match", default=None, metavar="TEXT",
+                        help="only the cases whose name holds TEXT (e.g. 'b1', 'prefill')")
     parser.add_argument("--install", type=Path, default=None, metavar="TUNED_JSON",
                         help="merge a sweep's tuned_configs.json into the committed table and stop")
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
@@ -335,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     tokens = args.tokens or (PREFILL_TOKENS if on_gpu else 20)
     batches = DECODE_BATCHES if on_gpu else (1,)
-    case_list = cases(shape, dtype, device, tokens, batches)
+    case_list = [c for c in cases(shape, dtype, device, tokens, batches) if args.match is None or args.match in c.name]
+    if not case_list:
+        print(f"bench.tune: error: --match {args.match!r} names no case", file=sys.stderr)
+        return 2
     if args.compile_only:
         index, count = (int(p) for p in args.shard.split("/"))
         sweep(case_list[index::count], device, args.out, deadline, args.quick, compile_only=True)

@@ -105,13 +105,14 @@ class StageResult:
     note: str = ""
 
 
-def stages(on_gpu: bool, out: Path, workers: int, tune_s: int) -> list[Stage]:
-    """The stages in the order they run; on a CPU the dry run's shapes (tiny, quick) and no build."""
+def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int) -> list[Stage]:
+    """The stages in the order they run; ``build``: install the package in place first (an interpreter used
+    as it is); on a CPU the dry run's shapes (tiny, quick)."""
     quick = [] if on_gpu else ["--quick"]
     # The sweep has nothing to time on a CPU; under the interpreter it runs its own path at tiny shapes.
     tests = ["tests"] if on_gpu else list(DRY_RUN_TESTS)
     return [
-        Stage("setup", 150, [BUILD] if on_gpu else [], ["setup.json"]),
+        Stage("setup", 150, [BUILD] if build else [], ["setup.json"]),
         Stage("tune", tune_s + 30, [["-m", "bench.tune", "--out", str(out / "tune"), "--budget-s", str(tune_s),
                                      *quick]], ["tune/tuned_configs.json"], {} if on_gpu else {"TRITON_INTERPRET": "1"}),
         Stage("model", 150, [["-m", "bench.gpu_check", "--out", str(out / "model"), *quick]],
@@ -147,15 +148,15 @@ def missing_packages(python: str) -> list[str]:
 
 
 def choose_python(args) -> tuple[str, bool]:
-    """``(interpreter, as_is)``: the running one when it imports a CUDA torch (or ``--as-is``), else the
-    project's virtualenv, made by ``make env`` if it is not there."""
+    """``(interpreter, build)``. ``--python``: that interpreter, the package already installed in it. The
+    running one, the package built in place, where it imports a CUDA torch (a GPU image) or with
+    ``--as-is``. Else the project's virtualenv, made by ``make env`` as ``make test`` makes it."""
     if args.python:
-        return args.python, True
+        return args.python, False
     if args.as_is or cuda_torch(sys.executable):
         return sys.executable, True
-    venv_python = ROOT / ".venv" / "bin" / "python"
-    subprocess.run(["make", "-C", str(ROOT), "env"], check=True)
-    return str(venv_python), False
+    subprocess.run(["make", "-C", str(ROOT), "env"], check=True, stdout=sys.stderr)
+    return str(ROOT / ".venv" / "bin" / "python"), False
 
 
 # -- running stages --------------------------------------------------------------------------------
@@ -175,22 +176,40 @@ def run_command(argv: list[str], log: Path, timeout_s: float, env: dict) -> tupl
         sink.write(f"$ {' '.join(argv)}\n")
         sink.flush()
         process = subprocess.Popen(argv, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
         try:
             return process.wait(timeout=max(1.0, timeout_s)), False
         except subprocess.TimeoutExpired:
-            for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(timeout=grace)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_group(process)
             sink.write(f"\n[gpu-check] killed after {timeout_s:.0f} s\n")
             return process.returncode, True
+        except BaseException:  # SIGINT, SIGTERM: the stage goes with the driver
+            stop_group(process)
+            raise
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """TERM, then KILL, the stage's whole process group (pytest's workers, a sweep's compilers)."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _die_with_parent() -> None:
+    """A stage is killed with the driver even when the driver is SIGKILLed (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_stage(stage: Stage, python: str, out: Path, deadline: float, env: dict) -> StageResult:
@@ -293,8 +312,10 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=None,
                         help="pytest-xdist workers (default: min(14, cores - 2) on a GPU, none on a CPU)")
     parser.add_argument("--as-is", action="store_true",
-                        help="use the running Python as it is, as on a GPU image, even without a CUDA torch")
-    parser.add_argument("--python", default=None, help="use this interpreter as it is")
+                        help="use the running Python as it is and build the package in place, as on a GPU image, "
+                             "even without a CUDA torch")
+    parser.add_argument("--python", default=None,
+                        help="use this interpreter, where the package is installed already (no build)")
     parser.add_argument("--setup-only", action="store_true", help="the set-up checks and the build, then stop")
     args = parser.parse_args(argv)
     if args.budget_s < 10:
@@ -315,8 +336,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     deadline = started + args.budget_s
-    python, as_is = choose_python(args)
-    on_gpu = as_is and cuda_torch(python)
+    python, build = choose_python(args)
+    on_gpu = cuda_torch(python)
     missing = missing_packages(python)
     if missing:
         print(f"gpu-check: error: {python} lacks {', '.join(missing)}; nothing was run", file=sys.stderr)
@@ -326,7 +347,7 @@ def main(argv=None) -> int:
                                                               if on_gpu else 0)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1",
                ADALLAVA_TUNED_CONFIGS=str(out / "tune" / "tuned_configs.json"))
-    plan = stages(on_gpu, out, workers, args.tune_s)
+    plan = stages(on_gpu, build, out, workers, args.tune_s)
     if args.setup_only:
         plan = plan[:1]
     elif args.only:
@@ -336,14 +357,22 @@ def main(argv=None) -> int:
             print(f"gpu-check: error: --only names unknown stages {sorted(unknown)}", file=sys.stderr)
             return 2
         plan = [s for s in plan if s.name in chosen]
-    meta = {"python": python, "as_is": as_is, "on_gpu": on_gpu, "budget_s": args.budget_s,
+    meta = {"python": python, "built_in_place": build, "on_gpu": on_gpu, "budget_s": args.budget_s,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results: list[StageResult] = []
     special = {"setup": setup_stage, "probes": probes_stage}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM ends the stage as INT does
     for stage in plan:
         print(f"[gpu-check] {stage.name} (cap {stage.cap_s} s, {deadline - time.monotonic():.0f} s left)",
               flush=True)
-        result = special.get(stage.name, run_stage)(stage, python, out, deadline, env)
+        try:
+            result = special.get(stage.name, run_stage)(stage, python, out, deadline, env)
+        except KeyboardInterrupt:
+            results.append(StageResult(stage.name, "interrupted", cap_s=stage.cap_s))
+            record(out, results, meta)
+            sync_out(out, os.environ.get("OUT"))
+            print(f"[gpu-check] interrupted in {stage.name}: the finished stages' files are kept", file=sys.stderr)
+            return 130
         results.append(result)
         meta["elapsed_s"] = round(time.monotonic() - started, 1)
         record(out, results, meta)

@@ -1,0 +1,170 @@
+"""``make gpu-check`` (scripts/gpu_check.py) without a GPU: the offline set-up a GPU image takes, the dry run
+of every stage, a run killed mid-stage, and the verdict table read from a folder."""
+
+import json
+import os
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_verdict  # noqa: E402
+
+# A pip that tried to download would meet these: no index, and a proxy nobody listens on.
+OFFLINE = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+
+
+def tracked_copy(dest: Path) -> Path:
+    """The project's tracked files (and uncommitted changes to them) in ``dest``: a fresh checkout."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = ROOT / name.decode()
+        if source.is_file():
+            target = dest / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest
+
+
+def image_like_venv(path: Path, with_packages: bool) -> Path:
+    """A virtualenv whose python holds the test and bench dependencies (the GPU image's python3 is such a venv):
+    made without system site-packages, the packages of this interpreter reached through a .pth file."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if with_packages:
+        # pip too: the set-up builds with this python's pip.
+        Path(purelib, "image_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_the_set_up_builds_offline_with_the_running_python_as_it_is(tmp_path):
+    project = tracked_copy(tmp_path / "project")
+    python = image_like_venv(tmp_path / "venv", with_packages=True)
+    out = tmp_path / "out"
+    done = subprocess.run([python, "scripts/gpu_check.py", "--as-is", "--setup-only", "--out", str(out)],
+                          cwd=project, capture_output=True, text=True, env=os.environ | OFFLINE, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (project / ".venv").exists()  # no virtualenv of its own
+    setup = json.loads((out / "setup.json").read_text())
+    assert setup["executable"] == str(python)
+    assert Path(setup["extension"]).parent == project / "adallava_kernels"  # built in place, in the copy
+    log = (out / "setup.log").read_text()
+    assert "--no-index" in log and "Downloading" not in log
+    stages = json.loads((out / "stages.json").read_text())
+    assert [(s["name"], s["status"]) for s in stages["stages"]] == [("setup", "passed")]
+    assert stages["built_in_place"] is True
+
+
+def test_a_missing_dependency_is_named_before_anything_runs(tmp_path):
+    python = image_like_venv(tmp_path / "venv", with_packages=False)
+    out = tmp_path / "out"
+    done = subprocess.run([python, str(SCRIPT), "--as-is", "--out", str(out)], capture_output=True, text=True,
+                          env=os.environ | OFFLINE, timeout=120)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("gpu-check: error:") and "lacks torch, triton, transformers" in line and "pytest-xdist" in line
+    assert not (out / "stages.json").exists()
+
+
+def test_make_test_still_runs_the_suite_in_the_projects_venv():
+    """The GPU image's set-up is its own path: make test still makes .venv with scripts/setup_env.sh."""
+    env_recipe = subprocess.run(["make", "-n", "-B", "env"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "bash scripts/setup_env.sh" in env_recipe
+    test_recipe = subprocess.run(["make", "-n", "test", "VENV=.venv"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout
+    assert ".venv/bin/python -m pytest tests" in test_recipe
+
+
+def dry_run(out: Path, *extra: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--python", sys.executable, "--out", str(out), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
+    out = tmp_path / "gpu-check"
+    sent = tmp_path / "sent"  # $OUT of a lent machine
+    process = dry_run(out, env=os.environ | {"OUT": str(sent)})
+    printed, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, printed
+    stages = json.loads((out / "stages.json").read_text())
+    names = ["setup", "tune", "model", "kernels", "serve", "probes", "tests"]
+    assert [(s["name"], s["status"]) for s in stages["stages"]] == [(n, "passed") for n in names]
+    for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "kernels/results.json",
+                 "serve/results.json", "probes.json", "tests.log", "verdict.md", "verdict.json"):
+        assert (out / name).stat().st_size > 0, name
+    for name in names:
+        assert (out / f"{name}.log").exists() or name == "setup"
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert any(r["what"] == "full-plan decode step, wall" and r["measured"].endswith(" ms") for r in verdict["rows"])
+    assert "| issue | what | measured | target | holds |" in printed
+    # What a lent machine sends back: the folder packed, the verdict and the stages beside it.
+    assert sorted(p.name for p in sent.iterdir()) == ["gpu-check.tar.gz", "stages.json", "verdict.md"]
+
+
+def test_a_run_killed_mid_stage_keeps_the_finished_stages(tmp_path):
+    out = tmp_path / "gpu-check"
+    process = dry_run(out, "--only", "setup,model,kernels,serve,tests", start_new_session=True)
+    deadline = time.monotonic() + 300
+    finished = []
+    while time.monotonic() < deadline:
+        try:
+            finished = json.loads((out / "stages.json").read_text())["stages"]
+        except (OSError, ValueError):
+            finished = []
+        if len(finished) >= 2:
+            break
+        time.sleep(0.2)
+    assert len(finished) >= 2, "the dry run did not finish two stages"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert [s["status"] for s in stages[:2]] == ["passed", "passed"]
+    assert json.loads((out / "model" / "results.json").read_text())["model_runs"]["rows"]
+    assert (out / "verdict.md").read_text().startswith("# gpu-check verdict")
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_the_verdict_reads_a_test_log_cut_short_and_a_finished_one(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("[gw0] [ 10%] PASSED tests/a.py::t1\n[gw1] [ 20%] FAILED tests/a.py::t2\n"
+                   "[gw0] [ 30%] PASSED tests/a.py::t3\n")
+    cut = gpu_verdict.test_summary(log)
+    assert (cut["passed"], cut["failed"], cut["finished"]) == (2, 1, False)
+    log.write_text("...\nworker 'gw3' crashed while running 'tests/b.py::t'\nFAILED tests/b.py::t\n"
+                   "==== 1 failed, 1013 passed, 7 skipped, 15 warnings in 196.41s (0:03:16) ====\n")
+    done = gpu_verdict.test_summary(log)
+    assert (done["passed"], done["failed"], done["skipped"], done["finished"]) == (1013, 1, 7, True)
+    assert done["crashed_workers"] == 1 and done["failures"] == ["tests/b.py::t"]
+
+
+def test_the_verdict_marks_what_did_not_run_as_not_measured(tmp_path):
+    (tmp_path / "stages.json").write_text(json.dumps({"elapsed_s": 12.0, "stages": [
+        {"name": "setup", "status": "passed", "seconds": 10.0}, {"name": "model", "status": "timed out", "seconds": 2}]}))
+    verdict = gpu_verdict.verdict(tmp_path)
+    rows = {r["what"]: r for r in verdict["rows"]}
+    assert rows["stage model"]["holds"] is False and rows["the whole check, seconds"]["holds"] is True
+    assert rows["model check ran"]["holds"] is None and rows["serving run ran"]["holds"] is None
+    assert "| #27 | model check ran | - | results.json | not measured |" in gpu_verdict.markdown(verdict)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget-s", "5"], "--budget-s must be at least 10"),
+    (["--only", "model,nonsense"], "--only names unknown stages ['nonsense']"),
+])
+def test_bad_arguments_are_one_line_and_status_2(tmp_path, argv, message):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--python", sys.executable, "--out", str(tmp_path), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "stages.json").exists()

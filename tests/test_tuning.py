@@ -1,0 +1,138 @@
+"""The tuned-config table: buckets, lookups, what a launch takes, the committed table's consistency, and the
+sweep (bench.tune) run under the interpreter at tiny shapes."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import triton
+
+from adallava_kernels.ops import tuning
+from adallava_kernels.ops.gathered_linear import COL_KERNELS, ROW_KERNELS
+from adallava_kernels.ops.triton_utils import config
+
+from bench import tune
+
+
+def test_buckets_round_sizes_up_to_powers_of_two_and_keep_flags():
+    names = ["M_BUCKET", "N", "K", "IEEE"]
+    assert tuning.bucket_of(names, [1, 11008, 4096, False]) == "M_BUCKET=1,N=16384,K=4096,IEEE=0"
+    # An -H width of 8256 shares the full width's bucket; 5504 has the next one down.
+    assert tuning.bucket_of(names, [16, 8256, 4096, True]) == "M_BUCKET=16,N=16384,K=4096,IEEE=1"
+    assert tuning.bucket_of(names, [16, 5504, 4096, True]) == "M_BUCKET=16,N=8192,K=4096,IEEE=1"
+
+
+def _table(path, device, kernel, bucket, entry):
+    path.write_text(json.dumps({"configs": {device: {kernel: {bucket: entry}}}}))
+
+
+def test_an_overlay_table_wins_over_the_committed_one(tmp_path, monkeypatch):
+    entry = {"kwargs": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "BAND_M": 1}, "num_warps": 2, "num_stages": 5}
+    overlay = tmp_path / "tuned.json"
+    _table(overlay, "Imaginary GPU", "_row_gather_kernel/decode", "B", entry)
+    assert tuning.lookup("Imaginary GPU", "_row_gather_kernel", "decode", "B") is None
+    monkeypatch.setenv(tuning.ENV, str(overlay))
+    found = tuning.lookup("Imaginary GPU", "_row_gather_kernel", "decode", "B")
+    assert (found.kwargs, found.num_warps, found.num_stages) == (entry["kwargs"], 2, 5)
+    assert tuning.lookup("Other GPU", "_row_gather_kernel", "decode", "B") is None
+
+
+def test_an_unreadable_table_is_an_error_naming_it(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    monkeypatch.setenv(tuning.ENV, str(broken))
+    with pytest.raises(RuntimeError, match="broken.json"):
+        tuning.lookup("Imaginary GPU", "k", "decode", "B")
+
+
+def _launch_args(kernel, device, **values):
+    """Positional arguments of a launch of ``kernel`` whose first is on ``device`` and whose tuning-key
+    arguments take ``values`` (the rest are never read by config_for)."""
+    # As the launchers pass them: positionally up to the last of ``values``, the flags by keyword.
+    args = [None] * (1 + max(kernel.fn.arg_names.index(name) for name in values))
+    args[0] = SimpleNamespace(device=device)
+    for name, value in values.items():
+        args[kernel.fn.arg_names.index(name)] = value
+    return tuple(args)
+
+
+def test_a_launch_takes_the_forced_config_then_the_tables_then_autotunes(tmp_path, monkeypatch):
+    kernel = ROW_KERNELS["decode"]
+    cuda = torch.device("cuda", 0)
+    args = _launch_args(kernel, cuda, M_BUCKET=1, N=11008, K=4096)
+    entry = {"kwargs": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "BAND_M": 1}, "num_warps": 2, "num_stages": 5}
+    overlay = tmp_path / "tuned.json"
+    _table(overlay, "Imaginary GPU", "_row_gather_kernel/decode", "M_BUCKET=1,N=16384,K=4096,IEEE=0", entry)
+    monkeypatch.setenv(tuning.ENV, str(overlay))
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "Imaginary GPU")
+    monkeypatch.setattr(tuning, "INTERPRETING", False)
+    chosen = kernel.config_for(args, {"IEEE": False})
+    assert chosen.kwargs == entry["kwargs"] and chosen.num_stages == 5
+    # Another bucket, or another device: the autotuner (None).
+    assert kernel.config_for(_launch_args(kernel, cuda, M_BUCKET=16, N=11008, K=4096), {"IEEE": False}) is None
+    assert kernel.config_for(_launch_args(kernel, torch.device("cpu"), M_BUCKET=1, N=11008, K=4096),
+                             {"IEEE": False}) is None
+    forced = config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BAND_M=1)
+    with tuning.forcing("_row_gather_kernel", "decode", forced):
+        assert kernel.config_for(args, {"IEEE": False}) is forced
+        col = COL_KERNELS["decode"]
+        assert col.config_for(_launch_args(col, cuda, M_BUCKET=1, N=4096, K=4096), {"IEEE": False}) is not forced
+    assert kernel.config_for(args, {"IEEE": False}).kwargs == entry["kwargs"]
+
+
+def test_the_interpreter_never_reads_the_table():
+    kernel = ROW_KERNELS["decode"]
+    args = _launch_args(kernel, torch.device("cuda", 0), M_BUCKET=1, N=11008, K=4096)
+    if not tuning.INTERPRETING:
+        pytest.fail("the suite runs the kernels under TRITON_INTERPRET=1 where there is no GPU")
+    assert kernel.config_for(args, {"IEEE": False}) is None
+
+
+def test_every_committed_config_is_a_candidate_of_its_kernel_with_a_measured_time():
+    table = json.loads(tuning.TABLE.read_text())
+    assert table["configs"], "the committed table is empty"
+    for device, kernels in table["configs"].items():
+        run = table["runs"][device]
+        assert {"date", "commit", "command", "torch", "triton"} <= set(run)
+        for key, buckets in kernels.items():
+            name, regime = key.split("/")
+            # The candidates as the sweep lists them on a GPU (not the interpreter's one config).
+            tuned, _ = tune.KERNEL_TABLES[name]
+            allowed = [tuning.config_to_json(c) for c in list(tuned[regime]) + tune.EXTRA.get(name, {}).get(regime, [])]
+            for bucket, entry in buckets.items():
+                assert {k: entry[k] for k in ("kwargs", "num_warps", "num_stages")} in allowed, (key, bucket)
+                assert entry["seconds"] > 0
+
+
+def test_the_sweep_writes_a_table_that_install_merges(tmp_path, monkeypatch):
+    if not tuning.INTERPRETING:
+        pytest.fail("this test runs the sweep's CPU path, under TRITON_INTERPRET=1")
+    out = tmp_path / "tune"
+    assert tune.main(["--quick", "--device", "cpu", "--match", "b1 full", "--out", str(out)]) == 0
+    made = json.loads((out / "tuned_configs.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert [c["case"] for c in results["cases"]] == ["gate|up b1 full"]
+    (device,) = made["configs"]
+    assert list(made["configs"][device]) == ["_row_gather_kernel/decode"]
+    (entry,) = made["configs"][device]["_row_gather_kernel/decode"].values()
+    assert entry["case"] == "gate|up b1 full" and entry["seconds"] > 0
+    # install: the device's entries replace that device's, other devices stay.
+    target = tmp_path / "committed.json"
+    target.write_text(json.dumps({"about": "", "runs": {"Other": {}}, "configs": {"Other": {"k/decode": {}}}}))
+    merged = tune.install(out / "tuned_configs.json", target)
+    assert set(merged["configs"]) == {"Other", device} and merged["configs"][device] == made["configs"][device]
+    assert tune.main(["--quick", "--device", "cpu", "--match", "no such case", "--out", str(out)]) == 2
+
+
+def test_a_candidate_that_cannot_run_is_recorded_not_fatal(tmp_path, monkeypatch):
+    if not tuning.INTERPRETING:
+        pytest.fail("this test runs the sweep's CPU path, under TRITON_INTERPRET=1")
+    bad = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)  # the kernel needs more blocks than this
+    monkeypatch.setattr(tune, "candidates", lambda kernel, regime: [tune.gathered_linear.INTERPRETER_CONFIGS[0], bad])
+    case = next(c for c in tune.cases(tune.get_shape("tiny"), torch.float32, torch.device("cpu"), 8, (1,))
+                if c.name == "o_proj half b1")
+    results = tune.sweep([case], torch.device("cpu"), tmp_path, deadline=float("inf"), quick=True)
+    (row,) = results["cases"]
+    assert "seconds" in row["candidates"][0] and "error" in row["candidates"][1]
+    assert row["best"]["kwargs"] == tune.gathered_linear.INTERPRETER_CONFIGS[0].kwargs
