@@ -628,3 +628,33 @@ def test_step_shape_depends_on_the_layers_that_run_only(model):
     runner.admit("wide", PLAN_H, ids.shape[1] + 40)  # 13 pages: the 16-page bucket, not the 4-page one
     runner.prefill(["wide"], runner.weights.embed[ids])
     assert runner.decode(["wide"]).key != keys[0]
+
+
+def test_a_triton_bound_step_replays_through_the_graph_stand_in(model):
+    """The Triton backend's bound step, its directly launched kernels (RMSNorm) included, captured once and
+    replayed for two distinct -H plans of one step shape: the tokens equal the eager bound steps' and
+    the transformers oracle's. Real CUDA graphs on a GPU; on a CPU the stand-in, under the interpreter."""
+    plans = distinct_h_plans(2, seed=5)
+    ids, _ = prompts(batch=2)
+    on_gpu = DEVICE.type == "cuda"
+    steps = 3
+
+    def run(graphs):
+        runner = runner_for(model, "triton", DEVICE, cuda_graphs=graphs is not None, bind_plans=True)
+        if not on_gpu:
+            runner.graphs = graphs
+        out = []
+        for b, plan in enumerate(plans):
+            _, logits = serve_one(runner, f"r{b}", plan, ids[b], steps)
+            out.append(logits)
+            runner.free(f"r{b}")
+        return out, runner
+
+    eager, _ = run(None)
+    graphed, runner = run(GraphCache(4) if on_gpu else RecordingGraphs(4))
+    stats = runner.graphs.stats
+    assert (stats.captures, stats.replays) == (1, len(plans) * (steps - 1) - 1)
+    for b, (mine, theirs) in enumerate(zip(graphed, eager)):
+        assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+        assert_close(mine, theirs, torch.float32)
+        assert_close(mine, oracle_logits(model, ids[b], torch.ones_like(ids[b]), plans[b], steps), torch.float32)
