@@ -36,10 +36,16 @@ def cases(table: dict) -> list:
 TOKENS = {"prefill": 37, "decode": 3}
 
 
-@pytest.mark.parametrize("regime, config", cases(gathered_linear.CONFIGS))
-def test_gathered_linear_config(regime, config, monkeypatch):
-    for kernels in (gathered_linear.ROW_KERNELS, gathered_linear.COL_KERNELS):
-        monkeypatch.setitem(kernels, regime, only(kernels, regime, config, key=["M_BUCKET"], restore_value=["y_ptr"]))
+GATHERS = {"row": (gathered_linear.ROW_KERNELS, gathered_linear.ROW_CONFIGS),
+           "col": (gathered_linear.COL_KERNELS, gathered_linear.COL_CONFIGS)}
+
+
+@pytest.mark.parametrize("which, regime, config", [
+    pytest.param(which, *case.values, id=f"{which}-{case.id}") for which, (_, table) in GATHERS.items()
+    for case in cases(table)])
+def test_gathered_linear_config(which, regime, config, monkeypatch):
+    kernels = GATHERS[which][0]
+    monkeypatch.setitem(kernels, regime, only(kernels, regime, config, key=["M_BUCKET"]))
     tokens, hidden, inter = TOKENS[regime], 200, 300
     x = torch.randn(tokens, hidden).half()
     w_gate, w_up = ((torch.randn(inter, hidden) * hidden**-0.5).half() for _ in range(2))

@@ -77,16 +77,17 @@ def test_strided_query_and_one_page():
     assert_close(out.cpu(), loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale))
 
 
-# (batch, heads, positions the pages hold) -> splits, on a device of 4 SMs (the CPU's stand-in): enough
-# programs for two waves (2 * 4 / (batch * heads)), at least a minimum of positions per split (32 under the
-# interpreter, which splits small tests too; 256 compiled), at most 32.
+# (batch, heads, positions the pages hold) -> splits, on a device of 4 SMs (the CPU's stand-in) running 2
+# programs each: one full wave, 8 // (batch * heads), at most one split per block of positions (32 under
+# the interpreter, which splits small tests too; 64 compiled), at most 16.
 SPLIT_CASES = [
     ((1, 1, 10), 1, 1),
     ((1, 1, 64), 2, 1),
-    ((1, 1, 65), 3, 1),  # one position more capacity: one split more (interpreter)
-    ((1, 1, 700), 8, 3),
-    ((1, 3, 4096), 3, 3),
-    ((2, 2, 4096), 1, 1),  # 4 programs already fill 4 SMs
+    ((1, 1, 65), 3, 2),  # one position more capacity: one split more
+    ((1, 1, 700), 8, 8),
+    ((1, 3, 4096), 2, 2),  # 3 programs, 2 splits each: 6 of the 8 slots
+    ((2, 2, 4096), 2, 2),
+    ((3, 3, 4096), 1, 1),  # 9 programs already cover the 8 slots
     ((1, 1, 10**6), 8, 8),
 ]
 

@@ -13,6 +13,9 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # is autotuned, so a test run compiles each kernel once per specialisation, not
 # once per config. Read once, at import, like TRITON_INTERPRET.
 AUTOTUNE = os.environ.get("ADALLAVA_AUTOTUNE", "1") != "0"
+# Set only while bench.static compiles, for a GPU, the kernels that CPU-tensor launches would run (its
+# launches compile and never run): the Triton backend is then taken on CPU tensors without the interpreter.
+COMPILE_ONLY = False
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,7 +50,7 @@ def resolve_backend(op: str, backend: str, device: torch.device, triton_kernel: 
         return "triton" if triton_kernel is not None and device.type == "cuda" else "torch"
     if triton_kernel is None:
         raise BackendUnavailableError(f"{op} has no Triton kernel in this version; use backend='torch'")
-    if device.type != "cuda" and not INTERPRETING:
+    if device.type != "cuda" and not (INTERPRETING or COMPILE_ONLY):
         raise BackendUnavailableError(
             f"{op}: Triton kernels run on CUDA tensors, or on CPU with TRITON_INTERPRET=1 set before "
             f"adallava_kernels is imported; got tensors on {device}"

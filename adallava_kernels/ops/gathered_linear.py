@@ -32,10 +32,12 @@ import triton
 import triton.language as tl
 
 from .layout import prepare_column_gather
+from .workspace import counters, scratch
 from .triton_utils import DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, multiprocessors, regime, smallest_block
 
 __all__ = [
-    "CONFIGS",
+    "COL_CONFIGS",
+    "ROW_CONFIGS",
     "DECODE_MAX_TOKENS",
     "row_gathered_linear",
     "col_gathered_linear",
@@ -48,25 +50,40 @@ def _config(bm, bn, bk, warps, stages, band=8):
     return config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BAND_M=band)
 
 
-CONFIGS = {
-    # Prefill, many tokens: compute-bound tiles for tl.dot.
+# Every config below passes the static check of its compiled sm_90 code at LLaVA-1.5-7B shapes, batch 1 and
+# 16 (tests/test_kernels_static.py, bench/static.py): 16-byte asynchronous weight loads, at least 2 buffers
+# of each weight tile, at least 32 KiB in flight per SM, a grid of at least one program per SM with no
+# 1.0-1.5 wave tail, no spills. Configs that failed it are gone: BLOCK_N 128 at decode (86 programs on
+# 132 SMs, 255 registers), BLOCK_N 64 / BLOCK_K 256 (1.3 waves, spills).
+ROW_CONFIGS = {
+    # Prefill, many tokens: compute-bound tiles for tl.dot. SwiGLU holds two fp32 accumulators: tiles of
+    # 128 x 128 with 64-deep K spill at 4 or 8 warps (and 128 x 256 needs 240 KB of shared memory), so the
+    # wide tiles take a 32-deep K, or are halved.
     "prefill": [
-        # Hopper (H100/H200): 128x128 and 128x256 tiles, 64-deep K, 3-4 stages fit its 228 KB of shared memory.
+        _config(128, 128, 32, warps=8, stages=3),
+        _config(128, 64, 64, warps=8, stages=4),
+        _config(64, 128, 64, warps=4, stages=4),
+        _config(64, 64, 64, warps=4, stages=3),
+    ],
+    # Decode, 1 to 16 tokens: memory-bound; a 16-row tile is the smallest tl.dot takes, and narrow, deep
+    # weight tiles keep many loads in flight over many programs.
+    "decode": [
+        _config(16, 32, 128, warps=4, stages=4, band=1),
+        _config(16, 64, 128, warps=4, stages=4, band=1),
+        _config(16, 32, 256, warps=4, stages=4, band=1),
+    ],
+}
+# The column gather loads its weight tile through the column index it loads first: Triton gives such a
+# load (num_stages - 1) / 2 buffers, so decode takes 5 stages or more (2 buffers; 7: 3).
+COL_CONFIGS = {
+    "prefill": [
         _config(128, 128, 64, warps=8, stages=3),
-        _config(128, 256, 64, warps=8, stages=3),
-        _config(128, 128, 64, warps=4, stages=4),
-        # Ampere (A100): 32-deep K with 4 stages fits 164 KB of shared memory.
-        _config(128, 128, 32, warps=4, stages=4),
+        _config(128, 64, 64, warps=8, stages=4),
         _config(64, 128, 32, warps=4, stages=4),
     ],
-    # Decode, 1 to 16 tokens: memory-bound; a 16-row tile is the smallest tl.dot
-    # takes, and wide, deep weight tiles keep many loads in flight.
     "decode": [
-        # Hopper and Ampere alike: the weight stream dominates, tiles differ in width.
-        _config(16, 64, 128, warps=4, stages=4, band=1),
-        _config(16, 128, 128, warps=4, stages=4, band=1),
-        _config(16, 64, 256, warps=4, stages=3, band=1),
-        _config(16, 32, 256, warps=4, stages=4, band=1),
+        _config(16, 64, 128, warps=4, stages=5, band=1),
+        _config(16, 64, 64, warps=4, stages=7, band=1),
     ],
 }
 INTERPRETER_CONFIGS = [_config(16, 32, 32, warps=4, stages=1, band=2)]
@@ -135,17 +152,24 @@ def _row_gather_kernel(
 
 @triton.jit
 def _col_gather_kernel(
-    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr,
+    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr, part_ptr, cnt_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm, stride_rn,
     SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * w[n, cols[k]]; with SPLIT_K > 1, fp32 partial sums added atomically.
+    """y[m, n] = sum_k x[m, k] * w[n, cols[k]] (+ res[m, n] with RESIDUAL).
+
     COUNTED: only the first count[0] columns count (a list padded to its capacity, read on the device);
-    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit), never read else;
-    RESIDUAL: y = res + that (the residual add fused; with SPLIT_K > 1 the launcher starts the sums at res)."""
+    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit). x and its mask
+    are read as whole vectors across the row (the row's width K a multiple of 16 makes them 16-byte
+    loads); a column that does not count is taken as 0, whatever x holds there (NaN included). The
+    weight columns of free slots are never read.
+
+    SPLIT_K > 1: program_id(1) takes an equal share of the counted columns; each writes its fp32 partial
+    tile to part_ptr, takes a ticket (one atomic a program), and the last of a tile sums the partials in
+    split order (bitwise repeatable), adds the residual, writes y and puts the ticket counter back to 0."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -155,19 +179,24 @@ def _col_gather_kernel(
     k_end = K
     if COUNTED:
         k_end = tl.minimum(tl.load(count_ptr), K)
+    share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * share
+    k_hi = tl.minimum(k_end, k_lo + share)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, k_end, BLOCK_K * SPLIT_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        cols = tl.load(cols_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-        a_mask = mask_m[:, None] & mask_k[None, :]
+        counted = offs_k < k_hi
+        cols = tl.load(cols_ptr + offs_k, mask=counted, other=0).to(tl.int64)
+        row_mask = mask_m[:, None] & (offs_k < K)[None, :]
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=row_mask, other=0.0)
+        keep = counted[None, :]
         if XMASK:
-            keep = tl.load(xmask_ptr + offs_m[:, None] * stride_mm + offs_k[None, :] * stride_mk, mask=a_mask, other=0)
-            a_mask = a_mask & (keep != 0)
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=a_mask, other=0.0)
+            keep = keep & (tl.load(xmask_ptr + offs_m[:, None] * stride_mm + offs_k[None, :] * stride_mk,
+                                   mask=row_mask, other=0) != 0)
+        a = tl.where(keep, a, 0.0)
         b = tl.load(
             w_ptr + offs_n[None, :] * stride_wn + cols[:, None] * stride_wk,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+            mask=counted[:, None] & mask_n[None, :], other=0.0,
         )
         acc = dot(a, b, acc, IEEE, UPCAST)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -178,12 +207,26 @@ def _col_gather_kernel(
             acc += res.to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(tile_parts + pid_k * (BLOCK_M * BLOCK_N) + local, acc)
+        tl.debug_barrier()  # every thread's partial is written before the ticket publishes it
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last split of this tile: the sum, in split order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(tile_parts + s * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+            if RESIDUAL:
+                res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
+                              other=0.0)
+                total += res.to(tl.float32)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr + tile, 0)  # the ticket counter back to 0 for the next launch
 
 
-# Restoring y after each tuning run keeps split-K's atomic partial sums from piling up in the output.
-ROW_KERNELS = autotuned(_row_gather_kernel, CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY, restore_value=["y_ptr"])
-COL_KERNELS = autotuned(_col_gather_kernel, CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY, restore_value=["y_ptr"])
+ROW_KERNELS = autotuned(_row_gather_kernel, ROW_CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY)
+COL_KERNELS = autotuned(_col_gather_kernel, COL_CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY)
 
 
 def _m_bucket(m: int) -> int:
@@ -191,12 +234,16 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
+_SMALLEST_DECODE_N = smallest_block("BLOCK_N", COL_CONFIGS, INTERPRETER_CONFIGS, "decode")
+
+
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Reduction splits for decode: enough programs for two waves over the GPU."""
+    """Reduction splits for decode: enough programs for two per SM, each split at least 2 K-blocks long
+    (so its loop keeps its loads in flight)."""
     if regime(m) == "prefill" or k == 0:
         return 1
-    tiles = triton.cdiv(n, smallest_block("BLOCK_N", CONFIGS, INTERPRETER_CONFIGS, "decode"))
-    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), triton.cdiv(k, 128), 16))
+    tiles = triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N)
+    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), triton.cdiv(k, 256), 16))
 
 
 def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor):
@@ -221,24 +268,22 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
     if k == 0:
         return out.zero_() if residual is None else out.copy_(residual)
     split = _split_k(m, n, k, x2.device)
-    if split == 1:
-        target = out
-    elif residual is None:
-        target = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    if split > 1:
+        # Room for the partials of any decode config's tiles (BLOCK_M 16; BLOCK_N up to 128, a multiple of each).
+        partials = scratch(x2.device, split * triton.cdiv(m, 16) * 16 * triton.cdiv(n, 128) * 128)
+        tickets = counters(x2.device, triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N))
     else:
-        target = residual.to(torch.float32, copy=True)  # the split sums are added onto the residual
+        partials, tickets = out, cols  # never read without a split
     mask_strides = (0, 0) if x_mask is None else (x_mask.stride(0), x_mask.stride(1))
     res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     COL_KERNELS[regime(m)][grid](
-        x2, w, cols, target, cols if count is None else count, x2 if x_mask is None else x_mask,
-        x2 if residual is None else residual, m, n, k, _m_bucket(m),
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), target.stride(0), target.stride(1), *mask_strides,
+        x2, w, cols, out, cols if count is None else count, x2 if x_mask is None else x_mask,
+        x2 if residual is None else residual, partials, tickets, m, n, k, _m_bucket(m),
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *mask_strides,
         *res_strides, SPLIT_K=split, COUNTED=count is not None, XMASK=x_mask is not None,
-        RESIDUAL=residual is not None and split == 1, **dot_flags(x2.dtype),
+        RESIDUAL=residual is not None, **dot_flags(x2.dtype),
     )
-    if split > 1:
-        out.copy_(target)
     return out
 
 
@@ -293,10 +338,13 @@ def col_gathered_linear(
     """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``.
 
     For a plan bound as data: ``count`` (int32 ``[1]``, on the device) keeps only the first ``count[0]``
-    entries of ``cols`` and of ``x``'s last dim (the rest is a padded list's free slots, never read);
-    ``x_mask`` ``[rows of x, len(cols)]`` keeps ``x[m, k]`` only where it is nonzero (the units a row's
-    own plan lacks in a batch's union), and the masked elements are never read. ``residual`` (the shape
-    of the result): added to it in the same pass (a decoder layer's residual stream).
+    entries of ``cols`` and of ``x``'s last dim (the rest is a padded list's free slots: their weight
+    columns are never read); ``x_mask`` ``[rows of x, len(cols)]`` keeps ``x[m, k]`` only where it is
+    nonzero (the units a row's own plan lacks in a batch's union). ``x`` and ``x_mask`` are read as whole
+    rows, 16 bytes a load: an element that does not count is taken as 0 whatever it holds (NaN included).
+    ``residual`` (the shape of the result): added to it in the same pass (a decoder layer's residual
+    stream). In decode the reduction is split over programs that meet in the same launch, in a fixed
+    order (:mod:`.workspace`): the result is bitwise repeatable.
     """
     y = _out(x, w.shape[0], out)
     if y.numel():

@@ -32,8 +32,8 @@ CONFIGS = {
         # Hopper: 128x128 tiles with 64-deep K and 3-4 stages fit its 228 KB of shared memory.
         config(8, 3, BLOCK_M=128, BLOCK_K=64),
         config(4, 4, BLOCK_M=64, BLOCK_K=64),
-        # Ampere: 32-deep K so 4 stages fit 164 KB.
-        config(4, 4, BLOCK_M=128, BLOCK_K=32),
+        # Ampere: 32-deep K so 4 stages fit 164 KB; 8 warps, as 4 spill the two 128 x 64 accumulators.
+        config(8, 4, BLOCK_M=128, BLOCK_K=32),
     ],
     # 1 to 16 tokens: the weight stream dominates; deep K tiles keep loads in flight.
     "decode": [

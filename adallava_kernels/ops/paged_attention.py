@@ -12,8 +12,8 @@ lets a step be captured once as a CUDA graph and replayed.
 - :func:`paged_decode_attention_reference`: PyTorch, gathers the pages
   (``O(max_tokens)`` per call): the oracle and the CPU path;
 - :func:`paged_decode_attention_triton`: one program per (sequence, head,
-  split) streams its pages with an online softmax; the splits are combined
-  by ``split_combine``'s log-sum-exp combine.
+  split) streams its pages with an online softmax; the last split of each
+  (sequence, head) combines them in the same launch.
 """
 
 from __future__ import annotations
@@ -57,12 +57,24 @@ def paged_decode_attention_reference(
     return attend_gathered_pages(q[:, :, None], pages, head_tables, mask, scale)[:, :, 0]
 
 
-def paged_decode_splits(batch: int, heads: int, max_positions: int, device: torch.device) -> int:
-    """KV splits for a decode step: enough (batch x heads x splits) programs to cover the GPU twice,
-    from the positions the pages can hold (``max_tokens``), not the current length, so it stays fixed."""
-    from .triton_utils import min_per_split, splits
+# Programs an SM runs at once of the paged decode kernel at head_dim 128 (its shared memory: K and V tiles
+# in flight); the static check of the compiled kernel (tests/test_kernels_static.py) holds it to this.
+PAGED_DECODE_RESIDENT = 2
 
-    return splits(batch * heads, -(-max_positions // min_per_split(256)), device)
+
+def paged_decode_splits(batch: int, heads: int, max_positions: int, device: torch.device) -> int:
+    """Splits of each (sequence, head) in a decode step: enough programs for one full wave over the GPU
+    (its SMs x :data:`PAGED_DECODE_RESIDENT`), rounded down so no wave is left part-filled, and at most one
+    split per block of positions the pages can hold (``max_tokens``, not the current length, so the grid is
+    fixed for a captured step)."""
+    from .triton_utils import MAX_SPLITS, min_per_split, multiprocessors
+
+    programs = batch * heads
+    if programs == 0:
+        return 1
+    slots = multiprocessors(device) * PAGED_DECODE_RESIDENT
+    blocks = max(1, -(-max_positions // min_per_split(64)))
+    return max(1, min(slots // programs, blocks, MAX_SPLITS // 2))
 
 
 def paged_decode_attention_triton(

@@ -1,5 +1,21 @@
-"""Triton kernel of the paged decode attention (see ``paged_attention``): one program per (sequence,
-head, split) streams its pages with an online softmax; the splits meet in ``split_combine``."""
+"""Triton kernel of the paged decode attention (see ``paged_attention``).
+
+One program per (sequence, query head, split). A split covers an equal share
+of the sequence's visible positions, computed on the device from its length,
+so the work stays balanced whatever the context. Each program streams its
+share in blocks of ``BLOCK_N`` positions: the block table gives each
+position's page, the K and V tiles of the block are loaded 16 bytes a thread
+and staged through shared memory by Triton's software pipeline (the scores
+and the weighted sum are ``tl.dot`` with the query in row 0 of a 16-row
+tile, which is what the pipeliner streams), with an online softmax.
+
+Splits meet in the same launch: each writes its normalised partial output
+and log2-sum-exp to the workspace (:mod:`.workspace`), takes a ticket with
+one atomic, and the last of a (sequence, head) weighs the partials by
+``2^lse`` (the exact softmax over all splits, in a fixed order) and writes
+the output. A free head slot (-1: a plan bound as data) attends nothing and
+gives 0.
+"""
 
 from __future__ import annotations
 
@@ -7,79 +23,103 @@ import torch
 import triton
 import triton.language as tl
 
-from .split_combine import combine_splits
-from .triton_utils import INTERPRET, LOG2E
+from .triton_utils import INTERPRET, LOG2E, dot, dot_flags
+from .workspace import counters, scratch
 
-# One query row per program: the scores are a reduction over head_dim, not a
-# tl.dot (which needs 16 rows); decode streams K/V, so the tile is sized for
-# loads in flight. Fixed, not autotuned: a step is captured once as a graph.
-_BLOCK_N = 16 if INTERPRET else 64
-_NUM_WARPS = 4
+# Positions a program's loop takes at a time: 4 pages of 16; a K or V tile of 16 KB at head_dim 128.
+BLOCK_N = 16 if INTERPRET else 64
+NUM_WARPS = 4
+# Buffers in flight: the tiles' page indices are loaded first (one indirection), so 4 stages keep one
+# tile of K and V ahead of the one being reduced.
+NUM_STAGES = 1 if INTERPRET else 7
+QUERY_ROWS = 16  # the smallest tile tl.dot takes; row 0 is the query
 
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, lse_ptr,
-    NQ, PAGE, SPLIT_LEN, qk_scale,
+    q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, part_ptr, cnt_ptr,
+    NQ, PAGE, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kd,
     stride_tb, stride_th, stride_tw,
-    stride_ob, stride_oh, stride_od, stride_osplit,
-    stride_lb, stride_lh, stride_lsplit,
+    stride_ob, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Query head ``program_id(0) % NQ`` of sequence ``program_id(0) // NQ`` over split ``program_id(1)``."""
     bh = tl.program_id(0)
-    pid_split = tl.program_id(1)
+    split = tl.program_id(1)
     b = (bh // NQ).to(tl.int64)
     h = (bh % NQ).to(tl.int64)
     kvh = tl.load(kvmap_ptr + h).to(tl.int64)
-    # A free slot of a head list padded to its capacity (a plan bound as data) attends nothing: its output
-    # is 0 (and its splits' log-sum-exp -inf), so the combine reads defined values.
     free = kvh < 0
     kvh = tl.maximum(kvh, 0)
     length = tl.load(len_ptr + b)
     start = tl.load(start_ptr + b)
-    lo = tl.maximum(start, pid_split * SPLIT_LEN)
-    hi = tl.where(free, lo, tl.minimum(length, (pid_split + 1) * SPLIT_LEN))
+    # This split's share of [start, length), whole blocks each, so every split starts on a block.
+    share = tl.cdiv(tl.cdiv(tl.maximum(length - start, 0), SPLIT), BLOCK_N) * BLOCK_N
+    lo = start + split * share
+    hi = tl.where(free, lo, tl.minimum(length, lo + share))
 
     offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, ROWS)
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d * stride_qd, mask=mask_d, other=0.0)
-    q = q.to(tl.float32) * qk_scale
+    # The query in row 0 of a [ROWS, d] tile; the other rows are 0 and their results unused.
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_r[:, None] * 0 + offs_d[None, :] * stride_qd,
+                mask=(offs_r[:, None] == 0) & mask_d[None, :], other=0.0)
     table = table_ptr + b * stride_tb + kvh * stride_th
 
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    m_i = tl.max(tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32), 0)
-    l_i = tl.sum(tl.zeros((BLOCK_N,), dtype=tl.float32), 0)
-    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = (offs_n >= lo) & (offs_n < hi)
+        valid = offs_n < hi
         page = tl.load(table + (offs_n // PAGE) * stride_tw, mask=valid, other=0).to(tl.int64)
         row = page * stride_kp + (offs_n % PAGE) * stride_ks
-        tile_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + row[:, None] + offs_d[None, :] * stride_kd, mask=tile_mask, other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
+        k = tl.load(k_ptr + row[None, :] + offs_d[:, None] * stride_kd, mask=valid[None, :] & mask_d[:, None],
+                    other=0.0)
+        s = dot(q, k, tl.zeros((ROWS, BLOCK_N), dtype=tl.float32), IEEE, UPCAST) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         # Nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(v_ptr + row[:, None] + offs_d[None, :] * stride_kd, mask=tile_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
+        v = tl.load(v_ptr + row[:, None] + offs_d[None, :] * stride_kd, mask=valid[:, None] & mask_d[None, :],
+                    other=0.0)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
+        l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)
+    first = offs_r == 0
+    m0 = tl.sum(tl.where(first, m_i, 0.0), 0)
+    l0 = tl.sum(tl.where(first, l_i, 0.0), 0)
+    out = tl.sum(tl.where(first[:, None], acc, 0.0), 0) / tl.where(l0 > 0, l0, 1.0)
     o_off = b * stride_ob + h * stride_oh + offs_d * stride_od
     if SPLIT == 1:
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=mask_d)
     else:
-        tl.store(o_ptr + o_off + pid_split * stride_osplit, out, mask=mask_d)
-        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + b * stride_lb + h * stride_lh + pid_split * stride_lsplit, lse)
+        # The partial: [BLOCK_D] output then its log2-sum-exp, per (sequence x head, split).
+        row_len = BLOCK_D + 1
+        mine = part_ptr + (bh.to(tl.int64) * SPLIT + split) * row_len
+        tl.store(mine + offs_d, out)
+        tl.store(mine + BLOCK_D, tl.where(l0 > 0, m0 + tl.math.log2(tl.where(l0 > 0, l0, 1.0)), float("-inf")))
+        tl.debug_barrier()  # every thread's partial is written before the ticket publishes it
+        ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:  # the last split of this (sequence, head): combine all in a fixed order
+            offs_s = tl.arange(0, BLOCK_SPLIT)
+            mask_s = offs_s < SPLIT
+            rows = part_ptr + (bh.to(tl.int64) * SPLIT + offs_s) * row_len
+            lse = tl.load(rows + BLOCK_D, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+            top = tl.max(lse, 0)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            w = tl.math.exp2(lse - top)
+            total = tl.sum(w, 0)
+            w = w / tl.where(total > 0, total, 1.0)
+            parts = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(o_ptr + o_off, tl.sum(parts * w[:, None], 0).to(o_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(cnt_ptr + bh, 0)  # the ticket counter back to 0 for the next launch
 
 
 def launch_paged_decode(
@@ -88,35 +128,24 @@ def launch_paged_decode(
 ) -> torch.Tensor:
     """``q`` ``[batch, heads, d]``, ``pages`` ``[2, num_pages, page_size, d]``, ``block_tables``
     ``[batch, kv_heads, width]`` int32, ``lengths``/``starts`` ``[batch]`` int32 -> ``[batch, heads, d]``
-    (into ``out`` when given)."""
+    (into ``out`` when given). ``split``: programs per (sequence, head), from the pages' capacity."""
     batch, nq, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     if batch * nq == 0:
         return out
-    page_size, width = pages.shape[2], block_tables.shape[2]
-    blocks = triton.cdiv(width * page_size, _BLOCK_N)
-    split_len = triton.cdiv(blocks, split) * _BLOCK_N
     k_pages, v_pages = pages[0], pages[1]
-    if split == 1:
-        target, lse = out, out
-        t_strides, l_strides = (*out.stride(), 0), (0, 0, 0)
-    else:
-        target = torch.empty(batch, nq, split, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, nq, split, dtype=torch.float32, device=q.device)
-        t_strides = (target.stride(0), target.stride(1), target.stride(3), target.stride(2))
-        l_strides = lse.stride()
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _paged_decode_kernel[(batch * nq, split)](
-        q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, target, lse,
-        nq, page_size, split_len, scale * LOG2E,
-        *q.stride(), *k_pages.stride(), *block_tables.stride(),
-        *t_strides, *l_strides,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
-    )
     if split > 1:
-        # The combine indexes [batch, row, head, d, split]: one row per sequence here.
-        combine_splits(target, (target.stride(0), 0, target.stride(1), target.stride(3), target.stride(2)),
-                       lse, (lse.stride(0), 0, lse.stride(1), lse.stride(2)),
-                       out, (out.stride(0), 0, out.stride(1), out.stride(2)),
-                       rows=1, batch=batch, heads=nq, head_dim=head_dim, split=split)
+        partials = scratch(q.device, batch * nq * split * (block_d + 1))
+        tickets = counters(q.device, batch * nq)
+    else:
+        partials, tickets = out, lengths  # never read with one split
+    _paged_decode_kernel[(batch * nq, split)](
+        q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, out, partials, tickets,
+        nq, pages.shape[2], scale * LOG2E,
+        *q.stride(), *k_pages.stride(), *block_tables.stride(), *out.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_N=BLOCK_N,
+        BLOCK_SPLIT=max(2, triton.next_power_of_2(split)), ROWS=QUERY_ROWS, **dot_flags(q.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
     return out

@@ -1,0 +1,629 @@
+"""What the compiled code of each kernel a decode step (and a prefill) launches says about bandwidth, without a GPU.
+
+How a variant is compiled. With TRITON_INTERPRET unset, Triton's JIT launch
+(``JITFunction.run``) is replaced, inside :func:`capturing`, by one that does
+what the JIT does up to the launch (binds the arguments, specialises them:
+pointer alignment, integers equal to 1 or divisible by 16; packs the
+signature) and then compiles for ``sm_90`` instead of launching. The
+library's own runtime runs one bound decode step and one prefill of a
+LLaVA-1.5-7B-shaped decoder of two layers (layer 0 whole, layer 1 partial)
+on CPU tensors (:func:`runtime_launches`), so every launch site is reached
+with its real arguments. A tuned kernel compiles every config its autotuner
+or the committed table may pick. The CPU's stand-in SM count (4) is replaced
+by the H200's 132, so grids and splits are the GPU's.
+
+What is read from each variant (:class:`Variant`): the grid; warps; the
+launch's shared memory; registers and spills (``cuobjdump
+--dump-resource-usage``); SASS instruction counts (``cuobjdump -sass``); the
+buffers of each pipelined shared-memory tile (TTGIR's local allocations:
+``memdesc<3x128x64xbf16>`` is 3 buffers); the PTX atomics.
+
+:func:`failures` checks the properties bandwidth needs (``CHECKS``), and
+:func:`predicted_share` is the latency model's share of the copy rate
+(documented there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+SMS = 132  # an H200 (and an H100 SXM)
+SHARED_PER_SM = 228 * 1024  # Hopper: 228 KiB per SM, at most 227 KiB for one block
+MAX_SHARED_PER_BLOCK = 227 * 1024
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+ELEMENT = 2  # bf16
+
+# The latency model (predicted_share). Little's law: an SM streams at most (bytes in flight) / latency.
+# LATENCY_S is the loaded DRAM latency of an H200-class GPU, FIXED_S the cost every kernel of a captured
+# step pays whatever its size (launch in the graph, the first loads' latency, the drain of the last
+# wave). Both are calibrated against the measured per-kernel profile of bench/results/h200-2026-12-04
+# (see tests/test_kernels_static.py); COPY_RATE is that run's device-to-device copy.
+LATENCY_S = 1.0e-6
+FIXED_S = 2.0e-6
+COPY_RATE = 4.235e12
+
+
+def _nvidia_bin(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+@dataclasses.dataclass
+class Variant:
+    """One compiled launch: what the JIT would run for these arguments."""
+
+    kernel: str
+    site: str  # where the runtime launched it: "decode b1 full layer", ...
+    config: str  # the tuned config's blocks, warps and stages
+    grid: tuple[int, int, int]
+    num_warps: int
+    num_stages: int
+    shared: int
+    registers: int
+    stack: int
+    sass: Counter
+    buffers: dict[str, int]  # tile variable -> buffers (its TTGIR local allocation's leading size)
+    tile_bytes: dict[str, int]  # tile variable -> bytes of one buffer
+    atomics: list[str]  # the PTX atom/red instructions
+    args: dict  # the bound arguments: ints and flags as passed, tensors as (shape, dtype, numel)
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def count(self, prefix: str) -> int:
+        return sum(n for op, n in self.sass.items() if op.startswith(prefix))
+
+    @property
+    def occupancy(self) -> int:
+        """Programs one SM holds at once: the least of what shared memory, registers and warps allow."""
+        threads = 32 * self.num_warps
+        by_shared = SHARED_PER_SM // max(self.shared + 1024, 1)  # 1 KiB a block reserved by the hardware
+        by_registers = REGISTERS_PER_SM // max(self.registers * threads, 1)
+        by_warps = MAX_WARPS_PER_SM // self.num_warps
+        return max(0, min(by_shared, by_registers, by_warps, MAX_BLOCKS_PER_SM))
+
+    @property
+    def waves(self) -> float:
+        return self.programs / (SMS * max(self.occupancy, 1))
+
+    def label(self) -> str:
+        return f"{self.kernel} [{self.site}] {self.config}"
+
+
+# Per kernel: the tiles its main loop streams from memory (TTGIR variable names) and the bytes one launch
+# must move (from the bound arguments).
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    streams: tuple[str, ...]  # weight (or K/V) tiles of the main loop
+    streaming: bool  # a bandwidth kernel (its main loop streams weights or K/V)
+    bytes: Callable[["Variant"], float]
+
+
+def _numel(v: Variant, name: str) -> int:
+    return v.args[name][2]
+
+
+def _row_bytes(v: Variant) -> float:
+    a = v.args
+    weights = a["N"] * a["K"] * ELEMENT * (2 if a["SWIGLU"] else 1)
+    return weights + a["M"] * a["K"] * ELEMENT + a["M"] * a["N"] * ELEMENT
+
+
+def _col_bytes(v: Variant) -> float:
+    a = v.args
+    k = a["K"] if not a["COUNTED"] else min(a["K"], a["count"])
+    return k * a["N"] * ELEMENT + a["M"] * k * ELEMENT + a["M"] * a["N"] * ELEMENT * (2 if a["RESIDUAL"] else 1)
+
+
+def _head_bytes(v: Variant) -> float:
+    a = v.args
+    return a["live_slots"] * a["HEAD_DIM"] * a["K"] * ELEMENT + a["M"] * a["K"] * ELEMENT
+
+
+def _paged_bytes(v: Variant) -> float:
+    a = v.args
+    return a["batch"] * a["live_heads"] * a["context"] * a["HEAD_DIM"] * ELEMENT * 2
+
+
+def _elementwise_bytes(v: Variant) -> float:
+    return sum(numel * ELEMENT for shape, dtype, numel in
+               (value for value in v.args.values() if isinstance(value, tuple) and len(value) == 3))
+
+
+KERNELS = {
+    "_row_gather_kernel": KernelSpec(("b1", "b2", "b"), True, _row_bytes),
+    "_col_gather_kernel": KernelSpec(("b",), True, _col_bytes),
+    "_head_proj_kernel": KernelSpec(("w_lo", "w_hi"), True, _head_bytes),
+    "_paged_decode_kernel": KernelSpec(("k", "v"), True, _paged_bytes),
+}
+
+
+# -- compiling through the launchers -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
+    """Inside the block, every Triton launch compiles for ``sm_<arch>`` (all candidate configs of a tuned
+    kernel) and records a :class:`Variant` instead of running; the GPU has ``sms`` SMs."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset (the interpreter launches nothing)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton import knobs
+
+    from adallava_kernels.ops import gathered_linear, triton_utils, tuning
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    variants = _Variants()
+    site = {"name": None, "extra": {}}
+    cache: dict = {}
+
+    def compile_run(fn, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        key = (fn, str(specialization), str(sorted(options.__dict__.items())))
+        if key not in cache:
+            cache[key] = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                        options=options.__dict__)
+        compiled = cache[key]
+        if site["name"] is not None:
+            g = grid(bound) if callable(grid) else grid
+            g = tuple(g) + (1,) * (3 - len(g))
+            variants.append(_variant(fn.__name__, _site_text(site), compiled, g, bound, site["extra"]))
+        return compiled
+
+    def tuned_run(self, *args, grid, warmup, **kwargs):
+        # Every config the autotuner may pick and the table may hold (ADALLAVA_AUTOTUNE=0 notwithstanding).
+        from bench.tune import candidates
+
+        configs = candidates(self.name, self.regime)
+        seen = set()
+        for config in configs:
+            text = _config_text(config)
+            if text in seen:
+                continue
+            seen.add(text)
+            before = site.get("config")
+            site["config"] = text
+            try:
+                compile_run(self.fn, *args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
+            finally:
+                site["config"] = before
+
+    original_run, original_tuned = JITFunction.run, tuning.Tuned.run
+    patched = [(triton_utils, "multiprocessors"), (gathered_linear, "multiprocessors")]
+    saved = [(module, name, getattr(module, name)) for module, name in patched]
+    JITFunction.run = lambda fn, *a, grid, warmup, **k: compile_run(fn, *a, grid=grid, warmup=warmup, **k)
+    tuning.Tuned.run = tuned_run
+    for module, name in patched:
+        setattr(module, name, lambda device, _sms=sms: _sms)
+    variants.site = site
+    try:
+        yield variants
+    finally:
+        JITFunction.run, tuning.Tuned.run = original_run, original_tuned
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+class _Variants(list):
+    site: dict
+
+
+def _site_text(site: dict) -> str:
+    layer = site["extra"].get("layer")
+    return site["name"] if layer is None else f"{site['name']} {layer}"
+
+
+def _config_text(config) -> str:
+    blocks = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+def _described(value):
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), str(value.dtype).removeprefix("torch."), value.numel())
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return repr(value)
+
+
+def _variant(name, site_name, compiled, grid, bound, extra) -> Variant:
+    args = {k: _described(v) for k, v in bound.items()}
+    count_ptr = bound.get("count_ptr")
+    if isinstance(count_ptr, torch.Tensor) and count_ptr.dtype == torch.int32 and count_ptr.numel() >= 1:
+        args["count"] = int(count_ptr.reshape(-1)[0])
+    args.update(extra)
+    regs, stack = _resources(compiled.asm["cubin"])
+    config = (f"w{compiled.metadata.num_warps} s{compiled.metadata.num_stages} "
+              + ",".join(f"{k}={args[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_H") if k in args))
+    buffers, tile_bytes = _buffers(compiled.asm["ttgir"])
+    return Variant(kernel=name, site=site_name, config=config, grid=grid, num_warps=compiled.metadata.num_warps,
+                   num_stages=compiled.metadata.num_stages, shared=compiled.metadata.shared, registers=regs,
+                   stack=stack, sass=_sass_counts(compiled.asm["cubin"]), buffers=buffers, tile_bytes=tile_bytes,
+                   atomics=sorted(set(re.findall(r"\b(?:atom|red)\.global[\w.]*", compiled.asm["ptx"]))), args=args)
+
+
+def _with_cubin(cubin: bytes, command: list[str]) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([*command, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    text = _with_cubin(cubin, [_nvidia_bin("cuobjdump"), "--dump-resource-usage"])
+    regs = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return int(regs.group(1)) if regs else 0, int(stack.group(1)) if stack else 0
+
+
+SASS_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", re.M)
+
+
+def _sass_counts(cubin: bytes) -> Counter:
+    return Counter(SASS_OP.findall(_with_cubin(cubin, [_nvidia_bin("cuobjdump"), "-sass"])))
+
+
+LOCAL_ALLOC = re.compile(r"%(\w+?)(?:_\d+)? = ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<([\dx]+)x(\w+?),")
+BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i64": 8, "i8": 1}
+
+
+def _buffers(ttgir: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Each multi-buffered tile: its variable, how many buffers and the bytes of one."""
+    buffers, tile = {}, {}
+    for name, dims, dtype in LOCAL_ALLOC.findall(ttgir):
+        sizes = [int(d) for d in dims.split("x")]
+        if len(sizes) < 2:
+            continue
+        per = BYTES.get(dtype, 2)
+        for s in sizes[1:]:
+            per *= s
+        buffers[name], tile[name] = sizes[0], per
+    return buffers, tile
+
+
+# -- the checks ------------------------------------------------------------------------------------
+
+
+def streamed(v: Variant) -> list[str]:
+    """The main loop's streamed tiles this variant holds in shared memory (none: loaded to registers)."""
+    spec = KERNELS.get(v.kernel)
+    return [] if spec is None else [t for t in spec.streams if t in v.buffers]
+
+
+def in_flight_per_program(v: Variant) -> int:
+    """Bytes of streamed tiles a program has in flight: all buffers but the one being read."""
+    tiles = streamed(v)
+    if not tiles:
+        return 0
+    return sum(v.tile_bytes[t] * max(1, v.buffers[t] - 1) for t in tiles)
+
+
+def resident(v: Variant) -> int:
+    """Programs an SM runs at once: its occupancy, or fewer where the grid is small."""
+    return max(1, min(v.occupancy, -(-v.programs // SMS)))
+
+
+def in_flight_per_sm(v: Variant) -> int:
+    return in_flight_per_program(v) * resident(v)
+
+
+def _check_async_16b(v: Variant) -> str | None:
+    if v.count("LDGSTS.E.BYPASS.128") + v.count("LDGSTS.E.128") + v.count("UTMALDG") == 0:
+        return "weight tiles are not loaded 16 bytes per thread asynchronously (no LDGSTS.128 or TMA)"
+    return None
+
+
+def _check_no_scalar_16b(v: Variant) -> str | None:
+    scalar = v.count("LDG.E.U16") + v.count("LDG.E.S16") + v.count("LDG.E.16")
+    return f"{scalar} scalar 16-bit global loads" if scalar else None
+
+
+def _check_buffers(v: Variant) -> str | None:
+    shallow = {t: v.buffers[t] for t in streamed(v) if v.buffers[t] < 2}
+    if not streamed(v):
+        return "no streamed tile is staged in shared memory (not pipelined)"
+    return f"tiles one buffer deep: {shallow}" if shallow else None
+
+
+def _check_in_flight(v: Variant) -> str | None:
+    flight = in_flight_per_sm(v)
+    return None if flight >= 32 * 1024 else f"{flight / 1024:.1f} KiB in flight per SM (< 32 KiB)"
+
+
+def _check_waves(v: Variant) -> str | None:
+    if v.programs < SMS:
+        return f"{v.programs} programs on {SMS} SMs"
+    if 1.0 < v.waves <= 1.5:
+        return f"{v.waves:.2f} waves (a 1.0-1.5 wave tail)"
+    return None
+
+
+def _check_spills(v: Variant) -> str | None:
+    spills = v.stack + v.count("LDL") + v.count("STL")
+    return f"spills: stack {v.stack} B, {v.count('LDL')} LDL, {v.count('STL')} STL" if spills else None
+
+
+def _check_atomics(v: Variant) -> str | None:
+    strong = [a for a in v.atomics if ("f32" in a or "v4" in a or "v2" in a) and ".relaxed" not in a]
+    return f"ordered float atomics: {strong}" if strong else None
+
+
+def _check_shared(v: Variant) -> str | None:
+    return None if v.shared <= MAX_SHARED_PER_BLOCK else f"{v.shared} B of shared memory (> {MAX_SHARED_PER_BLOCK})"
+
+
+def _check_wide_kv(v: Variant) -> str | None:
+    wide = v.count("LDG.E.128") + v.count("LDGSTS.E.BYPASS.128") + v.count("LDGSTS.E.128")
+    return None if wide else "K/V not loaded 128 bits at a time"
+
+
+CHECKS = {
+    "async 16-byte weight loads": (_check_async_16b, {"_row_gather_kernel", "_col_gather_kernel", "_head_proj_kernel"}),
+    "no scalar 16-bit loads": (_check_no_scalar_16b, set(KERNELS)),
+    "streamed tiles >= 2 buffers": (_check_buffers, set(KERNELS)),
+    ">= 32 KiB in flight per SM": (_check_in_flight, set(KERNELS)),
+    ">= 1 program per SM, no 1.0-1.5 wave tail": (_check_waves, set(KERNELS)),
+    "no spills": (_check_spills, None),
+    "relaxed float atomics": (_check_atomics, None),
+    "shared memory fits": (_check_shared, None),
+    "128-bit K/V loads": (_check_wide_kv, {"_paged_decode_kernel"}),
+}
+
+
+# Checks of every variant (it must compile to code that can launch and keeps its registers); the others
+# are bandwidth's, held against the runtime's decode steps (the memory-bound launches a graph replays).
+COMPILE_CHECKS = ("no spills", "shared memory fits", "relaxed float atomics")
+
+
+def is_decode_step(v: Variant) -> bool:
+    return v.site.startswith("decode b")
+
+
+def failures(v: Variant) -> list[str]:
+    """Each failed check of this variant, as 'check: why' (bandwidth's checks only for a decode step's)."""
+    out = []
+    for name, (check, kernels) in CHECKS.items():
+        if kernels is not None and v.kernel not in kernels:
+            continue
+        if name not in COMPILE_CHECKS and not is_decode_step(v):
+            continue
+        why = check(v)
+        if why:
+            out.append(f"{name}: {why}")
+    return out
+
+
+# -- the latency model -------------------------------------------------------------------------------
+
+
+def predicted_seconds(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
+    """The model's time of one launch (None for a kernel the model does not price).
+
+    An SM with F bytes of streamed tiles in flight moves at most F / LATENCY_S bytes a second (Little's
+    law); the SMs the grid covers together, at most ``copy_rate``. Programs run in waves of SMS x
+    occupancy: a last, partial wave takes as long as a full one. Every kernel adds FIXED_S.
+    """
+    spec = KERNELS.get(v.kernel)
+    if spec is None or not spec.streaming or v.occupancy == 0:  # no occupancy: it cannot launch at all
+        return None
+    moved = spec.bytes(v)
+    flight = in_flight_per_program(v) or _register_tile_bytes(v)
+    per_sm = min(v.occupancy, -(-v.programs // SMS)) * flight / LATENCY_S
+    busy_sms = min(SMS, v.programs)
+    rate = min(copy_rate, per_sm * busy_sms)
+    waves = v.waves
+    tail = (-(-waves // 1)) / waves if waves > 1 else 1.0
+    return FIXED_S + moved / rate * tail
+
+
+def _register_tile_bytes(v: Variant) -> int:
+    """A loop that loads its tiles straight to registers has one iteration's tiles in flight."""
+    if v.kernel == "_paged_decode_kernel":
+        return v.args["BLOCK_N"] * v.args["HEAD_DIM"] * ELEMENT  # K, then V after the scores
+    return 4096
+
+
+def predicted_share(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
+    seconds = predicted_seconds(v, copy_rate)
+    if seconds is None:
+        return None
+    return KERNELS[v.kernel].bytes(v) / copy_rate / seconds
+
+
+# -- the runtime's launches ------------------------------------------------------------------------
+
+
+def _two_layer_model(shape, dtype):
+    """A transformers Llama of ``shape``'s layer sizes with two layers, its weights allocated, not set."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=shape.num_heads,
+                         num_key_value_heads=shape.num_kv_heads, vocab_size=shape.vocab_size,
+                         head_dim=shape.head_dim, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.model.rotary_emb.__init__(config=config)  # its buffers, lost to the meta device
+    return model.eval()
+
+
+def _half_plan(shape2):
+    """Layer 0 whole, layer 1 keeping every other head and every other neuron group."""
+    from adallava_kernels import ExecutionPlan
+    from adallava_kernels.plan import neuron_groups
+
+    groups = neuron_groups(shape2.intermediate_size, shape2.num_heads)
+    half = [n for g in groups[::2] for n in g]
+    return ExecutionPlan(shape2, [range(shape2.num_heads), range(0, shape2.num_heads, 2)],
+                         [range(shape2.intermediate_size), half])
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1, 16), context: int = 700,
+                     prefill_tokens: int = 701, arch: int = 90, sms: int = SMS) -> tuple[Variant, ...]:
+    """Every variant one bound decode step (at each batch) and one prefill of the runtime compile to, each
+    with its site: the stage, the batch and the layer (0 whole, 1 keeping half its heads and neurons)."""
+    from adallava_kernels import get_shape
+    from adallava_kernels.ops import common
+    from adallava_kernels.runtime import PlannedDecoder
+
+    shape = get_shape(model_name)
+    dtype = torch.bfloat16
+    model = _two_layer_model(shape, dtype)
+    page = 16
+    pages = max(batches) * 2 * shape.num_kv_heads * -(-(max(context, prefill_tokens) + 8) // page) + 8
+    with capturing(sms, arch) as variants, _triton_on_cpu(common), _layer_sites(variants.site, shape):
+        runner = PlannedDecoder.from_hf(model, num_pages=pages, page_size=page, backend="triton",
+                                        partial_layers=[1], cuda_graphs=False, bind_plans=True)
+        plan = _half_plan(runner.shape)
+        site = variants.site
+        for batch in batches:
+            names = [f"b{batch}-{i}" for i in range(batch)]
+            for name in names:
+                # Reserved for the context: the tables' width (and so the attention's split) is the GPU run's.
+                runner.admit(name, plan, context + 4)
+            with torch.no_grad():
+                runner.prefill(names, torch.zeros(batch, 1, shape.hidden_size, dtype=dtype))
+                decode = runner.decode(names)
+                site["name"], site["extra"] = f"decode b{batch}", {"batch": batch, "context": context}
+                decode.step(torch.zeros(batch, dtype=torch.long))
+                site["name"] = None
+            for name in names:
+                runner.free(name)
+        runner.admit("prefill", plan, prefill_tokens + 1)
+        site["name"], site["extra"] = f"prefill {prefill_tokens}", {"batch": 1, "context": prefill_tokens}
+        with torch.no_grad():
+            runner.prefill(["prefill"], torch.zeros(1, prefill_tokens, shape.hidden_size, dtype=dtype))
+        site["name"] = None
+    return tuple(variants)
+
+
+@contextlib.contextmanager
+def _layer_sites(site: dict, shape):
+    """While a layer of the runtime runs, the site names it and says how many heads it keeps."""
+    from adallava_kernels.runtime.layers import BoundLayer, LayerProgram
+
+    def wrap(original):
+        def call(layer, *args, **kwargs):
+            heads = shape.num_heads if layer.index == 0 else shape.num_heads // 2
+            before = dict(site["extra"])
+            site["extra"].update(layer="whole" if layer.index == 0 else "partial", live_heads=heads,
+                                 live_slots=heads + 2 * heads * shape.num_kv_heads // shape.num_heads)
+            try:
+                return original(layer, *args, **kwargs)
+            finally:
+                site["extra"] = before
+        return call
+
+    saved = [(BoundLayer, "decode", BoundLayer.decode), (LayerProgram, "prefill", LayerProgram.prefill)]
+    for cls, name, fn in saved:
+        setattr(cls, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+@contextlib.contextmanager
+def _triton_on_cpu(common):
+    """The ops take the Triton backend on CPU tensors (their kernels are compiled here, never run)."""
+    common.COMPILE_ONLY = True
+    try:
+        yield
+    finally:
+        common.COMPILE_ONLY = False
+
+
+def eager_launches(model_name: str = "llava-7b", tokens: tuple[int, ...] = (1, 37), arch: int = 90,
+                   sms: int = SMS) -> tuple[Variant, ...]:
+    """Every variant the eager launch sites compile to (the drop-in modules and the public ops, which the
+    runtime's steps do not reach): the gathered projections, the split head projection, the flash attention
+    in both regimes (split, so its combine too), at ``tokens`` new tokens over a cache of ``tokens + 1000``."""
+    from adallava_kernels import get_shape
+    from adallava_kernels.ops import common
+    from adallava_kernels.ops.library import eager_launchers
+    from adallava_kernels.ops.layout import prepare_column_gather
+
+    shape = get_shape(model_name)
+    dtype = torch.bfloat16
+    hidden, inter, d, nq, nkv = (shape.hidden_size, shape.intermediate_size, shape.head_dim, shape.num_heads,
+                                 shape.num_kv_heads)
+    launch = eager_launchers()
+    w_qkv = torch.empty((nq + 2 * nkv) * d, hidden, dtype=dtype)
+    w_gate, w_up = torch.empty(inter, hidden, dtype=dtype), torch.empty(inter, hidden, dtype=dtype)
+    w_down = prepare_column_gather(torch.empty(hidden, inter, dtype=dtype))
+    half_heads = torch.arange(0, nq, 2, dtype=torch.int32)
+    slots = torch.cat([half_heads, half_heads + nq, half_heads + nq + nkv])
+    neurons = torch.arange(0, inter, 2, dtype=torch.int32)
+    with capturing(sms, arch) as variants, _triton_on_cpu(common):
+        site = variants.site
+        for t in tokens:
+            site["name"], site["extra"] = f"eager {t} tokens", {"batch": 1, "context": t + 1000, "layer": "partial",
+                                                                "live_heads": nq // 2, "live_slots": slots.numel()}
+            x = torch.zeros(1, t, hidden, dtype=dtype)
+            cos = sin = torch.zeros(1, t, d, dtype=dtype)
+            launch.head_projection(x, w_qkv, slots, cos, sin, d, nq // 2)
+            q = torch.zeros(1, t, nq // 2, d, dtype=dtype)
+            kv = torch.zeros(1, nkv // 2, t + 1000, d, dtype=dtype)
+            launch.flash_attention(q, kv, kv, torch.arange(nq // 2, dtype=torch.int32), None, d**-0.5)
+            act = launch.swiglu_gathered(x.view(t, hidden), w_gate, w_up, neurons)
+            launch.col_gathered_linear(act, w_down, neurons, None, None, None)
+            launch.row_gathered_linear(x.view(t, hidden), w_gate, neurons)
+        site["name"] = None
+    return tuple(variants)
+
+
+# The GPUs the check compiles for: (compute capability, SMs, the most shared memory a block may take).
+TARGETS = {"cuda:90": (90, 132, 227 * 1024), "cuda:80": (80, 108, 163 * 1024)}
+
+
+def library_launches(model_name: str = "llava-7b", target: str = "cuda:90") -> tuple[Variant, ...]:
+    """The runtime's decode steps (batch 1 and 16) and prefill, and the eager launch sites, for ``target``."""
+    arch, sms, _ = TARGETS[target]
+    return (runtime_launches(model_name, arch=arch, sms=sms) + eager_launches(model_name, arch=arch, sms=sms))
+
+
+def jit_kernels() -> set[str]:
+    """Every ``@triton.jit`` kernel the library defines (its entry points: names starting with ``_`` and
+    ending in ``_kernel``), found by importing its op modules."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import adallava_kernels.ops as ops
+
+    found = set()
+    for module in pkgutil.iter_modules(ops.__path__):
+        mod = importlib.import_module(f"adallava_kernels.ops.{module.name}")
+        for name, value in vars(mod).items():
+            if isinstance(value, JITFunction) and name.endswith("_kernel"):
+                found.add(value.__name__)
+    return found
