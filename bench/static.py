@@ -80,6 +80,7 @@ class Variant:
     tile_bytes: dict[str, int]  # tile variable -> bytes of one buffer
     atomics: list[str]  # the PTX atom/red instructions
     args: dict  # the bound arguments: ints and flags as passed, tensors as (shape, dtype, numel)
+    launch: int = 0  # which launch of the captured run: a tuned kernel's configs share one
 
     @property
     def programs(self) -> int:
@@ -120,8 +121,10 @@ def _numel(v: Variant, name: str) -> int:
 
 def _row_bytes(v: Variant) -> float:
     a = v.args
-    weights = a["N"] * a["K"] * ELEMENT * (2 if a["SWIGLU"] else 1)
-    return weights + a["M"] * a["K"] * ELEMENT + a["M"] * a["N"] * ELEMENT
+    # A bound gate|up runs its layer's union, the capacity's first rows (the rest are free slots).
+    rows = min(a["N"], a.get("live_neurons", a["N"])) if a["SWIGLU"] else a["N"]
+    weights = rows * a["K"] * ELEMENT * (2 if a["SWIGLU"] else 1)
+    return weights + a["M"] * a["K"] * ELEMENT + a["M"] * rows * ELEMENT
 
 
 def _col_bytes(v: Variant) -> float:
@@ -132,7 +135,8 @@ def _col_bytes(v: Variant) -> float:
 
 def _head_bytes(v: Variant) -> float:
     a = v.args
-    return a["live_slots"] * a["HEAD_DIM"] * a["K"] * ELEMENT + a["M"] * a["K"] * ELEMENT
+    slots = a.get("live_slots", v.grid[1])  # the grid's head slots, where the launch site named no fewer
+    return slots * a["HEAD_DIM"] * a["K"] * ELEMENT + a["M"] * a["K"] * ELEMENT
 
 
 def _paged_bytes(v: Variant) -> float:
@@ -172,7 +176,7 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     variants = _Variants()
-    site = {"name": None, "extra": {}}
+    site = {"name": None, "extra": {}, "launch": 0}
     cache: dict = {}
 
     def compile_run(fn, *args, grid, warmup, **kwargs):
@@ -190,6 +194,9 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
             g = grid(bound) if callable(grid) else grid
             g = tuple(g) + (1,) * (3 - len(g))
             variants.append(_variant(fn.__name__, _site_text(site), compiled, g, bound, site["extra"]))
+            variants[-1].launch = site["launch"]
+            if not site.get("tuning"):
+                site["launch"] += 1
         return compiled
 
     def tuned_run(self, *args, grid, warmup, **kwargs):
@@ -197,18 +204,13 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
         from bench.tune import candidates
 
         configs = candidates(self.name, self.regime)
-        seen = set()
-        for config in configs:
-            text = _config_text(config)
-            if text in seen:
-                continue
-            seen.add(text)
-            before = site.get("config")
-            site["config"] = text
-            try:
+        site["tuning"] = True
+        try:
+            for config in configs:
                 compile_run(self.fn, *args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
-            finally:
-                site["config"] = before
+        finally:
+            site["tuning"] = False
+            site["launch"] += 1
 
     original_run, original_tuned = JITFunction.run, tuning.Tuned.run
     patched = [(triton_utils, "multiprocessors"), (gathered_linear, "multiprocessors")]
@@ -473,6 +475,12 @@ def _two_layer_model(shape, dtype):
     return model.eval()
 
 
+def _half_neurons(shape) -> int:
+    from adallava_kernels.plan import neuron_groups
+
+    return sum(len(g) for g in neuron_groups(shape.intermediate_size, shape.num_heads)[::2])
+
+
 def _half_plan(shape2):
     """Layer 0 whole, layer 1 keeping every other head and every other neuron group."""
     from adallava_kernels import ExecutionPlan
@@ -531,10 +539,12 @@ def _layer_sites(site: dict, shape):
 
     def wrap(original):
         def call(layer, *args, **kwargs):
-            heads = shape.num_heads if layer.index == 0 else shape.num_heads // 2
+            whole = layer.index == 0
+            heads = shape.num_heads if whole else shape.num_heads // 2
             before = dict(site["extra"])
-            site["extra"].update(layer="whole" if layer.index == 0 else "partial", live_heads=heads,
-                                 live_slots=heads + 2 * heads * shape.num_kv_heads // shape.num_heads)
+            site["extra"].update(layer="whole" if whole else "partial", live_heads=heads,
+                                 live_slots=heads + 2 * heads * shape.num_kv_heads // shape.num_heads,
+                                 live_neurons=shape.intermediate_size if whole else _half_neurons(shape))
             try:
                 return original(layer, *args, **kwargs)
             finally:
@@ -627,3 +637,37 @@ def jit_kernels() -> set[str]:
             if isinstance(value, JITFunction) and name.endswith("_kernel"):
                 found.add(value.__name__)
     return found
+
+
+# -- a whole decode step --------------------------------------------------------------------------
+
+
+def predicted_launch_seconds(configs: list[Variant]) -> float:
+    """One launch's time: the fastest config the model sees for it (what a sweep keeps, if the model is
+    right), or FIXED_S for a kernel the model does not price by its bytes (a norm: one pass over a few KB)."""
+    times = [t for t in (predicted_seconds(v) for v in configs) if t is not None]
+    return min(times) if times else FIXED_S
+
+
+def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict:
+    """The model's decode step at ``batch``: each layer's launches as the runtime made them (its whole and
+    its partial layer), ``partial_layers`` of the ``shape``'s layers partial, the rest whole, then the final
+    norm and ``lm_head`` (a dense GEMV priced at the copy rate, plus FIXED_S). Returns the time, the bytes
+    the step must move and their share of the copy rate."""
+    layers = {}
+    for kind in ("whole", "partial"):
+        launches: dict[int, list[Variant]] = {}
+        for v in variants:
+            if v.site == f"decode b{batch} {kind}":
+                launches.setdefault(v.launch, []).append(v)
+        seconds = sum(predicted_launch_seconds(group) for group in launches.values())
+        moved = sum(KERNELS[g[0].kernel].bytes(g[0]) for g in launches.values() if g[0].kernel in KERNELS)
+        layers[kind] = (seconds, moved, len(launches))
+    whole = shape.num_layers - partial_layers
+    lm_head = shape.vocab_size * shape.hidden_size * ELEMENT
+    seconds = (whole * layers["whole"][0] + partial_layers * layers["partial"][0] + 2 * FIXED_S
+               + lm_head / COPY_RATE)
+    moved = whole * layers["whole"][1] + partial_layers * layers["partial"][1] + lm_head
+    return {"batch": batch, "partial_layers": partial_layers, "seconds": seconds, "bytes": moved,
+            "share": moved / COPY_RATE / seconds,
+            "kernels_per_layer": {kind: layers[kind][2] for kind in layers}}

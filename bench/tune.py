@@ -4,9 +4,10 @@ For each kernel, regime and shape bucket a LLaVA-1.5 decode step or prefill
 launches (decode at batch 1, then 16; then a prefill of ``--tokens``), each
 candidate config (the kernel's own list, then :data:`EXTRA` candidates that
 only the sweep tries) is forced in turn through the library's own launchers
-(:func:`adallava_kernels.ops.tuning.forcing`) and timed with
-``triton.testing.do_bench`` (median of CUDA-event timings, L2 flushed
-between calls). The fastest per bucket goes into ``tuned_configs.json`` in
+(:func:`adallava_kernels.ops.tuning.forcing`) and timed as a decode step
+runs it: captured in a CUDA graph, over enough copies of its weights that
+they come from memory rather than L2 (:func:`time_calls`). The fastest per
+bucket goes into ``tuned_configs.json`` in
 ``--out``, in the format of the committed table
 (``adallava_kernels/ops/tuned_configs.json``: ``--install`` merges it there),
 keyed by the device's name; ``results.json`` holds every time. Both are
@@ -21,6 +22,11 @@ On a CPU there is nothing to tune: under ``TRITON_INTERPRET=1`` (and with
 ``--quick``) the sweep runs its own code path at ``tiny`` shapes over the
 interpreter's one config, so that it is tested; without the interpreter it
 writes an empty table and says why.
+
+``--predict FILE`` (no GPU, TRITON_INTERPRET unset) writes instead what the
+static latency model (``bench/static.py``) predicts for every case and
+candidate, from their compiled sm_90 code; ``--against FILE`` then sets a
+GPU sweep's times beside those predictions: the model's error per kernel.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ DEFAULT_OUT = Path("bench/out/tune")
 DEFAULT_BUDGET_S = 150
 DECODE_BATCHES = (1, 16)
 PREFILL_TOKENS = 700
+# Bytes a round of a case's calls reads: past several times any GPU's L2 (60 MB on an H200).
+ROTATE_BYTES = 256 * 2**20
 
 # Candidates the sweep times beside each kernel's own list (the autotuners never see them), by kernel and
 # regime; a winner among them is used through the table like any other. None at present: every candidate
@@ -65,12 +73,20 @@ KERNEL_TABLES = {
 
 @dataclass
 class Case:
-    """One launch the sweep times: ``kernel`` in ``regime``, ``make()`` -> a no-argument call."""
+    """One launch the sweep times: ``kernel`` in ``regime``; each ``make()`` allocates a fresh set of its
+    tensors and returns a no-argument call over them; ``weight_bytes``: what one call must read."""
 
     name: str
     kernel: str
     regime: str
     make: Callable[[], Callable[[], object]]
+    weight_bytes: int = 0
+
+    def calls(self, device: torch.device) -> list[Callable[[], object]]:
+        """Calls over enough sets of tensors that one round of them reads :data:`ROTATE_BYTES`: a timed
+        call finds its weights out of the L2 cache, as a decode step does (its other layers pass between)."""
+        copies = 1 if device.type != "cuda" else max(1, min(8, -(-ROTATE_BYTES // max(self.weight_bytes, 1))))
+        return [self.make() for _ in range(copies)]
 
 
 def candidates(kernel: str, regime: str) -> list:
@@ -159,24 +175,46 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
             return lambda: flash_attention.flash_attention(q, k, v, head_to_kv, None, out_, d**-0.5)
         return make
 
+    def dense(m, k_full, residual):
+        def make():
+            w, x = rand(hidden, k_full, scale=k_full**-0.5), rand(m, k_full)
+            rows, res = torch.arange(hidden, dtype=torch.int32, device=device), rand(m, hidden) if residual else None
+            return lambda: gathered_linear.row_gathered_linear(x, w, rows, residual=res)
+        return make
+
+    e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    qkv_bytes, half_inter = (nq + 2 * nkv) * d * hidden * e, half_neurons.numel()
     for b in batches:
         out += [
-            Case(f"gate|up b{b} full", "_row_gather_kernel", "decode", swiglu(b, full_neurons)),
-            Case(f"gate|up b{b} half", "_row_gather_kernel", "decode", swiglu(b, half_neurons)),
-            Case(f"q|k|v paged b{b}", "_head_proj_kernel", "decode", qkv_paged(b)),
-            Case(f"down bound b{b}", "_col_gather_kernel", "decode", col(b, full_neurons, inter, inter, True)),
-            Case(f"down half b{b}", "_col_gather_kernel", "decode", col(b, half_neurons, inter, inter, False)),
-            Case(f"o_proj bound b{b}", "_col_gather_kernel", "decode", col(b, full_o, nq * d, nq * d, True)),
-            Case(f"o_proj half b{b}", "_col_gather_kernel", "decode", col(b, half_o, nq * d, nq * d, False)),
+            Case(f"gate|up b{b} full", "_row_gather_kernel", "decode", swiglu(b, full_neurons), 2 * inter * hidden * e),
+            Case(f"gate|up b{b} half", "_row_gather_kernel", "decode", swiglu(b, half_neurons),
+                 2 * half_inter * hidden * e),
+            Case(f"q|k|v paged b{b}", "_head_proj_kernel", "decode", qkv_paged(b), qkv_bytes),
+            Case(f"o_proj dense b{b}", "_row_gather_kernel", "decode", dense(b, nq * d, False), hidden * nq * d * e),
+            Case(f"down dense b{b}", "_row_gather_kernel", "decode", dense(b, inter, True), hidden * inter * e),
+            Case(f"down bound b{b}", "_col_gather_kernel", "decode", col(b, full_neurons, inter, inter, True),
+                 hidden * inter * e),
+            Case(f"down half b{b}", "_col_gather_kernel", "decode", col(b, half_neurons, inter, inter, False),
+                 hidden * half_inter * e),
+            Case(f"o_proj bound b{b}", "_col_gather_kernel", "decode", col(b, full_o, nq * d, nq * d, True),
+                 hidden * nq * d * e),
+            Case(f"o_proj half b{b}", "_col_gather_kernel", "decode", col(b, half_o, nq * d, nq * d, False),
+                 hidden * nq * d * e // 2),
         ]
     out += [
-        Case(f"gate|up prefill {tokens} full", "_row_gather_kernel", "prefill", swiglu(tokens, full_neurons)),
-        Case(f"gate|up prefill {tokens} half", "_row_gather_kernel", "prefill", swiglu(tokens, half_neurons)),
-        Case(f"q|k|v prefill {tokens}", "_head_proj_kernel", "prefill", qkv_prefill(tokens)),
-        Case(f"attention prefill {tokens}", "_flash_attn_kernel", "prefill", flash(tokens, nq)),
-        Case(f"down prefill {tokens} full", "_col_gather_kernel", "prefill", col(tokens, full_neurons, inter, inter, False)),
-        Case(f"down prefill {tokens} half", "_col_gather_kernel", "prefill", col(tokens, half_neurons, inter, inter, False)),
-        Case(f"o_proj prefill {tokens} half", "_col_gather_kernel", "prefill", col(tokens, half_o, nq * d, nq * d, False)),
+        Case(f"gate|up prefill {tokens} full", "_row_gather_kernel", "prefill", swiglu(tokens, full_neurons),
+             2 * inter * hidden * e),
+        Case(f"gate|up prefill {tokens} half", "_row_gather_kernel", "prefill", swiglu(tokens, half_neurons),
+             2 * half_inter * hidden * e),
+        Case(f"q|k|v prefill {tokens}", "_head_proj_kernel", "prefill", qkv_prefill(tokens), qkv_bytes),
+        Case(f"attention prefill {tokens}", "_flash_attn_kernel", "prefill", flash(tokens, nq),
+             3 * tokens * nq * d * e),
+        Case(f"down prefill {tokens} full", "_col_gather_kernel", "prefill",
+             col(tokens, full_neurons, inter, inter, False), hidden * inter * e),
+        Case(f"down prefill {tokens} half", "_col_gather_kernel", "prefill",
+             col(tokens, half_neurons, inter, inter, False), hidden * half_inter * e),
+        Case(f"o_proj prefill {tokens} half", "_col_gather_kernel", "prefill",
+             col(tokens, half_o, nq * d, nq * d, False), hidden * nq * d * e // 2),
     ]
     return out
 
@@ -191,16 +229,35 @@ def bucket_of_case(case: Case, call: Callable[[], object]) -> tuple[str, str]:
     return mine[0]
 
 
-def time_call(call: Callable[[], object], device: torch.device, quick: bool) -> float:
-    """Seconds one call takes: the median of do_bench on CUDA; one wall-clock call elsewhere (a smoke run)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(call, warmup=5 if quick else 10, rep=10 if quick else 40,
-                                       return_mode="median") * 1e-3
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+def time_calls(calls: list[Callable[[], object]], device: torch.device, quick: bool) -> float:
+    """Seconds one call takes. On CUDA: the calls (each over its own tensors, so the weights come from
+    memory, not L2) captured back to back in a CUDA graph, the graph replayed and timed with events: the
+    time a kernel takes inside a captured decode step, host launch costs excluded; the median replay
+    over the calls it holds. Elsewhere one wall-clock call (a smoke run)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        calls[0]()
+        return time.perf_counter() - start
+    for call in calls:  # compiles, and sizes the split workspace outside the capture
+        call()
+    torch.cuda.synchronize()
+    rounds = max(1, -(-8 // len(calls)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5 if quick else 20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / (rounds * len(calls)))
+    return sorted(samples)[len(samples) // 2]
 
 
 def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: float, quick: bool,
@@ -213,16 +270,17 @@ def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: floa
         if time.monotonic() > deadline:
             results.setdefault("skipped", []).append(case.name)
             continue
-        call = case.make()
-        key, bucket = bucket_of_case(case, call)
-        row = {"case": case.name, "kernel": key, "bucket": bucket, "candidates": []}
+        calls = [case.make()] if compile_only else case.calls(device)
+        key, bucket = bucket_of_case(case, calls[0])
+        row = {"case": case.name, "kernel": key, "bucket": bucket, "weight_bytes": case.weight_bytes,
+               "copies": len(calls), "candidates": []}
         for candidate in candidates(case.kernel, case.regime):
             entry = tuning.config_to_json(candidate)
             try:
                 with tuning.forcing(case.kernel, case.regime, candidate):
-                    call()  # compiles
+                    calls[0]()  # compiles
                     if not compile_only:
-                        entry["seconds"] = time_call(call, device, quick)
+                        entry["seconds"] = time_calls(calls, device, quick)
             except Exception as error:  # noqa: BLE001 - a config that cannot run here is recorded, not fatal
                 entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             row["candidates"].append(entry)
@@ -237,7 +295,7 @@ def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: floa
                 buckets[bucket] = {k: best[k] for k in ("kwargs", "num_warps", "num_stages", "seconds")}
                 buckets[bucket]["case"] = case.name
         rows.append(row)
-        del call
+        del calls
         if not compile_only:
             write(out, results, table, device)
     return results
@@ -282,6 +340,56 @@ def compile_in_children(argv: list[str], jobs: int, deadline: float) -> None:
             child.kill()
 
 
+def _config_key(kwargs: dict, warps: int, stages: int) -> str:
+    return json.dumps([sorted(kwargs.items()), warps, stages])
+
+
+def predict(path: Path, shape, tokens: int) -> dict:
+    """The static model's seconds for every case and candidate config, from their compiled sm_90 code."""
+    from adallava_kernels.ops import common
+
+    from . import static
+
+    out = {}
+    for case in cases(shape, torch.bfloat16, torch.device("cpu"), tokens):
+        with static.capturing() as variants, static._triton_on_cpu(common):
+            variants.site["name"], variants.site["extra"] = case.name, {"context": tokens}
+            case.make()()
+        mine = [v for v in variants if v.kernel == case.kernel]
+        out[case.name] = {_config_key({k: v.args[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_H", "BAND_M")
+                                       if k in v.args and k in _kwargs_of(case)}, v.num_warps, v.num_stages):
+                          static.predicted_seconds(v) for v in mine}
+    path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _kwargs_of(case: Case) -> set[str]:
+    return set(candidates(case.kernel, case.regime)[0].kwargs)
+
+
+def against(predicted_path: Path, sweep_path: Path) -> str:
+    """Each swept candidate's measured time beside the model's, and the model's error (predicted / measured
+    - 1) per kernel: the median and the worst."""
+    predicted = json.loads(predicted_path.read_text())
+    sweep = json.loads(sweep_path.read_text())
+    lines, errors = [f"{'case':28s} {'config':40s} {'measured us':>11s} {'model us':>9s} {'error':>7s}"], {}
+    for row in sweep["cases"]:
+        model = predicted.get(row["case"], {})
+        for c in row["candidates"]:
+            p = model.get(_config_key(c["kwargs"], c["num_warps"], c["num_stages"]))
+            if "seconds" not in c or p is None:
+                continue
+            error = p / c["seconds"] - 1
+            errors.setdefault(row["kernel"], []).append(error)
+            config = ",".join(f"{k}={v}" for k, v in c["kwargs"].items()) + f" w{c['num_warps']} s{c['num_stages']}"
+            lines.append(f"{row['case']:28s} {config:40s} {c['seconds'] * 1e6:11.1f} {p * 1e6:9.1f} {error:+7.1%}")
+    for kernel, values in sorted(errors.items()):
+        values.sort()
+        lines.append(f"{kernel}: median error {values[len(values) // 2]:+.1%}, worst "
+                     f"{max(values, key=abs):+.1%} over {len(values)} candidates")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,10 +406,14 @@ def parse_args(argv):
                         help="only the cases whose name holds TEXT (e.g. 'b1', 'prefill')")
     parser.add_argument("--install", type=Path, default=None, metavar="TUNED_JSON",
                         help="merge a sweep's tuned_configs.json into the committed table and stop")
+    parser.add_argument("--predict", type=Path, default=None, metavar="FILE",
+                        help="write the static model's predicted time of every case and candidate (no GPU)")
+    parser.add_argument("--against", nargs=2, type=Path, default=None, metavar=("PREDICTED", "SWEEP"),
+                        help="compare a --predict file with a GPU sweep's results.json and stop")
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.install is None:
+    if args.install is None and args.against is None:
         args.device = checked_device(parser, args.device)
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
@@ -316,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.install is not None:
         table = install(args.install)
         print(f"installed {args.install} into {tuning.TABLE}: {sorted(table['configs'])}")
+        return 0
+    if args.against is not None:
+        print(against(*args.against))
+        return 0
+    if args.predict is not None:
+        predict(args.predict, get_shape(args.model or "llava-7b"), args.tokens or PREFILL_TOKENS)
+        print(f"wrote {args.predict}")
         return 0
     start = time.monotonic()
     deadline = start + args.budget_s

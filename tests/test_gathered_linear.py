@@ -8,7 +8,7 @@ from adallava_kernels.ops import gathered_linear
 from adallava_kernels.ops.gathered_linear import DECODE_MAX_TOKENS, prepare_column_gather
 from adallava_kernels.testing import assert_close, poisoned
 
-from _device import on_device
+from _device import DEVICE, on_device
 
 row_gathered_linear = on_device(gathered_linear.row_gathered_linear)
 swiglu_gathered = on_device(gathered_linear.swiglu_gathered)
@@ -150,3 +150,38 @@ def test_col_gather_adds_the_residual(tokens, dtype):
     out = poisoned(tokens, 90, dtype=dtype)
     col_gathered_linear(x, w, cols, out=out, residual=residual)
     assert_close(out, residual.double() + F.linear(x.double(), w.double()[:, cols.long()]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 45], ids=lambda t: f"T{t}")
+def test_row_gather_adds_the_residual(tokens, dtype):
+    # Every row of w, as a decode step's dense o_proj and down run it: split over K in decode (the splits
+    # meet in the launch), whole in prefill; the residual added in the epilogue either way.
+    w = randn(70, 300, dtype=dtype, scale=0.05)
+    rows = torch.arange(70, dtype=torch.int32)
+    x, residual = randn(tokens, 300, dtype=dtype), randn(tokens, 70, dtype=dtype)
+    if tokens <= DECODE_MAX_TOKENS:
+        assert gathered_linear._split_k(tokens, 70, 300, DEVICE) > 1  # the split path is the one tested
+    out = poisoned(tokens, 70, dtype=dtype)
+    row_gathered_linear(x, w, rows, out=out, residual=residual)
+    assert_close(out, residual.double() + F.linear(x.double(), w.double()))
+
+
+@pytest.mark.parametrize("which", ["row", "col"])
+def test_split_reductions_are_bitwise_repeatable_and_leave_their_tickets_at_zero(which):
+    """The splits of a decode launch meet in a fixed order, so two launches agree bit for bit; every ticket
+    counter is back at 0 after each (the next launch, or a replayed graph, starts from there)."""
+    from adallava_kernels.ops import workspace
+
+    x = randn(3, 300, dtype=torch.float32)
+    if which == "row":
+        w, index_ = randn(70, 300, dtype=torch.float32), torch.arange(70, dtype=torch.int32)
+        launch = lambda: row_gathered_linear(x, w, index_)  # noqa: E731
+    else:
+        w, index_ = prepare_column_gather(randn(70, 400, dtype=torch.float32)), index(400, 300)
+        launch = lambda: col_gathered_linear(x, w, index_)  # noqa: E731
+    assert gathered_linear._split_k(3, 70, 300, DEVICE) > 1
+    first, second = launch(), launch()
+    assert torch.equal(first, second)
+    tickets = workspace.counters(DEVICE, 1)
+    assert torch.count_nonzero(tickets) == 0

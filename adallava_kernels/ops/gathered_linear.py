@@ -33,7 +33,8 @@ import triton.language as tl
 
 from .layout import prepare_column_gather
 from .workspace import counters, scratch
-from .triton_utils import DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, multiprocessors, regime, smallest_block
+from .triton_utils import (DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, min_per_split, multiprocessors,
+                           regime, smallest_block)
 
 __all__ = [
     "COL_CONFIGS",
@@ -106,18 +107,58 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.con
 
 
 @triton.jit
+def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
+              part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N,
+              SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a gather's fp32 tile ``acc`` to y where ``mask_n``, plus the residual with RESIDUAL (read within
+    the bounds alone, so whole vectors load). With SPLIT_K > 1 each split writes its partial tile to
+    part_ptr and takes a ticket (one atomic a program); the last of a tile sums the partials in split order
+    (bitwise repeatable), adds the residual, writes y and puts the ticket counter back to 0."""
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    bounds = mask_m[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        if RESIDUAL:
+            res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=bounds,
+                          other=0.0)
+            acc += res.to(tl.float32)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(tile_parts + pid_k * (BLOCK_M * BLOCK_N) + local, acc)
+        tl.debug_barrier()  # every thread's partial is written before the ticket publishes it
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:  # the last split of this tile: the sum, in split order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(tile_parts + s * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
+            if RESIDUAL:
+                res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=bounds,
+                              other=0.0)
+                total += res.to(tl.float32)
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr + tile, 0)  # the ticket counter back to 0 for the next launch
+
+
+@triton.jit
 def _row_gather_kernel(
-    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr,
+    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
-    SWIGLU: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    stride_rm, stride_rn,
+    SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2)."""
+    """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2); with RESIDUAL,
+    plus res[m, n]. SPLIT_K > 1 (not with SWIGLU): program_id(1) takes an equal share of K, and the splits
+    meet in the same launch (:func:`_epilogue`)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     rows = tl.load(rows_ptr + offs_n, mask=mask_n, other=-1)
@@ -127,14 +168,18 @@ def _row_gather_kernel(
         return
     mask_n = mask_n & (rows >= 0)
     rows = rows.to(tl.int64)
+    share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * share
+    k_hi = tl.minimum(K, k_lo + share)
 
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w1_ptrs = w1_ptr + rows[None, :] * stride_w1n + offs_k[:, None] * stride_w1k
     w2_ptrs = w2_ptr + rows[None, :] * stride_w2n + offs_k[:, None] * stride_w2k
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        mask_k = offs_k < K - k * BLOCK_K
+    for k in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        mask_k = offs_k < k_hi - k * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b1 = tl.load(w1_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc1 = dot(a, b1, acc1, IEEE, UPCAST)
@@ -146,8 +191,8 @@ def _row_gather_kernel(
         w2_ptrs += BLOCK_K * stride_w2k
     if SWIGLU:
         acc1 = acc1 * tl.sigmoid(acc1) * acc2
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc1.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _epilogue(acc1, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
+              part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N, SPLIT_K, RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -167,9 +212,8 @@ def _col_gather_kernel(
     loads); a column that does not count is taken as 0, whatever x holds there (NaN included). The
     weight columns of free slots are never read.
 
-    SPLIT_K > 1: program_id(1) takes an equal share of the counted columns; each writes its fp32 partial
-    tile to part_ptr, takes a ticket (one atomic a program), and the last of a tile sums the partials in
-    split order (bitwise repeatable), adds the residual, writes y and puts the ticket counter back to 0."""
+    SPLIT_K > 1: program_id(1) takes an equal share of the counted columns, and the splits meet in the
+    same launch (:func:`_epilogue`)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,30 +243,8 @@ def _col_gather_kernel(
             mask=counted[:, None] & mask_n[None, :], other=0.0,
         )
         acc = dot(a, b, acc, IEEE, UPCAST)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if RESIDUAL:
-            res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-            acc += res.to(tl.float32)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tile_parts = part_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        tl.store(tile_parts + pid_k * (BLOCK_M * BLOCK_N) + local, acc)
-        tl.debug_barrier()  # every thread's partial is written before the ticket publishes it
-        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if ticket == SPLIT_K - 1:  # the last split of this tile: the sum, in split order
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(tile_parts + s * (BLOCK_M * BLOCK_N) + local, cache_modifier=".cg")
-            if RESIDUAL:
-                res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
-                              other=0.0)
-                total += res.to(tl.float32)
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(cnt_ptr + tile, 0)  # the ticket counter back to 0 for the next launch
+    _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
+              part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N, SPLIT_K, RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 ROW_KERNELS = autotuned(_row_gather_kernel, ROW_CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY)
@@ -234,7 +256,9 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
-_SMALLEST_DECODE_N = smallest_block("BLOCK_N", COL_CONFIGS, INTERPRETER_CONFIGS, "decode")
+_MIN_K_PER_SPLIT = min_per_split(256)
+_SMALLEST_DECODE_N = min(smallest_block("BLOCK_N", table, INTERPRETER_CONFIGS, "decode")
+                         for table in (ROW_CONFIGS, COL_CONFIGS))
 
 
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
@@ -243,19 +267,30 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     if regime(m) == "prefill" or k == 0:
         return 1
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N)
-    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), triton.cdiv(k, 256), 16))
+    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), triton.cdiv(k, _MIN_K_PER_SPLIT), 16))
 
 
-def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor):
+def _split_workspace(m: int, n: int, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partials and ticket counters of a split launch: room for any decode config's tiles (BLOCK_M 16;
+    BLOCK_N from 32 up to 128, each dividing 128)."""
+    partials = scratch(device, split * triton.cdiv(m, 16) * 16 * triton.cdiv(n, 128) * 128)
+    return partials, counters(device, triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N))
+
+
+def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor,
+                 residual: torch.Tensor | None = None):
     m, k = x2.shape
     n = rows.numel()
     w2_ = w1 if w2 is None else w2
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    split = 1 if w2 is not None else _split_k(m, n, k, x2.device)  # SwiGLU needs the whole sum
+    partials, tickets = _split_workspace(m, n, split, x2.device) if split > 1 else (out, rows)
+    res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     ROW_KERNELS[regime(m)][grid](
-        x2, w1, w2_, rows, out, m, n, k, _m_bucket(m),
+        x2, w1, w2_, rows, out, x2 if residual is None else residual, partials, tickets, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
-        out.stride(0), out.stride(1),
-        SWIGLU=w2 is not None, **dot_flags(x2.dtype),
+        out.stride(0), out.stride(1), *res_strides,
+        SWIGLU=w2 is not None, SPLIT_K=split, RESIDUAL=residual is not None, **dot_flags(x2.dtype),
     )
     return out
 
@@ -268,12 +303,7 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
     if k == 0:
         return out.zero_() if residual is None else out.copy_(residual)
     split = _split_k(m, n, k, x2.device)
-    if split > 1:
-        # Room for the partials of any decode config's tiles (BLOCK_M 16; BLOCK_N up to 128, a multiple of each).
-        partials = scratch(x2.device, split * triton.cdiv(m, 16) * 16 * triton.cdiv(n, 128) * 128)
-        tickets = counters(x2.device, triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N))
-    else:
-        partials, tickets = out, cols  # never read without a split
+    partials, tickets = _split_workspace(m, n, split, x2.device) if split > 1 else (out, cols)
     mask_strides = (0, 0) if x_mask is None else (x_mask.stride(0), x_mask.stride(1))
     res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
@@ -313,11 +343,17 @@ def _index(index: torch.Tensor) -> torch.Tensor:
     return index if index.dtype == torch.int32 else index.to(torch.int32)
 
 
-def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None):
-    """``x @ w[rows].T``: ``x`` ``[..., in]``, ``w`` ``[out, in]``, ``rows`` int indices -> ``[..., len(rows)]``."""
+def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None, *,
+                        residual: torch.Tensor | None = None):
+    """``x @ w[rows].T`` (plus ``residual``, the result's shape): ``x`` ``[..., in]``, ``w`` ``[out, in]``,
+    ``rows`` int indices -> ``[..., len(rows)]``. With every row (``rows`` = ``arange(out)``) it is the dense
+    projection a decode step runs for a layer kept whole: in decode the reduction is split over programs
+    that meet in the same launch, bitwise repeatable."""
     y = _out(x, rows.numel(), out)
     if y.numel():
-        _launch_rows(_flat(x), w, None, _index(rows), y.view(math.prod(y.shape[:-1]), rows.numel()))
+        flat = math.prod(y.shape[:-1])
+        _launch_rows(_flat(x), w, None, _index(rows), y.view(flat, rows.numel()),
+                     None if residual is None else residual.reshape(flat, rows.numel()))
     return y
 
 

@@ -14,7 +14,7 @@ them validated their inputs at plan time.
 - ``flash_attention(q, k, v, head_to_kv, padding, scale)``: causal attention,
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
 - ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``;
-- ``row_gathered_linear(x, w, rows)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
+- ``row_gathered_linear(x, w, rows, residual=None)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
   ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
@@ -112,14 +112,15 @@ def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split):
 
 
 @_registered("row_gathered_linear", mutates_args=())
-def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
+                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     from .gathered_linear import row_gathered_linear as launch
 
-    return launch(x, w, rows)
+    return launch(x, w, rows, residual=residual)
 
 
 @row_gathered_linear.register_fake
-def _(x, w, rows):
+def _(x, w, rows, residual=None):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 

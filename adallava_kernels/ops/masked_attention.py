@@ -113,6 +113,7 @@ class AttentionProgram:
         self.rope_sign = rope_sign(d, weights.w_qkv.dtype, weights.w_qkv.device)
         self.w_qkv = weights.w_qkv
         self.qkv_heads = None  # slots of q, k and v heads in the stacked weight, as head_projection indexes it
+        self.o_rows = None  # every row of w_o (int32), for a decode step's dense o_proj on Triton
         if backend == "triton" and self.nq > 0:
             self.qkv_heads = torch.cat([plan.heads, plan.kv_heads + nh, plan.kv_heads + nh + nkvh])
         if self.gathered:
@@ -120,6 +121,9 @@ class AttentionProgram:
             self.w_o_columns = weights.w_o if weights.w_o_columns is None else weights.w_o_columns
         elif plan.full_attention:
             self.w_qkv_t, self.w_o_t = weights.w_qkv.t(), weights.w_o.t()
+            if backend == "triton":  # a decode step's dense o_proj: every row of w_o, split-K, one launch
+                self.w_o, self.o_rows = weights.w_o, torch.arange(self.hidden, dtype=torch.int32,
+                                                                  device=weights.w_o.device)
         else:
             q_rows, kv_rows = nh * d, nkvh * d
             rows = torch.cat([plan.q_features, plan.kv_features + q_rows, plan.kv_features + q_rows + kv_rows])
@@ -202,6 +206,10 @@ class AttentionProgram:
         ``step``: in a decode step (through the registered operator, one unit of a captured graph)."""
         if self.gathered:
             return (_OPS if step else _LAUNCH).col_gathered_linear(out, self.w_o_columns, self.o_columns)
+        if step and self.backend == "triton" and self.o_rows is not None:
+            # A GEMV: the row gather over every row reads w_o once at bandwidth in one launch (cuBLAS's
+            # split-K GEMV takes two, its reduction apart).
+            return _OPS.row_gathered_linear(out, self.w_o, self.o_rows, None)
         return out @ self.w_o_t
 
     def __call__(self, x, cos, sin, padding=None, kv_cache: KVCacheLayer | None = None) -> torch.Tensor:

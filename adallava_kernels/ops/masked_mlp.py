@@ -74,6 +74,9 @@ class MlpProgram:
         self.all_neurons = None  # a full plan's neuron list, for the fused decode pass on Triton
         if backend == "triton" and full:
             self.w_gate, self.w_up, self.all_neurons = weights.w_gate, weights.w_up, neurons
+            hidden = weights.w_down.shape[0]
+            self.w_down, self.hidden_rows = weights.w_down, torch.arange(hidden, dtype=torch.int32,
+                                                                         device=weights.w_down.device)
         if self.gathered:
             self.w_gate, self.w_up, self.neurons = weights.w_gate, weights.w_up, neurons
             self.w_down_columns = weights.w_down if weights.w_down_columns is None else weights.w_down_columns
@@ -99,8 +102,10 @@ class MlpProgram:
             return ops.col_gathered_linear(act, self.w_down_columns, self.neurons, None, None, residual)
         if decode and self.all_neurons is not None:
             act = ops.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
-        else:
-            act = silu_and_mul(x @ self.w_gate_up_t, backend=self.backend)
+            # The dense down projection with the residual added, a GEMV over every row of w_down in one
+            # launch (addmm's split-K GEMV takes two and a copy).
+            return ops.row_gathered_linear(act, self.w_down, self.hidden_rows, residual)
+        act = silu_and_mul(x @ self.w_gate_up_t, backend=self.backend)
         return self.down_add(act, residual)
 
     def down_add(self, act: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

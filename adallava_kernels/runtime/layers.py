@@ -228,7 +228,7 @@ class BoundLayer:
         out = _OPS.paged_decode_attention(q, pages.kv, slots.tables, head_to_kv, inputs.lengths_after,
                                           inputs.starts, full.scale, split).view(rows, nq * d)
         if not gathered:
-            return out @ full.w_o_t
+            return full.output(out, step=True)
         return _OPS.col_gathered_linear(out, self.w_o_columns, slots.o_cols, slots.o_count, slots.o_mask)
 
     def _mlp(self, x, residual, slots) -> torch.Tensor:
