@@ -22,7 +22,7 @@ from adallava_kernels.runtime.layers import BoundLayer, LayerProgram
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE
-from _graphs import FreedTensorRead, RecordingGraphs
+from _graphs import FreedTensorRead, HostValueChanged, RecordingGraphs
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, NEURONS, LAYERS, VOCAB = 64, 8, 2, 8, 100, 4, 128
 SHAPE = ModelShape(HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, NEURONS, VOCAB)
@@ -564,6 +564,22 @@ def test_a_graph_outlives_the_request_that_captured_it(model, own_buffers, monke
     _, logits = serve_one(runner, "b", equal_new(PLAN_H), ids[1], 3)
     assert runner.graph_stats()["captures"] == 1  # b replayed a's graph
     assert_close(logits, oracle_logits(model, ids[1], torch.ones_like(ids[1]), PLAN_H, 3), torch.float32)
+
+
+def test_the_graph_stand_in_refuses_a_step_that_reads_host_state(model, monkeypatch):
+    # The eager torch step attends the table columns the host's lengths say are filled. A graph would
+    # freeze that number at capture and read too few columns once the context crosses a page: the
+    # stand-in refuses the replay where the number would change. The prompt is 9 positions in pages of
+    # 4: steps at lengths 9 (captured), 10 and 11 (replayed) see 3 pages, the one at 12 would see all 4 of
+    # the table (no column slice: other calls).
+    forward = DecodeBatch.forward_step
+    monkeypatch.setattr(DecodeBatch, "forward_step", lambda self, tokens, state, views, visible=None: forward(
+        self, tokens, state, views, self._visible_pages()))
+    runner = runner_for(model, "torch", torch.device("cpu"))
+    runner.graphs = RecordingGraphs(4)
+    with pytest.raises(HostValueChanged, match=r"the step would run \d+ calls, the graph replays \d+"):
+        serve_one(runner, "a", PLAN_H, prompts()[0][0], 6)
+    assert (runner.graphs.stats.captures, runner.graphs.stats.replays) == (1, 2)
 
 
 def test_steps_never_compare_or_hash_plans(model, monkeypatch):
