@@ -521,10 +521,13 @@ def graph_runner(model):
     return runner, torch.device("cpu")
 
 
-def serve_one(runner, name, plan, ids, steps):
-    """Admit, prefill and decode one request; its logits ``[steps, vocab]`` (a copy of each step's)."""
+def serve_one(runner, name, plan, ids, steps, admitted=None):
+    """Admit, prefill and decode one request; its logits ``[steps, vocab]`` (a copy of each step's).
+    ``admitted()`` runs once its pages are taken, before its prefill."""
     device = runner.weights.device
     runner.admit(name, plan, ids.shape[0] + steps)
+    if admitted is not None:
+        admitted()
     logits = runner.prefill([name], runner.weights.embed[ids[None].to(device)])[0, -1:]
     batch = runner.decode([name])
     out, token = [logits.cpu()], logits.argmax(-1)
@@ -534,11 +537,22 @@ def serve_one(runner, name, plan, ids, steps):
     return batch, torch.cat(out)
 
 
+def pages_of(runner, name) -> set[int]:
+    """Every page of the pool that sequence ``name`` holds, over its layers and KV heads."""
+    return {page for layer in range(LAYERS) for head in runner.cache.page_lists(name, layer) for page in head}
+
+
+def poison_state_(tensor: torch.Tensor) -> None:
+    """NaN in a float tensor, -1 in an int one (an index no kernel may follow)."""
+    tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+
+
 @pytest.mark.parametrize("own_buffers", [True, False], ids=["runtime", "reading-the-batch's-buffers"])
 def test_a_graph_outlives_the_request_that_captured_it(model, own_buffers, monkeypatch):
     # Request a captures the step; a is freed and collected; b, with an equal plan built anew, replays a's
-    # graph. Everything the graph reads by address must outlive a: the entry's buffers, the weights, the
-    # pool. The control case has the step read the capturing batch's own plan data, which dies with it.
+    # graph beside a bystander that holds pages of its own. Everything the graph reads by address must
+    # outlive a: the entry's buffers, the weights, the pool. The control case has the step read the
+    # capturing batch's own plan data, which dies with it.
     if not own_buffers:
         if DEVICE.type == "cuda":
             pytest.skip("the control case reads freed memory on a GPU; the stand-in shows it on the CPU")
@@ -546,24 +560,65 @@ def test_a_graph_outlives_the_request_that_captured_it(model, own_buffers, monke
         monkeypatch.setattr(DecodeBatch, "forward_step", lambda self, tokens, state, views, visible=None: forward(
             self, tokens, state, self.views, visible))
     runner, device = graph_runner(model)
-    ids, _ = prompts(batch=2)
-    batch_a, _ = serve_one(runner, "a", PLAN_H, ids[0], 3)  # the first step is captured, the second replays
+    ids, _ = prompts(batch=3)
+    steps = 3
+    batch_a, _ = serve_one(runner, "a", PLAN_H, ids[0], steps)  # the first step is captured, the second replays
+    runner.admit("bystander", PLAN_L, ids.shape[1])
+    runner.prefill(["bystander"], runner.weights.embed[ids[2:3].to(device)])
+    # a's own state and plan data, poisoned before they are freed: a graph that still read them (on a GPU:
+    # from freed memory, until it is reused) would read NaN and -1. On the CPU the stand-in holds them
+    # weakly, so such a read raises.
+    for tensor in (batch_a.state, *batch_a.buffers):
+        poison_state_(tensor)
     runner.free("a")
     del batch_a
     gc.collect()
     (entry,) = runner.graphs._entries.values()
-    if device.type == "cuda":  # freed memory gets new contents: a dangling read would show in the logits
-        poison = [torch.full((1 << 20,), float("nan"), device=device) for _ in range(64)]
-        del poison
     if not own_buffers:
         with pytest.raises(FreedTensorRead):
-            serve_one(runner, "b", equal_new(PLAN_H), ids[1], 3)
+            serve_one(runner, "b", equal_new(PLAN_H), ids[1], steps)
         return
     if device.type == "cpu":
         assert entry.graph.reads and all(ref() is not None for ref in entry.graph.reads)
-    _, logits = serve_one(runner, "b", equal_new(PLAN_H), ids[1], 3)
+
+    # Once b holds its pages: every page no live sequence holds (a's among them) is NaN, so a replay that
+    # read one shows in the logits and one that wrote one shows there; the bystander's pages are kept to
+    # compare. b's own pages and the scratch page (where the torch path writes and reads the units a row
+    # lacks, masked by a product, so NaN there would spread) hold random values.
+    pool, page_size, scratch = runner.cache.pages, runner.cache.page_size, runner.cache.scratch_page
+    poisoned_pages, kept = [], {}
+
+    def poison_the_pool():
+        owned_by_b, bystander = pages_of(runner, "b"), pages_of(runner, "bystander")
+        poisoned_pages.extend(sorted(set(range(runner.cache.num_pages)) - owned_by_b - bystander))
+        pool[:, poisoned_pages] = float("nan")
+        pool[:, sorted(owned_by_b) + [scratch]] = torch.randn(2, len(owned_by_b) + 1, page_size, HEAD_DIM).to(pool)
+        kept.update(bystander=(sorted(bystander), pool[:, sorted(bystander)].clone()),
+                    b=(sorted(owned_by_b), pool[:, sorted(owned_by_b)].clone()), scratch=pool[:, scratch].clone())
+
+    _, logits = serve_one(runner, "b", equal_new(PLAN_H), ids[1], steps, admitted=poison_the_pool)
     assert runner.graph_stats()["captures"] == 1  # b replayed a's graph
-    assert_close(logits, oracle_logits(model, ids[1], torch.ones_like(ids[1]), PLAN_H, 3), torch.float32)
+    assert_close(logits, oracle_logits(model, ids[1], torch.ones_like(ids[1]), PLAN_H, steps), torch.float32)
+    assert poisoned_pages and pool[:, poisoned_pages].isnan().all()  # no page of nobody's was written
+    pages, before = kept["bystander"]
+    assert torch.equal(pool[:, pages], before)
+    # b's positions 0 to 10 were written (the prompt by its prefill, 9 and 10 by the replays), position 11 not;
+    # the scratch page only at the offsets of the decode positions (on Triton, where a single row's union is
+    # its own units, not at all).
+    stored = ids.shape[1] + steps - 1
+    pages, before = kept["b"]
+    for layer in range(LAYERS):
+        for head in runner.cache.page_lists("b", layer):
+            for position in range(len(head) * page_size):
+                page, offset = head[position // page_size], position % page_size
+                now, then = pool[:, page, offset], before[:, pages.index(page), offset]
+                if position < stored:
+                    assert (now != then).all() and now.isfinite().all(), (layer, position)
+                else:
+                    assert torch.equal(now, then), (layer, position)
+    written = sorted({position % page_size for position in range(ids.shape[1], stored)})
+    untouched = [offset for offset in range(page_size) if offset not in written]
+    assert untouched and torch.equal(pool[:, scratch, untouched], kept["scratch"][:, untouched])
 
 
 def test_the_graph_stand_in_refuses_a_step_that_reads_host_state(model, monkeypatch):
