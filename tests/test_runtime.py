@@ -89,9 +89,12 @@ def generate(runner, ids, mask, plans, steps, *, planner_at=None, room=0):
 
 
 def oracle_logits(model, ids, mask, plan, steps):
+    # The prompt's mask is given: without one, generate would take every token equal to pad_token_id (0)
+    # for padding.
+    prompt = ids[None, mask.bool()]
     with torch.no_grad():
-        g = zeroed(model, plan).generate(ids[None, mask.bool()], max_new_tokens=steps, min_new_tokens=steps,
-                                         do_sample=False, pad_token_id=0, output_logits=True,
+        g = zeroed(model, plan).generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                                         min_new_tokens=steps, do_sample=False, pad_token_id=0, output_logits=True,
                                          return_dict_in_generate=True)
     return torch.stack(g.logits, 1)[0]
 
@@ -692,7 +695,8 @@ def slot_heads(runner, views, rows):
 def test_distinct_plans_replay_one_graph_per_step_shape(model):
     """16 requests, 16 distinct -H plans, decoded one by one and in batches of 4: one capture per step
     shape (batch size, width bucket), and every later step replays a graph whose buffers hold the plans
-    of the batch that steps it. The tokens equal the eager bound steps'."""
+    of the batch that steps it. Every row's logits equal the transformers oracle's under its own plan,
+    and the tokens the eager bound steps'."""
     plans = distinct_h_plans(16)
     ids, _ = prompts(batch=16)
     on_gpu = DEVICE.type == "cuda"
@@ -702,18 +706,20 @@ def test_distinct_plans_replay_one_graph_per_step_shape(model):
     def run(graphs):
         runner = runner_for(model, backend, device, num_pages=400, cuda_graphs=graphs is not None, bind_plans=True)
         runner.graphs = graphs
-        tokens, bound = [], []
+        tokens, bound, logits = [], [], {}
         groups = [[b] for b in range(8)] + [list(range(8 + 4 * k, 12 + 4 * k)) for k in range(2)]
         for group in groups:
             names = [f"r{b}" for b in group]
             for b, name in zip(group, names):
                 runner.admit(name, plans[b], ids.shape[1] + steps)
-                runner.prefill([name], runner.weights.embed[ids[b:b + 1].to(device)])
+                logits[b] = [runner.prefill([name], runner.weights.embed[ids[b:b + 1].to(device)])[0, -1].cpu()]
             batch = runner.decode(names)
-            token = torch.zeros(len(group), dtype=torch.long, device=device)
+            token = torch.stack([logits[b][0].argmax(-1) for b in group]).to(device)
             for _ in range(steps):
-                _, token = batch.step(token)
+                step_logits, token = batch.step(token)
                 tokens.append(token.cpu().clone())
+                for row, b in enumerate(group):
+                    logits[b].append(step_logits[row].cpu().clone())
                 if graphs is not None:
                     entry = graphs._entries[batch.key]
                     assert entry.owner() is batch
@@ -723,11 +729,15 @@ def test_distinct_plans_replay_one_graph_per_step_shape(model):
             bound.append(batch.key)
             for name in names:
                 runner.free(name)
-        return tokens, bound, runner
+        return tokens, bound, logits, runner
 
-    eager, _, _ = run(None)
-    graphed, keys, runner = run(GraphCache(4) if on_gpu else RecordingGraphs(4))
-    assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+    eager, _, eager_logits, _ = run(None)
+    graphed, keys, graphed_logits, runner = run(GraphCache(4) if on_gpu else RecordingGraphs(4))
+    for b, plan in enumerate(plans):
+        expected = oracle_logits(model, ids[b], torch.ones_like(ids[b]), plan, steps + 1)
+        assert_close(torch.stack(graphed_logits[b]), expected, torch.float32)
+        assert_close(torch.stack(eager_logits[b]), expected, torch.float32)
+    assert len(graphed) == len(eager) == 10 * steps and all(torch.equal(a, b) for a, b in zip(graphed, eager))
     assert len(set(keys)) == 2  # (1 row, 4 pages) and (4 rows, 4 pages): the plans are not in the key
     stats = runner.graphs.stats
     assert (stats.captures, stats.replays, stats.evictions) == (2, 10 * steps - 2, 0)
