@@ -107,18 +107,25 @@ def test_bad_out():
 # -- plans bound as data: index lists padded to their capacity -------------------------------------
 
 
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu", "row"])
 @pytest.mark.parametrize("tokens", [1, 5], ids=lambda t: f"T{t}")
-def test_swiglu_gather_skips_free_slots(tokens):
-    # 37 real neurons, then -1 up to the capacity of 150: whole tiles of free slots, and one shared.
+def test_row_gathers_skip_free_slots(tokens, swiglu):
+    # 37 real neurons, then -1 up to the capacity of 150: whole tiles of free slots, and one shared. A free
+    # slot's output is never written: it keeps its poison.
     x = randn(tokens, 70, dtype=torch.float32)
     w_gate, w_up = randn(150, 70, dtype=torch.float32), randn(150, 70, dtype=torch.float32)
     real = index(150, 37)
     rows = torch.cat([real, torch.full((113,), -1, dtype=torch.int32)])
     out = poisoned(tokens, 150, dtype=torch.float32)
-    swiglu_gathered(x, w_gate, w_up, rows, out=out)
     idx = real.long()
-    expected = F.silu(F.linear(x.double(), w_gate.double()[idx])) * F.linear(x.double(), w_up.double()[idx])
+    if swiglu:
+        swiglu_gathered(x, w_gate, w_up, rows, out=out)
+        expected = F.silu(F.linear(x.double(), w_gate.double()[idx])) * F.linear(x.double(), w_up.double()[idx])
+    else:
+        row_gathered_linear(x, w_gate, rows, out=out)
+        expected = F.linear(x.double(), w_gate.double()[idx])
     assert_close(out[:, :37], expected)
+    assert out[:, 37:].isnan().all()
 
 
 @pytest.mark.parametrize("count", [0, 1, 53, 141])

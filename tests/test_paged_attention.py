@@ -18,13 +18,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale):
-    """float64, one (sequence, head) at a time, reading each visible position's page by hand."""
+    """float64, one (sequence, head) at a time, reading each visible position's page by hand. A head
+    mapped to -1 (a free slot of a padded list) attends nothing and gives 0."""
     batch, heads, d = q.shape
     page_size = pages.shape[2]
     out = torch.zeros(batch, heads, d, dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
             kv = int(head_to_kv[h])
+            if kv < 0:
+                continue
             positions = range(int(starts[b]), int(lengths[b]))
             rows = [(int(tables[b, kv, p // page_size]), p % page_size) for p in positions]
             keys = torch.stack([pages[0, page, slot] for page, slot in rows]).double()
@@ -98,16 +101,41 @@ def test_splits_follow_capacity(case, interpreted, compiled):
     expected = interpreted if os.environ.get("TRITON_INTERPRET") == "1" else compiled
     assert paged_decode_splits(*case, torch.device("cpu")) == expected
 
+
+# Head lists padded with -1 (plans bound as data), the free slots after, between and before the real ones,
+# or every slot free; the real slots' KV heads in another order than case()'s map.
+PADDED = {
+    "trailing": [1, 0, 1, -1, -1],
+    "between": [1, -1, 1, -1, 1],  # no real slot reads KV head 0
+    "leading": [-1, -1, 0, 1, 0],
+    "all-free": [-1, -1, -1, -1, -1],
+}
+
+
+def poisoned_outside(pages, tables, head_to_kv, lengths, starts):
+    """``pages`` with NaN everywhere but the positions a real slot may read (its row's visible ones, on the
+    pages of its KV head): a read of anything else shows in the output."""
+    page_size = pages.shape[2]
+    readable = torch.zeros(pages.shape[1], page_size, dtype=torch.bool)
+    for b in range(tables.shape[0]):
+        for kv in {int(k) for k in head_to_kv if k >= 0}:
+            for p in range(int(starts[b]), int(lengths[b])):
+                readable[int(tables[b, kv, p // page_size]), p % page_size] = True
+    return torch.where(readable[None, :, :, None], pages, float("nan"))
+
+
+@pytest.mark.parametrize("padded", PADDED.values(), ids=PADDED.keys())
 @pytest.mark.parametrize("split", [1, 3])
-def test_triton_skips_free_head_slots(split):
-    """A head list padded with -1 (a plan bound as data): the real heads are exact, free ones read no page
-    and give 0."""
-    q, pages, tables, head_to_kv, lengths, starts, scale = case(torch.float32)
-    padded = torch.tensor([0, 1, -1, 0, -1], dtype=torch.int32)
+def test_triton_skips_free_head_slots(split, padded):
+    """A head list padded with -1 (a plan bound as data): the real heads equal the loop over the pages,
+    free ones read no page and give 0, wherever they lie in the list. Every page element no real slot may
+    read holds NaN."""
+    q, pages, tables, _, lengths, starts, scale = case(torch.float32)
+    padded = torch.tensor(padded, dtype=torch.int32)
+    pages = poisoned_outside(pages, tables, padded, lengths, starts)
     out = poisoned(*q.shape, dtype=torch.float32, device=DEVICE)
     paged_decode_attention_triton(*to_device(q, pages, tables, padded, lengths, starts), scale, split, out=out)
-    real = [0, 1, 3]
-    expected = loop_oracle(q, pages, tables, head_to_kv, lengths, starts, scale)
-    assert_close(out[:, real].cpu(), expected[:, real])
-    assert head_to_kv[real].tolist() == padded[real].tolist()
-    assert torch.equal(out[:, [2, 4]].cpu(), torch.zeros(3, 2, q.shape[-1]))
+    expected = loop_oracle(q, pages, tables, padded, lengths, starts, scale)
+    assert_close(out.cpu(), expected)
+    free = padded < 0
+    assert torch.equal(out[:, free].cpu().double(), expected[:, free])  # exactly the oracle's 0
