@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from adallava_kernels import PRESETS, check_budget, get_device, get_shape
+from adallava_kernels.checks import check_backend, check_output_dir
+from adallava_kernels.cli import ArgumentParser, checked
 
 from . import attention, compare, kernels, kv_cache, latency, mlp, plans, plot, report, serve, timing
 from . import model as model_bench
-from ._common import (DTYPES, checked_device, default_dtype, error_record, load_results, metadata, progress,
-                      write_json)
+from ._common import (DTYPES, checked_device, default_dtype, error_record, int_list, load_results, metadata,
+                      model_list, non_negative_int, positive, progress, roofline_device, write_json)
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
 SECTIONS = ("mlp", "attention", "kv", "model", "latency", "serve", "kernels")
@@ -63,57 +65,35 @@ def results_file(text: str) -> dict:
     return {"path": text, "results": results}
 
 
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--model", default=None, choices=sorted(PRESETS),
                         help="model shape (default llava-7b on CUDA, tiny on CPU)")
     parser.add_argument("--only", type=section_list, default=list(SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                         help="kernels the model and latency sections run (default auto: Triton on CUDA)")
-    parser.add_argument("--decode-steps", type=int, default=model_bench.DECODE_STEPS,
+    parser.add_argument("--decode-steps", type=positive(int), default=model_bench.DECODE_STEPS,
                         help="decode steps between the two generate calls that time transformers' decode step "
                              "(the library's is timed step by step)")
-    parser.add_argument("--random-plans", type=int, default=model_bench.RANDOM_PLANS,
+    parser.add_argument("--random-plans", type=non_negative_int, default=model_bench.RANDOM_PLANS,
                         help="random plans the model section adds to the budgets' plans")
-    parser.add_argument("--roofline-device", default="H200",
+    parser.add_argument("--roofline-device", type=roofline_device, default="H200",
                         help="device the roofline predicts for: H200, H100, A100, V100, or 'measure' (this CPU)")
     parser.add_argument("--budgets", type=budget_list, default=list(DEFAULT_BUDGETS),
                         help="comma-separated latency budgets in [0.5, 1.0]")
-    parser.add_argument("--tokens", type=int, default=700,
+    parser.add_argument("--tokens", type=positive(int), default=700,
                         help="prefill length of the plans table and, on CUDA, of the model section "
                              f"(on CPU the model section uses {model_bench.CPU_TOKENS})")
-    parser.add_argument("--context", type=int, default=700, help="positions a decode step attends to")
+    parser.add_argument("--context", type=positive(int), default=700, help="positions a decode step attends to")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the ops are timed: cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the timed ops (default bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--scale", type=int, default=None,
+    parser.add_argument("--scale", type=positive(int), default=None,
                         help="divide the op shapes by this (MLP: hidden and intermediate; attention: hidden "
                              "and heads) (default 4 on CPU, 1 on CUDA and for tiny)")
-    parser.add_argument("--models", type=lambda t: t.split(","), default=None,
+    parser.add_argument("--models", type=model_list, default=None,
                         help="models whose ops are timed (default: --model on CPU; llava-7b,llava-13b on CUDA)")
     parser.add_argument("--mlp-tokens", type=int_list, default=None,
                         help="tokens per MLP call (default 1,8,64 on CPU; 1,8,64,700,4096 on CUDA)")
@@ -123,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="attention decode contexts (default 128 on CPU; 700,4096 on CUDA)")
     parser.add_argument("--attention-batches", type=int_list, default=None,
                         help="attention batch sizes (default 1 on CPU; 1,8 on CUDA)")
-    parser.add_argument("--kv-pool-gib", type=float, default=40.0,
+    parser.add_argument("--kv-pool-gib", type=positive(float), default=40.0,
                         help="pool size for the sequences-per-pool column of the KV-cache table (default 40 GiB)")
     parser.add_argument("--latency-prompt", type=positive(int), default=None,
                         help=f"prompt tokens of the latency section's request (default {latency.GPU_REQUEST[0]} on "
@@ -145,11 +125,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, type=Path,
                         help="directory for results.json, report.md and the figures")
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single option's type can check, before anything is timed: the device, the backend on it, the
+    options that depend on one another, and that ``--out`` can be written (last: the only check that touches
+    the file system, and it creates nothing)."""
     args.device = checked_device(parser, args.device)
+    checked(parser, check_backend, "--backend", args.backend, args.device)
     if args.latency_new_tokens is not None and args.latency_new_tokens < 2:
         parser.error(f"--latency-new-tokens must be at least 2 (one output token after the first), "
                      f"got {args.latency_new_tokens}")
-    return args
+    if "kernels" in args.only and args.device.type == "cuda" and args.context < 2:
+        parser.error(f"--context must be at least 2 for the kernels section on CUDA (its decode step follows a "
+                     f"prefill of context - 1 tokens), got {args.context}")
+    if args.out is not None:
+        args.out = checked(parser, check_output_dir, "--out", args.out)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,9 @@ import argparse
 import math
 import sys
 
-from ._common import format_table, load_results, row_iqr, row_seconds
+from adallava_kernels.cli import ArgumentParser
+
+from ._common import format_table, load_results, non_negative_float, row_iqr, row_seconds
 from .timing import within_spread
 
 THRESHOLD = 0.05
@@ -170,11 +172,11 @@ def render(new: dict, old: dict, result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old", metavar="OLD.json", help="results.json of the earlier run")
     parser.add_argument("new", metavar="NEW.json", help="results.json of the later run")
-    parser.add_argument("--threshold", type=float, default=THRESHOLD,
+    parser.add_argument("--threshold", type=non_negative_float, default=THRESHOLD,
                         help=f"relative slow-down flagged as a regression (default {THRESHOLD})")
     args = parser.parse_args(argv)
     try:

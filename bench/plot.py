@@ -27,6 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
+from adallava_kernels.checks import check_output_dir
+from adallava_kernels.cli import ArgumentParser, checked
+
 from ._common import flops_unit, ideal_ratio, load_results, row_seconds
 from .report import REFERENCE, role_of
 
@@ -312,16 +315,14 @@ def draw_all(results: dict, out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.plot", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", metavar="RESULTS.json", help="results.json of a run of python -m bench")
     parser.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: RESULTS's own)")
     args = parser.parse_args(argv)
-    try:
-        results = load_results(args.results)
-    except ValueError as e:
-        parser.error(str(e))
-    paths = draw_all(results, args.out or Path(args.results).parent)
+    results = checked(parser, load_results, args.results, "RESULTS.json")
+    out = checked(parser, check_output_dir, "--out", args.out or Path(args.results).parent)
+    paths = draw_all(results, out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return paths
 
