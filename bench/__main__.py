@@ -264,8 +264,8 @@ def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tupl
     print(gpu_note)
     latency_note = latency.summary(results["latency"]["rows"]) if "latency" in results else None
     notes = [note for note in (failure_note(results.get("errors")), latency_note) if note]
-    summary = report.summary_line(reports, len(unstable), len(compare.cases(results)), results["meta"]["device"],
-                                  notes)
+    summary = report.summary_line(reports, len(unstable), len(compare.spread_cases(results)),
+                                  results["meta"]["device"], notes)
     sections = []
     if results.get("errors"):
         sections.append(("Sections that failed", "\n".join(
