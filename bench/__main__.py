@@ -215,10 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(report.table(reports))
     if args.compare:
         results["compare"] = run_compare(results, args.compare)
-    summary, sections = summarize_run(results, reports, budgets)
+    print_timing_notes(results)
+    summary, _ = summarize_run(results, reports)
     print("\n" + summary)
     if args.out:
-        write_outputs(args.out, results, reports, summary, sections)
+        write_outputs(args.out, results)
     return results
 
 
@@ -249,19 +250,27 @@ def exit_status(results: dict) -> int:
     return 1 if results.get("errors") else 0
 
 
-def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tuple[str, str]]]:
-    """The report's one-line summary and its sections after the validation table; prints the unstable cases
-    and where the GPU times come from."""
+def print_timing_notes(results: dict) -> None:
+    """The cases whose timing was unstable, and where the GPU times come from."""
     unstable = compare.unstable_cases(results)
     if unstable:
         shown = "; ".join(unstable[:8])
         if len(unstable) > 8:
             shown += f"; ... ({len(unstable)} in all, listed in report.md)"
         print(f"\ntimed cases whose IQR exceeds {timing.IQR_LIMIT:.0%} of the median (marked ! above): {shown}")
+    print(gpu_note(results))
+
+
+def gpu_note(results: dict) -> str:
     sources = compare.gpu_sources(results)
-    gpu_note = ("GPU time: " + "; ".join(sources) if sources
-                else "GPU time: not measured (on a CPU there is no device time apart from the wall time)")
-    print(gpu_note)
+    return ("GPU time: " + "; ".join(sources) if sources
+            else "GPU time: not measured (on a CPU there is no device time apart from the wall time)")
+
+
+def summarize_run(results: dict, reports) -> tuple[str, list[tuple[str, str]]]:
+    """The report's one-line summary and its sections after the validation table, from ``results`` (as
+    results.json holds them) and the validation ``reports``."""
+    unstable = compare.unstable_cases(results)
     latency_note = latency.summary(results["latency"]["rows"]) if "latency" in results else None
     notes = [note for note in (failure_note(results.get("errors")), latency_note) if note]
     summary = report.summary_line(reports, len(unstable), len(compare.spread_cases(results)),
@@ -270,12 +279,12 @@ def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tupl
     if results.get("errors"):
         sections.append(("Sections that failed", "\n".join(
             f"- {name}: `{e['type']}: {e['message']}`" for name, e in results["errors"].items())))
-    if "latency" in results:
-        sections.append(("Request latency per budget", latency.markdown(results["latency"]["rows"])))
-    ops = (timing.DO_BENCH + f", {budgets['ops'].min_seconds:g} s" if results["device_type"] == "cuda"
-           else budgets["ops"].describe())
-    how = (f"Wall time of an end-to-end case: {budgets['end_to_end'].describe()}; of an op: {ops}; the median and "
-           f"the IQR are reported. {gpu_note}.")
+    sections += section_parts(results)
+    rules = results["timing"]
+    ops = (timing.DO_BENCH + f", {rules['ops']['min_seconds']:g} s" if results["device_type"] == "cuda"
+           else rules["ops"]["rule"])
+    how = (f"Wall time of an end-to-end case: {rules['end_to_end']['rule']}; of an op: {ops}; the median and "
+           f"the IQR are reported. {gpu_note(results)}.")
     sections.append(("How the times were taken", how))
     sections.append(("Timed cases with an IQR over 5% of the median", "\n".join(f"- {c}" for c in unstable) or "none"))
     if "compare" in results:
@@ -283,12 +292,37 @@ def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tupl
     return summary, sections
 
 
-def write_outputs(out: Path, results: dict, reports, summary: str, sections) -> None:
+def report_markdown(results: dict) -> str:
+    """report.md of a run, from its results.json alone."""
+    rows = results.get("report", {}).get("rows", [])
+    reports = report.summarize(rows) if rows else []
+    summary, sections = summarize_run(results, reports)
+    return report.markdown(reports, results["meta"], summary, sections)
+
+
+# The sections report.md has a part of its own for, after the validation table (which holds the mlp, attention
+# and model sections' series): the title and the Markdown of each.
+REPORT_PARTS = {
+    "kv_cache": ("Layer-skip KV cache", kv_cache.markdown),
+    "latency": ("Request latency per budget", lambda done: latency.markdown(done["rows"])),
+    "serve": ("Serving: requests under their own plans, alone and in one batch", serve.markdown),
+    "kernels": ("Per kernel: a full and a partial layer", kernels.markdown),
+}
+
+
+def section_parts(results: dict) -> list[tuple[str, str]]:
+    """report.md's part for each of :data:`REPORT_PARTS` the run holds."""
+    return [(title, to_markdown(results[key])) for key, (title, to_markdown) in REPORT_PARTS.items() if key in results]
+
+
+def write_outputs(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
-    (out / "report.md").write_text(report.markdown(reports, results["meta"], summary, sections))
+    (out / "report.md").write_text(report_markdown(results))
     figures = plot.draw_all(results, out)
     print(f"\nwrote {out}/results.json, report.md" + "".join(f", {p.name}" for p in figures))
+    for line in plot.not_drawn(results):
+        print(f"no figure for {line}")
 
 
 def timing_budgets(args) -> dict[str, timing.TimingBudget]:

@@ -187,6 +187,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Rows as a Markdown table; ``columns`` as :func:`format_table`'s. A literal pipe would split a cell."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[key], spec).replace("|", "\\|") for key, _, spec in columns) + " |")
+    return "\n".join(lines)
+
+
 def row_seconds(row: dict) -> float:
     """A timed row's wall time (its median); the first GPU run's model rows called it ``seconds``."""
     return row["median_s"] if "median_s" in row else row["seconds"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from bench import compare
-from bench.__main__ import SECTIONS
+from bench import compare, plot
+from bench.__main__ import SECTIONS, report_markdown
 from bench.__main__ import main as bench_main
 
 # Each section's key in results.json.
@@ -28,10 +28,11 @@ def cpu_run(tmp_path_factory):
 
 
 def only(results: dict, section: str) -> dict:
-    """``results`` as a run of ``--only section`` writes it: the other sections' keys gone."""
+    """``results`` as a run of ``--only section`` writes it: the other sections' keys and validation rows gone."""
     dropped = {KEYS[name] for name in SECTIONS if name != section}
-    return {key: value for key, value in copy.deepcopy(results).items() if key not in dropped} | {
-        "sections": [section]}
+    kept = {key: value for key, value in copy.deepcopy(results).items() if key not in dropped}
+    kept["report"]["rows"] = [r for r in kept["report"]["rows"] if r["op"].split(" ", 1)[0] == section]
+    return kept | {"sections": [section]}
 
 
 # -- bench.compare -------------------------------------------------------------------------------------
@@ -86,3 +87,76 @@ def test_compare_says_which_sections_it_could_not_pair_and_why(cpu_run):
     fewer["kernels"]["layers"][0]["kernels"].pop()
     (reason,) = compare.unpaired(compare.compare(kernels, fewer))
     assert reason.startswith("kernels: 1 case only in the new run, 0 only in the old one (what ran differs, e.g.")
+
+
+# -- report.md -----------------------------------------------------------------------------------------
+
+# What report.md shows of each section: the validation table's rows of the op and model sections, a part of
+# its own for the others.
+REPORT_PARTS = {"mlp": "| mlp tiny ", "attention": "| attention tiny ", "model": "| model tiny prefill |",
+                "kv": "## Layer-skip KV cache", "latency": "## Request latency per budget", "serve": "## Serving",
+                "kernels": "## Per kernel"}
+
+
+def tables_have_rows(text: str) -> bool:
+    """Every Markdown table (a header, then its rule) has at least one row under the rule."""
+    lines = text.splitlines()
+    return all(lines[i + 2].startswith("|") for i in range(len(lines) - 2)
+               if lines[i].startswith("|") and lines[i + 1].startswith("|---"))
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_report_has_a_part_for_each_section(cpu_run, section):
+    text = report_markdown(only(cpu_run, section))
+    assert REPORT_PARTS[section] in text and tables_have_rows(text)
+    if section not in ("mlp", "attention", "model"):
+        # No validation table, and no header over an empty one: a line says why.
+        assert "No validation table: no section of this run timed a series of plans against FLOPs" in text
+        assert "0 of 0" not in text.splitlines()[0]
+
+
+def test_report_of_the_whole_run_has_every_part(cpu_run):
+    text = report_markdown(cpu_run)
+    assert all(part in text for part in REPORT_PARTS.values()) and tables_have_rows(text)
+
+
+# -- bench.plot ----------------------------------------------------------------------------------------
+
+FIGURES = {"mlp": ["ops.png"], "attention": ["ops.png"], "kv": ["kv.png"], "model": ["plot.png"],
+           "latency": ["latency.png"], "serve": ["serve.png"], "kernels": ["kernels.png"]}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_plot_draws_each_section(cpu_run, section, tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(only(cpu_run, section)))
+    paths = plot.main([str(path)])
+    assert [p.name for p in paths] == FIGURES[section]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert "no figure" not in capsys.readouterr().out
+
+
+def test_plot_draws_every_section_of_the_whole_run(cpu_run, tmp_path):
+    names = [p.name for p in plot.draw_all(cpu_run, tmp_path)]
+    assert names == ["kv.png", "plot.png", "latency.png", "serve.png", "kernels.png", "ops.png", "ops-2.png"]
+    assert not plot.not_drawn(cpu_run)
+
+
+def test_plot_names_each_section_it_cannot_draw(cpu_run, tmp_path, capsys):
+    failed = {"type": "RuntimeError", "message": "out of memory"}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(only(cpu_run, "serve") | {"errors": {"kernels": failed}}))
+    assert [p.name for p in plot.main([str(path)])] == ["serve.png"]
+    assert "no figure for section kernels: it failed in this run (RuntimeError: out of memory)" in \
+        capsys.readouterr().out
+
+    # Nothing to draw at all: one line, exit status 2, no file written.
+    nothing = {key: value for key, value in only(cpu_run, "serve").items() if key != "serve"}
+    path.write_text(json.dumps(nothing | {"errors": {"serve": failed}}))
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(path), "--out", str(tmp_path / "figures")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"python -m bench.plot: error: RESULTS.json: {path} has nothing to draw: section serve: "
+                          "it failed in this run (RuntimeError: out of memory)")
+    assert not (tmp_path / "figures").exists()
