@@ -28,7 +28,7 @@ from adallava_kernels.checks import check_int
 from adallava_kernels.runtime import PlannedDecoder
 
 from . import inference
-from .checkpoint import LLAVA_KEY_MAPPING, check_loaded_keys
+from .checkpoint import LLAVA_KEY_MAPPING, check_llava_checkpoint, check_loaded_keys, check_scheduler_overrides
 from .config import AdaLlavaConfig, quiet_model_type_warning
 from .inference import AdaRequest
 from .masked import SwitchGates, masked_forward
@@ -81,7 +81,14 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         latency encoder's and the scheduler's must be in the checkpoint, else ``ValueError``
         naming the keys. Sets ``has_trained_scheduler``. ``key_mapping`` adds renamings to
         the llava-hf ones (``LLAVA_KEY_MAPPING``).
+
+        Before any weight is allocated, the directory is checked (``checkpoint.check_llava_checkpoint``):
+        its config must be a LLaVA or AdaLLaVA one over a Llama, and its tensor files must read; a config
+        override that contradicts a trained scheduler (``switch_kind``, ...) is refused. Anything else is a
+        ``ValueError`` naming it, not a default LLaVA-7B built in its place.
         """
+        directory, config = check_llava_checkpoint("pretrained_model_name_or_path", pretrained_model_name_or_path)
+        check_scheduler_overrides("pretrained_model_name_or_path", directory, config, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**LLAVA_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         with quiet_model_type_warning():
