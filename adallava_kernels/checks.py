@@ -51,6 +51,9 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
     """Every id of the integer tensor ``ids`` in ``[0, vocab_size)``, else ``ValueError`` naming ``name``
     and the first bad id (an embedding lookup would raise a bare ``IndexError`` on a CPU and a device-side
     assert, which ends the process's CUDA context, on a GPU). Reads two values back: call it at plan time."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    check_int("vocab_size", vocab_size, 1)
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
     if ids.numel() == 0:

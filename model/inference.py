@@ -20,7 +20,7 @@ from adallava_kernels.runtime import DecodeBatch, PlannedDecoder
 
 from .outputs import AdaLlavaOutput, next_token_loss
 from .prumerge import embed_inputs
-from .scheduler import check_budgets, check_plans, insert_latency_token, plan_from_logits
+from .scheduler import check_budgets, check_inputs, check_plans, insert_latency_token, plan_from_logits
 
 __all__ = [
     "AdaGeneration",
@@ -137,8 +137,7 @@ def start_request(model, input_ids, pixel_values=None, attention_mask=None, *, l
     :class:`AdaRequest`. Its sequences stay admitted until ``request.free()``."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("generate needs input_ids of shape [batch, prompt]")
+    check_inputs(input_ids, pixel_values, attention_mask)
     batch = input_ids.shape[0]
     budgets = check_budgets(latency_budget, batch)
     plans = check_plans(plan, batch, model.scheme)

@@ -37,6 +37,7 @@ from .scheduler import (
     LatencyEncoder,
     Scheduler,
     check_budgets,
+    check_inputs,
     check_plans,
     insert_latency_token,
     plan_from_logits,
@@ -191,6 +192,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("a planned forward takes no past_key_values; use generate(latency_budget=...)")
         if input_ids is None:
             raise ValueError("a planned forward needs input_ids")
+        check_inputs(input_ids, pixel_values, attention_mask)
         check_int("logits_to_keep", logits_to_keep, 0)
         if logits_to_keep and labels is not None:
             raise ValueError("a loss needs every position's logits: use logits_to_keep=0 with labels")

@@ -83,6 +83,7 @@ class PlannedDecoder:
     ) -> None:
         if not isinstance(weights, DecoderWeights):
             raise TypeError(f"weights must be DecoderWeights, got {type(weights).__name__}")
+        check_int("max_graphs", max_graphs, 1)
         self.weights, self.shape = weights, weights.shape
         self.backend = resolve_backend("PlannedDecoder", backend, weights.device, _has_triton())
         self.cache = self._new_pool(num_pages, page_size)
@@ -353,6 +354,7 @@ class PlannedDecoder:
 
     def decode(self, seq_ids: Sequence[Hashable]) -> DecodeBatch:
         """A decode batch of prefilled sequences (row ``b`` is ``seq_ids[b]``), built once; step it."""
+        check_seq_ids(seq_ids)
         bound = self.graphs is not None or bool(self.bind_plans)
         return DecodeBatch(self, list(seq_ids), bound=bound)
 
