@@ -431,7 +431,8 @@ def roofline(breakdown: CostBreakdown, device: DeviceSpec | str) -> Roofline:
     op memory-bound is priced as such.
     """
     if not isinstance(breakdown, CostBreakdown):
-        raise TypeError(f"breakdown must be a CostBreakdown (prefill_cost, decode_cost), got {type(breakdown).__name__}")
+        raise TypeError(f"breakdown must be a CostBreakdown (prefill_cost, decode_cost), got "
+                        f"{type(breakdown).__name__}")
     spec = get_device(device) if isinstance(device, str) else device
     if not isinstance(spec, DeviceSpec):
         raise TypeError(f"device must be a DeviceSpec or a device name, got {type(device).__name__}")

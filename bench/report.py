@@ -274,7 +274,8 @@ def summary_line(reports: Sequence[SeriesReport], unstable: int, timed: int, dev
     judged = [r for r in reports if r.role in (LIBRARY, LIBRARY_TORCH)]
     first = f"On {device}, {sum(r.follows for r in judged)} of {len(judged)} library series follow FLOPs in wall time"
     if not judged:
-        first = f"On {device}, no library series was timed against FLOPs (the mlp, attention and model sections time them)"
+        first = (f"On {device}, no library series was timed against FLOPs (the mlp, attention and model sections "
+                 f"time them)")
     noisy = sum(r.within_spread for r in judged)
     if noisy:
         first += (f"; {noisy} {'deviates' if noisy == 1 else 'deviate'} from it only within the measured spread "

@@ -313,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_sources(args.checkpoint, args.vision_tower, args.out, names=("--checkpoint", "--vision-tower", "--out"))
         config = convert(args.checkpoint, args.vision_tower, args.out, dtype=_DTYPES.get(args.dtype))
     except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        line = " ".join(str(error).split())  # one line, whatever the message
+        print(f"{parser.prog}: error: {line}", file=sys.stderr)
         return 2
     print(f"wrote AdaLLaVA-{config.switch_kind} ({config.text_config.num_hidden_layers} layers, "
           f"{config.scheme.prefix_layers} prefix, PruMerge {'on' if config.prumerge else 'off'}) to {args.out}")

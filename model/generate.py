@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        line = " ".join(str(error).split())  # one line, whatever the message
+        print(f"{parser.prog}: error: {line}", file=sys.stderr)
         return 2
 
 

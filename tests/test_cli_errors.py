@@ -165,3 +165,17 @@ def test_plot_refuses_bad_arguments_in_one_line(capsys, a_run, not_a_dir):
     line = refusal(capsys, plot.main, [str(a_run), "--out", str(not_a_dir)], prog)
     assert f"--out '{not_a_dir}' cannot be written" in line
     assert [p.name for p in a_run.parent.iterdir()] == ["results.json"]
+
+
+def test_a_check_ends_any_parser_in_one_line(capsys):
+    # bench.tune keeps argparse's own parser: a failed check is one line there too.
+    import argparse
+
+    from adallava_kernels.checks import check_device
+    from adallava_kernels.cli import checked
+
+    with pytest.raises(SystemExit) as exit_info:
+        checked(argparse.ArgumentParser(prog="python -m bench.tune"), check_device, "--device", "gpu")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("python -m bench.tune: error: --device must be a device such as 'cpu' or 'cuda:0'")
