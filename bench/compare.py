@@ -10,8 +10,8 @@ compare on the cases they share. A section whose settings differ between
 the runs (the serve section's prompt length, the kernels section's backend,
 ...) is not paired at all, and every section that is not, or only in part,
 is named with the reason: in one run only, failed in one, settings that
-differ, or cases that differ. The ratio is new / old wall-time median; over ``1 + THRESHOLD``
-is a regression, and under ``1 - THRESHOLD`` faster, only where the two
+differ, or cases that differ. The ratio is new / old wall-time median; over
+``1 + THRESHOLD`` is a regression, and under ``1 - THRESHOLD`` faster, only where the two
 medians differ by more than the two runs' IQRs together: a larger change
 inside that spread is marked ``within IQR``, as the timing did not resolve
 it. Runs timed on a CPU are compared but not judged: there, two runs of the
@@ -195,6 +195,13 @@ def _pairing_reason(name: str, new: dict, old: dict, new_cases: dict, old_cases:
     return "; ".join(reasons) or None
 
 
+def _row(case: str, new_row: dict, old_row: dict, threshold: float, judge: bool) -> dict:
+    new_s, old_s = row_seconds(new_row), row_seconds(old_row)
+    return {"case": case, "new_s": new_s, "old_s": old_s, "ratio": new_s / old_s if old_s > 0 else math.inf,
+            "new_iqr_s": row_iqr(new_row), "old_iqr_s": row_iqr(old_row),
+            "verdict": verdict(new_row, old_row, threshold, judge)}
+
+
 def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
     """Rows of (case, new_s, old_s, ratio, verdict) for the cases both runs timed, in the new run's order,
     the cases only one of them has, and per section how its cases paired and why any did not (``sections``).
@@ -210,23 +217,16 @@ def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
         new_cases, old_cases = new_sections.get(name, {}), old_sections.get(name, {})
         differing = _differing_settings(name, new, old) if new_cases and old_cases else []
         reason = _pairing_reason(name, new, old, new_cases, old_cases, differing)
-        if differing:
-            old_cases = {}  # every case of the section is counted as in one run only
-        paired = [case for case in new_cases if case in old_cases]
-        section_new = [c for c in new_cases if c not in old_cases]
-        section_old = [c for c in old_sections.get(name, {}) if c not in new_cases or differing]
-        if new_cases or old_sections.get(name) or reason:
+        pairable = {} if differing else old_cases  # settings that differ pair nothing
+        paired = [case for case in new_cases if case in pairable]
+        section_new = [case for case in new_cases if case not in pairable]
+        section_old = [case for case in old_cases if case not in new_cases or differing]
+        if new_cases or old_cases or reason:
             sections.append({"section": name, "paired": len(paired), "only_new": len(section_new),
                              "only_old": len(section_old), "reason": reason})
         only_new += section_new
         only_old += section_old
-        for case in paired:
-            new_row, old_row = new_cases[case], old_cases[case]
-            new_s, old_s = row_seconds(new_row), row_seconds(old_row)
-            rows.append({"case": case, "new_s": new_s, "old_s": old_s,
-                         "ratio": new_s / old_s if old_s > 0 else math.inf,
-                         "new_iqr_s": row_iqr(new_row), "old_iqr_s": row_iqr(old_row),
-                         "verdict": verdict(new_row, old_row, threshold, judge)})
+        rows += [_row(case, new_cases[case], old_cases[case], threshold, judge) for case in paired]
     return {
         "threshold": threshold, "judged": judge, "rows": rows, "only_new": only_new, "only_old": only_old,
         "sections": sections,
