@@ -303,6 +303,7 @@ class LayerSkipKVCache:
 
         The sequences must have been added with ``reserve`` (their pages exist) and have room left.
         """
+        check_int("tokens", tokens, 0)
         sequences = self._distinct(seq_ids)
         for seq_id, seq in zip(seq_ids, sequences):
             if not seq.reserved:
