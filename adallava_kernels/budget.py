@@ -36,7 +36,7 @@ import torch
 from .checks import check_int
 from .cost import layer_ops
 from .plan import ExecutionPlan, neuron_groups
-from .shape import ModelShape
+from .shape import ModelShape, check_model_shape
 
 __all__ = ["MIN_BUDGET", "MAX_BUDGET", "check_budget", "UnitScheme", "best_plan", "flops_budget", "layer_flops"]
 
@@ -64,6 +64,9 @@ class UnitScheme:
     def __post_init__(self) -> None:
         if self.kind not in ("L", "H"):
             raise ValueError(f"kind must be 'L' or 'H', got {self.kind!r}")
+        check_model_shape("shape", self.shape)
+        check_int("prefix_layers", self.prefix_layers, 0)
+        check_int("rank", self.rank, 1)
         if not 0 <= self.prefix_layers < self.shape.num_layers:
             raise ValueError(
                 f"prefix_layers must be in [0, {self.shape.num_layers}), got {self.prefix_layers}"
@@ -76,6 +79,7 @@ class UnitScheme:
     @classmethod
     def default(cls, kind: SwitchKind, shape: ModelShape, rank: int = 8) -> "UnitScheme":
         """The paper's setting: the first half of the layers is the prefix."""
+        check_model_shape("shape", shape)
         return cls(kind, shape, shape.num_layers // 2, rank)
 
     @property
@@ -102,6 +106,13 @@ class UnitScheme:
         return max(0, math.floor(self.total_units * budget + 1e-9) - self.prefix_units)
 
 
+def check_scheme(scheme: object) -> UnitScheme:
+    """``scheme`` if it is a :class:`UnitScheme`, else ``ValueError`` naming ``scheme``."""
+    if not isinstance(scheme, UnitScheme):
+        raise ValueError(f"scheme must be a UnitScheme (UnitScheme.default(kind, shape)), got {type(scheme).__name__}")
+    return scheme
+
+
 def _topk_indices(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.topk(scores, k).indices.tolist()) if k else []
 
@@ -117,6 +128,7 @@ def flops_budget(scheme: UnitScheme, budget: float, num_tokens: int) -> float:
 
     ``lm_head`` is left out: every plan runs it once, whatever the budget.
     """
+    check_scheme(scheme)
     budget = check_budget(budget)
     check_int("num_tokens", num_tokens)
     s = scheme.shape
@@ -145,6 +157,7 @@ def best_plan(
     ``num_tokens`` tokens (:func:`flops_budget`): units are taken in score
     order, skipping any that no longer fits, until none fits.
     """
+    check_scheme(scheme)
     budget = check_budget(budget)
     shape = scheme.shape
     if scheme.kind == "L":

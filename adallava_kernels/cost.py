@@ -31,8 +31,8 @@ import torch
 
 from .checks import check_int
 from .devices import DeviceSpec, get_device
-from .plan import ExecutionPlan
-from .shape import ModelShape
+from .plan import ExecutionPlan, check_execution_plan
+from .shape import ModelShape, check_model_shape
 
 __all__ = [
     "OP_NAMES",
@@ -265,7 +265,8 @@ class CostBreakdown:
 
 def _active_counts(shape: ModelShape, plan: ExecutionPlan | None) -> Sequence[tuple[int, int, int]]:
     """Per layer: (active heads, KV heads needed, active neurons)."""
-    if plan is None:
+    check_model_shape("shape", shape)
+    if check_execution_plan("plan", plan, optional=True) is None:
         return [(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)] * shape.num_layers
     plan.check_shape(shape)
     return [
@@ -327,10 +328,14 @@ def batch_decode_cost(
     and reads the union's KV heads (a row's own or, for the units it lacks, the scratch page).
     """
     check_int("context_len", context_len)
+    check_model_shape("shape", shape)
+    if isinstance(plans, (str, bytes, ExecutionPlan)) or not isinstance(plans, Sequence):
+        raise TypeError(f"plans must be a sequence of one ExecutionPlan (or None) per row, got {type(plans).__name__}")
     if not plans:
         raise ValueError("plans must hold one plan (or None) per row, got none")
     full = ExecutionPlan.full(shape)
-    plans = [full if plan is None else plan for plan in plans]
+    plans = [full if check_execution_plan(f"plans[{b}]", plan, optional=True) is None else plan
+             for b, plan in enumerate(plans)]
     if union:
         return _union_decode_cost(shape, context_len, plans, precision)
     counts = [_active_counts(shape, plan) for plan in plans]
@@ -425,7 +430,12 @@ def roofline(breakdown: CostBreakdown, device: DeviceSpec | str) -> Roofline:
     Each op is bound separately in each layer, so a plan that makes one layer's
     op memory-bound is priced as such.
     """
+    if not isinstance(breakdown, CostBreakdown):
+        raise TypeError(f"breakdown must be a CostBreakdown (prefill_cost, decode_cost), got "
+                        f"{type(breakdown).__name__}")
     spec = get_device(device) if isinstance(device, str) else device
+    if not isinstance(spec, DeviceSpec):
+        raise TypeError(f"device must be a DeviceSpec or a device name, got {type(device).__name__}")
     seconds = {name: 0.0 for name in OP_NAMES}
     compute_time = {name: 0.0 for name in OP_NAMES}
     for op in breakdown.ops():
@@ -442,6 +452,8 @@ _SI_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 def format_flops(flops: float) -> str:
     """``flops`` in the largest unit it reaches, four significant digits: ``9.33 TFLOP``, ``215.2 MFLOP``
     (a fixed unit would print a tiny model's cost as ``0.0000 TFLOP``)."""
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)):
+        raise TypeError(f"flops must be a number, got {type(flops).__name__}")
     for scale, prefix in _SI_PREFIXES:
         if abs(flops) >= scale:
             return f"{flops / scale:.4g} {prefix}FLOP"

@@ -75,5 +75,5 @@ def get_device(name: str) -> DeviceSpec:
         return measure_cpu()
     try:
         return DEVICES[name]
-    except KeyError:
-        raise ValueError(f"unknown device {name!r}; expected one of {sorted(DEVICES) + ['measure']}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown device {name!r}: name must be one of {sorted(DEVICES) + ['measure']}") from None

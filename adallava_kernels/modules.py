@@ -18,7 +18,7 @@ from .ops.common import resolve_backend
 from .ops.layout import prepare_column_gather
 from .ops.masked_attention import AttentionProgram, AttentionWeights, check_padding, run_masked_attention
 from .ops.masked_mlp import MlpProgram, MlpWeights
-from .plan import LayerPlan
+from .plan import ExecutionPlan, LayerPlan
 
 __all__ = ["MaskedAttention", "MaskedMLP", "check_hf_attention", "check_hf_mlp"]
 
@@ -101,6 +101,17 @@ class _Programs:
         return self._program
 
 
+def _check_layer_plan(layer: object) -> LayerPlan | None:
+    """``layer`` if it is one layer's plan or ``None``, else ``TypeError`` naming it; a whole ``ExecutionPlan`` is
+    the commonest mistake, so its message says which call gives a layer's."""
+    if layer is None or isinstance(layer, LayerPlan):
+        return layer
+    if isinstance(layer, ExecutionPlan):
+        raise TypeError("layer must be one layer's LayerPlan or None, got an ExecutionPlan (the whole model's): pass "
+                        "plan.layer(i) for layer i, or patch every layer with apply_masked_kernels(model, plan=plan)")
+    raise TypeError(f"layer must be one layer's LayerPlan (plan.layer(i)) or None, got {type(layer).__name__}")
+
+
 class MaskedMLP(nn.Module):
     """A transformers ``LlamaMLP`` that computes only the neurons its layer plan keeps.
 
@@ -148,6 +159,7 @@ class MaskedMLP(nn.Module):
         host: no device value is read). A plan on another device is copied
         here once; build it with ``plan.layer(i, device)`` to avoid that.
         """
+        _check_layer_plan(layer)
         if layer is not None and layer.model_neurons != self.intermediate_size:
             raise ValueError(
                 f"layer plan {layer.index} is for a model with {layer.describe_model()}, "
@@ -269,7 +281,7 @@ class MaskedAttention(nn.Module):
         another device is copied here once; build it with
         ``plan.layer(i, device)`` to avoid that.
         """
-        if layer is None:
+        if _check_layer_plan(layer) is None:
             self._plan = None
             return
         mine = (self.num_heads, self.num_kv_heads, self.head_dim)

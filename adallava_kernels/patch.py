@@ -13,7 +13,8 @@ from __future__ import annotations
 from torch import nn
 
 from .modules import MaskedAttention, MaskedMLP, check_hf_attention, check_hf_mlp
-from .plan import ExecutionPlan
+from .ops.common import BACKENDS
+from .plan import ExecutionPlan, check_execution_plan
 from .shape import ModelShape
 
 __all__ = ["apply_masked_kernels", "decoder_layers"]
@@ -51,9 +52,9 @@ def apply_masked_kernels(
     once, row-major), so transformers loads the checkpoint as it was.
     """
     layers = decoder_layers(model)
-    if plan is not None:
-        if not isinstance(plan, ExecutionPlan):
-            raise ValueError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if check_execution_plan("plan", plan, optional=True) is not None:
         config = getattr(model, "config", None)
         plan.check_shape(ModelShape.from_hf_config(config) if config is not None else plan.shape)
         if plan.shape.num_layers != len(layers):

@@ -16,10 +16,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .checks import check_device
-from .shape import ModelShape
+from .checks import check_device, check_int
+from .shape import ModelShape, check_model_shape
 
-__all__ = ["ExecutionPlan", "LayerPlan", "neuron_groups"]
+__all__ = ["ExecutionPlan", "LayerPlan", "check_execution_plan", "neuron_groups"]
 
 _JSON_VERSION = 1
 
@@ -31,7 +31,9 @@ def neuron_groups(intermediate_size: int, num_groups: int) -> list[range]:
     goes one neuron each to the first groups (7B: 11008 = 32 * 344, no
     remainder; 13B: 13824 = 40 * 345 + 24, so groups 0-23 have 346).
     """
-    if not 1 <= num_groups <= intermediate_size:
+    check_int("intermediate_size", intermediate_size, 1)
+    check_int("num_groups", num_groups, 1)
+    if num_groups > intermediate_size:
         raise ValueError(f"num_groups must be in [1, {intermediate_size}], got {num_groups}")
     base, extra = divmod(intermediate_size, num_groups)
     groups, start = [], 0
@@ -172,7 +174,11 @@ def _build_layers(
 
 
 def _as_binary_tensor(value: Any, name: str, expected_shape: tuple[int, ...]) -> torch.Tensor:
-    tensor = torch.as_tensor(value).detach().cpu()
+    try:
+        tensor = torch.as_tensor(value).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor or nested sequence of 0/1 of shape {list(expected_shape)}, got "
+                        f"{type(value).__name__}") from None
     if tuple(tensor.shape) != expected_shape:
         raise ValueError(f"{name} must have shape {list(expected_shape)}, got {list(tensor.shape)}")
     if tensor.dtype != torch.bool:
@@ -253,12 +259,13 @@ class ExecutionPlan:
         *,
         num_groups: int | None = None,
     ) -> None:
-        if not isinstance(shape, ModelShape):
-            raise ValueError(f"shape must be a ModelShape, got {type(shape).__name__}")
-        self.shape = shape
+        self.shape = check_model_shape("shape", shape)
         self.num_groups = shape.num_heads if num_groups is None else num_groups
         neuron_groups(shape.intermediate_size, self.num_groups)  # validates num_groups
         for name, value in (("heads", heads), ("neurons", neurons)):
+            if isinstance(value, (str, bytes)) or not (hasattr(value, "__len__") and hasattr(value, "__iter__")):
+                raise TypeError(f"{name} must be a sequence of one index list per layer ({shape.num_layers}), got "
+                                f"{type(value).__name__}")
             if len(value) != shape.num_layers:
                 raise ValueError(f"{name} must have one entry per layer ({shape.num_layers}), got {len(value)}")
         self.heads = tuple(
@@ -276,11 +283,13 @@ class ExecutionPlan:
     @classmethod
     def full(cls, shape: ModelShape, *, num_groups: int | None = None) -> "ExecutionPlan":
         """Every layer, head and neuron on: the dense model."""
+        check_model_shape("shape", shape)
         return cls.from_layer_mask([1] * shape.num_layers, shape, num_groups=num_groups)
 
     @classmethod
     def from_layer_mask(cls, mask: Any, shape: ModelShape, *, num_groups: int | None = None) -> "ExecutionPlan":
         """AdaLLaVA-L: ``mask[l]`` is 1 to run layer ``l`` whole, 0 to skip it."""
+        check_model_shape("shape", shape)
         on = _as_binary_tensor(mask, "mask", (shape.num_layers,)).tolist()
         all_heads = range(shape.num_heads)
         all_neurons = range(shape.intermediate_size)
@@ -298,6 +307,7 @@ class ExecutionPlan:
         Row 0 switches attention heads, row 1 switches MLP neuron groups (as
         many groups as heads, see :func:`neuron_groups`).
         """
+        check_model_shape("shape", shape)
         s = _as_binary_tensor(switches, "switches", (shape.num_layers, 2, shape.num_heads))
         groups = neuron_groups(shape.intermediate_size, shape.num_heads)
         heads = [s[layer, 0].nonzero().flatten().tolist() for layer in range(shape.num_layers)]
@@ -321,6 +331,7 @@ class ExecutionPlan:
 
     def layer(self, index: int, device: torch.device | str = "cpu") -> LayerPlan:
         """Index tensors of one layer on ``device`` (built on first use, then cached)."""
+        check_int("index", index, -self.shape.num_layers)
         if not -self.shape.num_layers <= index < self.shape.num_layers:
             raise ValueError(f"layer index {index} out of range for {self.shape.num_layers} layers")
         return self.layers(device)[index]
@@ -340,6 +351,7 @@ class ExecutionPlan:
 
     def check_shape(self, shape: ModelShape, name: str = "plan") -> None:
         """Raise ``ValueError`` unless this plan was built for ``shape``."""
+        check_model_shape("shape", shape)
         if shape != self.shape:
             raise ValueError(f"{name} is for {self.shape}, but the model is {shape}")
 
@@ -361,7 +373,12 @@ class ExecutionPlan:
     @classmethod
     def from_json(cls, text: str, shape: ModelShape | None = None) -> "ExecutionPlan":
         """Inverse of :meth:`to_json`; with ``shape``, also checks the plan is for it."""
-        data = json.loads(text)
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"text must be the JSON string of ExecutionPlan.to_json, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"text is not plan JSON ({error})") from None
         if not isinstance(data, dict) or data.get("version") != _JSON_VERSION:
             raise ValueError(f"plan JSON must be an object with version {_JSON_VERSION}")
         plan_shape = ModelShape.from_dict(data["shape"])
@@ -419,3 +436,14 @@ class ExecutionPlan:
             f"heads={heads}/{s.num_layers * s.num_heads}, "
             f"neurons={neurons}/{s.num_layers * s.intermediate_size})"
         )
+
+
+def check_execution_plan(name: str, plan: object, *, optional: bool = False) -> ExecutionPlan | None:
+    """``plan`` if it is an :class:`ExecutionPlan` (or ``None`` where ``optional``), else ``ValueError`` naming
+    ``name`` and the type it got (a layer's :class:`LayerPlan` is not a plan of the model: it is
+    ``plan.layer(i)``)."""
+    if plan is None and optional:
+        return None
+    if not isinstance(plan, ExecutionPlan):
+        raise ValueError(f"{name} must be an ExecutionPlan{' or None' if optional else ''}, got {type(plan).__name__}")
+    return plan

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from .checks import check_int
 
-__all__ = ["ModelShape", "PRESETS", "get_shape"]
+__all__ = ["ModelShape", "PRESETS", "check_model_shape", "get_shape"]
 
 
 @dataclass(frozen=True)
@@ -99,5 +99,14 @@ def get_shape(name: str) -> ModelShape:
     """A preset by name (``llava-7b``, ``llava-13b``, ``tiny``)."""
     try:
         return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(PRESETS)}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown model {name!r}: name must be one of {sorted(PRESETS)}") from None
+
+
+def check_model_shape(name: str, shape: object) -> ModelShape:
+    """``shape`` if it is a :class:`ModelShape`, else ``ValueError`` naming ``name`` (a preset's name is not one:
+    ``get_shape(name)`` gives it)."""
+    if not isinstance(shape, ModelShape):
+        hint = f" (get_shape({shape!r}) gives the preset)" if isinstance(shape, str) and shape in PRESETS else ""
+        raise ValueError(f"{name} must be a ModelShape, got {type(shape).__name__}{hint}")
+    return shape

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from adallava_kernels import PRESETS, check_budget, get_device, get_shape
+from adallava_kernels.checks import check_backend, check_output_dir
+from adallava_kernels.cli import ArgumentParser, checked
 
 from . import attention, compare, kernels, kv_cache, latency, mlp, plans, plot, report, serve, timing
 from . import model as model_bench
-from ._common import (DTYPES, checked_device, default_dtype, error_record, load_results, metadata, progress,
-                      write_json)
+from ._common import (DTYPES, checked_device, default_dtype, error_record, int_list, load_results, metadata,
+                      model_list, non_negative_int, positive, progress, roofline_device, write_json)
 
 DEFAULT_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
 SECTIONS = ("mlp", "attention", "kv", "model", "latency", "serve", "kernels")
@@ -63,57 +65,35 @@ def results_file(text: str) -> dict:
     return {"path": text, "results": results}
 
 
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--model", default=None, choices=sorted(PRESETS),
                         help="model shape (default llava-7b on CUDA, tiny on CPU)")
     parser.add_argument("--only", type=section_list, default=list(SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                         help="kernels the model and latency sections run (default auto: Triton on CUDA)")
-    parser.add_argument("--decode-steps", type=int, default=model_bench.DECODE_STEPS,
+    parser.add_argument("--decode-steps", type=positive(int), default=model_bench.DECODE_STEPS,
                         help="decode steps between the two generate calls that time transformers' decode step "
                              "(the library's is timed step by step)")
-    parser.add_argument("--random-plans", type=int, default=model_bench.RANDOM_PLANS,
+    parser.add_argument("--random-plans", type=non_negative_int, default=model_bench.RANDOM_PLANS,
                         help="random plans the model section adds to the budgets' plans")
-    parser.add_argument("--roofline-device", default="H200",
+    parser.add_argument("--roofline-device", type=roofline_device, default="H200",
                         help="device the roofline predicts for: H200, H100, A100, V100, or 'measure' (this CPU)")
     parser.add_argument("--budgets", type=budget_list, default=list(DEFAULT_BUDGETS),
                         help="comma-separated latency budgets in [0.5, 1.0]")
-    parser.add_argument("--tokens", type=int, default=700,
+    parser.add_argument("--tokens", type=positive(int), default=700,
                         help="prefill length of the plans table and, on CUDA, of the model section "
                              f"(on CPU the model section uses {model_bench.CPU_TOKENS})")
-    parser.add_argument("--context", type=int, default=700, help="positions a decode step attends to")
+    parser.add_argument("--context", type=positive(int), default=700, help="positions a decode step attends to")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the ops are timed: cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the timed ops (default bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--scale", type=int, default=None,
+    parser.add_argument("--scale", type=positive(int), default=None,
                         help="divide the op shapes by this (MLP: hidden and intermediate; attention: hidden "
                              "and heads) (default 4 on CPU, 1 on CUDA and for tiny)")
-    parser.add_argument("--models", type=lambda t: t.split(","), default=None,
+    parser.add_argument("--models", type=model_list, default=None,
                         help="models whose ops are timed (default: --model on CPU; llava-7b,llava-13b on CUDA)")
     parser.add_argument("--mlp-tokens", type=int_list, default=None,
                         help="tokens per MLP call (default 1,8,64 on CPU; 1,8,64,700,4096 on CUDA)")
@@ -123,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="attention decode contexts (default 128 on CPU; 700,4096 on CUDA)")
     parser.add_argument("--attention-batches", type=int_list, default=None,
                         help="attention batch sizes (default 1 on CPU; 1,8 on CUDA)")
-    parser.add_argument("--kv-pool-gib", type=float, default=40.0,
+    parser.add_argument("--kv-pool-gib", type=positive(float), default=40.0,
                         help="pool size for the sequences-per-pool column of the KV-cache table (default 40 GiB)")
     parser.add_argument("--latency-prompt", type=positive(int), default=None,
                         help=f"prompt tokens of the latency section's request (default {latency.GPU_REQUEST[0]} on "
@@ -145,11 +125,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, type=Path,
                         help="directory for results.json, report.md and the figures")
     args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single option's type can check, before anything is timed: the device, the backend on it, the
+    options that depend on one another, and that ``--out`` can be written (last: the only check that touches
+    the file system, and it creates nothing)."""
     args.device = checked_device(parser, args.device)
+    checked(parser, check_backend, "--backend", args.backend, args.device)
     if args.latency_new_tokens is not None and args.latency_new_tokens < 2:
         parser.error(f"--latency-new-tokens must be at least 2 (one output token after the first), "
                      f"got {args.latency_new_tokens}")
-    return args
+    if "kernels" in args.only and args.device.type == "cuda" and args.context < 2:
+        parser.error(f"--context must be at least 2 for the kernels section on CUDA (its decode step follows a "
+                     f"prefill of context - 1 tokens), got {args.context}")
+    if args.out is not None:
+        args.out = checked(parser, check_output_dir, "--out", args.out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,10 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(report.table(reports))
     if args.compare:
         results["compare"] = run_compare(results, args.compare)
-    summary, sections = summarize_run(results, reports, budgets)
+    print_timing_notes(results)
+    summary, _ = summarize_run(results, reports)
     print("\n" + summary)
     if args.out:
-        write_outputs(args.out, results, reports, summary, sections)
+        write_outputs(args.out, results)
     return results
 
 
@@ -256,33 +250,41 @@ def exit_status(results: dict) -> int:
     return 1 if results.get("errors") else 0
 
 
-def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tuple[str, str]]]:
-    """The report's one-line summary and its sections after the validation table; prints the unstable cases
-    and where the GPU times come from."""
+def print_timing_notes(results: dict) -> None:
+    """The cases whose timing was unstable, and where the GPU times come from."""
     unstable = compare.unstable_cases(results)
     if unstable:
         shown = "; ".join(unstable[:8])
         if len(unstable) > 8:
             shown += f"; ... ({len(unstable)} in all, listed in report.md)"
         print(f"\ntimed cases whose IQR exceeds {timing.IQR_LIMIT:.0%} of the median (marked ! above): {shown}")
+    print(gpu_note(results))
+
+
+def gpu_note(results: dict) -> str:
     sources = compare.gpu_sources(results)
-    gpu_note = ("GPU time: " + "; ".join(sources) if sources
-                else "GPU time: not measured (on a CPU there is no device time apart from the wall time)")
-    print(gpu_note)
+    return ("GPU time: " + "; ".join(sources) if sources
+            else "GPU time: not measured (on a CPU there is no device time apart from the wall time)")
+
+
+def summarize_run(results: dict, reports) -> tuple[str, list[tuple[str, str]]]:
+    """The report's one-line summary and its sections after the validation table, from ``results`` (as
+    results.json holds them) and the validation ``reports``."""
+    unstable = compare.unstable_cases(results)
     latency_note = latency.summary(results["latency"]["rows"]) if "latency" in results else None
     notes = [note for note in (failure_note(results.get("errors")), latency_note) if note]
-    summary = report.summary_line(reports, len(unstable), len(compare.cases(results)), results["meta"]["device"],
-                                  notes)
+    summary = report.summary_line(reports, len(unstable), len(compare.spread_cases(results)),
+                                  results["meta"]["device"], notes)
     sections = []
     if results.get("errors"):
         sections.append(("Sections that failed", "\n".join(
             f"- {name}: `{e['type']}: {e['message']}`" for name, e in results["errors"].items())))
-    if "latency" in results:
-        sections.append(("Request latency per budget", latency.markdown(results["latency"]["rows"])))
-    ops = (timing.DO_BENCH + f", {budgets['ops'].min_seconds:g} s" if results["device_type"] == "cuda"
-           else budgets["ops"].describe())
-    how = (f"Wall time of an end-to-end case: {budgets['end_to_end'].describe()}; of an op: {ops}; the median and "
-           f"the IQR are reported. {gpu_note}.")
+    sections += section_parts(results)
+    rules = results["timing"]
+    ops = (timing.DO_BENCH + f", {rules['ops']['min_seconds']:g} s" if results["device_type"] == "cuda"
+           else rules["ops"]["rule"])
+    how = (f"Wall time of an end-to-end case: {rules['end_to_end']['rule']}; of an op: {ops}; the median and "
+           f"the IQR are reported. {gpu_note(results)}.")
     sections.append(("How the times were taken", how))
     sections.append(("Timed cases with an IQR over 5% of the median", "\n".join(f"- {c}" for c in unstable) or "none"))
     if "compare" in results:
@@ -290,12 +292,37 @@ def summarize_run(results: dict, reports, budgets: dict) -> tuple[str, list[tupl
     return summary, sections
 
 
-def write_outputs(out: Path, results: dict, reports, summary: str, sections) -> None:
+def report_markdown(results: dict) -> str:
+    """report.md of a run, from its results.json alone."""
+    rows = results.get("report", {}).get("rows", [])
+    reports = report.summarize(rows) if rows else []
+    summary, sections = summarize_run(results, reports)
+    return report.markdown(reports, results["meta"], summary, sections)
+
+
+# The sections report.md has a part of its own for, after the validation table (which holds the mlp, attention
+# and model sections' series): the title and the Markdown of each.
+REPORT_PARTS = {
+    "kv_cache": ("Layer-skip KV cache", kv_cache.markdown),
+    "latency": ("Request latency per budget", lambda done: latency.markdown(done["rows"])),
+    "serve": ("Serving: requests under their own plans, alone and in one batch", serve.markdown),
+    "kernels": ("Per kernel: a full and a partial layer", kernels.markdown),
+}
+
+
+def section_parts(results: dict) -> list[tuple[str, str]]:
+    """report.md's part for each of :data:`REPORT_PARTS` the run holds."""
+    return [(title, to_markdown(results[key])) for key, (title, to_markdown) in REPORT_PARTS.items() if key in results]
+
+
+def write_outputs(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
-    (out / "report.md").write_text(report.markdown(reports, results["meta"], summary, sections))
+    (out / "report.md").write_text(report_markdown(results))
     figures = plot.draw_all(results, out)
     print(f"\nwrote {out}/results.json, report.md" + "".join(f", {p.name}" for p in figures))
+    for line in plot.not_drawn(results):
+        print(f"no figure for {line}")
 
 
 def timing_budgets(args) -> dict[str, timing.TimingBudget]:

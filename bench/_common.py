@@ -15,8 +15,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from adallava_kernels import cost
+from adallava_kernels import PRESETS, cost
 from adallava_kernels.checks import check_device
+from adallava_kernels.cli import checked
+from adallava_kernels.devices import DEVICES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,10 +52,75 @@ def checked_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
     Checked after parsing rather than with ``type=``, so that the error is one line rather than under the long
     usage; left to torch, a CUDA device without CUDA fails deep inside with an ``AssertionError``.
     """
+    return checked(parser, check_device, "--device", text)
+
+
+# -- option types: each a one-line error naming the option (argparse prefixes "argument --NAME: ") ----------
+
+def positive(kind):
+    """An option type: a ``kind`` (int or float) > 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    """An option type: an int >= 0."""
     try:
-        return check_device("--device", text)
-    except ValueError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An option type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """An option type: comma-separated positive ints."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+    return values
+
+
+def model_list(text: str) -> list[str]:
+    """An option type: comma-separated model presets."""
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated models of {', '.join(sorted(PRESETS))}, "
+                                         f"got {text!r}")
+    return names
+
+
+ROOFLINE_DEVICES = (*DEVICES, "measure")
+
+
+def roofline_device(text: str) -> str:
+    """An option type: a device the roofline predicts for (``measure``: this CPU, probed when used)."""
+    if text not in ROOFLINE_DEVICES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(ROOFLINE_DEVICES)}, got {text!r}")
+    return text
 
 
 def default_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -117,6 +184,14 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Rows as a Markdown table; ``columns`` as :func:`format_table`'s. A literal pipe would split a cell."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[key], spec).replace("|", "\\|") for key, _, spec in columns) + " |")
     return "\n".join(lines)
 
 

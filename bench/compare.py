@@ -3,10 +3,15 @@
     python -m bench --compare OLD/results.json ...     # run, then compare with OLD
     python -m bench.compare OLD/results.json NEW/results.json
 
-A case is matched by what it ran (op, shape, provider, plan label, budget),
-not by its position, so runs with different options compare on the cases
-they share. The ratio is new / old wall-time median; over ``1 + THRESHOLD``
-is a regression, and under ``1 - THRESHOLD`` faster, only where the two
+A case is matched by what it ran (op, shape, provider, plan label, budget;
+a served request's plan label and phase; a profiled kernel's layer, stage,
+sub-block and name), not by its position, so runs with different options
+compare on the cases they share. A section whose settings differ between
+the runs (the serve section's prompt length, the kernels section's backend,
+...) is not paired at all, and every section that is not, or only in part,
+is named with the reason: in one run only, failed in one, settings that
+differ, or cases that differ. The ratio is new / old wall-time median; over
+``1 + THRESHOLD`` is a regression, and under ``1 - THRESHOLD`` faster, only where the two
 medians differ by more than the two runs' IQRs together: a larger change
 inside that spread is marked ``within IQR``, as the timing did not resolve
 it. Runs timed on a CPU are compared but not judged: there, two runs of the
@@ -22,30 +27,91 @@ import argparse
 import math
 import sys
 
-from ._common import format_table, load_results, row_iqr, row_seconds
+from adallava_kernels.cli import ArgumentParser
+
+from ._common import format_table, load_results, non_negative_float, row_iqr, row_seconds
 from .timing import within_spread
 
 THRESHOLD = 0.05
 LATENCY_METRICS = ("ttft", "tpot", "e2e")
 
 
+def _mlp_cases(section: dict) -> dict[str, dict]:
+    return {f"mlp {r['model']} {r['tokens']} tok {r['provider']} {r['neurons']} neurons": r for r in section["rows"]}
+
+
+def _attention_cases(section: dict) -> dict[str, dict]:
+    return {f"attention {r['model']} {r['stage']} b{r['batch']} q{r['q_len']} kv{r['kv_len']} {r['provider']} "
+            f"{r['heads']} heads": r for r in section["rows"]}
+
+
+def _kv_cases(section: dict) -> dict[str, dict]:
+    return {f"kv {r['model']} {r['op']}": r for r in section.get("bandwidth", [])}
+
+
+def _model_cases(section: dict) -> dict[str, dict]:
+    return {f"model {r['model']} {r['stage']} {r['label']}": r for r in section["rows"]}
+
+
+def _latency_cases(section: dict) -> dict[str, dict]:
+    return {f"latency {r['model']} {r['family']} {r['budget']:.2f} {metric}": r[metric]
+            for r in section["rows"] for metric in LATENCY_METRICS}
+
+
+# A served request's phases, each timed once (no IQR): its key in a serve row, its name in a case.
+SERVE_PHASES = (("prefill_s", "prefill"), ("form_s", "forming the batch"), ("first_step_s", "first step"),
+                ("tpot_s", "TPOT"))
+
+
+def _serve_cases(section: dict) -> dict[str, dict]:
+    """Each request's phases alone, by its plan's label, then the batch's step and forming."""
+    found = {f"serve {section['model']} {r['label']} {name}": {"median_s": r[key]}
+             for r in section["rows"] for key, name in SERVE_PHASES}
+    batch = section["batch"]
+    found[f"serve {section['model']} batch of {section['requests']} step"] = {"median_s": batch["step_s"]}
+    found[f"serve {section['model']} batch of {section['requests']} forming"] = {"median_s": batch["form_s"]}
+    return found
+
+
+def _kernels_cases(section: dict) -> dict[str, dict]:
+    """Each kernel by its layer, stage, sub-block, name and how many of that name came before it there (so one
+    kernel more or less in a sub-block unpairs that sub-block's kernels of its name, not every later one), and
+    each layer's total."""
+    found = {}
+    for layer in section["layers"]:
+        head = f"kernels {section['model']} {layer['layer']} layer {layer['stage']}"
+        seen: dict[tuple, int] = {}
+        for k in layer["kernels"]:
+            where = (k["stage"] or "-", k["name"])
+            seen[where] = seen.get(where, 0) + 1
+            found[f"{head} {where[0]} {k['name']} #{seen[where]}"] = {"median_s": k["seconds"]}
+        found[f"{head} total"] = {"median_s": layer["total_s"]}
+    return found
+
+
+# Per timed section of results.json (named as --only names it): its key, the cases of its rows, and the settings
+# its rows do not name but that change what they measure: where both runs record one and they differ, the section
+# is not paired.
+SECTIONS = {
+    "mlp": ("mlp", _mlp_cases, ("scale",)),
+    "attention": ("attention", _attention_cases, ("scale", "prefill", "decode")),
+    "kv": ("kv_cache", _kv_cases, ("shape",)),
+    "model": ("model_runs", _model_cases, ("shape", "tokens", "backend")),
+    "latency": ("latency", _latency_cases, ("shape", "prompt_tokens", "new_tokens", "backend")),
+    "serve": ("serve", _serve_cases, ("prompt", "new_tokens", "backend")),
+    "kernels": ("kernels", _kernels_cases, ("shape", "dtype", "backend", "tokens", "context")),
+}
+
+
+def section_cases(results: dict) -> dict[str, dict[str, dict]]:
+    """Per section the run holds, its timed cases (as :func:`cases`)."""
+    return {name: cases_of(results[key]) for name, (key, cases_of, _) in SECTIONS.items() if key in results}
+
+
 def cases(results: dict) -> dict[str, dict]:
     """Every timed case's timing fields (``median_s`` or, in the first GPU run's model rows, ``seconds``),
-    keyed by a name that says what ran."""
-    found: dict[str, dict] = {}
-    for r in results.get("mlp", {}).get("rows", []):
-        found[f"mlp {r['model']} {r['tokens']} tok {r['provider']} {r['neurons']} neurons"] = r
-    for r in results.get("attention", {}).get("rows", []):
-        found[f"attention {r['model']} {r['stage']} b{r['batch']} q{r['q_len']} kv{r['kv_len']} {r['provider']} "
-              f"{r['heads']} heads"] = r
-    for r in results.get("kv_cache", {}).get("bandwidth", []):
-        found[f"kv {r['model']} {r['op']}"] = r
-    for r in results.get("model_runs", {}).get("rows", []):
-        found[f"model {r['model']} {r['stage']} {r['label']}"] = r
-    for r in results.get("latency", {}).get("rows", []):
-        for metric in LATENCY_METRICS:
-            found[f"latency {r['model']} {r['family']} {r['budget']:.2f} {metric}"] = r[metric]
-    return found
+    keyed by a name that says what ran; its first word is its section."""
+    return {case: row for found in section_cases(results).values() for case, row in found.items()}
 
 
 def case_times(results: dict) -> dict[str, float]:
@@ -56,6 +122,12 @@ def case_times(results: dict) -> dict[str, float]:
 def gpu_sources(results: dict) -> list[str]:
     """How the run's GPU times were taken (``gpu_source`` of its rows), in first-seen order."""
     return list(dict.fromkeys(row["gpu_source"] for row in cases(results).values() if row.get("gpu_source")))
+
+
+def spread_cases(results: dict) -> list[str]:
+    """The cases timed with a spread of their own (an IQR, flagged when over 5% of the median); the serve and
+    kernels sections time each case once, or as a median with no spread kept."""
+    return [case for case, row in cases(results).items() if "unstable" in row]
 
 
 def unstable_cases(results: dict) -> list[str]:
@@ -82,26 +154,82 @@ def verdict(new_row: dict, old_row: dict, threshold: float = THRESHOLD, judge: b
     return "regression" if ratio > 1 else "faster"
 
 
+def _setting_text(value) -> str:
+    return str(value) if not isinstance(value, dict) else ", ".join(f"{k} {v}" for k, v in value.items())
+
+
+def _differing_settings(name: str, new: dict, old: dict) -> list[str]:
+    """The settings of section ``name`` both runs record and that differ, as ``setting NEW (new), OLD (old)``."""
+    key, _, settings = SECTIONS[name]
+    return [f"{setting} {_setting_text(new[key][setting])} (new), {_setting_text(old[key][setting])} (old)"
+            for setting in settings
+            if setting in new[key] and setting in old[key] and new[key][setting] != old[key][setting]]
+
+
+def _failed(results: dict, name: str) -> str | None:
+    error = results.get("errors", {}).get(name)
+    return None if error is None else f"{error['type']}: {error['message']}"
+
+
+def _cases(count: int) -> str:
+    return f"{count} case" + ("" if count == 1 else "s")
+
+
+def _pairing_reason(name: str, new: dict, old: dict, new_cases: dict, old_cases: dict,
+                    differing: list[str]) -> str | None:
+    """Why section ``name``'s cases did not all pair (``None`` when they did)."""
+    reasons = [f"failed in the {which} run ({failure})" for which, run in (("new", new), ("old", old))
+               if (failure := _failed(run, name))]
+    if differing:
+        reasons.append("the runs differ in " + "; ".join(differing))
+    elif not new_cases and not old_cases:
+        pass  # in neither run: nothing to say unless it failed
+    elif (not new_cases or not old_cases) and not reasons:
+        reasons.append(f"not in the {'old' if not old_cases else 'new'} run")
+    elif new_cases and old_cases:
+        only_new = [c for c in new_cases if c not in old_cases]
+        only_old = [c for c in old_cases if c not in new_cases]
+        if only_new or only_old:
+            reasons.append(f"{_cases(len(only_new))} only in the new run, {len(only_old)} only in the old one "
+                           f"(what ran differs, e.g. {(only_new or only_old)[0]!r})")
+    return "; ".join(reasons) or None
+
+
+def _row(case: str, new_row: dict, old_row: dict, threshold: float, judge: bool) -> dict:
+    new_s, old_s = row_seconds(new_row), row_seconds(old_row)
+    return {"case": case, "new_s": new_s, "old_s": old_s, "ratio": new_s / old_s if old_s > 0 else math.inf,
+            "new_iqr_s": row_iqr(new_row), "old_iqr_s": row_iqr(old_row),
+            "verdict": verdict(new_row, old_row, threshold, judge)}
+
+
 def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
     """Rows of (case, new_s, old_s, ratio, verdict) for the cases both runs timed, in the new run's order,
-    and the cases only one of them has."""
+    the cases only one of them has, and per section how its cases paired and why any did not (``sections``).
+
+    A section is not paired where both runs record one of its settings (prompt length, backend, ...) and they
+    differ: its rows would pair by name but time different work."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    new_cases, old_cases = cases(new), cases(old)
+    new_sections, old_sections = section_cases(new), section_cases(old)
     judge = judged(new, old)
-    rows = []
-    for case, new_row in new_cases.items():
-        if case not in old_cases:
-            continue
-        old_row = old_cases[case]
-        new_s, old_s = row_seconds(new_row), row_seconds(old_row)
-        rows.append({"case": case, "new_s": new_s, "old_s": old_s, "ratio": new_s / old_s if old_s > 0 else math.inf,
-                     "new_iqr_s": row_iqr(new_row), "old_iqr_s": row_iqr(old_row),
-                     "verdict": verdict(new_row, old_row, threshold, judge)})
+    rows, only_new, only_old, sections = [], [], [], []
+    for name in SECTIONS:
+        new_cases, old_cases = new_sections.get(name, {}), old_sections.get(name, {})
+        differing = _differing_settings(name, new, old) if new_cases and old_cases else []
+        reason = _pairing_reason(name, new, old, new_cases, old_cases, differing)
+        pairable = {} if differing else old_cases  # settings that differ pair nothing
+        paired = [case for case in new_cases if case in pairable]
+        section_new = [case for case in new_cases if case not in pairable]
+        section_old = [case for case in old_cases if case not in new_cases or differing]
+        if new_cases or old_cases or reason:
+            sections.append({"section": name, "paired": len(paired), "only_new": len(section_new),
+                             "only_old": len(section_old), "reason": reason})
+        only_new += section_new
+        only_old += section_old
+        rows += [_row(case, new_cases[case], old_cases[case], threshold, judge) for case in paired]
     return {
-        "threshold": threshold, "judged": judge, "rows": rows,
-        "only_new": [c for c in new_cases if c not in old_cases],
-        "only_old": [c for c in old_cases if c not in new_cases],
+        "threshold": threshold, "judged": judge, "rows": rows, "only_new": only_new, "only_old": only_old,
+        "sections": sections,
         "regressions": sum(r["verdict"] == "regression" for r in rows),
         "faster": sum(r["verdict"] == "faster" for r in rows),
         "within_iqr": sum(r["verdict"] == "within IQR" for r in rows),
@@ -109,6 +237,11 @@ def compare(new: dict, old: dict, threshold: float = THRESHOLD) -> dict:
         "geomean_ratio": math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
         if rows and all(0 < r["ratio"] < math.inf for r in rows) else None,
     }
+
+
+def unpaired(result: dict) -> list[str]:
+    """One line per section whose cases did not all pair: which, and why."""
+    return [f"{s['section']}: {s['reason']}" for s in result.get("sections", []) if s["reason"]]
 
 
 def _runs_line(new: dict, old: dict) -> str:
@@ -152,12 +285,14 @@ def _shown(result: dict) -> list[dict]:
 
 def table(result: dict) -> str:
     if not result["rows"]:
-        return "no case in common"
+        return "no case in common" + ("" if unpaired(result) else " (neither run timed a case)")
     return format_table(_shown(result), COLUMNS)
 
 
 def markdown(result: dict) -> str:
     lines = [summary(result) + ".", ""]
+    if unpaired(result):
+        lines += ["Not paired:", "", *(f"- {line}" for line in unpaired(result)), ""]
     if result["rows"]:
         lines += ["| case | new ms | old ms | new / old | |", "|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['new_ms']:.4f} | {r['old_ms']:.4f} | {r['ratio']:.3f} | {r['flag']} |"
@@ -166,15 +301,18 @@ def markdown(result: dict) -> str:
 
 
 def render(new: dict, old: dict, result: dict) -> str:
-    return "\n".join([_runs_line(new, old), table(result), summary(result)])
+    """The runs, the table, the summary, then a line per section not (all) paired, saying why."""
+    lines = [_runs_line(new, old), table(result), summary(result)]
+    lines += [f"not paired: {line}" for line in unpaired(result)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old", metavar="OLD.json", help="results.json of the earlier run")
     parser.add_argument("new", metavar="NEW.json", help="results.json of the later run")
-    parser.add_argument("--threshold", type=float, default=THRESHOLD,
+    parser.add_argument("--threshold", type=non_negative_float, default=THRESHOLD,
                         help=f"relative slow-down flagged as a regression (default {THRESHOLD})")
     args = parser.parse_args(argv)
     try:

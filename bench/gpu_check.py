@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from adallava_kernels import PRESETS, ExecutionPlan, get_device, get_shape
+from adallava_kernels.checks import check_backend, check_output_dir
+from adallava_kernels.cli import ArgumentParser, checked
 
 from . import model as model_bench
 from . import report, timing
 from ._common import (DTYPES, checked_device, default_dtype, error_record, flops_text, format_table, metadata,
-                      progress, si_text, timing_cells, write_json)
+                      positive, progress, roofline_device, si_text, timing_cells, write_json)
 
 BUDGETS = (0.5, 0.75, 1.0)
 RANDOM_PLANS = 2
@@ -43,26 +45,29 @@ def reduced_plans(shape, seed: int = 0) -> list[tuple]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, choices=sorted(PRESETS),
                         help="model shape (default llava-7b on CUDA, tiny on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--tokens", type=int, default=None,
+    parser.add_argument("--tokens", type=positive(int), default=None,
                         help=f"prefill length (default {model_bench.GPU_TOKENS} on CUDA, {model_bench.CPU_TOKENS} on "
                              f"CPU)")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                         help="kernels the model runs (default auto: Triton on CUDA)")
-    parser.add_argument("--roofline-device", default="H200",
+    parser.add_argument("--roofline-device", type=roofline_device, default="H200",
                         help="device the rows' roofline time is predicted for (default H200)")
     parser.add_argument("--quick", action="store_true", help="2 repetitions a case, to check that everything runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"directory of results.json, rewritten after every plan (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     args.device = checked_device(parser, args.device)
+    checked(parser, check_backend, "--backend", args.backend, args.device)
+    # Last, and creating nothing: results.json is written after the first plan, minutes in on a GPU.
+    args.out = checked(parser, check_output_dir, "--out", args.out)
     return args
 
 

@@ -36,7 +36,7 @@ from adallava_kernels.runtime.layers import DecodeInputs, PrefillInputs
 
 from . import model as model_bench
 from . import timing
-from ._common import device_name, format_table, si_text, sync
+from ._common import device_name, format_table, markdown_table, si_text, sync
 
 CPU_TOKENS = 32
 CPU_CONTEXT = 64
@@ -373,19 +373,39 @@ def _cells(k: dict) -> dict:
             "bound": k["bound"] or "-", "fraction": f"{k['fraction']:.1%}" if mapped else "-"}
 
 
+def _rates_line(result: dict) -> str:
+    return (f"measured copy rate {si_text(result['copy_bytes_per_s'], 'B/s')} (read + write), matmul rate "
+            f"{si_text(result['matmul_flops_per_s'], 'FLOP/s')} ({result['matmul_n']}^3): ridge point "
+            f"{result['ridge_flops_per_byte']:.1f} FLOP/B; time: {result['time']}")
+
+
+def _layer_line(result: dict, layer: dict) -> str:
+    where = f"{result['tokens']} tokens" if layer["stage"] == "prefill" else f"context {result['context']}"
+    return (f"{layer['layer']} layer {layer['index']} ({layer['heads']} heads, {layer['neurons']} neurons), "
+            f"{layer['stage']} over {where}: {layer['kernel_count']} kernels, {layer['total_s'] * 1e6:.1f} us, "
+            f"{si_text(layer['predicted_flops'], 'FLOP')} predicted")
+
+
+UNMAPPED = ("'-': no single cost-model op for the kernel (rotary embedding, K/V append into the pages, copies, the "
+            "split combine of the paged decode attention, one of several elementwise ops of a norm or the "
+            "activation); 'of rate': the cost model's bytes / time / copy rate below the ridge point, FLOPs / time "
+            "/ matmul rate above it")
+
+
 def table(result: dict) -> str:
     """The measured rates, then per layer and stage its kernels, its kernel count and total time."""
-    lines = [f"measured copy rate {si_text(result['copy_bytes_per_s'], 'B/s')} (read + write), matmul rate "
-             f"{si_text(result['matmul_flops_per_s'], 'FLOP/s')} ({result['matmul_n']}^3): ridge point "
-             f"{result['ridge_flops_per_byte']:.1f} FLOP/B; time: {result['time']}"]
+    lines = [_rates_line(result)]
     for layer in result["layers"]:
-        where = f"{result['tokens']} tokens" if layer["stage"] == "prefill" else f"context {result['context']}"
-        lines.append(f"\n{layer['layer']} layer {layer['index']} ({layer['heads']} heads, {layer['neurons']} neurons), "
-                     f"{layer['stage']} over {where}: {layer['kernel_count']} kernels, "
-                     f"{layer['total_s'] * 1e6:.1f} us, {si_text(layer['predicted_flops'], 'FLOP')} predicted")
+        lines.append("\n" + _layer_line(result, layer))
         lines.append(format_table([_cells(k) for k in layer["kernels"]], COLUMNS))
-    lines.append("'-': no single cost-model op for the kernel (rotary embedding, K/V append into the pages, "
-                 "copies, the split combine of the paged decode attention, one of several elementwise ops of a norm or "
-                 "the activation); 'of rate': the "
-                 "cost model's bytes / time / copy rate below the ridge point, FLOPs / time / matmul rate above it")
+    lines.append(UNMAPPED)
     return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The section in report.md: the rates, then per layer and stage a line and its kernels, folded."""
+    parts = [_rates_line(result) + "."]
+    for layer in result["layers"]:
+        parts += [f"<details><summary>{_layer_line(result, layer)}</summary>",
+                  markdown_table([_cells(k) for k in layer["kernels"]], COLUMNS), "</details>"]
+    return "\n\n".join(parts + [UNMAPPED + "."])

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, cost
 from adallava_kernels.kv_cache import LayerSkipKVCache
 
-from ._common import TIMING_COLUMNS, format_table, timing_cells
+from ._common import TIMING_COLUMNS, format_table, markdown_table, timing_cells
 from .plans import random_scores
 from .timing import OPS, TimingBudget, measure_copy, measure_op
 
@@ -132,13 +132,25 @@ BANDWIDTH_COLUMNS = [
 ]
 
 
+def _memory_cells(rows: list[dict]) -> list[dict]:
+    return [r | {"mib": r["bytes"] / 2**20, "predicted_mib": r["predicted_bytes"] / 2**20,
+                 "sequences_per_pool": r["sequences_per_pool"] or 0} for r in rows]
+
+
 def memory_table(rows: list[dict]) -> str:
-    return format_table(
-        [r | {"mib": r["bytes"] / 2**20, "predicted_mib": r["predicted_bytes"] / 2**20,
-              "sequences_per_pool": r["sequences_per_pool"] or 0} for r in rows],
-        MEMORY_COLUMNS,
-    )
+    return format_table(_memory_cells(rows), MEMORY_COLUMNS)
 
 
 def bandwidth_table(rows: list[dict]) -> str:
     return format_table([r | timing_cells(r) for r in rows], BANDWIDTH_COLUMNS)
+
+
+def markdown(section: dict) -> str:
+    """The section in report.md: the bytes one sequence takes per plan, then the append and gather bandwidth."""
+    shape = section.get("shape", {})
+    memory = (f"One sequence of {section['memory'][0]['tokens']} positions in pages of {section.get('page_size')}, "
+              f"a pool of {section.get('pool_gib', 0):g} GiB, {shape.get('num_layers')} layers of "
+              f"{shape.get('num_kv_heads')} KV heads:" if section.get("memory") else "")
+    return "\n\n".join(part for part in (
+        memory, markdown_table(_memory_cells(section.get("memory", [])), MEMORY_COLUMNS),
+        markdown_table([r | timing_cells(r) for r in section.get("bandwidth", [])], BANDWIDTH_COLUMNS)) if part)

@@ -33,7 +33,7 @@ from adallava_kernels import ExecutionPlan, ModelShape, cost
 
 from . import model as model_bench
 from . import timing
-from ._common import format_table, ideal_ratio, progress, row_iqr
+from ._common import format_table, ideal_ratio, markdown_table, progress, row_iqr
 
 GPU_REQUEST = (700, 64)
 CPU_REQUEST = (64, 8)
@@ -158,10 +158,7 @@ def table(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in comparisons(rows):
-        lines.append("| " + " | ".join(format(r[k], spec) for k, _, spec in COLUMNS) + " |")
-    return "\n".join(lines)
+    return markdown_table(comparisons(rows), COLUMNS)
 
 
 def _against_full(row: dict, full: dict) -> str:

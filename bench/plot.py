@@ -10,7 +10,16 @@
   latency against the budget, one line per family, with each family's ideal
   (its plans' FLOPs ratio times the full plan's time, dashed) and the references;
 - ``ops.png`` (then ``ops-2.png``, ...): time against predicted FLOPs for each
-  op case, at most 12 panels per image, one kind of op per image.
+  op case, at most 12 panels per image, one kind of op per image;
+- ``kv.png``: the KV bytes one sequence takes per plan, measured and as the
+  cost model predicts, and the append and gather bandwidth against a copy;
+- ``serve.png``: each served request's time per output token relative to the
+  full plan's against its FLOPs ratio, and each request's phases;
+- ``kernels.png``: each profiled layer's time by sub-block.
+
+A section the run holds but no figure can draw (it failed, or has no rows) is
+named in one line, ``no figure for section NAME: why``; a run with nothing to
+draw at all is refused in one line, exit status 2.
 
 Reads the current format and the first GPU run's (``bench/results/h100-2026-11-23``),
 whose model rows hold ``seconds`` instead of ``median_s`` and have no full-plan row.
@@ -26,6 +35,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from adallava_kernels.checks import check_output_dir
+from adallava_kernels.cli import ArgumentParser, checked
 
 from ._common import flops_unit, ideal_ratio, load_results, row_seconds
 from .report import REFERENCE, role_of
@@ -298,31 +310,177 @@ def draw_ops(results: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _plan_kind(label: str) -> str:
+    """A served request's family from its label (``L 0.500``: AdaLLaVA-L; ``full``: the full plan)."""
+    return {"L": "AdaLLaVA-L", "H": "AdaLLaVA-H"}.get(label.split(" ", 1)[0], FULL)
+
+
+def draw_serve(results: dict, path: Path | None = None):
+    """``serve.png``: each request's TPOT relative to the full plan's against its FLOPs ratio, with the ideal
+    diagonal, and each request's phases in ms; returns the figure."""
+    served = results["serve"]
+    rows = served["rows"]
+    fig = _figure(13.0, 5.5)
+    ratio_ax, phase_ax = fig.subplots(1, 2)
+    x = np.linspace(max(0.0, min(r["flops_ratio"] for r in rows) - 0.05), 1.05, 50)
+    ratio_ax.fill_between(x, (1 - BAND) * x, (1 + BAND) * x, color="0.85", label=f"ideal ±{BAND:.0%}")
+    ratio_ax.plot(x, x, "k--", lw=1, label="ideal: TPOT ratio = FLOPs ratio")
+    for family in ("AdaLLaVA-L", "AdaLLaVA-H"):
+        points = [r for r in rows if _plan_kind(r["label"]) == family]
+        if points:
+            ratio_ax.plot([r["flops_ratio"] for r in points], [r["tpot_vs_full"] for r in points], "o",
+                          color=_color(family), label=family, gid=f"serve:tpot:{family}")
+    ratio_ax.plot([1.0], [1.0], "kX", ms=9, label="full plan (the anchor)")
+    ratio_ax.set(title="time per output token, each request alone", xlabel="decode FLOPs ratio to the full plan",
+                 ylabel="TPOT ratio to the full plan")
+    ratio_ax.set_ylim(bottom=0)
+    ratio_ax.grid(alpha=0.3)
+    labels = [r["label"] for r in rows]
+    at = np.arange(len(rows))
+    for i, (key, name) in enumerate((("prefill_s", "prefill"), ("first_step_s", "first step"), ("tpot_s", "TPOT"))):
+        phase_ax.bar(at + (i - 1) * 0.27, [r[key] * 1e3 for r in rows], width=0.27, label=name, gid=f"serve:{key}")
+    phase_ax.set_xticks(at, labels, rotation=60, fontsize="x-small")
+    phase_ax.set(title="each request's phases", ylabel="ms (one timed pass)")
+    phase_ax.grid(alpha=0.3, axis="y")
+    _shared_legend(fig, [ratio_ax, phase_ax])
+    batch = served["batch"]
+    _suptitle(fig, f"Serving {served['requests']} requests under their own plans ({served['prompt']} prompt tokens, "
+                   f"{served['new_tokens']} new, kernels {served['backend']}); all in one batch: "
+                   f"{batch['tokens_per_s']:.1f} tokens/s, {batch['step_s'] * 1e3:.3f} ms a step",
+              _run_title(results))
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def _sub_blocks(layer: dict) -> dict[str, float]:
+    """A profiled layer's time per sub-block (``other``: the kernels outside the wrapped ones), in us."""
+    blocks: dict[str, float] = {}
+    for k in layer["kernels"]:
+        name = k["stage"] or "other"
+        blocks[name] = blocks.get(name, 0.0) + k["seconds"] * 1e6
+    return blocks
+
+
+def draw_kernels(results: dict, path: Path | None = None):
+    """``kernels.png``: per profiled layer and stage, its time by sub-block; returns the figure."""
+    profiled = results["kernels"]
+    layers = profiled["layers"]
+    fig = _figure(5.0 * len(layers), 4.5)
+    axes = fig.subplots(1, len(layers), squeeze=False)[0]
+    for ax, layer in zip(axes, layers):
+        blocks = _sub_blocks(layer)
+        ax.barh(list(blocks), list(blocks.values()), color="tab:blue", gid=f"kernels:{layer['layer']}:{layer['stage']}")
+        ax.invert_yaxis()
+        ax.set(title=f"{layer['layer']} layer {layer['index']}, {layer['stage']}: {layer['kernel_count']} kernels, "
+                     f"{layer['total_s'] * 1e6:.1f} us", xlabel="us (sum of its kernels)")
+        ax.title.set_fontsize("small")
+        ax.grid(alpha=0.3, axis="x")
+    _suptitle(fig, f"Per kernel: a full and a partial layer ({profiled['tokens']} prefill tokens, decode at context "
+                   f"{profiled['context']}, kernels {profiled['backend']}); {profiled['time']}",
+              _run_title(results))
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def draw_kv(results: dict, path: Path | None = None):
+    """``kv.png``: the bytes one sequence takes per plan, measured and predicted, against a DynamicCache; the
+    append and gather bandwidth against a copy of the same bytes; returns the figure."""
+    section = results["kv_cache"]
+    memory, bandwidth = section.get("memory", []), section.get("bandwidth", [])
+    fig = _figure(13.0, 5.0)
+    memory_ax, bandwidth_ax = fig.subplots(1, 2)
+    labels = [r["cache"] if r["cache"] == "DynamicCache" else f"{r['kind']} {r['budget']:.2f}" for r in memory]
+    at = np.arange(len(memory))
+    memory_ax.bar(at - 0.2, [r["bytes"] / 2**20 for r in memory], width=0.4, color="tab:blue", label="bytes measured",
+                  gid="kv:memory")
+    memory_ax.bar(at + 0.2, [r["predicted_bytes"] / 2**20 for r in memory], width=0.4, color="tab:gray",
+                  label="bytes the cost model predicts", gid="kv:predicted")
+    memory_ax.set_xticks(at, labels, rotation=45, fontsize="x-small")
+    memory_ax.set(title="one sequence's KV bytes per plan", ylabel="MiB")
+    at = np.arange(len(bandwidth))
+    bandwidth_ax.bar(at - 0.2, [r["gbps"] for r in bandwidth], width=0.4, color="tab:green", label="the op's rate",
+                     gid="kv:bandwidth")
+    bandwidth_ax.bar(at + 0.2, [r["copy_gbps"] for r in bandwidth], width=0.4, color="tab:olive",
+                     label="copy_ of the same bytes")
+    bandwidth_ax.set_xticks(at, [f"{r['model']} {r['op']}" for r in bandwidth], rotation=45, fontsize="x-small")
+    bandwidth_ax.set(title="append and gather bandwidth", ylabel="GB/s")
+    for ax in (memory_ax, bandwidth_ax):
+        ax.grid(alpha=0.3, axis="y")
+    _shared_legend(fig, [memory_ax, bandwidth_ax])
+    _suptitle(fig, "Layer-skip KV cache", _run_title(results))
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+# Per section (named as --only names it): its key in results.json, and what draws it: a figure of its own
+# (file name, drawing function), or the op pages of the validation rows (None).
+FIGURES = {
+    "mlp": ("mlp", None),
+    "attention": ("attention", None),
+    "kv": ("kv_cache", ("kv.png", draw_kv)),
+    "model": ("model_runs", ("plot.png", draw_headline)),
+    "latency": ("latency", ("latency.png", draw_latency)),
+    "serve": ("serve", ("serve.png", draw_serve)),
+    "kernels": ("kernels", ("kernels.png", draw_kernels)),
+}
+
+
+def _has_rows(section: dict) -> bool:
+    return bool(section.get("rows") or section.get("layers") or section.get("memory") or section.get("bandwidth"))
+
+
+def _drawable(results: dict, name: str) -> bool:
+    key, figure = FIGURES[name]
+    if figure is None:
+        return any(r["op"].split(" ", 1)[0] == name for r in results.get("report", {}).get("rows", []))
+    return key in results and _has_rows(results[key])
+
+
+def not_drawn(results: dict) -> list[str]:
+    """One line per section the run ran (or tried to) that no figure draws: ``section NAME: why``."""
+    lines = []
+    for name, (key, figure) in FIGURES.items():
+        error = results.get("errors", {}).get(name)
+        if error is not None:
+            lines.append(f"section {name}: it failed in this run ({error['type']}: {error['message']})")
+        elif key in results and not _drawable(results, name):
+            why = "results.json has no validation rows of it" if figure is None else "it has no rows"
+            lines.append(f"section {name}: {why}")
+    return lines
+
+
 def draw_all(results: dict, out_dir: str | Path) -> list[Path]:
-    """Every figure ``results`` has data for, written to ``out_dir``; returns the paths written."""
+    """Every figure ``results`` has data for, written to ``out_dir``; returns the paths written (what is not
+    drawn, and why: :func:`not_drawn`)."""
     out_dir = Path(out_dir)
     paths = []
-    if results.get("model_runs", {}).get("rows"):
-        draw_headline(results, out_dir / "plot.png")
-        paths.append(out_dir / "plot.png")
-    if results.get("latency", {}).get("rows"):
-        draw_latency(results, out_dir / "latency.png")
-        paths.append(out_dir / "latency.png")
+    for name, (_, figure) in FIGURES.items():
+        if figure is not None and _drawable(results, name):
+            file_name, draw = figure
+            draw(results, out_dir / file_name)
+            paths.append(out_dir / file_name)
     return paths + draw_ops(results, out_dir)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bench.plot", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", metavar="RESULTS.json", help="results.json of a run of python -m bench")
     parser.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: RESULTS's own)")
     args = parser.parse_args(argv)
-    try:
-        results = load_results(args.results)
-    except ValueError as e:
-        parser.error(str(e))
-    paths = draw_all(results, args.out or Path(args.results).parent)
+    results = checked(parser, load_results, args.results, "RESULTS.json")
+    out = checked(parser, check_output_dir, "--out", args.out or Path(args.results).parent)
+    skipped = not_drawn(results)
+    if not any(_drawable(results, name) for name in FIGURES):
+        parser.error(f"RESULTS.json: {args.results} has nothing to draw"
+                     + (": " + "; ".join(skipped) if skipped else " (no section with rows)"))
+    paths = draw_all(results, out)
     print("wrote " + ", ".join(str(p) for p in paths))
+    for line in skipped:
+        print(f"no figure for {line}")
     return paths
 
 

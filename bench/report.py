@@ -52,6 +52,8 @@ ROLES = {
 NOT_JUDGED = "reference: not judged"
 FOLLOWS = "follows FLOPs"
 WITHIN_SPREAD = "within the measured spread"
+NO_SERIES = ("No validation table: no section of this run timed a series of plans against FLOPs (the mlp, "
+             "attention and model sections do).")
 COLUMNS = (("op", "op"), ("series", "series"), ("role", "role"), ("plans", "plans"), ("pearson", "r wall"),
            ("pearson_gpu", "r GPU"), ("slope", "slope (s/TFLOP)"), ("intercept", "intercept (ms)"),
            ("deviation", "worst deviation"), ("host", "host share"), ("unstable", "IQR > 5%"),
@@ -271,6 +273,9 @@ def summary_line(reports: Sequence[SeriesReport], unstable: int, timed: int, dev
     end-to-end r, ``extra`` clauses, and how stable the timing was."""
     judged = [r for r in reports if r.role in (LIBRARY, LIBRARY_TORCH)]
     first = f"On {device}, {sum(r.follows for r in judged)} of {len(judged)} library series follow FLOPs in wall time"
+    if not judged:
+        first = (f"On {device}, no library series was timed against FLOPs (the mlp, attention and model sections "
+                 f"time them)")
     noisy = sum(r.within_spread for r in judged)
     if noisy:
         first += (f"; {noisy} {'deviates' if noisy == 1 else 'deviate'} from it only within the measured spread "
@@ -285,7 +290,8 @@ def summary_line(reports: Sequence[SeriesReport], unstable: int, timed: int, dev
             spread = " (deviations within the measured spread)" if r.within_spread else ""
             parts.append(f"end to end {stage}: r wall {wall}{gpu}{host}{spread}")
     parts += extra
-    parts.append(f"{unstable} of {timed} timed cases have an IQR over 5% of their median")
+    if timed:  # the serve and kernels sections keep no IQR
+        parts.append(f"{unstable} of {timed} timed cases have an IQR over 5% of their median")
     return "; ".join(parts) + "."
 
 
@@ -309,7 +315,9 @@ def markdown(reports: Sequence[SeriesReport], meta: dict, summary: str | None = 
                   f"held against it, and a series with no other gets no verdict. r is truncated to 4 decimals. "
                   f"Reference series save nothing by design and are not judged. Host share: (wall - GPU) / wall, "
                   f"the median over the series' plans; IQR > 5%: plans whose timing spread exceeds 5% of the median.")
-    parts = ([summary, ""] if summary else []) + [header, "", *lines, "", thresholds]
+    if not reports:  # no header over an empty table: say why there is none
+        lines, thresholds = [NO_SERIES], ""
+    parts = ([summary, ""] if summary else []) + [header, "", *lines] + (["", thresholds] if thresholds else [])
     for title, body in sections:
         parts += ["", f"## {title}", "", body]
     return "\n".join(parts) + "\n"

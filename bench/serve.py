@@ -36,7 +36,7 @@ from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, c
 from adallava_kernels.runtime import PlannedDecoder
 
 from . import model as model_bench
-from ._common import format_table, progress, sync
+from ._common import format_table, markdown_table, progress, sync
 from .plans import random_scores
 
 REQUESTS = 16
@@ -169,20 +169,32 @@ COLUMNS = [
 ]
 
 
+def _cells(result: dict) -> list[dict]:
+    return [{**r, "prefill_ms": r["prefill_s"] * 1e3, "form_ms": r["form_s"] * 1e3, "first_ms": r["first_step_s"] * 1e3,
+             "tpot_ms": r["tpot_s"] * 1e3, "deviation": r["tpot_vs_full"] / r["flops_ratio"]} for r in result["rows"]]
+
+
+def _batch_lines(result: dict) -> list[str]:
+    batch = result["batch"]
+    return [f"one batch of {result['requests']}: {batch['tokens_per_s']:.1f} tokens/s, "
+            f"{batch['step_s'] * 1e3:.3f} ms a step ({cost.format_flops(batch['flops'])} predicted a step); "
+            f"forming the batch (its tables, its plans bound) took {batch['form_s'] * 1e3:.3f} ms",
+            f"graphs, one by one: {_graphs_text(result['one_by_one_graphs'])}",
+            f"graphs, the batch: {_graphs_text(batch['graphs'])}"]
+
+
 def table(result: dict) -> str:
     """Per request alone: its FLOPs ratio, prefill, TPOT, TPOT against the full plan's and against the ratio;
     then the batch and the graphs."""
-    rows = [{**r, "prefill_ms": r["prefill_s"] * 1e3, "form_ms": r["form_s"] * 1e3, "first_ms": r["first_step_s"] * 1e3,
-             "tpot_ms": r["tpot_s"] * 1e3,
-             "deviation": r["tpot_vs_full"] / r["flops_ratio"]} for r in result["rows"]]
-    batch = result["batch"]
-    lines = [format_table(rows, COLUMNS),
-             f"one batch of {result['requests']}: {batch['tokens_per_s']:.1f} tokens/s, "
-             f"{batch['step_s'] * 1e3:.3f} ms a step ({cost.format_flops(batch['flops'])} predicted a step); "
-             f"forming the batch (its tables, its plans bound) took {batch['form_s'] * 1e3:.3f} ms",
-             f"graphs, one by one: {_graphs_text(result['one_by_one_graphs'])}",
-             f"graphs, the batch: {_graphs_text(batch['graphs'])}"]
-    return "\n".join(lines)
+    return "\n".join([format_table(_cells(result), COLUMNS), *_batch_lines(result)])
+
+
+def markdown(result: dict) -> str:
+    """The section in report.md: what was served, the table, the batch and the graphs."""
+    head = (f"{result['requests']} requests of {result['prompt']} prompt tokens and {result['new_tokens']} new ones, "
+            f"{result['model']}, kernels {result['backend']}; each alone (first decode step apart, TPOT over the "
+            f"others), then all in one decode batch.")
+    return "\n\n".join([head, markdown_table(_cells(result), COLUMNS), *(f"- {line}" for line in _batch_lines(result))])
 
 
 def _graphs_text(graphs: dict) -> str:

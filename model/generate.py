@@ -5,9 +5,13 @@
 Prints the answer, the plan the scheduler chose, its FLOPs (prefill and
 decode, from ``adallava_kernels.cost``, against the dense model) and the
 measured wall-clock of ``generate``. ``--json`` prints the same as JSON.
-Every argument is checked before anything is loaded; a checkpoint without
-AdaLLaVA's latency encoder and scheduler (a plain LLaVA one) runs a budget
-below 1.0 only with ``--allow-untrained-scheduler``.
+Every argument is checked before anything is loaded: the checkpoint's
+``config.json`` (a LLaVA or AdaLLaVA over a Llama) and tensor files (headers
+read, none loaded), its processor, the image (decoded), the device and the
+backend on it, ``--switch-kind`` against a trained scheduler; a bad one is
+one line on stderr naming it, exit status 2. A checkpoint without AdaLLaVA's
+latency encoder and scheduler (a llava-hf LLaVA one) runs a budget below 1.0
+only with ``--allow-untrained-scheduler``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Sequence
 import torch
 
 from adallava_kernels import ExecutionPlan, ModelShape, check_budget, cost
-from adallava_kernels.checks import check_device, check_int
+from adallava_kernels.checks import check_backend, check_device, check_int
+from adallava_kernels.cli import ArgumentParser
 
-from .checkpoint import SCHEDULER_PREFIXES, check_checkpoint_dir, checkpoint_keys
+from .checkpoint import check_llava_checkpoint, check_scheduler_overrides, holds_scheduler
 from .config import quiet_model_type_warning
 from .modeling import AdaLlavaForConditionalGeneration
 from .prumerge import fit_image_tokens
@@ -53,28 +58,57 @@ def expand_to_square(image, background: tuple[int, ...]):
     return canvas
 
 
-def _holds_scheduler(directory: Path) -> bool:
-    keys = checkpoint_keys(directory)
-    return all(any(k.startswith(prefix) for k in keys) for prefix in SCHEDULER_PREFIXES)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _check_processor(name: str, directory: Path) -> None:
+    """The checkpoint has a tokenizer and an image processor to load with ``AutoProcessor``."""
+    for files, what in ((_TOKENIZER_FILES, "tokenizer"), (_PROCESSOR_FILES, "image processor")):
+        if not any((directory / f).is_file() for f in files):
+            raise ValueError(f"{name} {str(directory)!r} has no {what} ({' or '.join(files)}): save the processor "
+                             "with the checkpoint (a converted checkpoint has one where the original had a tokenizer)")
+
+
+def _check_image(name: str, path: Path) -> None:
+    """``path`` is a file PIL opens and decodes (not only its header: a truncated file fails here too)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(f"{name} must be an image file; {str(path)!r} does not exist or is not a file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{name} {str(path)!r} is not an image PIL can read ({error})") from None
+
+
+def _untrained_scheduler(model: Path, config: dict, budget: float) -> ValueError:
+    what = ("a LLaVA checkpoint (model_type 'llava')" if config.get("model_type") == "llava"
+            else "an AdaLLaVA checkpoint without its latency encoder and scheduler weights")
+    return ValueError(
+        f"--model {str(model)!r} holds no trained AdaLLaVA latency encoder and scheduler ({what}), so the plan for "
+        f"--budget {budget} would be arbitrary; convert a released AdaLLaVA checkpoint (python -m model.convert), "
+        "train one (python -m model.train), or pass --allow-untrained-scheduler to run it anyway"
+    )
 
 
 def check_args(args: argparse.Namespace) -> bool:
     """Check every argument before anything is loaded (the budget first); return whether the
     checkpoint holds a trained latency encoder and scheduler."""
     check_budget(args.budget)
-    check_checkpoint_dir("--model", args.model)
-    if not args.image.is_file():
-        raise ValueError(f"--image must be an image file; {str(args.image)!r} does not exist or is not a file")
+    model, config = check_llava_checkpoint("--model", args.model)
+    _check_processor("--model", model)
+    _check_image("--image", args.image)
     check_int("--max-new-tokens", args.max_new_tokens, 1)
-    check_device("--device", args.device)
-    trained = _holds_scheduler(args.model)
+    device = check_device("--device", args.device)
+    check_backend("--backend", args.backend, device)
+    if args.switch_kind:
+        check_scheduler_overrides("--model", model, config, {"switch_kind": args.switch_kind},
+                                  {"switch_kind": "--switch-kind"})
+    trained = holds_scheduler(model)
     if not trained and args.budget < 1.0 and not args.allow_untrained_scheduler:
-        raise ValueError(
-            f"--model {str(args.model)!r} holds no trained AdaLLaVA latency encoder and scheduler (a plain LLaVA "
-            f"checkpoint?), so the plan for --budget {args.budget} would be arbitrary; convert a released AdaLLaVA "
-            "checkpoint (python -m model.convert), train one (python -m model.train), or pass "
-            "--allow-untrained-scheduler to run it anyway"
-        )
+        raise _untrained_scheduler(model, config, args.budget)
     return trained
 
 
@@ -107,7 +141,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m model.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("question")
     parser.add_argument("--model", required=True, type=Path, help="local LLaVA or AdaLLaVA checkpoint directory")
     parser.add_argument("--image", required=True, type=Path)
@@ -132,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except ValueError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        line = " ".join(str(error).split())  # one line, whatever the message
+        print(f"{parser.prog}: error: {line}", file=sys.stderr)
         return 2
 
 

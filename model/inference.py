@@ -20,7 +20,7 @@ from adallava_kernels.runtime import DecodeBatch, PlannedDecoder
 
 from .outputs import AdaLlavaOutput, next_token_loss
 from .prumerge import embed_inputs
-from .scheduler import check_budgets, check_plans, insert_latency_token, plan_from_logits
+from .scheduler import check_budgets, check_inputs, check_plans, insert_latency_token, plan_from_logits
 
 __all__ = [
     "AdaGeneration",
@@ -137,8 +137,7 @@ def start_request(model, input_ids, pixel_values=None, attention_mask=None, *, l
     :class:`AdaRequest`. Its sequences stay admitted until ``request.free()``."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("generate needs input_ids of shape [batch, prompt]")
+    check_inputs(input_ids, pixel_values, attention_mask)
     batch = input_ids.shape[0]
     budgets = check_budgets(latency_budget, batch)
     plans = check_plans(plan, batch, model.scheme)
@@ -151,6 +150,7 @@ def start_request(model, input_ids, pixel_values=None, attention_mask=None, *, l
     h, mask2d, _, where = insert_latency_token(model.latency_encoder, h, mask2d, None, budgets, mask2d.shape[1])
     # Every position but the last new token's is stored: it is never fed back.
     total = mask2d.shape[1] + max_new_tokens - 1
+    pages = runner.cache.num_pages
     seq_ids = _admit(runner, plans, batch, total)
     try:
         planner = None if plans is not None else scheduler_planner(model, budgets, mask2d, where)
@@ -158,17 +158,21 @@ def start_request(model, input_ids, pixel_values=None, attention_mask=None, *, l
     except Exception:
         for s in seq_ids:
             runner.free(s)
+        _shrink_back(runner, pages)
         raise
     return AdaRequest(runner, seq_ids, logits, [runner.plan(s) for s in seq_ids], mask2d)
 
 
 def _admit(runner: PlannedDecoder, plans, batch: int, total: int) -> list[Hashable]:
     """Admit the request's sequences (for any plan when the scheduler plans), growing an empty pool that
-    is too small; a pool in use that cannot hold them refuses them (ValueError, nothing changes)."""
+    is too small; a pool in use that cannot hold them refuses them (ValueError, nothing changes). If one
+    row's admission fails, the rows admitted before it are freed and a pool grown for them shrinks back
+    (as :func:`start_request` does when the prefill fails)."""
     row_plans = plans if plans is not None else [None] * batch
     needed = sum(runner.pages_for(p, total) for p in row_plans)
-    if not runner.sequences and needed > runner.cache.num_pages:
-        runner.resize_pool(max(needed, 2 * runner.cache.num_pages))
+    pages = runner.cache.num_pages
+    if not runner.sequences and needed > pages:
+        runner.resize_pool(max(needed, 2 * pages))
     run = next(_sequence_ids)
     seq_ids = [("adallava", run, b) for b in range(batch)]
     admitted = []
@@ -179,8 +183,15 @@ def _admit(runner: PlannedDecoder, plans, batch: int, total: int) -> list[Hashab
     except Exception:
         for s in admitted:
             runner.free(s)
+        _shrink_back(runner, pages)
         raise
     return seq_ids
+
+
+def _shrink_back(runner: PlannedDecoder, pages: int) -> None:
+    """A pool grown for a request that then failed, empty again: back to its ``pages``."""
+    if runner.cache.num_pages != pages and not runner.sequences:
+        runner.resize_pool(pages)
 
 
 # -- decode ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from adallava_kernels.checks import check_int
 from adallava_kernels.runtime import PlannedDecoder
 
 from . import inference
-from .checkpoint import LLAVA_KEY_MAPPING, check_loaded_keys
+from .checkpoint import LLAVA_KEY_MAPPING, check_llava_checkpoint, check_loaded_keys, check_scheduler_overrides
 from .config import AdaLlavaConfig, quiet_model_type_warning
 from .inference import AdaRequest
 from .masked import SwitchGates, masked_forward
@@ -37,6 +37,7 @@ from .scheduler import (
     LatencyEncoder,
     Scheduler,
     check_budgets,
+    check_inputs,
     check_plans,
     insert_latency_token,
     plan_from_logits,
@@ -81,7 +82,14 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         latency encoder's and the scheduler's must be in the checkpoint, else ``ValueError``
         naming the keys. Sets ``has_trained_scheduler``. ``key_mapping`` adds renamings to
         the llava-hf ones (``LLAVA_KEY_MAPPING``).
+
+        Before any weight is allocated, the directory is checked (``checkpoint.check_llava_checkpoint``):
+        its config must be a LLaVA or AdaLLaVA one over a Llama, and its tensor files must read; a config
+        override that contradicts a trained scheduler (``switch_kind``, ...) is refused. Anything else is a
+        ``ValueError`` naming it, not a default LLaVA-7B built in its place.
         """
+        directory, config = check_llava_checkpoint("pretrained_model_name_or_path", pretrained_model_name_or_path)
+        check_scheduler_overrides("pretrained_model_name_or_path", directory, config, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**LLAVA_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         with quiet_model_type_warning():
@@ -184,6 +192,7 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("a planned forward takes no past_key_values; use generate(latency_budget=...)")
         if input_ids is None:
             raise ValueError("a planned forward needs input_ids")
+        check_inputs(input_ids, pixel_values, attention_mask)
         check_int("logits_to_keep", logits_to_keep, 0)
         if logits_to_keep and labels is not None:
             raise ValueError("a loss needs every position's logits: use logits_to_keep=0 with labels")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from adallava_kernels import check_token_ids
+from adallava_kernels.checks import check_instance, check_int
 
 __all__ = [
     "cls_attention_and_keys",
@@ -270,6 +271,20 @@ def fit_image_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize each row's run of image tokens to ``counts[b]`` (PruMerge keeps a varying number), left-padding
     the rows back to one length. Each row must hold one contiguous run of image tokens."""
+    check_instance("input_ids", input_ids, torch.Tensor, "a torch.Tensor [batch, prompt]")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, prompt], got shape {list(input_ids.shape)}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        raise ValueError(f"attention_mask must be None or a tensor of input_ids' shape {list(input_ids.shape)}, got "
+                         f"{type(attention_mask).__name__}")
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence) or len(counts) != len(input_ids):
+        raise ValueError(f"counts must be a sequence of one image-token count per row ({len(input_ids)}), got "
+                         f"{counts!r}")
+    for b, count in enumerate(counts):
+        check_int(f"counts[{b}]", count, 0)
+    check_int("image_token_id", image_token_id, 0)
+    check_int("pad_token_id", pad_token_id, 0)
     rows, masks = [], []
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

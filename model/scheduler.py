@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adallava_kernels import ExecutionPlan, UnitScheme, best_plan, check_budget, neuron_groups
+from adallava_kernels.checks import check_instance
 
 from .outputs import IGNORE_INDEX
 
@@ -254,10 +255,28 @@ def gates_from_plan(plans: list[ExecutionPlan], scheme: UnitScheme, device, dtyp
 
 def check_budgets(latency_budget, batch: int) -> list[float]:
     """One budget per sample from one number or one per sample, each checked against [0.5, 1.0]."""
-    values = torch.as_tensor(latency_budget, dtype=torch.float64).flatten().tolist()
+    if isinstance(latency_budget, (str, bytes, bool)):
+        raise TypeError(f"latency_budget must be a number or one number per sample, got {type(latency_budget).__name__}")
+    try:
+        values = torch.as_tensor(latency_budget, dtype=torch.float64).flatten().tolist()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"latency_budget must be a number or one number per sample, got "
+                        f"{type(latency_budget).__name__}") from None
     if len(values) not in (1, batch):
         raise ValueError(f"latency_budget must be one number or one per sample ({batch}), got {len(values)}")
     return [check_budget(v) for v in (values * batch if len(values) == 1 else values)]
+
+
+def check_inputs(input_ids, pixel_values, attention_mask) -> None:
+    """The tensors of a planned call: ``input_ids`` ``[batch, prompt]``, images and a mask where given, else a
+    ``TypeError`` or ``ValueError`` naming the argument (before anything is embedded or admitted)."""
+    check_instance("input_ids", input_ids, torch.Tensor, "a torch.Tensor of token ids [batch, prompt]")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, prompt], got shape {list(input_ids.shape)}")
+    if pixel_values is not None:
+        check_instance("pixel_values", pixel_values, torch.Tensor, "a torch.Tensor of images or None")
+    if attention_mask is not None:
+        check_instance("attention_mask", attention_mask, torch.Tensor, "a torch.Tensor [batch, prompt] or None")
 
 
 def check_plans(plan, batch: int, scheme: UnitScheme) -> list[ExecutionPlan] | None:
@@ -265,6 +284,8 @@ def check_plans(plan, batch: int, scheme: UnitScheme) -> list[ExecutionPlan] | N
     the scheme's model and running its prefix layers whole."""
     if plan is None:
         return None
+    if isinstance(plan, (str, bytes)) or not isinstance(plan, (ExecutionPlan, Sequence)):
+        raise TypeError(f"plan must be an ExecutionPlan or one per sample, got {type(plan).__name__}")
     plans = [plan] * batch if isinstance(plan, ExecutionPlan) else list(plan)
     if len(plans) != batch:
         raise ValueError(f"plan must be one ExecutionPlan or one per sample ({batch}), got {len(plans)}")

@@ -1,7 +1,9 @@
 """A random-weight LLaVA small enough for CPU tests: CLIP 32x32 images in 16 patches, a 4-layer Llama with GQA."""
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor, \
+    PreTrainedTokenizerFast
 
 from model import AdaLlavaConfig, AdaLlavaForConditionalGeneration
 
@@ -44,3 +46,18 @@ def tiny_inputs(batch=2, text=7, seed=1):
     ids = torch.cat([words[:, :3], image, words[:, 3:]], dim=1)
     pixels = torch.randn(batch, 3, 32, 32, generator=g)
     return ids, pixels
+
+
+def tiny_processor() -> LlavaProcessor:
+    """A word-level tokenizer over the tiny vocabulary (with `<image>`) and a CLIP image processor of 32x32 images."""
+    words = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:"] + [f"w{i}" for i in range(110)]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab["<image>"] = IMAGE_TOKEN
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", additional_special_tokens=["<image>"])
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)

@@ -124,7 +124,7 @@ def test_draw_all_writes_every_figure(tmp_path):
 def test_redraws_the_first_gpu_run(tmp_path, capsys):
     paths = plot.main([str(FIRST_GPU_RUN), "--out", str(tmp_path)])
     # That run had no latency section: no latency.png. 10 MLP and 24 attention cases.
-    assert [p.name for p in paths] == ["plot.png", "ops.png", "ops-2.png", "ops-3.png"]
+    assert [p.name for p in paths] == ["kv.png", "plot.png", "ops.png", "ops-2.png", "ops-3.png"]
     assert "wrote" in capsys.readouterr().out
     data = plot.headline_data(json.loads(FIRST_GPU_RUN.read_text()))
     # 30 plans per stage, ratios to L 1.00 (that run had no full-plan row).

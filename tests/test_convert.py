@@ -3,6 +3,7 @@ code base's key names, config keys and shapes), checked against the reference fo
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -281,3 +282,84 @@ def test_converter_names_missing_directories(clip, tmp_path):
     ref = write_reference_dir(tmp_path / "ref", "L", reference_tensors("L", 9), reference_config("L"))
     with pytest.raises(ValueError, match=r"vision_tower must be a local checkpoint directory; '.*/nope' does not"):
         convert(ref, tmp_path / "nope", tmp_path / "out")
+
+
+# -- the command line: a bad argument is one line, exit status 2, and nothing written ------------------------
+
+def convert_error(capsys, argv) -> str:
+    """Run the CLI expecting a refusal: exit status 2 and one line on stderr, no traceback; returns it."""
+    capsys.readouterr()
+    assert convert_cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m model.convert: error: "), captured.err
+    assert not captured.out
+    return lines[0]
+
+
+def _truncate_first_shard(ref):
+    shard = ref / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+# (what to break in the reference dir, its config or its tensors; the line that refuses it)
+BAD_SOURCES = {
+    "missing-checkpoint": (lambda ref, clip, out: ref.rename(ref.parent / "gone"),
+                           r"--checkpoint must be a local checkpoint directory; '.*/ref' does not exist"),
+    "llava-hf": (lambda ref, clip, out: _config_edit(ref, model_type="llava"),
+                 r"--checkpoint '.*' is not a checkpoint of the reference AdaLLaVA code: its config.json has model_type "
+                 r"'llava', expected 'ada_llava_llama' \(a llava-hf or AdaLLaVA checkpoint needs no conversion"),
+    "no-layer-count": (lambda ref, clip, out: _config_edit(ref, num_hidden_layers=None),
+                       r"config.json: num_hidden_layers must be a positive int to convert, got None"),
+    "truncated-shard": (lambda ref, clip, out: _truncate_first_shard(ref),
+                        r"--checkpoint '.*': model-00001-of-00002.safetensors is not a readable tensor file"),
+    "not-clip": (lambda ref, clip, out: _config_edit(clip, model_type="siglip"),
+                 r"--vision-tower '.*' is not a CLIP checkpoint: its config.json has model_type 'siglip'"),
+    "out-not-empty": (lambda ref, clip, out: (out.mkdir(), (out / "keep.txt").write_text("mine")),
+                      r"--out '.*/out' exists and is not empty"),
+}
+
+
+def _config_edit(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SOURCES))
+def test_convert_cli_refuses_bad_sources_in_one_line_and_writes_nothing(clip, tmp_path, capsys, case):
+    import shutil
+
+    clip_dir = tmp_path / "clip"
+    shutil.copytree(clip[0], clip_dir)
+    ref = write_reference_dir(tmp_path / "ref", "L", reference_tensors("L", 9), reference_config("L"))
+    out = tmp_path / "out"
+    before = None
+    breaks, match = BAD_SOURCES[case]
+    breaks(ref, clip_dir, out)
+    if out.exists():
+        before = sorted(out.iterdir())
+    line = convert_error(capsys, ["--checkpoint", str(ref), "--vision-tower", str(clip_dir), "--out", str(out)])
+    assert re.search(match, line), line
+    assert (sorted(out.iterdir()) == before) if before is not None else not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_convert_cli_refuses_an_out_it_cannot_write(clip, tmp_path, capsys):
+    ref = write_reference_dir(tmp_path / "ref", "L", reference_tensors("L", 9), reference_config("L"))
+    (tmp_path / "file").write_text("x")
+    line = convert_error(capsys, ["--checkpoint", str(ref), "--vision-tower", str(clip[0]), "--out",
+                                  str(tmp_path / "file" / "out")])
+    assert re.search(r"--out '.*/file/out' cannot be written: '.*/file' is a file, not a directory", line)
+
+
+def test_a_conversion_that_fails_midway_leaves_no_half_written_out(clip, tmp_path, monkeypatch):
+    ref = write_reference_dir(tmp_path / "ref", "L", reference_tensors("L", 9), reference_config("L"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_cli, "_save_processor", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert(ref, clip[0], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref"]  # no out, no staging directory

@@ -407,6 +407,38 @@ def test_generate_input_checks():
         model.generate(ids, pixels, latency_budget=0.7, kv_cache={})
 
 
+@pytest.mark.parametrize("k", range(3))
+def test_a_request_failing_at_row_k_leaves_the_runtime_as_it_was(k, monkeypatch):
+    # Row k refused at admission, or its plan refused when the scheduler's plans are set mid-prefill (the
+    # pool's set_plan: its pages not free).
+    from adallava_kernels import LayerSkipKVCache, PlannedDecoder
+
+    model = tiny_model("H")
+    ids, pixels = tiny_inputs(batch=3)
+    budgets = [0.6, 0.85, 0.7]
+    runtime = model.runtime("torch")
+    runtime.resize_pool(4)  # too small for the request: grown for it, and back to 4 when admission fails
+    for owner, method in ((PlannedDecoder, "admit"), (LayerSkipKVCache, "set_plan")):
+        real, calls = getattr(owner, method), []
+
+        def failing(self, *args, real=real, calls=calls):
+            calls.append(args[0])
+            if len(calls) == k + 1:
+                raise ValueError(f"row {k} refused")
+            return real(self, *args)
+
+        pages = runtime.cache.num_pages
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, method, failing)
+            with pytest.raises(ValueError, match=f"row {k} refused"):
+                model.generate(ids, pixels, latency_budget=budgets, max_new_tokens=3, backend="torch")
+        assert runtime.sequences == () and runtime.cache.pages_in_use == 0
+        assert runtime.cache.num_pages == pages
+    fresh = tiny_model("H").generate(ids, pixels, latency_budget=budgets, max_new_tokens=3, backend="torch")
+    again = model.generate(ids, pixels, latency_budget=budgets, max_new_tokens=3, backend="torch")
+    assert again.sequences.tolist() == fresh.sequences.tolist() and again.plans == fresh.plans
+
+
 # --- baselines and PruMerge ------------------------------------------------------------
 
 

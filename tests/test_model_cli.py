@@ -3,13 +3,16 @@
 import json
 import logging
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from adallava_kernels import ExecutionPlan
 from model import AdaLlavaForConditionalGeneration
@@ -18,21 +21,9 @@ from model import generate as generate_cli
 from model import train as train_cli
 from model.train import encode_conversation
 
-from _tiny_llava import IMAGE_TOKEN, IMAGE_TOKENS, tiny_config, tiny_llava_config
+from _tiny_llava import IMAGE_TOKEN, IMAGE_TOKENS, tiny_config, tiny_llava_config, tiny_model, tiny_processor
 
-
-def tiny_processor() -> LlavaProcessor:
-    words = ["<pad>", "<s>", "</s>", "<unk>", "USER:", "ASSISTANT:"] + [f"w{i}" for i in range(110)]
-    vocab = {w: i for i, w in enumerate(words)}
-    vocab["<image>"] = IMAGE_TOKEN
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>", additional_special_tokens=["<image>"])
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
-                          vision_feature_select_strategy="default", image_token="<image>",
-                          num_additional_image_tokens=1)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +160,12 @@ def _cli_error(capsys, root, *extra, **kwargs) -> str:
 
 
 def _no_loading(monkeypatch):
-    """Make any model loading fail loudly: the checks must come first."""
+    """Make any model loading, or building, fail loudly: the checks must come first."""
     def refuse(*args, **kwargs):
         raise AssertionError("loaded before checking the arguments")
 
     monkeypatch.setattr(AdaLlavaForConditionalGeneration, "from_pretrained", refuse)
+    monkeypatch.setattr(LlavaForConditionalGeneration, "__init__", refuse)
 
 
 def test_loading_prints_no_model_type_warning(checkpoint, tmp_path):
@@ -248,6 +240,178 @@ def test_generate_cli_refuses_an_untrained_scheduler_below_budget_one(checkpoint
                          _cli_error(capsys, root))
     assert _cli(root, budget="1.0") == 0  # a full budget needs no plan
     assert "warning:" in capsys.readouterr().err
+
+
+def _edited_config(src, dst, edit):
+    """A copy of checkpoint ``src`` whose config.json went through ``edit(dict)``."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _copied(change):
+    """A maker of a copy of a checkpoint that ``change(directory)`` then edits in place."""
+    def make(src, dst):
+        shutil.copytree(src, dst)
+        change(dst)
+        return dst
+    return make
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _plain_llama(src, dst):
+    dst.mkdir()
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=64).save_pretrained(dst)
+    shutil.copy(src / "model.safetensors", dst / "model.safetensors")
+    return dst
+
+
+def _sharded_without_a_shard(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").rename(dst / "model-00001-of-00002.safetensors")
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": names[0], "b": names[1]}}))
+    return dst
+
+
+# Checkpoints a user may point --model at, each with the line that refuses it.
+BAD_CHECKPOINTS = {
+    "plain-llama": (_plain_llama, r"--model '.*' is not a LLaVA or AdaLLaVA checkpoint: its config.json has model_type "
+                                  r"'llama', expected one of 'llava', 'adallava'"),
+    "reference-code": (lambda s, d: _edited_config(s, d, lambda c: c.update(model_type="ada_llava_llama")),
+                       r"model_type 'ada_llava_llama'.*convert it first \(python -m model.convert\)"),
+    "no-text-config": (lambda s, d: _edited_config(s, d, lambda c: c.pop("text_config")),
+                       r"its config.json has no text_config, so transformers would build a default one"),
+    "mistral": (lambda s, d: _edited_config(s, d, lambda c: c["text_config"].update(model_type="mistral")),
+                r"its language model is a 'mistral', expected a Llama"),
+    "config-not-json": (_copied(lambda d: (d / "config.json").write_text("{")), r"its config.json is not readable JSON"),
+    "truncated-weights": (_copied(lambda d: _truncated(d / "model.safetensors")),
+                          r"model.safetensors is not a readable tensor file \(.*\); a truncated download\?"),
+    "missing-shard": (_sharded_without_a_shard,
+                      r"its shard index names model-00002-of-00002.safetensors, which does not exist"),
+    "no-weights": (_copied(lambda d: (d / "model.safetensors").unlink()),
+                   r"holds no model.safetensors, pytorch_model.bin or shard index"),
+    "no-processor": (_copied(lambda d: (d / "processor_config.json").unlink()), r"has no image processor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_generate_cli_refuses_a_bad_checkpoint_before_building_a_model(checkpoint, monkeypatch, tmp_path, capsys,
+                                                                        case):
+    root, _ = checkpoint
+    make, match = BAD_CHECKPOINTS[case]
+    model = make(root / "ckpt", tmp_path / case)
+    _no_loading(monkeypatch)
+    line = _cli_error(capsys, root, model=model, budget="1.0")
+    assert re.search(match, line), line
+
+
+def test_from_pretrained_refuses_what_is_not_a_llava_before_allocating(checkpoint, monkeypatch, tmp_path):
+    root, _ = checkpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built a model before checking the checkpoint")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "__init__", refuse)
+    with pytest.raises(ValueError, match=r"pretrained_model_name_or_path '.*' is not a LLaVA or AdaLLaVA checkpoint"):
+        AdaLlavaForConditionalGeneration.from_pretrained(_plain_llama(root / "ckpt", tmp_path / "llama"))
+    with pytest.raises(ValueError, match=r"must be a local checkpoint directory"):
+        AdaLlavaForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+
+
+def test_generate_cli_refuses_a_plain_llama_7b_in_little_memory(checkpoint, tmp_path):
+    # A directory holding a plain Llama-7B's config: built as the default LLaVA-7B, it took about 23 GB in float32.
+    LlamaConfig().save_pretrained(tmp_path / "llama-7b")
+    peak = tmp_path / "peak"
+    wrapper = ("import resource, runpy, sys\n"
+               "sys.argv = ['model.generate'] + sys.argv[1:]\n"
+               "try:\n    runpy.run_module('model.generate', run_name='__main__')\n"
+               "finally:\n"
+               f"    open({str(peak)!r}, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
+    done = subprocess.run([sys.executable, "-c", wrapper, "q", "--model", str(tmp_path / "llama-7b"), "--image",
+                           str(checkpoint[0] / "img.png"), "--budget", "1.0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and not done.stdout
+    assert done.stderr.splitlines() == [f"python -m model.generate: error: --model '{tmp_path / 'llama-7b'}' is not a "
+                                        "LLaVA or AdaLLaVA checkpoint: its config.json has model_type 'llama', "
+                                        "expected one of 'llava', 'adallava'"]
+    assert int(peak.read_text()) * 1024 < 1.5 * 2**30  # the interpreter, torch and transformers: about 0.5 GB
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"not an image", r"cannot identify image file"),
+    ("truncated", r"image file is truncated|broken data stream|truncated"),
+], ids=["text", "truncated-png"])
+def test_generate_cli_refuses_an_image_pil_cannot_read(checkpoint, monkeypatch, tmp_path, capsys, content, match):
+    root, _ = checkpoint
+    image = tmp_path / "img.png"
+    if content == "truncated":
+        data = (root / "img.png").read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+    else:
+        image.write_bytes(content)
+    _no_loading(monkeypatch)
+    line = _cli_error(capsys, root, image=image)
+    assert re.search(rf"--image '.*img.png' is not an image PIL can read \(.*({match})", line), line
+
+
+@pytest.fixture(scope="module")
+def ada_checkpoint(tmp_path_factory):
+    """An AdaLLaVA-L checkpoint with its (random) scheduler, and its processor."""
+    root = tmp_path_factory.mktemp("ada") / "ckpt"
+    tiny_model("L").save_pretrained(root)
+    tiny_processor().save_pretrained(root)
+    return root
+
+
+def test_generate_cli_refuses_a_switch_kind_that_contradicts_a_trained_scheduler(checkpoint, ada_checkpoint,
+                                                                                  monkeypatch, capsys):
+    root, _ = checkpoint
+    with monkeypatch.context() as patch:
+        _no_loading(patch)
+        line = _cli_error(capsys, root, "--switch-kind", "H", model=ada_checkpoint)
+    assert re.search(r"--switch-kind 'H' contradicts --model '.*', whose scheduler was trained with switch_kind 'L'; "
+                     r"leave --switch-kind out", line)
+    with pytest.raises(ValueError, match=r"switch_kind 'H' contradicts pretrained_model_name_or_path"):
+        AdaLlavaForConditionalGeneration.from_pretrained(ada_checkpoint, switch_kind="H")
+    # A llava-hf checkpoint has no scheduler to contradict; the checkpoint's own kind is no contradiction.
+    assert _cli(root, "--switch-kind", "H", "--allow-untrained-scheduler") == 0
+    assert _cli(root, "--switch-kind", "L", model=ada_checkpoint) == 0
+
+
+def test_generate_cli_refuses_triton_where_it_cannot_run(checkpoint, monkeypatch, capsys):
+    import adallava_kernels.ops.common as ops_common
+
+    root, _ = checkpoint
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(ops_common, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _cli_error(capsys, root, "--device", "cpu", "--backend", "triton")
+    assert "--backend is 'triton', but Triton kernels run on CUDA (none here) or on a CPU under TRITON_INTERPRET=1" \
+        in line
+
+
+def test_generate_cli_says_what_a_checkpoint_without_a_scheduler_is(checkpoint, monkeypatch, capsys):
+    root, _ = checkpoint
+    _no_loading(monkeypatch)
+    assert "(a LLaVA checkpoint (model_type 'llava'))" in _cli_error(capsys, root)
+
+
+def test_generate_cli_usage_errors_are_one_line(checkpoint, capsys):
+    root, _ = checkpoint
+    for argv, message in ((["q"], "the following arguments are required: --model, --image, --budget"),
+                          (["q", "--model", "m", "--image", "i", "--budget", "x"], "argument --budget: invalid float")):
+        with pytest.raises(SystemExit) as exit_info:
+            generate_cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err
 
 
 def test_encode_conversation_labels_only_the_answers():

@@ -471,6 +471,144 @@ def test_bad_calls_are_clear(model):
         alone.step(token[:1])
 
 
+# --- a failed call changes nothing -----------------------------------------------------------------
+
+ROWS = 3
+GOOD = [PLAN_L, PLAN_H, PLAN_H2]  # each keeps layers 0 and 1 whole: a planner may give them after layer 2
+
+
+def admitted(model, plan_after_rows=ROWS):
+    runner = runner_for(model, "torch", torch.device("cpu"))
+    ids, mask = prompts(batch=ROWS)
+    seq_ids = [f"r{b}" for b in range(ROWS)]
+    for s in seq_ids:
+        runner.admit(s, None, 12)
+    return runner, seq_ids, runner.weights.embed[ids], mask
+
+
+def runner_state(runner):
+    """What a failed call must leave as it was: each sequence's plan, prefill state and pages per layer (as a set:
+    a layer that stores nothing yet may get its pages back in another order), the pages in use and the programs
+    each plan holds."""
+    cache = runner.cache
+    return ({s: (runner.plan(s), runner._requests[s].prefilled, cache.length(s, 0)) for s in runner.sequences},
+            {s: [(len(cache.page_table(s, i)), sorted(cache.page_table(s, i).flatten().tolist()))
+                 for i in range(LAYERS)] for s in runner.sequences},
+            cache.pages_in_use, {fp: held.holders for fp, held in runner.programs._plans.items()})
+
+
+def still_serves(runner, seq_ids, embeds, mask, model):
+    """After a refused call, the same call with good plans gives what a fresh runner gives."""
+    logits = runner.prefill(seq_ids, embeds, mask, planner=lambda h: GOOD, plan_after=2)
+    fresh, fresh_ids, fresh_embeds, _ = admitted(model)
+    assert torch.equal(logits, fresh.prefill(fresh_ids, fresh_embeds, mask, planner=lambda h: GOOD, plan_after=2))
+    assert [runner.plan(s) for s in seq_ids] == GOOD
+
+
+def other_shape_plan():
+    return ExecutionPlan.full(ModelShape(HIDDEN, LAYERS, HEADS, HEADS, HEAD_DIM, NEURONS, VOCAB))
+
+
+# A bad plan in one row, and the error that names it.
+BAD_ROWS = {
+    "a-string": (lambda: "L 0.5", r"the planner's plan for row {k} must be an ExecutionPlan, got str"),
+    "another-shape": (other_shape_plan, r"plan is for ModelShape.*num_kv_heads=8"),
+    "changes-the-prefix": (lambda: ExecutionPlan(SHAPE, [[0]] + [range(8)] * 3, [range(100)] * 4),
+                           r"the plan of row {k} changes layers \[0\], which ran before the planner"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_ROWS))
+@pytest.mark.parametrize("k", range(ROWS))
+def test_a_planner_bad_for_row_k_sets_no_plan(model, k, bad):
+    runner, seq_ids, embeds, mask = admitted(model)
+    before = runner_state(runner)
+    make, match = BAD_ROWS[bad]
+    plans = GOOD[:k] + [make()] + GOOD[k + 1:]
+    with pytest.raises(ValueError, match=match.format(k=k)):
+        runner.prefill(seq_ids, embeds, mask, planner=lambda h: plans, plan_after=2)
+    assert runner_state(runner) == before
+    still_serves(runner, seq_ids, embeds, mask, model)
+
+
+@pytest.mark.parametrize("k", range(ROWS))
+def test_setting_row_k_failing_sets_the_earlier_rows_back(model, k, monkeypatch):
+    # Row k's pages are not free when its plan is set: the rows set before it go back to the plan they had.
+    runner, seq_ids, embeds, mask = admitted(model)
+    before = runner_state(runner)
+    real, calls = runner.cache.set_plan, []
+
+    def set_plan(seq_id, plan):
+        calls.append(seq_id)
+        if len(calls) == k + 1:
+            raise ValueError(f"KV pool exhausted: the new plan of sequence {seq_id!r} needs 8 more pages")
+        return real(seq_id, plan)
+
+    monkeypatch.setattr(runner.cache, "set_plan", set_plan)
+    with pytest.raises(ValueError, match=f"the new plan of sequence 'r{k}'"):
+        runner.prefill(seq_ids, embeds, mask, planner=lambda h: GOOD, plan_after=2)
+    assert runner_state(runner) == before
+    monkeypatch.setattr(runner.cache, "set_plan", real)
+    still_serves(runner, seq_ids, embeds, mask, model)
+
+
+def test_a_layer_failing_after_the_planner_sets_the_plans_back(model, monkeypatch):
+    runner, seq_ids, embeds, mask = admitted(model)
+    before = runner_state(runner)
+    real = runner._prefill_layers
+
+    def fails_after_planning(h, start, stop, *args):
+        if start == 2:
+            raise RuntimeError("out of memory")
+        return real(h, start, stop, *args)
+
+    monkeypatch.setattr(runner, "_prefill_layers", fails_after_planning)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runner.prefill(seq_ids, embeds, mask, planner=lambda h: GOOD, plan_after=2)
+    assert runner_state(runner) == before
+
+
+@pytest.mark.parametrize("returned, error, match", [
+    ("LHL", TypeError, r"the planner must return a sequence of 3 ExecutionPlans, one per row, got str"),
+    (None, TypeError, r"the planner must return a sequence of 3 ExecutionPlans, one per row, got NoneType"),
+    (PLAN_L, TypeError, r"the planner must return a sequence of 3 ExecutionPlans, one per row, got ExecutionPlan"),
+    ({0: PLAN_L}, TypeError, r"got dict"),
+    ([PLAN_L] * 2, ValueError, r"the planner must return one plan per row \(3\), got 2"),
+], ids=["string", "none", "one-plan", "dict", "too-few"])
+def test_a_planner_return_that_is_not_one_plan_per_row_is_named(model, returned, error, match):
+    runner, seq_ids, embeds, mask = admitted(model)
+    before = runner_state(runner)
+    with pytest.raises(error, match=match):
+        runner.prefill(seq_ids, embeds, mask, planner=lambda h: returned, plan_after=2)
+    assert runner_state(runner) == before
+
+
+def test_a_planner_that_cannot_be_called_is_refused_before_any_layer_runs(model, monkeypatch):
+    runner, seq_ids, embeds, mask = admitted(model)
+    ran = []
+    monkeypatch.setattr(runner, "_prefill_layers", lambda *args: ran.append(args))
+    for call in (lambda: runner.prefill(seq_ids, embeds, mask, planner="scheduler", plan_after=2),
+                 lambda: runner.forward(embeds, mask, planner=[PLAN_L] * 3, plan_after=2)):
+        with pytest.raises(TypeError, match=r"planner must be callable, got (str|list)"):
+            call()
+    assert not ran
+
+
+@pytest.mark.parametrize("k", range(ROWS))
+def test_forward_with_a_planner_bad_for_row_k_holds_no_program(model, k):
+    runner = runner_for(model, "torch", torch.device("cpu"))
+    ids, mask = prompts(batch=ROWS)
+    embeds = runner.weights.embed[ids]
+    before = runner_state(runner)
+    plans = GOOD[:k] + [other_shape_plan()] + GOOD[k + 1:]
+    with pytest.raises(ValueError, match="plan is for ModelShape"):
+        runner.forward(embeds, mask, planner=lambda h: plans, plan_after=2)
+    assert runner_state(runner) == before
+    with pytest.raises(TypeError, match=r"plans must hold a sequence of 3 ExecutionPlans, one per row, got str"):
+        runner.forward(embeds, mask, "LHL")
+    assert runner_state(runner) == before
+
+
 # --- graph binding (on the CPU, with a stand-in for CUDA graphs) --------------------------------
 
 

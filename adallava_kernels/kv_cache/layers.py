@@ -70,6 +70,8 @@ class ContiguousKVCache(KVCacheLayer):
             ("head_dim", head_dim, 1), ("capacity", capacity, 1),
         ):
             check_int(name, value, minimum)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         device = check_device("device", device)
         shape = (batch_size, num_kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)

@@ -33,7 +33,9 @@ def check_seq_id(seq_id) -> None:
 
 
 def check_seq_ids(seq_ids: Sequence[Hashable]) -> None:
-    """Hashable ids, none repeated."""
+    """A sequence of hashable ids, none repeated (a string is one id, not a sequence of them)."""
+    if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence):
+        raise TypeError(f"seq_ids must be a sequence of sequence ids (a list), got {type(seq_ids).__name__}")
     for seq_id in seq_ids:
         check_seq_id(seq_id)
     if len(set(seq_ids)) != len(seq_ids):
@@ -301,6 +303,7 @@ class LayerSkipKVCache:
 
         The sequences must have been added with ``reserve`` (their pages exist) and have room left.
         """
+        check_int("tokens", tokens, 0)
         sequences = self._distinct(seq_ids)
         for seq_id, seq in zip(seq_ids, sequences):
             if not seq.reserved:
@@ -342,6 +345,7 @@ class LayerSkipKVCache:
 
     def layer_view(self, seq_ids: Sequence[Hashable], layer: int) -> PagedCacheLayer:
         """``layer`` of ``seq_ids`` as a ``KVCacheLayer`` for ``masked_attention`` (batch row i = seq_ids[i])."""
+        check_seq_ids(seq_ids)
         return PagedCacheLayer(self, list(seq_ids), self._layer(layer))
 
     # -- internals -------------------------------------------------------------

@@ -23,11 +23,12 @@ row); a skipped layer is absent.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from typing import Callable, Hashable, Sequence
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_callable, check_int
 from ..kv_cache import LayerSkipKVCache
 from ..kv_cache.pool import check_seq_id, check_seq_ids
 from ..masks import causal_mask, positions
@@ -82,6 +83,7 @@ class PlannedDecoder:
     ) -> None:
         if not isinstance(weights, DecoderWeights):
             raise TypeError(f"weights must be DecoderWeights, got {type(weights).__name__}")
+        check_int("max_graphs", max_graphs, 1)
         self.weights, self.shape = weights, weights.shape
         self.backend = resolve_backend("PlannedDecoder", backend, weights.device, _has_triton())
         self.cache = self._new_pool(num_pages, page_size)
@@ -151,13 +153,21 @@ class PlannedDecoder:
         if request.prefilled:
             raise ValueError(f"sequence {seq_id!r} has run its prefill: its plan is fixed")
         self._check_plan(plan)
-        self.programs.acquire(plan)
+        self._replan(seq_id, request, plan)
+
+    def _replan(self, seq_id: Hashable | None, request: _Request, plan: ExecutionPlan | None) -> None:
+        """``request`` (``seq_id``'s in the pool, or ``None``: a forward's, which holds no pages) under ``plan``
+        (``None``: any plan, the full plan's pages), its pages and programs moved with it; on failure nothing
+        changes."""
+        new = self._full if plan is None else plan
+        self.programs.acquire(new)
         try:
-            self.cache.set_plan(seq_id, plan)
-        except Exception:
-            self.programs.release(plan)
+            if seq_id is not None:
+                self.cache.set_plan(seq_id, new)
+        except BaseException:
+            self.programs.release(new)
             raise
-        self.programs.release(self._full if request.plan is None else request.plan)
+        self.programs.release(self._plan_of(request))
         request.plan = plan
 
     def free(self, seq_id: Hashable) -> None:
@@ -207,12 +217,15 @@ class PlannedDecoder:
             attention_mask: ``[batch, T]`` left padding (1: token, 0: padding), or ``None``.
             planner: called once with the hidden states ``[batch, T, hidden]`` entering layer
                 ``plan_after``; returns one plan per row, set with :meth:`set_plan`
-                before the remaining layers run.
+                before the remaining layers run. Every row's plan is checked before any is
+                set, and a call that fails (a bad plan, pages not free for one row, an error
+                in a later layer) leaves every sequence under the plan it had.
             logits_to_keep: logits of the last this many positions (0: all).
 
         Returns:
             ``[batch, logits_to_keep or T, vocab]`` logits.
         """
+        self._check_planner(planner, plan_after)
         requests = self._requests_of(seq_ids, prefilled=False)
         seq = self._check_prompt(inputs_embeds, attention_mask, len(seq_ids), left_padding=True)
         for seq_id, request in zip(seq_ids, requests):
@@ -235,16 +248,14 @@ class PlannedDecoder:
         """A planned forward over whole sequences that stores no K/V: ``plans`` (one per row), or the full
         plan until ``planner`` gives them at ``plan_after``. ``attention_mask`` may pad anywhere (it makes
         no sync). Returns the logits and the plans run."""
+        self._check_planner(planner, plan_after)
         batch = inputs_embeds.shape[0] if isinstance(inputs_embeds, torch.Tensor) else 0
         self._check_prompt(inputs_embeds, attention_mask, batch, left_padding=False)
-        rows = [self._full] * batch if plans is None else list(plans)
-        if len(rows) != batch:
-            raise ValueError(f"plans must hold one plan per row ({batch}), got {len(rows)}")
+        rows = [self._full] * batch if plans is None else _plans_per_row("plans", plans, batch)
         for plan in rows:
             self._check_plan(plan)
         requests = [_Request(plan, inputs_embeds.shape[1]) for plan in rows]
-        for plan in rows:
-            self.programs.acquire(plan)
+        self._acquire_all(rows)
         try:
             logits, _ = self._run_prompt(inputs_embeds, attention_mask, None, requests, planner, plan_after,
                                          logits_to_keep)
@@ -253,11 +264,29 @@ class PlannedDecoder:
                 self.programs.release(request.plan)
         return logits, [r.plan for r in requests]
 
+    def _check_planner(self, planner, plan_after) -> None:
+        """A planner that can be called and the layer it plans at, checked before any layer runs."""
+        if planner is None:
+            return
+        check_callable("planner", planner)
+        layers = self.shape.num_layers
+        if isinstance(plan_after, bool) or not isinstance(plan_after, int) or not 0 <= plan_after <= layers:
+            raise ValueError(f"plan_after must be an int in [0, {layers}] with a planner, got {plan_after!r}")
+
+    def _acquire_all(self, plans: Sequence[ExecutionPlan]) -> None:
+        """Every plan's programs, or none of them."""
+        acquired = []
+        try:
+            for plan in plans:
+                self.programs.acquire(plan)
+                acquired.append(plan)
+        except BaseException:
+            for plan in acquired:
+                self.programs.release(plan)
+            raise
+
     def _run_prompt(self, h, mask, seq_ids, requests, planner, plan_after, logits_to_keep):
         layers = self.shape.num_layers
-        if planner is not None and (isinstance(plan_after, bool) or not isinstance(plan_after, int)
-                                    or not 0 <= plan_after <= layers):
-            raise ValueError(f"plan_after must be an int in [0, {layers}] with a planner, got {plan_after!r}")
         batch, seq, _ = h.shape
         padding = None if mask is None else mask.to(torch.int32)
         if mask is None:
@@ -269,12 +298,16 @@ class PlannedDecoder:
         starts = (seq - mask.sum(-1)).to(torch.int32)
         stop = plan_after if planner is not None else layers
         h = self._prefill_layers(h, 0, stop, shared, seq_ids, requests)
-        if planner is not None:
-            self._apply_planner(planner, h, seq_ids, requests, stop)
+        undo = self._apply_planner(planner, h, seq_ids, requests, stop) if planner is not None else None
+        try:
             h = self._prefill_layers(h, stop, layers, shared, seq_ids, requests)
-        keep = seq if logits_to_keep == 0 else logits_to_keep
-        hidden = rms_norm(h[:, seq - keep:], self.weights.norm, self.weights.norm_eps, backend=self.backend)
-        return hidden @ self.weights.lm_head.t(), starts
+            keep = seq if logits_to_keep == 0 else logits_to_keep
+            hidden = rms_norm(h[:, seq - keep:], self.weights.norm, self.weights.norm_eps, backend=self.backend)
+            return hidden @ self.weights.lm_head.t(), starts
+        except BaseException:
+            if undo is not None:  # the call failed after planning: every row back under the plan it had
+                undo()
+            raise
 
     def _prefill_layers(self, h, start, stop, shared: PrefillInputs, seq_ids, requests):
         if start == stop:
@@ -289,27 +322,39 @@ class PlannedDecoder:
                 part, inputs[run.cohort], pages, run.tables))
         return h
 
-    def _apply_planner(self, planner, h, seq_ids, requests, ran: int) -> None:
-        plans = list(planner(h))
-        if len(plans) != len(requests):
-            raise ValueError(f"the planner must return one plan per row ({len(requests)}), got {len(plans)}")
+    def _apply_planner(self, planner, h, seq_ids, requests, ran: int) -> Callable[[], None]:
+        """Call ``planner`` on ``h``, check every row's plan (its type, its shape, the ``ran`` layers it must
+        leave as they ran), then set them all; returns what sets them back. If setting one fails (its pages
+        are not free), the rows set before it are set back first: the call changes nothing."""
+        plans = _plans_per_row("the planner", planner(h), len(requests), returned=True)
         for b, (request, plan) in enumerate(zip(requests, plans)):
-            self._check_plan(plan)
+            self._check_plan(plan, f"the planner's plan for row {b}")
             before = self._plan_of(request)
             changed = [i for i in range(ran) if (plan.heads[i], plan.neurons[i]) != (before.heads[i], before.neurons[i])]
             if changed:
                 raise ValueError(f"the plan of row {b} changes layers {changed}, which ran before the planner")
-            if seq_ids is not None:
-                self.set_plan(seq_ids[b], plan)
-            else:
-                self.programs.acquire(plan)
-                self.programs.release(before)
-                request.plan = plan
+        applied: list[tuple[int, ExecutionPlan | None]] = []
+
+        def undo() -> None:
+            while applied:  # last first: each row's old pages were free when it left them
+                b, before = applied.pop()
+                self._replan(None if seq_ids is None else seq_ids[b], requests[b], before)
+
+        try:
+            for b, (request, plan) in enumerate(zip(requests, plans)):
+                before = request.plan
+                self._replan(None if seq_ids is None else seq_ids[b], request, plan)
+                applied.append((b, before))
+        except BaseException:
+            undo()
+            raise
+        return undo
 
     # -- decode --------------------------------------------------------------------------
 
     def decode(self, seq_ids: Sequence[Hashable]) -> DecodeBatch:
         """A decode batch of prefilled sequences (row ``b`` is ``seq_ids[b]``), built once; step it."""
+        check_seq_ids(seq_ids)
         bound = self.graphs is not None or bool(self.bind_plans)
         return DecodeBatch(self, list(seq_ids), bound=bound)
 
@@ -357,9 +402,9 @@ class PlannedDecoder:
     def _plan_of(self, request: _Request) -> ExecutionPlan:
         return self._full if request.plan is None else request.plan
 
-    def _check_plan(self, plan: ExecutionPlan) -> None:
+    def _check_plan(self, plan: ExecutionPlan, name: str = "plan") -> None:
         if not isinstance(plan, ExecutionPlan):
-            raise ValueError(f"plan must be an ExecutionPlan, got {type(plan).__name__}")
+            raise ValueError(f"{name} must be an ExecutionPlan, got {type(plan).__name__}")
         plan.check_shape(self.shape)
 
     def _check_prompt(self, h, mask, batch: int, *, left_padding: bool) -> int:
@@ -375,6 +420,20 @@ class PlannedDecoder:
         width = max(-(-self._request(s).max_tokens // self.cache.page_size) for s in seq_ids)
         attach_tables(schedule, self.cache.page_table, seq_ids, width, self.cache.page_size, decode=decode,
                       backend=self.backend, device=self.weights.device)
+
+
+def _plans_per_row(name: str, plans: object, rows: int, *, returned: bool = False) -> list:
+    """``plans`` as a list of one entry per row, else a ``TypeError`` (not a sequence of plans: a string, a
+    mapping, a single plan, ``None``) or ``ValueError`` (another count) that names ``name``, the type it got and
+    what it expected; ``returned``: ``name`` returned them (a planner)."""
+    verb = "return" if returned else "hold"
+    expected = f"a sequence of {rows} ExecutionPlan{'s' if rows != 1 else ''}, one per row"
+    if isinstance(plans, (ExecutionPlan, str, bytes, Mapping)) or not isinstance(plans, Iterable):
+        raise TypeError(f"{name} must {verb} {expected}, got {type(plans).__name__}")
+    plans = list(plans)
+    if len(plans) != rows:
+        raise ValueError(f"{name} must {verb} one plan per row ({rows}), got {len(plans)}")
+    return plans
 
 
 def _has_triton():
