@@ -105,21 +105,24 @@ class StageResult:
     note: str = ""
 
 
-def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int) -> list[Stage]:
+def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
+           test_paths: list[str] | None = None) -> list[Stage]:
     """The stages in the order they run; ``build``: install the package in place first (an interpreter used
-    as it is); on a CPU the dry run's shapes (tiny, quick)."""
-    quick = [] if on_gpu else ["--quick"]
+    as it is). Without ``on_gpu`` (a CPU, or ``--dry-run``) every stage runs on the CPU at the dry run's
+    shapes (tiny, quick)."""
+    quick = [] if on_gpu else ["--quick", "--device", "cpu"]
+    cpu = [] if on_gpu else ["--device", "cpu"]
     # The sweep has nothing to time on a CPU; under the interpreter it runs its own path at tiny shapes.
-    tests = ["tests"] if on_gpu else list(DRY_RUN_TESTS)
+    tests = test_paths or (["tests"] if on_gpu else list(DRY_RUN_TESTS))
     return [
         Stage("setup", 150, [BUILD] if build else [], ["setup.json"]),
         Stage("tune", tune_s + 30, [["-m", "bench.tune", "--out", str(out / "tune"), "--budget-s", str(tune_s),
                                      *quick]], ["tune/tuned_configs.json"], {} if on_gpu else {"TRITON_INTERPRET": "1"}),
         Stage("model", 150, [["-m", "bench.gpu_check", "--out", str(out / "model"), *quick]],
               ["model/results.json"]),
-        Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels")]],
+        Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
-        Stage("serve", 90, [["-m", "bench", "--only", "serve", "--out", str(out / "serve")]],
+        Stage("serve", 90, [["-m", "bench", "--only", "serve", "--out", str(out / "serve"), *cpu]],
               ["serve/results.json"]),
         Stage("probes", 45, [["tests/_op_checks.py", "cuda" if on_gpu else "cpu"]], ["probes.json"]),
         Stage("tests", 420, [["-m", "pytest", *tests, "-v", "-p", "no:cacheprovider", "--timeout", "150", "-rfE",
@@ -317,6 +320,10 @@ def parse_args(argv):
     parser.add_argument("--python", default=None,
                         help="use this interpreter, where the package is installed already (no build)")
     parser.add_argument("--setup-only", action="store_true", help="the set-up checks and the build, then stop")
+    parser.add_argument("--tests", default=None, metavar="PATHS",
+                        help="comma-separated test files or folders the tests stage runs (default: tests)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every stage on the CPU at tiny shapes, even where there is a GPU (what a CPU runs)")
     args = parser.parse_args(argv)
     if args.budget_s < 10:
         parser.error(f"--budget-s must be at least 10, got {args.budget_s}")
@@ -337,7 +344,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     deadline = started + args.budget_s
     python, build = choose_python(args)
-    on_gpu = cuda_torch(python)
+    on_gpu = cuda_torch(python) and not args.dry_run
     missing = missing_packages(python)
     if missing:
         print(f"gpu-check: error: {python} lacks {', '.join(missing)}; nothing was run", file=sys.stderr)
@@ -347,7 +354,7 @@ def main(argv=None) -> int:
                                                               if on_gpu else 0)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1",
                ADALLAVA_TUNED_CONFIGS=str(out / "tune" / "tuned_configs.json"))
-    plan = stages(on_gpu, build, out, workers, args.tune_s)
+    plan = stages(on_gpu, build, out, workers, args.tune_s, args.tests.split(",") if args.tests else None)
     if args.setup_only:
         plan = plan[:1]
     elif args.only:

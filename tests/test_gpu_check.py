@@ -88,7 +88,8 @@ def test_make_test_still_runs_the_suite_in_the_projects_venv():
 
 
 def dry_run(out: Path, *extra: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), "--python", sys.executable, "--out", str(out), *extra],
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--python", sys.executable, "--dry-run", "--out", str(out),
+                             *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
