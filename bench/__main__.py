@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="model shape (default llava-7b on CUDA, tiny on CPU)")
     parser.add_argument("--only", type=section_list, default=list(SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
+    parser.add_argument("--no-static", action="store_true",
+                        help="kernels section without a GPU: skip the static report of the decode kernels' sm_90 code "
+                             "(about a minute of compiling the first time)")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                         help="kernels the model and latency sections run (default auto: Triton on CUDA)")
     parser.add_argument("--decode-steps", type=positive(int), default=model_bench.DECODE_STEPS,
@@ -453,6 +456,8 @@ def run_kernels(args, model_name, run_shape, on_gpu, device, dtype) -> dict:
           f"decode step at context {context}, each layer call alone under torch.profiler (median of "
           f"{result['reps']} calls)")
     print(kernels.table(result))
+    if not on_gpu and not args.no_static:
+        result["static"] = kernels.static_report(args.out)
     return result
 
 

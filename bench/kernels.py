@@ -409,3 +409,28 @@ def markdown(result: dict) -> str:
         parts += [f"<details><summary>{_layer_line(result, layer)}</summary>",
                   markdown_table([_cells(k) for k in layer["kernels"]], COLUMNS), "</details>"]
     return "\n\n".join(parts + [UNMAPPED + "."])
+
+
+def static_report(out) -> dict:
+    """Without a GPU: what the compiled sm_90 code of the decode step's kernels says (bench/static.py), in a
+    child process without TRITON_INTERPRET (the kernels compile there, they never run), printed and
+    returned; ``{"error": ...}`` if it could not be made."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADALLAVA_AUTOTUNE")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(out) / "static.json" if out else Path(tmp) / "static.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "bench.static", str(path)], env=env, capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent, timeout=1800)
+        if done.returncode != 0 or not path.exists():
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"\nstatic report: not made ({error})")
+            return {"error": error}
+        print("\n" + done.stdout.rstrip())
+        return json.loads(path.read_text())

@@ -46,13 +46,14 @@ MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
 ELEMENT = 2  # bf16
 
-# The latency model (predicted_share). Little's law: an SM streams at most (bytes in flight) / latency.
-# LATENCY_S is the loaded DRAM latency of an H200-class GPU, FIXED_S the cost every kernel of a captured
-# step pays whatever its size (launch in the graph, the first loads' latency, the drain of the last
-# wave). Both are calibrated against the measured per-kernel profile of bench/results/h200-2026-12-04
-# (see tests/test_kernels_static.py); COPY_RATE is that run's device-to-device copy.
+# The latency model (predicted_seconds), for memory-bound launches (decode). Little's law: an SM streams
+# at most (bytes in flight) / latency. LATENCY_S is the loaded DRAM latency of an H200-class GPU, FIXED_S
+# the cost every kernel of a captured step pays whatever its size (its place in the graph, the first
+# loads' latency, a split's reduction, the drain of the last wave). FIXED_S was set from the kernel sweep
+# of bench/results/h200-2026-12-04/run2 (each candidate timed inside a CUDA graph over cold weights), where
+# the row gathers came within -7% to +13% of it; COPY_RATE is that day's device-to-device copy.
 LATENCY_S = 1.0e-6
-FIXED_S = 2.0e-6
+FIXED_S = 4.0e-6
 COPY_RATE = 4.235e12
 
 
@@ -430,9 +431,12 @@ def predicted_seconds(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
     spec = KERNELS.get(v.kernel)
     if spec is None or not spec.streaming or v.occupancy == 0:  # no occupancy: it cannot launch at all
         return None
+    if v.args.get("M", 1) > 16:  # a prefill's tiles are compute-bound: not this model's
+        return None
     moved = spec.bytes(v)
     flight = in_flight_per_program(v) or _register_tile_bytes(v)
-    per_sm = min(v.occupancy, -(-v.programs // SMS)) * flight / LATENCY_S
+    # The programs an SM holds on average (a grid of 1.45 programs per SM keeps 1.45 programs' loads in flight).
+    per_sm = min(v.occupancy, v.programs / SMS) * flight / LATENCY_S
     busy_sms = min(SMS, v.programs)
     rate = min(copy_rate, per_sm * busy_sms)
     waves = v.waves
@@ -671,3 +675,80 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
     return {"batch": batch, "partial_layers": partial_layers, "seconds": seconds, "bytes": moved,
             "share": moved / COPY_RATE / seconds,
             "kernels_per_layer": {kind: layers[kind][2] for kind in layers}}
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def report(target: str = "cuda:90", model_name: str = "llava-7b") -> dict:
+    """What ``python -m bench --only kernels`` shows without a GPU: per launch of the decode step (batch 1
+    and 16, whole and partial layer) the config the model finds fastest and its compiled code's facts, and
+    the model's whole decode steps (full plan, and half the layers partial)."""
+    from adallava_kernels import get_shape
+
+    arch, sms, _ = TARGETS[target]
+    variants = runtime_launches(model_name, arch=arch, sms=sms)
+    launches: dict[tuple[str, int], list[Variant]] = {}
+    for v in variants:
+        if is_decode_step(v):
+            launches.setdefault((v.site, v.launch), []).append(v)
+    rows = []
+    for (site, _), group in launches.items():
+        timed = [(predicted_seconds(v), v) for v in group]
+        best = min(timed, key=lambda t: (t[0] is None, t[0] or 0.0))[1]
+        rows.append({"site": site, "kernel": best.kernel, "config": best.config, "grid": list(best.grid),
+                     "registers": best.registers, "shared": best.shared, "occupancy": best.occupancy,
+                     "buffers": best.buffers, "in_flight_per_sm": in_flight_per_sm(best),
+                     "waves": round(best.waves, 2), "wide_async_loads": best.count("LDGSTS.E.BYPASS.128"),
+                     "scalar_16b_loads": best.count("LDG.E.U16"), "failures": failures(best),
+                     "predicted_seconds": predicted_seconds(best), "predicted_share": predicted_share(best),
+                     "configs": len(group)})
+    shape = get_shape(model_name)
+    steps = [predicted_step(variants, b, shape, p) for b in (1, 16) for p in (0, shape.num_layers // 2)]
+    return {"target": target, "model": model_name, "latency_s": LATENCY_S, "fixed_s": FIXED_S,
+            "copy_rate": COPY_RATE, "launches": rows, "steps": steps}
+
+
+REPORT_COLUMNS = [("site", "decode step", "s"), ("kernel", "kernel", "s"), ("config", "config (fastest modelled)", "s"),
+                  ("grid", "grid", "s"), ("occ", "per SM", "s"), ("regs", "regs", "s"), ("buffers", "buffers", "s"),
+                  ("flight", "in flight/SM", "s"), ("waves", "waves", "s"), ("share", "model share", "s"),
+                  ("checks", "checks", "s")]
+
+
+def report_table(result: dict) -> str:
+    from ._common import format_table
+
+    cells = [{"site": r["site"], "kernel": r["kernel"], "config": r["config"], "grid": "x".join(map(str, r["grid"])),
+              "occ": str(r["occupancy"]), "regs": str(r["registers"]),
+              "buffers": ",".join(f"{k}:{v}" for k, v in r["buffers"].items()) or "-",
+              "flight": f"{r['in_flight_per_sm'] / 1024:.0f} KiB" if r["in_flight_per_sm"] else "-",
+              "waves": f"{r['waves']:.2f}", "share": "-" if r["predicted_share"] is None else f"{r['predicted_share']:.0%}",
+              "checks": "pass" if not r["failures"] else "; ".join(r["failures"])} for r in result["launches"]]
+    lines = [f"static model of the {result['model']} decode step compiled for {result['target']} (no GPU needed): "
+             f"latency {result['latency_s'] * 1e6:.1f} us, {result['fixed_s'] * 1e6:.1f} us a kernel, copy rate "
+             f"{result['copy_rate'] / 1e12:.3f} TB/s (bench/static.py)", format_table(cells, REPORT_COLUMNS)]
+    for s in result["steps"]:
+        lines.append(f"decode step, batch {s['batch']}, {s['partial_layers']} partial layers: "
+                     f"{s['seconds'] * 1e3:.3f} ms predicted, {s['share']:.1%} of the copy rate, "
+                     f"{s['kernels_per_layer']['whole']} kernels a whole layer, "
+                     f"{s['kernels_per_layer']['partial']} a partial one")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.static OUT.json [cuda:90|cuda:80]``: the report (TRITON_INTERPRET unset)."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m bench.static OUT.json [cuda:90|cuda:80]", file=sys.stderr)
+        return 2
+    result = report(*argv[1:2])
+    Path(argv[0]).write_text(json.dumps(result, indent=1))
+    print(report_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

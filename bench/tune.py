@@ -377,7 +377,7 @@ def against(predicted_path: Path, sweep_path: Path) -> str:
         model = predicted.get(row["case"], {})
         for c in row["candidates"]:
             p = model.get(_config_key(c["kwargs"], c["num_warps"], c["num_stages"]))
-            if "seconds" not in c or p is None:
+            if "seconds" not in c or p is None:  # a prefill (compute-bound: not the model's), or not timed
                 continue
             error = p / c["seconds"] - 1
             errors.setdefault(row["kernel"], []).append(error)

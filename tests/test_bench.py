@@ -21,7 +21,7 @@ HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "run"
     # --models: on CUDA the default adds the llava-7b and -13b op shapes.
-    main(["--model", "tiny", "--models", "tiny", "--scale", "1", "--mlp-tokens", "1,9", "--quick",
+    main(["--model", "tiny", "--models", "tiny", "--scale", "1", "--mlp-tokens", "1,9", "--quick", "--no-static",
           "--attention-seqs", "19", "--attention-contexts", "21", "--attention-batches", "2",
           "--budgets", "0.5,0.75,1.0", "--roofline-device", "A100", "--decode-steps", "2", "--random-plans", "2",
           "--latency-prompt", "16", "--latency-new-tokens", "2", "--backend", "torch", "--out", str(out)])
@@ -393,3 +393,13 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
         assert priced and all(kernel["flops"] > 0 and kernel["fraction"] > 0 for kernel in priced)
     for stage in ("prefill", "decode"):
         assert layers["partial", stage]["predicted_flops"] < layers["full", stage]["predicted_flops"]
+    if not torch.cuda.is_available():
+        # Without a GPU the section adds the static report of the 7B decode step compiled for sm_90.
+        static = profiled["static"]
+        assert "static model of the llava-7b decode step compiled for cuda:90" in printed
+        sites = {row["site"] for row in static["launches"]}
+        assert {"decode b1 whole", "decode b1 partial", "decode b16 whole", "decode b16 partial"} <= sites
+        assert all(row["failures"] == [] for row in static["launches"])
+        assert [(s["batch"], s["partial_layers"]) for s in static["steps"]] == [(1, 0), (1, 16), (16, 0), (16, 16)]
+        assert all(0 < s["share"] <= 1 for s in static["steps"])
+        assert (tmp_path / "static.json").exists()

@@ -19,7 +19,7 @@ KEYS = {name: compare.SECTIONS[name][0] for name in SECTIONS}
 def cpu_run(tmp_path_factory):
     """One quick CPU run of every section at the smallest sizes (about 15 s on the 2-core machine)."""
     out = tmp_path_factory.mktemp("bench") / "all"
-    bench_main(["--model", "tiny", "--quick", "--backend", "torch", "--budgets", "0.5,1.0", "--random-plans", "1",
+    bench_main(["--model", "tiny", "--quick", "--no-static", "--backend", "torch", "--budgets", "0.5,1.0", "--random-plans", "1",
                 "--decode-steps", "2", "--mlp-tokens", "1", "--attention-seqs", "9", "--attention-contexts", "9",
                 "--latency-prompt", "8", "--latency-new-tokens", "2", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
 
 from adallava_kernels.ops import tuning
 from adallava_kernels.ops.gathered_linear import COL_KERNELS, ROW_KERNELS
@@ -81,12 +80,33 @@ def test_a_launch_takes_the_forced_config_then_the_tables_then_autotunes(tmp_pat
     assert kernel.config_for(args, {"IEEE": False}).kwargs == entry["kwargs"]
 
 
-def test_the_interpreter_never_reads_the_table():
-    kernel = ROW_KERNELS["decode"]
-    args = _launch_args(kernel, torch.device("cuda", 0), M_BUCKET=1, N=11008, K=4096)
-    if not tuning.INTERPRETING:
-        pytest.fail("the suite runs the kernels under TRITON_INTERPRET=1 where there is no GPU")
-    assert kernel.config_for(args, {"IEEE": False}) is None
+def interpreted(code: str, tmp_path) -> None:
+    """Run ``code`` in a child process with TRITON_INTERPRET=1 (the kernels interpreted, on any machine: a
+    GPU machine's tests run compiled kernels in-process); it fails the test if it raises."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}:{root / 'tests'}"}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_the_interpreter_never_reads_the_table(tmp_path):
+    interpreted("""
+        import torch
+        from test_tuning import _launch_args
+        from adallava_kernels.ops import tuning
+        from adallava_kernels.ops.gathered_linear import ROW_KERNELS
+        kernel = ROW_KERNELS["decode"]
+        assert tuning.INTERPRETING
+        args = _launch_args(kernel, torch.device("cuda", 0), M_BUCKET=1, N=11008, K=4096)
+        assert kernel.config_for(args, {"IEEE": False}) is None
+    """, tmp_path)
 
 
 def test_every_committed_config_is_a_candidate_of_its_kernel_with_a_measured_time():
@@ -105,11 +125,14 @@ def test_every_committed_config_is_a_candidate_of_its_kernel_with_a_measured_tim
                 assert entry["seconds"] > 0
 
 
-def test_the_sweep_writes_a_table_that_install_merges(tmp_path, monkeypatch):
-    if not tuning.INTERPRETING:
-        pytest.fail("this test runs the sweep's CPU path, under TRITON_INTERPRET=1")
+def test_the_sweep_writes_a_table_that_install_merges(tmp_path):
     out = tmp_path / "tune"
-    assert tune.main(["--quick", "--device", "cpu", "--match", "b1 full", "--out", str(out)]) == 0
+    # The sweep's CPU path: the interpreter's one config at tiny shapes.
+    interpreted(f"""
+        from bench import tune
+        assert tune.main(["--quick", "--device", "cpu", "--match", "b1 full", "--out", {str(out)!r}]) == 0
+        assert tune.main(["--quick", "--device", "cpu", "--match", "no such case", "--out", {str(out)!r}]) == 2
+    """, tmp_path)
     made = json.loads((out / "tuned_configs.json").read_text())
     results = json.loads((out / "results.json").read_text())
     assert [c["case"] for c in results["cases"]] == ["gate|up b1 full"]
@@ -122,17 +145,20 @@ def test_the_sweep_writes_a_table_that_install_merges(tmp_path, monkeypatch):
     target.write_text(json.dumps({"about": "", "runs": {"Other": {}}, "configs": {"Other": {"k/decode": {}}}}))
     merged = tune.install(out / "tuned_configs.json", target)
     assert set(merged["configs"]) == {"Other", device} and merged["configs"][device] == made["configs"][device]
-    assert tune.main(["--quick", "--device", "cpu", "--match", "no such case", "--out", str(out)]) == 2
 
 
-def test_a_candidate_that_cannot_run_is_recorded_not_fatal(tmp_path, monkeypatch):
-    if not tuning.INTERPRETING:
-        pytest.fail("this test runs the sweep's CPU path, under TRITON_INTERPRET=1")
-    bad = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)  # the kernel needs more blocks than this
-    monkeypatch.setattr(tune, "candidates", lambda kernel, regime: [tune.gathered_linear.INTERPRETER_CONFIGS[0], bad])
-    case = next(c for c in tune.cases(tune.get_shape("tiny"), torch.float32, torch.device("cpu"), 8, (1,))
-                if c.name == "o_proj half b1")
-    results = tune.sweep([case], torch.device("cpu"), tmp_path, deadline=float("inf"), quick=True)
-    (row,) = results["cases"]
-    assert "seconds" in row["candidates"][0] and "error" in row["candidates"][1]
-    assert row["best"]["kwargs"] == tune.gathered_linear.INTERPRETER_CONFIGS[0].kwargs
+def test_a_candidate_that_cannot_run_is_recorded_not_fatal(tmp_path):
+    interpreted(f"""
+        import math, torch, triton
+        from bench import tune
+        good = tune.gathered_linear.INTERPRETER_CONFIGS[0]
+        bad = triton.Config({{"BLOCK_M": 16}}, num_warps=4, num_stages=1)  # the kernel needs more blocks
+        tune.candidates = lambda kernel, regime: [good, bad]
+        case = next(c for c in tune.cases(tune.get_shape("tiny"), torch.float32, torch.device("cpu"), 8, (1,))
+                    if c.name == "o_proj half b1")
+        results = tune.sweep([case], torch.device("cpu"), __import__("pathlib").Path({str(tmp_path)!r}),
+                             deadline=math.inf, quick=True)
+        (row,) = results["cases"]
+        assert "seconds" in row["candidates"][0] and "error" in row["candidates"][1], row
+        assert row["best"]["kwargs"] == good.kwargs
+    """, tmp_path)
