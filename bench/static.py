@@ -238,11 +238,6 @@ def _site_text(site: dict) -> str:
     return site["name"] if layer is None else f"{site['name']} {layer}"
 
 
-def _config_text(config) -> str:
-    blocks = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{blocks} w{config.num_warps} s{config.num_stages}"
-
-
 def _described(value):
     if isinstance(value, torch.Tensor):
         return (tuple(value.shape), str(value.dtype).removeprefix("torch."), value.numel())

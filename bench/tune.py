@@ -47,7 +47,6 @@ from adallava_kernels import get_shape
 from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, tuning
 from adallava_kernels.ops.common import INTERPRETING
 from adallava_kernels.ops.layout import prepare_column_gather
-from adallava_kernels.ops.triton_utils import config
 from adallava_kernels.plan import neuron_groups
 
 from ._common import checked_device, device_name, metadata

@@ -36,7 +36,6 @@ stage's files complete.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
