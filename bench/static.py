@@ -731,16 +731,20 @@ def report_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.static OUT.json [cuda:90|cuda:80]``: the report (TRITON_INTERPRET unset)."""
+    """``python -m bench.static OUT.json [--target cuda:90|cuda:80]``: the report, with TRITON_INTERPRET unset."""
     import json
-    import sys
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("usage: python -m bench.static OUT.json [cuda:90|cuda:80]", file=sys.stderr)
-        return 2
-    result = report(*argv[1:2])
-    Path(argv[0]).write_text(json.dumps(result, indent=1))
+    from adallava_kernels.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m bench.static",
+                            description="The static report of the decode step's kernels, compiled without a GPU.")
+    parser.add_argument("out", type=Path, help="the report's JSON file")
+    parser.add_argument("--target", choices=sorted(TARGETS), default="cuda:90", help="the GPU compiled for")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: the kernels must be compiled, so run it with TRITON_INTERPRET unset")
+    result = report(args.target)
+    args.out.write_text(json.dumps(result, indent=1))
     print(report_table(result))
     return 0
 
