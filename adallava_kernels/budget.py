@@ -27,10 +27,12 @@ order while the next one still fits.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from .checks import check_int
@@ -217,22 +219,23 @@ def _take_units(unit_scores: torch.Tensor, units: int | None, flops: tuple | Non
     scores = unit_scores.tolist()
     taken = [0] * layers
     left = None if flops is None else flops[0]
-    while units is None or sum(taken) < units:
-        candidates = sorted(
-            ((scores[layer][k], -layer) for layer, k in enumerate(taken) if k < per_layer), reverse=True
-        )
-        chosen = None
-        for _, neg_layer in candidates:
-            if flops is None:
-                chosen = -neg_layer
-                break
-            marginal = flops[1](-neg_layer, taken[-neg_layer])
-            if marginal <= left:
-                chosen, left = -neg_layer, left - marginal
-                break
-        if chosen is None:
-            break
-        taken[chosen] += 1
+    # A heap of each layer's next unit, keyed (-score, layer): the best score first, ties to the lower
+    # layer. A layer's next unit changes only when the layer takes one, and the FLOPs left only shrink,
+    # so a unit that does not fit now never will: its layer leaves the heap.
+    heap = [(-row[0], layer) for layer, row in enumerate(scores)] if per_layer else []
+    heapq.heapify(heap)
+    count = 0
+    while heap and (units is None or count < units):
+        _, layer = heapq.heappop(heap)
+        k = taken[layer]
+        if flops is not None:
+            marginal = flops[1](layer, k)
+            if marginal > left:
+                continue
+            left = left - marginal
+        taken[layer], count = k + 1, count + 1
+        if k + 1 < per_layer:
+            heapq.heappush(heap, (-scores[layer][k + 1], layer))
     return taken
 
 
@@ -262,12 +265,15 @@ def _plan_from_units(scheme: UnitScheme, taken: list[int], head_order, group_ord
     shape = scheme.shape
     if scheme.kind == "L":
         return ExecutionPlan.from_layer_mask([1] * scheme.prefix_layers + [int(k > 0) for k in taken], shape)
-    r = scheme.rank
-    groups = neuron_groups(shape.intermediate_size, shape.num_heads)
-    heads = [range(shape.num_heads)] * scheme.prefix_layers
-    neurons = [range(shape.intermediate_size)] * scheme.prefix_layers
-    for layer, k in enumerate(taken):
-        heads.append(sorted(head_order[layer, : k * r].tolist()))
-        chosen_groups = sorted(group_order[layer, : k * r].tolist())
-        neurons.append([n for g in chosen_groups for n in groups[g]])
-    return ExecutionPlan(shape, heads, neurons)
+    # Layer i's units are its best k * rank heads and k * rank groups: the first ones in its orders.
+    kept = np.array(taken)[:, None] * scheme.rank
+    switches = np.ones((shape.num_layers, 2, shape.num_heads), dtype=bool)
+    switches[scheme.prefix_layers:, 0] = _first_in_order(head_order, kept)
+    switches[scheme.prefix_layers:, 1] = _first_in_order(group_order, kept)
+    return ExecutionPlan.from_switches(switches, shape)
+
+
+def _first_in_order(order: torch.Tensor, kept: np.ndarray) -> np.ndarray:
+    """Bool ``[layers, n]``: True on each row's first ``kept[row]`` entries of ``order``, a permutation
+    of each row (its inverse gives each entry's position in the order)."""
+    return np.argsort(order.numpy(), axis=1) < kept

@@ -103,6 +103,80 @@ def test_fingerprint_is_the_content():
     assert a != one_neuron and a == b
 
 
+def _plans_of_every_kind():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "full": ExecutionPlan.full(TINY),
+        "layer-mask": ExecutionPlan.from_layer_mask([0, 1, 1, 0], TINY),
+        "switches": ExecutionPlan.from_switches(torch.randint(0, 2, (4, 2, 6), generator=g), TINY),
+        "lists": ExecutionPlan(TINY, [[1, 4, 5], [], [0], range(6)], [[3, 7, 8, 9, 519], [], [], range(0, 520, 3)]),
+        "empty": ExecutionPlan(TINY, [[]] * 4, [[]] * 4),
+    }
+
+
+@pytest.mark.parametrize("kind", ["full", "layer-mask", "switches", "lists", "empty"])
+def test_unit_masks_are_the_plans_heads_and_neurons(kind):
+    plan = _plans_of_every_kind()[kind]
+    heads, neurons = plan.unit_masks()
+    assert heads.dtype == neurons.dtype == torch.bool
+    assert heads.shape == (4, 6) and neurons.shape == (4, 520)
+    for i in range(TINY.num_layers):
+        assert tuple(heads[i].nonzero().flatten().tolist()) == plan.heads[i]
+        assert tuple(neurons[i].nonzero().flatten().tolist()) == plan.neurons[i]
+    # Built once per device, like the index tensors.
+    assert plan.unit_masks("cpu") is plan.unit_masks(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["full", "layer-mask", "switches", "lists", "empty"])
+def test_layer_tensors_follow_their_definitions(kind):
+    plan = _plans_of_every_kind()[kind]
+    per_kv = TINY.heads_per_kv_head
+    for i, layer in enumerate(plan.layers()):
+        heads, kv = list(plan.heads[i]), list(plan.kv_heads(i))
+        assert layer.index == i and layer.heads.tolist() == heads and layer.kv_heads.tolist() == kv
+        assert layer.head_to_kv.tolist() == [kv.index(h // per_kv) for h in heads]
+        assert layer.q_features.tolist() == [h * 32 + d for h in heads for d in range(32)]
+        assert layer.kv_features.tolist() == [k * 32 + d for k in kv for d in range(32)]
+        assert layer.neurons.tolist() == list(plan.neurons[i])
+        assert all(t.dtype == torch.int32 for t in (layer.heads, layer.kv_heads, layer.head_to_kv,
+                                                    layer.q_features, layer.kv_features, layer.neurons))
+
+
+def test_a_plan_keeps_no_view_of_its_inputs():
+    switches = torch.ones(1, 2, 6, dtype=torch.bool)
+    shape = dataclasses.replace(TINY, num_layers=1)
+    plan = ExecutionPlan.from_switches(switches, shape)
+    switches.zero_()
+    assert plan.heads == (tuple(range(6)),) and plan.unit_masks()[0].all()
+
+
+def test_whole_layers_share_one_copy_of_their_indices():
+    layers = ExecutionPlan.full(TINY).layers()
+    assert layers[0].neurons is layers[3].neurons and layers[0].q_features is layers[3].q_features
+
+
+def test_equal_content_is_an_equal_plan_whatever_the_constructor():
+    switches = torch.zeros(4, 2, 6, dtype=torch.bool)
+    switches[0] = True
+    switches[2, 0, [1, 4]] = True
+    switches[2, 1, [1, 2, 5]] = True  # groups 1 and 2 are adjacent: one run of neurons
+    groups = neuron_groups(520, 6)
+    layer2 = list(groups[1]) + list(groups[2]) + list(groups[5])
+    plans = [
+        ExecutionPlan.from_switches(switches, TINY),
+        ExecutionPlan(TINY, [range(6), [], [1, 4], []], [range(520), [], layer2, []]),
+        ExecutionPlan(TINY, [torch.arange(6), torch.tensor([], dtype=torch.int64), torch.tensor([1, 4]), ()],
+                      [torch.arange(520, dtype=torch.int32), [], torch.tensor(layer2), ()]),
+    ]
+    plans.append(ExecutionPlan.from_json(plans[0].to_json()))
+    for plan in plans[1:]:
+        assert plan == plans[0] and hash(plan) == hash(plans[0]) and plan.fingerprint == plans[0].fingerprint
+    # One neuron more (group 3's first, next to the run of groups 1 and 2) is another plan.
+    joined = sorted(layer2 + [groups[2].stop])
+    other = ExecutionPlan(TINY, plans[0].heads, [range(520), [], joined, []])
+    assert other != plans[0] and other.fingerprint != plans[0].fingerprint
+
+
 # --- bad input -------------------------------------------------------------
 
 
