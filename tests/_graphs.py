@@ -189,7 +189,7 @@ def _record(step):
     with recorder, _recording_direct_launches(recorder):
         outputs = step()
     recorder.undo()
-    return outputs, recorder
+    return () if outputs is None else outputs, recorder
 
 
 def _encode(calls, outputs, hold):
@@ -249,7 +249,9 @@ class RecordedGraph:
         outputs, recorder = _record(step)
         now, now_outputs = _encode(recorder.calls, outputs, _strong)
         if len(now) != len(self.calls):
-            raise HostValueChanged(f"the step would run {len(now)} calls, the graph replays {len(self.calls)}")
+            first = next((i for i, (a, b) in enumerate(zip(self.calls, now)) if a[0] != b[0]), min(len(now), len(self.calls)))
+            raise HostValueChanged(f"the step would run {len(now)} calls, the graph replays {len(self.calls)} (first "
+                                   f"differing: call {first})")
         for index, ((func, args, kwargs), (func_now, args_now, kwargs_now)) in enumerate(zip(self.calls, now)):
             where = f"call {index} ({func})"
             if func != func_now:
@@ -314,19 +316,15 @@ def _reads(tree) -> list:
 
 class RecordingGraphs(GraphCache):
     """The runtime's graph cache with :class:`RecordedGraph` for ``torch.cuda.CUDAGraph``. Before each replay
-    the step of the batch bound to the entry (``owner.forward_step(tokens, state, views)``, the step
-    :class:`~adallava_kernels.runtime.graphs.GraphOwner` captures) is checked against the recording."""
+    the step the caller would run now (``entry.step``) is checked against the recording."""
 
     def warm_up(self, step):
-        return step()
+        step()
 
     def capture(self, entry, step):
         entry.graph = RecordedGraph(entry, step)
         self.stats.captures += 1
 
     def replay(self, entry):
-        owner = entry.owner() if entry.owner is not None else None
-        if owner is None:
-            raise RuntimeError("a replay with no batch bound to the entry")
-        entry.graph.check(lambda: owner.forward_step(entry.tokens, entry.state, entry.views))
-        return super().replay(entry)
+        entry.graph.check(entry.step)
+        super().replay(entry)

@@ -17,8 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adallava_kernels import ExecutionPlan, ModelShape, cost
 from adallava_kernels.ops.triton_utils import DECODE_MAX_TOKENS
 from adallava_kernels.runtime import DecodeBatch, GraphCache, PlannedDecoder
-from adallava_kernels.runtime.binding import SKIP
-from adallava_kernels.runtime.layers import BoundLayer, LayerProgram
+
+from adallava_kernels.runtime.layers import LayerProgram
+from adallava_kernels.runtime.step import SlotLayer
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE
@@ -85,6 +86,7 @@ def generate(runner, ids, mask, plans, steps, *, planner_at=None, room=0):
     for _ in range(steps - 1):
         logits, token = batch.step(token)
         out.append(logits.cpu())
+    batch.close()  # the rows leave: the pool records their positions
     return seq_ids, torch.stack(out, 1)
 
 
@@ -105,10 +107,8 @@ def oracle_logits(model, ids, mask, plan, steps):
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("plans, planner_at", [((PLAN_L, PLAN_H), None), ((PLAN_H, PLAN_H2), 2)],
                          ids=["L-and-H-at-admission", "H-from-a-planner"])
-@pytest.mark.parametrize("bind_plans", [False, True], ids=["cohorts", "bound"])
-def test_runtime_equals_the_zeroed_model_with_padding(model, backend, device, plans, planner_at, bind_plans):
-    # Decode by cohorts (the eager path) or with the plans bound as data (the graphs' path, run eagerly).
-    runner = runner_for(model, backend, device, cuda_graphs=False, bind_plans=bind_plans)
+def test_runtime_equals_the_zeroed_model_with_padding(model, backend, device, plans, planner_at):
+    runner = runner_for(model, backend, device, cuda_graphs=False)
     ids, mask = prompts()
     steps = 5
     seq_ids, logits = generate(runner, ids, mask, plans, steps, planner_at=planner_at)
@@ -211,14 +211,19 @@ class Dispatched(TorchDispatchMode):
 
 LayerCall = collections.namedtuple("LayerCall", "index ops syncs start launches runs")
 
+# Kernels of a torch decode layer, by what runs (see LAYER_LAUNCHES).
+TORCH_DECODE_LAUNCHES = {"attention+mlp": 38, "attention": 23, "mlp": 15}
 
-def sub_blocks_run(layer) -> str:
-    """What a layer program or a bound layer runs: "attention+mlp", "attention" or "mlp"."""
-    if isinstance(layer, BoundLayer):
-        attention, mlp = layer.attention_mode != SKIP, layer.mlp_mode != SKIP
+
+def sub_blocks_run(layer, slots=None) -> str:
+    """What a layer program runs in prefill, or a decode layer over ``slots`` (where the host knows the
+    union's sizes, the torch backend's eager step): "attention+mlp", "attention", "mlp" or "none"."""
+    if isinstance(layer, SlotLayer):
+        counts = (1, 1, 1) if slots is None or slots.counts is None else slots.counts
+        attention, mlp = counts[0] > 0, counts[2] > 0
     else:
         attention, mlp = layer.runs_attention, layer.runs_mlp
-    return "+".join(name for name, runs in (("attention", attention), ("mlp", mlp)) if runs)
+    return "+".join(name for name, runs in (("attention", attention), ("mlp", mlp)) if runs) or "none"
 
 
 def per_layer(monkeypatch, mode, method, cls=LayerProgram):
@@ -229,8 +234,9 @@ def per_layer(monkeypatch, mode, method, cls=LayerProgram):
     def wrapped(self, *args, **kwargs):
         start = len(mode.ops)
         out = original(self, *args, **kwargs)
+        slots = args[3] if isinstance(self, SlotLayer) else None
         calls.append(LayerCall(self.index, len(mode.ops) - start, mode.syncs(start), start, mode.launches(start),
-                               sub_blocks_run(self)))
+                               sub_blocks_run(self, slots)))
         return out
 
     monkeypatch.setattr(cls, method, wrapped)
@@ -241,29 +247,22 @@ def per_layer(monkeypatch, mode, method, cls=LayerProgram):
 # added fails. Lower a number where a kernel goes. Keys: (stage, backend, decode path or prefill layer, what
 # the layer runs); per-kernel breakdowns as measured.
 LAYER_LAUNCHES = {
-    # Triton (the GPU's path), a whole or a partial layer alike: rms_norm; head_proj (q, k, v with RoPE, K and
-    # V to the pages); paged_decode; o_proj (col_gather; a whole layer of the cohort path: aten.mm); the
-    # residual add fused with the second rms_norm; gate and up with SiLU-and-multiply (row_gather); down with
-    # the residual (col_gather; a whole cohort layer: aten.addmm).
-    ("decode", "triton", "cohorts", "attention+mlp"): 7,
-    ("decode", "triton", "bound", "attention+mlp"): 7,
-    # rms_norm, head_proj, paged_decode, o_proj (col_gather), the residual add (aten.add).
-    ("decode", "triton", "cohorts", "attention"): 5,
-    # rms_norm, row_gather, col_gather.
-    ("decode", "triton", "cohorts", "mlp"): 3,
-    # The torch backend (the CPU's reference path), unfused: two RMSNorms (pow, mean, add, rsqrt, mul, mul
-    # each); the qkv matmul (mm); RoPE (roll, mul, mul, add); kv_append; the table gather (index); SDPA;
-    # o_proj (mm); the residual add (add); gate_up (mm); silu, mul; down with the residual (addmm):
-    # mul 7, add 4, mm 3, pow 2, mean 2, rsqrt 2, roll, kv_append, index, sdpa, silu, addmm.
-    ("decode", "torch", "cohorts", "attention+mlp"): 26,
-    # The same and each row's masks over every unit (o_mask, n_mask): mul 9.
-    ("decode", "torch", "bound", "attention+mlp"): 28,
-    # One RMSNorm, the attention as above, the residual add: mul 4, add 3, mm 2, pow, mean, rsqrt, roll,
-    # kv_append, index, sdpa.
-    ("decode", "torch", "cohorts", "attention"): 16,
-    # One RMSNorm, gate_up (mm), silu, mul, down with the residual (addmm): mul 3, pow, mean, add, rsqrt, mm,
-    # silu, addmm.
-    ("decode", "torch", "cohorts", "mlp"): 10,
+    # Triton (the GPU's path), every layer alike, whatever the rows' plans (a sub-block no row runs is an
+    # empty launch): rms_norm; head_proj (q, k, v of the union's heads with RoPE, K and V to the pages);
+    # paged_decode (each row over its own heads); o_proj (col_gather); the residual add fused with the
+    # second rms_norm; gate and up with SiLU-and-multiply (row_gather); down with the residual (col_gather).
+    ("decode", "triton", "attention+mlp"): 7,
+    # The torch backend (the CPU's reference path), over the union's weights, gathered, a sub-block no row
+    # runs left out: two RMSNorms (pow, mean, add, rsqrt, mul, mul each); q|k|v (cat of the union's rows,
+    # index_select, mm); RoPE (mul, roll, mul, add); the tables (clone), kv_append; the head tables (gather);
+    # the pages (index), SDPA; the heads a row lacks (ge, mul); o_proj (index_select, mm); the residual add
+    # (add); gate and up (index_select, mm, silu, index_select, mm, mul); the row's neurons (mul); down with
+    # the residual (index_select, addmm). Attention alone: one RMSNorm, the attention, the add; the MLP alone:
+    # one RMSNorm and the MLP.
+    ("decode", "torch", "attention+mlp"): TORCH_DECODE_LAUNCHES["attention+mlp"],
+    ("decode", "torch", "attention"): TORCH_DECODE_LAUNCHES["attention"],
+    ("decode", "torch", "mlp"): TORCH_DECODE_LAUNCHES["mlp"],
+    ("decode", "torch", "none"): 0,
     # A prefill layer on Triton, whole: rms_norm, qkv (aten.mm), rope, kv_append, flash_attn, o_proj (aten.mm),
     # the residual add fused with rms_norm, gate_up (aten.mm), silu_and_mul, down with the residual
     # (aten.addmm).
@@ -274,32 +273,34 @@ LAYER_LAUNCHES = {
 }
 
 
-@pytest.mark.parametrize("bind_plans", [False, True], ids=["cohorts", "bound"])
 @pytest.mark.parametrize("backend, device", BACKENDS)
-@pytest.mark.parametrize("plans", [(PLAN_L, PLAN_L), (PLAN_H, PLAN_H2)], ids=["L", "H-two-plans"])
-def test_decode_step_reads_nothing_back_and_launches_few_kernels_a_layer(model, backend, device, plans, bind_plans,
+@pytest.mark.parametrize("plans, torch_runs", [
+    ((PLAN_L, PLAN_L), {"attention+mlp", "none"}),  # layer 2: no row runs it
+    ((PLAN_H, PLAN_H2), {"attention+mlp"}),  # the union of layers 2 and 3 has heads and neurons
+    ((PLAN_H, PLAN_H), {"attention+mlp", "mlp"}),  # layer 3: neurons only
+    ((PLAN_H2, PLAN_H2), {"attention+mlp", "attention"}),  # layer 2: heads only
+], ids=["L", "H-two-plans", "H-mlp-alone", "H-attention-alone"])
+def test_decode_step_reads_nothing_back_and_launches_few_kernels_a_layer(model, backend, device, plans, torch_runs,
                                                                          monkeypatch):
     # Eager steps on every device: a replayed CUDA graph would run no layer to count (what it records is
     # the same sequence of launches).
-    runner = runner_for(model, backend, device, cuda_graphs=False, bind_plans=bind_plans)
+    runner = runner_for(model, backend, device, cuda_graphs=False)
     ids, mask = prompts()
-    seq_ids, _ = generate(runner, ids, mask, plans, 2, room=2)  # prefill and a step: programs built
+    seq_ids, _ = generate(runner, ids, mask, plans, 2, room=2)
     batch = runner.decode(seq_ids)
     token = torch.zeros(2, dtype=torch.long, device=device)
-    layer_class = BoundLayer if bind_plans else LayerProgram
+    batch.step(token)  # the union, derived when the rows joined: not the step's work
     with Dispatched(monkeypatch) as mode:
-        calls = per_layer(monkeypatch, mode, "decode", layer_class)
+        calls = per_layer(monkeypatch, mode, "decode", SlotLayer)
         batch.step(token)
-        batch.step(token)
+        batch.step()
     assert mode.syncs() == []
-    runs = len(batch.layers) if bind_plans else sum(len(runs) for runs in batch.schedule.layers)
-    assert len(calls) == 2 * runs  # every run of every kept layer
-    path = "bound" if bind_plans else "cohorts"
+    assert len(calls) == 2 * LAYERS  # every layer, every step
     counted = [(call.index, call.runs, len(call.launches)) for call in calls]
-    expected = [(call.index, call.runs, LAYER_LAUNCHES["decode", backend, path, call.runs]) for call in calls]
+    expected = [(call.index, call.runs, LAYER_LAUNCHES["decode", backend, call.runs]) for call in calls]
     assert counted == expected, [call.launches for call in calls]
-    if plans == (PLAN_H, PLAN_H2) and not bind_plans:  # the cohorts of layers 2 and 3 run one sub-block
-        assert {call.runs for call in calls} == {"attention+mlp", "attention", "mlp"}
+    # Triton launches a sub-block no row runs, empty; the torch path leaves it out where the host knows.
+    assert {call.runs for call in calls} == ({"attention+mlp"} if backend == "triton" else torch_runs)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -352,21 +353,21 @@ def test_prefill_layers_launch_few_kernels_whole_or_partial(model, monkeypatch):
 def test_eager_torch_step_reads_the_context_not_the_reservation(model, monkeypatch):
     # A step of the torch path gathers the table columns the longest row has filled, not every page that
     # max_tokens reserved (a 55-token context cost 1.3 ms with 64 reserved and 27.8 ms with 8192).
-    from adallava_kernels.runtime import layers
+    from adallava_kernels.runtime import step
 
-    widths, gather = [], layers.attend_gathered_pages
+    widths, gather = [], step.attend_gathered_pages
 
     def spy(q, pages, head_tables, mask, scale):
         widths.append((head_tables.shape[2], mask.shape[-1]))
         return gather(q, pages, head_tables, mask, scale)
 
-    monkeypatch.setattr(layers, "attend_gathered_pages", spy)
+    monkeypatch.setattr(step, "attend_gathered_pages", spy)
     runner = runner_for(model, "torch", torch.device("cpu"), num_pages=2000)
     ids, mask = prompts()
     steps = 5
     _, logits = generate(runner, ids, mask, (PLAN_L, PLAN_H), steps, room=400)  # 414 positions reserved
-    # Attention runs per step: layers 0 and 1 for both rows at once (the same program), 2 for the -H row,
-    # 3 for the -L row. The prompt is 9 positions in pages of 4: 10, 11, 12, 13 visible -> 3, 3, 3, 4 pages.
+    # Attention runs once per layer and step, over the union of the rows' heads (every layer has some). The
+    # prompt is 9 positions in pages of 4: 10, 11, 12, 13 visible -> 3, 3, 3, 4 pages.
     per_step = 4
     assert widths == [(pages, 4 * pages) for pages in (3, 3, 3, 4) for _ in range(per_step)]
     for b, plan in enumerate((PLAN_L, PLAN_H)):
@@ -376,25 +377,24 @@ def test_eager_torch_step_reads_the_context_not_the_reservation(model, monkeypat
 # --- torch.compile --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bind_plans", [False, True], ids=["cohorts", "bound"])
 @pytest.mark.parametrize("backend, device", BACKENDS)
-def test_decode_step_traces_with_torch_compile(model, backend, device, bind_plans):
+def test_decode_step_traces_with_torch_compile(model, backend, device):
     # The traced step (one graph, no break: the Triton kernels enter as custom ops) must give the oracle's
     # logits for the token the oracle generated, not merely its own eager run's.
     plans, steps = (PLAN_H, PLAN_L), 3
-    runner = runner_for(model, backend, device, cuda_graphs=False, bind_plans=bind_plans)
+    runner = runner_for(model, backend, device, cuda_graphs=False)
     ids, mask = prompts()
     seq_ids, _ = generate(runner, ids, mask, plans, steps - 1, room=1)
     expected = [oracle_logits(model, ids[b], mask[b], plan, steps) for b, plan in enumerate(plans)]
-    batch = runner.decode(seq_ids)
     token = torch.stack([e[-2].argmax(-1) for e in expected]).to(device)
-    lengths = batch.state[0].clone()
+    batch = runner.decode(seq_ids, token)
+    lengths = [batch.length(s) for s in seq_ids]
     torch._dynamo.reset()
-    compiled = torch.compile(batch.forward_step, fullgraph=True, backend="eager")
-    traced = compiled(token, batch.state, batch.views)[0]
+    batch.forward_step = torch.compile(batch.forward_step, fullgraph=True, backend="eager")
+    traced, _ = batch.step()
     for b in range(len(plans)):
         assert_close(traced[b].cpu(), expected[b][-1], torch.float32)
-    assert torch.equal(batch.state[0], lengths + 1)
+    assert [batch.length(s) for s in seq_ids] == [n + 1 for n in lengths]
 
 
 # --- admission and bad input ------------------------------------------------------------------
@@ -461,14 +461,15 @@ def test_bad_calls_are_clear(model):
     batch.step(token)  # position 10 of 10 (the refused step stored nothing)
     with pytest.raises(ValueError, match="sequence 'a' is full: 10 positions stored of the 10 reserved"):
         batch.step(token)
-    runner.free("a")
-    with pytest.raises(ValueError, match="sequence 'a' was freed or joined another decode batch"):
+    runner.free("a")  # a row of a batch leaves it first
+    assert batch.seq_ids == ["b"] and runner.cache.sequences == ("b",)
+    with pytest.raises(ValueError, match=r"tokens must have one entry per row \(1\), got 2"):
         batch.step(token)
-    assert runner.cache.sequences == ("b",)
-    alone = runner.decode(["b"])
-    runner.decode(["b"])
-    with pytest.raises(ValueError, match="sequence 'b' was freed or joined another decode batch"):
-        alone.step(token[:1])
+    with pytest.raises(ValueError, match="sequence 'b' is already a row of another decode batch"):
+        runner.decode(["b"])
+    batch.leave(["b"])
+    with pytest.raises(ValueError, match="sequence 'b' is full: 10 positions stored of the 10 reserved by admit"):
+        runner.decode(["b"])
 
 
 # --- a failed call changes nothing -----------------------------------------------------------------
@@ -609,197 +610,11 @@ def test_forward_with_a_planner_bad_for_row_k_holds_no_program(model, k):
     assert runner_state(runner) == before
 
 
-# --- graph binding (on the CPU, with a stand-in for CUDA graphs) --------------------------------
-
-
-@pytest.mark.parametrize("max_graphs", [1, 4])
-def test_batches_share_and_hand_over_graphs_without_mixing_state(model, max_graphs):
-    """Two batches with one key share a graph, a third with another key competes for a cache of one:
-    each keeps its own lengths, so every token equals the eager runtime's. Real CUDA graphs and the
-    Triton kernels on a GPU; on a CPU, the torch backend with the stand-in."""
-    plans = {"x": PLAN_H, "y": PLAN_H, "z": PLAN_L}
-    ids, _ = prompts(batch=3)
-    on_gpu = DEVICE.type == "cuda"
-    backend, device = ("triton", DEVICE) if on_gpu else ("torch", torch.device("cpu"))
-    ids = ids.to(device)
-
-    def run(graphs):
-        runner = runner_for(model, backend, device)
-        runner.graphs = graphs
-        batches, tokens = {}, {}
-        for name, plan in plans.items():
-            runner.admit(name, plan, 20)
-            row = ids[len(batches):len(batches) + 1]  # a different prompt per sequence
-            logits = runner.prefill([name], runner.weights.embed[row])
-            batches[name], tokens[name] = runner.decode([name]), [logits[:, -1].argmax(-1)]
-        for _ in range(3):  # interleaved: x, y (same graph), z (another key), ...
-            for name in plans:
-                _, token = batches[name].step(tokens[name][-1])
-                tokens[name].append(token.clone())
-        return {name: torch.cat(t).tolist() for name, t in tokens.items()}, runner
-
-    eager, _ = run(None)
-    graphed, runner = run(GraphCache(max_graphs) if on_gpu else RecordingGraphs(max_graphs))
-    assert graphed == eager
-    stats = runner.graphs.stats
-    # Steps x y z, three times; x and y share a key. Four graphs hold both keys: 2 captures, 7 replays.
-    # One graph: each switch between the keys evicts and recaptures; only y after x replays.
-    expected = (2, 7, 0) if max_graphs > 1 else (6, 3, 5)
-    assert (stats.captures, stats.replays, stats.evictions) == expected
-
+# --- a running batch: rows join and leave between steps ------------------------------------------
 
 def equal_new(plan):
     """A plan equal to ``plan`` but another object (as a scheduler makes one per request)."""
     return ExecutionPlan(plan.shape, [list(h) for h in plan.heads], [list(n) for n in plan.neurons])
-
-
-def graph_runner(model):
-    """Real CUDA graphs and the Triton kernels on a GPU; on a CPU, the torch backend with the recording stand-in."""
-    if DEVICE.type == "cuda":
-        return runner_for(model, "triton", DEVICE), DEVICE
-    runner = runner_for(model, "torch", torch.device("cpu"))
-    runner.graphs = RecordingGraphs(4)
-    return runner, torch.device("cpu")
-
-
-def serve_one(runner, name, plan, ids, steps, admitted=None):
-    """Admit, prefill and decode one request; its logits ``[steps, vocab]`` (a copy of each step's).
-    ``admitted()`` runs once its pages are taken, before its prefill."""
-    device = runner.weights.device
-    runner.admit(name, plan, ids.shape[0] + steps)
-    if admitted is not None:
-        admitted()
-    logits = runner.prefill([name], runner.weights.embed[ids[None].to(device)])[0, -1:]
-    batch = runner.decode([name])
-    out, token = [logits.cpu()], logits.argmax(-1)
-    for _ in range(steps - 1):
-        step_logits, token = batch.step(token)
-        out.append(step_logits.cpu().clone())
-    return batch, torch.cat(out)
-
-
-def pages_of(runner, name) -> set[int]:
-    """Every page of the pool that sequence ``name`` holds, over its layers and KV heads."""
-    return {page for layer in range(LAYERS) for head in runner.cache.page_lists(name, layer) for page in head}
-
-
-def poison_state_(tensor: torch.Tensor) -> None:
-    """NaN in a float tensor, -1 in an int one (an index no kernel may follow)."""
-    tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
-
-
-@pytest.mark.parametrize("own_buffers", [True, False], ids=["runtime", "reading-the-batch's-buffers"])
-def test_a_graph_outlives_the_request_that_captured_it(model, own_buffers, monkeypatch):
-    # Request a captures the step; a is freed and collected; b, with an equal plan built anew, replays a's
-    # graph beside a bystander that holds pages of its own. Everything the graph reads by address must
-    # outlive a: the entry's buffers, the weights, the pool. The control case has the step read the
-    # capturing batch's own plan data, which dies with it.
-    if not own_buffers:
-        if DEVICE.type == "cuda":
-            pytest.skip("the control case reads freed memory on a GPU; the stand-in shows it on the CPU")
-        forward = DecodeBatch.forward_step
-        monkeypatch.setattr(DecodeBatch, "forward_step", lambda self, tokens, state, views, visible=None: forward(
-            self, tokens, state, self.views, visible))
-    runner, device = graph_runner(model)
-    ids, _ = prompts(batch=3)
-    steps = 3
-    batch_a, _ = serve_one(runner, "a", PLAN_H, ids[0], steps)  # the first step is captured, the second replays
-    runner.admit("bystander", PLAN_L, ids.shape[1])
-    runner.prefill(["bystander"], runner.weights.embed[ids[2:3].to(device)])
-    # a's own state and plan data, poisoned before they are freed: a graph that still read them (on a GPU:
-    # from freed memory, until it is reused) would read NaN and -1. On the CPU the stand-in holds them
-    # weakly, so such a read raises.
-    for tensor in (batch_a.state, *batch_a.buffers):
-        poison_state_(tensor)
-    runner.free("a")
-    del batch_a
-    gc.collect()
-    (entry,) = runner.graphs._entries.values()
-    if not own_buffers:
-        with pytest.raises(FreedTensorRead):
-            serve_one(runner, "b", equal_new(PLAN_H), ids[1], steps)
-        return
-    if device.type == "cpu":
-        assert entry.graph.reads and all(ref() is not None for ref in entry.graph.reads)
-
-    # Once b holds its pages: every page no live sequence holds (a's among them) is NaN, so a replay that
-    # read one shows in the logits and one that wrote one shows there; the bystander's pages are kept to
-    # compare. b's own pages and the scratch page (where the torch path writes and reads the units a row
-    # lacks, masked by a product, so NaN there would spread) hold random values.
-    pool, page_size, scratch = runner.cache.pages, runner.cache.page_size, runner.cache.scratch_page
-    poisoned_pages, kept = [], {}
-
-    def poison_the_pool():
-        owned_by_b, bystander = pages_of(runner, "b"), pages_of(runner, "bystander")
-        poisoned_pages.extend(sorted(set(range(runner.cache.num_pages)) - owned_by_b - bystander))
-        pool[:, poisoned_pages] = float("nan")
-        pool[:, sorted(owned_by_b) + [scratch]] = torch.randn(2, len(owned_by_b) + 1, page_size, HEAD_DIM).to(pool)
-        kept.update(bystander=(sorted(bystander), pool[:, sorted(bystander)].clone()),
-                    b=(sorted(owned_by_b), pool[:, sorted(owned_by_b)].clone()), scratch=pool[:, scratch].clone())
-
-    _, logits = serve_one(runner, "b", equal_new(PLAN_H), ids[1], steps, admitted=poison_the_pool)
-    assert runner.graph_stats()["captures"] == 1  # b replayed a's graph
-    assert_close(logits, oracle_logits(model, ids[1], torch.ones_like(ids[1]), PLAN_H, steps), torch.float32)
-    assert poisoned_pages and pool[:, poisoned_pages].isnan().all()  # no page of nobody's was written
-    pages, before = kept["bystander"]
-    assert torch.equal(pool[:, pages], before)
-    # b's positions 0 to 10 were written (the prompt by its prefill, 9 and 10 by the replays), position 11 not;
-    # the scratch page only at the offsets of the decode positions (on Triton, where a single row's union is
-    # its own units, not at all).
-    stored = ids.shape[1] + steps - 1
-    pages, before = kept["b"]
-    for layer in range(LAYERS):
-        for head in runner.cache.page_lists("b", layer):
-            for position in range(len(head) * page_size):
-                page, offset = head[position // page_size], position % page_size
-                now, then = pool[:, page, offset], before[:, pages.index(page), offset]
-                if position < stored:
-                    assert (now != then).all() and now.isfinite().all(), (layer, position)
-                else:
-                    assert torch.equal(now, then), (layer, position)
-    written = sorted({position % page_size for position in range(ids.shape[1], stored)})
-    untouched = [offset for offset in range(page_size) if offset not in written]
-    assert untouched and torch.equal(pool[:, scratch, untouched], kept["scratch"][:, untouched])
-
-
-def test_the_graph_stand_in_refuses_a_step_that_reads_host_state(model, monkeypatch):
-    # The eager torch step attends the table columns the host's lengths say are filled. A graph would
-    # freeze that number at capture and read too few columns once the context crosses a page: the
-    # stand-in refuses the replay where the number would change. The prompt is 9 positions in pages of
-    # 4: steps at lengths 9 (captured), 10 and 11 (replayed) see 3 pages, the one at 12 would see all 4 of
-    # the table (no column slice: other calls).
-    forward = DecodeBatch.forward_step
-    monkeypatch.setattr(DecodeBatch, "forward_step", lambda self, tokens, state, views, visible=None: forward(
-        self, tokens, state, views, self._visible_pages()))
-    runner = runner_for(model, "torch", torch.device("cpu"))
-    runner.graphs = RecordingGraphs(4)
-    with pytest.raises(HostValueChanged, match=r"the step would run \d+ calls, the graph replays \d+"):
-        serve_one(runner, "a", PLAN_H, prompts()[0][0], 6)
-    assert (runner.graphs.stats.captures, runner.graphs.stats.replays) == (1, 2)
-
-
-def test_steps_never_compare_or_hash_plans(model, monkeypatch):
-    # Requests whose plans equal earlier ones but are other objects: forming their batch and stepping it
-    # neither hashes nor compares plans (a 7B plan holds 350k indices).
-    runner, device = graph_runner(model)
-    ids, _ = prompts(batch=3)
-    serve_one(runner, "first", PLAN_H, ids[0], 2)
-    for b, name in enumerate(("x", "y"), start=1):
-        plan = equal_new(PLAN_H)
-        plan.fingerprint  # made once per plan, at plan time
-        runner.admit(name, plan, ids.shape[1] + 3)
-        runner.prefill([name], runner.weights.embed[ids[b:b + 1].to(device)])
-
-    def refuse(*args):
-        raise AssertionError("a plan was hashed or compared on the step path")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(ExecutionPlan, "__eq__", refuse)
-        patch.setattr(ExecutionPlan, "__hash__", refuse)
-        batch = runner.decode(["x", "y"])
-        token = torch.zeros(2, dtype=torch.long, device=device)
-        for _ in range(3):
-            _, token = batch.step(token)
 
 
 def distinct_h_plans(count, seed=0):
@@ -817,115 +632,366 @@ def distinct_h_plans(count, seed=0):
     return plans
 
 
-def slot_heads(runner, views, rows):
-    """Per row, the query heads a bound step's buffers say it runs (read from its layers' slots)."""
-    out = []
-    for layer, slots in enumerate(views):
-        if slots.o_mask is None:
-            out.append([list(range(HEADS))] * rows)
-            continue
-        ids = slots.qkv_heads[:HEADS].tolist() if slots.qkv_heads is not None else list(range(HEADS))
-        keep = slots.o_mask[:, ::HEAD_DIM].cpu()
-        out.append([[ids[j] for j in range(HEADS) if keep[b, j] != 0] for b in range(rows)])
-    return [[out[layer][b] for layer in range(LAYERS)] for b in range(rows)]
+# Backends and graphs of a running batch: eager on each backend, and through the graph stand-in on the CPU
+# (real CUDA graphs on a GPU).
+STREAM_PATHS = [pytest.param("torch", False, id="torch"), pytest.param("triton", False, id="triton"),
+                pytest.param("torch", True, id="torch-graphs"), pytest.param("triton", True, id="triton-graphs")]
 
 
-def test_distinct_plans_replay_one_graph_per_step_shape(model):
-    """16 requests, 16 distinct -H plans, decoded one by one and in batches of 4: one capture per step
-    shape (batch size, width bucket), and every later step replays a graph whose buffers hold the plans
-    of the batch that steps it. Every row's logits equal the transformers oracle's under its own plan,
-    and the tokens the eager bound steps'."""
-    plans = distinct_h_plans(16)
-    ids, _ = prompts(batch=16)
-    on_gpu = DEVICE.type == "cuda"
-    backend, device = ("triton", DEVICE) if on_gpu else ("torch", torch.device("cpu"))
-    steps = 3
-
-    def run(graphs):
-        runner = runner_for(model, backend, device, num_pages=400, cuda_graphs=graphs is not None, bind_plans=True)
-        runner.graphs = graphs
-        tokens, bound, logits = [], [], {}
-        groups = [[b] for b in range(8)] + [list(range(8 + 4 * k, 12 + 4 * k)) for k in range(2)]
-        for group in groups:
-            names = [f"r{b}" for b in group]
-            for b, name in zip(group, names):
-                runner.admit(name, plans[b], ids.shape[1] + steps)
-                logits[b] = [runner.prefill([name], runner.weights.embed[ids[b:b + 1].to(device)])[0, -1].cpu()]
-            batch = runner.decode(names)
-            token = torch.stack([logits[b][0].argmax(-1) for b in group]).to(device)
-            for _ in range(steps):
-                step_logits, token = batch.step(token)
-                tokens.append(token.cpu().clone())
-                for row, b in enumerate(group):
-                    logits[b].append(step_logits[row].cpu().clone())
-                if graphs is not None:
-                    entry = graphs._entries[batch.key]
-                    assert entry.owner() is batch
-                    assert all(torch.equal(mine, theirs) for mine, theirs in zip(batch.buffers, entry.buffers))
-                    assert slot_heads(runner, entry.views, len(group)) == [
-                        [list(plans[b].heads[layer]) for layer in range(LAYERS)] for b in group]
-            bound.append(batch.key)
-            for name in names:
-                runner.free(name)
-        return tokens, bound, logits, runner
-
-    eager, _, eager_logits, _ = run(None)
-    graphed, keys, graphed_logits, runner = run(GraphCache(4) if on_gpu else RecordingGraphs(4))
-    for b, plan in enumerate(plans):
-        expected = oracle_logits(model, ids[b], torch.ones_like(ids[b]), plan, steps + 1)
-        assert_close(torch.stack(graphed_logits[b]), expected, torch.float32)
-        assert_close(torch.stack(eager_logits[b]), expected, torch.float32)
-    assert len(graphed) == len(eager) == 10 * steps and all(torch.equal(a, b) for a, b in zip(graphed, eager))
-    assert len(set(keys)) == 2  # (1 row, 4 pages) and (4 rows, 4 pages): the plans are not in the key
-    stats = runner.graphs.stats
-    assert (stats.captures, stats.replays, stats.evictions) == (2, 10 * steps - 2, 0)
+def stream_runner(model, backend, graphs, **kwargs):
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    runner = runner_for(model, backend, device, cuda_graphs=graphs, num_pages=kwargs.pop("num_pages", 400), **kwargs)
+    if graphs and device.type == "cpu":
+        runner.graphs = RecordingGraphs(16)
+    return runner, device
 
 
-def test_step_shape_depends_on_the_layers_that_run_only(model):
-    """A bound step's key: which layers run, the batch size and the table width bucket. Plans that keep
-    every unit of a layer, none of its heads or none of its neurons share the key of any other plan that
-    runs the same layers; a plan that skips a layer has another."""
-    runner = runner_for(model, "torch", torch.device("cpu"), bind_plans=True)
-    ids = prompts()[0][:1]
-    every = [ExecutionPlan.full(SHAPE), PLAN_H, PLAN_H2, *distinct_h_plans(3)]
-    keys = []
-    for b, plan in enumerate([*every, PLAN_L]):
-        name = f"k{b}"
-        runner.admit(name, plan, ids.shape[1] + 4)
-        runner.prefill([name], runner.weights.embed[ids])
-        keys.append(runner.decode([name]).key)
-        runner.free(name)
-    assert len(set(keys[:-1])) == 1 and keys[-1] != keys[0]
-    runner.admit("wide", PLAN_H, ids.shape[1] + 40)  # 13 pages: the 16-page bucket, not the 4-page one
-    runner.prefill(["wide"], runner.weights.embed[ids])
-    assert runner.decode(["wide"]).key != keys[0]
+def admit_and_prefill(runner, name, plan, ids, max_tokens):
+    """Admit and prefill one request; its first generated token ``[1]`` and the prefill's last logits."""
+    device = runner.weights.device
+    runner.admit(name, plan, max_tokens)
+    logits = runner.prefill([name], runner.weights.embed[ids[None].to(device)])[0, -1]
+    return logits.argmax(-1).view(1), logits.cpu()
 
 
-def test_a_triton_bound_step_replays_through_the_graph_stand_in(model):
-    """The Triton backend's bound step, its directly launched kernels (RMSNorm) included, captured once and
-    replayed for two distinct -H plans of one step shape: the tokens equal the eager bound steps' and
-    the transformers oracle's. Real CUDA graphs on a GPU; on a CPU the stand-in, under the interpreter."""
-    plans = distinct_h_plans(2, seed=5)
+def decode_alone(model, backend, plan, ids, steps):
+    """The tokens and logits ``[steps, vocab]`` of one request decoded alone, eagerly."""
+    runner, _ = stream_runner(model, backend, False)
+    token, first = admit_and_prefill(runner, "alone", plan, ids, ids.shape[0] + steps)
+    batch = runner.decode(["alone"], token)
+    logits = [first]
+    for _ in range(steps - 1):
+        step_logits, _ = batch.step()
+        logits.append(step_logits[0].cpu())
+    return torch.stack(logits)
+
+
+# (step, event, request): requests join (with their first token) and leave between steps.
+STREAM = [(0, "join", 0), (0, "join", 1), (1, "join", 2), (2, "leave", 0), (2, "join", 3), (3, "join", 4),
+          (4, "leave", 2), (4, "leave", 1), (5, "join", 5), (7, "leave", 3)]
+STREAM_STEPS = 8
+
+
+def stream_plans():
+    return [PLAN_L, PLAN_H, PLAN_H2, ExecutionPlan.full(SHAPE), *distinct_h_plans(2, seed=3)]
+
+
+def run_stream(runner, plans, ids, *, capacity=4):
+    """Replay STREAM on one running batch; per request, its logits (the prefill's, then one per step it was a
+    row of)."""
+    room = STREAM_STEPS + 1
+    logits = {}
+    batch = runner.decode(capacity=capacity, max_tokens=ids.shape[1] + room)
+    for step in range(STREAM_STEPS):
+        for when, event, r in STREAM:
+            if when != step:
+                continue
+            if event == "join":
+                token, first = admit_and_prefill(runner, f"r{r}", plans[r], ids[r], ids.shape[1] + room)
+                logits[r] = [first]
+                batch.join([f"r{r}"], token)
+            else:
+                batch.leave([f"r{r}"])
+                runner.free(f"r{r}")
+        step_logits, _ = batch.step()
+        for row, name in enumerate(batch.seq_ids):
+            logits[int(name[1:])].append(step_logits[row].cpu())
+    return {r: torch.stack(v) for r, v in logits.items()}, batch
+
+
+@pytest.mark.parametrize("backend, graphs", STREAM_PATHS)
+def test_rows_joining_and_leaving_mid_decode_decode_as_alone(model, backend, graphs):
+    """Six requests (-L, -H, full, distinct -H plans) join and leave one running batch of capacity 4: every
+    row's logits equal the transformers oracle's under its own plan, and its tokens those it gives decoded
+    alone; with graphs, one capture per bucket of rows, whatever the plans."""
+    runner, device = stream_runner(model, backend, graphs)
+    plans = stream_plans()
+    ids, _ = prompts(batch=len(plans))
+    logits, batch = run_stream(runner, plans, ids)
+    for r, plan in enumerate(plans):
+        got = logits[r]
+        assert_close(got, oracle_logits(model, ids[r], torch.ones_like(ids[r]), plan, got.shape[0]), torch.float32)
+        alone = decode_alone(model, backend, plan, ids[r], got.shape[0])
+        assert torch.equal(got.argmax(-1), alone.argmax(-1))
+    if graphs:
+        stats = runner.graph_stats() if device.type == "cuda" else runner.graphs.stats.as_dict()
+        assert stats["captures"] == 2  # buckets of 2 and 4 rows
+        assert stats["replays"] == STREAM_STEPS - 2
+
+
+@pytest.mark.parametrize("backend, graphs", STREAM_PATHS)
+def test_a_leaving_row_gives_its_positions_to_the_pool(model, backend, graphs):
+    runner, _ = stream_runner(model, backend, graphs)
     ids, _ = prompts(batch=2)
-    on_gpu = DEVICE.type == "cuda"
+    token, _ = admit_and_prefill(runner, "a", PLAN_H, ids[0], 20)
+    batch = runner.decode(["a"], token)
+    for _ in range(3):
+        batch.step()
+    assert batch.length("a") == ids.shape[1] + 3
+    batch.leave(["a"])
+    assert runner.cache.length("a", 0) == ids.shape[1] + 3 and batch.rows == 0
+    batch.join(["a"], token)  # rejoin: it goes on from where it was
+    assert batch.length("a") == ids.shape[1] + 3
+
+
+def test_two_batches_never_read_each_others_outputs(model):
+    # A batch's step outputs are the caller's: a step of another batch (the same bucket, so on f7c0b14 the
+    # same graph and output buffers) leaves them as they were.
+    runner, device = stream_runner(model, "torch", True)
+    ids, _ = prompts(batch=2)
+    batches = {}
+    for b, name in enumerate("xy"):
+        token, _ = admit_and_prefill(runner, name, [PLAN_H, PLAN_L][b], ids[b], 20)
+        batches[name] = runner.decode([name], token)
+    for _ in range(3):
+        logits_x, tokens_x = batches["x"].step()
+        kept = logits_x.clone(), tokens_x.clone()
+        batches["y"].step()
+        assert torch.equal(logits_x, kept[0]) and torch.equal(tokens_x, kept[1])
+    out = torch.empty(1, VOCAB), torch.empty(1, dtype=torch.long)
+    assert batches["x"].step(out=out) is out
+
+
+def test_mixed_layer_plans_run_without_partial_layers(model):
+    # A batch of -L plans that differ on a layer, on a runner with no layer prepared for partial plans: the
+    # layer runs for one row and is skipped for the other (on f7c0b14 the graph path refused it).
+    runner, device = stream_runner(model, "triton", True, partial_layers=[])
+    plans = [PLAN_L, ExecutionPlan.full(SHAPE)]
+    ids, _ = prompts(batch=2)
+    tokens, firsts = zip(*(admit_and_prefill(runner, f"r{b}", plan, ids[b], 16) for b, plan in enumerate(plans)))
+    batch = runner.decode(["r0", "r1"], torch.cat(tokens))
+    logits = [torch.stack(firsts)]
+    for _ in range(3):
+        logits.append(batch.step()[0].cpu())
+    logits = torch.stack(logits, 1)
+    for b, plan in enumerate(plans):
+        assert_close(logits[b], oracle_logits(model, ids[b], torch.ones_like(ids[b]), plan, 4), torch.float32)
+    with pytest.raises(ValueError, match="plan keeps only some units of layer 2, which was not prepared for partial"):
+        runner.admit("h", PLAN_H, 16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_table_columns_never_name_a_live_sequence_page(model, backend):
+    # Rows of different max_tokens: the narrower row's table is padded to the batch's width. On f7c0b14 the
+    # eager path padded with page 0, a page of a live sequence; a NaN there reached the logits.
+    runner, device = stream_runner(model, backend, False, num_pages=200)
+    ids, _ = prompts(batch=3)
+    admit_and_prefill(runner, "owner", PLAN_L, ids[2], 12)
+    owned = pages_of(runner, "owner")
+    assert 0 in owned
+    runner.cache.pages[:, sorted(owned)] = float("nan")
+    short, first_short = admit_and_prefill(runner, "short", PLAN_H, ids[0], 12)
+    long, first_long = admit_and_prefill(runner, "long", PLAN_H2, ids[1], 40)
+    batch = runner.decode(["short", "long"], torch.cat([short, long]))
+    logits = [torch.stack([first_short, first_long])]
+    for _ in range(2):
+        logits.append(batch.step()[0].cpu())
+    logits = torch.stack(logits, 1)
+    for b, plan in enumerate((PLAN_H, PLAN_H2)):
+        assert_close(logits[b], oracle_logits(model, ids[b], torch.ones_like(ids[b]), plan, 3), torch.float32)
+
+
+def test_a_step_is_bitwise_repeatable(model):
+    # The same requests through two runners give bit-equal logits: every split reduction adds its partials
+    # in a fixed order (no float atomics).
+    def run():
+        runner, _ = stream_runner(model, "triton", False)
+        ids, _ = prompts(batch=2)
+        tokens = [admit_and_prefill(runner, f"r{b}", plan, ids[b], 16)[0] for b, plan in enumerate((PLAN_H, PLAN_L))]
+        batch = runner.decode(["r0", "r1"], torch.cat(tokens))
+        return torch.stack([batch.step()[0].cpu() for _ in range(3)])
+
+    assert torch.equal(run(), run())
+
+
+def graph_keys_trace(runner, plans, ids, events, capacity, seed=0):
+    """Random joins and leaves on one running batch (``events`` of them, a step after each): each request
+    decodes a few steps, then leaves. Returns the graph captures after each event."""
+    g = torch.Generator().manual_seed(seed)
+    batch = runner.decode(capacity=capacity, max_tokens=ids.shape[1] + 8)
+    admitted, captures, count = {}, [], 0
+    for _ in range(events):
+        join = batch.rows == 0 or (batch.rows < capacity and torch.rand(1, generator=g).item() < 0.55)
+        if join:
+            name, count = f"q{count}", count + 1
+            token, _ = admit_and_prefill(runner, name, plans[count % len(plans)], ids[count % ids.shape[0]],
+                                         ids.shape[1] + 8)
+            batch.join([name], token)
+            admitted[name] = 0
+        else:
+            name = batch.seq_ids[int(torch.randint(batch.rows, (1,), generator=g))]
+            batch.leave([name])
+            runner.free(name)
+            del admitted[name]
+        for name in [n for n, steps in admitted.items() if steps >= 6]:  # out of room: leave
+            batch.leave([name])
+            runner.free(name)
+            del admitted[name]
+        if batch.rows:
+            batch.step()
+            for name in admitted:
+                admitted[name] += 1
+        captures.append(runner.graphs.stats.captures)
+    return captures, batch
+
+
+def test_graph_keys_are_row_buckets_whatever_the_plans(model):
+    # A stream of -L, -H and full plans through one running batch of capacity 8: the graphs are keyed by the
+    # bucket of rows alone (1, 2, 4, 8), none captured once each bucket has been seen.
+    runner, _ = stream_runner(model, "torch", True, num_pages=2000)
+    plans = [PLAN_L, PLAN_H, PLAN_H2, ExecutionPlan.full(SHAPE), *distinct_h_plans(4, seed=1)]
+    ids, _ = prompts(batch=4)
+    captures, _ = graph_keys_trace(runner, plans, ids, 60, capacity=8)
+    keys = runner.graph_stats()["keys"] if runner.graphs.__class__ is GraphCache else [k[1] for k in runner.graphs.keys()]
+    assert sorted(keys) == [1, 2, 4, 8] and captures[-1] == 4
+    assert captures[-1] == captures[len(captures) // 2]  # the second half captured nothing
+
+
+def test_bad_joins_leaves_and_steps_are_refused_and_change_nothing(model):
+    runner, device = stream_runner(model, "torch", False)
+    ids, _ = prompts(batch=5)
+    tokens = {}
+    for b, (name, plan, room) in enumerate([("a", PLAN_H, 4), ("b", PLAN_L, 4), ("c", PLAN_H2, 4), ("d", PLAN_H, 0),
+                                            ("e", PLAN_L, 4)]):
+        tokens[name], _ = admit_and_prefill(runner, name, plan, ids[b], ids.shape[1] + room)
+    runner.admit("unprefilled", PLAN_L, 20)
+    batch = runner.decode(["a", "b"], torch.cat([tokens["a"], tokens["b"]]), capacity=2, max_tokens=16)
+    other = runner.decode(["c"], tokens["c"], capacity=4, max_tokens=16)
+    batch.step()
+    slots = batch.slots
+
+    def snapshot():
+        buffers = (slots.own_heads, slots.own_neurons, slots.model_tables, slots.state, slots.tokens, slots.live,
+                   runner.cache.pages)
+        return [t.clone() for t in buffers], list(batch.seq_ids), list(other.seq_ids), runner.cache.pages_in_use
+
+    def unchanged(before, after):
+        return all(torch.equal(x, y) for x, y in zip(before[0], after[0])) and before[1:] == after[1:]
+
+    before = snapshot()
+    refused = [
+        (lambda: batch.join(["zzz"], tokens["a"]), "sequence 'zzz' is not admitted"),
+        (lambda: batch.join(["unprefilled"], tokens["a"]), "sequence 'unprefilled' has not run its prefill"),
+        (lambda: batch.join(["a"], tokens["a"]), "sequence 'a' is already a row of this batch"),
+        (lambda: batch.join(["c"], tokens["c"]), "sequence 'c' is already a row of another decode batch"),
+        (lambda: batch.join(["e", "e"], None), "seq_ids must not repeat a sequence"),
+        (lambda: batch.join(["e"], tokens["e"]), r"the batch is full: 2 rows of 2, 1 joining"),
+        (lambda: other.join(["d"], tokens["d"]), "sequence 'd' is full: 9 positions stored of the 9 reserved"),
+        (lambda: other.join(["e", "d"], torch.cat([tokens["e"], tokens["d"]])), "sequence 'd' is full"),
+        (lambda: other.join(["e"], tokens["e"].int()), "tokens must have dtype"),
+        (lambda: other.join(["e"], torch.cat([tokens["e"]] * 2)), r"tokens must have one entry per row \(1\), got 2"),
+        (lambda: batch.leave(["c"]), "sequence 'c' is not a row of this batch"),
+        (lambda: batch.leave(["a", "a"]), "seq_ids must not repeat a sequence"),
+        (lambda: batch.leave(["a", "zzz"]), "sequence 'zzz' is not a row of this batch"),
+        (lambda: batch.step(tokens["a"]), r"tokens must have one entry per row \(2\), got 1"),
+        (lambda: batch.step(torch.zeros(2, dtype=torch.int32)), "tokens must have dtype"),
+        (lambda: batch.step(torch.zeros(2, 1, dtype=torch.long)), "tokens must be"),
+        (lambda: batch.step(out=(torch.empty(2, VOCAB), torch.empty(2))), r"out\[1\] must be a torch.int64 tensor"),
+    ]
+    for call, match in refused:
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert unchanged(before, snapshot()), match
+    for _ in range(3):
+        batch.step()  # a and b now hold 9 + 4 positions: full
+    with pytest.raises(ValueError, match="sequence 'a' is full: 13 positions stored of the 13 reserved by admit"):
+        batch.step()
+    batch.close()
+    with pytest.raises(ValueError, match="the batch is closed"):
+        batch.step()
+    empty = runner.decode(capacity=4, max_tokens=8)
+    with pytest.raises(ValueError, match="the batch has no rows"):
+        empty.step()
+    with pytest.raises(ValueError, match="sequence 'e' reserves 4 pages per KV head, more than the batch's tables"):
+        empty.join(["e"], tokens["e"])
+    with pytest.raises(ValueError, match=r"decode\(\) with no sequences needs max_tokens"):
+        runner.decode()
+    tokenless = runner.decode(["e"])
+    with pytest.raises(ValueError, match="sequence 'e' joined without a token: pass tokens"):
+        tokenless.step()
+    tokenless.step(tokens["e"])
+    tokenless.step()  # then its own greedy token
+
+
+def pages_of(runner, name) -> set[int]:
+    """Every page of the pool that sequence ``name`` holds, over its layers and KV heads."""
+    return {page for layer in range(LAYERS) for head in runner.cache.page_lists(name, layer) for page in head}
+
+
+def test_a_graph_outlives_the_request_that_captured_it(model):
+    # Request a captures the step of a one-row batch; a leaves and is freed; b, with an equal plan built
+    # anew, joins and replays a's graph beside a bystander that holds pages of its own. Every page no live
+    # sequence holds is NaN while b decodes: a replay that read or wrote one shows.
+    runner, device = stream_runner(model, "torch", True)
+    ids, _ = prompts(batch=3)
     steps = 3
+    token, _ = admit_and_prefill(runner, "a", PLAN_H, ids[0], ids.shape[1] + steps)
+    batch = runner.decode(["a"], token, max_tokens=16)
+    for _ in range(steps - 1):
+        batch.step()
+    batch.leave(["a"])
+    runner.free("a")
+    gc.collect()
+    admit_and_prefill(runner, "bystander", PLAN_L, ids[2], ids.shape[1])
+    pool, page_size, scratch = runner.cache.pages, runner.cache.page_size, runner.cache.scratch_page
+    token, first = admit_and_prefill(runner, "b", equal_new(PLAN_H), ids[1], ids.shape[1] + steps)
+    owned_by_b, bystander = pages_of(runner, "b"), pages_of(runner, "bystander")
+    nobody = sorted(set(range(runner.cache.num_pages)) - owned_by_b - bystander)
+    pool[:, nobody] = float("nan")
+    kept_bystander = pool[:, sorted(bystander)].clone()
+    kept_scratch = pool[:, scratch].clone()
+    batch.join(["b"], token)
+    logits = [first]
+    for _ in range(steps - 1):
+        logits.append(batch.step()[0][0].cpu())
+    assert runner.graphs.stats.captures == 1  # b replayed a's graph
+    assert_close(torch.stack(logits), oracle_logits(model, ids[1], torch.ones_like(ids[1]), PLAN_H, steps),
+                 torch.float32)
+    assert pool[:, nobody].isnan().all()  # no page of nobody's was written
+    assert torch.equal(pool[:, sorted(bystander)], kept_bystander)
+    # The scratch page takes the K/V of the units a row of the union lacks (none here: one row) and of the
+    # padded rows: only at the offsets of the decode positions.
+    written = {position % page_size for position in range(ids.shape[1], ids.shape[1] + steps - 1)} | {0}
+    untouched = [offset for offset in range(page_size) if offset not in written]
+    assert untouched and torch.equal(pool[:, scratch, untouched], kept_scratch[:, untouched])
 
-    def run(graphs):
-        runner = runner_for(model, "triton", DEVICE, cuda_graphs=graphs is not None, bind_plans=True)
-        if not on_gpu:
-            runner.graphs = graphs
-        out = []
-        for b, plan in enumerate(plans):
-            _, logits = serve_one(runner, f"r{b}", plan, ids[b], steps)
-            out.append(logits)
-            runner.free(f"r{b}")
-        return out, runner
 
-    eager, _ = run(None)
-    graphed, runner = run(GraphCache(4) if on_gpu else RecordingGraphs(4))
-    stats = runner.graphs.stats
-    assert (stats.captures, stats.replays) == (1, len(plans) * (steps - 1) - 1)
-    for b, (mine, theirs) in enumerate(zip(graphed, eager)):
-        assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
-        assert_close(mine, theirs, torch.float32)
-        assert_close(mine, oracle_logits(model, ids[b], torch.ones_like(ids[b]), plans[b], steps), torch.float32)
+def test_the_graph_stand_in_refuses_a_step_that_reads_host_state(model, monkeypatch):
+    # The eager torch step attends the table columns the host's lengths say are filled. A graph would
+    # freeze that number at capture and read too few columns once the context crosses a page: the
+    # stand-in refuses the replay where the number would change. The prompt is 9 positions in pages of
+    # 4: steps at lengths 9 (captured), 10 and 11 (replayed) see 3 pages, the one at 12 would see 4.
+    forward = DecodeBatch.forward_step
+    monkeypatch.setattr(DecodeBatch, "forward_step", lambda self, bucket, visible=None: forward(
+        self, bucket, self._visible_pages()))
+    runner, _ = stream_runner(model, "torch", True)
+    token, _ = admit_and_prefill(runner, "a", PLAN_H, prompts()[0][0], 15)
+    batch = runner.decode(["a"], token)
+    with pytest.raises(HostValueChanged, match="a host value frozen at capture, 12, would be 16 now"):
+        for _ in range(4):
+            batch.step()
+    assert (runner.graphs.stats.captures, runner.graphs.stats.replays) == (1, 2)
+
+
+def test_steps_never_compare_or_hash_plans(model, monkeypatch):
+    # Requests whose plans equal earlier ones but are other objects: joining a batch and stepping it
+    # neither hashes nor compares plans (a 7B plan holds 350k indices).
+    runner, device = stream_runner(model, "torch", True)
+    ids, _ = prompts(batch=3)
+    tokens = []
+    for b, name in enumerate(("x", "y")):
+        plan = equal_new(PLAN_H)
+        plan.fingerprint  # made once per plan, at plan time
+        tokens.append(admit_and_prefill(runner, name, plan, ids[b], ids.shape[1] + 3)[0])
+
+    def refuse(*args):
+        raise AssertionError("a plan was hashed or compared on the step path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ExecutionPlan, "__eq__", refuse)
+        patch.setattr(ExecutionPlan, "__hash__", refuse)
+        batch = runner.decode(["x"], tokens[0], capacity=2)
+        batch.step()
+        batch.join(["y"], tokens[1])
+        for _ in range(2):
+            batch.step()

@@ -339,6 +339,16 @@ class LayerSkipKVCache:
             return torch.empty(len(seq.pages[layer]), 0, dtype=torch.int32, device=self.pages.device)
         return table
 
+    def model_tables(self, seq_id: Hashable, width: int) -> torch.Tensor:
+        """int32 ``[layers, kv_heads, width]``: each layer's pages in the model's KV-head order, the scratch page
+        for KV heads the plan does not keep and past the sequence's pages."""
+        seq = self._sequence(seq_id)
+        tables = torch.full((self.shape.num_layers, self.shape.num_kv_heads, width), self.scratch_page, dtype=torch.int32)
+        for layer, heads in enumerate(seq.pages):
+            for kv, pages in zip(seq.plan.kv_heads(layer), heads):
+                tables[layer, kv, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return tables.to(self.pages.device)
+
     def page_lists(self, seq_id: Hashable, layer: int) -> tuple[tuple[int, ...], ...]:
         """The host's copy of :meth:`page_table`: per kept KV head of ``layer``, its pages (reads no device value)."""
         return tuple(tuple(head) for head in self._sequence(seq_id).pages[self._layer(layer)])

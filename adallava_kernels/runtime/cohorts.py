@@ -1,4 +1,4 @@
-"""Cohorts: the rows of a batch that run one layer program together.
+"""Cohorts: the rows of a prefill that run one layer program together.
 
 Rows whose plans agree on a layer (the same heads and neurons) form that
 layer's cohort and run it in one call: AdaLLaVA's prefix layers run as one
@@ -17,10 +17,9 @@ from typing import Callable, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops.paged_attention import paged_decode_splits
-from .layers import LayerProgram, LayerTables
+from .layers import LayerProgram
 
-__all__ = ["Run", "Schedule", "attach_tables", "for_cohort", "list_tables", "run_layer", "build_schedule"]
+__all__ = ["Run", "Schedule", "attach_tables", "for_cohort", "run_layer", "build_schedule"]
 
 
 @dataclasses.dataclass
@@ -29,9 +28,7 @@ class Run:
 
     program: LayerProgram
     cohort: int  # index into the schedule's cohorts; 0 is every row
-    tables: LayerTables | None = None
-    table_index: int = -1  # position of ``tables`` in a decode step's table list (``list_tables``)
-    split: int = 1
+    tables: torch.Tensor | None = None  # [cohort rows, kv_heads, width] int32
 
 
 @dataclasses.dataclass
@@ -64,21 +61,15 @@ def build_schedule(programs: Sequence[Sequence[LayerProgram]], layers: Sequence[
 
 def attach_tables(
     schedule: Schedule, page_table: Callable[[Hashable, int], torch.Tensor], seq_ids: Sequence[Hashable], width: int,
-    page_size: int, *, decode: bool, backend: str, device: torch.device,
 ) -> None:
     """Each run's block tables ``[cohort rows, kv_heads, width]`` (``page_table(seq_id, layer)``, stacked on
-    the device, padded to ``width`` pages); in decode, the torch path's per-query-head tables or the
-    Triton path's KV splits."""
+    the device, padded to ``width`` pages)."""
     for runs in schedule.layers:
         for run in runs:
             if not run.program.runs_attention:
                 continue
             layer = run.program.index
-            tables = torch.stack([_padded(page_table(seq_ids[b], layer), width) for b in schedule.rows[run.cohort]])
-            run.tables = run.program.tables(tables, per_query_head=decode and backend == "torch")
-            if decode and backend == "triton":
-                run.split = paged_decode_splits(len(schedule.rows[run.cohort]), run.program.nq, width * page_size,
-                                                device)
+            run.tables = torch.stack([_padded(page_table(seq_ids[b], layer), width) for b in schedule.rows[run.cohort]])
 
 
 def _padded(table: torch.Tensor, width: int) -> torch.Tensor:
@@ -104,11 +95,3 @@ def run_layer(h: torch.Tensor, runs: list[Run], cohorts: list, run_one) -> torch
         part = run_one(run, part)
         out = part if rows is None else out.index_copy(0, rows, part)
     return out
-
-
-def list_tables(schedule: Schedule) -> list[LayerTables]:
-    """Every run's tables in one list (what a decode step takes as data); each run learns its position."""
-    runs = [run for layer_runs in schedule.layers for run in layer_runs if run.program.runs_attention]
-    for position, run in enumerate(runs):
-        run.table_index = position
-    return [run.tables for run in runs]

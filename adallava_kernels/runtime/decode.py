@@ -1,154 +1,307 @@
-"""DecodeBatch: decode steps of a fixed set of prefilled sequences, planned once.
+"""DecodeBatch: a running decode batch that requests join and leave between steps.
 
-Two ways to run a step, both a fixed sequence of launches that reads
-nothing back from the device:
+Rows are slots of persistent device buffers (:mod:`.slots`): joining
+writes the row's slot, leaving clears it, and nothing else in the batch is
+rebuilt or copied. A :meth:`DecodeBatch.step` is a fixed sequence of
+launches (:mod:`.step`) over the first ``bucket`` slots (the live rows
+padded to a bucket of :data:`~.slots.BUCKETS`); it reads nothing back from
+the device and its host work does not grow with the batch or the plans.
+With CUDA graphs, the first step of each bucket is captured and the later
+ones replay it, whatever the rows' plans.
 
-- **cohorts** (eager): each layer runs its layer programs over the rows
-  whose plans agree there (:mod:`.cohorts`); the plans shape the launches.
-  The eager path on a CPU, or on CUDA without graphs.
-- **bound** (:mod:`.binding`): the plans are data in device buffers and the
-  launches depend on the step's shape only (modes, batch size, table width
-  bucket), so a CUDA graph captured for one batch is replayed by any other
-  batch of that shape. Always with CUDA graphs.
+Host bookkeeping per step is a counter: a row's length is its length when
+it joined plus the steps since, and the pool is told when it leaves.
 """
 
 from __future__ import annotations
 
-from typing import Hashable
+import heapq
+import itertools
+from typing import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..kv_cache.pool import check_seq_ids
 from ..masks import visible_positions_mask
 from ..ops.common import check_tensor
 from ..ops.paged_attention import paged_decode_splits
 from ..ops.rms_norm import rms_norm
-from .binding import bind_plans, width_bucket
-from .cohorts import for_cohort, list_tables, run_layer
-from .graphs import GraphOwner
-from .layers import DecodeInputs
+from .graphs import GraphCache
+from .slots import BatchSlots, bucket_of
+from .step import DecodeInputs
 
 __all__ = ["DecodeBatch"]
 
+_BATCH_IDS = itertools.count()
 
-class DecodeBatch(GraphOwner):
-    """Decode steps of a fixed set of prefilled sequences, planned once.
 
-    At construction (plan time): checks, what each layer runs (its cohorts'
-    programs, or with ``bound`` the batch's plans bound as data), every
-    block table, all packed in device buffers, and the device state
-    (``state[0]``: positions stored, ``state[1]``: left padding). A
-    :meth:`step` then reads nothing back from the device. With graphs (always
-    bound), the first step of a new step shape runs eagerly and is captured;
-    later steps of any batch of that shape replay it with their own data.
+class DecodeBatch:
+    """A running decode batch of at most ``capacity`` rows (made by :meth:`PlannedDecoder.decode`).
+
+    Row ``b`` is ``seq_ids[b]``: :meth:`step` returns one output row per live row in that order.
+    :meth:`leave` moves the last row into the place of the one that left, so the order changes then.
     """
 
-    def __init__(self, runner, seq_ids: list[Hashable], *, bound: bool = False) -> None:
-        requests = runner._requests_of(seq_ids, prefilled=True)
-        self.runner, self.seq_ids, self.requests = runner, seq_ids, requests
-        self.batch = len(seq_ids)
-        self.plans = [runner._plan_of(r) for r in requests]
-        self.bound = bound
-        pages = max(-(-r.max_tokens // runner.cache.page_size) for r in requests)
-        if bound:
-            self._bind(runner, pages)
-        else:
-            self._schedule_cohorts(runner, pages)
-        lengths = torch.tensor([r.length for r in requests], dtype=torch.int32).to(runner.weights.device)
-        self.state = torch.stack([lengths, torch.cat([r.starts for r in requests])])
-        self.graphs = runner.graphs if bound else None
-        for request in requests:  # a sequence's device state moves into this batch
-            request.batch = self
+    def __init__(self, runner, slots: BatchSlots, graphs: GraphCache | None) -> None:
+        self.runner, self.slots, self.graphs = runner, slots, graphs
+        self.capacity, self.width = slots.capacity, slots.width
+        self.id = next(_BATCH_IDS)
+        self.seq_ids: list[Hashable] = []
+        self.steps = 0  # steps taken
+        self._row: dict[Hashable, int] = {}
+        self._requests: list = []  # per row, its request
+        self._offset: list[int] = []  # per row, its length minus the steps taken when it joined
+        self._full_at: list[tuple[int, int, Hashable]] = []  # heap: (steps at which a row is full, its join, id)
+        self._joins = itertools.count()
+        self._join_of: dict[Hashable, int] = {}
+        self._waiting: set[Hashable] = set()  # rows with no next token yet (joined without one)
+        self._dirty = True
+        self._longest = 0  # the largest offset: the longest row's length is it plus the steps taken
+        self._views: dict[int, list] = {}
+        self._layers = runner.slot_layers
+        self._splits: dict[int, int] = {}
 
-    def _schedule_cohorts(self, runner, pages: int) -> None:
-        self.width = pages
-        self.schedule = runner._schedule(self.plans, range(runner.shape.num_layers))
-        runner._attach_tables(self.schedule, self.seq_ids, decode=True)
-        self.key = None  # an eager path: never captured
-        self.views = list_tables(self.schedule)
+    # -- membership ------------------------------------------------------------------------
 
-    def _bind(self, runner, pages: int) -> None:
-        self.width = width_bucket(pages)
-        cache, weights = runner.cache, runner.weights
-        self.binding = bind_plans(
-            self.plans, lambda b, layer: cache.page_lists(self.seq_ids[b], layer), runner.shape,
-            partial=weights.partial_layers, backend=runner.backend, width=self.width,
-            scratch_page=cache.scratch_page, dtype=weights.dtype, device=weights.device)
-        self.layers = runner._bound_layers(self.binding.modes)
-        self.split = paged_decode_splits(self.batch, runner.shape.num_heads, self.width * cache.page_size,
-                                         weights.device) if runner.backend == "triton" else 1
-        # Batches of one step shape share a graph, whatever their plans: the key holds no plan, and its
-        # modes are interned to a number once per batch, so a step hashes four small values.
-        self.key = (runner._modes_id(self.binding.modes), self.batch, self.width, runner.backend)
-        self.buffers = (self.binding.index, self.binding.masks)
-        self.views = self.binding.views(*self.buffers)
+    @property
+    def rows(self) -> int:
+        return len(self.seq_ids)
 
-    def views_of(self, buffers: tuple[torch.Tensor, ...]) -> list:
-        """The step's per-layer plan data over buffers shaped as this batch's (a graph entry's copies)."""
-        return self.binding.views(*buffers)
+    def join(self, seq_ids: Sequence[Hashable], tokens: torch.Tensor | None = None) -> None:
+        """Add prefilled sequences as new rows; ``tokens`` ``[len(seq_ids)]`` int64 on the device: each one's
+        next input (``None``: given by the next :meth:`step`). Refused with a ``ValueError`` naming the
+        sequence (unknown, unprefilled, in a batch, repeated, out of room) or the problem (a full batch,
+        bad tokens) before anything changes."""
+        check_seq_ids(seq_ids)
+        runner = self.runner
+        requests = [runner.decode_request(seq_id) for seq_id in seq_ids]
+        for seq_id, request in zip(seq_ids, requests):
+            self._check_joinable(seq_id, request)
+        if self.rows + len(seq_ids) > self.capacity:
+            raise ValueError(f"the batch is full: {self.rows} rows of {self.capacity}, {len(seq_ids)} joining")
+        if tokens is not None:
+            self._check_tokens(tokens, len(seq_ids))
+        for i, (seq_id, request) in enumerate(zip(seq_ids, requests)):
+            slot = self.rows
+            self.slots.join(slot, runner.row_plan(seq_id), runner.cache.model_tables(seq_id, self.width),
+                            request.length, request.starts, None if tokens is None else tokens[i:i + 1])
+            self._add_row(seq_id, request, waiting=tokens is None)
+        self._dirty = True
+
+    def leave(self, seq_ids: Sequence[Hashable]) -> None:
+        """Remove rows; each sequence's positions are recorded in the pool and it may join a batch again
+        (or be freed). Refused with a ``ValueError`` naming a sequence not in this batch, before anything
+        changes."""
+        check_seq_ids(seq_ids)
+        for seq_id in seq_ids:
+            if seq_id not in self._row:
+                raise ValueError(f"sequence {seq_id!r} is not a row of this batch")
+        for seq_id in seq_ids:
+            self._remove_row(seq_id)
+        self._dirty = True
+
+    def close(self) -> None:
+        """Every row leaves and the batch's buffers go back to the runner (for the next batch of this
+        capacity and width, with its captured graphs)."""
+        if self.seq_ids:
+            self.leave(list(self.seq_ids))
+        self.runner.release_slots(self.slots)
+        self.slots = None
+
+    def length(self, seq_id: Hashable) -> int:
+        """Positions ``seq_id`` has stored (a row of this batch)."""
+        return self._offset[self._row_of(seq_id)] + self.steps
 
     # -- stepping ----------------------------------------------------------------------------
 
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row (``[batch]`` int64 on the device); returns ``(logits [batch, vocab],
-        greedy next tokens [batch])``. With CUDA graphs these are the graph's output buffers: read or
-        copy them before the next step of any batch with the same key. The ids are not read back (a sync
-        per step): check ids that do not come from the model's logits where they enter (``check_token_ids``)."""
-        runner = self.runner
-        for seq_id, request in zip(self.seq_ids, self.requests):
-            if request.batch is not self:
-                raise ValueError(f"sequence {seq_id!r} was freed or joined another decode batch; form a new one")
-            if request.length + 1 > request.max_tokens:
-                raise ValueError(f"sequence {seq_id!r} is full: {request.length} positions stored of the "
-                                 f"{request.max_tokens} reserved by admit")
-        check_tensor("tokens", tokens, dim=1, dtypes=(torch.int64,), device=runner.weights.device)
-        if tokens.shape[0] != self.batch:
-            raise ValueError(f"tokens must have one entry per row ({self.batch}), got {tokens.shape[0]}")
+    def step(self, tokens: torch.Tensor | None = None, *,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (``[rows]`` int64 on the device; ``None``: each row's greedy token of
+        the last step, or the one it joined with); returns ``(logits [rows, vocab], next tokens [rows])``.
+
+        They are new tensors the caller owns; ``out`` (a pair of tensors of those shapes and dtypes): the
+        step's outputs are copied there instead, and ``out`` is returned (no allocation). The ids are not
+        read back (a sync per step): check ids that do not come from the model where they enter
+        (``check_token_ids``)."""
+        if self.slots is None:
+            raise ValueError("the batch is closed")
+        rows = self.rows
+        if rows == 0:
+            raise ValueError("the batch has no rows: join sequences first")
+        if tokens is None:
+            if self._waiting:
+                raise ValueError(f"sequence {next(iter(self._waiting))!r} joined without a token: pass tokens")
+        else:
+            self._check_tokens(tokens, rows)
+        self._check_room()
+        if out is not None:
+            self._check_out(out, rows)
+        if self._dirty:
+            self._refresh()
+        slots = self.slots
+        if tokens is not None:
+            slots.tokens[:rows].copy_(tokens)
+            self._waiting.clear()
+        bucket = bucket_of(rows)
+        self._views_of(bucket)  # made outside the step: a graph replays no host work
         if self.graphs is None:
             try:
-                out = self.forward_step(tokens, self.state, self.views, self._visible_pages())
+                self.forward_step(bucket, self._visible_pages())
             except IndexError as error:  # the embedding, the step's first op: nothing was written yet
-                raise ValueError(f"tokens holds an id outside the vocabulary [0, {runner.shape.vocab_size})") from error
+                self._waiting.update(self.seq_ids)  # the next step needs tokens again
+                raise ValueError(f"tokens holds an id outside the vocabulary [0, {self.runner.shape.vocab_size})"
+                                 ) from error
         else:
-            out = self.graph_step(tokens)
-        runner.cache.advance(self.seq_ids, 1)
-        for request in self.requests:
-            request.length += 1
+            self.graphs.run((slots.id, bucket), lambda: self.forward_step(bucket))
+        self.steps += 1
+        logits, next_tokens = slots.logits[:rows], slots.next_tokens[:rows]
+        if out is None:
+            return logits.clone(), next_tokens.clone()
+        out[0].copy_(logits)
+        out[1].copy_(next_tokens)
         return out
 
-    def _visible_pages(self) -> int | None:
-        """Eager torch steps: the table columns this step's longest row reads, from the host's lengths (no
-        sync), so the gathered attention costs the context, not ``max_tokens``. ``None`` (every column) on
-        the Triton path, whose kernel stops at each row's length on the device."""
-        if self.runner.backend != "torch":
-            return None
-        longest = max(request.length for request in self.requests) + 1
-        return -(-longest // self.runner.cache.page_size)
-
-    def forward_step(self, tokens: torch.Tensor, state: torch.Tensor, views: list,
-                     visible_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step itself, a pure function of its tensors (what a graph captures and ``torch.compile`` traces).
-        ``views``: the per-layer plan data (bound) or block tables (cohorts) over this batch's buffers or a
-        graph's. ``visible_pages``: the torch path attends that many table columns (default: all, a fixed shape)."""
-        runner = self.runner
+    def forward_step(self, bucket: int, visible_pages: int | None = None) -> None:
+        """The step over the first ``bucket`` slots, a pure function of the batch's buffers (what a graph
+        captures): the logits and next tokens go to the slots' buffers, each live row's length grows by
+        one. ``visible_pages``: the torch path attends that many table columns (default: all, a fixed
+        shape)."""
+        runner, slots = self.runner, self.slots
         weights = runner.weights
-        lengths, starts = state[0], state[1]
+        tokens, lengths, starts = slots.tokens[:bucket], slots.state[0, :bucket], slots.state[1, :bucket]
         h = F.embedding(tokens, weights.embed)
         cos, sin = weights.rotary(h[:, None], (lengths - starts).long()[:, None])
         lengths_after = lengths + 1
         width = (self.width if visible_pages is None else visible_pages) * runner.cache.page_size
         mask = visible_positions_mask(lengths_after, starts, width, h.dtype) if runner.backend == "torch" else None
-        every = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner._rope_sign)[:, :, None], lengths,
-                             lengths_after, starts, mask)
-        pages = runner.pages
-        if self.bound:
-            for layer in self.layers:
-                h = layer.decode(h, every, pages, views[layer.index], self.split)
-        else:
-            inputs = [for_cohort(every, rows) for rows in self.schedule.cohorts]
-            for runs in self.schedule.layers:
-                h = run_layer(h, runs, self.schedule.cohorts, lambda run, part: run.program.decode(
-                    part, inputs[run.cohort], pages, views[run.table_index], run.split))
+        inputs = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner.rope_sign)[:, :, None], lengths,
+                              lengths_after, starts, mask)
+        views, split, pages = self._views_of(bucket), self._split_of(bucket), runner.pages
+        for layer, view in zip(self._layers, views):
+            h = layer.decode(h, inputs, pages, view, split, runner.rope_sign)
         logits = rms_norm(h, weights.norm, weights.norm_eps, backend=runner.backend) @ weights.lm_head.t()
-        lengths.add_(1)
-        return logits, logits.argmax(-1)
+        slots.logits[:bucket].copy_(logits)
+        greedy = logits.argmax(-1)
+        slots.next_tokens[:bucket].copy_(greedy)
+        tokens.copy_(greedy)  # the next step's input, unless the caller gives one
+        lengths.add_(slots.live[:bucket])
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_joinable(self, seq_id, request) -> None:
+        if request.batch is not None:
+            where = "this batch" if request.batch is self else "another decode batch"
+            raise ValueError(f"sequence {seq_id!r} is already a row of {where}")
+        if request.length + 1 > request.max_tokens:
+            raise ValueError(f"sequence {seq_id!r} is full: {request.length} positions stored of the "
+                             f"{request.max_tokens} reserved by admit")
+        pages = -(-request.max_tokens // self.runner.cache.page_size)
+        if pages > self.width:
+            raise ValueError(f"sequence {seq_id!r} reserves {pages} pages per KV head, more than the batch's "
+                             f"tables hold ({self.width}); form the batch with max_tokens >= {request.max_tokens}")
+
+    def _check_tokens(self, tokens, rows: int) -> None:
+        check_tensor("tokens", tokens, dim=1, dtypes=(torch.int64,), device=self.runner.weights.device)
+        if tokens.shape[0] != rows:
+            raise ValueError(f"tokens must have one entry per row ({rows}), got {tokens.shape[0]}")
+
+    def _check_out(self, out, rows: int) -> None:
+        vocab = self.runner.shape.vocab_size
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+            raise ValueError("out must be a pair of tensors (logits, next tokens)")
+        expected = ((rows, vocab), self.runner.weights.dtype), ((rows,), torch.int64)
+        for name, t, (shape, dtype) in zip(("out[0]", "out[1]"), out, expected):
+            if tuple(t.shape) != shape or t.dtype != dtype or t.device != self.runner.weights.device:
+                raise ValueError(f"{name} must be a {dtype} tensor of shape {list(shape)} on "
+                                 f"{self.runner.weights.device}, got {t.dtype} {list(t.shape)} on {t.device}")
+
+    def _check_room(self) -> None:
+        """No row past its reserved positions: the soonest to fill is at the top of a heap (rows that left
+        are dropped from it lazily), so the check costs nothing per row."""
+        heap = self._full_at
+        while heap and self._join_of.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
+        if heap and heap[0][0] <= self.steps:
+            seq_id = heap[0][2]
+            request = self._requests[self._row[seq_id]]
+            raise ValueError(f"sequence {seq_id!r} is full: {self.length(seq_id)} positions stored of the "
+                             f"{request.max_tokens} reserved by admit; let it leave")
+
+    def _add_row(self, seq_id, request, *, waiting: bool) -> None:
+        self._row[seq_id] = len(self.seq_ids)
+        self.seq_ids.append(seq_id)
+        self._requests.append(request)
+        offset = request.length - self.steps
+        self._offset.append(offset)
+        self._longest = max(self._longest, offset)
+        join = next(self._joins)
+        self._join_of[seq_id] = join
+        heapq.heappush(self._full_at, (request.max_tokens - offset, join, seq_id))
+        if waiting:
+            self._waiting.add(seq_id)
+        request.batch = self
+
+    def _remove_row(self, seq_id) -> None:
+        row, last = self._row.pop(seq_id), self.rows - 1
+        request = self._requests[row]
+        stored = self._offset[row] + self.steps
+        self.runner.cache.advance([seq_id], stored - request.length)
+        request.length, request.batch = stored, None
+        self.slots.leave(row, last)
+        if row != last:
+            moved = self.seq_ids[last]
+            self.seq_ids[row], self._requests[row], self._offset[row] = moved, self._requests[last], self._offset[last]
+            self._row[moved] = row
+        for values in (self.seq_ids, self._requests, self._offset):
+            values.pop()
+        del self._join_of[seq_id]
+        self._waiting.discard(seq_id)
+
+    def _row_of(self, seq_id) -> int:
+        try:
+            return self._row[seq_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"sequence {seq_id!r} is not a row of this batch") from None
+
+    def _refresh(self) -> None:
+        """The union and each row's view of it, after rows joined or left (device work, no read-back
+        except the union's sizes on a CPU for the torch backend)."""
+        host_counts = self.runner.backend == "torch" and self.slots.device.type == "cpu" and self.graphs is None
+        self.slots.refresh(bucket_of(self.rows), host_counts=host_counts)
+        self._longest = max(self._offset, default=0)
+        for views in self._views.values():
+            self._set_counts(views)
+        self._dirty = False
+
+    def _views_of(self, bucket: int) -> list:
+        """The step's per-layer views of the slots over ``bucket`` rows (made once per bucket)."""
+        views = self._views.get(bucket)
+        if views is None:
+            views = self._views[bucket] = self.slots.layer_views(bucket)
+            self._set_counts(views)
+        return views
+
+    def _set_counts(self, views: list) -> None:
+        if self.slots.counts is not None:
+            for view, counts in zip(views, self.slots.counts):
+                view.counts = counts
+
+    def _split_of(self, bucket: int) -> int:
+        if self.runner.backend != "triton":
+            return 1
+        split = self._splits.get(bucket)
+        if split is None:
+            split = self._splits[bucket] = paged_decode_splits(
+                bucket, self.runner.shape.num_heads, self.width * self.runner.cache.page_size,
+                self.runner.weights.device)
+        return split
+
+    def _visible_pages(self) -> int | None:
+        """Eager torch steps: the table columns the longest row reads, from the host's lengths (no sync), so
+        the gathered attention costs the context, not ``max_tokens``. ``None`` (every column) on the
+        Triton path, whose kernel stops at each row's length on the device."""
+        if self.runner.backend != "torch":
+            return None
+        return -(-(self._longest + self.steps + 1) // self.runner.cache.page_size)
+

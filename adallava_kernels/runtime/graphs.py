@@ -1,26 +1,25 @@
-"""CUDA graphs of decode steps: captured once per step shape, replayed after.
+"""CUDA graphs of decode steps: captured once per running batch's buffers and bucket, replayed after.
 
-A bound decode step (:mod:`.binding`) is a fixed sequence of launches once
-its shape is known: each layer's sub-block modes, the batch size and the
-table width bucket. Every grid depends on those only; the plans' indices,
-counts and masks, the block tables and the sequence lengths are read on the
-device. So it is captured once and replayed with its inputs copied into
-persistent buffers: a batch with other plans of the same shape binds its
-data into the buffers and replays. The graphs live in a bounded cache (least
-recently used out first), each with its own memory pool.
+A decode step (:mod:`.step`) over a running batch's slots (:mod:`.slots`) is a
+fixed sequence of launches once its bucket (the live rows, padded) is
+known: the plans' indices, counts and masks, the block tables and the
+sequence lengths all live in the batch's persistent buffers and are read on
+the device. So it is captured once per (buffers, bucket) and replayed
+whatever rows join or leave and whatever their plans. The graphs live in a
+bounded cache (least recently used out first), each with its own memory
+pool.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 import torch
 
-__all__ = ["GraphCache", "GraphEntry", "GraphOwner", "GraphStats"]
+__all__ = ["GraphCache", "GraphEntry", "GraphStats"]
 
 
 @dataclass
@@ -40,20 +39,12 @@ class GraphStats:
 
 @dataclass
 class GraphEntry:
-    """One captured step: its persistent inputs, its outputs, and the batch whose state it holds now.
+    """One captured step and the step function that made it (the latest caller's, for checks)."""
 
-    ``buffers``: the bound plans' data (indices, counts, masks, block tables), which a batch copies in
-    when it binds the entry; ``views``: the step's per-layer views of them. The step reads nothing
-    else by address but the weights and the KV pool, which the runner holds."""
-
-    tokens: torch.Tensor
-    state: torch.Tensor
-    buffers: tuple[torch.Tensor, ...]
     graph: torch.cuda.CUDAGraph | None = None
     outputs: tuple[torch.Tensor, ...] = ()
     capture_seconds: float = 0.0
-    owner: weakref.ref | None = field(default=None, repr=False)
-    views: list = field(default_factory=list, repr=False)
+    step: Callable[[], object] | None = field(default=None, repr=False)
 
 
 class GraphCache:
@@ -69,6 +60,20 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def run(self, key: Hashable, step: Callable[[], object]) -> None:
+        """Run ``step`` through the graph of ``key``: the first time warmed up eagerly and captured (recording
+        runs nothing, so the step's effects happen once), later replayed."""
+        entry = self.entry(key, GraphEntry)
+        entry.step = step
+        if entry.graph is None:
+            self.warm_up(step)
+            self.capture(entry, step)
+        else:
+            self.replay(entry)
+
+    def keys(self) -> list[Hashable]:
+        return list(self._entries)
+
     def entry(self, key: Hashable, make: Callable[[], GraphEntry]) -> GraphEntry:
         """The entry of ``key``, made (without a graph yet) if absent; the oldest goes when the cache is full."""
         found = self._entries.get(key)
@@ -82,25 +87,23 @@ class GraphCache:
         entry = self._entries[key] = make()
         return entry
 
-    def warm_up(self, step: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    def warm_up(self, step: Callable[[], object]) -> None:
         """Run ``step`` eagerly on a side stream, as graph capture asks of the first run (Triton compiles
         and autotunes its kernels here)."""
         start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            out = step()
+            step()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.stats.warmup_seconds += time.perf_counter() - start
-        return out
 
-    def replay(self, entry: GraphEntry) -> tuple[torch.Tensor, ...]:
+    def replay(self, entry: GraphEntry) -> None:
         entry.graph.replay()
         self.stats.replays += 1
-        return entry.outputs
 
-    def capture(self, entry: GraphEntry, step: Callable[[], tuple[torch.Tensor, ...]]) -> None:
+    def capture(self, entry: GraphEntry, step: Callable[[], object]) -> None:
         """Record ``step`` into ``entry``. It reads and writes ``entry``'s buffers and the KV pages, and reads
         the weights: nothing a freed request owned."""
         torch.cuda.synchronize()
@@ -109,9 +112,9 @@ class GraphCache:
         # A private memory pool per graph: graphs of different batches replay in any order, and a shared
         # pool would let one replay's intermediates overwrite another graph's outputs before they are read.
         with torch.cuda.graph(graph):
-            outputs = step()
+            step()
         torch.cuda.synchronize()
-        entry.graph, entry.outputs = graph, outputs
+        entry.graph = graph
         entry.capture_seconds = time.perf_counter() - start
         self.stats.captures += 1
         self.stats.capture_seconds += entry.capture_seconds
@@ -122,69 +125,5 @@ class GraphCache:
         self._entries.clear()
 
 
-class GraphOwner:
-    """What lets a decode batch step through a captured graph: the batch owns an entry's buffers while it
-    steps (its state moves in on :meth:`bind`, back out on :meth:`unbind`), so batches with one key share
-    one graph.
-
-    The batch provides ``graphs`` (the runner's :class:`GraphCache`), ``key``, ``batch`` (rows),
-    ``state``, ``buffers`` (its bound plans' data), ``views_of(buffers)`` (the step's views of such
-    buffers) and ``forward_step(tokens, state, views)``.
-    """
-
-    _entry: GraphEntry | None = None
-
-    def graph_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        graphs = self.graphs
-        entry = graphs.entry(self.key, self._new_entry)
-        if entry.owner is None or entry.owner() is not self:
-            self.bind(entry)
-        entry.tokens.copy_(tokens)
-        step = lambda: self.forward_step(entry.tokens, entry.state, entry.views)  # noqa: E731
-        if entry.graph is None:
-            # The first step of a key runs eagerly (the warm-up), then is recorded for the next ones;
-            # recording runs nothing, so the pages and lengths change only on replay.
-            out = graphs.warm_up(step)
-            graphs.capture(entry, step)
-            return out
-        return graphs.replay(entry)
-
-    def _new_entry(self) -> GraphEntry:
-        entry = GraphEntry(tokens=torch.zeros(self.batch, dtype=torch.int64, device=self.state.device),
-                           state=torch.empty_like(self.state),
-                           buffers=tuple(torch.empty_like(b) for b in self.buffers))
-        entry.views = self.views_of(entry.buffers)
-        return entry
-
-    def bind(self, entry: GraphEntry) -> None:
-        """Move this batch's state into ``entry``'s buffers (saving the previous owner's first)."""
-        previous = entry.owner() if entry.owner is not None else None
-        if previous is not None:
-            previous.unbind(entry)
-        if self._entry is not None and self._entry is not entry:
-            self.unbind(self._entry)
-        entry.state.copy_(self.state)
-        for mine, theirs in zip(self.buffers, entry.buffers):
-            theirs.copy_(mine)
-        entry.owner = weakref.ref(self)
-        self._entry = entry
-
-    def unbind(self, entry: GraphEntry) -> None:
-        """Take this batch's state back from ``entry`` (another batch needs the graph, or it is evicted)."""
-        if self._entry is entry:
-            self.state.copy_(entry.state)
-            self._entry = None
-            entry.owner = None
-
-    def close(self) -> None:
-        """Release the graph this batch holds (its state stays with the batch)."""
-        if self._entry is not None:
-            self.unbind(self._entry)
-
-
 def _release(entry: GraphEntry) -> None:
-    """Give the entry's state back to the batch that owns it (it goes on eagerly or in another graph)."""
-    owner = entry.owner() if entry.owner is not None else None
-    if owner is not None:
-        owner.unbind(entry)
-    entry.graph, entry.outputs = None, ()
+    entry.graph, entry.outputs, entry.step = None, (), None

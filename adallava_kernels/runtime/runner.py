@@ -7,17 +7,13 @@ Plan on the host once per request, run on the device with no host sync:
   positions), or refuses it, changing nothing;
 - :meth:`PlannedDecoder.prefill` runs the prompt; a scheduler that plans
   mid-prefill (AdaLLaVA, after the prefix layers) is a ``planner`` callback,
-  the one place a device value may come back to the host;
-- :meth:`PlannedDecoder.decode` forms a :class:`~.decode.DecodeBatch`: its
-  block tables and what each layer runs are built once, and each
-  :meth:`~.decode.DecodeBatch.step` is a fixed sequence of launches that
-  reads the sequence lengths on the device. With CUDA graphs the batch binds
-  its plans as data (:mod:`.binding`), so one captured step serves every
-  batch of its shape, whatever the plans.
-
-Rows whose plans agree on a layer run it together, as one cohort
-(:mod:`.cohorts`; the prefix layers of AdaLLaVA run as one cohort of every
-row); a skipped layer is absent.
+  the one place a device value may come back to the host. Rows whose plans
+  agree on a layer run it together, as one cohort (:mod:`.cohorts`);
+- :meth:`PlannedDecoder.decode` opens a running :class:`~.decode.DecodeBatch`
+  of a fixed row capacity that prefilled requests join and leave between
+  steps; each step is the same launches whatever the rows' plans
+  (:mod:`.rows` -> :mod:`.slots` -> :mod:`.step`: plan, bind, run), so
+  with CUDA graphs one capture per padded batch size serves every plan.
 """
 
 from __future__ import annotations
@@ -36,27 +32,37 @@ from ..ops.common import resolve_backend
 from ..ops.rope import rope_sign
 from ..ops.rms_norm import rms_norm
 from ..plan import ExecutionPlan
-from .binding import SKIP
 from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, run_layer
 from .decode import DecodeBatch
 from .graphs import GraphCache
-from .layers import BoundLayer, KVPages, PrefillInputs, ProgramCache
+from .layers import KVPages, PrefillInputs, ProgramCache
 from .prompts import check_prompt
+from .rows import RowPlan
+from .slots import BatchSlots, bucket_of
+from .step import SlotLayer
 from .weights import DecoderWeights
 
-__all__ = ["PlannedDecoder", "DecodeBatch"]
+__all__ = ["PlannedDecoder", "DecodeBatch", "Request"]
 
 Planner = Callable[[torch.Tensor], Sequence[ExecutionPlan]]
 
 
 @dataclasses.dataclass
-class _Request:
+class Request:
+    """An admitted request, as the runner and its decode batches see it."""
+
     plan: ExecutionPlan | None  # None until set: admitted for any plan (its pages are the full plan's)
     max_tokens: int
     prefilled: bool = False
-    length: int = 0  # positions stored, counted on the host
+    length: int = 0  # positions stored when it last left a batch (a batch counts its steps itself)
     starts: torch.Tensor | None = None  # [1] int32 on the device: the left padding, from prefill
-    batch: object = None  # the decode batch that holds its device state now
+    batch: object = None  # the decode batch it is a row of
+    row: RowPlan | None = None  # its plan in the form a batch reads, made once per plan
+
+
+def width_bucket(pages: int) -> int:
+    """Table widths a batch holds: the next power of two, so requests of nearby ``max_tokens`` share one."""
+    return 1 << max(0, pages - 1).bit_length()
 
 
 class PlannedDecoder:
@@ -67,19 +73,18 @@ class PlannedDecoder:
     :class:`~adallava_kernels.LayerSkipKVCache` of ``num_pages`` pages
     (``self.cache``). ``backend``: ``"triton"`` (gathered and paged Triton
     kernels), ``"torch"`` (PyTorch ops; the CPU path) or ``"auto"`` (Triton
-    on CUDA). ``cuda_graphs``: replay decode steps as CUDA graphs on CUDA,
-    at most ``max_graphs`` of them, one per step shape. ``bind_plans``: decode
-    batches bind their plans as data (:mod:`.binding`); always with graphs,
-    and by default only then.
+    on CUDA). ``cuda_graphs``: replay decode steps as CUDA graphs (on CUDA,
+    with the Triton backend), at most ``max_graphs`` of them, one per running
+    batch's buffers and padded batch size.
 
-    All validation happens at admission, at plan time and when a decode
-    batch is formed; prefill layers and decode steps read no device value
-    back. ``graph_stats()`` reports what graph captures cost.
+    All validation happens at admission, at plan time and when a request
+    joins a decode batch; prefill layers and decode steps read no device
+    value back. ``graph_stats()`` reports what graph captures cost.
     """
 
     def __init__(
         self, weights: DecoderWeights, *, num_pages: int, page_size: int = 16, backend: str = "auto",
-        cuda_graphs: bool = True, max_graphs: int = 8, bind_plans: bool | None = None,
+        cuda_graphs: bool = True, max_graphs: int = 16,
     ) -> None:
         if not isinstance(weights, DecoderWeights):
             raise TypeError(f"weights must be DecoderWeights, got {type(weights).__name__}")
@@ -87,31 +92,28 @@ class PlannedDecoder:
         self.weights, self.shape = weights, weights.shape
         self.backend = resolve_backend("PlannedDecoder", backend, weights.device, _has_triton())
         self.cache = self._new_pool(num_pages, page_size)
-        self.graphs = GraphCache(max_graphs) if cuda_graphs and weights.device.type == "cuda" else None
-        if bind_plans is False and self.graphs is not None:
-            raise ValueError("bind_plans=False needs cuda_graphs=False: a captured step serves any plans "
-                             "only with the plans bound as data")
-        self.bind_plans = bind_plans
-        self._requests: dict[Hashable, _Request] = {}
+        graphs = cuda_graphs and weights.device.type == "cuda" and self.backend == "triton"
+        self.graphs = GraphCache(max_graphs) if graphs else None
+        self._requests: dict[Hashable, Request] = {}
         self.programs = ProgramCache(weights, self.backend)
         self._full = ExecutionPlan.full(self.shape)
-        self.programs.acquire(self._full)  # held for good: bound steps run its dense programs
-        self._bound: dict[tuple, BoundLayer] = {}  # (layer, its modes) -> the layer of bound steps
-        self._modes: dict[tuple, int] = {}  # the layer modes of bound steps seen -> a number for graph keys
-        self._rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
+        self.programs.acquire(self._full)  # held for good: most prefill rows run it
+        self.rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
+        self.slot_layers = [SlotLayer(i, layer, self.backend) for i, layer in enumerate(weights.layers)]
+        self._slot_sets: dict[tuple[int, int], list[BatchSlots]] = {}  # (capacity, width) -> idle buffers
 
     @classmethod
     def from_hf(
         cls, model, *, lm_head=None, num_pages: int, page_size: int = 16, backend: str = "auto",
-        partial_layers=None, cuda_graphs: bool = True, max_graphs: int = 8, bind_plans: bool | None = None,
+        partial_layers=None, cuda_graphs: bool = True, max_graphs: int = 16,
     ) -> "PlannedDecoder":
         """From a transformers ``LlamaForCausalLM``, ``LlavaForConditionalGeneration`` (its language model),
         or a ``LlamaModel`` with ``lm_head``. ``partial_layers``: the layers a plan may run with only some
         heads or neurons (default all; each gets column-major copies of ``o_proj`` and ``down_proj``)."""
         weights = DecoderWeights.from_hf(model, lm_head=lm_head, partial_layers=partial_layers)
         return cls(weights, num_pages=num_pages, page_size=page_size, backend=backend, cuda_graphs=cuda_graphs,
-                   max_graphs=max_graphs, bind_plans=bind_plans)
+                   max_graphs=max_graphs)
 
     # -- requests ------------------------------------------------------------------
 
@@ -135,12 +137,7 @@ class PlannedDecoder:
         if plan is not None:
             self._check_plan(plan)
         self.cache.add_sequence(seq_id, self._full if plan is None else plan, max_tokens, reserve=True)
-        try:
-            self.programs.acquire(self._full if plan is None else plan)
-        except Exception:
-            self.cache.free(seq_id)
-            raise
-        self._requests[seq_id] = _Request(plan, max_tokens)
+        self._requests[seq_id] = Request(plan, max_tokens)
 
     def set_plan(self, seq_id: Hashable, plan: ExecutionPlan) -> None:
         """Give ``seq_id`` its plan before its first decode step (or from a prefill ``planner``).
@@ -155,27 +152,19 @@ class PlannedDecoder:
         self._check_plan(plan)
         self._replan(seq_id, request, plan)
 
-    def _replan(self, seq_id: Hashable | None, request: _Request, plan: ExecutionPlan | None) -> None:
+    def _replan(self, seq_id: Hashable | None, request: Request, plan: ExecutionPlan | None) -> None:
         """``request`` (``seq_id``'s in the pool, or ``None``: a forward's, which holds no pages) under ``plan``
-        (``None``: any plan, the full plan's pages), its pages and programs moved with it; on failure nothing
-        changes."""
-        new = self._full if plan is None else plan
-        self.programs.acquire(new)
-        try:
-            if seq_id is not None:
-                self.cache.set_plan(seq_id, new)
-        except BaseException:
-            self.programs.release(new)
-            raise
-        self.programs.release(self._plan_of(request))
-        request.plan = plan
+        (``None``: any plan, the full plan's pages), its pages moved with it; on failure nothing changes."""
+        if seq_id is not None:
+            self.cache.set_plan(seq_id, self._full if plan is None else plan)
+        request.plan, request.row = plan, None
 
     def free(self, seq_id: Hashable) -> None:
-        """Return the pages of ``seq_id`` to the pool and forget it."""
+        """Return the pages of ``seq_id`` to the pool and forget it (a row of a decode batch leaves it first)."""
         request = self._request(seq_id)
+        if request.batch is not None:
+            request.batch.leave([seq_id])
         self.cache.free(seq_id)
-        self.programs.release(self._full if request.plan is None else request.plan)
-        request.batch = None  # a batch that still holds it refuses to step
         del self._requests[seq_id]
 
     def plan(self, seq_id: Hashable) -> ExecutionPlan | None:
@@ -192,6 +181,7 @@ class PlannedDecoder:
             raise ValueError(f"resize_pool needs an empty pool; {len(self._requests)} sequences are admitted")
         self.cache = self._new_pool(num_pages, self.cache.page_size)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
+        self._slot_sets.clear()  # their tables name the old pool's scratch page
         if self.graphs is not None:
             self.graphs.clear()
 
@@ -201,7 +191,7 @@ class PlannedDecoder:
         if self.graphs is None:
             return {"enabled": False}
         return {"enabled": True, "cached": len(self.graphs), "max_graphs": self.graphs.max_graphs,
-                **self.graphs.stats.as_dict()}
+                "keys": [key[1] for key in self.graphs.keys()], **self.graphs.stats.as_dict()}
 
     # -- prefill -------------------------------------------------------------------------
 
@@ -254,14 +244,9 @@ class PlannedDecoder:
         rows = [self._full] * batch if plans is None else _plans_per_row("plans", plans, batch)
         for plan in rows:
             self._check_plan(plan)
-        requests = [_Request(plan, inputs_embeds.shape[1]) for plan in rows]
-        self._acquire_all(rows)
-        try:
-            logits, _ = self._run_prompt(inputs_embeds, attention_mask, None, requests, planner, plan_after,
-                                         logits_to_keep)
-        finally:
-            for request in requests:
-                self.programs.release(request.plan)
+        requests = [Request(plan, inputs_embeds.shape[1]) for plan in rows]
+        logits, _ = self._run_prompt(inputs_embeds, attention_mask, None, requests, planner, plan_after,
+                                     logits_to_keep)
         return logits, [r.plan for r in requests]
 
     def _check_planner(self, planner, plan_after) -> None:
@@ -292,7 +277,7 @@ class PlannedDecoder:
         if mask is None:
             mask = torch.ones(batch, seq, dtype=torch.int32, device=h.device)
         cos, sin = self.weights.rotary(h, positions(mask))
-        shared = PrefillInputs(cos, sin, cos[:, :, None], (sin * self._rope_sign)[:, :, None],
+        shared = PrefillInputs(cos, sin, cos[:, :, None], (sin * self.rope_sign)[:, :, None],
                                causal_mask(mask, seq, h.dtype), padding,
                                torch.zeros(batch, dtype=torch.int32, device=h.device))
         starts = (seq - mask.sum(-1)).to(torch.int32)
@@ -312,15 +297,22 @@ class PlannedDecoder:
     def _prefill_layers(self, h, start, stop, shared: PrefillInputs, seq_ids, requests):
         if start == stop:
             return h
-        schedule = self._schedule([self._plan_of(r) for r in requests], range(start, stop))
-        if seq_ids is not None:
-            self._attach_tables(schedule, seq_ids, decode=False)
-        inputs = [for_cohort(shared, rows) for rows in schedule.cohorts]
-        pages = self.pages if seq_ids is not None else None
-        for runs in schedule.layers:
-            h = run_layer(h, runs, schedule.cohorts, lambda run, part: run.program.prefill(
-                part, inputs[run.cohort], pages, run.tables))
-        return h
+        plans = [self._plan_of(r) for r in requests]
+        # Layer programs live while a prefill runs them: decode steps read the plans as data.
+        self._acquire_all(plans)
+        try:
+            schedule = self._schedule(plans, range(start, stop))
+            if seq_ids is not None:
+                self._attach_tables(schedule, seq_ids)
+            inputs = [for_cohort(shared, rows) for rows in schedule.cohorts]
+            pages = self.pages if seq_ids is not None else None
+            for runs in schedule.layers:
+                h = run_layer(h, runs, schedule.cohorts, lambda run, part: run.program.prefill(
+                    part, inputs[run.cohort], pages, run.tables))
+            return h
+        finally:
+            for plan in plans:
+                self.programs.release(plan)
 
     def _apply_planner(self, planner, h, seq_ids, requests, ran: int) -> Callable[[], None]:
         """Call ``planner`` on ``h``, check every row's plan (its type, its shape, the ``ran`` layers it must
@@ -352,11 +344,57 @@ class PlannedDecoder:
 
     # -- decode --------------------------------------------------------------------------
 
-    def decode(self, seq_ids: Sequence[Hashable]) -> DecodeBatch:
-        """A decode batch of prefilled sequences (row ``b`` is ``seq_ids[b]``), built once; step it."""
+    def decode(self, seq_ids: Sequence[Hashable] = (), tokens: torch.Tensor | None = None, *,
+               capacity: int | None = None, max_tokens: int | None = None) -> DecodeBatch:
+        """A running decode batch of at most ``capacity`` rows (default: the bucket of ``seq_ids``), with
+        ``seq_ids`` joined (``tokens``: their next inputs, or ``None``: given at the first step). Requests
+        of up to ``max_tokens`` positions may join it (default: those of ``seq_ids``, rounded up to a
+        power of two of pages). Its buffers are the runner's, reused by the next batch of this capacity
+        and width once it is closed (with the CUDA graphs captured over them)."""
         check_seq_ids(seq_ids)
-        bound = self.graphs is not None or bool(self.bind_plans)
-        return DecodeBatch(self, list(seq_ids), bound=bound)
+        requests = [self.decode_request(seq_id) for seq_id in seq_ids]
+        if capacity is None:
+            capacity = bucket_of(max(1, len(seq_ids)))
+        check_int("capacity", capacity, 1)
+        if max_tokens is None:
+            if not requests:
+                raise ValueError("decode() with no sequences needs max_tokens: the longest request that may join")
+            max_tokens = max(r.max_tokens for r in requests)
+        check_int("max_tokens", max_tokens, 1)
+        width = width_bucket(-(-max_tokens // self.cache.page_size))
+        batch = DecodeBatch(self, self._take_slots(capacity, width), self.graphs)
+        try:
+            batch.join(list(seq_ids), tokens)
+        except BaseException:
+            batch.close()
+            raise
+        return batch
+
+    def decode_request(self, seq_id: Hashable) -> Request:
+        """The request of ``seq_id``, for a decode batch to join: admitted and prefilled, else a ``ValueError``."""
+        request = self._request(seq_id)
+        if not request.prefilled:
+            raise ValueError(f"sequence {seq_id!r} has not run its prefill")
+        return request
+
+    def row_plan(self, seq_id: Hashable) -> RowPlan:
+        """The plan of ``seq_id`` on the device, as a decode batch's slot holds it (made once per plan)."""
+        request = self._request(seq_id)
+        if request.row is None:
+            request.row = RowPlan.of(self._plan_of(request), self.weights.device)
+        return request.row
+
+    def release_slots(self, slots: BatchSlots) -> None:
+        """Take back a closed batch's buffers, cleared, for the next batch of their capacity and width."""
+        slots.clear()
+        self._slot_sets.setdefault((slots.capacity, slots.width), []).append(slots)
+
+    def _take_slots(self, capacity: int, width: int) -> BatchSlots:
+        idle = self._slot_sets.get((capacity, width))
+        if idle:
+            return idle.pop()
+        return BatchSlots(self.shape, capacity=capacity, width=width, scratch_page=self.cache.scratch_page,
+                          dtype=self.weights.dtype, device=self.weights.device, torch_index=self.backend == "torch")
 
     # -- internals -------------------------------------------------------------------------
 
@@ -365,29 +403,13 @@ class PlannedDecoder:
         return LayerSkipKVCache(self.shape, num_pages=num_pages, page_size=page_size, dtype=self.weights.dtype,
                                 device=self.weights.device, scratch_page=True)
 
-    def _modes_id(self, modes: tuple) -> int:
-        return self._modes.setdefault(modes, len(self._modes))
-
-    def _bound_layers(self, modes) -> list[BoundLayer]:
-        """The layers a bound step with these (attention, MLP) modes per layer runs (one per layer, shared)."""
-        full = self.programs.of(self._full)
-        layers = []
-        for i, layer_modes in enumerate(modes):
-            if layer_modes == (SKIP, SKIP):
-                continue
-            key = (i, layer_modes)
-            if key not in self._bound:
-                self._bound[key] = BoundLayer(self.weights.layers[i], full[i], layer_modes, self.backend)
-            layers.append(self._bound[key])
-        return layers
-
-    def _request(self, seq_id: Hashable) -> _Request:
+    def _request(self, seq_id: Hashable) -> Request:
         try:
             return self._requests[seq_id]
         except (KeyError, TypeError):
             raise ValueError(f"sequence {seq_id!r} is not admitted (never, or freed)") from None
 
-    def _requests_of(self, seq_ids: Sequence[Hashable], *, prefilled: bool) -> list[_Request]:
+    def _requests_of(self, seq_ids: Sequence[Hashable], *, prefilled: bool) -> list[Request]:
         """The requests of ``seq_ids`` (at least one, distinct, admitted), each prefilled or not as asked."""
         if not seq_ids:
             raise ValueError("seq_ids must name at least one admitted sequence, got none")
@@ -399,13 +421,23 @@ class PlannedDecoder:
                 raise ValueError(f"sequence {seq_id!r} {state}")
         return requests
 
-    def _plan_of(self, request: _Request) -> ExecutionPlan:
+    def _plan_of(self, request: Request) -> ExecutionPlan:
         return self._full if request.plan is None else request.plan
 
     def _check_plan(self, plan: ExecutionPlan, name: str = "plan") -> None:
         if not isinstance(plan, ExecutionPlan):
             raise ValueError(f"{name} must be an ExecutionPlan, got {type(plan).__name__}")
         plan.check_shape(self.shape)
+        if self.backend != "triton":
+            return
+        shape, partial = self.shape, self.weights.partial_layers
+        for i in range(shape.num_layers):
+            if i in partial:
+                continue
+            if len(plan.heads[i]) not in (0, shape.num_heads) or len(plan.neurons[i]) not in (0, shape.intermediate_size):
+                raise ValueError(
+                    f"{name} keeps only some units of layer {i}, which was not prepared for partial plans (its "
+                    "index is not in the runner's partial_layers): run it whole or skip it")
 
     def _check_prompt(self, h, mask, batch: int, *, left_padding: bool) -> int:
         return check_prompt(h, mask, batch, self.shape.hidden_size, self.weights.dtype, self.weights.device,
@@ -415,11 +447,10 @@ class PlannedDecoder:
         """Per layer, its programs and the cohorts each runs (a skipped layer runs nothing)."""
         return build_schedule([self.programs.of(plan) for plan in plans], layers, self.weights.device)
 
-    def _attach_tables(self, schedule: Schedule, seq_ids, *, decode: bool) -> None:
+    def _attach_tables(self, schedule: Schedule, seq_ids) -> None:
         """Each run's block tables ``[cohort rows, kv_heads, width]`` (stacked on the device, widths padded)."""
         width = max(-(-self._request(s).max_tokens // self.cache.page_size) for s in seq_ids)
-        attach_tables(schedule, self.cache.page_table, seq_ids, width, self.cache.page_size, decode=decode,
-                      backend=self.backend, device=self.weights.device)
+        attach_tables(schedule, self.cache.page_table, seq_ids, width)
 
 
 def _plans_per_row(name: str, plans: object, rows: int, *, returned: bool = False) -> list:

@@ -1,0 +1,133 @@
+"""Run: one decode step over a running batch's slots, the same launches whatever the plans.
+
+Every layer runs the same sub-blocks on every step, each reading its plan
+from a :class:`~.slots.LayerSlots` at run time, so the step depends on the
+batch's padded size alone and one captured CUDA graph serves every mix of
+plans. A sub-block no row runs has a union of 0 units: its kernels launch
+and their programs return at once, reading no weight.
+
+- ``triton``: the layer's seven kernels (RMSNorm; q, k and v of the union's
+  heads with RoPE, K and V written to the pages; the paged attention, each
+  row over its own heads only; ``o_proj`` over the union's columns; the
+  residual add fused with the second RMSNorm; gate and up of the union's
+  neurons with SiLU-and-multiply; ``down_proj`` over them, each row's
+  neurons masked, with the residual).
+- ``torch``: the same computation with PyTorch ops over the union's weights,
+  gathered (the reference of the Triton path). Where the host knows the
+  union's sizes (a CPU), only the union is computed; otherwise, as a graph
+  needs, every slot of the capacity, free slots masked.
+
+A layer whose weights have no column-major copies (not in the runner's
+``partial_layers``) reads ``o_proj`` and ``down_proj`` in their own layout:
+its plans keep it whole or skip it, so its union is every unit or none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.library import adallava_ops
+from ..ops.paged_attention import attend_gathered_pages
+from ..ops.rms_norm import fused_add_rms_norm, rms_norm
+from ..ops.rope import rope
+from .layers import sub_blocks
+from .slots import LayerSlots
+from .weights import LayerWeights
+
+_OPS = adallava_ops()
+
+__all__ = ["DecodeInputs", "SlotLayer"]
+
+
+@dataclass
+class DecodeInputs:
+    """Per-step tensors of a decode step's rows."""
+
+    cos: torch.Tensor  # [rows, 1, d]
+    sin: torch.Tensor
+    cos4: torch.Tensor  # [rows, 1, 1, d]
+    signed_sin4: torch.Tensor
+    lengths: torch.Tensor  # [rows] int32: positions stored before this step (the new token's slot)
+    lengths_after: torch.Tensor  # lengths + 1
+    starts: torch.Tensor  # [rows] int32: first position attended (the left padding)
+    mask: torch.Tensor | None  # [rows, 1, 1, visible positions] additive (torch backend)
+
+
+class SlotLayer:
+    """One decoder layer of a decode step, its plan read from :class:`LayerSlots` at run time."""
+
+    def __init__(self, index: int, weights: LayerWeights, backend: str) -> None:
+        self.index, self.backend = index, backend
+        attention, mlp = weights.attention, weights.mlp
+        self.input_norm, self.post_norm, self.eps = weights.input_norm, weights.post_norm, weights.eps
+        self.nq, self.nkv, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.w_qkv = attention.w_qkv
+        self.w_o = attention.w_o if attention.w_o_columns is None else attention.w_o_columns
+        self.w_gate, self.w_up = mlp.w_gate, mlp.w_up
+        self.w_down = mlp.w_down if mlp.w_down_columns is None else mlp.w_down_columns
+        self.partial = attention.w_o_columns is not None and mlp.w_down_columns is not None
+
+    def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages, slots: LayerSlots, split: int,
+               rope_sign: torch.Tensor) -> torch.Tensor:
+        """``h`` ``[rows, hidden]`` (one new token per row) through the layer; K/V written at ``lengths``."""
+        if self.backend == "triton":
+            x = rms_norm(h, self.input_norm, self.eps, backend="triton")
+            out = self._attention_triton(x, inputs, pages, slots, split)
+            x, h = fused_add_rms_norm(out, h, self.post_norm, self.eps, backend="triton")
+            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
+            return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, h)
+        # Where the host knows the union is empty, the sub-block is not run at all.
+        q_n, _, n = self._sizes(slots)
+        attend = (lambda x: self._attention_torch(x, inputs, pages, slots, rope_sign)) if q_n else None
+        mlp = (lambda x, residual: self._mlp_torch(x, residual, slots)) if n else None
+        return sub_blocks(h, attend, mlp, self.input_norm, self.post_norm, self.eps, "torch")
+
+    # -- triton --------------------------------------------------------------------------
+
+    def _attention_triton(self, x, inputs: DecodeInputs, pages, slots: LayerSlots, split: int) -> torch.Tensor:
+        rows, nq, d = x.shape[0], self.nq, self.head_dim
+        q = _OPS.head_projection_paged(x[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin, d,
+                                       nq + self.nkv, pages.k, pages.v, slots.tables, inputs.lengths)[:, 0]
+        out = _OPS.paged_decode_attention(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
+                                          inputs.starts, self.scale, split)
+        # A head a row lacks attends nothing and gives 0: o_proj needs no mask.
+        return _OPS.col_gathered_linear(out.view(rows, nq * d), self.w_o, slots.o_cols, slots.o_count)
+
+    # -- torch ---------------------------------------------------------------------------
+
+    def _sizes(self, slots: LayerSlots) -> tuple[int, int, int]:
+        """The union's query heads, KV heads and neurons the torch path computes: its sizes where the host
+        knows them, else every slot (a fixed shape; the free ones are masked)."""
+        if slots.counts is not None:
+            return slots.counts
+        return self.nq, self.nkv, slots.neurons.shape[0]
+
+    def _attention_torch(self, x, inputs: DecodeInputs, pages, slots: LayerSlots, rope_sign) -> torch.Tensor:
+        rows, nq, nkv, d = x.shape[0], self.nq, self.nkv, self.head_dim
+        q_n, kv_n, _ = self._sizes(slots)
+        index = slots.gather
+        features = torch.cat([index.qkv_rows[:q_n], index.qkv_rows[nq:nq + kv_n],
+                              index.qkv_rows[nq + nkv:nq + nkv + kv_n]]).view(-1)
+        qkv = (x @ self.w_qkv.index_select(0, features).t()).view(rows, q_n + 2 * kv_n, 1, d)
+        qk = rope(qkv[:, :q_n + kv_n], inputs.cos4, inputs.signed_sin4)
+        q, k, v = qk[:, :q_n], qk[:, q_n:], qkv[:, q_n + kv_n:]
+        tables = slots.tables[:, :kv_n].contiguous()
+        _OPS.kv_append(pages.k, pages.v, k, v, tables, inputs.lengths)
+        visible = inputs.mask.shape[-1] // pages.kv.shape[2]
+        head_tables = torch.gather(tables[:, :, :visible], 1,
+                                   index.kv_map[:, :q_n, None].expand(-1, -1, visible))
+        out = attend_gathered_pages(q, pages.kv, head_tables, inputs.mask, self.scale)
+        # A head the row lacks gives 0, as the Triton kernel's.
+        out = (out * (slots.kv_map[:, :q_n] >= 0)[:, :, None, None]).reshape(rows, q_n * d)
+        return out @ self.w_o.index_select(1, index.o_cols[:q_n * d]).t()
+
+    def _mlp_torch(self, x, residual, slots: LayerSlots) -> torch.Tensor:
+        _, _, n = self._sizes(slots)
+        neurons = slots.gather.neurons[:n]
+        act = F.silu(x @ self.w_gate.index_select(0, neurons).t()) * (x @ self.w_up.index_select(0, neurons).t())
+        act = act * slots.n_mask[:, :n]
+        return torch.addmm(residual, act, self.w_down.index_select(1, neurons).t())
