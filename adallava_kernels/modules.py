@@ -15,7 +15,7 @@ from torch import nn
 
 from .kv_cache import KVCacheLayer, TransformersCacheLayer
 from .ops.common import resolve_backend
-from .ops.layout import prepare_column_gather
+from .ops.layout import prepare_column_gather, stack_rows
 from .ops.masked_attention import AttentionProgram, AttentionWeights, check_padding, run_masked_attention
 from .ops.masked_mlp import MlpProgram, MlpWeights
 from .plan import ExecutionPlan, LayerPlan
@@ -116,7 +116,8 @@ class MaskedMLP(nn.Module):
     """A transformers ``LlamaMLP`` that computes only the neurons its layer plan keeps.
 
     Holds the weights as the runtime does: gate and up stacked (one copy made
-    here), down as one column-major copy, so gathered columns are contiguous
+    here, or none when they already lie stacked, as a runtime's
+    ``DecoderWeights.from_hf`` leaves them), down as one column-major copy, so gathered columns are contiguous
     (``gather_layout=False`` keeps ``w_down`` as given instead, for a layer
     that always runs whole). Call :meth:`set_plan` once per request;
     ``forward(x)`` has ``LlamaMLP``'s signature, so the module can replace
@@ -130,7 +131,7 @@ class MaskedMLP(nn.Module):
     ):
         super().__init__()
         intermediate = w_gate.shape[0]
-        self.gate_up_weight = nn.Parameter(torch.cat([w_gate, w_up]), requires_grad=False)
+        self.gate_up_weight = nn.Parameter(stack_rows([w_gate, w_up]), requires_grad=False)
         self.down_weight = nn.Parameter(prepare_column_gather(w_down) if gather_layout else w_down, requires_grad=False)
         self.backend = backend
         self.intermediate_size = intermediate
@@ -226,7 +227,8 @@ class MaskedAttention(nn.Module):
     """A transformers ``LlamaAttention`` that computes only the heads its layer plan keeps.
 
     Holds the weights as the runtime does: q, k and v stacked (one copy made
-    here), ``o_proj`` as one column-major copy, so its gathered columns are
+    here, or none when they already lie stacked, as a runtime's
+    ``DecoderWeights.from_hf`` leaves them), ``o_proj`` as one column-major copy, so its gathered columns are
     contiguous (``gather_layout=False`` keeps it as given instead). Call
     :meth:`set_plan` once per request. ``forward`` takes ``LlamaAttention``'s
     arguments and returns ``(output, None)``, so the module can replace one
@@ -246,7 +248,7 @@ class MaskedAttention(nn.Module):
                 f"w_q has {w_q.shape[0]} rows, which is not num_heads ({num_heads}) heads, "
                 f"or num_heads is not a multiple of num_kv_heads ({num_kv_heads})"
             )
-        self.qkv_weight = nn.Parameter(torch.cat([w_q, w_k, w_v]), requires_grad=False)
+        self.qkv_weight = nn.Parameter(stack_rows([w_q, w_k, w_v]), requires_grad=False)
         self.o_weight = nn.Parameter(prepare_column_gather(w_o) if gather_layout else w_o, requires_grad=False)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

@@ -88,20 +88,25 @@ class Runtimes:
     def get(self, model, backend: str) -> PlannedDecoder:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        stamp = tuple((w.data_ptr(), w._version) for layer in model.decoder_layers for w in (
-            layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
-            layer.self_attn.o_proj.weight, layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight,
-            layer.mlp.down_proj.weight))
         cached = self._by_backend.get(backend)
-        if cached is None or cached[0] != stamp:
+        if cached is None or cached[0] != _weights_stamp(model):
             if cached is not None and cached[1].sequences:
                 raise ValueError("the decoder's weights changed while sequences are admitted to its runtime")
             runner = PlannedDecoder.from_hf(
                 model, num_pages=_INITIAL_PAGES, backend=backend,
                 partial_layers=range(model.scheme.prefix_layers, model.config.shape.num_layers),
             )
-            cached = self._by_backend[backend] = (stamp, runner)
+            # Taken after the build: it made q/k/v and gate/up views of its stacked tensors, which moved them.
+            cached = self._by_backend[backend] = (_weights_stamp(model), runner)
         return cached[1]
+
+
+def _weights_stamp(model) -> tuple:
+    """Where the decoder's projection weights lie and how often they were changed in place."""
+    return tuple((w.data_ptr(), w._version) for layer in model.decoder_layers for w in (
+        layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
+        layer.self_attn.o_proj.weight, layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight,
+        layer.mlp.down_proj.weight))
 
 
 def scheduler_planner(model, budgets, mask2d, where):

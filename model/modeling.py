@@ -69,7 +69,8 @@ class AdaLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.scheduler = Scheduler(hidden, config.scheme)
         self.switch_gates = SwitchGates(self.decoder_layers, config.shape.head_dim)
         # The runtimes hold the decoder's weights in their own layout, outside the module tree, so
-        # they are neither saved nor counted as parameters.
+        # they are neither saved nor counted as parameters. Their stacked q|k|v and gate|up are the
+        # layers' own memory: building one makes those parameters views of them.
         self._runtimes = inference.Runtimes()
         # Set by from_pretrained: the checkpoint held trained latency-encoder and scheduler weights.
         self.has_trained_scheduler = False

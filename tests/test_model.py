@@ -407,6 +407,20 @@ def test_generate_input_checks():
         model.generate(ids, pixels, latency_budget=0.7, kv_cache={})
 
 
+def test_the_runtimes_hold_the_decoders_weights_once_and_are_kept_until_they_change():
+    model = tiny_model("H")
+    torch_runtime = model.runtime("torch")
+    assert model.runtime("torch") is torch_runtime  # the build made the weights views: not a change
+    # A second backend's runtime reads the same stacked q|k|v and gate|up.
+    other = model.runtime("triton")
+    for a, b in zip(torch_runtime.weights.layers, other.weights.layers):
+        assert a.attention.w_qkv.data_ptr() == b.attention.w_qkv.data_ptr()
+        assert a.mlp.w_gate_up.data_ptr() == b.mlp.w_gate_up.data_ptr()
+    with torch.no_grad():
+        model.decoder_layers[0].self_attn.q_proj.weight.mul_(2)  # a training step's in-place update
+    assert model.runtime("torch") is not torch_runtime
+
+
 @pytest.mark.parametrize("k", range(3))
 def test_a_request_failing_at_row_k_leaves_the_runtime_as_it_was(k, monkeypatch):
     # Row k refused at admission, or its plan refused when the scheduler's plans are set mid-prefill (the

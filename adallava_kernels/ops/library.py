@@ -24,8 +24,14 @@ them validated their inputs at plan time.
 - ``silu_and_mul(gate_up)``: ``silu(gate) * up`` of a stacked gate|up projection;
 - ``rope_(x, cos, sin, heads)``: rotary embedding of the first ``heads`` heads of ``x``, in place.
 
-Importing this module registers them; it compiles nothing. :func:`eager_launchers` calls the same
+Importing this module registers them all; it compiles nothing. :func:`eager_launchers` calls the same
 functions without the dispatcher in eager mode.
+
+The elementwise ops (``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``, ``rope_``) are registered by
+the modules that implement them, which this one imports; they import only :mod:`.registry`, so no module
+imports this one back. The gathered and attention kernels are registered here: their modules import
+Triton, and registering needs none, so the operators exist (and the torch paths that name them run) on a
+machine without it.
 """
 
 from __future__ import annotations
@@ -34,21 +40,13 @@ from typing import Optional
 
 import torch
 
+from . import rms_norm, rope, silu_and_mul  # noqa: F401  (each registers its operators)
+from .registry import eager_launchers, register_op
+
 __all__ = ["adallava_ops", "eager_launchers"]
 
-# The Python functions behind the registered operators, by name: what an eager caller launches directly.
-_FUNCTIONS: dict[str, object] = {}
 
-
-def _registered(name: str, mutates_args=()):
-    """``torch.library.custom_op("adallava::<name>")``, keeping the function for :func:`eager_launchers`."""
-    def register(fn):
-        _FUNCTIONS[name] = fn
-        return torch.library.custom_op(f"adallava::{name}", mutates_args=mutates_args)(fn)
-    return register
-
-
-@_registered("head_projection", mutates_args=())
+@register_op("head_projection", mutates_args=())
 def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
     head_dim: int, rope_slots: int,
@@ -64,7 +62,7 @@ def _(x, w, heads, cos, sin, head_dim, rope_slots):
     return x.new_empty(x.shape[0], x.shape[1], heads.shape[0], head_dim)
 
 
-@_registered("head_projection_paged", mutates_args=("k_pages", "v_pages"))
+@register_op("head_projection_paged", mutates_args=("k_pages", "v_pages"))
 def head_projection_paged(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
     rope_slots: int, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
@@ -81,7 +79,7 @@ def _(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables, pos
     return x.new_empty(x.shape[0], x.shape[1], heads.shape[0] - 2 * tables.shape[1], head_dim)
 
 
-@_registered("flash_attention", mutates_args=())
+@register_op("flash_attention", mutates_args=())
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_to_kv: torch.Tensor, padding: Optional[torch.Tensor],
     scale: float,
@@ -96,7 +94,7 @@ def _(q, k, v, head_to_kv, padding, scale):
     return torch.empty_like(q)
 
 
-@_registered("paged_decode_attention", mutates_args=())
+@register_op("paged_decode_attention", mutates_args=())
 def paged_decode_attention(
     q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
     lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int,
@@ -111,7 +109,7 @@ def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split):
     return torch.empty_like(q)
 
 
-@_registered("row_gathered_linear", mutates_args=())
+@register_op("row_gathered_linear", mutates_args=())
 def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     from .gathered_linear import row_gathered_linear as launch
@@ -124,7 +122,7 @@ def _(x, w, rows, residual=None):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 
-@_registered("swiglu_gathered", mutates_args=())
+@register_op("swiglu_gathered", mutates_args=())
 def swiglu_gathered(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     from .gathered_linear import swiglu_gathered as launch
 
@@ -136,7 +134,7 @@ def _(x, w_gate, w_up, rows):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 
-@_registered("col_gathered_linear", mutates_args=())
+@register_op("col_gathered_linear", mutates_args=())
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, count: Optional[torch.Tensor] = None,
     x_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
@@ -151,82 +149,6 @@ def _(x, w, cols, count=None, x_mask=None, residual=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-@torch.library.custom_op("adallava::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    from .rms_norm import rms_norm_triton
-
-    return rms_norm_triton(x, weight, eps)
-
-
-@rms_norm.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("adallava::fused_add_rms_norm", mutates_args=())
-def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from .rms_norm import fused_add_rms_norm_triton
-
-    return fused_add_rms_norm_triton(x, residual, weight, eps)
-
-
-@fused_add_rms_norm.register_fake
-def _(x, residual, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape)
-
-
-@torch.library.custom_op("adallava::silu_and_mul", mutates_args=())
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    from .silu_and_mul import silu_and_mul_triton
-
-    return silu_and_mul_triton(gate_up)
-
-
-@silu_and_mul.register_fake
-def _(gate_up):
-    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
-
-
-@torch.library.custom_op("adallava::rope_", mutates_args=("x",))
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
-    from .rope import rope_triton_
-
-    rope_triton_(x, cos, sin, heads)
-
-
-@rope_.register_fake
-def _(x, cos, sin, heads):
-    return None
-
-
 def adallava_ops():
     """``torch.ops.adallava`` with the Triton operators registered (and the extension's, when built)."""
     return torch.ops.adallava
-
-
-class _EagerLaunchers:
-    """The Triton operators called without the dispatcher in eager mode (a registered Python operator costs
-    microseconds of host time a call, which a prefill pays per layer), and through ``torch.ops.adallava``
-    while ``torch.compile`` traces. The same functions run either way."""
-
-    def __getattr__(self, name: str):
-        function, op = _FUNCTIONS[name], getattr(torch.ops.adallava, name)
-
-        def launch(*args):
-            return op(*args) if torch.compiler.is_compiling() else function(*args)
-
-        launch.__name__ = name
-        setattr(self, name, launch)  # resolved once per name
-        return launch
-
-
-_EAGER = _EagerLaunchers()
-
-
-def eager_launchers() -> _EagerLaunchers:
-    """The Triton operators as the eager paths call them (prefill, the drop-in modules): see
-    :class:`_EagerLaunchers`. A decode step calls ``adallava_ops()``: it is captured as a CUDA graph, where
-    the dispatcher costs nothing, and each operator stays one unit of the step."""
-    return _EAGER

@@ -20,7 +20,7 @@ throughout. :func:`rms_norm` is the norm alone.
 - :func:`rms_norm_triton`, :func:`fused_add_rms_norm_triton`: the Triton
   kernel launched directly (no ``torch.library`` dispatch: the cheaper call
   in eager mode), with optional ``out=`` buffers; ``torch.ops.adallava.rms_norm``
-  and ``fused_add_rms_norm`` (``ops.library``) wrap them for tracing;
+  and ``fused_add_rms_norm``, registered here, wrap them for tracing;
 - :func:`rms_norm`, :func:`fused_add_rms_norm`: checked, with
   ``backend="auto" | "torch" | "triton"``; their Triton path launches
   directly, and goes through the registered op under ``torch.compile``.
@@ -37,7 +37,7 @@ import math
 import torch
 
 from .common import INTERPRETING, check_same_dtype, check_tensor, resolve_backend
-from .library import adallava_ops
+from .registry import register_op
 
 try:
     import triton
@@ -281,7 +281,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str 
         return rms_norm_reference(x, weight, eps)
     _check_hidden(x.shape[-1])
     if torch.compiler.is_compiling():
-        return adallava_ops().rms_norm(x, weight, eps)
+        return torch.ops.adallava.rms_norm(x, weight, eps)
     return _rms_norm_triton(x, weight, eps, None)
 
 
@@ -309,5 +309,28 @@ def fused_add_rms_norm(
         return fused_add_rms_norm_reference(x, residual, weight, eps)
     _check_hidden(x.shape[-1])
     if torch.compiler.is_compiling():
-        return adallava_ops().fused_add_rms_norm(x, residual, weight, eps)
+        return torch.ops.adallava.fused_add_rms_norm(x, residual, weight, eps)
     return _fused_add_rms_norm_triton(x, residual, weight, eps, None, None)
+
+
+# The kernels as operators (what torch.compile traces, and what a decode step captured as a graph calls).
+@register_op("rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_triton(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@register_op("fused_add_rms_norm", mutates_args=())
+def _fused_add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_add_rms_norm_triton(x, residual, weight, eps)
+
+
+@_fused_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)

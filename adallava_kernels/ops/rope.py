@@ -14,8 +14,8 @@ its first half negated (a sign flip rounds nothing), which is how
 
 - :func:`rope`, :func:`rope_sign`: PyTorch, the oracle and the CPU path;
 - :func:`rope_triton_`: the Triton kernel launched directly (no
-  ``torch.library`` dispatch), in place; ``torch.ops.adallava.rope_`` wraps
-  it for tracing;
+  ``torch.library`` dispatch), in place; ``torch.ops.adallava.rope_``,
+  registered here, wraps it for tracing;
 - :func:`rope_`: checked, with ``backend="auto" | "torch" | "triton"``.
 
 The kernel computes each product in float32 and rounds it to the dtype, then
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .common import check_tensor, resolve_backend
-from .library import adallava_ops
+from .registry import register_op
 
 try:
     import triton
@@ -147,6 +147,17 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, *, 
         part.copy_(rope(part, cos[:, :, None], (sin * rope_sign(x.shape[-1], x.dtype, x.device))[:, :, None]))
         return x
     if torch.compiler.is_compiling():
-        adallava_ops().rope_(x, cos, sin, heads)
+        torch.ops.adallava.rope_(x, cos, sin, heads)
         return x
     return _launch(x, cos, sin, heads)
+
+
+# The kernel as an operator (what torch.compile traces, and what a decode step captured as a graph calls).
+@register_op("rope_", mutates_args=("x",))
+def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    rope_triton_(x, cos, sin, heads)
+
+
+@_rope_op.register_fake
+def _(x, cos, sin, heads):
+    return None

@@ -11,7 +11,7 @@ gate|up kernel, ``ops.gathered_linear.swiglu_gathered``.)
   (transformers' ``act_fn(gate) * up``);
 - :func:`silu_and_mul_triton`: the Triton kernel launched directly (no
   ``torch.library`` dispatch), with an optional ``out=`` buffer;
-  ``torch.ops.adallava.silu_and_mul`` (``ops.library``) wraps it for tracing;
+  ``torch.ops.adallava.silu_and_mul``, registered here, wraps it for tracing;
 - :func:`silu_and_mul`: checked, with ``backend="auto" | "torch" | "triton"``.
 
 The kernel computes in float32 and rounds once to the input dtype, where
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import check_tensor, resolve_backend
-from .library import adallava_ops
+from .registry import register_op
 
 try:
     import triton
@@ -111,5 +111,16 @@ def silu_and_mul(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tenso
     if chosen == "torch":
         return silu_and_mul_reference(gate_up)
     if torch.compiler.is_compiling():
-        return adallava_ops().silu_and_mul(gate_up)
+        return torch.ops.adallava.silu_and_mul(gate_up)
     return _launch(gate_up, None)
+
+
+# The kernel as an operator (what torch.compile traces, and what a decode step captured as a graph calls).
+@register_op("silu_and_mul", mutates_args=())
+def _silu_and_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
+    return silu_and_mul_triton(gate_up)
+
+
+@_silu_and_mul_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
