@@ -323,9 +323,10 @@ def batch_decode_cost(
     layer plan in the batch: a batch of equal plans costs :func:`decode_cost` with ``batch_size``, a
     batch of plans that share no layer costs the sum of one-row steps (only ``lm_head`` is read once).
 
-    Bound steps (``union=True``, the CUDA graphs' path, ``runtime.binding``): each layer runs the union
-    of the rows' units for every row, so its weights are read once and every row pays the union's FLOPs
-    and reads the union's KV heads (a row's own or, for the units it lacks, the scratch page).
+    The runtime's steps (``union=True``, ``runtime.step``): each layer projects and runs the MLP over the
+    union of the rows' units for every row, so its weights are read once and every row pays the union's
+    FLOPs there; the attention itself (scores, softmax, the weighted sum, and the KV they read) is each
+    row's own heads only, as the paged attention skips a (row, head) the row's plan lacks.
     """
     check_int("context_len", context_len)
     check_model_shape("shape", shape)
@@ -354,15 +355,23 @@ def batch_decode_cost(
     return CostBreakdown("decode", tuple(layers), lm_head)
 
 
+# The ops of a layer's attention that each row runs over its own heads only, in a step over the union.
+_OWN_HEADS_OPS = ("qk_matmul", "softmax", "sv_matmul")
+
+
 def _union_decode_cost(shape, context_len, plans, precision) -> CostBreakdown:
     per_kv = shape.heads_per_kv_head
+    counts = [_active_counts(shape, plan) for plan in plans]
     layers = []
     for i in range(shape.num_layers):
         heads = set().union(*(plan.heads[i] for plan in plans))
         neurons = set().union(*(plan.neurons[i] for plan in plans))
-        layers.append(layer_ops(shape, heads=len(heads), kv_heads=len({h // per_kv for h in heads}),
-                                neurons=len(neurons), q_tokens=1, kv_tokens=context_len, batch_size=len(plans),
-                                precision=precision))
+        ops = layer_ops(shape, heads=len(heads), kv_heads=len({h // per_kv for h in heads}), neurons=len(neurons),
+                        q_tokens=1, kv_tokens=context_len, batch_size=len(plans), precision=precision)
+        own = [layer_ops(shape, heads=row[i][0], kv_heads=row[i][1], neurons=0, q_tokens=1, kv_tokens=context_len,
+                         precision=precision) for row in counts]
+        layers.append(tuple(_sum_ops(op.name, (row[k] for row in own), (op.name,)) if op.name in _OWN_HEADS_OPS
+                            else op for k, op in enumerate(ops)))
     lm_head = _linear("lm_head", len(plans), shape.hidden_size, shape.vocab_size, precision)
     return CostBreakdown("decode", tuple(layers), lm_head)
 

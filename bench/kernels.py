@@ -5,7 +5,8 @@ A random-weight model of the chosen shape is served by a
 plan: every layer full except the last, which keeps every other head and
 every other neuron group (half of each, scattered as a scheduler picks them).
 One prefill and one decode step run through the runner; the inputs it hands
-the first (full) and the last (partial) layer's ``LayerProgram`` are kept,
+the first (full) and the last (partial) layer are kept (a prefill's
+``LayerProgram``, a decode step's ``SlotLayer`` with the plan as data),
 and each layer call is then repeated alone under ``torch.profiler``, with
 ranges around the attention's projection, attention and ``o_proj`` and
 around the MLP, so that each kernel is known by the sub-block it runs in.
@@ -32,7 +33,8 @@ import torch
 from adallava_kernels import ExecutionPlan, ModelShape, cost
 from adallava_kernels.plan import neuron_groups
 from adallava_kernels.runtime import PlannedDecoder
-from adallava_kernels.runtime.layers import DecodeInputs, PrefillInputs
+from adallava_kernels.runtime.layers import KVPages
+from adallava_kernels.runtime.step import SlotLayer
 
 from . import model as model_bench
 from . import timing
@@ -108,11 +110,15 @@ def _ranged(label: str) -> Callable[[Callable], Callable]:
 def _stage_ranges(program):
     """Profiler ranges around the program's attention stages and its MLP, for this instance only."""
     with contextlib.ExitStack() as stack:
-        if program.attention is not None:
+        if isinstance(program, SlotLayer):  # a decode layer: its Triton stages, or the torch path's sub-blocks
+            for method, label in (("_qkv", "qkv"), ("_attend", "attention"), ("_o_proj", "o_proj"),
+                                  ("_mlp_triton", "mlp"), ("_attention_torch", "attention"), ("_mlp_torch", "mlp")):
+                stack.enter_context(_replaced(program, method, _ranged(label)))
+        elif program.attention is not None:
             for method, label in (("project", "qkv"), ("project_decode", "qkv"), ("project_to_pages", "qkv"),
                                   ("attend", "attention"), ("output", "o_proj")):
                 stack.enter_context(_replaced(program.attention, method, _ranged(label)))
-        if program.mlp is not None:
+        if not isinstance(program, SlotLayer) and program.mlp is not None:
             stack.enter_context(_replaced(program.mlp, "add_to", _ranged("mlp")))
         yield
 
@@ -121,7 +127,7 @@ def _frozen(value):
     """A copy of a layer input the runner changes after the call (a decode step advances its lengths)."""
     if isinstance(value, torch.Tensor):
         return value.clone()
-    if isinstance(value, (PrefillInputs, DecodeInputs)):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not isinstance(value, KVPages):
         fields = dataclasses.fields(value)
         return dataclasses.replace(value, **{f.name: _frozen(getattr(value, f.name)) for f in fields})
     return value
@@ -286,11 +292,11 @@ def _captured_calls(runner: PlannedDecoder, plan: ExecutionPlan, programs: dict,
     runner.admit("prefill", plan, tokens)
     runner.admit("decode", plan, context)
     try:
-        with _capturing(programs, "prefill") as prefill:
+        with _capturing(programs["prefill"], "prefill") as prefill:
             runner.prefill(["prefill"], embeds[tokens])
         logits = runner.prefill(["decode"], embeds[context - 1])
         batch = runner.decode(["decode"])
-        with _capturing(programs, "decode") as decode:
+        with _capturing(programs["decode"], "decode") as decode:
             batch.step(logits[:, -1].argmax(-1))
         batch.close()
     finally:
@@ -336,13 +342,15 @@ def run(shape: ModelShape, model_name: str, device: torch.device, dtype: torch.d
     rates = measure_rates(device, dtype)
     runner.programs.acquire(plan)  # the two layers' programs outlive the requests whose inputs they replay
     try:
-        programs = {"full": runner.programs.of(plan)[full], "partial": runner.programs.of(plan)[partial]}
+        # Prefill runs the plan's layer programs; a decode step, the runner's layers with the plan as data.
+        programs = {"prefill": {"full": runner.programs.of(plan)[full], "partial": runner.programs.of(plan)[partial]},
+                    "decode": {"full": runner.slot_layers[full], "partial": runner.slot_layers[partial]}}
         with torch.no_grad():
             calls = _captured_calls(runner, plan, programs, shape, tokens, context, device)
             layers = [{"layer": kind, **profile_layer(program, stage, calls[stage][kind], plan, shape, q_tokens,
                                                       kv_tokens, rates, device, dtype, reps)}
                       for stage, q_tokens, kv_tokens in (("prefill", tokens, tokens), ("decode", 1, context))
-                      for kind, program in programs.items()]
+                      for kind, program in programs[stage].items()]
     finally:
         runner.programs.release(plan)
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "model": model_name,

@@ -494,7 +494,7 @@ def _half_plan(shape2):
 @functools.lru_cache(maxsize=None)
 def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1, 16), context: int = 700,
                      prefill_tokens: int = 701, arch: int = 90, sms: int = SMS) -> tuple[Variant, ...]:
-    """Every variant one bound decode step (at each batch) and one prefill of the runtime compile to, each
+    """Every variant one decode step (at each batch) and one prefill of the runtime compile to, each
     with its site: the stage, the batch and the layer (0 whole, 1 keeping half its heads and neurons)."""
     from adallava_kernels import get_shape
     from adallava_kernels.ops import common
@@ -507,7 +507,7 @@ def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1
     pages = max(batches) * 2 * shape.num_kv_heads * -(-(max(context, prefill_tokens) + 8) // page) + 8
     with capturing(sms, arch) as variants, _triton_on_cpu(common), _layer_sites(variants.site, shape):
         runner = PlannedDecoder.from_hf(model, num_pages=pages, page_size=page, backend="triton",
-                                        partial_layers=[1], cuda_graphs=False, bind_plans=True)
+                                        partial_layers=[1], cuda_graphs=False)
         plan = _half_plan(runner.shape)
         site = variants.site
         for batch in batches:
@@ -534,7 +534,8 @@ def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1
 @contextlib.contextmanager
 def _layer_sites(site: dict, shape):
     """While a layer of the runtime runs, the site names it and says how many heads it keeps."""
-    from adallava_kernels.runtime.layers import BoundLayer, LayerProgram
+    from adallava_kernels.runtime.layers import LayerProgram
+    from adallava_kernels.runtime.step import SlotLayer
 
     def wrap(original):
         def call(layer, *args, **kwargs):
@@ -550,7 +551,7 @@ def _layer_sites(site: dict, shape):
                 site["extra"] = before
         return call
 
-    saved = [(BoundLayer, "decode", BoundLayer.decode), (LayerProgram, "prefill", LayerProgram.prefill)]
+    saved = [(SlotLayer, "decode", SlotLayer.decode), (LayerProgram, "prefill", LayerProgram.prefill)]
     for cls, name, fn in saved:
         setattr(cls, name, wrap(fn))
     try:

@@ -209,7 +209,7 @@ def test_batch_decode_cost_pays_weights_once_per_cohort():
         cost.batch_decode_cost(shape, 300, [])
 
 
-def test_bound_batch_decode_cost_runs_the_union_for_every_row():
+def test_union_batch_decode_cost_runs_the_union_for_every_row_but_attends_its_own_heads():
     shape = get_shape("tiny")
     layers, per_kv = shape.num_layers, shape.heads_per_kv_head
     h1 = ExecutionPlan(shape, [[0]] * layers, [range(5)] * layers)
@@ -217,10 +217,18 @@ def test_bound_batch_decode_cost_runs_the_union_for_every_row():
     union = ExecutionPlan(shape, [[0, per_kv]] * layers, [range(9)] * layers)  # both rows' units
     bound = cost.batch_decode_cost(shape, 300, [h1, h2], union=True)
     expected = cost.decode_cost(shape, 300, union, batch_size=2)
-    assert bound.flops == pytest.approx(expected.flops) and bound.bytes == pytest.approx(expected.bytes)
-    # Equal plans: their union is the plan, so binding costs what cohorts cost.
+    own = cost.decode_cost(shape, 300, h1)  # each row attends one head over one KV head
+    for i in range(layers):
+        for got, union_op, own_op in zip(bound.layers[i], expected.layers[i], own.layers[i]):
+            if got.name in ("qk_matmul", "softmax", "sv_matmul"):  # each row's own heads: twice one row's
+                assert got.flops == pytest.approx(2 * own_op.flops) and got.bytes == pytest.approx(2 * own_op.bytes)
+            else:  # the union's units for every row
+                assert got.flops == pytest.approx(union_op.flops) and got.bytes == pytest.approx(union_op.bytes)
+    # Equal plans: their union is the plan, so a step over the union costs what cohorts cost.
     assert cost.batch_decode_cost(shape, 300, [h1, h1], union=True).bytes == pytest.approx(
         cost.batch_decode_cost(shape, 300, [h1, h1]).bytes)
+    assert cost.batch_decode_cost(shape, 300, [h1, h1], union=True).flops == pytest.approx(
+        cost.batch_decode_cost(shape, 300, [h1, h1]).flops)
     # Disjoint plans: cohorts read each plan's weights (the union's) and compute each row's own units.
     eager = cost.batch_decode_cost(shape, 300, [h1, h2])
     assert eager.flops < bound.flops

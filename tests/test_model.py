@@ -318,12 +318,9 @@ def stepwise_reference(model, ids, pixels, mask, budget, plans, steps):
     return out
 
 
-@pytest.mark.parametrize("bind_plans", [False, True], ids=["cohorts", "bound"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_generate_equals_the_stepwise_masked_reference_and_stores_only_the_plan(kind, bind_plans):
-    # Decode by cohorts (the eager path) or with the plans bound as data (the CUDA graphs' path).
+def test_generate_equals_the_stepwise_masked_reference_and_stores_only_the_plan(kind):
     model = tiny_model(kind)
-    model.runtime("torch").bind_plans = bind_plans
     ids, pixels = tiny_inputs(batch=2, text=5)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0

@@ -40,6 +40,7 @@ def calls() -> dict:
     pool = LayerSkipKVCache(TINY, num_pages=64, page_size=16, dtype=torch.float32)
     pool.add_sequence("p", plan, 32)
     runner = PlannedDecoder.from_hf(hf, num_pages=32, page_size=16)
+    batch = runner.decode(capacity=2, max_tokens=8)
     tiny, (ids, pixels) = tiny_model("H"), tiny_inputs(batch=1)
     return {
         "ExecutionPlan": (ExecutionPlan, dict(shape=TINY, heads=[range(8)] * 4, neurons=[range(520)] * 4)),
@@ -89,7 +90,9 @@ def calls() -> dict:
         "PlannedDecoder.from_hf": (PlannedDecoder.from_hf, dict(model=hf, num_pages=8, page_size=16, max_graphs=2)),
         "PlannedDecoder.pages_for": (runner.pages_for, dict(plan=hf_plan, max_tokens=8)),
         "PlannedDecoder.forward": (runner.forward, dict(inputs_embeds=runner.weights.embed[torch.tensor([[1, 2]])])),
-        "PlannedDecoder.decode": (runner.decode, dict(seq_ids=[])),
+        "PlannedDecoder.decode": (runner.decode, dict(seq_ids=[], capacity=2, max_tokens=8)),
+        "DecodeBatch.join": (batch.join, dict(seq_ids=[], tokens=None)),
+        "DecodeBatch.leave": (batch.leave, dict(seq_ids=[])),
         "AdaLlavaForConditionalGeneration.generate": (tiny.generate, dict(input_ids=ids, pixel_values=pixels,
                                                                           latency_budget=0.75, max_new_tokens=2,
                                                                           backend="torch")),
@@ -101,7 +104,7 @@ def calls() -> dict:
 
 
 # Valid calls that refuse on purpose (an empty batch): only their wrong arguments are checked.
-REFUSE_ANYWAY = {"PlannedDecoder.decode"}
+REFUSE_ANYWAY: set[str] = set()
 # Arguments any value is valid for: a sequence id (any hashable), the name a message gives.
 ANY_VALUE = {"seq_id", "name"}
 # Arguments None is valid for though their default is not None (a layer's plan: all units; a request's: any).
@@ -120,7 +123,10 @@ NOT_CALLED = {
     "cache_ops": "a module", "transformers_cache": "a transformers Cache over the pool's sequences",
     "AdaGeneration": "a record generate returns", "AdaLlavaConfig": "transformers' config, checked in __init__",
     "AdaLlavaOutput": "a record forward returns", "AdaRequest": "a record start_request returns",
-    "IGNORE_INDEX": "a constant",
+    "IGNORE_INDEX": "a constant", "BUCKETS": "a constant", "BatchSlots": "built by PlannedDecoder.decode",
+    "LayerSlots": "views a BatchSlots makes", "Request": "a record the runner keeps per request",
+    "RowPlan": "built by PlannedDecoder.row_plan from a checked plan", "SlotLayer": "built by PlannedDecoder",
+    "bucket_of": "a number from a number of rows",
 }
 CALL_NAMES = ["ExecutionPlan", "ExecutionPlan.full", "ExecutionPlan.from_layer_mask", "ExecutionPlan.from_switches",
               "ExecutionPlan.from_json", "ExecutionPlan.layer", "ExecutionPlan.check_shape", "get_shape",
@@ -131,7 +137,8 @@ CALL_NAMES = ["ExecutionPlan", "ExecutionPlan.full", "ExecutionPlan.from_layer_m
               "MaskedMLP.from_hf", "MaskedMLP.set_plan", "MaskedAttention.from_hf", "MaskedAttention.set_plan",
               "apply_masked_kernels", "LayerSkipKVCache", "LayerSkipKVCache.pages_for", "LayerSkipKVCache.append",
               "LayerSkipKVCache.layer_view", "ContiguousKVCache", "PlannedDecoder.from_hf", "PlannedDecoder.pages_for",
-              "PlannedDecoder.forward", "PlannedDecoder.decode", "AdaLlavaForConditionalGeneration.generate",
+              "PlannedDecoder.forward", "PlannedDecoder.decode", "DecodeBatch.join", "DecodeBatch.leave",
+              "AdaLlavaForConditionalGeneration.generate",
               "AdaLlavaForConditionalGeneration.forward", "fit_image_tokens"]
 
 

@@ -201,13 +201,15 @@ def _col_gather_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm, stride_rn,
     SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    DENSE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, cols[k]] (+ res[m, n] with RESIDUAL).
 
     COUNTED: only the first count[0] columns count (a list padded to its capacity, read on the device);
-    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit). x and its mask
+    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit). DENSE: cols[k] is k
+    over the counted part (a layer kept whole or skipped): the columns are indexed directly, so a weight
+    stored row-major loads as whole vectors, and cols is never read. x and its mask
     are read as whole vectors across the row (the row's width K a multiple of 16 makes them 16-byte
     loads); a column that does not count is taken as 0, whatever x holds there (NaN included). The
     weight columns of free slots are never read.
@@ -223,14 +225,22 @@ def _col_gather_kernel(
     k_end = K
     if COUNTED:
         k_end = tl.minimum(tl.load(count_ptr), K)
+        if DENSE:  # every column or none
+            k_end = tl.where(k_end > 0, K, 0)
     share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * share
     k_hi = tl.minimum(k_end, k_lo + share)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        counted = offs_k < k_hi
-        cols = tl.load(cols_ptr + offs_k, mask=counted, other=0).to(tl.int64)
+        if DENSE:
+            # Tiles start on BLOCK_K and the splits end on it or at K: a bound known to divide by 16 keeps
+            # the mask constant over a vector, so the weight loads as whole vectors.
+            counted = offs_k < K
+            cols = offs_k
+        else:
+            counted = offs_k < k_hi
+            cols = tl.load(cols_ptr + offs_k, mask=counted, other=0).to(tl.int64)
         row_mask = mask_m[:, None] & (offs_k < K)[None, :]
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=row_mask, other=0.0)
         keep = counted[None, :]
@@ -297,7 +307,7 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
 
 def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor,
                  count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None,
-                 residual: torch.Tensor | None = None):
+                 residual: torch.Tensor | None = None, dense: bool = False):
     m, k = x2.shape
     n = w.shape[0]
     if k == 0:
@@ -312,7 +322,7 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
         x2 if residual is None else residual, partials, tickets, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *mask_strides,
         *res_strides, SPLIT_K=split, COUNTED=count is not None, XMASK=x_mask is not None,
-        RESIDUAL=residual is not None, **dot_flags(x2.dtype),
+        RESIDUAL=residual is not None, DENSE=dense, **dot_flags(x2.dtype),
     )
     return out
 
@@ -370,6 +380,7 @@ def swiglu_gathered(
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None, *,
     count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+    dense: bool = False,
 ):
     """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``.
 
@@ -380,11 +391,13 @@ def col_gathered_linear(
     rows, 16 bytes a load: an element that does not count is taken as 0 whatever it holds (NaN included).
     ``residual`` (the shape of the result): added to it in the same pass (a decoder layer's residual
     stream). In decode the reduction is split over programs that meet in the same launch, in a fixed
-    order (:mod:`.workspace`): the result is bitwise repeatable.
+    order (:mod:`.workspace`): the result is bitwise repeatable. ``dense``: ``cols`` is ``arange`` over its
+    counted part (a decode layer every row keeps whole or skips, its weight in its own row-major layout):
+    the kernel indexes the columns directly, as a dense projection that ``count`` may switch off.
     """
     y = _out(x, w.shape[0], out)
     if y.numel():
         rows = math.prod(y.shape[:-1])
         _launch_cols(_flat(x), w, _index(cols), y.view(rows, w.shape[0]), count, x_mask,
-                     None if residual is None else residual.reshape(rows, w.shape[0]))
+                     None if residual is None else residual.reshape(rows, w.shape[0]), dense)
     return y

@@ -137,15 +137,15 @@ def _(x, w_gate, w_up, rows):
 @register_op("col_gathered_linear", mutates_args=())
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, count: Optional[torch.Tensor] = None,
-    x_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+    x_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, dense: bool = False,
 ) -> torch.Tensor:
     from .gathered_linear import col_gathered_linear as launch
 
-    return launch(x, w, cols, count=count, x_mask=x_mask, residual=residual)
+    return launch(x, w, cols, count=count, x_mask=x_mask, residual=residual, dense=dense)
 
 
 @col_gathered_linear.register_fake
-def _(x, w, cols, count=None, x_mask=None, residual=None):
+def _(x, w, cols, count=None, x_mask=None, residual=None, dense=False):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

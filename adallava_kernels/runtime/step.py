@@ -18,8 +18,9 @@ and their programs return at once, reading no weight.
   needs, every slot of the capacity, free slots masked.
 
 A layer whose weights have no column-major copies (not in the runner's
-``partial_layers``) reads ``o_proj`` and ``down_proj`` in their own layout:
-its plans keep it whole or skip it, so its union is every unit or none.
+``partial_layers``) reads ``o_proj`` and ``down_proj`` in their own layout,
+as dense projections that a count of 0 switches off: its plans keep it whole
+or skip it, so its union is every unit or none.
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ class SlotLayer:
         """``h`` ``[rows, hidden]`` (one new token per row) through the layer; K/V written at ``lengths``."""
         if self.backend == "triton":
             x = rms_norm(h, self.input_norm, self.eps, backend="triton")
-            out = self._attention_triton(x, inputs, pages, slots, split)
+            q = self._qkv(x, inputs, pages, slots)
+            out = self._o_proj(self._attend(q, inputs, pages, slots, split), slots)
             x, h = fused_add_rms_norm(out, h, self.post_norm, self.eps, backend="triton")
-            act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
-            return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, h)
+            return self._mlp_triton(x, h, slots)
         # Where the host knows the union is empty, the sub-block is not run at all.
         q_n, _, n = self._sizes(slots)
         attend = (lambda x: self._attention_torch(x, inputs, pages, slots, rope_sign)) if q_n else None
@@ -88,14 +89,26 @@ class SlotLayer:
 
     # -- triton --------------------------------------------------------------------------
 
-    def _attention_triton(self, x, inputs: DecodeInputs, pages, slots: LayerSlots, split: int) -> torch.Tensor:
-        rows, nq, d = x.shape[0], self.nq, self.head_dim
-        q = _OPS.head_projection_paged(x[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin, d,
-                                       nq + self.nkv, pages.k, pages.v, slots.tables, inputs.lengths)[:, 0]
-        out = _OPS.paged_decode_attention(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
-                                          inputs.starts, self.scale, split)
-        # A head a row lacks attends nothing and gives 0: o_proj needs no mask.
-        return _OPS.col_gathered_linear(out.view(rows, nq * d), self.w_o, slots.o_cols, slots.o_count)
+    def _qkv(self, x, inputs: DecodeInputs, pages, slots: LayerSlots) -> torch.Tensor:
+        """q ``[rows, heads, d]`` of the union's heads, rotated; K and V appended to the pages, in one launch."""
+        return _OPS.head_projection_paged(x[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin,
+                                          self.head_dim, self.nq + self.nkv, pages.k, pages.v, slots.tables,
+                                          inputs.lengths)[:, 0]
+
+    def _attend(self, q, inputs: DecodeInputs, pages, slots: LayerSlots, split: int) -> torch.Tensor:
+        """Each row over its own heads' pages (a head it lacks attends nothing and gives 0)."""
+        return _OPS.paged_decode_attention(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
+                                           inputs.starts, self.scale, split)
+
+    def _o_proj(self, out, slots: LayerSlots) -> torch.Tensor:
+        # The heads a row lacks are 0 already: no mask.
+        return _OPS.col_gathered_linear(out.view(out.shape[0], -1), self.w_o, slots.o_cols, slots.o_count,
+                                        dense=not self.partial)
+
+    def _mlp_triton(self, x, residual, slots: LayerSlots) -> torch.Tensor:
+        act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
+        return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, residual,
+                                        dense=not self.partial)
 
     # -- torch ---------------------------------------------------------------------------
 
