@@ -14,11 +14,15 @@ batch of sequences, and ``kv_gather`` of their contexts, against a plain
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 from transformers import DynamicCache
 
 from adallava_kernels import ExecutionPlan, ModelShape, UnitScheme, best_plan, cost
 from adallava_kernels.kv_cache import LayerSkipKVCache
+from adallava_kernels.shape import get_shape
 
 from ._common import TIMING_COLUMNS, format_table, markdown_table, timing_cells
 from .plans import random_scores
@@ -154,3 +158,81 @@ def markdown(section: dict) -> str:
     return "\n\n".join(part for part in (
         memory, markdown_table(_memory_cells(section.get("memory", [])), MEMORY_COLUMNS),
         markdown_table([r | timing_cells(r) for r in section.get("bandwidth", [])], BANDWIDTH_COLUMNS)) if part)
+
+
+# --- host bookkeeping: what admitting, replanning, stepping and freeing a request costs the CPU -----------
+
+HOST_POOL_PAGES = 400_000
+HOST_MAX_TOKENS = 800
+
+
+def half_kv_plan(shape: ModelShape, *, neurons: bool = True) -> ExecutionPlan:
+    """Every layer with the query heads of the first half of the KV heads: half the pages. The pool reads no
+    neuron; without them (``neurons=False``) the plan is built in a millisecond instead of 40 (350k indices)."""
+    kept = range(shape.num_kv_heads // 2 * shape.heads_per_kv_head)
+    mlp = range(shape.intermediate_size) if neurons else ()
+    return ExecutionPlan(shape, [kept] * shape.num_layers, [mlp] * shape.num_layers)
+
+
+def _median_us(samples: list[float]) -> float:
+    return float(np.median(samples)) * 1e6
+
+
+def host_rows(shape: ModelShape | None = None, *, num_pages: int = HOST_POOL_PAGES,
+              max_tokens: int = HOST_MAX_TOKENS, repeats: int = 200, fresh_plans: int = 20,
+              device: str = "meta") -> list[dict]:
+    """Median host seconds of the pool's per-request calls at ``shape`` (default LLaVA-1.5-7B), as the runtime
+    makes them: ``add_sequence(reserve=True)`` under the full plan, ``set_plan`` to half the KV heads,
+    ``model_tables`` at the request's width, ``advance`` of one sequence by one token, ``free``; and
+    ``set_plan`` to a plan object the pool has not seen (``fresh_plans`` of them: a planner's new plan, whose
+    layout the pool derives). The pool is on ``device`` (``meta`` by default: the bookkeeping is real, the
+    ``num_pages`` pages take no memory) and holds three other full requests. Each call is timed alone with
+    ``time.perf_counter`` (they change the pool, so they cannot be repeated in a block)."""
+    shape = get_shape("llava-7b") if shape is None else shape
+    cache = LayerSkipKVCache(shape, num_pages=num_pages, page_size=PAGE_SIZE, device=device, scratch_page=True)
+    full, half = ExecutionPlan.full(shape), half_kv_plan(shape)
+    for i in range(3):  # a pool that other requests share
+        cache.add_sequence(f"other{i}", full, max_tokens, reserve=True)
+    width = -(-max_tokens // PAGE_SIZE)
+    calls = {
+        "add_sequence(reserve=True)": lambda: cache.add_sequence("s", full, max_tokens, reserve=True),
+        "set_plan(half KV heads)": lambda: cache.set_plan("s", half),
+        f"model_tables(width {width})": lambda: cache.model_tables("s", width),
+        "advance(1 seq, 1 token)": lambda: cache.advance(["s"], 1),
+        "free": lambda: cache.free("s"),
+    }
+    samples = {name: [] for name in calls}
+    for i in range(repeats + 3):  # the first 3: warm-up
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i >= 3:
+                samples[name].append(time.perf_counter() - start)
+    fresh = "set_plan(half KV heads, a new plan object)"
+    samples[fresh] = []
+    # Built beforehand: building one in the loop would time the caches it evicts, not the pool.
+    plans = [half_kv_plan(shape, neurons=False) for _ in range(fresh_plans)]
+    for plan in plans:
+        cache.add_sequence("s", full, max_tokens, reserve=True)
+        start = time.perf_counter()
+        cache.set_plan("s", plan)
+        samples[fresh].append(time.perf_counter() - start)
+        cache.free("s")
+    pages = cache.pages_for(full, max_tokens)
+    return [{"op": name, "median_us": _median_us(times), "repeats": len(times), "pages": pages,
+             "pool_pages": num_pages, "device": device, "threads": torch.get_num_threads()}
+            for name, times in samples.items()]
+
+
+HOST_COLUMNS = [("op", "op", "s"), ("median_us", "median us", ".1f"), ("repeats", "repeats", "d"),
+                ("pages", "pages / full request", "d"), ("pool_pages", "pool pages", "d"), ("device", "pool on", "s"),
+                ("threads", "threads", "d")]
+
+
+def host_table(rows: list[dict]) -> str:
+    return format_table(rows, HOST_COLUMNS)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    print(host_table(host_rows()))

@@ -91,6 +91,23 @@ def test_kv_cache(benchmark, op):
     benchmark(_timed(fn))
 
 
+def test_kv_pool_host_cycle(benchmark):
+    """One request's host bookkeeping at LLaVA-7B whatever the device (a meta pool: no K/V): admitted with
+    every page reserved under the full plan, replanned to half the KV heads, one step, freed
+    (``python -m bench.kv_cache`` times each call alone)."""
+    shape = get_shape("llava-7b")
+    pool = kv_bench.LayerSkipKVCache(shape, num_pages=kv_bench.HOST_POOL_PAGES, device="meta", scratch_page=True)
+    full, half = ExecutionPlan.full(shape), kv_bench.half_kv_plan(shape, neurons=False)
+
+    def cycle():
+        pool.add_sequence("s", full, kv_bench.HOST_MAX_TOKENS, reserve=True)
+        pool.set_plan("s", half)
+        pool.advance(["s"], 1)
+        pool.free("s")
+
+    benchmark(cycle)
+
+
 # -- end to end: the model section's plans and references, and the latency section's requests --------------
 
 PLANS = [(model_bench.FULL, "full", ExecutionPlan.full(SHAPE)), *model_bench.plans(SHAPE, list(BUDGETS), 2),

@@ -530,3 +530,161 @@ def test_transformers_generate_matches_dynamic_cache_at_a_full_plan():
     hf_cache = transformers_cache(cache, [0, 1])
     hf_cache.reset()  # transformers' reset empties the sequences and returns their pages
     assert cache.pages_in_use == 0 and hf_cache.get_seq_length() == 0 and cache.sequences == (0, 1)
+
+
+# --- host bookkeeping: page ownership, model tables, a meta pool ----------------------
+
+
+def random_head_plan(generator: torch.Generator, shape=SHAPE) -> ExecutionPlan:
+    """Each layer keeps a random subset of the query heads (possibly none: the layer stores nothing)."""
+    heads = [(torch.rand(shape.num_heads, generator=generator) < 0.5).nonzero().flatten().tolist()
+             for _ in range(shape.num_layers)]
+    return ExecutionPlan(shape, heads, [range(shape.intermediate_size)] * shape.num_layers)
+
+
+def owned_pages(cache) -> list[int]:
+    return [page for s in cache.sequences for layer in range(cache.shape.num_layers)
+            for head in cache.page_lists(s, layer) for page in head]
+
+
+def assert_pages_consistent(cache) -> None:
+    pages = owned_pages(cache)
+    assert len(pages) == len(set(pages)), "a page is owned twice"
+    assert all(0 <= p < cache.num_pages for p in pages), "a page outside the pool (or the scratch page) is owned"
+    assert len(pages) == cache.pages_in_use == cache.num_pages - cache.pages_free
+    assert sum(cache.sequence_bytes(s) for s in cache.sequences) == cache.bytes_in_use
+    for s in cache.sequences:
+        for layer in range(SHAPE.num_layers):
+            assert cache.kv_heads(s, layer) == cache.plan(s).kv_heads(layer)
+            lists, table = cache.page_lists(s, layer), cache.page_table(s, layer)
+            assert table.dtype == torch.int32 and table.device.type == cache.pages.device.type
+            assert len(lists) == table.shape[0] == len(cache.kv_heads(s, layer))
+            if cache.pages.device.type != "meta":
+                assert [list(h) for h in lists] == table.cpu().tolist()
+
+
+def test_model_tables_hold_each_kept_kv_head_pages_and_the_scratch_page_elsewhere():
+    cache = LayerSkipKVCache(SHAPE, num_pages=40, page_size=4, dtype=torch.float32, device=DEVICE,
+                             scratch_page=True)
+    plan = ExecutionPlan(SHAPE, [[0, 1, 2, 3], [3], []], [range(40)] * 3)  # KV heads (0, 1), (1,), ()
+    cache.add_sequence("s", plan, 9, reserve=True)  # 3 pages per KV head
+    tables = cache.model_tables("s", 5)
+    assert tables.shape == (3, 2, 5) and tables.dtype == torch.int32 and tables.device == cache.pages.device
+    scratch = cache.scratch_page
+    for layer in range(3):
+        lists = dict(zip(cache.kv_heads("s", layer), cache.page_lists("s", layer)))
+        for k in range(2):
+            expected = list(lists[k]) + [scratch] * 2 if k in lists else [scratch] * 5
+            assert tables[layer, k].tolist() == expected, (layer, k)
+    assert cache.model_tables("s", 5) is tables  # built once
+    assert cache.model_tables("s", 3)[:, :, :3].tolist() == tables[:, :, :3].tolist()
+    cache.set_plan("s", ExecutionPlan.full(SHAPE))
+    after = cache.model_tables("s", 5)
+    assert after is not tables and (after[:, :, 3:] == scratch).all() and (after[:, :, :3] != scratch).all()
+    assert sorted(p for p in after.flatten().tolist() if p != scratch) == sorted(owned_pages(cache))
+
+    with pytest.raises(ValueError, match="width must be >= the 3 pages per KV head of sequence 's'.*got 2"):
+        cache.model_tables("s", 2)
+    with pytest.raises(ValueError, match="width must be an int >= 0"):
+        cache.model_tables("s", 2.5)
+    cache.add_sequence("lazy", plan, 9)
+    with pytest.raises(ValueError, match="model_tables needs a sequence added with reserve=True; 'lazy'"):
+        cache.model_tables("lazy", 5)
+    plain = LayerSkipKVCache(SHAPE, num_pages=40, page_size=4, dtype=torch.float32, device=DEVICE)
+    plain.add_sequence("s", plan, 9, reserve=True)
+    with pytest.raises(ValueError, match="model_tables needs a scratch page.*scratch_page=True"):
+        plain.model_tables("s", 5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_admissions_replans_steps_and_frees_never_share_a_page(seed):
+    """Reserved sequences come and go, change plans and advance; others append layer by layer and clear.
+    After every call: no page is owned twice, the scratch page by none, and the pool counts what they own."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = LayerSkipKVCache(SHAPE, num_pages=60, page_size=4, dtype=torch.float32, device=DEVICE,
+                             scratch_page=True)
+
+    def pick(n):
+        return int(torch.randint(n, (1,), generator=generator))
+
+    refused = 0
+    for step in range(120):
+        live = list(cache.sequences)
+        reserved = [s for s in live if s[0] == "r"]
+        op = pick(6)
+        try:
+            if op == 0 or not live:
+                kind = "r" if pick(3) else "a"
+                cache.add_sequence((kind, step), random_head_plan(generator), 1 + pick(12), reserve=kind == "r")
+            elif op == 1:
+                cache.free(live[pick(len(live))])
+            elif op == 2 and live:
+                cache.set_plan(live[pick(len(live))], random_head_plan(generator))
+            elif op == 3 and reserved:
+                s = reserved[pick(len(reserved))]
+                room = cache.max_tokens(s) - max(cache.length(s, i) for i in range(SHAPE.num_layers))
+                cache.advance([s], pick(room + 1))
+            elif op == 4:
+                s = live[pick(len(live))]
+                layer = pick(SHAPE.num_layers)
+                new = 1 + pick(3)
+                if cache.length(s, layer) + new <= cache.max_tokens(s):
+                    kv = torch.randn(len(cache.kv_heads(s, layer)), new, 8, device=DEVICE)
+                    cache.append(s, layer, kv, kv)
+            elif op == 5:
+                cache.clear(live[pick(len(live))], None if pick(2) else pick(SHAPE.num_layers))
+        except ValueError as error:  # the only refusals these calls can meet
+            assert "KV pool exhausted" in str(error) or "(clear the layer first)" in str(error)
+            refused += 1
+        assert_pages_consistent(cache)
+    assert refused < 60  # most calls went through
+    for s in list(cache.sequences):
+        cache.free(s)
+    assert cache.pages_in_use == 0 and cache.pages_free == cache.num_pages
+    # Every page came back once: one sequence can take the whole pool, and gets each page once.
+    whole = ExecutionPlan(SHAPE, [[0]] + [[]] * 2, [range(40)] + [[]] * 2)  # one (layer, KV head): 60 pages
+    cache.add_sequence("all", whole, 60 * 4, reserve=True)
+    assert sorted(owned_pages(cache)) == list(range(60))
+
+
+def test_a_refused_replan_changes_nothing():
+    cache = LayerSkipKVCache(SHAPE, num_pages=14, page_size=4, dtype=torch.float32, device=DEVICE)
+    narrow = ExecutionPlan(SHAPE, [[0], [], []], [range(40)] * 3)
+    cache.add_sequence("s", narrow, 8, reserve=True)  # 2 pages
+    cache.add_sequence("t", ExecutionPlan.full(SHAPE), 4, reserve=True)  # 6 pages: 6 left
+    lists = [cache.page_lists("s", i) for i in range(3)]
+    with pytest.raises(ValueError, match="the new plan of sequence 's' needs 10 more pages, 6 of 14 are free"):
+        cache.set_plan("s", ExecutionPlan.full(SHAPE))
+    assert [cache.page_lists("s", i) for i in range(3)] == lists and cache.plan("s") == narrow
+    assert cache.pages_free == 6
+    assert_pages_consistent(cache)
+    # A plan that keeps the KV head it had keeps its pages.
+    cache.set_plan("s", ExecutionPlan(SHAPE, [[0, 1, 2], [], [3]], [range(40)] * 3))
+    assert cache.page_lists("s", 0)[0] == lists[0][0] and cache.pages_free == 2
+    assert_pages_consistent(cache)
+
+
+def test_a_meta_pool_keeps_the_bookkeeping_and_refuses_kernels():
+    """A pool on the meta device holds no K/V: admissions, plans and steps are counted at full size."""
+    shape = ModelShape(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                       intermediate_size=64, vocab_size=50)
+    cache = LayerSkipKVCache(shape, num_pages=200_000, page_size=16, device="meta", scratch_page=True)
+    assert cache.pages.device.type == "meta"
+    full = ExecutionPlan.full(shape)
+    half = ExecutionPlan(shape, [range(16)] * 32, [range(64)] * 32)
+    cache.add_sequence("s", full, 800, reserve=True)
+    assert cache.pages_in_use == 32 * 32 * 50 == cache.pages_for(full, 800)
+    cache.set_plan("s", half)
+    assert cache.pages_in_use == 32 * 16 * 50 and len(cache.page_lists("s", 5)) == 16
+    assert cache.page_table("s", 5).shape == (16, 50) and cache.page_table("s", 5).device.type == "meta"
+    tables = cache.model_tables("s", 64)
+    assert tables.shape == (32, 32, 64) and tables.device.type == "meta"
+    cache.advance(["s"], 7)
+    assert cache.length("s", 31) == 7
+    kv = torch.empty(16, 1, 128, dtype=torch.bfloat16, device="meta")
+    with pytest.raises(ValueError, match="append_batch runs the cache kernels, which a pool on the meta device"):
+        cache.append("s", 0, kv, kv)
+    with pytest.raises(ValueError, match="gather runs the cache kernels, which a pool on the meta device"):
+        cache.gather("s", 0)
+    cache.free("s")
+    assert cache.pages_in_use == 0 and cache.sequences == ()
