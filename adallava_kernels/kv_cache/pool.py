@@ -409,6 +409,11 @@ class LayerSkipKVCache:
         (for kernels that read ``k_pages``/``v_pages`` directly). Do not modify."""
         return self._layer_table(self._sequence(seq_id), self._layer(layer), on_device=True)
 
+    def page_lists(self, seq_id: Hashable, layer: int) -> tuple[tuple[int, ...], ...]:
+        """The host's copy of :meth:`page_table`: per kept KV head of ``layer``, its pages (reads no device value)."""
+        host = self._layer_table(self._sequence(seq_id), self._layer(layer), on_device=False)
+        return tuple(map(tuple, host.tolist()))
+
     def model_tables(self, seq_id: Hashable, width: int) -> torch.Tensor:
         """int32 ``[num_layers, num_kv_heads, width]`` on the pool's device: row ``[layer, k]`` lists the pages of
         KV head ``k`` of ``layer`` in position order, in the model's KV-head order; KV heads the plan does not
