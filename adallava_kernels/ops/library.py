@@ -4,7 +4,8 @@ Registered like the extension's C++ ops, each with a fake (shape-only)
 implementation, so that ``torch.compile`` traces a step that calls them and
 a CUDA graph captures them like any other op. They are functional (each
 returns a new tensor) and check nothing: the runtime and the ops that call
-them validated their inputs at plan time.
+them validated their inputs at plan time. (``paged_decode_attention`` checks
+its head map's dims, dtype and shape, metadata only: two forms share it.)
 
 - ``head_projection(x, w, heads, cos, sin, head_dim, rope_slots)``: ``[batch, seq, len(heads),
   head_dim]``, its first ``rope_slots`` heads rotated when ``cos``/``sin`` are given;
@@ -13,7 +14,8 @@ them validated their inputs at plan time.
   at each row's positions (the KV append, fused); returns the other slots (q);
 - ``flash_attention(q, k, v, head_to_kv, padding, scale)``: causal attention,
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
-- ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``;
+- ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``:
+  ``head_to_kv`` ``[heads]`` (one map for every row) or ``[batch, heads]`` (each row's own);
 - ``row_gathered_linear(x, w, rows, residual=None)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
   ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
@@ -106,6 +108,9 @@ def paged_decode_attention(
 
 @paged_decode_attention.register_fake
 def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split):
+    from .paged_attention import check_head_to_kv
+
+    check_head_to_kv(head_to_kv, q)
     return torch.empty_like(q)
 
 

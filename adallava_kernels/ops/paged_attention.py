@@ -9,6 +9,10 @@ the context: the reduction is split over the context in a number of splits
 fixed by the table's width (the sequences' ``max_tokens``), which is what
 lets a step be captured once as a CUDA graph and replayed.
 
+``head_to_kv`` maps each query head to its KV slot of the block table: one
+map for every sequence (``[heads]``) or one per sequence (``[batch, heads]``,
+each row's own plan); -1 marks a free slot, which attends nothing and gives 0.
+
 - :func:`paged_decode_attention_reference`: PyTorch, gathers the pages
   (``O(max_tokens)`` per call): the oracle and the CPU path;
 - :func:`paged_decode_attention_triton`: one program per (sequence, head,
@@ -22,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import visible_positions_mask
+from .common import check_tensor
 
 __all__ = [
+    "check_head_to_kv",
     "paged_decode_attention_reference",
     "paged_decode_attention_triton",
     "paged_decode_splits",
@@ -47,14 +53,36 @@ def attend_gathered_pages(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def check_head_to_kv(head_to_kv: object, q: torch.Tensor) -> torch.Tensor:
+    """``head_to_kv`` as the paged decode attention takes it: int32 or int64, ``[heads]`` or ``[batch, heads]``
+    for ``q`` ``[batch, heads, d]``. Only its metadata is read (no sync with the device): its values are
+    the plan's, checked when the plan was built."""
+    head_to_kv = check_tensor("head_to_kv", head_to_kv, dtypes=(torch.int32, torch.int64), device=q.device)
+    batch, heads = q.shape[0], q.shape[1]
+    if head_to_kv.dim() not in (1, 2) or head_to_kv.shape[-1] != heads or (
+            head_to_kv.dim() == 2 and head_to_kv.shape[0] != batch):
+        raise ValueError(f"head_to_kv must be [heads] = [{heads}] or [batch, heads] = [{batch}, {heads}] "
+                         f"(q is [batch, heads, d]), got shape {list(head_to_kv.shape)}")
+    return head_to_kv
+
+
 def paged_decode_attention_reference(
     q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
     lengths: torch.Tensor, starts: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """``q`` ``[batch, heads, d]`` -> ``[batch, heads, d]``; ``block_tables`` ``[batch, kv_heads, width]``."""
-    head_tables = block_tables.index_select(1, head_to_kv.long())
+    """``q`` ``[batch, heads, d]`` -> ``[batch, heads, d]``; ``block_tables`` ``[batch, kv_heads, width]``;
+    ``head_to_kv`` ``[heads]`` or ``[batch, heads]``, 0 where it holds -1."""
+    check_head_to_kv(head_to_kv, q)
+    kv = head_to_kv.long()
+    free = kv < 0
+    kv = kv.clamp(min=0)
+    if kv.dim() == 1:
+        head_tables = block_tables.index_select(1, kv)
+    else:
+        head_tables = block_tables.gather(1, kv[:, :, None].expand(-1, -1, block_tables.shape[2]))
     mask = visible_positions_mask(lengths, starts, block_tables.shape[2] * pages.shape[2], q.dtype)
-    return attend_gathered_pages(q[:, :, None], pages, head_tables, mask, scale)[:, :, 0]
+    out = attend_gathered_pages(q[:, :, None], pages, head_tables, mask, scale)[:, :, 0]
+    return out.masked_fill(free[..., None], 0.0)
 
 
 # Programs an SM runs at once of the paged decode kernel at head_dim 128 (its shared memory: K and V tiles
@@ -81,8 +109,9 @@ def paged_decode_attention_triton(
     q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
     lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton path of :func:`paged_decode_attention_reference`, without input checks; a row with
-    nothing visible gives 0."""
+    """The Triton path of :func:`paged_decode_attention_reference`; a row with nothing visible gives 0.
+    Of its inputs it checks only ``head_to_kv``'s metadata (:func:`check_head_to_kv`)."""
     from .paged_decode_kernel import launch_paged_decode
 
+    check_head_to_kv(head_to_kv, q)
     return launch_paged_decode(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, out)

@@ -13,8 +13,15 @@ Splits meet in the same launch: each writes its normalised partial output
 and log2-sum-exp to the workspace (:mod:`.workspace`), takes a ticket with
 one atomic, and the last of a (sequence, head) weighs the partials by
 ``2^lse`` (the exact softmax over all splits, in a fixed order) and writes
-the output. A free head slot (-1: a plan bound as data) attends nothing and
-gives 0.
+the output.
+
+The head map names each query head's KV slot of the block table: one map for
+every sequence (``[heads]``, a row stride of 0) or one per sequence
+(``[batch, heads]``: each row's own plan). A free slot (-1: a plan bound as
+data, or a head a row's plan does not keep) attends nothing and gives 0: its
+programs return at once, before any K/V page or the query is read, and take
+no ticket (every split of it reads the same map entry, so all return), split
+0 writing the zeros.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ QUERY_ROWS = 16  # the smallest tile tl.dot takes; row 0 is the query
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, part_ptr, cnt_ptr,
     NQ, PAGE, qk_scale,
+    stride_mb, stride_mh,
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kd,
     stride_tb, stride_th, stride_tw,
@@ -51,19 +59,21 @@ def _paged_decode_kernel(
     split = tl.program_id(1)
     b = (bh // NQ).to(tl.int64)
     h = (bh % NQ).to(tl.int64)
-    kvh = tl.load(kvmap_ptr + h).to(tl.int64)
-    free = kvh < 0
-    kvh = tl.maximum(kvh, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    o_off = b * stride_ob + h * stride_oh + offs_d * stride_od
+    kvh = tl.load(kvmap_ptr + b * stride_mb + h * stride_mh).to(tl.int64)
+    if kvh < 0:  # a free slot of this row: 0, written once (split 0); no page read, no ticket taken
+        tl.store(o_ptr + o_off, tl.zeros((BLOCK_D,), dtype=o_ptr.dtype.element_ty), mask=mask_d & (split == 0))
+        return
     length = tl.load(len_ptr + b)
     start = tl.load(start_ptr + b)
     # This split's share of [start, length), whole blocks each, so every split starts on a block.
     share = tl.cdiv(tl.cdiv(tl.maximum(length - start, 0), SPLIT), BLOCK_N) * BLOCK_N
     lo = start + split * share
-    hi = tl.where(free, lo, tl.minimum(length, lo + share))
+    hi = tl.minimum(length, lo + share)
 
-    offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, ROWS)
-    mask_d = offs_d < HEAD_DIM
     # The query in row 0 of a [ROWS, d] tile; the other rows are 0 and their results unused.
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_r[:, None] * 0 + offs_d[None, :] * stride_qd,
                 mask=(offs_r[:, None] == 0) & mask_d[None, :], other=0.0)
@@ -96,7 +106,6 @@ def _paged_decode_kernel(
     m0 = tl.sum(tl.where(first, m_i, 0.0), 0)
     l0 = tl.sum(tl.where(first, l_i, 0.0), 0)
     out = tl.sum(tl.where(first[:, None], acc, 0.0), 0) / tl.where(l0 > 0, l0, 1.0)
-    o_off = b * stride_ob + h * stride_oh + offs_d * stride_od
     if SPLIT == 1:
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=mask_d)
     else:
@@ -127,8 +136,9 @@ def launch_paged_decode(
     lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``q`` ``[batch, heads, d]``, ``pages`` ``[2, num_pages, page_size, d]``, ``block_tables``
-    ``[batch, kv_heads, width]`` int32, ``lengths``/``starts`` ``[batch]`` int32 -> ``[batch, heads, d]``
-    (into ``out`` when given). ``split``: programs per (sequence, head), from the pages' capacity."""
+    ``[batch, kv_heads, width]`` int32, ``head_to_kv`` ``[heads]`` or ``[batch, heads]`` (-1: a free slot),
+    ``lengths``/``starts`` ``[batch]`` int32 -> ``[batch, heads, d]`` (into ``out`` when given). ``split``:
+    programs per (sequence, head), from the pages' capacity."""
     batch, nq, head_dim = q.shape
     out = torch.empty_like(q) if out is None else out
     if batch * nq == 0:
@@ -143,6 +153,7 @@ def launch_paged_decode(
     _paged_decode_kernel[(batch * nq, split)](
         q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, out, partials, tickets,
         nq, pages.shape[2], scale * LOG2E,
+        *((0, head_to_kv.stride(0)) if head_to_kv.dim() == 1 else head_to_kv.stride()),
         *q.stride(), *k_pages.stride(), *block_tables.stride(), *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_N=BLOCK_N,
         BLOCK_SPLIT=max(2, triton.next_power_of_2(split)), ROWS=QUERY_ROWS, **dot_flags(q.dtype),
