@@ -233,6 +233,20 @@ def host_table(rows: list[dict]) -> str:
     return format_table(rows, HOST_COLUMNS)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.kv_cache``: the pool's host time per request call at LLaVA-1.5-7B, on one thread."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.kv_cache", description=main.__doc__)
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls of each op (default 200)")
+    parser.add_argument("--device", default="meta",
+                        help="where the pool's K/V would live (default meta: bookkeeping only, no K/V)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be a positive count, got {args.repeats}")
     torch.set_num_threads(1)
-    print(host_table(host_rows()))
+    print(host_table(host_rows(repeats=args.repeats, device=args.device)))
+
+
+if __name__ == "__main__":
+    main()
