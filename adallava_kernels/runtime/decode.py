@@ -137,8 +137,7 @@ class DecodeBatch:
         self._check_room()
         if out is not None:
             self._check_out(out, rows)
-        if self._dirty:
-            self._refresh()
+        self.prepare()
         slots = self.slots
         if tokens is not None:
             slots.tokens[:rows].copy_(tokens)
@@ -264,9 +263,21 @@ class DecodeBatch:
         except (KeyError, TypeError):
             raise ValueError(f"sequence {seq_id!r} is not a row of this batch") from None
 
-    def _refresh(self) -> None:
-        """The union and each row's view of it, after rows joined or left (device work, no read-back
-        except the union's sizes on a CPU for the torch backend)."""
+    @property
+    def graph_key(self) -> tuple[int, int]:
+        """What the next step's CUDA graph is keyed by: the batch's buffers and the bucket of its rows
+        (the same key on every device, so a CPU can count the graphs a trace would capture)."""
+        return (self.slots.id, bucket_of(self.rows))
+
+    def prepare(self) -> None:
+        """Derive the union of the rows' plans and each row's view of it, if rows joined or left since the
+        last step (the next step does it otherwise): device work, a fixed sequence of launches whatever
+        the batch, nothing read back except the union's sizes on a CPU for the torch backend. A server
+        calls it after a round of joins and leaves, off the step's critical path."""
+        if self.slots is None:
+            raise ValueError("the batch is closed")
+        if not self._dirty:
+            return
         host_counts = self.runner.backend == "torch" and self.slots.device.type == "cpu" and self.graphs is None
         self.slots.refresh(bucket_of(self.rows), host_counts=host_counts)
         self._longest = max(self._offset, default=0)
