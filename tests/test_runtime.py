@@ -657,7 +657,7 @@ def stream_runner(model, backend, graphs, **kwargs):
     device = DEVICE if backend == "triton" else torch.device("cpu")
     runner = runner_for(model, backend, device, cuda_graphs=graphs, num_pages=kwargs.pop("num_pages", 400), **kwargs)
     if graphs and device.type == "cpu":
-        runner.graphs = RecordingGraphs(16)
+        runner.graphs, runner.prepare_graphs = RecordingGraphs(16), RecordingGraphs(16)
     return runner, device
 
 
@@ -860,6 +860,10 @@ def test_graph_keys_are_row_buckets_whatever_the_plans(model):
     keys = runner.graph_stats()["keys"] if runner.graphs.__class__ is GraphCache else [k[1] for k in runner.graphs.keys()]
     assert sorted(keys) == [1, 2, 4, 8] and captures[-1] == 4
     assert captures[-1] == captures[len(captures) // 2]  # the second half captured nothing
+    # The refresh after joins and leaves is captured by the same key and replayed after.
+    prepare = runner.prepare_graphs
+    assert sorted(k[1] for k in prepare.keys()) == [1, 2, 4, 8]
+    assert prepare.stats.captures == 4 and prepare.stats.replays > 10
 
 
 def test_bad_joins_leaves_and_steps_are_refused_and_change_nothing(model):

@@ -7,7 +7,8 @@ launches (:mod:`.step`) over the first ``bucket`` slots (the live rows
 padded to a bucket of :data:`~.slots.BUCKETS`); it reads nothing back from
 the device and its host work does not grow with the batch or the plans.
 With CUDA graphs, the first step of each bucket is captured and the later
-ones replay it, whatever the rows' plans.
+ones replay it, whatever the rows' plans; so is :meth:`DecodeBatch.prepare`,
+which derives the union after rows join or leave.
 
 Host bookkeeping per step is a counter: a row's length is its length when
 it joined plus the steps since, and the pool is told when it leaves.
@@ -43,8 +44,9 @@ class DecodeBatch:
     :meth:`leave` moves the last row into the place of the one that left, so the order changes then.
     """
 
-    def __init__(self, runner, slots: BatchSlots, graphs: GraphCache | None) -> None:
-        self.runner, self.slots, self.graphs = runner, slots, graphs
+    def __init__(self, runner, slots: BatchSlots, graphs: GraphCache | None,
+                 prepare_graphs: GraphCache | None = None) -> None:
+        self.runner, self.slots, self.graphs, self.prepare_graphs = runner, slots, graphs, prepare_graphs
         self.capacity, self.width = slots.capacity, slots.width
         self.id = next(_BATCH_IDS)
         self.seq_ids: list[Hashable] = []
@@ -278,8 +280,12 @@ class DecodeBatch:
             raise ValueError("the batch is closed")
         if not self._dirty:
             return
-        host_counts = self.runner.backend == "torch" and self.slots.device.type == "cpu" and self.graphs is None
-        self.slots.refresh(bucket_of(self.rows), host_counts=host_counts)
+        slots, bucket = self.slots, bucket_of(self.rows)
+        if self.prepare_graphs is None:
+            host_counts = self.runner.backend == "torch" and slots.device.type == "cpu" and self.graphs is None
+            slots.refresh(bucket, host_counts=host_counts)
+        else:  # one replay: the refresh's launches are fixed by its bucket
+            self.prepare_graphs.run((slots.id, bucket), lambda: slots.refresh(bucket))
         self._longest = max(self._offset, default=0)
         for views in self._views.values():
             self._set_counts(views)

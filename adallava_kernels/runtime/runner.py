@@ -94,6 +94,8 @@ class PlannedDecoder:
         self.cache = self._new_pool(num_pages, page_size)
         graphs = cuda_graphs and weights.device.type == "cuda" and self.backend == "triton"
         self.graphs = GraphCache(max_graphs) if graphs else None
+        # A batch's refresh after joins and leaves, captured per (buffers, bucket) like its step.
+        self.prepare_graphs = GraphCache(max_graphs) if graphs else None
         self._requests: dict[Hashable, Request] = {}
         self.programs = ProgramCache(weights, self.backend)
         self._full = ExecutionPlan.full(self.shape)
@@ -182,16 +184,21 @@ class PlannedDecoder:
         self.cache = self._new_pool(num_pages, self.cache.page_size)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
         self._slot_sets.clear()  # their tables name the old pool's scratch page
-        if self.graphs is not None:
-            self.graphs.clear()
+        for graphs in (self.graphs, self.prepare_graphs):
+            if graphs is not None:
+                graphs.clear()
 
     def graph_stats(self) -> dict:
         """The graph cache's captures, the wall seconds of their warm-up steps and of the recordings, the
-        replays and the evictions (``{"enabled": False}`` without graphs: on a CPU, or ``cuda_graphs=False``)."""
+        replays and the evictions; ``prepare``: the same of the batches' refresh graphs (``{"enabled": False}``
+        without graphs: on a CPU, or ``cuda_graphs=False``)."""
         if self.graphs is None:
             return {"enabled": False}
-        return {"enabled": True, "cached": len(self.graphs), "max_graphs": self.graphs.max_graphs,
-                "keys": [key[1] for key in self.graphs.keys()], **self.graphs.stats.as_dict()}
+        stats = {"enabled": True, "cached": len(self.graphs), "max_graphs": self.graphs.max_graphs,
+                 "keys": [key[1] for key in self.graphs.keys()], **self.graphs.stats.as_dict()}
+        if self.prepare_graphs is not None:
+            stats["prepare"] = {"cached": len(self.prepare_graphs), **self.prepare_graphs.stats.as_dict()}
+        return stats
 
     # -- prefill -------------------------------------------------------------------------
 
@@ -362,7 +369,7 @@ class PlannedDecoder:
             max_tokens = max(r.max_tokens for r in requests)
         check_int("max_tokens", max_tokens, 1)
         width = width_bucket(-(-max_tokens // self.cache.page_size))
-        batch = DecodeBatch(self, self._take_slots(capacity, width), self.graphs)
+        batch = DecodeBatch(self, self._take_slots(capacity, width), self.graphs, self.prepare_graphs)
         try:
             batch.join(list(seq_ids), tokens)
         except BaseException:

@@ -14,9 +14,10 @@ into index lists of the full capacity padded with -1 and their counts; each
 row's map from the union's query-head slots to KV slots (-1 where its own
 plan lacks the head: the paged attention skips it), its mask over the
 union's neurons, and its block tables in the union's KV-slot order (the
-scratch page for KV heads it does not keep). Unit counts per layer are
-kept as sums over the rows, so a leave subtracts its own row instead of
-recomputing an OR over the batch.
+scratch page for KV heads it does not keep). The union is an OR over the
+bucket's rows, taken on the device by the refresh, so joining and leaving
+write one slot each and keep no running sums. On CUDA the runtime captures
+the refresh as a graph per (buffers, bucket): its host cost is one replay.
 
 The plans are data: one captured step serves every mix of plans, and a
 layer no row runs is a count of 0 that the kernels read (their programs
@@ -110,11 +111,9 @@ class BatchSlots:
         L, H, KVH, I, d = (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.intermediate_size,
                            shape.head_dim)
         i32 = dict(dtype=torch.int32, device=device)
-        # What the rows are: written by join and leave only.
-        self.own_heads = torch.zeros(capacity, L, H, dtype=torch.bool, device=device)
-        self.own_neurons = torch.zeros(capacity, L, I, dtype=torch.bool, device=device)
-        self.head_count = torch.zeros(L, H, **i32)
-        self.neuron_count = torch.zeros(L, I, **i32)
+        # What the rows are: written by join and leave only. Each row's kept query heads, then its kept
+        # neurons, in one buffer, so a join or a leave moves a row's plan in one copy.
+        self.own = torch.zeros(capacity, L, H + I, dtype=torch.bool, device=device)
         self.model_tables = torch.full((capacity, L, KVH, width), scratch_page, **i32)
         self.state = torch.zeros(2, capacity, **i32)  # positions stored, left padding
         self.live = torch.zeros(capacity, **i32)
@@ -144,6 +143,16 @@ class BatchSlots:
                                     torch.zeros(L, I, dtype=torch.long, device=device),
                                     torch.zeros(capacity, L, H, dtype=torch.long, device=device))
 
+    @property
+    def own_heads(self) -> torch.Tensor:
+        """``[capacity, L, H]``: 1 where the row's plan keeps the query head (a view of ``own``)."""
+        return self.own[..., :self.shape.num_heads]
+
+    @property
+    def own_neurons(self) -> torch.Tensor:
+        """``[capacity, L, I]``: 1 where the row's plan keeps the neuron (a view of ``own``)."""
+        return self.own[..., self.shape.num_heads:]
+
     # -- rows ----------------------------------------------------------------------------
 
     def join(self, slot: int, row: RowPlan, tables: torch.Tensor, length: int, start: torch.Tensor,
@@ -151,10 +160,7 @@ class BatchSlots:
         """Write a row into the free ``slot``: its plan, its tables ``[L, KVH, width]``, its ``length``
         (positions stored), its left padding ``start`` (``[1]`` int32 on the device) and its next input
         ``token`` (``[1]`` int64, or ``None``: fed at the next step)."""
-        self.own_heads[slot].copy_(row.heads)
-        self.own_neurons[slot].copy_(row.neurons)
-        self.head_count.add_(row.heads)
-        self.neuron_count.add_(row.neurons)
+        self.own[slot].copy_(row.units)
         self.model_tables[slot].copy_(tables)
         self.state[0, slot].fill_(length)
         self.state[1, slot:slot + 1].copy_(start)
@@ -164,38 +170,36 @@ class BatchSlots:
 
     def leave(self, slot: int, last: int) -> None:
         """Clear ``slot``; the row in slot ``last`` (the last live one) moves into it."""
-        self.head_count.sub_(self.own_heads[slot].to(torch.int32))
-        self.neuron_count.sub_(self.own_neurons[slot].to(torch.int32))
         if slot != last:
-            for buffer in (self.own_heads, self.own_neurons, self.model_tables, self.tokens):
+            for buffer in (self.own, self.model_tables, self.tokens):
                 buffer[slot].copy_(buffer[last])
             self.state[:, slot].copy_(self.state[:, last])
-        self.own_heads[last].zero_()
-        self.own_neurons[last].zero_()
+        self.own[last].zero_()
         self.model_tables[last].fill_(self.scratch_page)
         self.state[:, last].zero_()
         self.live[last].zero_()
 
     def clear(self) -> None:
         """Every slot free (the buffers of a closed batch, before another batch takes them)."""
-        for buffer in (self.own_heads, self.own_neurons, self.head_count, self.neuron_count, self.state, self.live,
-                       self.tokens):
+        for buffer in (self.own, self.state, self.live, self.tokens):
             buffer.zero_()
         self.model_tables.fill_(self.scratch_page)
 
     # -- the union -------------------------------------------------------------------------
 
     def refresh(self, rows: int, *, host_counts: bool = False) -> None:
-        """Derive what the kernels read for the first ``rows`` slots from the rows' plans, on the device.
-        ``host_counts``: also bring the union's sizes to the host (``self.counts``; a CPU reads them
+        """Derive what the kernels read for the first ``rows`` slots from the rows' plans, on the device (a
+        fixed sequence of launches for a given ``rows``: what a graph captures). ``host_counts``: also bring the union's sizes to the host (``self.counts``; a CPU reads them
         for free, and the torch backend then computes only the union)."""
         shape = self.shape
         H, KVH, d = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        heads = self.head_count > 0
-        kv = heads.view(heads.shape[0], KVH, H // KVH).any(-1)
+        # Rows past the live ones are cleared slots: they add nothing to the OR.
+        union = self.own[:rows].any(0)
+        heads = union[:, :H]
+        kv = heads.reshape(heads.shape[0], KVH, H // KVH).any(-1)
         _compact(heads, self._q_slots, self._q_count)
         kv_slot_of = _compact(kv, self._kv_slots, self._kv_count)
-        _compact(self.neuron_count > 0, self.neurons, self._n_count)
+        _compact(union[:, H:], self.neurons, self._n_count)
         q, kv_slots = self._q_slots, self._kv_slots
         self.qkv_heads[:, :H].copy_(q)
         self.qkv_heads[:, H:H + KVH].copy_(torch.where(kv_slots >= 0, kv_slots + H, -1))
