@@ -117,3 +117,15 @@ def test_op_modules_register_their_operators_through_the_registry_not_the_librar
     for name in ("rms_norm", "rope", "silu_and_mul"):
         assert "adallava_kernels.ops.registry" in graph[f"adallava_kernels.ops.{name}"]
         assert "adallava_kernels.ops.library" not in graph[f"adallava_kernels.ops.{name}"]
+
+
+def test_no_runtime_class_reaches_into_another_objects_private_attributes():
+    # The runtime's modules talk through public methods: ``x._name`` only on ``self`` or ``cls`` (a module's
+    # own private functions, called by bare name, are not attribute reads).
+    offenders = []
+    for path in sorted((ROOT / "runtime").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == []
