@@ -147,6 +147,36 @@ def test_col_gather_reads_the_count_and_the_row_mask(tokens, count):
     assert_close(out, F.linear(kept, w.double()[:, cols[:count].long()]))
 
 
+@pytest.mark.parametrize("count", [0, 97, 230])
+@pytest.mark.parametrize("tokens", [1, 6], ids=lambda t: f"T{t}")
+def test_col_gather_reads_the_row_major_weight_when_the_count_is_every_column(tokens, count):
+    """``dense_weight``: a count of every column reads the row-major weight as a dense projection (the
+    column-major copy is NaN then, so reading it would show); any other count gathers the copy (the
+    row-major weight is NaN then). The row mask and the residual apply either way."""
+    weight = randn(90, 230, dtype=torch.float32, scale=0.1)
+    cols = torch.full((230,), -1, dtype=torch.int32)
+    cols[:count] = torch.arange(230, dtype=torch.int32)[:count] if count == 230 else index(230, count)
+    nan = torch.full_like(weight, float("nan"))
+    if count == 230:
+        w, dense = prepare_column_gather(nan), weight
+    else:
+        w, dense = prepare_column_gather(weight), nan
+    x, residual = randn(tokens, 230, dtype=torch.float32), randn(tokens, 90, dtype=torch.float32)
+    keep = torch.rand(tokens, 230) < 0.7
+    out = poisoned(tokens, 90, dtype=torch.float32)
+    col_gathered_linear(x, w, cols, out=out, count=torch.tensor([count], dtype=torch.int32),
+                        x_mask=keep.to(torch.float32), residual=residual, dense_weight=dense)
+    kept = torch.where(keep, x, 0.0)[:, :count].double()
+    assert_close(out, residual.double() + F.linear(kept, weight.double()[:, cols[:count].long()]))
+
+
+def test_col_gather_refuses_a_dense_weight_of_another_matrix():
+    w = prepare_column_gather(randn(90, 230, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"dense_weight must be w's matrix \(torch.float32 \[90, 230\]"):
+        col_gathered_linear(randn(1, 230, dtype=torch.float32), w, torch.arange(230, dtype=torch.int32),
+                            count=torch.tensor([230], dtype=torch.int32), dense_weight=randn(90, 231, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", [1, 7, 45], ids=lambda t: f"T{t}")
 def test_col_gather_adds_the_residual(tokens, dtype):

@@ -196,41 +196,11 @@ def _row_gather_kernel(
 
 
 @triton.jit
-def _col_gather_kernel(
-    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr, part_ptr, cnt_ptr,
-    M, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm, stride_rn,
-    SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
-    DENSE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
-):
-    """y[m, n] = sum_k x[m, k] * w[n, cols[k]] (+ res[m, n] with RESIDUAL).
-
-    COUNTED: only the first count[0] columns count (a list padded to its capacity, read on the device);
-    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit). DENSE: cols[k] is k
-    over the counted part (a layer kept whole or skipped): the columns are indexed directly, so a weight
-    stored row-major loads as whole vectors, and cols is never read. x and its mask
-    are read as whole vectors across the row (the row's width K a multiple of 16 makes them 16-byte
-    loads); a column that does not count is taken as 0, whatever x holds there (NaN included). The
-    weight columns of free slots are never read.
-
-    SPLIT_K > 1: program_id(1) takes an equal share of the counted columns, and the splits meet in the
-    same launch (:func:`_epilogue`)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    k_end = K
-    if COUNTED:
-        k_end = tl.minimum(tl.load(count_ptr), K)
-        if DENSE:  # every column or none
-            k_end = tl.where(k_end > 0, K, 0)
-    share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * share
-    k_hi = tl.minimum(k_end, k_lo + share)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+def _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+              stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
+              XMASK: tl.constexpr, DENSE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """acc += x[:, k_lo:k_hi] @ w[:, cols[k_lo:k_hi]].T (DENSE: cols[k] is k)."""
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if DENSE:
@@ -253,6 +223,61 @@ def _col_gather_kernel(
             mask=counted[:, None] & mask_n[None, :], other=0.0,
         )
         acc = dot(a, b, acc, IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
+def _col_gather_kernel(
+    x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr, part_ptr, cnt_ptr, wd_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm, stride_rn,
+    stride_dn, stride_dk,
+    SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
+    DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * w[n, cols[k]] (+ res[m, n] with RESIDUAL).
+
+    COUNTED: only the first count[0] columns count (a list padded to its capacity, read on the device);
+    XMASK: x[m, k] counts only where xmask[m, k] != 0 (a row whose plan lacks that unit). DENSE: cols[k] is k
+    over the counted part (a layer kept whole or skipped): the columns are indexed directly, so a weight
+    stored row-major loads as whole vectors, and cols is never read. DENSE_WHEN_FULL (with COUNTED): when
+    the count is K (a union that keeps every column), the columns are read as DENSE from wd, the same
+    weight in its row-major layout, instead of gathered from w (its column-major copy): the device count
+    picks the loop, so one launch serves both. x and its mask are read as whole vectors across the row
+    (the row's width K a multiple of 16 makes them 16-byte loads); a column that does not count is taken
+    as 0, whatever x holds there (NaN included). The weight columns of free slots are never read.
+
+    SPLIT_K > 1: program_id(1) takes an equal share of the counted columns, and the splits meet in the
+    same launch (:func:`_epilogue`)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_end = K
+    if COUNTED:
+        k_end = tl.minimum(tl.load(count_ptr), K)
+        if DENSE:  # every column or none
+            k_end = tl.where(k_end > 0, K, 0)
+    share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * share
+    k_hi = tl.minimum(k_end, k_lo + share)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DENSE_WHEN_FULL:
+        if k_end == K:
+            acc = _col_loop(acc, x_ptr, wd_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+                            stride_xm, stride_xk, stride_dn, stride_dk, stride_mm, stride_mk,
+                            XMASK, True, IEEE, UPCAST, BLOCK_K)
+        else:
+            acc = _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
+                            XMASK, False, IEEE, UPCAST, BLOCK_K)
+    else:
+        acc = _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
+                        XMASK, DENSE, IEEE, UPCAST, BLOCK_K)
     _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
               part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N, SPLIT_K, RESIDUAL, BLOCK_M, BLOCK_N)
 
@@ -307,7 +332,8 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
 
 def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor,
                  count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None,
-                 residual: torch.Tensor | None = None, dense: bool = False):
+                 residual: torch.Tensor | None = None, dense: bool = False,
+                 dense_weight: torch.Tensor | None = None):
     m, k = x2.shape
     n = w.shape[0]
     if k == 0:
@@ -316,13 +342,15 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
     partials, tickets = _split_workspace(m, n, split, x2.device) if split > 1 else (out, cols)
     mask_strides = (0, 0) if x_mask is None else (x_mask.stride(0), x_mask.stride(1))
     res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
+    wd = w if dense_weight is None else dense_weight
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     COL_KERNELS[regime(m)][grid](
         x2, w, cols, out, cols if count is None else count, x2 if x_mask is None else x_mask,
-        x2 if residual is None else residual, partials, tickets, m, n, k, _m_bucket(m),
+        x2 if residual is None else residual, partials, tickets, wd, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1), *mask_strides,
-        *res_strides, SPLIT_K=split, COUNTED=count is not None, XMASK=x_mask is not None,
-        RESIDUAL=residual is not None, DENSE=dense, **dot_flags(x2.dtype),
+        *res_strides, wd.stride(0), wd.stride(1), SPLIT_K=split, COUNTED=count is not None,
+        XMASK=x_mask is not None, RESIDUAL=residual is not None, DENSE=dense,
+        DENSE_WHEN_FULL=dense_weight is not None and count is not None and not dense, **dot_flags(x2.dtype),
     )
     return out
 
@@ -380,7 +408,7 @@ def swiglu_gathered(
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None, *,
     count: torch.Tensor | None = None, x_mask: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-    dense: bool = False,
+    dense: bool = False, dense_weight: torch.Tensor | None = None,
 ):
     """``x @ w[:, cols].T``: ``x`` ``[..., len(cols)]``, ``w`` ``[out, in]`` (any strides) -> ``[..., out]``.
 
@@ -394,10 +422,17 @@ def col_gathered_linear(
     order (:mod:`.workspace`): the result is bitwise repeatable. ``dense``: ``cols`` is ``arange`` over its
     counted part (a decode layer every row keeps whole or skips, its weight in its own row-major layout):
     the kernel indexes the columns directly, as a dense projection that ``count`` may switch off.
+    ``dense_weight`` (with ``count``; ``w`` a column-major copy): the same matrix as ``w`` in its row-major
+    layout; when ``count`` is every column (a batch whose rows all keep the layer whole) the kernel reads it
+    as a dense projection instead of gathering ``w``'s columns, so a full layer costs what a dense one does.
     """
+    if dense_weight is not None and (dense_weight.shape != w.shape or dense_weight.dtype != w.dtype
+                                     or dense_weight.device != w.device):
+        raise ValueError(f"dense_weight must be w's matrix ({w.dtype} {list(w.shape)} on {w.device}), got "
+                         f"{dense_weight.dtype} {list(dense_weight.shape)} on {dense_weight.device}")
     y = _out(x, w.shape[0], out)
     if y.numel():
         rows = math.prod(y.shape[:-1])
         _launch_cols(_flat(x), w, _index(cols), y.view(rows, w.shape[0]), count, x_mask,
-                     None if residual is None else residual.reshape(rows, w.shape[0]), dense)
+                     None if residual is None else residual.reshape(rows, w.shape[0]), dense, dense_weight)
     return y

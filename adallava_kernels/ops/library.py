@@ -143,14 +143,15 @@ def _(x, w_gate, w_up, rows):
 def col_gathered_linear(
     x: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, count: Optional[torch.Tensor] = None,
     x_mask: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None, dense: bool = False,
+    dense_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from .gathered_linear import col_gathered_linear as launch
 
-    return launch(x, w, cols, count=count, x_mask=x_mask, residual=residual, dense=dense)
+    return launch(x, w, cols, count=count, x_mask=x_mask, residual=residual, dense=dense, dense_weight=dense_weight)
 
 
 @col_gathered_linear.register_fake
-def _(x, w, cols, count=None, x_mask=None, residual=None, dense=False):
+def _(x, w, cols, count=None, x_mask=None, residual=None, dense=False, dense_weight=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 

@@ -71,6 +71,9 @@ class SlotLayer:
         self.w_gate, self.w_up = mlp.w_gate, mlp.w_up
         self.w_down = mlp.w_down if mlp.w_down_columns is None else mlp.w_down_columns
         self.partial = attention.w_o_columns is not None and mlp.w_down_columns is not None
+        # A partial layer whose union is whole reads these, row-major, as a dense layer does.
+        self.w_o_rows = attention.w_o if self.partial else None
+        self.w_down_rows = mlp.w_down if self.partial else None
 
     def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages, slots: LayerSlots, split: int,
                rope_sign: torch.Tensor) -> torch.Tensor:
@@ -103,12 +106,12 @@ class SlotLayer:
     def _o_proj(self, out, slots: LayerSlots) -> torch.Tensor:
         # The heads a row lacks are 0 already: no mask.
         return _OPS.col_gathered_linear(out.view(out.shape[0], -1), self.w_o, slots.o_cols, slots.o_count,
-                                        dense=not self.partial)
+                                        dense=not self.partial, dense_weight=self.w_o_rows)
 
     def _mlp_triton(self, x, residual, slots: LayerSlots) -> torch.Tensor:
         act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
         return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, residual,
-                                        dense=not self.partial)
+                                        dense=not self.partial, dense_weight=self.w_down_rows)
 
     # -- torch ---------------------------------------------------------------------------
 
