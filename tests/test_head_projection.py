@@ -1,13 +1,18 @@
 """The per-head projection kernel (Triton; under TRITON_INTERPRET=1 on a CPU) against float64 references.
 
 Outputs are filled with NaN first, so an element the kernel never writes fails.
-Reduction splits are forced both ways, so the atomic path runs.
+Reduction splits are forced both ways, so the split path (partials met through the workspace's tickets) runs.
 """
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import adallava_kernels
+from adallava_kernels.ops import workspace
 from adallava_kernels.ops.head_projection import head_projection
 from adallava_kernels.testing import assert_close, poisoned
 
@@ -66,8 +71,7 @@ def test_head_projection_rotates_only_the_first_slots(split):
 def test_head_projection_skips_free_slots(split):
     """A head list padded to its capacity with -1 (a plan bound as data): the real slots are exact, and
     the kernel reads no weight row for a free one (an index of -1 would read before the weight) and
-    writes nothing to it: its poison stays. With split reductions the launcher copies its zeroed fp32
-    sums whole, so a free slot holds 0."""
+    writes nothing to it: its poison stays, with split reductions too (their programs take no ticket)."""
     batch, seq, hidden, head_dim = 2, 1, 90, 24
     x = torch.randn(batch, seq, hidden)
     w = torch.randn(5 * head_dim, hidden) * hidden**-0.5
@@ -78,7 +82,98 @@ def test_head_projection_skips_free_slots(split):
     plain = F.linear(x.double(), w.double()).view(batch, seq, 5, head_dim)[:, :, [3, 0, 4]]
     assert_close(out[:, :, :3].cpu(), rotate(plain, cos.double()[:, :, None], sin.double()[:, :, None]))
     free = out[:, :, 3:].cpu()
-    assert (free.isnan() if split == 1 else free == 0).all(), free
+    assert free.isnan().all(), free
+
+
+# Prefill: 19 tokens, two 16-row tiles (the second partly masked), a head's 20 rotation pairs in one
+# 32-pair tile; decode: 2 x 3 tokens, a head's pairs over two 16-pair programs (the second partly masked).
+SPLIT_SHAPES = {"prefill-T19": (1, 19), "decode-B2-T3": (2, 3)}
+
+
+def split_case(dtype, batch, seq, seed=0):
+    """hidden 150 (5 K blocks of 32, the last partial), head_dim 40; slots 3 q heads (rotated), then one
+    unrotated."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, head_dim = 150, 40
+    x = torch.randn(batch, seq, hidden, generator=g).to(dtype)
+    w = (torch.randn(6 * head_dim, hidden, generator=g) * hidden**-0.5).to(dtype)
+    slots = torch.tensor([5, 0, 2, 3], dtype=torch.int32)
+    angles = torch.rand(batch, seq, head_dim // 2, generator=g) * 6.28
+    angles = torch.cat((angles, angles), dim=-1)
+    plain = F.linear(x.double(), w.double()).view(batch, seq, 6, head_dim)[:, :, slots.long()]
+    expected = torch.cat([rotate(plain[:, :, :3], angles.cos().double()[:, :, None], angles.sin().double()[:, :, None]),
+                          plain[:, :, 3:]], dim=2)
+    return (x, w, slots, head_dim, angles.cos(), angles.sin()), expected
+
+
+@pytest.mark.parametrize("split", [3, 7], ids=lambda s: f"split{s}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SPLIT_SHAPES.values(), ids=SPLIT_SHAPES.keys())
+def test_an_odd_split_matches_the_reference(shape, dtype, split):
+    """An odd number of splits over sizes that are no multiple of any block: 7 splits of 5 K blocks leave
+    two splits nothing to add (their zero partials still count, and take their tickets)."""
+    (x, w, slots, head_dim, cos, sin), expected = split_case(dtype, *shape)
+    out = poisoned(*expected.shape, dtype=dtype, device=DEVICE)
+    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), out, split=split, rope_slots=3)
+    assert_close(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES.values(), ids=SPLIT_SHAPES.keys())
+def test_split_runs_are_bitwise_repeatable_and_leave_their_tickets_at_zero(shape):
+    """Two launches of a split reduction give the same bits (the partials are summed in split order, not
+    added atomically), and every ticket counter is back at 0 after each (the next launch, or a replayed
+    graph, starts from there)."""
+    (x, w, slots, head_dim, cos, sin), expected = split_case(torch.float32, *shape, seed=1)
+    args = to_device(x, w, slots)
+    outs = []
+    for _ in range(2):
+        out = poisoned(*expected.shape, dtype=torch.float32, device=DEVICE)
+        head_projection(*args, head_dim, *to_device(cos, sin), out, split=5, rope_slots=3)
+        outs.append(out.cpu())
+        tiles = 2 * 2 * len(slots)  # at most 2 row tiles by 2 pair blocks a slot
+        assert torch.count_nonzero(workspace.counters(torch.device(DEVICE), tiles)[:tiles]) == 0
+    assert torch.equal(outs[0], outs[1])
+    assert_close(outs[0], expected)
+
+
+def atomic_calls(tree: ast.Module) -> list[ast.Call]:
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr.startswith("atomic_")]
+
+
+def is_ticket(call: ast.Call) -> bool:
+    """``tl.atomic_add(cnt_ptr + index, 1, sem="acq_rel")``: one int32 ticket counter (the workspace's
+    :func:`counters`), incremented by the integer 1."""
+    pointer = call.args[0] if call.args else None
+    return (ast.unparse(call.func) == "tl.atomic_add" and len(call.args) == 2
+            and isinstance(pointer, ast.BinOp) and isinstance(pointer.op, ast.Add)
+            and ast.unparse(pointer.left) == "cnt_ptr"
+            and isinstance(call.args[1], ast.Constant) and type(call.args[1].value) is int
+            and [(k.arg, ast.unparse(k.value)) for k in call.keywords] == [("sem", "'acq_rel'")])
+
+
+def test_no_kernel_adds_floats_atomically():
+    """Every atomic in the library's kernels is a ticket on an int32 counter of the workspace: no float
+    is added atomically (that order varies run to run, so results would not be bitwise repeatable), and
+    a module that takes tickets gets its counters from :mod:`adallava_kernels.ops.workspace`."""
+    tickets = {}
+    for path in sorted(Path(adallava_kernels.__file__).parent.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = atomic_calls(tree)
+        assert all(is_ticket(c) for c in calls), [(path.name, c.lineno, ast.unparse(c)) for c in calls]
+        if calls:
+            tickets[path.name] = len(calls)
+            imports = [alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "workspace"
+                       for alias in n.names]
+            assert "counters" in imports, path.name
+    assert set(tickets) >= {"head_projection.py", "gathered_linear.py", "paged_decode_kernel.py"}, tickets
+
+
+def test_the_ticket_check_refuses_a_float_atomic_add():
+    float_add = ast.parse('tl.atomic_add(y_ptr + y_off, out_lo, mask=tile_mask)')
+    float_ticket = ast.parse('tl.atomic_add(cnt_ptr + tile, 1.0, sem="acq_rel")')
+    ticket = ast.parse('tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")')
+    assert [is_ticket(c) for t in (float_add, float_ticket, ticket) for c in atomic_calls(t)] == [False, False, True]
 
 
 # The slots of a stacked [q; k; v] weight (5 q heads, 2 k heads, 2 v heads): q 0, 3, 4, k 0, 1 and v 0, 1;
@@ -87,12 +182,15 @@ def test_head_projection_skips_free_slots(split):
 PAGED_SLOTS = {"all": [0, 3, 4, 5, 6, 7, 8], "free": [3, -1, 0, 6, -1, 8, -1]}
 
 
+@pytest.mark.parametrize("split", [None, 3], ids=["whole", "split3"])
 @pytest.mark.parametrize("slots", PAGED_SLOTS.values(), ids=PAGED_SLOTS.keys())
 @pytest.mark.parametrize("seq", [1, 3], ids=["decode", "T3"])
-def test_head_projection_writes_k_and_v_to_the_pages(seq, slots):
+def test_head_projection_writes_k_and_v_to_the_pages(seq, slots, split):
     """The KV append fused in: the K and V slots go to each row's pages at its positions (K rotated, V
     not), q to ``out``; every other element of the pages, and a free q slot of ``out``, keeps its poison.
-    head_dim 40: a head's 20 rotation pairs span two decode programs, the second partly masked."""
+    head_dim 40: a head's 20 rotation pairs span two decode programs, the second partly masked. By default
+    the paged projection does not split its reduction; a forced split writes the pages from its last
+    program, once."""
     from adallava_kernels.ops.head_projection import PagedKV
 
     batch, hidden, head_dim, page_size, width = 3, 90, 40, 5, 4
@@ -107,7 +205,8 @@ def test_head_projection_writes_k_and_v_to_the_pages(seq, slots):
     v_pages = poisoned(40, page_size, head_dim, dtype=torch.float32, device=DEVICE)
     q = poisoned(batch, seq, 3, head_dim, dtype=torch.float32, device=DEVICE)
     paged = PagedKV(k_pages, v_pages, *to_device(tables, positions))
-    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), q, rope_slots=5, paged=paged)
+    head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), q, rope_slots=5, paged=paged,
+                    split=split)
 
     # A free slot's expected value is NaN: what it must leave unwritten.
     real = slots >= 0

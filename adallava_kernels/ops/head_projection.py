@@ -8,9 +8,13 @@ cache stores; slots from ``rope_slots`` on are not rotated, so q, k and v of a s
 ``[q; k; v]`` are projected in one launch.
 
 When the grid would not fill the GPU (decode, few heads, small batch) the reduction over the hidden
-features is split across programs that add fp32 partial sums atomically (RoPE is linear, so
-rotating the partial sums is exact). This is what lets time fall with the number of active heads:
-without the split, 8 heads of one sequence would occupy 8 programs whatever their count.
+features is split across programs. This is what lets time fall with the number of active heads:
+without the split, 8 heads of one sequence would occupy 8 programs whatever their count. The splits
+meet in the same launch, in a fixed order (:mod:`.workspace`): each writes its fp32 partial tile to
+the workspace and takes a ticket (one integer atomic a program); the last of a tile sums the partials
+in split order, then rotates, casts and writes the tile as an unsplit program does, and puts its
+ticket counter back to 0. No float atomic is used, so the result is bitwise repeatable, and the output
+is written once, in place (no zero-fill, no fp32 copy): a free slot is left unwritten either way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_utils import autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits
+from .workspace import counters, scratch
 
 __all__ = ["CONFIGS", "PagedKV", "head_projection"]
 
@@ -45,12 +50,15 @@ INTERPRETER_CONFIGS = [config(4, 1, BLOCK_M=16, BLOCK_K=32)]
 
 # Split the reduction only where each split keeps at least this many hidden features.
 _MIN_K_PER_SPLIT = min_per_split(128)
+# The fewest token rows a tile has (the smallest tile tl.dot takes): ticket counters for this many cover
+# the tiles of any config.
+_MIN_BLOCK_M = 16
 
 
 @triton.jit
 def _head_proj_kernel(
     x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
-    k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr,
+    k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr, part_ptr, cnt_ptr,
     M, K, SEQ, M_BUCKET, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS, KV_SLOTS, PAGE,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_cb, stride_cs, stride_cd,
@@ -67,7 +75,13 @@ def _head_proj_kernel(
 
     PAGED: slots [Q_SLOTS, Q_SLOTS + KV_SLOTS) are K heads and the next KV_SLOTS V heads; they go to the
     pages instead of y (KV slot j of row b at position pos[b] + s: page table[b, j, position // PAGE]),
-    so the projection is also the KV append."""
+    so the projection is also the KV append.
+
+    SPLIT_K > 1: program_id(2) // PAIR_BLOCKS takes every SPLIT_K-th K block; each split writes its fp32
+    partial [BLOCK_M, 2 * BLOCK_H] (lo, then hi) to part_ptr, rows addressed by token (so the layout is the
+    same for any BLOCK_M), and takes a ticket on the tile's int32 counter; the last of the tile sums the
+    partials in split order and runs the epilogue below (RoPE is applied to the full sum), the others
+    write nothing."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
@@ -97,6 +111,27 @@ def _head_proj_kernel(
         w_hi = tl.load(w_ptr + rows_hi[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc_lo = dot(a, w_lo, acc_lo, IEEE, UPCAST)
         acc_hi = dot(a, w_hi, acc_hi, IEEE, UPCAST)
+
+    if SPLIT_K > 1:
+        tile = (pid_m * tl.num_programs(1) + slot) * PAIR_BLOCKS + pid_p
+        # This split's partial: rows offs_m of plane (slot, pair block, split), lo then hi.
+        plane = ((slot * PAIR_BLOCKS + pid_p) * SPLIT_K).to(tl.int64)
+        local = offs_m[:, None] * (2 * BLOCK_H) + tl.arange(0, BLOCK_H)[None, :]
+        rows = mask_m[:, None]
+        tl.store(part_ptr + (plane + pid_k) * M * (2 * BLOCK_H) + local, acc_lo, mask=rows)
+        tl.store(part_ptr + (plane + pid_k) * M * (2 * BLOCK_H) + local + BLOCK_H, acc_hi, mask=rows)
+        tl.debug_barrier()  # every thread's partial is written before the ticket publishes it
+        ticket = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        if last:  # the last split of this tile: the sum, in split order
+            acc_lo = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+            acc_hi = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                parts = part_ptr + (plane + s) * M * (2 * BLOCK_H) + local
+                acc_lo += tl.load(parts, mask=rows, other=0.0, cache_modifier=".cg")
+                acc_hi += tl.load(parts + BLOCK_H, mask=rows, other=0.0, cache_modifier=".cg")
+            tl.store(cnt_ptr + tile, 0)  # the ticket counter back to 0 for the next launch
+        mask_m = mask_m & last  # only the last split writes the tile (the rest of this runs masked off)
 
     batch = offs_m // SEQ
     pos = offs_m % SEQ
@@ -135,22 +170,17 @@ def _head_proj_kernel(
         tile_mask = tile_mask & (to_pages == 0)
         slot = tl.minimum(slot, Q_SLOTS - 1)  # y holds the q slots only: never addressed past them
     y_off = batch[:, None] * stride_yb + pos[:, None] * stride_ys + slot * stride_yh + offs_d[None, :] * stride_yd
-    if SPLIT_K == 1:
-        tl.store(y_ptr + y_off, out_lo.to(y_ptr.dtype.element_ty), mask=tile_mask)
-        tl.store(y_ptr + y_off + HALF * stride_yd, out_hi.to(y_ptr.dtype.element_ty), mask=tile_mask)
-    else:
-        tl.atomic_add(y_ptr + y_off, out_lo, mask=tile_mask)
-        tl.atomic_add(y_ptr + y_off + HALF * stride_yd, out_hi, mask=tile_mask)
+    tl.store(y_ptr + y_off, out_lo.to(y_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(y_ptr + y_off + HALF * stride_yd, out_hi.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
-KERNELS = autotuned(_head_proj_kernel, CONFIGS, INTERPRETER_CONFIGS, ["M_BUCKET", "K", "HEAD_DIM", "IEEE"],
-                    restore_value=["y_ptr"])
+KERNELS = autotuned(_head_proj_kernel, CONFIGS, INTERPRETER_CONFIGS, ["M_BUCKET", "K", "HEAD_DIM", "IEEE"])
 
 
 def _block_h(head_dim: int, which: str) -> int:
     """Rotation pairs a program computes: a whole head in prefill (a wide tile for tl.dot); in decode the
     smallest tile tl.dot takes (16), so a head's rows spread over several programs that each read whole
-    weight rows and keep the full reduction (no split partial sums, so the result can go to the pages)."""
+    weight rows and keep the full reduction (the grid fills the GPU without splitting it)."""
     whole = max(16, triton.next_power_of_2(head_dim // 2))
     return whole if which == "prefill" else 16
 
@@ -179,7 +209,12 @@ def head_projection(
     ``split`` overrides the number of reduction splits (default: chosen to fill the GPU).
     ``rope_slots``: rotate only the first this many slots (default: all).
     ``paged``: the last ``2 * kv_slots`` slots (K heads, then V heads) are written to the pages (the KV
-    append, fused) and ``out`` holds the other slots only; the reduction is then never split.
+    append, fused) and ``out`` holds the other slots only; the reduction is then not split unless ``split``
+    says so.
+
+    A split reduction meets in the launch, in a fixed order (bitwise repeatable); its partials and ticket
+    counters are the shared workspace (:mod:`.workspace`), which grows outside a CUDA graph capture only:
+    run a shape once eagerly before capturing it.
     """
     batch, seq, hidden = x.shape
     m, n_heads = batch * seq, heads.numel()
@@ -191,11 +226,17 @@ def head_projection(
     block_h = _block_h(head_dim, which)
     pair_blocks = triton.cdiv(head_dim // 2, block_h)
     programs = triton.cdiv(m, block_m) * n_heads * pair_blocks
-    if paged is not None:
-        split = 1
-    elif split is None:
-        split = 1 if which == "prefill" else splits(programs, triton.cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
-    target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    if split is None:
+        # Prefill tiles fill the GPU; so do the paged decode step's pair blocks (every q, k and v head).
+        whole = which == "prefill" or paged is not None
+        split = 1 if whole else splits(programs, triton.cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
+    if split > 1:
+        # Partials [slot, pair block, split, m, 2 * block_h] whatever BLOCK_M; a counter per tile of the
+        # smallest BLOCK_M.
+        partials = scratch(x.device, n_heads * pair_blocks * split * m * 2 * block_h)
+        tickets = counters(x.device, triton.cdiv(m, _MIN_BLOCK_M) * n_heads * pair_blocks)
+    else:
+        partials, tickets = out, heads  # never read with one split
     rope = cos is not None
     if rope:
         # A batch of 1 broadcasts: stride 0 reads the same rows for every sequence.
@@ -212,13 +253,11 @@ def head_projection(
         page_strides = (paged.k_pages.stride(0), paged.k_pages.stride(1), *paged.tables.stride())
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split * pair_blocks)  # noqa: E731
     KERNELS[which][grid](
-        x2, w, heads, cos, sin, target, *page_args,
+        x2, w, heads, cos, sin, out, *page_args, partials, tickets,
         m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots, pair_blocks,
         n_heads - 2 * kv_slots, kv_slots, page_size,
-        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *target.stride(), *page_strides,
+        x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *out.stride(), *page_strides,
         HEAD_DIM=head_dim, BLOCK_H=block_h, ROPE=rope, SPLIT_K=split, PAGED=paged is not None,
         **dot_flags(x.dtype),
     )
-    if split > 1:
-        out.copy_(target)
     return out

@@ -75,15 +75,13 @@ def regime(m: int) -> str:
     return "decode" if m <= DECODE_MAX_TOKENS else "prefill"
 
 
-def autotuned(kernel, table: dict, interpreter: list, key: list[str], restore_value: list[str] | None = None) -> dict:
+def autotuned(kernel, table: dict, interpreter: list, key: list[str]) -> dict:
     """``{regime: kernel tuned over table[regime]}``: launched with the committed table's config where the
     device and shape bucket have one (:mod:`.tuning`), else autotuned over ``table[regime]``
-    (``interpreter`` under TRITON_INTERPRET=1, the first config with ADALLAVA_AUTOTUNE=0).
-    ``restore_value``: outputs a timed run adds into (split-K's atomic partial sums), restored after each
-    so they do not pile up while configs are timed."""
-    extra = {} if restore_value is None else {"restore_value": restore_value}
-    return {r: Tuned(kernel, triton.autotune(configs=kernel_configs(table[r], interpreter), key=key, **extra)(kernel),
-                     r, key)
+    (``interpreter`` under TRITON_INTERPRET=1, the first config with ADALLAVA_AUTOTUNE=0). No kernel adds
+    into its outputs (split reductions meet through :mod:`.workspace`), so a timed run needs nothing
+    restored."""
+    return {r: Tuned(kernel, triton.autotune(configs=kernel_configs(table[r], interpreter), key=key)(kernel), r, key)
             for r in REGIMES}
 
 

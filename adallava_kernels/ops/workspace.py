@@ -1,9 +1,10 @@
 """Scratch memory the split reductions share: one grow-only buffer per device and kind, made outside graphs.
 
-A reduction split across programs (split-K in the column gather, split-KV in
-the paged decode attention) leaves fp32 partials in scratch memory, and the
-last program of each output tile (a ticket taken with one atomic per
-program) reduces them in a fixed order and resets its ticket counter to 0.
+A reduction split across programs (split-K in the gathered projections and
+the head projection, split-KV in the paged decode attention) leaves fp32
+partials in scratch memory, and the last program of each output tile (a
+ticket taken with one integer atomic per program) reduces them in a fixed
+order and resets its ticket counter to 0. No kernel adds floats atomically.
 No torch kernel runs around such a launch (no zero-fill, no copy back), the
 reduction is bitwise repeatable, and what a captured CUDA graph reads by
 address never moves: buffers only grow, a grown one replaces the old for
