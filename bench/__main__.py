@@ -114,6 +114,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-new-tokens", type=positive(int), default=None,
                         help=f"new tokens of the latency section's request, at least 2 (default "
                              f"{latency.GPU_REQUEST[1]} on CUDA, {latency.CPU_REQUEST[1]} on CPU)")
+    parser.add_argument("--serve-repeats", type=positive(int), default=None,
+                        help=f"serve section: timed repeats of each serving event at each batch size, at least 2 "
+                             f"(default {serve.HOST_REPEATS}; --quick {serve.QUICK_REPEATS})")
+    parser.add_argument("--serve-events", type=positive(int), default=None,
+                        help=f"serve section: join and leave events of the graph-key trace (default "
+                             f"{serve.KEY_EVENTS}; --quick {serve.QUICK_KEY_EVENTS})")
+    parser.add_argument("--serve-requests", type=positive(int), default=None,
+                        help=f"serve section: requests of the trace measured on a GPU (default "
+                             f"{serve.GPU_REQUESTS}; --quick {serve.QUICK_GPU_REQUESTS}); scales its time")
     defaults = timing.END_TO_END
     parser.add_argument("--min-reps", type=positive(int), default=defaults.min_reps,
                         help=f"end-to-end cases are timed for this many repetitions or --min-time, whichever "
@@ -141,6 +150,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.latency_new_tokens is not None and args.latency_new_tokens < 2:
         parser.error(f"--latency-new-tokens must be at least 2 (one output token after the first), "
                      f"got {args.latency_new_tokens}")
+    if args.serve_repeats is not None and args.serve_repeats < 2:
+        parser.error(f"--serve-repeats must be at least 2 (each admission kind, -L and -H, takes every other "
+                     f"repeat), got {args.serve_repeats}")
     if "kernels" in args.only and args.device.type == "cuda" and args.context < 2:
         parser.error(f"--context must be at least 2 for the kernels section on CUDA (its decode step follows a "
                      f"prefill of context - 1 tokens), got {args.context}")
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
                   lambda done: model_bench.report_rows(done["rows"], args.backend)),
         "latency": ("latency", lambda: run_latency(args, model_name, run_shape, on_gpu, device, dtype,
                                                    budgets["end_to_end"]), None),
-        "serve": ("serve", lambda: run_serve(args, model_name, run_shape, device, dtype), None),
+        "serve": ("serve", lambda: run_serve(args, model_name, run_shape, device, dtype, roofline_device), None),
         "kernels": ("kernels", lambda: run_kernels(args, model_name, run_shape, on_gpu, device, dtype), None),
     }
     for name in (section for section in SECTIONS if section in args.only):
@@ -308,7 +320,7 @@ def report_markdown(results: dict) -> str:
 REPORT_PARTS = {
     "kv_cache": ("Layer-skip KV cache", kv_cache.markdown),
     "latency": ("Request latency per budget", lambda done: latency.markdown(done["rows"])),
-    "serve": ("Serving: requests under their own plans, alone and in one batch", serve.markdown),
+    "serve": ("Serving: a trace of requests joining and leaving one running batch", serve.markdown),
     "kernels": ("Per kernel: a full and a partial layer", kernels.markdown),
 }
 
@@ -438,12 +450,21 @@ def run_latency(args, model_name, run_shape, on_gpu, device, dtype, budget) -> d
             "backend": args.backend, "rows": rows}
 
 
-def run_serve(args, model_name, run_shape, device, dtype) -> dict:
-    result = serve.run(run_shape, model_name, device, dtype, backend=args.backend)
-    print(f"\nserving {result['requests']} requests on {device} ({str(dtype).removeprefix('torch.')}), {model_name} "
-          f"with random weights, each under its own plan, {result['prompt']} prompt tokens and {result['new_tokens']} "
-          f"new ones, kernels {result['backend']}: one by one (first decode step apart, TPOT over the others), "
-          f"then all in one decode batch")
+def run_serve(args, model_name, run_shape, device, dtype, roofline_device) -> dict:
+    host_model = args.model or serve.HOST_MODEL
+    result = serve.run(run_shape, model_name, device, dtype, backend=args.backend, host_shape=get_shape(host_model),
+                       host_model=host_model, repeats=args.serve_repeats or (serve.QUICK_REPEATS if args.quick
+                                                                              else serve.HOST_REPEATS),
+                       key_events=args.serve_events or (serve.QUICK_KEY_EVENTS if args.quick else serve.KEY_EVENTS),
+                       gpu_requests=args.serve_requests or (serve.QUICK_GPU_REQUESTS if args.quick
+                                                            else serve.GPU_REQUESTS),
+                       priced=serve.QUICK_PRICED_STEPS if args.quick else serve.PRICED_STEPS,
+                       roofline_device=roofline_device)
+    print(f"\nserving a trace of requests under their own plans through one running batch of "
+          f"{result['capacity']} rows (host work on the meta device at {host_model} shapes, one thread"
+          + (f"; the trace measured on {device} ({str(dtype).removeprefix('torch.')}), {model_name} with random "
+             f"weights, kernels {result['backend']}" if "backend" in result else "; measured trace: pending, no GPU")
+          + ")")
     print(serve.table(result))
     return result
 

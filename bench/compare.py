@@ -4,11 +4,11 @@
     python -m bench.compare OLD/results.json NEW/results.json
 
 A case is matched by what it ran (op, shape, provider, plan label, budget;
-a served request's plan label and phase; a profiled kernel's layer, stage,
+a serving event and batch size, or a served trace and metric; a profiled kernel's layer, stage,
 sub-block and name), not by its position, so runs with different options
 compare on the cases they share. A section whose settings differ between
-the runs (the serve section's prompt length, the kernels section's backend,
-...) is not paired at all, and every section that is not, or only in part,
+the runs (the serve section's host shape or trace, the kernels section's
+backend, ...) is not paired at all, and every section that is not, or only in part,
 is named with the reason: in one run only, failed in one, settings that
 differ, or cases that differ. The ratio is new / old wall-time median; over
 ``1 + THRESHOLD`` is a regression, and under ``1 - THRESHOLD`` faster, only where the two
@@ -58,19 +58,16 @@ def _latency_cases(section: dict) -> dict[str, dict]:
             for r in section["rows"] for metric in LATENCY_METRICS}
 
 
-# A served request's phases, each timed once (no IQR): its key in a serve row, its name in a case.
-SERVE_PHASES = (("prefill_s", "prefill"), ("form_s", "forming the batch"), ("first_step_s", "first step"),
-                ("tpot_s", "TPOT"))
-
-
 def _serve_cases(section: dict) -> dict[str, dict]:
-    """Each request's phases alone, by its plan's label, then the batch's step and forming."""
-    found = {f"serve {section['model']} {r['label']} {name}": {"median_s": r[key]}
-             for r in section["rows"] for key, name in SERVE_PHASES}
-    batch = section["batch"]
-    found[f"serve {section['model']} batch of {section['requests']} step"] = {"median_s": batch["step_s"]}
-    found[f"serve {section['model']} batch of {section['requests']} forming"] = {"median_s": batch["form_s"]}
-    return found
+    """Each serving event's host time at each batch size (meta device), and on a GPU each trace's (mixed
+    plans, full plans) TTFT, TPOT and step wall and GPU times; a run of the old serve section (requests one
+    by one, then one batch) has none of these: its cases are named apart and pair with nothing new."""
+    if "batch" in section and "keys" not in section:  # the old section
+        return {f"serve {section['model']} {r['label']} (one by one)": {"median_s": r["tpot_s"]}
+                for r in section["rows"]}
+    from .serve import summary_cases
+
+    return summary_cases(section)
 
 
 def _kernels_cases(section: dict) -> dict[str, dict]:
@@ -98,7 +95,7 @@ SECTIONS = {
     "kv": ("kv_cache", _kv_cases, ("shape",)),
     "model": ("model_runs", _model_cases, ("shape", "tokens", "backend")),
     "latency": ("latency", _latency_cases, ("shape", "prompt_tokens", "new_tokens", "backend")),
-    "serve": ("serve", _serve_cases, ("prompt", "new_tokens", "backend")),
+    "serve": ("serve", _serve_cases, ("host_shape", "capacity", "gpu_trace", "backend")),
     "kernels": ("kernels", _kernels_cases, ("shape", "dtype", "backend", "tokens", "context")),
 }
 
@@ -125,8 +122,9 @@ def gpu_sources(results: dict) -> list[str]:
 
 
 def spread_cases(results: dict) -> list[str]:
-    """The cases timed with a spread of their own (an IQR, flagged when over 5% of the median); the serve and
-    kernels sections time each case once, or as a median with no spread kept."""
+    """The cases timed with a spread of their own (an IQR, flagged when over 5% of the median); the kernels
+    section times each case as a median with no spread kept, and the serve section's GPU trace reports
+    medians over its requests and steps, whose spread is the trace's, not the timing's."""
     return [case for case, row in cases(results).items() if "unstable" in row]
 
 

@@ -13,8 +13,9 @@
   op case, at most 12 panels per image, one kind of op per image;
 - ``kv.png``: the KV bytes one sequence takes per plan, measured and as the
   cost model predicts, and the append and gather bandwidth against a copy;
-- ``serve.png``: each served request's time per output token relative to the
-  full plan's against its FLOPs ratio, and each request's phases;
+- ``serve.png``: the host time of each serving event per batch size, the
+  batch over the graph-key trace with each key's first step, and the GPU
+  trace's mixed / full ratio, predicted and (on a GPU) measured;
 - ``kernels.png``: each profiled layer's time by sub-block.
 
 A section the run holds but no figure can draw (it failed, or has no rows) is
@@ -310,44 +311,78 @@ def draw_ops(results: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _plan_kind(label: str) -> str:
-    """A served request's family from its label (``L 0.500``: AdaLLaVA-L; ``full``: the full plan)."""
-    return {"L": "AdaLLaVA-L", "H": "AdaLLaVA-H"}.get(label.split(" ", 1)[0], FULL)
+SERVE_BATCH_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
 
 def draw_serve(results: dict, path: Path | None = None):
-    """``serve.png``: each request's TPOT relative to the full plan's against its FLOPs ratio, with the ideal
-    diagonal, and each request's phases in ms; returns the figure."""
+    """``serve.png``: the host time of each serving event per batch size (meta device, medians with IQR bars);
+    the batch's rows over the graph-key trace with each key's first step marked; the mixed / full ratio the
+    union cost model predicts for the GPU trace beside the measured ones (or a note that they are pending);
+    returns the figure."""
     served = results["serve"]
-    rows = served["rows"]
-    fig = _figure(13.0, 5.5)
-    ratio_ax, phase_ax = fig.subplots(1, 2)
-    x = np.linspace(max(0.0, min(r["flops_ratio"] for r in rows) - 0.05), 1.05, 50)
-    ratio_ax.fill_between(x, (1 - BAND) * x, (1 + BAND) * x, color="0.85", label=f"ideal ±{BAND:.0%}")
-    ratio_ax.plot(x, x, "k--", lw=1, label="ideal: TPOT ratio = FLOPs ratio")
-    for family in ("AdaLLaVA-L", "AdaLLaVA-H"):
-        points = [r for r in rows if _plan_kind(r["label"]) == family]
-        if points:
-            ratio_ax.plot([r["flops_ratio"] for r in points], [r["tpot_vs_full"] for r in points], "o",
-                          color=_color(family), label=family, gid=f"serve:tpot:{family}")
-    ratio_ax.plot([1.0], [1.0], "kX", ms=9, label="full plan (the anchor)")
-    ratio_ax.set(title="time per output token, each request alone", xlabel="decode FLOPs ratio to the full plan",
-                 ylabel="TPOT ratio to the full plan")
-    ratio_ax.set_ylim(bottom=0)
-    ratio_ax.grid(alpha=0.3)
-    labels = [r["label"] for r in rows]
-    at = np.arange(len(rows))
-    for i, (key, name) in enumerate((("prefill_s", "prefill"), ("first_step_s", "first step"), ("tpot_s", "TPOT"))):
-        phase_ax.bar(at + (i - 1) * 0.27, [r[key] * 1e3 for r in rows], width=0.27, label=name, gid=f"serve:{key}")
-    phase_ax.set_xticks(at, labels, rotation=60, fontsize="x-small")
-    phase_ax.set(title="each request's phases", ylabel="ms (one timed pass)")
-    phase_ax.grid(alpha=0.3, axis="y")
-    _shared_legend(fig, [ratio_ax, phase_ax])
-    batch = served["batch"]
-    _suptitle(fig, f"Serving {served['requests']} requests under their own plans ({served['prompt']} prompt tokens, "
-                   f"{served['new_tokens']} new, kernels {served['backend']}); all in one batch: "
-                   f"{batch['tokens_per_s']:.1f} tokens/s, {batch['step_s'] * 1e3:.3f} ms a step",
-              _run_title(results))
+    fig = _figure(16.0, 5.5)
+    host_ax, keys_ax, ratio_ax = fig.subplots(1, 3)
+    from .serve import EVENTS
+
+    sizes = served["batch_sizes"]
+    by = {(r["event"], r["batch"]): r for r in served["rows"]}
+    events = [e for e in EVENTS if any((e, b) in by for b in sizes)]
+    at = np.arange(len(events))
+    width = 0.8 / max(len(sizes), 1)
+    for i, b in enumerate(sizes):
+        rows = [by.get((e, b)) for e in events]
+        medians = [r["median_s"] * 1e6 if r else np.nan for r in rows]
+        errors = np.array([[(r["median_s"] - r["q1_s"]) * 1e6, (r["q3_s"] - r["median_s"]) * 1e6] if r else [0, 0]
+                           for r in rows]).T
+        host_ax.bar(at + (i - (len(sizes) - 1) / 2) * width, medians, width=width, yerr=errors, capsize=2,
+                    color=SERVE_BATCH_COLORS[i % len(SERVE_BATCH_COLORS)], label=f"B={b}", gid=f"serve:host:{b}")
+    host_ax.set_yscale("log")
+    host_ax.set_xticks(at, events, rotation=30, fontsize="small")
+    host_ax.set(title=f"host time per event, {served['host_model']} on meta, one thread", ylabel="us (median; IQR)")
+    host_ax.grid(alpha=0.3, axis="y")
+
+    keys = served["keys"]
+    rows_per_step = keys["rows_per_step"]
+    keys_ax.plot(np.arange(len(rows_per_step)), rows_per_step, color="tab:blue", lw=1, label="rows per step",
+                 gid="serve:rows")
+    for k in keys["keys"]:
+        late = k["events_before"] >= keys["warm_events"]
+        keys_ax.axvline(k["first_step"], color="tab:red" if late else "0.6", lw=1, ls="--" if late else ":",
+                        gid=f"serve:key:{k['bucket']}")
+    keys_ax.plot([], [], color="0.6", ls=":", label="a key's first step")
+    keys_ax.plot([], [], color="tab:red", ls="--", label=f"a key first seen after {keys['warm_events']} events")
+    keys_ax.set(title=f"{keys['events']} join/leave events: {keys['distinct_keys']} graph keys, "
+                      f"{keys['new_keys_after_warm']} new after {keys['warm_events']}",
+                xlabel="decode step", ylabel="rows in the batch")
+    keys_ax.title.set_fontsize("small")
+    keys_ax.grid(alpha=0.3)
+
+    predicted, gpu = served["predicted"], served.get("gpu", {})
+    labels, values, colors = [f"predicted\n(roofline {predicted['roofline_device']})"], \
+        [predicted["roofline_s_ratio"]], ["0.5"]
+    measured = gpu.get("measured_ratio")
+    if measured:
+        for key, label, color in (("step_wall_priced", "measured\nstep wall", "tab:blue"),
+                                  ("step_gpu_priced", "measured\nstep GPU", "tab:orange"),
+                                  ("tpot_median", "measured\nTPOT", "tab:green")):
+            if measured.get(key) is not None:
+                labels.append(label)
+                values.append(measured[key])
+                colors.append(color)
+    ratio_ax.bar(np.arange(len(values)), values, width=0.6, color=colors, gid="serve:ratios")
+    ratio_ax.set_xlim(-0.8, len(values) - 0.2)
+    for x, value in enumerate(values):
+        ratio_ax.text(x, value, f"{value:.3f}", ha="center", va="bottom", fontsize="small")
+    ratio_ax.set_xticks(np.arange(len(values)), labels, fontsize="small")
+    ratio_ax.axhline(1.0, color="k", lw=1)
+    ratio_ax.set(title="GPU trace: mixed plans / every plan full", ylabel="ratio")
+    if not measured:
+        ratio_ax.text(0.5, 0.5, "measured: pending\n(no GPU in this run)", transform=ratio_ax.transAxes,
+                      ha="center", va="center", fontsize="medium", color="tab:red")
+    ratio_ax.grid(alpha=0.3, axis="y")
+    _shared_legend(fig, [host_ax, keys_ax])
+    _suptitle(fig, f"Serving a trace of requests under their own plans through one running batch of "
+                   f"{served['capacity']} rows", _run_title(results))
     if path is not None:
         _save(fig, path)
     return fig
@@ -432,11 +467,16 @@ def _has_rows(section: dict) -> bool:
     return bool(section.get("rows") or section.get("layers") or section.get("memory") or section.get("bandwidth"))
 
 
+def _older_format(results: dict, name: str) -> bool:
+    """A serve section of the runs before the trace (requests one by one, then one batch): not drawn."""
+    return name == "serve" and "serve" in results and "keys" not in results["serve"]
+
+
 def _drawable(results: dict, name: str) -> bool:
     key, figure = FIGURES[name]
     if figure is None:
         return any(r["op"].split(" ", 1)[0] == name for r in results.get("report", {}).get("rows", []))
-    return key in results and _has_rows(results[key])
+    return key in results and _has_rows(results[key]) and not _older_format(results, name)
 
 
 def not_drawn(results: dict) -> list[str]:
@@ -447,7 +487,9 @@ def not_drawn(results: dict) -> list[str]:
         if error is not None:
             lines.append(f"section {name}: it failed in this run ({error['type']}: {error['message']})")
         elif key in results and not _drawable(results, name):
-            why = "results.json has no validation rows of it" if figure is None else "it has no rows"
+            why = ("results.json has no validation rows of it" if figure is None
+                   else "it is in an older format (requests one by one, then one batch)"
+                   if _older_format(results, name) else "it has no rows")
             lines.append(f"section {name}: {why}")
     return lines
 

@@ -290,7 +290,7 @@ def summary_line(reports: Sequence[SeriesReport], unstable: int, timed: int, dev
             spread = " (deviations within the measured spread)" if r.within_spread else ""
             parts.append(f"end to end {stage}: r wall {wall}{gpu}{host}{spread}")
     parts += extra
-    if timed:  # the serve and kernels sections keep no IQR
+    if timed:  # the kernels section keeps no IQR, nor the serve section's GPU trace rows
         parts.append(f"{unstable} of {timed} timed cases have an IQR over 5% of their median")
     return "; ".join(parts) + "."
 

@@ -160,13 +160,29 @@ def _serve_rows(out: Path) -> list[dict]:
     section = serve and serve.get("serve")
     if not section:
         return [_row("#26", "serving run ran", None, "results.json", None)]
-    batch = section["batch"]
-    graphs = batch.get("graphs", {})
-    rows = [_row("#26", f"one batch of {section['requests']}: tokens/s", f"{batch['tokens_per_s']:.1f}", "reported",
-                 True)]
-    if graphs.get("enabled"):
-        rows.append(_row("#26", "graph captures while the batch decodes", graphs["captures"], "0 after warm-up",
-                         graphs["captures"] == 0))
+    if "keys" not in section:  # the serve section before the trace: requests one by one, then one batch
+        batch = section["batch"]
+        return [_row("#26", f"one batch of {section['requests']}: tokens/s", f"{batch['tokens_per_s']:.1f}",
+                     "reported", True)]
+    keys = section["keys"]
+    rows = [_row("#26", f"graph keys over a {keys['events']}-event trace: distinct, new after "
+                        f"{keys['warm_events']} events", f"{keys['distinct_keys']}, {keys['new_keys_after_warm']}",
+                 "reported", True)]
+    gpu = section.get("gpu", {})
+    if "mixed" not in gpu:
+        rows.append(_row("#26", "serving trace measured on the GPU", None, "tokens/s, TPOT, TTFT", None))
+        return rows
+    mixed, full, measured = gpu["mixed"], gpu["full"], gpu["measured_ratio"]
+    rows.append(_row("#26", "serving trace: tokens/s, mixed plans (every plan full)",
+                     f"{mixed['tokens_per_s']:.1f} ({full['tokens_per_s']:.1f})", "reported", True))
+    wall = measured.get("step_wall_priced")
+    rows.append(_row("#26", "serving trace: step wall mixed / full, measured (predicted)",
+                     None if wall is None else f"{wall:.3f} ({gpu['predicted']['roofline_s_ratio']:.3f})",
+                     "reported", True))
+    if mixed["graphs"].get("enabled"):
+        captures = mixed["graphs"]["captures"] + full["graphs"]["captures"]
+        rows.append(_row("#26", "graph captures while the traces run (after warm-up)", captures,
+                         "0 after warm-up", captures == 0))
     return rows
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bench import report, serve, timing
+from bench import report, timing
 from bench.__main__ import main
 from bench.attention import HEAD_FRACTIONS
 from bench.mlp import KEEP_RATIOS
@@ -345,36 +345,6 @@ def test_gpu_check_cut_short_keeps_the_plans_it_finished(tmp_path, monkeypatch):
     error = data["errors"]["model"]
     assert (error["type"], error["message"]) == ("RuntimeError", "out of memory") and "Traceback" in error["traceback"]
     assert "floor" in data and results["errors"]
-
-
-def test_serve_runs_every_request_alone_and_in_one_batch(tmp_path, capsys):
-    results = main(["--model", "tiny", "--only", "serve", "--backend", "torch", "--out", str(tmp_path)])
-    served = json.loads((tmp_path / "results.json").read_text())["serve"]
-    assert served == json.loads(json.dumps(results["serve"]))
-    shape = get_shape("tiny")
-    requests = serve.request_plans(shape)
-    assert served["requests"] == len(requests) == serve.REQUESTS
-    assert [r["label"] for r in served["rows"]] == [serve.FULL] + [label for label, _ in requests]
-    # At LLaVA-7B's size every -H request has a plan of its own (the scheduler's over its own logits; tiny's
-    # -H units are whole layers, so its plans repeat); budgets span [0.5, 1].
-    h_plans = [plan.fingerprint for label, plan in serve.request_plans(get_shape("llava-7b")) if label[0] == "H"]
-    assert len(set(h_plans)) == len(h_plans) == serve.REQUESTS // 2
-    assert requests[0][0] == "L 0.500" and requests[-1][0] == "H 1.000"
-    for row in served["rows"]:
-        assert row["prefill_s"] > 0 and row["first_step_s"] > 0 and row["tpot_s"] > 0 and 0 < row["flops_ratio"] <= 1
-    assert served["rows"][0]["tpot_vs_full"] == 1.0
-    batch = served["batch"]
-    prompt, new_tokens = served["prompt"], served["new_tokens"]
-    # With CUDA graphs the batch's plans are bound (each layer runs their union); eager, its cohorts.
-    predicted = cost.batch_decode_cost(shape, prompt + new_tokens // 2, [plan for _, plan in requests], union=ON_GPU)
-    assert batch["flops"] == predicted.flops and batch["steps"] == new_tokens - 2
-    assert batch["tokens_per_s"] == pytest.approx(len(requests) / batch["step_s"])
-    out = capsys.readouterr().out
-    assert f"one batch of {len(requests)}:" in out
-    if ON_GPU:  # the batch's plans are new to the runtime: one capture, replayed by every later step
-        assert batch["graphs"]["captures"] == 1 and batch["graphs"]["replays"] == batch["steps"]
-    else:
-        assert batch["graphs"] == {"enabled": False} and "graphs, one by one: none" in out
 
 
 def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_path, capsys):

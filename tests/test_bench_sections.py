@@ -68,13 +68,14 @@ def test_compare_says_which_sections_it_could_not_pair_and_why(cpu_run):
     text = compare.render(serve, kernels, result)
     assert "not paired: serve: not in the old run" in text and "not paired: kernels: not in the new run" in text
 
-    # The same rows, but the runs served different prompts: paired by name they would time different work.
-    longer = copy.deepcopy(serve)
-    longer["serve"]["prompt"] = 700
-    result = compare.compare(serve, longer)
+    # The same rows, but the runs served through batches of another capacity: paired by name they would time
+    # different work.
+    smaller = copy.deepcopy(serve)
+    smaller["serve"]["capacity"] = 32
+    result = compare.compare(serve, smaller)
     assert not result["rows"]
     (pairing,) = result["sections"]
-    assert pairing["reason"] == "the runs differ in prompt 32 (new), 700 (old)"
+    assert pairing["reason"] == "the runs differ in capacity 64 (new), 32 (old)"
     assert pairing["only_new"] == pairing["only_old"] == len(compare.section_cases(serve)["serve"])
 
     # A section that failed in one run is named with its error.

@@ -14,7 +14,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 # once per config. Read once, at import, like TRITON_INTERPRET.
 AUTOTUNE = os.environ.get("ADALLAVA_AUTOTUNE", "1") != "0"
 # Set only while bench.static compiles, for a GPU, the kernels that CPU-tensor launches would run (its
-# launches compile and never run): the Triton backend is then taken on CPU tensors without the interpreter.
+# launches compile and never run), and while bench.serve builds a runner on the meta device (it launches
+# nothing): the Triton backend is then taken on CPU or meta tensors without the interpreter.
 COMPILE_ONLY = False
 
 BACKENDS = ("auto", "torch", "triton")
