@@ -269,9 +269,8 @@ def _active_counts(shape: ModelShape, plan: ExecutionPlan | None) -> Sequence[tu
     if check_execution_plan("plan", plan, optional=True) is None:
         return [(shape.num_heads, shape.num_kv_heads, shape.intermediate_size)] * shape.num_layers
     plan.check_shape(shape)
-    return [
-        (len(plan.heads[i]), len(plan.kv_heads(i)), len(plan.neurons[i])) for i in range(shape.num_layers)
-    ]
+    heads, neurons = plan.unit_counts()
+    return [(heads[i], len(plan.kv_heads(i)), neurons[i]) for i in range(shape.num_layers)]
 
 
 def _breakdown(

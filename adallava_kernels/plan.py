@@ -450,6 +450,7 @@ class ExecutionPlan:
         self._runs.setflags(write=False)
         self._heads: tuple[tuple[int, ...], ...] | None = None
         self._neurons: tuple[tuple[int, ...], ...] | None = None
+        self._counts: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._layers: dict[torch.device, tuple[LayerPlan, ...]] = {}
         self._masks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hash: int | None = None
@@ -517,6 +518,15 @@ class ExecutionPlan:
                 for r in per_layer
             )
         return self._neurons
+
+    def unit_counts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per layer, how many query heads and how many MLP neurons the plan keeps: array work over the
+        head mask and the neuron runs (no index list is built), cached."""
+        if self._counts is None:
+            neurons = np.zeros(self.shape.num_layers, dtype=np.int64)
+            np.add.at(neurons, self._runs[:, 0], self._runs[:, 2] - self._runs[:, 1])
+            self._counts = (tuple(self._head_mask.sum(axis=1).tolist()), tuple(neurons.tolist()))
+        return self._counts
 
     @property
     def layer_mask(self) -> tuple[bool, ...]:

@@ -128,6 +128,12 @@ def test_unit_masks_are_the_plans_heads_and_neurons(kind):
 
 
 @pytest.mark.parametrize("kind", ["full", "layer-mask", "switches", "lists", "empty"])
+def test_unit_counts_are_the_lengths_of_the_plans_lists(kind):
+    plan = _plans_of_every_kind()[kind]
+    assert plan.unit_counts() == (tuple(map(len, plan.heads)), tuple(map(len, plan.neurons)))
+
+
+@pytest.mark.parametrize("kind", ["full", "layer-mask", "switches", "lists", "empty"])
 def test_layer_tensors_follow_their_definitions(kind):
     plan = _plans_of_every_kind()[kind]
     per_kv = TINY.heads_per_kv_head

@@ -438,10 +438,11 @@ class PlannedDecoder:
         if self.backend != "triton":
             return
         shape, partial = self.shape, self.weights.partial_layers
+        heads, neurons = plan.unit_counts()
         for i in range(shape.num_layers):
             if i in partial:
                 continue
-            if len(plan.heads[i]) not in (0, shape.num_heads) or len(plan.neurons[i]) not in (0, shape.intermediate_size):
+            if heads[i] not in (0, shape.num_heads) or neurons[i] not in (0, shape.intermediate_size):
                 raise ValueError(
                     f"{name} keeps only some units of layer {i}, which was not prepared for partial plans (its "
                     "index is not in the runner's partial_layers): run it whole or skip it")
