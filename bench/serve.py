@@ -209,6 +209,7 @@ class ReplayLog:
     joined: dict[int, int] = dataclasses.field(default_factory=dict)
     left: dict[int, int] = dataclasses.field(default_factory=dict)
     plans: dict[int, ExecutionPlan] = dataclasses.field(default_factory=dict)
+    warm_keys: list[tuple] = dataclasses.field(default_factory=list)  # captured by warm_up() before the trace
 
 
 class Server:
@@ -242,7 +243,10 @@ class Server:
         self.batch.step()
 
     def open_batch(self):
-        return self.runner.decode(capacity=self.capacity, max_tokens=self.trace.max_tokens)
+        """The running batch, every bucket's graphs captured before the first request (``warm_up``)."""
+        batch = self.runner.decode(capacity=self.capacity, max_tokens=self.trace.max_tokens)
+        self.log.warm_keys = batch.warm_up()
+        return batch
 
     def run(self) -> ReplayLog:
         runner, log = self.runner, self.log
@@ -498,14 +502,17 @@ def key_trace(runner: PlannedDecoder, trace: Trace, *, capacity: int = CAPACITY,
     start = time.perf_counter()
     log = MetaServer(runner, trace, capacity=capacity).run()
     seconds = time.perf_counter() - start
-    first_seen: dict[tuple, tuple[int, int]] = {}  # key -> (step, events before it)
+    # key -> (step, events before it); the warm-up's keys at step -1, before any event
+    first_seen: dict[tuple, tuple[int, int]] = {key: (-1, 0) for key in log.warm_keys}
     for step, (key, events) in enumerate(zip(log.keys, log.events_before)):
         first_seen.setdefault(key, (step, events))
     new_after = [key for key, (_, events) in first_seen.items() if events >= warm_events]
     rows = log.rows
     return {
         "trace": trace.summary(), "events": log.events, "steps": len(rows), "replay_s": seconds,
-        "distinct_keys": len(first_seen), "warm_events": warm_events, "new_keys_after_warm": len(new_after),
+        "distinct_keys": len(first_seen), "warm_up_keys": len(log.warm_keys),
+        "new_keys_after_warm_up": sum(step >= 0 for step, _ in first_seen.values()),
+        "warm_events": warm_events, "new_keys_after_warm": len(new_after),
         "keys": [{"key": list(key), "bucket": key[1], "first_step": step, "events_before": events}
                  for key, (step, events) in first_seen.items()],
         "rows_min": min(rows), "rows_max": max(rows), "distinct_rows": len(set(rows)),
@@ -640,7 +647,7 @@ def warm_up(runner: PlannedDecoder, trace: Trace, embeds, capacity: int = CAPACI
     if room < 1:
         raise ValueError(f"the trace's longest request ({trace.max_tokens} positions) leaves no room for a "
                          f"warm-up over {capacity} rows")
-    batch = runner.decode(capacity=capacity, max_tokens=trace.max_tokens)
+    batch = server.open_batch()  # every bucket captured (warm_up), then real rows through them
     joined = []
     start = time.perf_counter()
     try:
@@ -805,8 +812,9 @@ def _keys_line(result: dict) -> str:
             f"{trace['output'][0]}-{trace['output'][1]} tokens, {trace['kinds']['L']} -L, {trace['kinds']['H']} -H "
             f"and {trace['kinds'][FULL]} full plans, seed {trace['seed']}; {keys['steps']} steps, batch of "
             f"{keys['rows_min']} to {keys['rows_max']} rows, {keys['distinct_rows']} sizes): "
-            f"{keys['distinct_keys']} distinct keys (buckets {buckets}), {keys['new_keys_after_warm']} new after "
-            f"the first {keys['warm_events']} events")
+            f"{keys['distinct_keys']} distinct keys (buckets {buckets}), {keys.get('warm_up_keys', 0)} of them "
+            f"captured by warm_up() before the first request; {keys.get('new_keys_after_warm_up', '-')} new during "
+            f"the trace, {keys['new_keys_after_warm']} new after the first {keys['warm_events']} events")
 
 
 def _ratio_text(value) -> str:

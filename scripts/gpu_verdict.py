@@ -24,6 +24,10 @@ PREFILL_WALL_OVER_GPU = 1.10  # #18
 R_MIN = 0.99  # #18: r(FLOPs, wall) over the -L plans
 PROPORTIONAL = 0.05  # #19: -H plans within 5% of proportional
 L_HALF_STEP = 0.54  # #26: an AdaLLaVA-L 0.5 step at one row against the full plan's
+FULL_OVER_DENSE = 1.02  # #26: a batch of full plans against the dense model
+SERVE_WALL_OVER_GPU = 1.05  # #26: the serving trace's steps, wall against GPU time
+SERVE_VS_MODEL = 0.10  # #26: mixed plans' tokens/s gain within 10% of the union cost model's
+MAX_GRAPH_KEYS = 16  # #26: graph keys over the 1000-event trace
 KERNEL_COPY_SHARE = 0.60  # #19: no decode kernel under 60% of the copy rate
 BUDGET_S = 480  # #27: the whole check
 
@@ -113,6 +117,11 @@ def _model_rows(out: Path) -> list[dict]:
             rows.append(_row("#19", f"{stage}: -H plans' worst deviation from proportional, {which}",
                              worst and f"{worst[2]:+.1%} ({worst[1]})", f"within {PROPORTIONAL:.0%}",
                              worst is not None and worst[0] <= PROPORTIONAL))
+    dense = {r["stage"]: r for r in runs if r["family"] == "dense (transformers)"}
+    if "decode" in full and "decode" in dense and dense["decode"].get("median_s"):
+        ratio = full["decode"]["median_s"] / dense["decode"]["median_s"]
+        rows.append(_row("#26", "full-plan decode step / the dense model's (transformers), wall", f"{ratio:.3f}",
+                         f"<= {FULL_OVER_DENSE}", ratio <= FULL_OVER_DENSE))
     half = next((p for p in shares if p["stage"] == "decode" and p["label"] == "L 0.50"), None)
     if half:
         rows.append(_row("#26", "AdaLLaVA-L 0.50 decode step / full plan's, one row, wall",
@@ -167,7 +176,8 @@ def _serve_rows(out: Path) -> list[dict]:
     keys = section["keys"]
     rows = [_row("#26", f"graph keys over a {keys['events']}-event trace: distinct, new after "
                         f"{keys['warm_events']} events", f"{keys['distinct_keys']}, {keys['new_keys_after_warm']}",
-                 "reported", True)]
+                 f"<= {MAX_GRAPH_KEYS}, 0",
+                 keys["distinct_keys"] <= MAX_GRAPH_KEYS and keys["new_keys_after_warm"] == 0)]
     gpu = section.get("gpu", {})
     if "mixed" not in gpu:
         rows.append(_row("#26", "serving trace measured on the GPU", None, "tokens/s, TPOT, TTFT", None))
@@ -179,6 +189,16 @@ def _serve_rows(out: Path) -> list[dict]:
     rows.append(_row("#26", "serving trace: step wall mixed / full, measured (predicted)",
                      None if wall is None else f"{wall:.3f} ({gpu['predicted']['roofline_s_ratio']:.3f})",
                      "reported", True))
+    if mixed.get("step_gpu_sum_s"):
+        over = mixed["step_wall_sum_s"] / mixed["step_gpu_sum_s"]
+        rows.append(_row("#26", "serving trace, mixed plans: step wall / GPU time", f"{over:.3f}",
+                         f"<= {SERVE_WALL_OVER_GPU}", over <= SERVE_WALL_OVER_GPU))
+    gain, model_gain = measured.get("tokens_per_s"), gpu["predicted"].get("roofline_s_ratio")
+    if gain and model_gain:
+        model_gain = 1 / model_gain  # tokens/s scale as the inverse of the step time
+        rows.append(_row("#26", "serving trace: tokens/s mixed / full, measured (union cost model)",
+                         f"{gain:.3f} ({model_gain:.3f})", f"within {SERVE_VS_MODEL:.0%}",
+                         abs(gain / model_gain - 1) <= SERVE_VS_MODEL))
     if mixed["graphs"].get("enabled"):
         captures = mixed["graphs"]["captures"] + full["graphs"]["captures"]
         rows.append(_row("#26", "graph captures while the traces run (after warm-up)", captures,

@@ -691,12 +691,14 @@ def stream_plans():
     return [PLAN_L, PLAN_H, PLAN_H2, ExecutionPlan.full(SHAPE), *distinct_h_plans(2, seed=3)]
 
 
-def run_stream(runner, plans, ids, *, capacity=4):
+def run_stream(runner, plans, ids, *, capacity=4, on_open=None):
     """Replay STREAM on one running batch; per request, its logits (the prefill's, then one per step it was a
-    row of)."""
+    row of). ``on_open(batch)``: called on the empty batch first."""
     room = STREAM_STEPS + 1
     logits = {}
     batch = runner.decode(capacity=capacity, max_tokens=ids.shape[1] + room)
+    if on_open is not None:
+        on_open(batch)
     for step in range(STREAM_STEPS):
         for when, event, r in STREAM:
             if when != step:
@@ -732,6 +734,40 @@ def test_rows_joining_and_leaving_mid_decode_decode_as_alone(model, backend, gra
         stats = runner.graph_stats() if device.type == "cuda" else runner.graphs.stats.as_dict()
         assert stats["captures"] == 2  # buckets of 2 and 4 rows
         assert stats["replays"] == STREAM_STEPS - 2
+
+
+def test_a_warmed_up_batch_captures_nothing_after_and_decodes_as_alone(model):
+    """warm_up() on the empty batch captures the step and the refresh of every bucket up to its capacity
+    (1, 2, 4): the stream after it captures nothing, and every row still decodes as the oracle says."""
+    runner, _ = stream_runner(model, "torch", True)
+    plans = stream_plans()
+    ids, _ = prompts(batch=len(plans))
+    warm = {}
+
+    def on_open(batch):
+        with pytest.raises(ValueError, match="the batch is closed"):
+            _closed(batch).warm_up()
+        warm["keys"] = batch.warm_up()
+        warm["captures"] = (runner.graphs.stats.captures, runner.prepare_graphs.stats.captures)
+        assert batch.warm_up() == warm["keys"]  # captured already: nothing more
+        assert (runner.graphs.stats.captures, runner.prepare_graphs.stats.captures) == warm["captures"]
+
+    logits, batch = run_stream(runner, plans, ids, on_open=on_open)
+    assert [key[1] for key in warm["keys"]] == [1, 2, 4] == list(batch.buckets)
+    assert warm["captures"] == (3, 3)
+    assert (runner.graphs.stats.captures, runner.prepare_graphs.stats.captures) == (3, 3)  # none in the stream
+    for r, plan in enumerate(plans):
+        assert_close(logits[r], oracle_logits(model, ids[r], torch.ones_like(ids[r]), plan, logits[r].shape[0]),
+                     torch.float32)
+    with pytest.raises(ValueError, match="warm_up needs an empty batch: it has 2 rows"):
+        batch.warm_up()
+
+
+def _closed(batch):
+    """A closed batch of the same runner (warm_up refuses it)."""
+    other = batch.runner.decode(capacity=1, max_tokens=4)
+    other.close()
+    return other
 
 
 @pytest.mark.parametrize("backend, graphs", STREAM_PATHS)

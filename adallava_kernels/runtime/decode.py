@@ -29,7 +29,7 @@ from ..ops.common import check_tensor
 from ..ops.paged_attention import paged_decode_splits
 from ..ops.rms_norm import rms_norm
 from .graphs import GraphCache
-from .slots import BatchSlots, bucket_of
+from .slots import BUCKETS, BatchSlots, bucket_of
 from .step import DecodeInputs
 
 __all__ = ["DecodeBatch"]
@@ -264,6 +264,34 @@ class DecodeBatch:
             return self._row[seq_id]
         except (KeyError, TypeError):
             raise ValueError(f"sequence {seq_id!r} is not a row of this batch") from None
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The padded batch sizes this batch's steps can take (every bucket up to its capacity's)."""
+        return tuple(b for b in BUCKETS if b < self.capacity) + (bucket_of(self.capacity),)
+
+    def warm_up(self) -> list[tuple[int, int]]:
+        """Capture now, before any row joins, the graphs of every bucket the batch can take (its step's
+        and its refresh's), so that no later step captures whatever rows join and leave. A warm-up step
+        runs padded rows only: they write to the scratch page and their outputs are dropped. Without CUDA
+        graphs (a CPU, or ``cuda_graphs=False``) nothing runs. Returns the graph keys, as
+        :attr:`graph_key` names them; a ``ValueError`` if the batch has rows or is closed."""
+        if self.slots is None:
+            raise ValueError("the batch is closed")
+        if self.rows:
+            raise ValueError(f"warm_up needs an empty batch: it has {self.rows} rows (a warm-up step would "
+                             "advance them)")
+        slots, keys = self.slots, [(self.slots.id, bucket) for bucket in self.buckets]
+        if self.graphs is not None:
+            for key in keys:
+                bucket = key[1]
+                if key not in self.prepare_graphs:
+                    self.prepare_graphs.run(key, lambda: slots.refresh(bucket))
+                self._views_of(bucket)
+                if key not in self.graphs:
+                    self.graphs.run(key, lambda: self.forward_step(bucket))
+            self._dirty = True  # the next rows' union is derived anew
+        return keys
 
     @property
     def graph_key(self) -> tuple[int, int]:

@@ -60,6 +60,11 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` holds a captured graph."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.graph is not None
+
     def run(self, key: Hashable, step: Callable[[], object]) -> None:
         """Run ``step`` through the graph of ``key``: the first time warmed up eagerly and captured (recording
         runs nothing, so the step's effects happen once), later replayed."""
