@@ -1,0 +1,92 @@
+"""The rows of vLLM's running batch and the spec of each: kept by a logits processor.
+
+vLLM tells a logits processor, before every forward pass, which requests joined its
+persistent batch (with their ``SamplingParams`` and prompt), which left, and which moved
+(``BatchUpdate``, the public interface of custom logits processors). The batch's rows are
+the requests in the order their tokens are laid out in the forward's flattened input, so
+:class:`AdaLlavaPlans` keeps, per row, the request's spec (:mod:`.requests`) and prompt; the
+model reads them (:func:`rows_of`). The processor changes no logits.
+
+It also checks each request when it is added (``validate_params``), before it is scheduled:
+a budget outside [0.5, 1.0] or a malformed plan is refused there.
+
+A request's spec is set when it joins (its first prefill, or its recompute after a
+preemption: the same params, so the same plan) and dropped when it leaves (finished, aborted
+or preempted).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from .requests import request_spec
+
+__all__ = ["AdaLlavaPlans", "BatchRows", "rows_of"]
+
+_lock = threading.Lock()
+_by_instance: dict[str, "BatchRows"] = {}
+
+
+class BatchRows:
+    """Per row of the persistent batch: ``(spec, prompt token ids)``; a row absent is the full plan."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple] = {}
+        self.size = 0
+        self.joins = 0  # requests added over the engine's life (a preempted request joins again)
+
+    def apply(self, update: BatchUpdate) -> None:
+        for index in update.removed:
+            self.rows.pop(index, None)
+        for index, params, prompt, _ in update.added:
+            self.rows[index] = (request_spec(params.extra_args), tuple(prompt or ()))
+            self.joins += 1
+        for a, b, direction in update.moved:
+            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+            if ra is not None:
+                self.rows[b] = ra
+            if direction == MoveDirectionality.SWAP and rb is not None:
+                self.rows[a] = rb
+        self.size = update.batch_size
+
+    def spec(self, row: int) -> tuple:
+        return self.rows.get(row, (None, ()))
+
+
+def rows_of(vllm_config) -> BatchRows | None:
+    """The batch rows of the engine of ``vllm_config`` (``None`` until its processor is built)."""
+    with _lock:
+        return _by_instance.get(getattr(vllm_config, "instance_id", ""))
+
+
+class AdaLlavaPlans(LogitsProcessor):
+    """Carries each request's AdaLLaVA spec to the model; argmax-invariant, it changes no logits."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams):
+        """Refuse a request whose AdaLLaVA key is malformed (vLLM's ``VLLMValidationError``: HTTP 400 online)."""
+        try:
+            request_spec(sampling_params.extra_args)
+        except ValueError as error:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(str(error)) from None
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.batch = BatchRows()
+        with _lock:
+            _by_instance[getattr(vllm_config, "instance_id", "")] = self.batch
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is not None:
+            self.batch.apply(batch_update)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
