@@ -25,6 +25,7 @@ runtime (:class:`~adallava_kernels.runtime.PlannedDecoder`) computes for it alon
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable
 
@@ -36,6 +37,7 @@ from ..plan import ExecutionPlan
 from ..shape import ModelShape
 from .batch_map import row_starts
 from .rows import rows_of
+from .scheduler import load_planner
 
 __all__ = ["AdaLlavaLlamaForCausalLM", "StepPlans"]
 
@@ -142,6 +144,9 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         self._plans: dict[object, ExecutionPlan] = {}
         self._full = ExecutionPlan.full(s)
         self._warned: set = set()
+        # An AdaLLaVA checkpoint's latency encoder and scheduler (scheduler.py), where the directory has them.
+        directory = vllm_config.model_config.model
+        self.planner = load_planner(directory, s) if isinstance(directory, str) and os.path.isdir(directory) else None
 
     # -- vLLM's model interface -----------------------------------------------------------------
 
@@ -151,7 +156,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        step = self.step_plans(h.shape[0], h.device, h.dtype)
+        step = self.step_plans(h.shape[0], h.device, h.dtype, input_ids, h)
         self.rotary.to(h.device)
         cos, sin = self.rotary(h[None], positions.reshape(1, -1))
         cos, sin = cos[0, :, None].to(h.dtype), sin[0, :, None].to(h.dtype)  # [tokens, 1, head_dim]
@@ -183,6 +188,8 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             loaded.add(name)
         if self.tied:
             loaded.add("lm_head")
+        # The latency encoder and scheduler were loaded from their own file (scheduler.py).
+        loaded.update(name for name in params if name.startswith("planner."))
         return loaded
 
     # -- plans ----------------------------------------------------------------------------------
@@ -197,6 +204,11 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         kind, value = spec
         if kind == "plan":
             plan = ExecutionPlan.from_json(value, self.shape)
+        elif self.planner is not None:
+            key = (spec, prompt)  # the plan reads the prompt: made once per (budget, prompt)
+            if key not in self._plans:
+                self._plans[key] = self._plan_budget(value, list(prompt))
+            return self._plans[key]
         elif value >= 1.0:
             plan = self._full  # a budget of 1.0 buys every unit: model.generate's full plan
         else:
@@ -208,14 +220,19 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         self._plans[spec] = plan
         return plan
 
-    def step_plans(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> StepPlans | None:
-        """The step's plans as data, or ``None`` when every token runs the full plan."""
+    def step_plans(self, num_tokens: int, device: torch.device, dtype: torch.dtype, input_ids=None,
+                   h: torch.Tensor | None = None) -> StepPlans | None:
+        """The step's plans as data, or ``None`` when every token runs the full plan. Writes the latency
+        tokens of budget rows into ``h`` (their placeholder's embedding replaced)."""
         starts = row_starts(num_tokens)
         batch = rows_of(self.vllm_config)
         if starts is None or batch is None:
             return None
         rows = len(starts) - 1
-        plans = [self.plan_for(*batch.spec(r)) for r in range(rows)]
+        specs = [batch.spec(r) for r in range(rows)]
+        plans = [self.plan_for(*spec) for spec in specs]
+        if self.planner is not None and input_ids is not None and h is not None:
+            self._write_latency_tokens(h, input_ids, starts, specs)
         if all(p is self._full for p in plans):
             return None
         distinct: dict[ExecutionPlan, int] = {self._full: 0}
@@ -225,6 +242,46 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         token_plan[: int(starts[-1])] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
                                                                 torch.tensor(counts, dtype=torch.long))
         return StepPlans(list(distinct), token_plan.to(device), device, dtype)
+
+    def _write_latency_tokens(self, h, input_ids, starts, specs) -> None:
+        """Each budget row's latency placeholder tokens take the budget's latency token."""
+        latency_id = self.planner.config.latency_token_id
+        for r, (spec, _) in enumerate(specs):
+            if spec is None or spec[0] != "budget":
+                continue
+            a, b = int(starts[r]), int(starts[r + 1])
+            where = (input_ids[a:b] == latency_id).nonzero().flatten()
+            if where.numel():
+                h[a + where] = self.planner.latency_token(spec[1]).to(h.dtype)
+
+    @torch.no_grad()
+    def _plan_budget(self, budget: float, prompt: list[int]) -> ExecutionPlan:
+        """model.generate's plan: the prefix layers over the prompt with its latency token (appended when
+        the prompt lacks the placeholder), dense, outside vLLM's cache; the scheduler reads the token."""
+        latency_id = self.planner.config.latency_token_id
+        if not prompt or prompt[-1] != latency_id:
+            prompt = prompt + [latency_id]
+        ids = torch.tensor(prompt, device=self.embed_tokens.device)
+        h = self.embed_input_ids(ids)
+        h[ids == latency_id] = self.planner.latency_token(budget).to(h.dtype)
+        s = self.shape
+        tokens = h.shape[0]
+        cos, sin = self.rotary(h[None], torch.arange(tokens, device=h.device)[None])
+        cos, sin = cos[0, :, None].to(h.dtype), sin[0, :, None].to(h.dtype)
+        for layer in self.layers[: self.planner.scheme.prefix_layers]:
+            x = _rms_norm(h, layer.input_layernorm, self.eps)
+            q = (x @ layer.q_proj.t()).view(tokens, s.num_heads, s.head_dim)
+            k = (x @ layer.k_proj.t()).view(tokens, s.num_kv_heads, s.head_dim)
+            v = (x @ layer.v_proj.t()).view(tokens, s.num_kv_heads, s.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k, v = (t.repeat_interleave(s.heads_per_kv_head, dim=1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                 is_causal=True)
+            h = h + out.transpose(0, 1).reshape(tokens, -1) @ layer.o_proj.t()
+            x = _rms_norm(h, layer.post_attention_layernorm, self.eps)
+            h = h + (F.silu(x @ layer.gate_proj.t()) * (x @ layer.up_proj.t())) @ layer.down_proj.t()
+        return self.planner.plan(h[-1], budget, tokens)
 
     # -- a layer ----------------------------------------------------------------------------------
 
