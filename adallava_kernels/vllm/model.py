@@ -141,7 +141,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
                                    cache_config=vllm_config.cache_config, prefix=f"{prefix}layers.{i}.self_attn.attn")
             self.layers.append(layer)
         self.rotary = LlamaRotaryEmbedding(config)
-        self._plans: dict[object, ExecutionPlan] = {}
+        self._explicit: dict[str, ExecutionPlan] = {}
         self._full = ExecutionPlan.full(s)
         self._warned: set = set()
         # An AdaLLaVA checkpoint's latency encoder and scheduler (scheduler.py), where the directory has them.
@@ -195,30 +195,32 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
     # -- plans ----------------------------------------------------------------------------------
 
     def plan_for(self, spec, prompt: tuple = ()) -> ExecutionPlan:
-        """The plan of a request's spec (:mod:`.requests`), made once per spec and kept."""
+        """The plan of a request's spec (:mod:`.requests`) and prompt."""
         if spec is None:
             return self._full
-        plan = self._plans.get(spec)
-        if plan is not None:
-            return plan
         kind, value = spec
         if kind == "plan":
-            plan = ExecutionPlan.from_json(value, self.shape)
-        elif self.planner is not None:
-            key = (spec, prompt)  # the plan reads the prompt: made once per (budget, prompt)
-            if key not in self._plans:
-                self._plans[key] = self._plan_budget(value, list(prompt))
-            return self._plans[key]
-        elif value >= 1.0:
-            plan = self._full  # a budget of 1.0 buys every unit: model.generate's full plan
-        else:
-            if spec not in self._warned:
-                self._warned.add(spec)
-                logger.warning("adallava_budget=%s: this checkpoint has no AdaLLaVA scheduler; the request "
-                               "runs the full plan", value)
-            plan = self._full
-        self._plans[spec] = plan
-        return plan
+            plan = self._explicit.get(value)
+            if plan is None:  # parsed once per JSON text, a few hundred kept
+                if len(self._explicit) >= 256:
+                    self._explicit.pop(next(iter(self._explicit)))
+                plan = self._explicit[value] = ExecutionPlan.from_json(value, self.shape)
+            return plan
+        if self.planner is not None:
+            return self._plan_budget(value, list(prompt))
+        if value < 1.0 and value not in self._warned:
+            self._warned.add(value)
+            logger.warning("adallava_budget=%s: this checkpoint has no AdaLLaVA scheduler (export_for_vllm); the "
+                           "request runs the full plan", value)
+        return self._full  # a budget of 1.0 buys every unit: model.generate's full plan
+
+    def row_plan(self, row) -> ExecutionPlan:
+        """The plan of a batch row (:class:`.rows.Row`), made at its first step and kept on the row."""
+        if row is None:
+            return self._full
+        if row.plan is None:
+            row.plan = self.plan_for(row.spec, row.prompt)
+        return row.plan
 
     def step_plans(self, num_tokens: int, device: torch.device, dtype: torch.dtype, input_ids=None,
                    h: torch.Tensor | None = None) -> StepPlans | None:
@@ -229,8 +231,8 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         if starts is None or batch is None:
             return None
         rows = len(starts) - 1
-        specs = [batch.spec(r) for r in range(rows)]
-        plans = [self.plan_for(*spec) for spec in specs]
+        specs = [batch.row(r) for r in range(rows)]
+        plans = [self.row_plan(row) for row in specs]
         if self.planner is not None and input_ids is not None and h is not None:
             self._write_latency_tokens(h, input_ids, starts, specs)
         if all(p is self._full for p in plans):
@@ -246,9 +248,10 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
     def _write_latency_tokens(self, h, input_ids, starts, specs) -> None:
         """Each budget row's latency placeholder tokens take the budget's latency token."""
         latency_id = self.planner.config.latency_token_id
-        for r, (spec, _) in enumerate(specs):
-            if spec is None or spec[0] != "budget":
+        for r, row in enumerate(specs):
+            if row is None or row.spec is None or row.spec[0] != "budget":
                 continue
+            spec = row.spec
             a, b = int(starts[r]), int(starts[r + 1])
             where = (input_ids[a:b] == latency_id).nonzero().flatten()
             if where.numel():

@@ -25,17 +25,27 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from .requests import request_spec
 
-__all__ = ["AdaLlavaPlans", "BatchRows", "rows_of"]
+__all__ = ["AdaLlavaPlans", "BatchRows", "Row", "rows_of"]
 
 _lock = threading.Lock()
 _by_instance: dict[str, "BatchRows"] = {}
 
 
+class Row:
+    """A request in the batch: its spec, its prompt, and its plan once the model has made it (kept while
+    the request is in the batch, dropped with it: a recomputed request's plan is made again)."""
+
+    __slots__ = ("spec", "prompt", "plan")
+
+    def __init__(self, spec, prompt: tuple) -> None:
+        self.spec, self.prompt, self.plan = spec, prompt, None
+
+
 class BatchRows:
-    """Per row of the persistent batch: ``(spec, prompt token ids)``; a row absent is the full plan."""
+    """Per row of the persistent batch, its :class:`Row`; a row absent runs the full plan."""
 
     def __init__(self) -> None:
-        self.rows: dict[int, tuple] = {}
+        self.rows: dict[int, Row] = {}
         self.size = 0
         self.joins = 0  # requests added over the engine's life (a preempted request joins again)
 
@@ -43,7 +53,7 @@ class BatchRows:
         for index in update.removed:
             self.rows.pop(index, None)
         for index, params, prompt, _ in update.added:
-            self.rows[index] = (request_spec(params.extra_args), tuple(prompt or ()))
+            self.rows[index] = Row(request_spec(params.extra_args), tuple(prompt or ()))
             self.joins += 1
         for a, b, direction in update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -53,8 +63,8 @@ class BatchRows:
                 self.rows[a] = rb
         self.size = update.batch_size
 
-    def spec(self, row: int) -> tuple:
-        return self.rows.get(row, (None, ()))
+    def row(self, index: int) -> Row | None:
+        return self.rows.get(index)
 
 
 def rows_of(vllm_config) -> BatchRows | None:
