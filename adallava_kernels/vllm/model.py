@@ -62,6 +62,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _ops():
+    from ..ops.library import adallava_ops
+
+    return adallava_ops()
+
+
+def _features(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The o_proj columns of ``heads``: ``heads[i] * head_dim + d``, int32."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim, dtype=torch.int32, device=heads.device)).flatten()
+
+
 class StepPlans:
     """A forward step's plans as data: per token, the index of its plan among the step's distinct
     plans; per distinct plan, its head and neuron masks; per layer, the union of what they keep."""
@@ -86,12 +97,13 @@ class StepPlans:
 
     @staticmethod
     def _part(union: torch.Tensor, every: torch.Tensor, device) -> tuple[str, torch.Tensor | None]:
-        """``("skip", None)``, ``("dense", None)`` (every token runs it whole) or ``("union", indices)``."""
+        """``("skip", None)``, ``("dense", None)`` (every token runs it whole) or ``("union", indices)``
+        (int32 on the device)."""
         if not bool(union.any()):
             return "skip", None
         if bool(every.all()):
             return "dense", None
-        return "union", union.nonzero().flatten().to(device)
+        return "union", union.nonzero().flatten().to(device=device, dtype=torch.int32)
 
     def head_mask(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
         """``[tokens, len(heads)]``: 1 where the token's plan keeps the head in ``layer``."""
@@ -142,6 +154,13 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             self.layers.append(layer)
         self.rotary = LlamaRotaryEmbedding(config)
         self._explicit: dict[str, ExecutionPlan] = {}
+        # The union layers' ops: the library's gathered Triton kernels (a decode step's, with the rows' masks
+        # as data) or PyTorch ops; "auto": Triton on CUDA. ADALLAVA_VLLM_BACKEND=torch|triton|auto.
+        backend = os.environ.get("ADALLAVA_VLLM_BACKEND", "auto")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"ADALLAVA_VLLM_BACKEND must be auto, torch or triton, got {backend!r}")
+        device = vllm_config.device_config.device
+        self.backend = backend if backend != "auto" else ("triton" if torch.device(device).type == "cuda" else "torch")
         self._full = ExecutionPlan.full(s)
         self._warned: set = set()
         # An AdaLLaVA checkpoint's latency encoder and scheduler (scheduler.py), where the directory has them.
@@ -307,12 +326,20 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             else:
                 heads = attention[1]
                 kept = out.view(tokens, s.num_heads, s.head_dim)[:, heads] * step.head_mask(i, heads)[..., None]
-                columns = layer.o_proj.view(s.hidden_size, s.num_heads, s.head_dim)[:, heads]
-                h = h + kept.reshape(tokens, -1) @ columns.reshape(s.hidden_size, -1).t()
+                kept = kept.reshape(tokens, -1)
+                if self.backend == "triton":  # o_proj's union columns, the residual added in the same pass
+                    h = _ops().col_gathered_linear(kept, layer.o_proj, _features(heads, s.head_dim), None, None, h)
+                else:
+                    columns = layer.o_proj.view(s.hidden_size, s.num_heads, s.head_dim)[:, heads]
+                    h = h + kept @ columns.reshape(s.hidden_size, -1).t()
         if mlp[0] != "skip":
             x = _rms_norm(h, layer.post_attention_layernorm, self.eps)
             if mlp[0] == "dense":
                 h = h + (F.silu(x @ layer.gate_proj.t()) * (x @ layer.up_proj.t())) @ layer.down_proj.t()
+            elif self.backend == "triton":  # the union's neurons, each token's own masked in down_proj's pass
+                neurons = mlp[1]
+                a = _ops().swiglu_gathered(x, layer.gate_proj, layer.up_proj, neurons)
+                h = _ops().col_gathered_linear(a, layer.down_proj, neurons, None, step.neuron_mask(i, neurons), h)
             else:
                 neurons = mlp[1]
                 a = F.silu(x @ layer.gate_proj[neurons].t()) * (x @ layer.up_proj[neurons].t())

@@ -85,6 +85,15 @@ def test_a_budget_outside_the_range_is_refused_before_it_runs_and_the_others_go_
         assert outputs[f"ok-{i}"] == reference_tokens(tiny_llama[1], prompt, named[i][1], STEPS)
 
 
+def test_the_library_kernels_serve_the_union_layers(tiny_llama, monkeypatch):
+    # The gathered Triton kernels (Triton's interpreter on a CPU) instead of PyTorch ops.
+    monkeypatch.setenv("ADALLAVA_VLLM_BACKEND", "triton")
+    llm = engine(tiny_llama[0])
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    assert model.backend == "triton"
+    check_batch(llm, tiny_llama[1], [9, 5], steps=4)
+
+
 def test_chunked_prefill_matches_the_runtime(tiny_llama):
     # 16 tokens a step: the long prompts are prefilled in chunks, next to other requests' decode tokens.
     llm = engine(tiny_llama[0], enable_chunked_prefill=True,
