@@ -103,6 +103,8 @@ class StepPlans:
             return "skip", None
         if bool(every.all()):
             return "dense", None
+        if bool(union.all()):  # every unit is some token's: dense weights, each token's own units masked
+            return "masked", None
         return "union", union.nonzero().flatten().to(device=device, dtype=torch.int32)
 
     def head_mask(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
@@ -154,6 +156,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             self.layers.append(layer)
         self.rotary = LlamaRotaryEmbedding(config)
         self._explicit: dict[str, ExecutionPlan] = {}
+        self._last_step = None
         # The union layers' ops: the library's gathered Triton kernels (a decode step's, with the rows' masks
         # as data) or PyTorch ops; "auto": Triton on CUDA. ADALLAVA_VLLM_BACKEND=torch|triton|auto.
         backend = os.environ.get("ADALLAVA_VLLM_BACKEND", "auto")
@@ -256,13 +259,19 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             self._write_latency_tokens(h, input_ids, starts, specs)
         if all(p is self._full for p in plans):
             return None
+        counts = (starts[1:] - starts[:-1]).tolist()
+        # Decode steps repeat a batch's composition: its step plans are made once and reused while it lasts.
+        key = (tuple(id(p) for p in plans), tuple(counts), num_tokens, device, dtype)
+        if self._last_step is not None and self._last_step[0] == key and self._last_step[2] == plans:
+            return self._last_step[1]
         distinct: dict[ExecutionPlan, int] = {self._full: 0}
         row_plan = [distinct.setdefault(p, len(distinct)) for p in plans]
-        counts = (starts[1:] - starts[:-1]).tolist()
         token_plan = torch.zeros(num_tokens, dtype=torch.long)  # padding tokens: the full plan
         token_plan[: int(starts[-1])] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
                                                                 torch.tensor(counts, dtype=torch.long))
-        return StepPlans(list(distinct), token_plan.to(device), device, dtype)
+        step = StepPlans(list(distinct), token_plan.to(device), device, dtype)
+        self._last_step = (key, step, plans)
+        return step
 
     def _write_latency_tokens(self, h, input_ids, starts, specs) -> None:
         """Each budget row's latency placeholder tokens take the budget's latency token."""
@@ -323,6 +332,9 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             out = layer.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), v)
             if attention[0] == "dense":
                 h = h + out @ layer.o_proj.t()
+            elif attention[0] == "masked":
+                mask = step.heads[:, i, :][step.token_plan]
+                h = h + (out.view(tokens, s.num_heads, s.head_dim) * mask[..., None]).reshape(tokens, -1) @ layer.o_proj.t()
             else:
                 heads = attention[1]
                 kept = out.view(tokens, s.num_heads, s.head_dim)[:, heads] * step.head_mask(i, heads)[..., None]
@@ -336,6 +348,9 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             x = _rms_norm(h, layer.post_attention_layernorm, self.eps)
             if mlp[0] == "dense":
                 h = h + (F.silu(x @ layer.gate_proj.t()) * (x @ layer.up_proj.t())) @ layer.down_proj.t()
+            elif mlp[0] == "masked":
+                mask = step.neurons[:, i, :][step.token_plan]
+                h = h + (F.silu(x @ layer.gate_proj.t()) * (x @ layer.up_proj.t()) * mask) @ layer.down_proj.t()
             elif self.backend == "triton":  # the union's neurons, each token's own masked in down_proj's pass
                 neurons = mlp[1]
                 a = _ops().swiglu_gathered(x, layer.gate_proj, layer.up_proj, neurons)
