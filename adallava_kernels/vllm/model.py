@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from ..plan import ExecutionPlan
 from ..shape import ModelShape
 from .batch_map import row_starts
-from .rows import rows_of
+from .rows import rows_of, serve_shape
 from .scheduler import load_planner
 
 __all__ = ["AdaLlavaLlamaForCausalLM", "StepPlans"]
@@ -134,6 +134,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             raise ValueError(f"{type(self).__name__} needs the logits processor that carries each request's plan: "
                              f"pass logits_processors=[{PLANS_PROCESSOR!r}] to vLLM")
         self.shape = ModelShape.from_hf_config(config)
+        serve_shape(self.shape)
         s = self.shape
         self.eps = float(config.rms_norm_eps)
         self.embed_tokens = nn.Parameter(torch.empty(s.vocab_size, s.hidden_size), requires_grad=False)
@@ -226,7 +227,14 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             if plan is None:  # parsed once per JSON text, a few hundred kept
                 if len(self._explicit) >= 256:
                     self._explicit.pop(next(iter(self._explicit)))
-                plan = self._explicit[value] = ExecutionPlan.from_json(value, self.shape)
+                try:
+                    plan = ExecutionPlan.from_json(value, self.shape)
+                except ValueError as error:
+                    # Refused at admission where the front end shares this process; here, one bad request
+                    # must not stop the engine: it runs the full plan, and the log says why.
+                    logger.error("adallava_plan refused (%s): the request runs the full plan", error)
+                    plan = self._full
+                self._explicit[value] = plan
             return plan
         if self.planner is not None:
             return self._plan_budget(value, list(prompt))

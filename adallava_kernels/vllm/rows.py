@@ -29,6 +29,15 @@ __all__ = ["AdaLlavaPlans", "BatchRows", "Row", "rows_of"]
 
 _lock = threading.Lock()
 _by_instance: dict[str, "BatchRows"] = {}
+# The shapes of the models loaded in this process (an engine in one process: its front end checks a plan's
+# shape when the request is added; with the engine core in its own process the model checks it).
+_served_shapes: set = set()
+
+
+def serve_shape(shape) -> None:
+    """Record that a model of ``shape`` is served in this process."""
+    with _lock:
+        _served_shapes.add(shape)
 
 
 class Row:
@@ -80,7 +89,14 @@ class AdaLlavaPlans(LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams):
         """Refuse a request whose AdaLLaVA key is malformed (vLLM's ``VLLMValidationError``: HTTP 400 online)."""
         try:
-            request_spec(sampling_params.extra_args)
+            spec = request_spec(sampling_params.extra_args)
+            if spec is not None and spec[0] == "plan" and _served_shapes:
+                from ..plan import ExecutionPlan
+
+                shape = ExecutionPlan.from_json(spec[1]).shape
+                if shape not in _served_shapes:
+                    raise ValueError(f"extra_args['adallava_plan'] is a plan for {shape}, which this engine "
+                                     "does not serve")
         except ValueError as error:
             from vllm.exceptions import VLLMValidationError
 

@@ -7,7 +7,7 @@ import torch
 
 from _engine import VOCAB, engine, reference_tokens, shape
 
-from adallava_kernels import ExecutionPlan
+from adallava_kernels import ExecutionPlan, ModelShape
 from adallava_kernels.vllm import BUDGET_KEY, PLAN_KEY
 from adallava_kernels.vllm.rows import rows_of
 
@@ -75,6 +75,10 @@ def test_a_budget_outside_the_range_is_refused_before_it_runs_and_the_others_go_
     with pytest.raises(VLLMValidationError, match=PLAN_KEY):
         engine_.add_request("bad-plan", {"prompt_token_ids": ids[0]},
                             SamplingParams(max_tokens=4, extra_args={PLAN_KEY: "{not json"}))
+    other = ExecutionPlan.full(ModelShape(64, 2, 2, 2, 32, 96, VOCAB))
+    with pytest.raises(VLLMValidationError, match="does not serve"):
+        engine_.add_request("other-shape", {"prompt_token_ids": ids[0]},
+                            SamplingParams(max_tokens=4, extra_args={PLAN_KEY: other.to_json()}))
     outputs = {}
     while engine_.has_unfinished_requests():
         for out in engine_.step():
