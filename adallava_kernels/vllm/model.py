@@ -16,7 +16,10 @@ masks of query heads and MLP neurons (a token takes its row's plan, :mod:`.batch
   token's heads outside its plan masked to zero;
 - MLP: ``gate_proj``/``up_proj`` rows and ``down_proj`` columns of the union's neurons only, each
   token's neurons outside its plan masked to zero;
-- a layer every token runs whole runs dense, with no mask.
+- a layer every token runs whole runs dense, with no mask; one whose union is every unit (but not every
+  token's) runs the dense weights with each token's mask, no gather;
+- the union's gathers are the library's Triton kernels on CUDA (``ADALLAVA_VLLM_BACKEND``), PyTorch ops
+  elsewhere.
 
 A token whose plan skips a unit adds exactly zero for it, so each request computes what the plan
 runtime (:class:`~adallava_kernels.runtime.PlannedDecoder`) computes for it alone.
