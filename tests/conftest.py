@@ -18,3 +18,15 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# tests/vllm/ runs against a vLLM engine in its own venv (`make test-vllm`): where vLLM is not
+# installed (the main venv, `make test`) the directory is not collected.
+# An installed distribution, not an import: with tests/ on sys.path, ``import vllm`` finds tests/vllm itself.
+def _has_vllm() -> bool:
+    import importlib.metadata
+
+    return "vllm" in importlib.metadata.packages_distributions()
+
+
+collect_ignore = [] if _has_vllm() else ["vllm"]

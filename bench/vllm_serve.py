@@ -1,0 +1,121 @@
+"""The same requests through a vLLM engine, with mixed plans against every request at the full plan.
+
+Run in the venv that has vLLM (``make test-vllm`` builds ``.venv-vllm``)::
+
+    python -m bench.vllm_serve --out bench/out/vllm.json
+
+A random Llama of ``--layers`` layers (hidden ``--hidden``, heads of 64, a quarter as many KV heads,
+2.75 times as many MLP neurons) is
+saved to a temporary directory and served by the AdaLLaVA plug-in (``adallava_kernels.vllm``).
+``--requests`` requests of ``--prompt`` random tokens each generate ``--new-tokens`` tokens, greedy,
+all submitted at once; twice: every request at the full plan (no ``extra_args``), then each with the
+plan AdaLLaVA's scheduler would give it (``bench.serve.request_plans``: the best -L or -H plan,
+alternating, for budgets spread over [0.5, 1.0], over random switch logits), then every request
+under the first of those plans (-L at budget 0.5). Reported per run: output
+tokens per second, the mean time per output token after the first (TPOT, from vLLM's request
+metrics where it records them, else the run's decode time over its steps), and the process's CPU
+seconds per wall second. On a GPU this needs an official vLLM wheel built for the installed torch;
+that row is not measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.vllm_serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size (heads of 64; 2.75x as many neurons)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each kind (the best is kept)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(llm, prompts, params) -> dict:
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    steps = max(len(o.outputs[0].token_ids) for o in outputs)
+    return {"wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
+            "tpot_ms": 1000 * wall / steps, "cpu_per_wall": (_cpu_seconds() - cpu) / wall}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from vllm import LLM, SamplingParams
+
+    from adallava_kernels import ModelShape
+    from adallava_kernels.vllm import ARCHITECTURE, PLAN_KEY, PLANS_PROCESSOR
+
+    from .serve import request_plans
+
+    heads = args.hidden // 64
+    config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+                         head_dim=64, max_position_embeddings=2048)
+    shape = ModelShape.from_hf_config(config)
+    directory = tempfile.mkdtemp(prefix="adallava-vllm-bench-")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    llm = LLM(model=directory, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+              hf_overrides={"architectures": [ARCHITECTURE]}, logits_processors=[PLANS_PROCESSOR],
+              max_model_len=args.prompt + args.new_tokens + 8, kv_cache_memory_bytes=512 << 20, seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, config.vocab_size, (args.prompt,), generator=g).tolist()}
+               for _ in range(args.requests)]
+    plans = request_plans(shape, args.requests)
+    greedy = dict(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    kinds = {
+        "all full": [SamplingParams(**greedy) for _ in prompts],
+        "mixed plans": [SamplingParams(**greedy, extra_args={PLAN_KEY: plan.to_json()}) for _, plan in plans],
+        # Every request under the same plan (the lowest budget's -L plan): the savings a batch keeps when its
+        # plans agree.
+        "one -L plan": [SamplingParams(**greedy, extra_args={PLAN_KEY: plans[0][1].to_json()}) for _ in prompts],
+    }
+    _run(llm, prompts[:2], kinds["all full"][:2])  # warm-up
+    rows = {}
+    for name, params in kinds.items():
+        runs = [_run(llm, prompts, params) for _ in range(args.repeats)]
+        rows[name] = max(runs, key=lambda r: r["tokens_per_s"])
+    import vllm
+
+    results = {"vllm": vllm.__version__, "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
+               "shape": shape.to_dict(), "requests": args.requests, "prompt": args.prompt,
+               "new_tokens": args.new_tokens, "plans": [name for name, _ in plans], "rows": rows,
+               "mean_budget": statistics.mean(float(name.split()[1]) for name, _ in plans)}
+    print(f"vLLM {vllm.__version__} on the CPU ({torch.get_num_threads()} threads): {args.requests} requests, "
+          f"{args.prompt} prompt tokens, {args.new_tokens} new tokens each, {args.layers} layers")
+    print(f"{'run':<12} {'tokens/s':>9} {'TPOT ms':>8} {'CPU/wall':>8}")
+    for name, row in rows.items():
+        print(f"{name:<12} {row['tokens_per_s']:>9.1f} {row['tpot_ms']:>8.2f} {row['cpu_per_wall']:>8.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

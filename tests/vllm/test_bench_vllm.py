@@ -1,0 +1,19 @@
+"""python -m bench.vllm_serve runs end to end (at toy sizes)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+def test_the_vllm_benchmark_runs(tmp_path):
+    from bench.vllm_serve import main
+
+    out = tmp_path / "vllm.json"
+    results = main(["--requests", "4", "--prompt", "8", "--new-tokens", "4", "--layers", "2", "--hidden", "512",
+                    "--out", str(out)])
+    assert set(results["rows"]) == {"all full", "mixed plans", "one -L plan"}
+    for row in results["rows"].values():
+        assert row["output_tokens"] == 16 and row["tokens_per_s"] > 0 and row["tpot_ms"] > 0
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))

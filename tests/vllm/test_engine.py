@@ -1,0 +1,114 @@
+"""vLLM generates, for every request, the plan runtime's greedy tokens for that request alone."""
+
+import re
+
+import pytest
+import torch
+
+from _engine import VOCAB, engine, reference_tokens, shape
+
+from adallava_kernels import ExecutionPlan, ModelShape
+from adallava_kernels.vllm import BUDGET_KEY, PLAN_KEY
+from adallava_kernels.vllm.rows import rows_of
+
+vllm = pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+
+STEPS = 12
+
+
+def plans():
+    """-L (layer 2 skipped), -H (some heads and neuron groups of layers 2 and 3 off), full, and none."""
+    s = shape()
+    layers = ExecutionPlan.from_layer_mask([1, 1, 0, 1], s)
+    switches = torch.ones(s.num_layers, 2, s.num_heads, dtype=torch.bool)
+    switches[2, 0, 1] = switches[2, 0, 3] = switches[3, 0, 0] = False
+    switches[2, 1, 2] = switches[3, 1, :2] = False
+    heads = ExecutionPlan.from_switches(switches, s)
+    return [("L", layers), ("H", heads), ("budget 1.0", None), ("no extra_args", None)]
+
+
+def params_for(name, plan, steps=STEPS):
+    extra = {PLAN_KEY: plan.to_json()} if plan is not None else {BUDGET_KEY: 1.0} if name == "budget 1.0" else None
+    return SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, extra_args=extra)
+
+
+def prompts(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def check_batch(llm, model, lengths, steps=STEPS):
+    named = plans()
+    cases = [named[i % len(named)] for i in range(len(lengths))]
+    ids = prompts(lengths)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], [params_for(n, p, steps) for n, p in cases],
+                        use_tqdm=False)
+    for (name, plan), prompt, out in zip(cases, ids, outs):
+        expected = reference_tokens(model, prompt, plan, steps)
+        assert list(out.outputs[0].token_ids) == expected, (name, len(prompt))
+    # The plans change the tokens: the check would catch a plan that is not applied.
+    full = [reference_tokens(model, p, None, steps) for p in ids[:2]]
+    assert [list(o.outputs[0].token_ids) for o in outs[:2]] != full
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return engine(tiny_llama[0])
+
+
+def test_a_mixed_batch_matches_the_runtime_request_by_request(llm, tiny_llama):
+    check_batch(llm, tiny_llama[1], [9, 17, 5, 12, 30, 3, 21, 8])
+
+
+def test_a_budget_outside_the_range_is_refused_before_it_runs_and_the_others_go_on(llm, tiny_llama):
+    engine_ = llm.llm_engine
+    ids = prompts([11, 6, 14])
+    named = plans()
+    for i, prompt in enumerate(ids):
+        engine_.add_request(f"ok-{i}", {"prompt_token_ids": prompt}, params_for(*named[i]))
+    for bad in (0.4, 1.5, "0.7"):
+        with pytest.raises(VLLMValidationError, match=re.escape(f"['{BUDGET_KEY}'] must be a latency budget in [0.5, 1.0], got {bad!r}")):
+            engine_.add_request(f"bad-{bad}", {"prompt_token_ids": ids[0]},
+                                SamplingParams(max_tokens=4, extra_args={BUDGET_KEY: bad}))
+    with pytest.raises(VLLMValidationError, match=PLAN_KEY):
+        engine_.add_request("bad-plan", {"prompt_token_ids": ids[0]},
+                            SamplingParams(max_tokens=4, extra_args={PLAN_KEY: "{not json"}))
+    other = ExecutionPlan.full(ModelShape(64, 2, 2, 2, 32, 96, VOCAB))
+    with pytest.raises(VLLMValidationError, match="does not serve"):
+        engine_.add_request("other-shape", {"prompt_token_ids": ids[0]},
+                            SamplingParams(max_tokens=4, extra_args={PLAN_KEY: other.to_json()}))
+    outputs = {}
+    while engine_.has_unfinished_requests():
+        for out in engine_.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+    assert sorted(outputs) == ["ok-0", "ok-1", "ok-2"]
+    for i, prompt in enumerate(ids):
+        assert outputs[f"ok-{i}"] == reference_tokens(tiny_llama[1], prompt, named[i][1], STEPS)
+
+
+def test_the_library_kernels_serve_the_union_layers(tiny_llama, monkeypatch):
+    # The gathered Triton kernels (Triton's interpreter on a CPU) instead of PyTorch ops.
+    monkeypatch.setenv("ADALLAVA_VLLM_BACKEND", "triton")
+    llm = engine(tiny_llama[0])
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    assert model.backend == "triton"
+    check_batch(llm, tiny_llama[1], [9, 5], steps=4)
+
+
+def test_chunked_prefill_matches_the_runtime(tiny_llama):
+    # 16 tokens a step: the long prompts are prefilled in chunks, next to other requests' decode tokens.
+    llm = engine(tiny_llama[0], enable_chunked_prefill=True,
+                 max_num_batched_tokens=16, max_num_seqs=4)
+    check_batch(llm, tiny_llama[1], [40, 9, 33, 5, 47, 21])
+
+
+def test_preempted_requests_are_recomputed_under_the_same_plans(tiny_llama):
+    # A KV cache of a few pages: running requests are preempted and recomputed.
+    llm = engine(tiny_llama[0], kv_cache_memory_bytes=300 << 10, max_model_len=96, block_size=32)
+    lengths = [30, 25, 34, 28, 31, 27, 33, 26]
+    check_batch(llm, tiny_llama[1], lengths, steps=40)
+    batch = rows_of(llm.llm_engine.vllm_config)
+    assert batch.joins > len(lengths), "no request was preempted"
