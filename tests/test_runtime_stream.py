@@ -102,7 +102,6 @@ class RuntimeStream(RuleBasedStateMachine):
         self.rows: list[str] = []  # the batch's rows, in their order
         self.waiting: set[str] = set()  # rows that joined without a token and have not been given one
         self.freed: list[str] = []
-        self.closed: list = []  # batches closed
         self.count = 0
         self.outputs: list[tuple] = []  # (logits, tokens, their copies) of the latest steps: the caller's
         self.graph_keys: set = set()
@@ -375,14 +374,16 @@ class RuntimeStream(RuleBasedStateMachine):
         the same buffers, cleared (and, with graphs, the graphs captured over them)."""
         old, slots = self.batch, self.batch.slots
         old.close()
-        # Kept: the graph stand-in holds the views a closed batch made of the buffers, which the next batch's
-        # replays read (see test_a_graph_outlives_the_batch_that_captured_it below).
-        self.closed.append(old)
         self.rows, self.waiting, self.steps_here = [], set(), 0
         assert not bool(slots.live.any()) and bool((slots.model_tables == self.runner.cache.scratch_page).all())
         for call in (old.step, old.prepare):
             with pytest.raises(ValueError, match="the batch is closed"):
                 call()
+        # The buffers own the views their graphs read: once the closed batch is collected, the next batch's
+        # replays still read live memory (the stand-in would raise FreedTensorRead otherwise).
+        self.batch = call = None
+        del old
+        gc.collect()
         joining = data.draw(st.lists(st.sampled_from(self.joinable()), max_size=CAPACITY, unique=True)
                             if self.joinable() else st.just([]), label="joining")
         with_tokens = bool(joining) and with_tokens
@@ -622,11 +623,6 @@ def test_random_streams_decode_every_row_as_alone(model, graphs, one_thread):
 # --- found by the machine: minimal repros, expected to fail until fixed ---------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "BUG (runtime): a batch whose capacity is not a bucket (3; or 100, whose bucket is 128) is padded to the next "
-    "bucket (4) once it holds 3 rows, past its BatchSlots' 3 slots: prepare() -> BatchSlots.refresh(4) -> "
-    "_per_row raises 'Size does not match at dimension 0 expected index [4, 4, 8] to be no larger than self "
-    "[3, 4, 8]' (a RuntimeError, not a ValueError, at the first step with 3 rows; 1 or 2 rows step fine)"))
 def test_a_batch_of_a_capacity_between_buckets_steps_every_row(model):
     runner, _ = stream_runner(model, "torch", False)
     ids, _ = prompts(batch=3)
@@ -638,13 +634,6 @@ def test_a_batch_of_a_capacity_between_buckets_steps_every_row(model):
         assert_close(logits[b], decode_alone(model, "torch", plan, ids[b], 2)[1], torch.float32)
 
 
-@pytest.mark.xfail(strict=True, raises=FreedTensorRead, reason=(
-    "BUG (the graph stand-in, tests/_graphs.py): a closed batch's buffers and graphs go to the next batch of its "
-    "capacity and width, whose steps replay the graphs the closed batch captured; those read the closed batch's "
-    "per-bucket views of the buffers (DecodeBatch._views), which the stand-in holds by weak reference, so once "
-    "the closed batch is collected a replay raises FreedTensorRead although the buffers (the views' storage) "
-    "live on; a real CUDA graph reads the same memory and is fine. Fix: the stand-in holds a view by its base "
-    "(or BatchSlots owns the per-bucket views). RuntimeStream keeps closed batches alive meanwhile."))
 def test_a_graph_outlives_the_batch_that_captured_it(model):
     runner, _ = stream_runner(model, "torch", True)
     ids = prompts()[0][0]

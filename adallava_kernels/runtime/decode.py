@@ -45,9 +45,14 @@ class DecodeBatch:
     """
 
     def __init__(self, runner, slots: BatchSlots, graphs: GraphCache | None,
-                 prepare_graphs: GraphCache | None = None) -> None:
+                 prepare_graphs: GraphCache | None = None, capacity: int | None = None) -> None:
         self.runner, self.slots, self.graphs, self.prepare_graphs = runner, slots, graphs, prepare_graphs
-        self.capacity, self.width = slots.capacity, slots.width
+        # The rows it takes; its buffers hold the bucket of that (the padded rows of its largest step).
+        self.capacity = slots.capacity if capacity is None else capacity
+        if bucket_of(self.capacity) > slots.capacity:
+            raise ValueError(f"a batch of capacity {self.capacity} needs buffers of {bucket_of(self.capacity)} "
+                             f"rows (its largest bucket), got {slots.capacity}")
+        self.width = slots.width
         self.id = next(_BATCH_IDS)
         self.seq_ids: list[Hashable] = []
         self.steps = 0  # steps taken

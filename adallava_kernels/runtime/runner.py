@@ -356,8 +356,8 @@ class PlannedDecoder:
         """A running decode batch of at most ``capacity`` rows (default: the bucket of ``seq_ids``), with
         ``seq_ids`` joined (``tokens``: their next inputs, or ``None``: given at the first step). Requests
         of up to ``max_tokens`` positions may join it (default: those of ``seq_ids``, rounded up to a
-        power of two of pages). Its buffers are the runner's, reused by the next batch of this capacity
-        and width once it is closed (with the CUDA graphs captured over them)."""
+        power of two of pages). Its buffers (rows for the bucket of ``capacity``) are the runner's, reused
+        by the next batch of that bucket and width once it is closed (with the CUDA graphs captured over them)."""
         check_seq_ids(seq_ids)
         requests = [self.decode_request(seq_id) for seq_id in seq_ids]
         if capacity is None:
@@ -369,7 +369,9 @@ class PlannedDecoder:
             max_tokens = max(r.max_tokens for r in requests)
         check_int("max_tokens", max_tokens, 1)
         width = width_bucket(-(-max_tokens // self.cache.page_size))
-        batch = DecodeBatch(self, self._take_slots(capacity, width), self.graphs, self.prepare_graphs)
+        # Buffers of the capacity's bucket: a step pads the live rows to a bucket, the largest that one.
+        batch = DecodeBatch(self, self._take_slots(bucket_of(capacity), width), self.graphs, self.prepare_graphs,
+                            capacity)
         try:
             batch.join(list(seq_ids), tokens)
         except BaseException:

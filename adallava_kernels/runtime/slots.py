@@ -136,6 +136,7 @@ class BatchSlots:
         self._n_count = torch.zeros(L, **i32)
         self._offsets = torch.arange(d, **i32)
         self.counts: list[tuple[int, int, int]] | None = None
+        self._views: dict[int, list[LayerSlots]] = {}
         self.index = None
         if torch_index:  # the torch backend's gathers, derived with the rest
             self.index = TorchIndex(torch.zeros(L, H + 2 * KVH, d, dtype=torch.long, device=device),
@@ -240,7 +241,15 @@ class BatchSlots:
     # -- what a step reads -------------------------------------------------------------------
 
     def layer_views(self, rows: int) -> list[LayerSlots]:
-        """Each layer's :class:`LayerSlots` over the first ``rows`` slots (made once per bucket)."""
+        """Each layer's :class:`LayerSlots` over the first ``rows`` slots, made once per ``rows`` and held
+        here: a graph captured over them reads them for as long as these buffers live, whichever batch
+        holds the buffers then."""
+        views = self._views.get(rows)
+        if views is None:
+            views = self._views[rows] = self._make_views(rows)
+        return views
+
+    def _make_views(self, rows: int) -> list[LayerSlots]:
         index = self.index
         return [LayerSlots(self.qkv_heads[i], self.o_cols[i], self.o_count[i], self.kv_map[:rows, i],
                            self.tables[:rows, i], self.neurons[i], self.n_count[i], self.n_mask[:rows, i],
