@@ -9,7 +9,7 @@ A random Llama of ``--layers`` layers (hidden ``--hidden``, heads of 64, a quart
 saved to a temporary directory and served by the AdaLLaVA plug-in (``adallava_kernels.vllm``).
 ``--requests`` requests of ``--prompt`` random tokens each generate ``--new-tokens`` tokens, greedy,
 all submitted at once; twice: every request at the full plan (no ``extra_args``), then each with the
-plan AdaLLaVA's scheduler would give it (``bench.serve.request_plans``: the best -L or -H plan,
+plan AdaLLaVA's scheduler would give it (:func:`request_plans`: the best -L or -H plan,
 alternating, for budgets spread over [0.5, 1.0], over random switch logits), then every request
 under the first of those plans (-L at budget 0.5). Reported per run: output
 tokens per second, the mean time per output token after the first (TPOT, from vLLM's request
@@ -59,6 +59,25 @@ def _run(llm, prompts, params) -> dict:
             "tpot_ms": 1000 * wall / steps, "cpu_per_wall": (_cpu_seconds() - cpu) / wall}
 
 
+def request_plans(shape, count: int, seed: int = 0) -> list:
+    """``count`` (label, plan) pairs: -L and -H alternating, budgets evenly over [0.5, 1.0], each plan the best
+    for its budget over random switch logits of its own (the scheduler's plan at inference)."""
+    import torch
+
+    from adallava_kernels import UnitScheme, best_plan
+
+    from .plans import random_scores
+
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        kind = "LH"[i % 2]
+        budget = 0.5 + 0.5 * i / max(count - 1, 1)
+        scheme = UnitScheme.default(kind, shape)
+        out.append((f"{kind} {budget:.3f}", best_plan(scheme, budget, random_scores(scheme, generator))))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -69,8 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from adallava_kernels import ModelShape
     from adallava_kernels.vllm import ARCHITECTURE, PLAN_KEY, PLANS_PROCESSOR
-
-    from .serve import request_plans
 
     heads = args.hidden // 64
     config = LlamaConfig(vocab_size=8192, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
