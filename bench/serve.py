@@ -233,8 +233,10 @@ class Server:
         return best_plan(self.schemes[request.kind], request.budget, request.scores)
 
     def prefill(self, request: TraceRequest) -> torch.Tensor:
-        """Prefill an admitted request; returns its first token ``[1]`` (its next input)."""
-        raise NotImplementedError
+        """Prefill an admitted request; returns its first token ``[1]`` (its next input). The loop itself runs
+        no prefill: each server says how (:class:`MetaServer` records it, :class:`MeasuredServer` runs it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how a request is prefilled: use "
+                                  "MetaServer or MeasuredServer, or override Server.prefill")
 
     def arrived(self, request: TraceRequest) -> None:
         """Called when the clock reaches a request's arrival."""
