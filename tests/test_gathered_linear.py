@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from adallava_kernels.ops import gathered_linear
 from adallava_kernels.ops.gathered_linear import DECODE_MAX_TOKENS, prepare_column_gather
+from adallava_kernels.ops.rms_norm import rms_norm_reference
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, on_device
@@ -48,6 +49,33 @@ def test_swiglu_gather(tokens, dtype):
     idx = rows.long()
     expected = F.silu(F.linear(x.double(), w_gate.double()[idx])) * F.linear(x.double(), w_up.double()[idx])
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+def test_swiglu_gather_takes_its_input_through_the_norm(tokens, dtype):
+    """norm_weight: SwiGLU of transformers' RMSNorm of x (a decode layer's post-attention norm, fused); the
+    rows padded with free slots, whose outputs keep their poison."""
+    x = randn(tokens, 70, dtype=dtype, scale=3.0)
+    norm = (1 + 0.3 * torch.randn(70)).to(dtype)
+    w_gate, w_up = randn(150, 70, dtype=dtype, scale=70**-0.5), randn(150, 70, dtype=dtype, scale=70**-0.5)
+    real = index(150, 67)
+    rows = torch.cat([real, torch.full((40,), -1, dtype=torch.int32)])
+    out = poisoned(tokens, 107, dtype=dtype)
+    swiglu_gathered(x, w_gate, w_up, rows, out=out, norm_weight=norm, eps=1e-5)
+    idx = real.long()
+    normed = rms_norm_reference(x.double(), norm.double(), 1e-5)
+    expected = F.silu(F.linear(normed, w_gate.double()[idx])) * F.linear(normed, w_up.double()[idx])
+    assert_close(out[:, :67], expected)
+    assert out[:, 67:].isnan().all()
+
+
+def test_swiglu_gather_refuses_a_bad_norm_weight():
+    x, w = torch.randn(2, 70), torch.randn(150, 70)
+    rows = index(150, 10)
+    for bad in (torch.ones(71), torch.ones(70, dtype=torch.bfloat16), torch.ones(1, 70)):
+        with pytest.raises(ValueError, match="norm_weight must be a contiguous torch.float32 tensor of shape \\[70\\]"):
+            gathered_linear.swiglu_gathered(x, w, w, rows, norm_weight=bad, eps=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import adallava_kernels
 from adallava_kernels.ops import workspace
 from adallava_kernels.ops.head_projection import head_projection
+from adallava_kernels.ops.rms_norm import rms_norm_reference
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device
@@ -49,6 +50,34 @@ def test_head_projection(batch, seq, dtype, rope, split):
     if rope:
         expected = rotate(expected, cos.double()[:, :, None], sin.double()[:, :, None])
     assert_close(out.cpu(), expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, seq", [(1, 1), (3, 1), (1, 37)], ids=["T1", "B3", "T37"])
+def test_head_projection_takes_its_input_through_the_norm(batch, seq, dtype):
+    """norm_weight: the projection of transformers' RMSNorm of x (a decode layer's input norm, fused)."""
+    hidden, head_dim, heads, eps = 90, 24, 5, 1e-5
+    x = torch.randn(batch, seq, hidden).to(dtype)
+    norm = (1 + 0.3 * torch.randn(hidden)).to(dtype)
+    w = (torch.randn(heads * head_dim, hidden) * hidden**-0.5).to(dtype)
+    chosen = torch.tensor([4, 0, 3], dtype=torch.int32)
+    cos, sin = rope_tables(batch, seq, head_dim)
+    out = poisoned(batch, seq, 3, head_dim, dtype=dtype, device=DEVICE)
+    head_projection(*to_device(x, w, chosen), head_dim, *to_device(cos, sin), out, norm_weight=norm.to(DEVICE),
+                    eps=eps)
+    normed = rms_norm_reference(x.double(), norm.double(), eps)
+    expected = F.linear(normed, w.double()).view(batch, seq, heads, head_dim)[:, :, chosen.long()]
+    assert_close(out.cpu(), rotate(expected, cos.double()[:, :, None], sin.double()[:, :, None]))
+
+
+def test_head_projection_refuses_a_bad_norm_weight_or_a_split_norm():
+    x, w = torch.randn(1, 1, 90), torch.randn(48, 90)
+    heads, out = torch.tensor([0, 1], dtype=torch.int32), torch.empty(1, 1, 2, 24)
+    for bad in (torch.ones(89), torch.ones(90, dtype=torch.float16), torch.ones(180)[::2]):
+        with pytest.raises(ValueError, match="norm_weight must be a contiguous torch.float32 tensor of shape \\[90\\]"):
+            head_projection(x, w, heads, 24, None, None, out, norm_weight=bad, eps=1e-5)
+    with pytest.raises(ValueError, match="split must be 1 or None with norm_weight"):
+        head_projection(x, w, heads, 24, None, None, out, norm_weight=torch.ones(90), eps=1e-5, split=3)
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -182,15 +211,16 @@ def test_the_ticket_check_refuses_a_float_atomic_add():
 PAGED_SLOTS = {"all": [0, 3, 4, 5, 6, 7, 8], "free": [3, -1, 0, 6, -1, 8, -1]}
 
 
-@pytest.mark.parametrize("split", [None, 3], ids=["whole", "split3"])
+@pytest.mark.parametrize("split, norm", [(None, False), (3, False), (None, True)], ids=["whole", "split3", "norm"])
 @pytest.mark.parametrize("slots", PAGED_SLOTS.values(), ids=PAGED_SLOTS.keys())
 @pytest.mark.parametrize("seq", [1, 3], ids=["decode", "T3"])
-def test_head_projection_writes_k_and_v_to_the_pages(seq, slots, split):
+def test_head_projection_writes_k_and_v_to_the_pages(seq, slots, split, norm):
     """The KV append fused in: the K and V slots go to each row's pages at its positions (K rotated, V
     not), q to ``out``; every other element of the pages, and a free q slot of ``out``, keeps its poison.
     head_dim 40: a head's 20 rotation pairs span two decode programs, the second partly masked. By default
     the paged projection does not split its reduction; a forced split writes the pages from its last
-    program, once."""
+    program, once. With ``norm`` the input goes through RMSNorm first, in the same launch (a decode
+    layer's q, k and v)."""
     from adallava_kernels.ops.head_projection import PagedKV
 
     batch, hidden, head_dim, page_size, width = 3, 90, 40, 5, 4
@@ -205,8 +235,11 @@ def test_head_projection_writes_k_and_v_to_the_pages(seq, slots, split):
     v_pages = poisoned(40, page_size, head_dim, dtype=torch.float32, device=DEVICE)
     q = poisoned(batch, seq, 3, head_dim, dtype=torch.float32, device=DEVICE)
     paged = PagedKV(k_pages, v_pages, *to_device(tables, positions))
+    norm_weight = 1 + 0.3 * torch.randn(hidden, generator=g) if norm else None
     head_projection(*to_device(x, w, slots), head_dim, *to_device(cos, sin), q, rope_slots=5, paged=paged,
-                    split=split)
+                    split=split, norm_weight=None if norm_weight is None else norm_weight.to(DEVICE), eps=1e-5)
+    if norm:
+        x = rms_norm_reference(x.double(), norm_weight.double(), 1e-5)
 
     # A free slot's expected value is NaN: what it must leave unwritten.
     real = slots >= 0

@@ -248,10 +248,10 @@ def per_layer(monkeypatch, mode, method, cls=LayerProgram):
 # the layer runs); per-kernel breakdowns as measured.
 LAYER_LAUNCHES = {
     # Triton (the GPU's path), every layer alike, whatever the rows' plans (a sub-block no row runs is an
-    # empty launch): rms_norm; head_proj (q, k, v of the union's heads with RoPE, K and V to the pages);
-    # paged_decode (each row over its own heads); o_proj (col_gather); the residual add fused with the
-    # second rms_norm; gate and up with SiLU-and-multiply (row_gather); down with the residual (col_gather).
-    ("decode", "triton", "attention+mlp"): 7,
+    # empty launch): head_proj (the input norm, then q, k, v of the union's heads with RoPE, K and V to the
+    # pages); paged_decode (each row over its own heads); o_proj with the residual (col_gather); the second
+    # norm, gate and up with SiLU-and-multiply (row_gather); down with the residual (col_gather).
+    ("decode", "triton", "attention+mlp"): 5,
     # The torch backend (the CPU's reference path), over the union's weights, gathered, a sub-block no row
     # runs left out: two RMSNorms (pow, mean, add, rsqrt, mul, mul each); q|k|v (cat of the union's rows,
     # index_select, mm); RoPE (mul, roll, mul, add); the tables (clone), kv_append; the head tables (gather);

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .layout import prepare_column_gather
+from .rms_norm import check_norm_weight, normed_tile, rms_scale
 from .workspace import counters, scratch
 from .triton_utils import (DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, min_per_split, multiprocessors,
                            regime, smallest_block)
@@ -55,7 +56,9 @@ def _config(bm, bn, bk, warps, stages, band=8):
 # 16 (tests/test_kernels_static.py, bench/static.py): 16-byte asynchronous weight loads, at least 2 buffers
 # of each weight tile, at least 32 KiB in flight per SM, a grid of at least one program per SM with no
 # 1.0-1.5 wave tail, no spills. Configs that failed it are gone: BLOCK_N 128 at decode (86 programs on
-# 132 SMs, 255 registers), BLOCK_N 64 / BLOCK_K 256 (1.3 waves, spills).
+# 132 SMs, 255 registers), BLOCK_N 64 / BLOCK_K 256 (1.3 waves, spills), and the row gather's BLOCK_N 64 / BLOCK_K
+# 128 once the norm came inside it (its x, norm-weight, gate and up tiles, 3 deep, need 120 KiB of shared memory: one
+# program per SM, 1.3 waves; the H200 sweep of 2026-12-04 had it within 0.4% of BLOCK_N 32 where it won).
 ROW_CONFIGS = {
     # Prefill, many tokens: compute-bound tiles for tl.dot. SwiGLU holds two fp32 accumulators: tiles of
     # 128 x 128 with 64-deep K spill at 4 or 8 warps (and 128 x 256 needs 240 KB of shared memory), so the
@@ -70,7 +73,6 @@ ROW_CONFIGS = {
     # weight tiles keep many loads in flight over many programs.
     "decode": [
         _config(16, 32, 128, warps=4, stages=4, band=1),
-        _config(16, 64, 128, warps=4, stages=4, band=1),
         _config(16, 32, 256, warps=4, stages=4, band=1),
     ],
 }
@@ -144,17 +146,18 @@ def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, 
 
 @triton.jit
 def _row_gather_kernel(
-    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr,
+    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr, norm_ptr, eps,
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
     stride_rm, stride_rn,
-    SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, IEEE: tl.constexpr,
+    SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2); with RESIDUAL,
     plus res[m, n]. SPLIT_K > 1 (not with SWIGLU): program_id(1) takes an equal share of K, and the splits
-    meet in the same launch (:func:`_epilogue`)."""
+    meet in the same launch (:func:`_epilogue`). NORM (SPLIT_K 1): x goes through transformers' RMSNorm
+    with weight norm_ptr first, inside the reduction (:func:`~.rms_norm.normed_tile`)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -178,9 +181,13 @@ def _row_gather_kernel(
     w2_ptrs = w2_ptr + rows[None, :] * stride_w2n + offs_k[:, None] * stride_w2k
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
         mask_k = offs_k < k_hi - k * BLOCK_K
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if NORM:
+            a, squares = normed_tile(a, norm_ptr + 0 * offs_m[:, None] + (offs_k + k * BLOCK_K)[None, :],
+                                     mask_m[:, None] & mask_k[None, :], squares, UPCAST)
         b1 = tl.load(w1_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc1 = dot(a, b1, acc1, IEEE, UPCAST)
         if SWIGLU:
@@ -189,6 +196,10 @@ def _row_gather_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w1_ptrs += BLOCK_K * stride_w1k
         w2_ptrs += BLOCK_K * stride_w2k
+    if NORM:
+        inv_rms = rms_scale(squares, K, eps)
+        acc1 = acc1 * inv_rms[:, None]
+        acc2 = acc2 * inv_rms[:, None]
     if SWIGLU:
         acc1 = acc1 * tl.sigmoid(acc1) * acc2
     _epilogue(acc1, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
@@ -313,19 +324,22 @@ def _split_workspace(m: int, n: int, split: int, device: torch.device) -> tuple[
 
 
 def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor,
-                 residual: torch.Tensor | None = None):
+                 residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0):
     m, k = x2.shape
     n = rows.numel()
     w2_ = w1 if w2 is None else w2
-    split = 1 if w2 is not None else _split_k(m, n, k, x2.device)  # SwiGLU needs the whole sum
+    # SwiGLU and the norm need the whole sum in one program.
+    split = 1 if w2 is not None or norm_weight is not None else _split_k(m, n, k, x2.device)
     partials, tickets = _split_workspace(m, n, split, x2.device) if split > 1 else (out, rows)
     res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     ROW_KERNELS[regime(m)][grid](
-        x2, w1, w2_, rows, out, x2 if residual is None else residual, partials, tickets, m, n, k, _m_bucket(m),
+        x2, w1, w2_, rows, out, x2 if residual is None else residual, partials, tickets,
+        x2 if norm_weight is None else norm_weight, eps, m, n, k, _m_bucket(m),
         x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
         out.stride(0), out.stride(1), *res_strides,
-        SWIGLU=w2 is not None, SPLIT_K=split, RESIDUAL=residual is not None, **dot_flags(x2.dtype),
+        SWIGLU=w2 is not None, SPLIT_K=split, RESIDUAL=residual is not None, NORM=norm_weight is not None,
+        **dot_flags(x2.dtype),
     )
     return out
 
@@ -396,12 +410,19 @@ def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, ou
 
 
 def swiglu_gathered(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None,
+    *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
 ):
-    """``silu(x @ w_gate[rows].T) * (x @ w_up[rows].T)`` in one pass, written once at width ``len(rows)``."""
+    """``silu(x @ w_gate[rows].T) * (x @ w_up[rows].T)`` in one pass, written once at width ``len(rows)``.
+
+    ``norm_weight`` ``[in]``: ``x`` is taken through transformers' RMSNorm with that weight and ``eps`` first,
+    inside the same pass (the post-attention norm of a decode layer, fused; see
+    :func:`~.rms_norm.normed_tile` for its one rounding)."""
+    check_norm_weight(norm_weight, x)
     y = _out(x, rows.numel(), out)
     if y.numel():
-        _launch_rows(_flat(x), w_gate, w_up, _index(rows), y.view(math.prod(y.shape[:-1]), rows.numel()))
+        _launch_rows(_flat(x), w_gate, w_up, _index(rows), y.view(math.prod(y.shape[:-1]), rows.numel()),
+                     norm_weight=norm_weight, eps=eps)
     return y
 
 

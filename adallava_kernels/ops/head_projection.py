@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .rms_norm import check_norm_weight, normed_tile, rms_scale
 from .triton_utils import autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits
 from .workspace import counters, scratch
 
@@ -58,15 +59,15 @@ _MIN_BLOCK_M = 16
 @triton.jit
 def _head_proj_kernel(
     x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
-    k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr, part_ptr, cnt_ptr,
+    k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr, part_ptr, cnt_ptr, norm_ptr, eps,
     M, K, SEQ, M_BUCKET, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS, KV_SLOTS, PAGE,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_cb, stride_cs, stride_cd,
     stride_yb, stride_ys, stride_yh, stride_yd,
     stride_pp, stride_ps, stride_tb, stride_th, stride_tw,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-    ROPE: tl.constexpr, SPLIT_K: tl.constexpr, PAGED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROPE: tl.constexpr, SPLIT_K: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
     are not rotated (V, when q, k and v are projected in one launch). A program computes BLOCK_H of a head's
@@ -81,7 +82,10 @@ def _head_proj_kernel(
     partial [BLOCK_M, 2 * BLOCK_H] (lo, then hi) to part_ptr, rows addressed by token (so the layout is the
     same for any BLOCK_M), and takes a ticket on the tile's int32 counter; the last of the tile sums the
     partials in split order and runs the epilogue below (RoPE is applied to the full sum), the others
-    write nothing."""
+    write nothing.
+
+    NORM (SPLIT_K 1): x is taken through transformers' RMSNorm with weight norm_ptr first, inside the
+    reduction (:func:`~.rms_norm.normed_tile`), so the norm costs no launch of its own."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
@@ -99,6 +103,7 @@ def _head_proj_kernel(
 
     acc_lo = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_hi = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -106,11 +111,18 @@ def _head_proj_kernel(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             mask=mask_m[:, None] & mask_k[None, :], other=0.0,
         )
+        if NORM:
+            a, squares = normed_tile(a, norm_ptr + 0 * offs_m[:, None] + offs_k[None, :],
+                                     mask_m[:, None] & mask_k[None, :], squares, UPCAST)
         w_mask = mask_k[:, None] & mask_d[None, :]
         w_lo = tl.load(w_ptr + rows_lo[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
         w_hi = tl.load(w_ptr + rows_hi[None, :] * stride_wn + offs_k[:, None] * stride_wk, mask=w_mask, other=0.0)
         acc_lo = dot(a, w_lo, acc_lo, IEEE, UPCAST)
         acc_hi = dot(a, w_hi, acc_hi, IEEE, UPCAST)
+    if NORM:
+        inv_rms = rms_scale(squares, K, eps)
+        acc_lo = acc_lo * inv_rms[:, None]
+        acc_hi = acc_hi * inv_rms[:, None]
 
     if SPLIT_K > 1:
         tile = (pid_m * tl.num_programs(1) + slot) * PAIR_BLOCKS + pid_p
@@ -200,7 +212,8 @@ class PagedKV:
 def head_projection(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, head_dim: int,
     cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, *, split: int | None = None,
-    rope_slots: int | None = None, paged: PagedKV | None = None,
+    rope_slots: int | None = None, paged: PagedKV | None = None, norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
 ) -> torch.Tensor:
     """Project ``x`` ``[batch, seq, hidden]`` onto ``heads`` of ``w``, rotated when ``cos``/``sin`` are given.
 
@@ -211,6 +224,9 @@ def head_projection(
     ``paged``: the last ``2 * kv_slots`` slots (K heads, then V heads) are written to the pages (the KV
     append, fused) and ``out`` holds the other slots only; the reduction is then not split unless ``split``
     says so.
+    ``norm_weight`` ``[hidden]``: ``x`` is taken through transformers' RMSNorm with that weight and ``eps``
+    first, inside the reduction (a decode layer's input norm, fused: :func:`~.rms_norm.normed_tile`); the
+    reduction is then not split.
 
     A split reduction meets in the launch, in a fixed order (bitwise repeatable); its partials and ticket
     counters are the shared workspace (:mod:`.workspace`), which grows outside a CUDA graph capture only:
@@ -218,6 +234,9 @@ def head_projection(
     """
     batch, seq, hidden = x.shape
     m, n_heads = batch * seq, heads.numel()
+    check_norm_weight(norm_weight, x)
+    if norm_weight is not None and split not in (None, 1):
+        raise ValueError(f"split must be 1 or None with norm_weight (the norm needs each row's whole sum), got {split}")
     if m == 0 or n_heads == 0:
         return out
     x2 = x.reshape(m, hidden)
@@ -228,7 +247,7 @@ def head_projection(
     programs = triton.cdiv(m, block_m) * n_heads * pair_blocks
     if split is None:
         # Prefill tiles fill the GPU; so do the paged decode step's pair blocks (every q, k and v head).
-        whole = which == "prefill" or paged is not None
+        whole = which == "prefill" or paged is not None or norm_weight is not None
         split = 1 if whole else splits(programs, triton.cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
     if split > 1:
         # Partials [slot, pair block, split, m, 2 * block_h] whatever BLOCK_M; a counter per tile of the
@@ -253,11 +272,12 @@ def head_projection(
         page_strides = (paged.k_pages.stride(0), paged.k_pages.stride(1), *paged.tables.stride())
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split * pair_blocks)  # noqa: E731
     KERNELS[which][grid](
-        x2, w, heads, cos, sin, out, *page_args, partials, tickets,
+        x2, w, heads, cos, sin, out, *page_args, partials, tickets, x2 if norm_weight is None else norm_weight, eps,
         m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots, pair_blocks,
         n_heads - 2 * kv_slots, kv_slots, page_size,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *out.stride(), *page_strides,
         HEAD_DIM=head_dim, BLOCK_H=block_h, ROPE=rope, SPLIT_K=split, PAGED=paged is not None,
+        NORM=norm_weight is not None,
         **dot_flags(x.dtype),
     )
     return out

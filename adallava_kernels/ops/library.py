@@ -10,13 +10,15 @@ its head map's dims, dtype and shape, metadata only: two forms share it.)
 - ``head_projection(x, w, heads, cos, sin, head_dim, rope_slots)``: ``[batch, seq, len(heads),
   head_dim]``, its first ``rope_slots`` heads rotated when ``cos``/``sin`` are given;
 - ``head_projection_paged(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables,
-  positions)``: the same with its last ``2 * tables.shape[1]`` slots (K, then V) written to the pages
-  at each row's positions (the KV append, fused); returns the other slots (q);
+  positions, norm_weight=None, eps=0.0)``: the same with its last ``2 * tables.shape[1]`` slots (K, then
+  V) written to the pages at each row's positions (the KV append, fused); returns the other slots (q);
+  with ``norm_weight``, ``x`` goes through RMSNorm first, in the same launch;
 - ``flash_attention(q, k, v, head_to_kv, padding, scale)``: causal attention,
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
 - ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``:
   ``head_to_kv`` ``[heads]`` (one map for every row) or ``[batch, heads]`` (each row's own);
-- ``row_gathered_linear(x, w, rows, residual=None)``, ``swiglu_gathered(x, w_gate, w_up, rows)``,
+- ``row_gathered_linear(x, w, rows, residual=None)``, ``swiglu_gathered(x, w_gate, w_up, rows,
+  norm_weight=None, eps=0.0)`` (with ``norm_weight``, RMSNorm of ``x`` first, in the same launch),
   ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
@@ -68,16 +70,17 @@ def _(x, w, heads, cos, sin, head_dim, rope_slots):
 def head_projection_paged(
     x: torch.Tensor, w: torch.Tensor, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
     rope_slots: int, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor, positions: torch.Tensor,
+    norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
 ) -> torch.Tensor:
     from .head_projection import PagedKV, head_projection as launch
 
     out = x.new_empty(x.shape[0], x.shape[1], heads.shape[0] - 2 * tables.shape[1], head_dim)
     return launch(x, w, heads, head_dim, cos, sin, out, rope_slots=rope_slots,
-                  paged=PagedKV(k_pages, v_pages, tables, positions))
+                  paged=PagedKV(k_pages, v_pages, tables, positions), norm_weight=norm_weight, eps=eps)
 
 
 @head_projection_paged.register_fake
-def _(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables, positions):
+def _(x, w, heads, cos, sin, head_dim, rope_slots, k_pages, v_pages, tables, positions, norm_weight=None, eps=0.0):
     return x.new_empty(x.shape[0], x.shape[1], heads.shape[0] - 2 * tables.shape[1], head_dim)
 
 
@@ -128,14 +131,15 @@ def _(x, w, rows, residual=None):
 
 
 @register_op("swiglu_gathered", mutates_args=())
-def swiglu_gathered(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def swiglu_gathered(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor,
+                    norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
     from .gathered_linear import swiglu_gathered as launch
 
-    return launch(x, w_gate, w_up, rows)
+    return launch(x, w_gate, w_up, rows, norm_weight=norm_weight, eps=eps)
 
 
 @swiglu_gathered.register_fake
-def _(x, w_gate, w_up, rows):
+def _(x, w_gate, w_up, rows, norm_weight=None, eps=0.0):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 

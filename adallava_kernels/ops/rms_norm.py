@@ -112,6 +112,34 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
 
+@_jit
+def normed_tile(a, norm_ptrs, mask, squares, UPCAST: tl.constexpr):
+    """One K tile of x ``[rows, BLOCK_K]`` entering a projection through the norm: ``x * weight`` (rounded
+    to x's dtype, the operand of the dot), and ``squares`` ``[rows]`` plus the tile's sum of squares.
+
+    A projection of RMSNorm(x) is ``rsqrt(mean(x**2) + eps) * (x * weight) @ W.T``: the row's scale is
+    one number, so it goes on the fp32 accumulator after the reduction (:func:`rms_scale`), and the norm
+    needs no pass of its own over the row. ``norm_ptrs`` and ``mask`` have x's tile shape (every row the
+    weight's same elements): the weight then loads as x does, whole vectors into the loop's pipeline,
+    where a ``[BLOCK_K]`` or ``[1, BLOCK_K]`` load is one element a thread, waited for in every iteration.
+    One rounding to the dtype where ``LlamaRMSNorm`` has two (normalised row, then weight times it): the
+    result differs from the unfused layer by that rounding."""
+    h = a.to(tl.float32)
+    squares += tl.sum(h * h, axis=1)
+    weight = tl.load(norm_ptrs, mask=mask, other=0.0).to(tl.float32)
+    scaled = h * weight
+    if UPCAST:  # the interpreter truncates float32 to bfloat16: round to nearest by hand
+        if a.dtype == tl.bfloat16:
+            return _round_to_bf16(scaled), squares
+    return scaled.to(a.dtype), squares
+
+
+@_jit
+def rms_scale(squares, hidden, eps):
+    """``rsqrt(mean(x**2) + eps)`` of each row from its sum of squares over ``hidden`` elements."""
+    return tl.rsqrt(squares / hidden + eps)
+
+
 # -- reference ---------------------------------------------------------------
 
 
@@ -136,6 +164,17 @@ def fused_add_rms_norm_reference(
 
 
 # -- checks ------------------------------------------------------------------
+
+
+def check_norm_weight(norm_weight: torch.Tensor | None, x: torch.Tensor) -> None:
+    """A norm fused into a projection of ``x`` takes a contiguous weight ``[hidden]`` of ``x``'s dtype and device."""
+    if norm_weight is None:
+        return
+    hidden = x.shape[-1]
+    if (norm_weight.shape != (hidden,) or norm_weight.dtype != x.dtype or norm_weight.device != x.device
+            or not norm_weight.is_contiguous()):
+        raise ValueError(f"norm_weight must be a contiguous {x.dtype} tensor of shape [{hidden}] on {x.device} "
+                         f"(x's last dim), got {norm_weight.dtype} {list(norm_weight.shape)} on {norm_weight.device}")
 
 
 def _check_inputs(x: object, residual: object, weight: object, eps: object) -> None:

@@ -6,11 +6,12 @@ batch's padded size alone and one captured CUDA graph serves every mix of
 plans. A sub-block no row runs has a union of 0 units: its kernels launch
 and their programs return at once, reading no weight.
 
-- ``triton``: the layer's seven kernels (RMSNorm; q, k and v of the union's
-  heads with RoPE, K and V written to the pages; the paged attention, each
-  row over its own heads only; ``o_proj`` over the union's columns; the
-  residual add fused with the second RMSNorm; gate and up of the union's
-  neurons with SiLU-and-multiply; ``down_proj`` over them, each row's
+- ``triton``: the layer's five kernels (q, k and v of the union's heads of
+  the normed input, the RMSNorm inside the projection, with RoPE, K and V
+  written to the pages; the paged attention, each row over its own heads
+  only; ``o_proj`` over the union's columns with the residual; gate and up
+  of the union's neurons of the normed residual stream, the second RMSNorm
+  inside, with SiLU-and-multiply; ``down_proj`` over them, each row's
   neurons masked, with the residual).
 - ``torch``: the same computation with PyTorch ops over the union's weights,
   gathered (the reference of the Triton path). Where the host knows the
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 
 from ..ops.library import adallava_ops
 from ..ops.paged_attention import attend_gathered_pages
-from ..ops.rms_norm import fused_add_rms_norm, rms_norm
 from ..ops.rope import rope
 from .layers import sub_blocks
 from .slots import LayerSlots
@@ -79,11 +79,9 @@ class SlotLayer:
                rope_sign: torch.Tensor) -> torch.Tensor:
         """``h`` ``[rows, hidden]`` (one new token per row) through the layer; K/V written at ``lengths``."""
         if self.backend == "triton":
-            x = rms_norm(h, self.input_norm, self.eps, backend="triton")
-            q = self._qkv(x, inputs, pages, slots)
-            out = self._o_proj(self._attend(q, inputs, pages, slots, split), slots)
-            x, h = fused_add_rms_norm(out, h, self.post_norm, self.eps, backend="triton")
-            return self._mlp_triton(x, h, slots)
+            q = self._qkv(h, inputs, pages, slots)
+            h = self._o_proj(self._attend(q, inputs, pages, slots, split), slots, h)
+            return self._mlp_triton(h, slots)
         # Where the host knows the union is empty, the sub-block is not run at all.
         q_n, _, n = self._sizes(slots)
         attend = (lambda x: self._attention_torch(x, inputs, pages, slots, rope_sign)) if q_n else None
@@ -92,25 +90,28 @@ class SlotLayer:
 
     # -- triton --------------------------------------------------------------------------
 
-    def _qkv(self, x, inputs: DecodeInputs, pages, slots: LayerSlots) -> torch.Tensor:
-        """q ``[rows, heads, d]`` of the union's heads, rotated; K and V appended to the pages, in one launch."""
-        return _OPS.head_projection_paged(x[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin,
+    def _qkv(self, h, inputs: DecodeInputs, pages, slots: LayerSlots) -> torch.Tensor:
+        """q ``[rows, heads, d]`` of the union's heads of the normed ``h``, rotated; K and V appended to the
+        pages, in one launch (the input norm inside it)."""
+        return _OPS.head_projection_paged(h[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin,
                                           self.head_dim, self.nq + self.nkv, pages.k, pages.v, slots.tables,
-                                          inputs.lengths)[:, 0]
+                                          inputs.lengths, self.input_norm, self.eps)[:, 0]
 
     def _attend(self, q, inputs: DecodeInputs, pages, slots: LayerSlots, split: int) -> torch.Tensor:
         """Each row over its own heads' pages (a head it lacks attends nothing and gives 0)."""
         return _OPS.paged_decode_attention(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
                                            inputs.starts, self.scale, split)
 
-    def _o_proj(self, out, slots: LayerSlots) -> torch.Tensor:
+    def _o_proj(self, out, slots: LayerSlots, residual) -> torch.Tensor:
+        """The residual stream after the attention: ``residual`` plus ``o_proj`` of ``out``."""
         # The heads a row lacks are 0 already: no mask.
         return _OPS.col_gathered_linear(out.view(out.shape[0], -1), self.w_o, slots.o_cols, slots.o_count,
-                                        dense=not self.partial, dense_weight=self.w_o_rows)
+                                        residual=residual, dense=not self.partial, dense_weight=self.w_o_rows)
 
-    def _mlp_triton(self, x, residual, slots: LayerSlots) -> torch.Tensor:
-        act = _OPS.swiglu_gathered(x, self.w_gate, self.w_up, slots.neurons)
-        return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, residual,
+    def _mlp_triton(self, h, slots: LayerSlots) -> torch.Tensor:
+        """The residual stream after the MLP, its norm inside gate|up."""
+        act = _OPS.swiglu_gathered(h, self.w_gate, self.w_up, slots.neurons, self.post_norm, self.eps)
+        return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, h,
                                         dense=not self.partial, dense_weight=self.w_down_rows)
 
     # -- torch ---------------------------------------------------------------------------
