@@ -17,11 +17,12 @@ Stages, in the order of what they are worth, each under its own time cap and all
 2. ``tune``: the kernel config sweep (``python -m bench.tune``) -> ``tune/tuned_configs.json``, which the
    later stages read (``ADALLAVA_TUNED_CONFIGS``);
 3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor (``python -m bench.gpu_check``);
-4. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
-5. ``serve``: the serving run (``python -m bench --only serve``);
-6. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
+4. ``pdl``: the model check again with programmatic dependent launch on (``ADALLAVA_PDL=1``);
+5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
+6. ``serve``: the serving run (``python -m bench --only serve``);
+7. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
-7. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
+8. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
    still lists every test that finished).
 
 Each stage writes its log and JSON under ``--out`` the moment it ends, a stage that fails or runs out of
@@ -119,6 +120,10 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
                                      *quick]], ["tune/tuned_configs.json"], {} if on_gpu else {"TRITON_INTERPRET": "1"}),
         Stage("model", 150, [["-m", "bench.gpu_check", "--out", str(out / "model"), *quick]],
               ["model/results.json"]),
+        # The same check with programmatic dependent launch on (ADALLAVA_PDL=1): its full-plan step beside
+        # the model stage's is the A/B that decides whether PDL becomes the default.
+        Stage("pdl", 150, [["-m", "bench.gpu_check", "--out", str(out / "pdl"), *quick]], ["pdl/results.json"],
+              {"ADALLAVA_PDL": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
         Stage("serve", 150, [["-m", "bench", "--only", "serve", "--out", str(out / "serve"), *quick]],

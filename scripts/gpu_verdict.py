@@ -89,6 +89,12 @@ def _model_rows(out: Path) -> list[dict]:
             rows.append(_row("#28", "full-plan decode step, GPU time, share of the copy rate",
                              f"{1 / floor['gpu_vs_floor']:.1%}", f">= {FLOOR_SHARE:.0%}",
                              1 / floor["gpu_vs_floor"] >= FLOOR_SHARE))
+    pdl = _load(out / "pdl" / "results.json")
+    if floor and pdl and pdl.get("floor"):
+        with_pdl = pdl["floor"]["step_s"] * 1e3
+        rows.append(_row("#28", "full-plan decode step, wall, with ADALLAVA_PDL=1 (without)",
+                         f"{with_pdl:.3f} ms ({floor['step_s'] * 1e3:.3f} ms)", f"<= {FULL_DECODE_WALL_MS} ms",
+                         with_pdl <= FULL_DECODE_WALL_MS))
     if "prefill" in full:
         ms = full["prefill"]["median_s"] * 1e3
         rows.append(_row("#19", "full-plan prefill, wall", f"{ms:.3f} ms", f"<= {FULL_PREFILL_WALL_MS} ms",

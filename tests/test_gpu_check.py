@@ -100,15 +100,16 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     printed, _ = process.communicate(timeout=600)
     assert process.returncode == 0, printed
     stages = json.loads((out / "stages.json").read_text())
-    names = ["setup", "tune", "model", "kernels", "serve", "probes", "tests"]
+    names = ["setup", "tune", "model", "pdl", "kernels", "serve", "probes", "tests"]
     assert [(s["name"], s["status"]) for s in stages["stages"]] == [(n, "passed") for n in names]
-    for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "kernels/results.json",
+    for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "pdl/results.json", "kernels/results.json",
                  "serve/results.json", "probes.json", "tests.log", "verdict.md", "verdict.json"):
         assert (out / name).stat().st_size > 0, name
     for name in names:
         assert (out / f"{name}.log").exists() or name == "setup"
     verdict = json.loads((out / "verdict.json").read_text())
     assert any(r["what"] == "full-plan decode step, wall" and r["measured"].endswith(" ms") for r in verdict["rows"])
+    assert any(r["what"].startswith("full-plan decode step, wall, with ADALLAVA_PDL=1") for r in verdict["rows"])
     assert "| issue | what | measured | target | holds |" in printed
     # What a lent machine sends back: the folder packed, the verdict and the stages beside it.
     assert sorted(p.name for p in sent.iterdir()) == ["gpu-check.tar.gz", "stages.json", "verdict.md"]

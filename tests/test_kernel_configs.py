@@ -93,3 +93,22 @@ def test_flash_attention_config(regime, config, monkeypatch):
     causal = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
     assert_close(out.cpu(), torch.einsum("bhqk,bhkd->bqhd", probs, vv))
+
+
+def test_programmatic_dependent_launch_is_opt_in_and_decode_only(monkeypatch):
+    """ADALLAVA_PDL=1 turns it on for decode launches on a GPU of compute capability 9.0 or newer; never on a
+    CPU, under the interpreter, for a prefill or without the variable."""
+    import torch
+
+    from adallava_kernels.ops import triton_utils
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(triton_utils.PDL_ENV, raising=False)
+    assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}
+    monkeypatch.setenv(triton_utils.PDL_ENV, "1")
+    assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}
+    monkeypatch.setattr(triton_utils, "_supports_pdl", lambda device: True)
+    assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": True, "launch_pdl": True}
+    assert triton_utils.pdl_flags(cpu, "prefill") == {"PDL": False}
+    monkeypatch.setenv(triton_utils.PDL_ENV, "0")
+    assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}

@@ -33,3 +33,25 @@ def test_the_paged_attention_fills_the_gpu_at_batch_1():
     paged = [v for v in decode_variants() if v["kernel"] == "_paged_decode_kernel" and v["site"].startswith("decode b1 ")]
     assert paged and all(v["grid"][0] * v["grid"][1] >= static.SMS for v in paged)
     assert all(min(v["buffers"][t] for t in ("k", "v")) >= 2 for v in paged)
+
+
+def test_with_pdl_every_decode_kernel_waits_for_the_one_before_it_before_touching_memory(tmp_path):
+    """ADALLAVA_PDL=1 (programmatic dependent launch, opt in): each decode kernel's launch asks for it and its
+    code waits (griddepcontrol.wait) before its first global load or store, so a program that starts while
+    the kernel before it drains reads nothing that kernel writes; assembled for sm_90 by ptxas."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ADALLAVA_AUTOTUNE")}
+    out = tmp_path / "pdl.json"
+    done = subprocess.run([sys.executable, str(root / "tests" / "_pdl_check.py"), str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    kernels = json.loads(out.read_text())
+    assert {k["kernel"] for k in kernels} == set(static.KERNELS)
+    assert all(k["launch_pdl"] and k["waits"] == 1 and k["launches_dependents"] == 1 and k["waits_before_memory"]
+               for k in kernels), kernels

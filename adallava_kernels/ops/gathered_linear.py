@@ -34,8 +34,8 @@ import triton.language as tl
 from .layout import prepare_column_gather
 from .rms_norm import check_norm_weight, normed_tile, rms_scale
 from .workspace import counters, scratch
-from .triton_utils import (DECODE_MAX_TOKENS, autotuned, config, dot, dot_flags, min_per_split, multiprocessors,
-                           regime, smallest_block)
+from .triton_utils import (DECODE_MAX_TOKENS, autotuned, config, dependent_launch, dot, dot_flags, min_per_split,
+                           multiprocessors, pdl_flags, regime, smallest_block)
 
 __all__ = [
     "COL_CONFIGS",
@@ -151,13 +151,14 @@ def _row_gather_kernel(
     stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
     stride_rm, stride_rn,
     SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2); with RESIDUAL,
     plus res[m, n]. SPLIT_K > 1 (not with SWIGLU): program_id(1) takes an equal share of K, and the splits
     meet in the same launch (:func:`_epilogue`). NORM (SPLIT_K 1): x goes through transformers' RMSNorm
     with weight norm_ptr first, inside the reduction (:func:`~.rms_norm.normed_tile`)."""
+    dependent_launch(PDL)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -244,7 +245,7 @@ def _col_gather_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm, stride_rn,
     stride_dn, stride_dk,
     SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
-    DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * w[n, cols[k]] (+ res[m, n] with RESIDUAL).
@@ -261,6 +262,7 @@ def _col_gather_kernel(
 
     SPLIT_K > 1: program_id(1) takes an equal share of the counted columns, and the splits meet in the
     same launch (:func:`_epilogue`)."""
+    dependent_launch(PDL)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -339,7 +341,7 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
         x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2_.stride(0), w2_.stride(1),
         out.stride(0), out.stride(1), *res_strides,
         SWIGLU=w2 is not None, SPLIT_K=split, RESIDUAL=residual is not None, NORM=norm_weight is not None,
-        **dot_flags(x2.dtype),
+        **dot_flags(x2.dtype), **pdl_flags(x2.device, regime(m)),
     )
     return out
 
@@ -365,6 +367,7 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
         *res_strides, wd.stride(0), wd.stride(1), SPLIT_K=split, COUNTED=count is not None,
         XMASK=x_mask is not None, RESIDUAL=residual is not None, DENSE=dense,
         DENSE_WHEN_FULL=dense_weight is not None and count is not None and not dense, **dot_flags(x2.dtype),
+        **pdl_flags(x2.device, regime(m)),
     )
     return out
 

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .rms_norm import check_norm_weight, normed_tile, rms_scale
-from .triton_utils import autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits
+from .triton_utils import (autotuned, config, dependent_launch, dot, dot_flags, min_per_split, pdl_flags, regime,
+                           smallest_block, splits)
 from .workspace import counters, scratch
 
 __all__ = ["CONFIGS", "PagedKV", "head_projection"]
@@ -67,7 +68,7 @@ def _head_proj_kernel(
     stride_pp, stride_ps, stride_tb, stride_th, stride_tw,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
     ROPE: tl.constexpr, SPLIT_K: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
     are not rotated (V, when q, k and v are projected in one launch). A program computes BLOCK_H of a head's
@@ -86,6 +87,7 @@ def _head_proj_kernel(
 
     NORM (SPLIT_K 1): x is taken through transformers' RMSNorm with weight norm_ptr first, inside the
     reduction (:func:`~.rms_norm.normed_tile`), so the norm costs no launch of its own."""
+    dependent_launch(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
     slot = tl.program_id(1)
@@ -277,7 +279,7 @@ def head_projection(
         n_heads - 2 * kv_slots, kv_slots, page_size,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *out.stride(), *page_strides,
         HEAD_DIM=head_dim, BLOCK_H=block_h, ROPE=rope, SPLIT_K=split, PAGED=paged is not None,
-        NORM=norm_weight is not None,
+        NORM=norm_weight is not None, **pdl_flags(x.device, which),
         **dot_flags(x.dtype),
     )
     return out

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRET, LOG2E, dot, dot_flags
+from .triton_utils import INTERPRET, LOG2E, dependent_launch, dot, dot_flags, pdl_flags
 from .workspace import counters, scratch
 
 # Positions a program's loop takes at a time: 4 pages of 16; a K or V tile of 16 KB at head_dim 128.
@@ -52,9 +52,10 @@ def _paged_decode_kernel(
     stride_tb, stride_th, stride_tw,
     stride_ob, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Query head ``program_id(0) % NQ`` of sequence ``program_id(0) // NQ`` over split ``program_id(1)``."""
+    dependent_launch(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // NQ).to(tl.int64)
@@ -157,6 +158,7 @@ def launch_paged_decode(
         *q.stride(), *k_pages.stride(), *block_tables.stride(), *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_N=BLOCK_N,
         BLOCK_SPLIT=max(2, triton.next_power_of_2(split)), ROWS=QUERY_ROWS, **dot_flags(q.dtype),
+        **pdl_flags(q.device, "decode"),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

@@ -12,12 +12,15 @@
   work (a small config, so odd sizes still cross tile boundaries in tests);
 - :func:`multiprocessors`, :func:`splits` and :func:`min_per_split`: how many
   programs fill the GPU, and when a split reduction stops paying;
+- :func:`pdl_flags` and :func:`dependent_launch`: programmatic dependent launch
+  (Hopper on), opt in with ``ADALLAVA_PDL=1``;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -25,6 +28,11 @@ import triton.language as tl
 
 from .common import INTERPRETING as INTERPRET, kernel_configs
 from .tuning import Tuned
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: pdl_flags never turns it on
+    gdc_launch_dependents = gdc_wait = None
 
 __all__ = [
     "DECODE_MAX_TOKENS",
@@ -37,6 +45,8 @@ __all__ = [
     "dot_flags",
     "min_per_split",
     "multiprocessors",
+    "dependent_launch",
+    "pdl_flags",
     "regime",
     "smallest_block",
     "splits",
@@ -65,6 +75,35 @@ def dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 def dot_flags(dtype: torch.dtype) -> dict:
     """fp32 inputs take IEEE dots (not TF32); the interpreter upcasts before tl.dot."""
     return {"IEEE": dtype == torch.float32, "UPCAST": INTERPRET}
+
+
+# Programmatic dependent launch: a decode kernel's programs may start while the kernel before it in the
+# stream drains, and wait at their first line (griddepcontrol.wait) until it has finished and its writes
+# are visible. What it hides is the launch and the start of the next kernel's programs, of the few us every
+# kernel of a captured step pays. Off unless ADALLAVA_PDL=1: no GPU has measured it yet.
+PDL_ENV = "ADALLAVA_PDL"
+
+
+@triton.jit
+def dependent_launch(PDL: tl.constexpr):
+    """A kernel's first line: with PDL, wait for the kernel before it (nothing it wrote is read, and nothing
+    written, before this), then let the next one start its programs."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_flags(device: torch.device, which: str) -> dict:
+    """The launch's ``PDL`` constexpr, and ``launch_pdl`` where it is on: decode launches on a GPU of compute
+    capability 9.0 or newer, with ``ADALLAVA_PDL=1`` and a Triton that has grid dependency control."""
+    on = which == "decode" and os.environ.get(PDL_ENV) == "1" and _supports_pdl(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def _supports_pdl(device: torch.device) -> bool:
+    if INTERPRET or gdc_wait is None or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def config(warps: int, stages: int, **blocks: int) -> triton.Config:
