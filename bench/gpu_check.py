@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--roofline-device", type=roofline_device, default="H200",
                         help="device the rows' roofline time is predicted for (default H200)")
     parser.add_argument("--quick", action="store_true", help="2 repetitions a case, to check that everything runs")
+    parser.add_argument("--plans", choices=["reduced", "full"], default="reduced",
+                        help="reduced: the full plan, -L and -H at each budget and the random -H plans (default); "
+                             "full: the full plan alone and its floor (an A/B of a launch setting)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"directory of results.json, rewritten after every plan (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
                               args.backend, budget)
     rows = results["model_runs"]["rows"]
     try:
-        for family, label, plan in progress(reduced_plans(shape), f"gpu-check {model_name}"):
+        chosen = reduced_plans(shape) if args.plans == "reduced" else reduced_plans(shape)[:1]
+        for family, label, plan in progress(chosen, f"gpu-check {model_name}"):
             rows += model_bench.plan_rows(bench, family, label, plan)
             save()
     except Exception as error:  # noqa: BLE001 - the plans that finished are still summarised
@@ -102,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
     results["check_by_family"] = {kind: check(family_rows(rows, kind), args.backend) for kind in FAMILY_GROUPS}
     results["proportional"] = proportional(rows)
     save()
+    if args.plans != "reduced":
+        return results
     try:
         results["distinct_plans"] = distinct_plan_captures(bench, args.backend, DISTINCT_PLANS)
     except Exception as error:  # noqa: BLE001 - the timings above are kept

@@ -17,7 +17,8 @@ Stages, in the order of what they are worth, each under its own time cap and all
 2. ``tune``: the kernel config sweep (``python -m bench.tune``) -> ``tune/tuned_configs.json``, which the
    later stages read (``ADALLAVA_TUNED_CONFIGS``);
 3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor (``python -m bench.gpu_check``);
-4. ``pdl``: the model check again with programmatic dependent launch on (``ADALLAVA_PDL=1``);
+4. ``pdl``: the full plan's decode step and floor again with programmatic dependent launch on
+   (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans full``);
 5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
 6. ``serve``: the serving run (``python -m bench --only serve``);
 7. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
@@ -122,7 +123,8 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
               ["model/results.json"]),
         # The same check with programmatic dependent launch on (ADALLAVA_PDL=1): its full-plan step beside
         # the model stage's is the A/B that decides whether PDL becomes the default.
-        Stage("pdl", 150, [["-m", "bench.gpu_check", "--out", str(out / "pdl"), *quick]], ["pdl/results.json"],
+        Stage("pdl", 90, [["-m", "bench.gpu_check", "--plans", "full", "--out", str(out / "pdl"), *quick]],
+              ["pdl/results.json"],
               {"ADALLAVA_PDL": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
