@@ -288,7 +288,8 @@ BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i64": 8, "i8": 1}
 
 
 def _buffers(ttgir: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Each multi-buffered tile: its variable, how many buffers and the bytes of one."""
+    """Each multi-buffered tile: its variable, how many buffers and the bytes of one. A variable staged in
+    more than one loop (a kernel with a dense and a gathered loop) counts at its shallowest."""
     buffers, tile = {}, {}
     for name, dims, dtype in LOCAL_ALLOC.findall(ttgir):
         sizes = [int(d) for d in dims.split("x")]
@@ -297,7 +298,8 @@ def _buffers(ttgir: str) -> tuple[dict[str, int], dict[str, int]]:
         per = BYTES.get(dtype, 2)
         for s in sizes[1:]:
             per *= s
-        buffers[name], tile[name] = sizes[0], per
+        if name not in buffers or sizes[0] < buffers[name]:
+            buffers[name], tile[name] = sizes[0], per
     return buffers, tile
 
 

@@ -38,7 +38,7 @@ def main(out: str, target: str = "cuda:90") -> int:
         if v.shared > max_shared:
             failures.append(f"shared memory fits {target}: {v.shared} B (> {max_shared})")
         rows.append({"kernel": v.kernel, "site": v.site, "config": v.config, "grid": list(v.grid),
-                     "shared": v.shared, "registers": v.registers, "stack": v.stack, "occupancy": v.occupancy,
+                     "shared": v.shared, "registers": v.registers, "stack": v.stack, "num_stages": v.num_stages, "occupancy": v.occupancy,
                      "buffers": v.buffers, "decode_step": static.is_decode_step(v), "failures": failures,
                      "predicted_share": static.predicted_share(v), "in_flight_per_sm": static.in_flight_per_sm(v),
                      "atomics": v.atomics})

@@ -55,3 +55,12 @@ def test_with_pdl_every_decode_kernel_waits_for_the_one_before_it_before_touchin
     assert {k["kernel"] for k in kernels} == set(static.KERNELS)
     assert all(k["launch_pdl"] and k["waits"] == 1 and k["launches_dependents"] == 1 and k["waits_before_memory"]
                for k in kernels), kernels
+
+
+def test_the_column_gather_stages_its_weight_as_deep_gathered_as_dense():
+    """A partial layer's o_proj and down gather their weight's columns through an index list: its tile keeps
+    num_stages - 1 buffers, as a dense layer's does (loaded with the weight, the indices would halve them)."""
+    gathers = [v for v in decode_variants() if v["kernel"] == "_col_gather_kernel"]
+    assert {v["site"].split()[-1] for v in gathers} == {"whole", "partial"}
+    shallow = [(v["site"], v["config"], v["buffers"]) for v in gathers if v["buffers"]["b"] != v["num_stages"] - 1]
+    assert shallow == []

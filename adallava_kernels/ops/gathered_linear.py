@@ -76,8 +76,8 @@ ROW_CONFIGS = {
         _config(16, 32, 256, warps=4, stages=4, band=1),
     ],
 }
-# The column gather loads its weight tile through the column index it loads first: Triton gives such a
-# load (num_stages - 1) / 2 buffers, so decode takes 5 stages or more (2 buffers; 7: 3).
+# The column gather reads each tile's column indices one iteration ahead (:func:`_col_loop`), so its weight
+# tile is as deep as a dense one: num_stages - 1 buffers (5 stages: 4).
 COL_CONFIGS = {
     "prefill": [
         _config(128, 128, 64, warps=8, stages=3),
@@ -212,7 +212,15 @@ def _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, ma
               stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
               XMASK: tl.constexpr, DENSE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_K: tl.constexpr):
-    """acc += x[:, k_lo:k_hi] @ w[:, cols[k_lo:k_hi]].T (DENSE: cols[k] is k)."""
+    """acc += x[:, k_lo:k_hi] @ w[:, cols[k_lo:k_hi]].T (DENSE: cols[k] is k).
+
+    The gather loads the next tile's column indices into registers while this tile is reduced. Loaded in the
+    same iteration, they would make the weight load one indirection deep, and Triton's pipeliner gives such a
+    load (num_stages - 1) / 2 buffers instead of num_stages - 1 (2 instead of 4 at 5 stages: a partial
+    layer's o_proj and down had a third of a dense layer's bytes in flight)."""
+    ahead = k_lo + tl.arange(0, BLOCK_K)
+    if not DENSE:
+        ahead = tl.load(cols_ptr + ahead, mask=ahead < k_hi, other=0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if DENSE:
@@ -222,7 +230,9 @@ def _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, ma
             cols = offs_k
         else:
             counted = offs_k < k_hi
-            cols = tl.load(cols_ptr + offs_k, mask=counted, other=0).to(tl.int64)
+            cols = ahead.to(tl.int64)
+            nxt = offs_k + BLOCK_K
+            ahead = tl.load(cols_ptr + nxt, mask=nxt < k_hi, other=0)
         row_mask = mask_m[:, None] & (offs_k < K)[None, :]
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=row_mask, other=0.0)
         keep = counted[None, :]
