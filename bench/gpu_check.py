@@ -9,8 +9,10 @@ stage, the Pearson r of FLOPs with wall and with GPU time and the worst
 deviation from proportionality (``bench/report.py``); then the full plan's
 decode step against the bandwidth floor: the bytes the step must read
 (``adallava_kernels.cost``) over the rate of a device-to-device copy measured
-in the same run. ``results.json`` is rewritten after every plan, so a run cut
-short keeps the rows it finished.
+in the same run; last, where the host's time goes in the prefill of the full
+plan and of a -H plan (``bench/host.py``: when the call returns against its
+wall time, the synchronisations, a profile). ``results.json`` is rewritten
+after every plan, so a run cut short keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from adallava_kernels.cli import ArgumentParser, checked
 
 from . import model as model_bench
 from . import report, timing
+from .host import host_text
 from ._common import (DTYPES, checked_device, default_dtype, error_record, flops_text, format_table, metadata,
                       positive, progress, roofline_device, si_text, timing_cells, write_json)
 
@@ -113,7 +116,26 @@ def run(args: argparse.Namespace) -> dict:
     except Exception as error:  # noqa: BLE001 - the timings above are kept
         results["errors"]["distinct_plans"] = error_record(error)
     save()
+    try:
+        results["host_profile"] = prefill_host_profiles(bench, args.backend, chosen)
+    except Exception as error:  # noqa: BLE001 - the timings above are kept
+        results["errors"]["host_profile"] = error_record(error)
+    save()
     return results
+
+
+# The plans whose prefill's host time is profiled: the full plan (dense kernels) and a -H plan (gathers).
+HOST_PROFILED = ("full", "H 0.50")
+
+
+def prefill_host_profiles(bench, backend: str, chosen: list[tuple]) -> dict:
+    """Per plan of :data:`HOST_PROFILED`, where its prefill's host time goes (:func:`bench.host.host_profile`):
+    a prefill whose wall time is far above its GPU time is the host's."""
+    from .host import host_profile
+
+    plans = {label: plan for _, label, plan in chosen}
+    return {label: host_profile(model_bench.prefill_call(bench.model, bench.ids, plans[label], backend), bench.device)
+            for label in HOST_PROFILED if label in plans}
 
 
 # The plan families r is taken over apart: -L plans (whole layers) and -H plans (heads and neurons), each
@@ -290,6 +312,8 @@ def table(results: dict) -> str:
         after = "not counted (no CUDA graphs here)" if distinct["captures_after_first"] is None else (
             f"{distinct['captures_after_first']} captures after the first")
         lines.append(f"{distinct['plans']} distinct -H plans decoded one after another: {after}")
+    for label, profile in results.get("host_profile", {}).items():
+        lines.append(host_text(f"prefill host time, {label}", profile))
     for name, error in results.get("errors", {}).items():
         lines.append(f"{name} stopped early: {error['type']}: {error['message']}")
     return "\n".join(lines)

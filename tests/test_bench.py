@@ -291,8 +291,8 @@ def test_gpu_check_prints_one_table_and_writes_json_after_every_plan(tmp_path, c
     gpu_check.main(["--device", "cpu", "--quick", "--tokens", "16", "--backend", "torch", "--out", str(out)])
     labels = ["full", "L 0.50", "L 0.75", "L 1.00", "H 0.50", "H 0.75", "H 1.00", "random-H 0", "random-H 1"]
     # results.json after each of the 9 plans (prefill and decode rows), then with the floor, then with the
-    # distinct plans' graph count.
-    assert [(rows, floor) for _, rows, floor in written] == [(2 * i, False) for i in range(1, 10)] + [(18, True)] * 2
+    # distinct plans' graph count, then with the prefill's host profiles.
+    assert [(rows, floor) for _, rows, floor in written] == [(2 * i, False) for i in range(1, 10)] + [(18, True)] * 3
     assert {path for path, _, _ in written} == {out / "results.json"}
     data = json.loads((out / "results.json").read_text())
     assert data["model"] == "tiny" and not data["errors"] and data["meta"]["command"].split()[1:3] == [
@@ -323,6 +323,14 @@ def test_gpu_check_prints_one_table_and_writes_json_after_every_plan(tmp_path, c
     assert floor["step_s"] == full_decode["median_s"] and floor["step_source"] == "median_s"
     assert f"full-plan decode step: wall {floor['step_s'] * 1e3:.3f} ms, {floor['vs_floor']:.2f}x the bandwidth " \
            f"floor of {floor['floor_s'] * 1e3:.3f} ms" in table
+    # Where the prefill's host time goes, for the full plan and a -H plan: on a CPU the call returns when done.
+    hosts = data["host_profile"]
+    assert set(hosts) == {"full", "H 0.50"}
+    for label, host in hosts.items():
+        assert 0 < host["host_s"] <= host["wall_s"] and host["syncs"] is None and host["reps"] == 3
+        assert 0 < len(host["top"]) <= 25 and host["profiled_s"] >= sum(row["own_s"] for row in host["top"])
+        assert any("masked_attention.py" in row["function"] for row in host["top"]), host["top"]
+        assert f"prefill host time, {label}: returns after {host['host_s'] * 1e3:.3f} ms of " in table
 
 
 def test_gpu_check_cut_short_keeps_the_plans_it_finished(tmp_path, monkeypatch):
@@ -373,3 +381,32 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
         assert [(s["batch"], s["partial_layers"]) for s in static["steps"]] == [(1, 0), (1, 16), (16, 0), (16, 16)]
         assert all(0 < s["share"] <= 1 for s in static["steps"])
         assert (tmp_path / "static.json").exists()
+
+
+def test_host_profile_counts_the_syncs_torch_reports_and_restores_its_mode(monkeypatch):
+    """On CUDA the synchronisations of a call are what torch's sync debug mode warns of while it runs; the mode
+    is put back to the default after it, even when the call raises. (Its mode and the synchronize are stood
+    in for here: the warning is what torch gives for a synchronising call.)"""
+    import warnings
+
+    from bench import host
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def call():
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+
+    profile = host.host_profile(call, torch.device("cuda"), reps=2)
+    assert profile["syncs"] == {"count": 2, "messages": ["called a synchronizing CUDA operation"]}
+    assert modes == ["warn", "default"] and profile["reps"] == 2
+
+    def failing():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        host._syncs(failing, torch.device("cuda"))
+    assert modes[-2:] == ["warn", "default"]
