@@ -344,13 +344,16 @@ def _config_key(kwargs: dict, warps: int, stages: int) -> str:
 
 
 def predict(path: Path, shape, tokens: int) -> dict:
-    """The static model's seconds for every case and candidate config, from their compiled sm_90 code."""
+    """The static model's seconds for every decode case and candidate config, from their compiled sm_90 code
+    (a prefill's tiles are compute-bound: the model does not price them)."""
     from adallava_kernels.ops import common
 
     from . import static
 
     out = {}
     for case in cases(shape, torch.bfloat16, torch.device("cpu"), tokens):
+        if case.regime != "decode":
+            continue
         with static.capturing() as variants, static._triton_on_cpu(common):
             variants.site["name"], variants.site["extra"] = case.name, {"context": tokens}
             case.make()()
@@ -358,6 +361,7 @@ def predict(path: Path, shape, tokens: int) -> dict:
         out[case.name] = {_config_key({k: v.args[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_H", "BAND_M")
                                        if k in v.args and k in _kwargs_of(case)}, v.num_warps, v.num_stages):
                           static.predicted_seconds(v) for v in mine}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
 
@@ -366,26 +370,50 @@ def _kwargs_of(case: Case) -> set[str]:
     return set(candidates(case.kernel, case.regime)[0].kwargs)
 
 
-def against(predicted_path: Path, sweep_path: Path) -> str:
-    """Each swept candidate's measured time beside the model's, and the model's error (predicted / measured
-    - 1) per kernel: the median and the worst."""
-    predicted = json.loads(predicted_path.read_text())
-    sweep = json.loads(sweep_path.read_text())
-    lines, errors = [f"{'case':28s} {'config':40s} {'measured us':>11s} {'model us':>9s} {'error':>7s}"], {}
+def model_errors(predicted: dict, sweep: dict) -> dict:
+    """Each swept candidate's measured time beside the model's and the model's error (predicted / measured
+    - 1); per kernel the median and the worst, over every candidate and over each case's chosen (fastest
+    measured) config alone, which is what a step runs."""
+    rows = []
     for row in sweep["cases"]:
         model = predicted.get(row["case"], {})
-        for c in row["candidates"]:
+        timed = [c for c in row["candidates"] if "seconds" in c]
+        fastest = min(timed, key=lambda c: c["seconds"], default=None)
+        for c in timed:
             p = model.get(_config_key(c["kwargs"], c["num_warps"], c["num_stages"]))
-            if "seconds" not in c or p is None:  # a prefill (compute-bound: not the model's), or not timed
+            if p is None:  # a prefill (compute-bound: not the model's), or a config the model did not see
                 continue
-            error = p / c["seconds"] - 1
-            errors.setdefault(row["kernel"], []).append(error)
             config = ",".join(f"{k}={v}" for k, v in c["kwargs"].items()) + f" w{c['num_warps']} s{c['num_stages']}"
-            lines.append(f"{row['case']:28s} {config:40s} {c['seconds'] * 1e6:11.1f} {p * 1e6:9.1f} {error:+7.1%}")
-    for kernel, values in sorted(errors.items()):
-        values.sort()
-        lines.append(f"{kernel}: median error {values[len(values) // 2]:+.1%}, worst "
-                     f"{max(values, key=abs):+.1%} over {len(values)} candidates")
+            rows.append({"case": row["case"], "kernel": row["kernel"], "config": config, "chosen": c is fastest,
+                         "measured_s": c["seconds"], "predicted_s": p, "error": p / c["seconds"] - 1})
+    kernels = {}
+    for kernel in sorted({r["kernel"] for r in rows}):
+        summary = {}
+        for which, mine in (("candidates", [r for r in rows if r["kernel"] == kernel]),
+                            ("chosen", [r for r in rows if r["kernel"] == kernel and r["chosen"]])):
+            errors = sorted(r["error"] for r in mine)
+            summary[which] = {"count": len(errors), "median": errors[len(errors) // 2] if errors else None,
+                              "worst": max(errors, key=abs) if errors else None}
+        kernels[kernel] = summary
+    return {"rows": rows, "kernels": kernels}
+
+
+def against(predicted_path: Path, sweep_path: Path, json_path: Path | None = None) -> str:
+    """:func:`model_errors` of a ``--predict`` file and a sweep's ``results.json`` as a table (and as JSON in
+    ``json_path``)."""
+    errors = model_errors(json.loads(predicted_path.read_text()), json.loads(sweep_path.read_text()))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(errors, indent=1))
+    lines = [f"{'case':28s} {'config':40s} {'measured us':>11s} {'model us':>9s} {'error':>7s}"]
+    for r in errors["rows"]:
+        lines.append(f"{r['case']:28s} {r['config']:40s} {r['measured_s'] * 1e6:11.1f} {r['predicted_s'] * 1e6:9.1f} "
+                     f"{r['error']:+7.1%}{'  chosen' if r['chosen'] else ''}")
+    for kernel, summary in errors["kernels"].items():
+        every, chosen = summary["candidates"], summary["chosen"]
+        lines.append(f"{kernel}: median error {every['median']:+.1%}, worst {every['worst']:+.1%} over "
+                     f"{every['count']} candidates; the chosen configs' worst {chosen['worst']:+.1%} over "
+                     f"{chosen['count']} cases")
     return "\n".join(lines)
 
 
@@ -409,6 +437,8 @@ def parse_args(argv):
                         help="write the static model's predicted time of every case and candidate (no GPU)")
     parser.add_argument("--against", nargs=2, type=Path, default=None, metavar=("PREDICTED", "SWEEP"),
                         help="compare a --predict file with a GPU sweep's results.json and stop")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="with --against: the comparison as JSON too")
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -429,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"installed {args.install} into {tuning.TABLE}: {sorted(table['configs'])}")
         return 0
     if args.against is not None:
-        print(against(*args.against))
+        print(against(*args.against, args.json))
         return 0
     if args.predict is not None:
         predict(args.predict, get_shape(args.model or "llava-7b"), args.tokens or PREFILL_TOKENS)

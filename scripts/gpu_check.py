@@ -16,14 +16,17 @@ Stages, in the order of what they are worth, each under its own time cap and all
 1. ``setup``: build and import (the extension ``_C`` loaded, device, SMs, versions) -> ``setup.json``;
 2. ``tune``: the kernel config sweep (``python -m bench.tune``) -> ``tune/tuned_configs.json``, which the
    later stages read (``ADALLAVA_TUNED_CONFIGS``);
-3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor (``python -m bench.gpu_check``);
+3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor, where a prefill's host time goes
+   (``python -m bench.gpu_check``);
 4. ``pdl``: the full plan's decode step and floor again with programmatic dependent launch on
    (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans full``);
 5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
-6. ``serve``: the serving run (``python -m bench --only serve``);
-7. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
+6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
+   one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel;
+7. ``serve``: the serving run (``python -m bench --only serve``);
+8. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
-8. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
+9. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
    still lists every test that finished).
 
 Each stage writes its log and JSON under ``--out`` the moment it ends, a stage that fails or runs out of
@@ -128,6 +131,13 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
               {"ADALLAVA_PDL": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
+        # The static model's time of every swept decode candidate, compiled here (mostly from Triton's cache
+        # the sweep filled), beside the sweep's measured time: the model's error per kernel.
+        Stage("fit", 60, [["-m", "bench.tune", "--predict", str(out / "fit" / "predicted.json"),
+                           *([] if on_gpu else ["--model", "tiny"])],
+                          ["-m", "bench.tune", "--against", str(out / "fit" / "predicted.json"),
+                           str(out / "tune" / "results.json"), "--json", str(out / "fit" / "errors.json")]],
+              ["fit/errors.json"], {"TRITON_INTERPRET": "0"}),
         Stage("serve", 150, [["-m", "bench", "--only", "serve", "--out", str(out / "serve"), *quick]],
               ["serve/results.json"]),
         Stage("probes", 45, [["tests/_op_checks.py", "cuda" if on_gpu else "cpu"]], ["probes.json"]),

@@ -2,7 +2,8 @@
 """The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
 
 Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
-``kernels/results.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``, ``tests.log``);
+``kernels/results.json``, ``fit/errors.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``,
+``tests.log``);
 a stage that did not run or did not finish makes its rows "not measured", never a guess. Run it alone on a
 folder to redraw the table: ``python scripts/gpu_verdict.py bench/out/gpu-check``.
 """
@@ -29,6 +30,7 @@ SERVE_WALL_OVER_GPU = 1.05  # #26: the serving trace's steps, wall against GPU t
 SERVE_VS_MODEL = 0.10  # #26: mixed plans' tokens/s gain within 10% of the union cost model's
 MAX_GRAPH_KEYS = 16  # #26: graph keys over the 1000-event trace
 KERNEL_COPY_SHARE = 0.60  # #19: no decode kernel under 60% of the copy rate
+MODEL_ERROR = 0.10  # #28: the static model within 10% of each decode kernel's measured time
 BUDGET_S = 480  # #27: the whole check
 
 
@@ -170,6 +172,21 @@ def _kernel_rows(out: Path) -> list[dict]:
     return rows
 
 
+def _fit_rows(out: Path) -> list[dict]:
+    """The static model against the sweep: per kernel, the worst error over each case's chosen config."""
+    fit = _load(out / "fit" / "errors.json")
+    if not fit:
+        return [_row("#28", "static model vs the sweep's measured time", None, "fit/errors.json", None)]
+    chosen = {kernel: s["chosen"] for kernel, s in fit.get("kernels", {}).items() if s["chosen"]["count"]}
+    if not chosen:
+        return [_row("#28", "static model vs the sweep: decode cases compared", "0", ">= 1", False)]
+    worst = {kernel: s["worst"] for kernel, s in chosen.items()}
+    text = ", ".join(f"{kernel.split('/')[0].strip('_').removesuffix('_kernel')} {error:+.1%}"
+                     for kernel, error in sorted(worst.items()))
+    return [_row("#28", "static model vs the sweep: worst error of each kernel's chosen configs", text,
+                 f"within +-{MODEL_ERROR:.0%}", all(abs(e) <= MODEL_ERROR for e in worst.values()))]
+
+
 def _serve_rows(out: Path) -> list[dict]:
     serve = _load(out / "serve" / "results.json")
     section = serve and serve.get("serve")
@@ -243,7 +260,7 @@ def verdict(out: Path) -> dict:
         rows.append(_row("#27", "kernel sweep: cases with a chosen config",
                          f"{chosen} of {len(tune.get('cases', [])) + len(tune.get('skipped', []))}", "all",
                          chosen > 0 and not tune.get("skipped")))
-    rows += _model_rows(out) + _kernel_rows(out) + _serve_rows(out)
+    rows += _model_rows(out) + _kernel_rows(out) + _fit_rows(out) + _serve_rows(out)
     return {"device": setup.get("device"), "torch": setup.get("torch"), "triton": setup.get("triton"),
             "rows": rows}
 

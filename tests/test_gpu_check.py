@@ -100,9 +100,10 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     printed, _ = process.communicate(timeout=600)
     assert process.returncode == 0, printed
     stages = json.loads((out / "stages.json").read_text())
-    names = ["setup", "tune", "model", "pdl", "kernels", "serve", "probes", "tests"]
+    names = ["setup", "tune", "model", "pdl", "kernels", "fit", "serve", "probes", "tests"]
     assert [(s["name"], s["status"]) for s in stages["stages"]] == [(n, "passed") for n in names]
-    for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "pdl/results.json", "kernels/results.json",
+    for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "pdl/results.json",
+                 "kernels/results.json", "fit/predicted.json", "fit/errors.json",
                  "serve/results.json", "probes.json", "tests.log", "verdict.md", "verdict.json"):
         assert (out / name).stat().st_size > 0, name
     for name in names:
@@ -170,3 +171,35 @@ def test_bad_arguments_are_one_line_and_status_2(tmp_path, argv, message):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "stages.json").exists()
+
+
+def test_the_verdict_sets_the_static_model_against_each_kernels_chosen_configs(tmp_path):
+    """fit/errors.json (bench.tune --against): per kernel, the worst error over the configs the sweep chose
+    (its fastest measured per case); a kernel off by more than 10% there fails the row."""
+    from bench.tune import _config_key, model_errors
+
+    def candidate(bn, seconds):
+        return {"kwargs": {"BLOCK_N": bn}, "num_warps": 4, "num_stages": 4, "seconds": seconds}
+
+    sweep = {"cases": [
+        {"case": "gate|up b1", "kernel": "_row_gather_kernel/decode", "candidates": [candidate(32, 10e-6),
+                                                                                      candidate(64, 20e-6)]},
+        {"case": "down b1", "kernel": "_col_gather_kernel/decode", "candidates": [candidate(64, 8e-6)]},
+        {"case": "gate|up prefill", "kernel": "_row_gather_kernel/prefill", "candidates": [candidate(128, 1e-3)]},
+    ]}
+    predicted = {"gate|up b1": {_config_key({"BLOCK_N": 32}, 4, 4): 10.5e-6, _config_key({"BLOCK_N": 64}, 4, 4): 10e-6},
+                 "down b1": {_config_key({"BLOCK_N": 64}, 4, 4): 10e-6}}
+    errors = model_errors(predicted, sweep)
+    assert [(r["case"], r["chosen"], round(r["error"], 6)) for r in errors["rows"]] == [
+        ("gate|up b1", True, 0.05), ("gate|up b1", False, -0.5), ("down b1", True, 0.25)]
+    row = errors["kernels"]["_row_gather_kernel/decode"]
+    assert row["chosen"] == {"count": 1, "median": pytest.approx(0.05), "worst": pytest.approx(0.05)}
+    assert row["candidates"]["worst"] == pytest.approx(-0.5) and "_row_gather_kernel/prefill" not in errors["kernels"]
+
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "fit" / "errors.json").write_text(json.dumps(errors))
+    rows = [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("static model")]
+    assert [(r["measured"], r["target"], r["holds"]) for r in rows] == [
+        ("col_gather +25.0%, row_gather +5.0%", "within +-10%", False)]
+    (tmp_path / "fit" / "errors.json").unlink()
+    assert [r["holds"] for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("static model")] == [None]
