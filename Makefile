@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BENCH_OUT ?= bench/out
 TORCH_INCLUDE_ROOT = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
 
-.PHONY: env test test-oldest test-vllm bench gpu-check compile-cuda clean
+.PHONY: env test test-oldest test-vllm bench gpu-check compile-cuda static-check-triton clean
 
 env: $(VENV)/.installed
 
@@ -73,6 +73,15 @@ compile-cuda: env
 			$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))") \
 			"$$f" -o build/cuda-check/$$(basename "$$f" .cpp).o || exit 1; \
 	done
+
+# The static check of the compiled kernels (tests/_static_check.py --strict) with another Triton, by default the
+# GPU image's, installed beside the venv's in its own folder: every variant must pass there too.
+OTHER_TRITON ?= 3.6.0
+OTHER_TRITON_DIR = build/triton-$(OTHER_TRITON)
+static-check-triton: env
+	$(PY) -m pip install -q --no-deps --target $(OTHER_TRITON_DIR)/site triton==$(OTHER_TRITON)
+	env -u TRITON_INTERPRET PYTHONPATH=$(OTHER_TRITON_DIR)/site:$(CURDIR) TRITON_CACHE_DIR=$(OTHER_TRITON_DIR)/cache \
+		$(PY) tests/_static_check.py $(OTHER_TRITON_DIR)/static.json cuda:90 --strict
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) $(VLLM_VENV) build *.egg-info bench/out
