@@ -173,6 +173,8 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         # An AdaLLaVA checkpoint's latency encoder and scheduler (scheduler.py), where the directory has them.
         directory = vllm_config.model_config.model
         self.planner = load_planner(directory, s) if isinstance(directory, str) and os.path.isdir(directory) else None
+        self._latency_tokens: dict[float, torch.Tensor] = {}
+        self._latency_step = None  # (composition, (table, index)) of the last step with budget rows
 
     # -- vLLM's model interface -----------------------------------------------------------------
 
@@ -266,11 +268,11 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         rows = len(starts) - 1
         specs = [batch.row(r) for r in range(rows)]
         plans = [self.row_plan(row) for row in specs]
+        counts = (starts[1:] - starts[:-1]).tolist()
         if self.planner is not None and input_ids is not None and h is not None:
-            self._write_latency_tokens(h, input_ids, starts, specs)
+            self._write_latency_tokens(h, input_ids, specs, counts)
         if all(p is self._full for p in plans):
             return None
-        counts = (starts[1:] - starts[:-1]).tolist()
         # Decode steps repeat a batch's composition: its step plans are made once and reused while it lasts.
         key = (tuple(id(p) for p in plans), tuple(counts), num_tokens, device, dtype)
         if self._last_step is not None and self._last_step[0] == key and self._last_step[2] == plans:
@@ -284,17 +286,40 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         self._last_step = (key, step, plans)
         return step
 
-    def _write_latency_tokens(self, h, input_ids, starts, specs) -> None:
-        """Each budget row's latency placeholder tokens take the budget's latency token."""
-        latency_id = self.planner.config.latency_token_id
-        for r, row in enumerate(specs):
-            if row is None or row.spec is None or row.spec[0] != "budget":
-                continue
-            spec = row.spec
-            a, b = int(starts[r]), int(starts[r + 1])
-            where = (input_ids[a:b] == latency_id).nonzero().flatten()
-            if where.numel():
-                h[a + where] = self.planner.latency_token(spec[1]).to(h.dtype)
+    def _write_latency_tokens(self, h, input_ids, specs, counts: list[int]) -> None:
+        """Each budget row's latency placeholder tokens take the budget's latency token: a fixed handful of
+        launches over the step's tokens, nothing read back (a ``nonzero`` per row would stop the host on
+        every step), its tables made once per batch composition."""
+        budgets = tuple(row.spec[1] if row is not None and row.spec is not None and row.spec[0] == "budget"
+                        else None for row in specs)
+        if all(b is None for b in budgets):
+            return
+        table, index = self._latency_tables(budgets, tuple(counts), h)
+        hit = (input_ids == self.planner.config.latency_token_id) & (index > 0)
+        h.copy_(torch.where(hit[:, None], table[index], h))
+
+    def _latency_tables(self, budgets: tuple, counts: tuple, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``table`` ``[1 + distinct budgets, hidden]`` (row 0 unused) and ``index`` ``[tokens]``: each token's
+        row of the table, 0 for a token of a row without a budget; kept while the composition lasts."""
+        key = (budgets, counts, h.shape[0], h.device, h.dtype)
+        if self._latency_step is not None and self._latency_step[0] == key:
+            return self._latency_step[1]
+        distinct = sorted({b for b in budgets if b is not None})
+        tokens = [self._latency_token(b) for b in distinct]
+        table = torch.stack([torch.zeros_like(tokens[0]), *tokens]).to(h.dtype)
+        per_row = [0 if b is None else 1 + distinct.index(b) for b in budgets]
+        index = torch.zeros(h.shape[0], dtype=torch.long)
+        index[: sum(counts)] = torch.repeat_interleave(torch.tensor(per_row, dtype=torch.long),
+                                                       torch.tensor(counts, dtype=torch.long))
+        self._latency_step = (key, (table.to(h.device), index.to(h.device)))
+        return self._latency_step[1]
+
+    def _latency_token(self, budget: float) -> torch.Tensor:
+        """The budget's latency token, computed once per budget value."""
+        token = self._latency_tokens.get(budget)
+        if token is None:
+            token = self._latency_tokens[budget] = self.planner.latency_token(budget)
+        return token
 
     @torch.no_grad()
     def _plan_budget(self, budget: float, prompt: list[int]) -> ExecutionPlan:
@@ -305,7 +330,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             prompt = prompt + [latency_id]
         ids = torch.tensor(prompt, device=self.embed_tokens.device)
         h = self.embed_input_ids(ids)
-        h[ids == latency_id] = self.planner.latency_token(budget).to(h.dtype)
+        h[ids == latency_id] = self._latency_token(budget).to(h.dtype)
         s = self.shape
         tokens = h.shape[0]
         cos, sin = self.rotary(h[None], torch.arange(tokens, device=h.device)[None])
