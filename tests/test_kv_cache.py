@@ -15,7 +15,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import adallava_kernels._C  # noqa: F401  (built by the install: its absence fails, it is not skipped)
@@ -26,6 +25,7 @@ from adallava_kernels.kv_cache.ops import CacheOpInputError
 from adallava_kernels.testing import assert_close
 
 from _device import DEVICE
+from _dispatch import RecordOps
 from _transformers import CACHE_KEYWORD
 from _op_checks import CASES as RAW_CASES
 
@@ -199,16 +199,6 @@ def test_checked_ops_read_nothing_from_the_device_and_the_pool_calls_them():
     pool = LayerSkipKVCache(SHAPE, num_pages=4, page_size=4, dtype=torch.float32, device=DEVICE)
     assert pool.ops is cache_ops() and pool.ops.kv_append is kv_ops.kv_append
     assert pool.ops.kv_gather is kv_ops.kv_gather
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # --- the pool against a plain Python model ------------------------------------

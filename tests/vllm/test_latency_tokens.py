@@ -3,7 +3,7 @@ over the step's tokens that read nothing back to the host, the tables made once 
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from _dispatch import RecordOps as Ops
 
 pytest.importorskip("vllm")
 
@@ -27,16 +27,6 @@ class Planner:
     def latency_token(self, budget):
         self.calls.append(budget)
         return torch.full((HIDDEN,), float(budget))
-
-
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def model_stub():
