@@ -29,7 +29,7 @@ from adallava_kernels.cli import ArgumentParser, checked
 
 from . import model as model_bench
 from . import report, timing
-from .host import host_text
+from .host import host_profile, host_text
 from ._common import (DTYPES, checked_device, default_dtype, error_record, flops_text, format_table, metadata,
                       positive, progress, roofline_device, si_text, timing_cells, write_json)
 
@@ -131,8 +131,6 @@ HOST_PROFILED = ("full", "H 0.50")
 def prefill_host_profiles(bench, backend: str, chosen: list[tuple]) -> dict:
     """Per plan of :data:`HOST_PROFILED`, where its prefill's host time goes (:func:`bench.host.host_profile`):
     a prefill whose wall time is far above its GPU time is the host's."""
-    from .host import host_profile
-
     plans = {label: plan for _, label, plan in chosen}
     return {label: host_profile(model_bench.prefill_call(bench.model, bench.ids, plans[label], backend), bench.device)
             for label in HOST_PROFILED if label in plans}
