@@ -7,6 +7,11 @@ tokens alike); the attention metadata of the step holds where each row's tokens 
 which every vLLM model's attention layers read; ``query_start_loc`` is an attribute of the
 attention backend's metadata, not a documented interface. Tested on vLLM 0.32 (the CPU backend's
 ``CPUAttentionMetadata``); ``tests/vllm/test_surfaces.py`` fails if it moves.
+
+On a GPU backend ``query_start_loc`` lives on the device, and reading it stops the host until the
+step's earlier work is done. A decode-only step does not need it: its ``max_query_len`` (a host int)
+is 1, so row r holds token r and ``num_actual_tokens`` is the number of rows. Only a step that holds a
+prefill chunk (a request joining, or a chunked prompt going on) copies the tensor to the host.
 """
 
 from __future__ import annotations
@@ -33,7 +38,18 @@ def row_starts(num_tokens: int) -> torch.Tensor | None:
     if starts is None:
         raise RuntimeError(f"vLLM's attention metadata {type(first).__name__} has no query_start_loc: this "
                            "vLLM release is not one the AdaLLaVA plug-in was tested with")
+    if starts.device.type != "cpu" and getattr(first, "max_query_len", None) == 1:
+        rows = getattr(first, "num_actual_tokens", None)
+        if isinstance(rows, int):
+            return _decode_starts(rows, num_tokens)
     starts = starts.detach().to("cpu", torch.int64)
     if int(starts[-1]) > num_tokens:
         raise RuntimeError(f"query_start_loc ends at {int(starts[-1])}, past the step's {num_tokens} tokens")
     return starts
+
+
+def _decode_starts(rows: int, num_tokens: int) -> torch.Tensor:
+    """A decode-only step's row starts: one token a row, made on the host without reading the device."""
+    if rows > num_tokens:
+        raise RuntimeError(f"the attention metadata counts {rows} decode tokens, past the step's {num_tokens}")
+    return torch.arange(rows + 1, dtype=torch.int64)

@@ -38,11 +38,17 @@ def test_the_logits_processor_interface_carries_the_batch_updates():
     assert issubclass(getattr(__import__(module, fromlist=[name]), name), LogitsProcessor)
 
 
-def test_the_forward_context_carries_query_start_loc():
-    from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: F401
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+@pytest.mark.parametrize("module, name", [("cpu_attn", "CPUAttentionMetadata"),
+                                          ("flash_attn", "FlashAttentionMetadata"),
+                                          ("triton_attn", "TritonAttentionMetadata")])
+def test_the_forward_context_carries_query_start_loc(module, name):
+    """The CPU backend's metadata, and the GPU backends' whose decode steps batch_map reads from host ints."""
+    import importlib
 
-    assert "query_start_loc" in {f.name for f in dataclasses.fields(CPUAttentionMetadata)}
+    from vllm.forward_context import get_forward_context, is_forward_context_available  # noqa: F401
+
+    metadata = getattr(importlib.import_module(f"vllm.v1.attention.backends.{module}"), name)
+    assert {"query_start_loc", "max_query_len", "num_actual_tokens"} <= {f.name for f in dataclasses.fields(metadata)}
 
 
 def test_the_attention_layer_takes_flat_query_key_value():
