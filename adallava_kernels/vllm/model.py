@@ -161,6 +161,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config)
         self._explicit: dict[str, ExecutionPlan] = {}
         self._last_step = None
+        self._decode_step = None  # (key, step plans, latency tables): a decode step's, while its batch lasts
         # The union layers' ops: the library's gathered Triton kernels (a decode step's, with the rows' masks
         # as data) or PyTorch ops; "auto": Triton on CUDA. ADALLAVA_VLLM_BACKEND=torch|triton|auto.
         backend = os.environ.get("ADALLAVA_VLLM_BACKEND", "auto")
@@ -266,11 +267,27 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         if starts is None or batch is None:
             return None
         rows = len(starts) - 1
+        latency = self.planner is not None and input_ids is not None and h is not None
+        # A decode step (one token a row) of a batch no update changed has the previous decode step's rows,
+        # plans and tables: reused without a look at any row, so a step's host work does not grow with the
+        # batch; joins, leaves and moves (BatchRows.version) and prefill chunks take the path below.
+        decode_key = (batch.version, rows, num_tokens, device, dtype, latency) if int(starts[-1]) == rows else None
+        if decode_key is not None and self._decode_step is not None and self._decode_step[0] == decode_key:
+            _, step, tables = self._decode_step
+            if tables is not None:
+                self._apply_latency_tokens(h, input_ids, *tables)
+            return step
         specs = [batch.row(r) for r in range(rows)]
-        plans = [self.row_plan(row) for row in specs]
         counts = (starts[1:] - starts[:-1]).tolist()
-        if self.planner is not None and input_ids is not None and h is not None:
-            self._write_latency_tokens(h, input_ids, specs, counts)
+        step = self._step_of(specs, counts, num_tokens, device, dtype)
+        tables = self._write_latency_tokens(h, input_ids, specs, counts) if latency else None
+        self._decode_step = (decode_key, step, tables) if decode_key is not None else None
+        return step
+
+    def _step_of(self, specs: list, counts: list[int], num_tokens: int, device: torch.device,
+                 dtype: torch.dtype) -> StepPlans | None:
+        """The step plans of rows ``specs`` holding ``counts`` tokens each (``None``: all run the full plan)."""
+        plans = [self.row_plan(row) for row in specs]
         if all(p is self._full for p in plans):
             return None
         # Decode steps repeat a batch's composition: its step plans are made once and reused while it lasts.
@@ -280,21 +297,25 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         distinct: dict[ExecutionPlan, int] = {self._full: 0}
         row_plan = [distinct.setdefault(p, len(distinct)) for p in plans]
         token_plan = torch.zeros(num_tokens, dtype=torch.long)  # padding tokens: the full plan
-        token_plan[: int(starts[-1])] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
-                                                                torch.tensor(counts, dtype=torch.long))
+        token_plan[: sum(counts)] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
+                                                            torch.tensor(counts, dtype=torch.long))
         step = StepPlans(list(distinct), token_plan.to(device), device, dtype)
         self._last_step = (key, step, plans)
         return step
 
-    def _write_latency_tokens(self, h, input_ids, specs, counts: list[int]) -> None:
+    def _write_latency_tokens(self, h, input_ids, specs, counts: list[int]):
         """Each budget row's latency placeholder tokens take the budget's latency token: a fixed handful of
         launches over the step's tokens, nothing read back (a ``nonzero`` per row would stop the host on
-        every step), its tables made once per batch composition."""
+        every step), its tables made once per batch composition. Returns the tables (``None``: no budget row)."""
         budgets = tuple(row.spec[1] if row is not None and row.spec is not None and row.spec[0] == "budget"
                         else None for row in specs)
         if all(b is None for b in budgets):
-            return
-        table, index = self._latency_tables(budgets, tuple(counts), h)
+            return None
+        tables = self._latency_tables(budgets, tuple(counts), h)
+        self._apply_latency_tokens(h, input_ids, *tables)
+        return tables
+
+    def _apply_latency_tokens(self, h, input_ids, table: torch.Tensor, index: torch.Tensor) -> None:
         hit = (input_ids == self.planner.config.latency_token_id) & (index > 0)
         h.copy_(torch.where(hit[:, None], table[index], h))
 

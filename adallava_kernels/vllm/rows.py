@@ -57,8 +57,10 @@ class BatchRows:
         self.rows: dict[int, Row] = {}
         self.size = 0
         self.joins = 0  # requests added over the engine's life (a preempted request joins again)
+        self.version = 0  # advanced by every update: a step of an unchanged version has the same rows
 
     def apply(self, update: BatchUpdate) -> None:
+        self.version += 1
         for index in update.removed:
             self.rows.pop(index, None)
         for index, params, prompt, _ in update.added:
