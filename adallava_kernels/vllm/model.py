@@ -160,7 +160,6 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             self.layers.append(layer)
         self.rotary = LlamaRotaryEmbedding(config)
         self._explicit: dict[str, ExecutionPlan] = {}
-        self._last_step = None
         self._decode_step = None  # (key, step plans, latency tables): a decode step's, while its batch lasts
         # The union layers' ops: the library's gathered Triton kernels (a decode step's, with the rows' masks
         # as data) or PyTorch ops; "auto": Triton on CUDA. ADALLAVA_VLLM_BACKEND=torch|triton|auto.
@@ -290,18 +289,12 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         plans = [self.row_plan(row) for row in specs]
         if all(p is self._full for p in plans):
             return None
-        # Decode steps repeat a batch's composition: its step plans are made once and reused while it lasts.
-        key = (tuple(id(p) for p in plans), tuple(counts), num_tokens, device, dtype)
-        if self._last_step is not None and self._last_step[0] == key and self._last_step[2] == plans:
-            return self._last_step[1]
         distinct: dict[ExecutionPlan, int] = {self._full: 0}
         row_plan = [distinct.setdefault(p, len(distinct)) for p in plans]
         token_plan = torch.zeros(num_tokens, dtype=torch.long)  # padding tokens: the full plan
         token_plan[: sum(counts)] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
                                                             torch.tensor(counts, dtype=torch.long))
-        step = StepPlans(list(distinct), token_plan.to(device), device, dtype)
-        self._last_step = (key, step, plans)
-        return step
+        return StepPlans(list(distinct), token_plan.to(device), device, dtype)
 
     def _write_latency_tokens(self, h, input_ids, specs, counts: list[int]):
         """Each budget row's latency placeholder tokens take the budget's latency token: a fixed handful of

@@ -50,7 +50,7 @@ def model_stub():
     torch.nn.Module.__init__(model)
     model.planner, model.vllm_config, model.shape = Planner(), None, SHAPE
     model._full = ExecutionPlan.full(SHAPE)
-    model._explicit, model._last_step, model._decode_step = {}, None, None
+    model._explicit, model._decode_step = {}, None
     model._latency_tokens, model._latency_step = {}, None
     return model
 
