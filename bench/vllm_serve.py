@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     LlamaForCausalLM(config).save_pretrained(directory)
     llm = LLM(model=directory, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
               hf_overrides={"architectures": [ARCHITECTURE]}, logits_processors=[PLANS_PROCESSOR],
-              max_model_len=args.prompt + args.new_tokens + 8, kv_cache_memory_bytes=512 << 20, seed=0)
+              max_model_len=args.prompt + args.new_tokens + 8, kv_cache_memory_bytes=512 << 20, seed=0,
+              enable_prefix_caching=False)
     g = torch.Generator().manual_seed(1)
     prompts = [{"prompt_token_ids": torch.randint(3, config.vocab_size, (args.prompt,), generator=g).tolist()}
                for _ in range(args.requests)]

@@ -9,7 +9,8 @@ take each request's plan as data. An engine serves it with::
     from adallava_kernels.vllm import ARCHITECTURE, PLANS_PROCESSOR
 
     llm = LLM(model=path, hf_overrides={"architectures": [ARCHITECTURE]},
-              logits_processors=[PLANS_PROCESSOR], dtype="float32", enforce_eager=True)
+              logits_processors=[PLANS_PROCESSOR], enable_prefix_caching=False,  # see the model
+              dtype="float32", enforce_eager=True)
     llm.generate(prompts, [SamplingParams(max_tokens=16, extra_args={"adallava_plan": plan.to_json()}),
                            SamplingParams(max_tokens=16, extra_args={"adallava_budget": 1.0}),
                            SamplingParams(max_tokens=16)])        # no extra_args: the full plan

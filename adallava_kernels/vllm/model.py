@@ -21,6 +21,10 @@ masks of query heads and MLP neurons (a token takes its row's plan, :mod:`.batch
 - the union's gathers are the library's Triton kernels on CUDA (``ADALLAVA_VLLM_BACKEND``), PyTorch ops
   elsewhere.
 
+vLLM's prefix caching must be off: requests of different plans compute different K/V for the same
+prompt (every layer after a plan's first switched-off unit), so a prefix cached by one would be wrong
+for the other. The model refuses to load with it on.
+
 A token whose plan skips a unit adds exactly zero for it, so each request computes what the plan
 runtime (:class:`~adallava_kernels.runtime.PlannedDecoder`) computes for it alone.
 """
@@ -136,6 +140,11 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         if PLANS_PROCESSOR not in names:
             raise ValueError(f"{type(self).__name__} needs the logits processor that carries each request's plan: "
                              f"pass logits_processors=[{PLANS_PROCESSOR!r}] to vLLM")
+        if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+            raise ValueError(f"{type(self).__name__} needs vLLM's prefix caching off: a plan changes the K/V of every "
+                             "layer after its first switched-off unit, and a cached prefix would give a request the "
+                             "K/V of another request's plan; pass enable_prefix_caching=False to vLLM "
+                             "(--no-enable-prefix-caching)")
         self.shape = ModelShape.from_hf_config(config)
         serve_shape(self.shape)
         s = self.shape
@@ -289,9 +298,11 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         plans = [self.row_plan(row) for row in specs]
         if all(p is self._full for p in plans):
             return None
-        distinct: dict[ExecutionPlan, int] = {self._full: 0}
+        distinct: dict[ExecutionPlan, int] = {}
         row_plan = [distinct.setdefault(p, len(distinct)) for p in plans]
-        token_plan = torch.zeros(num_tokens, dtype=torch.long)  # padding tokens: the full plan
+        # Padding tokens take the first row's plan: their outputs are dropped, and a plan of their own (the
+        # full one) would put every unit in each layer's union, so no layer would be skipped or gathered.
+        token_plan = torch.zeros(num_tokens, dtype=torch.long)
         token_plan[: sum(counts)] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
                                                             torch.tensor(counts, dtype=torch.long))
         return StepPlans(list(distinct), token_plan.to(device), device, dtype)

@@ -45,7 +45,7 @@ def engine(directory, **kwargs):
     args = dict(model=str(directory), tokenizer=None, skip_tokenizer_init=True, dtype="float32",
                 enforce_eager=True, hf_overrides={"architectures": [ARCHITECTURE]},
                 logits_processors=[PLANS_PROCESSOR], max_model_len=256, seed=0,
-                kv_cache_memory_bytes=32 << 20)
+                kv_cache_memory_bytes=32 << 20, enable_prefix_caching=False)
     args.update(kwargs)
     return LLM(**args)
 

@@ -9,6 +9,7 @@ from _engine import VOCAB, engine, reference_tokens, shape
 
 from adallava_kernels import ExecutionPlan, ModelShape
 from adallava_kernels.vllm import BUDGET_KEY, PLAN_KEY
+from adallava_kernels.vllm import model as vllm_model
 from adallava_kernels.vllm.rows import rows_of
 
 vllm = pytest.importorskip("vllm")
@@ -95,7 +96,16 @@ def test_the_library_kernels_serve_the_union_layers(tiny_llama, monkeypatch):
     llm = engine(tiny_llama[0])
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     assert model.backend == "triton"
+    ops, calls = vllm_model._ops(), []
+
+    class Counted:  # the library's ops, each call recorded: the union layers must reach them
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(vllm_model, "_ops", Counted)
     check_batch(llm, tiny_llama[1], [9, 5], steps=4)
+    assert {"swiglu_gathered", "col_gathered_linear"} <= set(calls)
 
 
 def test_chunked_prefill_matches_the_runtime(tiny_llama):
@@ -112,3 +122,18 @@ def test_preempted_requests_are_recomputed_under_the_same_plans(tiny_llama):
     check_batch(llm, tiny_llama[1], lengths, steps=40)
     batch = rows_of(llm.llm_engine.vllm_config)
     assert batch.joins > len(lengths), "no request was preempted"
+
+
+def test_prefix_caching_is_refused_with_the_setting_named(tiny_llama):
+    with pytest.raises(Exception, match=r"enable_prefix_caching=False"):
+        engine(tiny_llama[0], enable_prefix_caching=True)
+
+
+def test_one_long_prompt_under_three_plans_in_turn_gets_each_plans_tokens(tiny_llama):
+    # A prompt of several 32-token blocks, run again under each plan once the last has finished: the blocks
+    # one plan left behind must not serve another (the case prefix caching gets wrong).
+    llm = engine(tiny_llama[0], block_size=32)
+    prompt = prompts([120])[0]
+    for name, plan in plans()[:2] + plans()[3:]:
+        out = llm.generate([{"prompt_token_ids": prompt}], [params_for(name, plan, 8)], use_tqdm=False)
+        assert list(out[0].outputs[0].token_ids) == reference_tokens(tiny_llama[1], prompt, plan, 8), name

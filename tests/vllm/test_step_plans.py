@@ -70,7 +70,7 @@ def test_a_decode_step_of_an_unchanged_batch_reads_no_row():
     ids = torch.tensor([LATENCY, 3, LATENCY, 0])  # 3 decode rows and a padding token
 
     first, h = step(model, batch, [0, 1, 2, 3], ids)
-    assert batch.reads == 3 and first.token_plan.tolist() == [1, 0, 1, 0]
+    assert batch.reads == 3 and first.token_plan.tolist() == [0, 1, 0, 0]
     assert h[0].eq(0.5).all() and h[1].eq(0).all() and h[2].eq(0.75).all() and h[3].eq(0).all()
 
     again, h = step(model, batch, [0, 1, 2, 3], ids)  # the next decode step: no update came
@@ -91,3 +91,25 @@ def test_prefill_chunks_and_a_new_row_count_read_the_rows_again():
     step(model, batch, [0, 1, 2], torch.tensor([1, 2, 0, 0]))  # 2 decode rows
     step(model, batch, [0, 1, 2, 3], torch.tensor([1, 2, 3, 0]))  # 3 decode rows, the same version
     assert batch.reads == 6 + 2 + 3
+
+
+def test_a_layer_no_row_runs_is_skipped_padding_tokens_included():
+    skip_1 = ExecutionPlan.from_layer_mask([1, 0] + [1] * (SHAPE.num_layers - 2), SHAPE)
+    batch = CountingRows([planned(("plan", "a"), skip_1), planned(("plan", "a"), skip_1)])
+    plans, _ = step(model_stub(), batch, [0, 1, 2], torch.tensor([3, 4, 0, 0]))  # 2 rows, 2 padding tokens
+    assert [kind for kind, _ in plans.layers[1]] == ["skip", "skip"]
+    assert [kind for kind, _ in plans.layers[0]] == ["dense", "dense"]
+
+
+def test_rows_of_partial_layers_gather_the_union_of_their_units():
+    s = SHAPE
+    every = [range(s.num_heads)] * s.num_layers
+    neurons = [range(s.intermediate_size)] * s.num_layers
+    low = ExecutionPlan(s, every[:1] + [range(1)] + every[2:], neurons)
+    high = ExecutionPlan(s, every[:1] + [range(2, 3)] + every[2:], neurons)
+    batch = CountingRows([planned(("plan", "low"), low), planned(("plan", "high"), high)])
+    plans, _ = step(model_stub(), batch, [0, 1, 2], torch.tensor([3, 4, 0]))
+    kind, heads = plans.layers[1][0]
+    assert kind == "union" and heads.tolist() == [0, 2]
+    assert plans.head_mask(1, heads).tolist() == [[1, 0], [0, 1], [1, 0]]  # the padding token: row 0's plan
+    assert plans.layers[1][1] == ("dense", None)

@@ -58,3 +58,10 @@ def test_the_attention_layer_takes_flat_query_key_value():
     assert params[1:4] == ["query", "key", "value"]
     init = inspect.signature(Attention.__init__).parameters
     assert {"num_heads", "head_size", "scale", "num_kv_heads", "cache_config", "prefix"} <= set(init)
+
+
+def test_the_cache_config_says_whether_prefix_caching_is_on():
+    """The model refuses prefix caching by reading this field: were it renamed, the refusal would go quiet."""
+    from vllm.config import CacheConfig
+
+    assert "enable_prefix_caching" in {f.name for f in dataclasses.fields(CacheConfig)}
