@@ -321,6 +321,11 @@ def _validated_indices(value: Any, name: str, upper: int) -> np.ndarray:
     """
     if isinstance(value, range) and value.step > 0 and (not value or (value[0] >= 0 and value[-1] < upper)):
         return np.arange(value.start, value.stop, value.step, dtype=np.int64)
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind == "i":
+        indices = value.astype(np.int64)
+        if _strictly_increasing_in(indices, upper):
+            return indices
+        _check_index_items(indices.tolist(), name, upper, check_types=False)
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {list(value.shape)}")
@@ -367,17 +372,21 @@ def _check_index_items(items: list, name: str, upper: int, *, check_types: bool)
             raise ValueError(f"{name} must be sorted ascending: {prev} comes before {item}")
 
 
-def _from_ranges(runs: Any, name: str) -> list[int]:
+def _from_ranges(runs: Any, name: str) -> range | np.ndarray:
+    """The neurons of ``[start, stop)`` pairs: a ``range`` for one pair, an int64 array for several (never a
+    list of Python ints: a LLaVA-7B plan holds a few hundred thousand neurons)."""
     if not isinstance(runs, list):
         raise ValueError(f"{name} must be a list of [start, stop] pairs, got {runs!r}")
-    out: list[int] = []
     for run in runs:
-        if not (isinstance(run, list) and len(run) == 2 and all(isinstance(x, int) for x in run)):
+        if not (isinstance(run, list) and len(run) == 2 and all(type(x) is int for x in run)):
             raise ValueError(f"{name} must be a list of [start, stop] int pairs, found {run!r}")
         if run[1] <= run[0]:
             raise ValueError(f"{name}: empty or reversed range {run!r}")
-        out.extend(range(run[0], run[1]))
-    return out
+    if len(runs) == 1:
+        return range(runs[0][0], runs[0][1])
+    if not runs:
+        return _NO_INDICES
+    return np.concatenate([np.arange(start, stop, dtype=np.int64) for start, stop in runs])
 
 
 @functools.lru_cache(maxsize=8)

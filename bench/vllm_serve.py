@@ -13,8 +13,11 @@ plan AdaLLaVA's scheduler would give it (:func:`request_plans`: the best -L or -
 alternating, for budgets spread over [0.5, 1.0], over random switch logits), then every request
 under the first of those plans (-L at budget 0.5). Reported per run: output
 tokens per second, the mean time per output token after the first (TPOT, from vLLM's request
-metrics where it records them, else the run's decode time over its steps), and the process's CPU
-seconds per wall second. On a GPU this needs an official vLLM wheel built for the installed torch;
+metrics where it records them, else the run's decode time over its steps), the process's CPU
+seconds per wall second, and TPOT over the full plan's beside the FLOPs the batch's plans predict
+for a decode step over the full plan's (each layer over the union of the rows' units, as the plug-in
+runs it; ``adallava_kernels.cost.batch_decode_cost``). The plug-in also runs q/k/v and vLLM's
+attention over every head, which the FLOPs of an -H plan do not count. On a GPU this needs an official vLLM wheel built for the installed torch;
 that row is not measured here.
 """
 
@@ -78,6 +81,15 @@ def request_plans(shape, count: int, seed: int = 0) -> list:
     return out
 
 
+def _predicted_flops(shape, context: int, batches: dict) -> dict:
+    """Per run, a decode step's FLOPs over the full plan's for its batch of plans, each layer over the union of
+    the rows' units as the plug-in runs it (``batch_decode_cost(union=True)``), at ``context`` positions."""
+    from adallava_kernels.cost import batch_decode_cost
+
+    full = batch_decode_cost(shape, context, [None] * len(next(iter(batches.values()))), union=True).flops
+    return {name: batch_decode_cost(shape, context, plans, union=True).flops / full for name, plans in batches.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -120,15 +132,22 @@ def main(argv: list[str] | None = None) -> dict:
         rows[name] = max(runs, key=lambda r: r["tokens_per_s"])
     import vllm
 
+    predicted = _predicted_flops(shape, args.prompt + args.new_tokens // 2,
+                                 {"all full": [None] * len(prompts), "mixed plans": [p for _, p in plans],
+                                  "one -L plan": [plans[0][1]] * len(prompts)})
+    for name, row in rows.items():
+        row["flops_vs_full"] = predicted[name]
+        row["tpot_vs_full"] = row["tpot_ms"] / rows["all full"]["tpot_ms"]
     results = {"vllm": vllm.__version__, "torch": torch.__version__, "device": "cpu", "threads": torch.get_num_threads(),
                "shape": shape.to_dict(), "requests": args.requests, "prompt": args.prompt,
                "new_tokens": args.new_tokens, "plans": [name for name, _ in plans], "rows": rows,
                "mean_budget": statistics.mean(float(name.split()[1]) for name, _ in plans)}
     print(f"vLLM {vllm.__version__} on the CPU ({torch.get_num_threads()} threads): {args.requests} requests, "
           f"{args.prompt} prompt tokens, {args.new_tokens} new tokens each, {args.layers} layers")
-    print(f"{'run':<12} {'tokens/s':>9} {'TPOT ms':>8} {'CPU/wall':>8}")
+    print(f"{'run':<12} {'tokens/s':>9} {'TPOT ms':>8} {'CPU/wall':>8} {'TPOT/full':>9} {'FLOPs/full':>10}")
     for name, row in rows.items():
-        print(f"{name:<12} {row['tokens_per_s']:>9.1f} {row['tpot_ms']:>8.2f} {row['cpu_per_wall']:>8.2f}")
+        print(f"{name:<12} {row['tokens_per_s']:>9.1f} {row['tpot_ms']:>8.2f} {row['cpu_per_wall']:>8.2f} "
+              f"{row['tpot_vs_full']:>9.3f} {row['flops_vs_full']:>10.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

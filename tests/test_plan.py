@@ -77,6 +77,9 @@ def test_json_round_trip():
     assert ExecutionPlan.from_json(text, shape=TINY) == plan
     # Neuron groups are stored as ranges, not one int per neuron.
     assert len(text) < 2000
+    several = ExecutionPlan(TINY, [range(TINY.num_heads)] * TINY.num_layers,
+                            [[0, 1, 2, 5, 6, TINY.intermediate_size - 1], range(4, 9), [], [3]])
+    assert ExecutionPlan.from_json(several.to_json()) == several
 
 
 def test_equality_and_hash():
@@ -258,6 +261,11 @@ def test_plan_for_another_shape():
         (lambda d: d["layers"][0].update(neurons=[[5, 5]]), r"layers\[0\].neurons: empty or reversed range"),
         (lambda d: d["layers"][0].update(neurons=[5]), r"layers\[0\].neurons must be a list of \[start, stop\]"),
         (lambda d: d["layers"][1].update(heads=[7]), r"heads\[1\]: index 7 out of range"),
+        # Several ranges make one index array: overlapping, unordered or too long ranges are refused by name.
+        (lambda d: d["layers"][2].update(neurons=[[0, 4], [3, 6]]), r"neurons\[2\]: index 3 is duplicated"),
+        (lambda d: d["layers"][2].update(neurons=[[6, 8], [0, 2]]), r"neurons\[2\] must be sorted ascending"),
+        (lambda d: d["layers"][2].update(neurons=[[0, 2], [4, 10 ** 6]]), r"neurons\[2\]: index \d+ out of range"),
+        (lambda d: d["layers"][2].update(neurons=[[True, 3]]), r"layers\[2\].neurons must be a list of \[start, stop\] int"),
     ],
 )
 def test_bad_json(mutate, match):

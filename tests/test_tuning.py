@@ -80,6 +80,44 @@ def test_a_launch_takes_the_forced_config_then_the_tables_then_autotunes(tmp_pat
     assert kernel.config_for(args, {"IEEE": False}).kwargs == entry["kwargs"]
 
 
+def test_a_miss_autotunes_once_a_bucket_then_launches_the_winner_for_every_size_in_it(monkeypatch):
+    """An -H plan's width (or a vLLM batch's union of neurons) takes many exact sizes: the autotuner runs on
+    the first size of each bucket only (per device and dtype), and the others launch its winner directly."""
+    winner = config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BAND_M=1)
+    launched = []
+
+    class Kernel:  # the @triton.jit kernel: its argument names, and each direct launch's config
+        __name__ = "_fake_kernel"
+        arg_names = ["x", "M_BUCKET", "N", "K", "IEEE"]
+
+        def run(self, *args, grid, warmup, **kwargs):
+            launched.append(("direct", kwargs.get("BLOCK_N")))
+
+    class Autotuner:  # triton.autotune's wrapper: times its configs, keeps the best
+        configs = [winner, config(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BAND_M=1)]
+        best_config = None
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.best_config = winner
+            launched.append(("autotuned", args[2]))
+
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "Imaginary GPU")
+    monkeypatch.setattr(tuning, "INTERPRETING", False)
+    kernel = tuning.Tuned(Kernel(), Autotuner(), "decode", ["M_BUCKET", "N", "K", "IEEE"])
+    cuda = torch.device("cuda", 0)
+
+    def launch(n, dtype=torch.bfloat16):
+        kernel.run(SimpleNamespace(device=cuda, dtype=dtype), 1, n, 4096, grid=(1,), warmup=False, IEEE=False)
+
+    for n in (8256, 11008, 9000, 16384):  # one bucket: N=16384
+        launch(n)
+    launch(5504)  # the next bucket down
+    launch(8256, torch.float32)  # another dtype
+    assert launched == [("autotuned", 8256), ("direct", 64), ("direct", 64), ("direct", 64), ("autotuned", 5504),
+                        ("autotuned", 8256)]
+    assert kernel.autotuned == 3
+
+
 def interpreted(code: str, tmp_path) -> None:
     """Run ``code`` in a child process with TRITON_INTERPRET=1 (the kernels interpreted, on any machine: a
     GPU machine's tests run compiled kernels in-process); it fails the test if it raises."""

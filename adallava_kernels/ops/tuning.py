@@ -131,7 +131,12 @@ class Tuned(KernelInterface):
 
     ``fn`` is the ``@triton.jit`` kernel, ``autotuner`` the ``triton.autotune`` wrapper of it that a miss
     runs, ``configs`` the autotuner's list. The lookup is cached per (device, key values): a launch after
-    the first costs a dict lookup."""
+    the first costs a dict lookup.
+
+    A miss autotunes once per shape bucket, not once per exact size: the winner is kept for the bucket (on
+    that device, for that dtype) and launched directly for every later size in it. A kernel keyed by a
+    plan's width (the union of a batch's neurons, say) would otherwise time every candidate again for each
+    new width, seconds of a serving loop each time."""
 
     def __init__(self, fn, autotuner, regime: str, key: list[str]) -> None:
         self.fn, self.autotuner, self.regime, self.key = fn, autotuner, regime, list(key)
@@ -139,6 +144,8 @@ class Tuned(KernelInterface):
         self.configs = autotuner.configs
         self._positions = [fn.arg_names.index(k) for k in self.key]
         self._chosen: dict[tuple, triton.Config | None] = {}
+        self._tuned: dict[tuple, triton.Config] = {}  # (device, overlay, bucket, dtype) -> the autotuner's winner
+        self.autotuned = 0  # autotuner runs this kernel paid (each a sweep of its configs on a new bucket)
 
     def _key_values(self, args: tuple, kwargs: dict) -> list:
         return [args[i] if i < len(args) else kwargs[k] for i, k in zip(self._positions, self.key)]
@@ -160,10 +167,17 @@ class Tuned(KernelInterface):
         if cache_key not in self._chosen:
             name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
             self._chosen[cache_key] = lookup(name, self.name, self.regime, bucket_of(self.key, values))
-        return self._chosen[cache_key]
+        return self._chosen[cache_key] or self._tuned.get(self._tuned_key(args, values))
+
+    def _tuned_key(self, args: tuple, values: list) -> tuple:
+        return (args[0].device.index, os.environ.get(ENV), bucket_of(self.key, values), getattr(args[0], "dtype", None))
 
     def run(self, *args, grid, warmup, **kwargs):
         config = self.config_for(args, kwargs)
-        if config is None:
-            return self.autotuner.run(*args, grid=grid, warmup=warmup, **kwargs)
-        return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
+        if config is not None:
+            return self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.all_kwargs())
+        out = self.autotuner.run(*args, grid=grid, warmup=warmup, **kwargs)
+        if not INTERPRETING and args[0].device.type == "cuda":
+            self.autotuned += 1
+            self._tuned[self._tuned_key(args, self._key_values(args, kwargs))] = self.autotuner.best_config
+        return out

@@ -23,7 +23,9 @@ masks of query heads and MLP neurons (a token takes its row's plan, :mod:`.batch
 
 vLLM's prefix caching must be off: requests of different plans compute different K/V for the same
 prompt (every layer after a plan's first switched-off unit), so a prefix cached by one would be wrong
-for the other. The model refuses to load with it on.
+for the other. So must its CUDA graphs (``enforce_eager=True``): a step picks each layer's work on the
+host from its rows' plans, which a graph captured once would replay for every batch. The model refuses
+to load under either (:func:`check_engine_config`).
 
 A token whose plan skips a unit adds exactly zero for it, so each request computes what the plan
 runtime (:class:`~adallava_kernels.runtime.PlannedDecoder`) computes for it alone.
@@ -45,8 +47,9 @@ from ..shape import ModelShape
 from .batch_map import row_starts
 from .rows import rows_of, serve_shape
 from .scheduler import load_planner
+from .step import BatchPlans, StepPlans
 
-__all__ = ["AdaLlavaLlamaForCausalLM", "StepPlans"]
+__all__ = ["AdaLlavaLlamaForCausalLM", "StepPlans", "check_engine_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def check_engine_config(vllm_config) -> None:
+    """Refuse the engine settings under which requests would silently get another plan's tokens."""
+    name = "AdaLlavaLlamaForCausalLM"
+    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        raise ValueError(f"{name} needs vLLM's prefix caching off: a plan changes the K/V of every layer after its "
+                         "first switched-off unit, and a cached prefix would give a request the K/V of another "
+                         "request's plan; pass enable_prefix_caching=False to vLLM (--no-enable-prefix-caching)")
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if mode is not None and getattr(mode, "name", mode) != "NONE":
+        raise ValueError(f"{name} needs vLLM's CUDA graphs off (cudagraph_mode is {getattr(mode, 'name', mode)}): each "
+                         "step chooses its layers' work from its rows' plans on the host, which a captured graph "
+                         "would replay unchanged for every later batch; pass enforce_eager=True to vLLM "
+                         "(--enforce-eager)")
+
+
+def _budget_of(row) -> float | None:
+    """A batch row's latency budget, None for a row of an explicit plan or none."""
+    spec = row.spec
+    return spec[1] if spec is not None and spec[0] == "budget" else None
+
+
 def _ops():
     from ..ops.library import adallava_ops
 
@@ -78,48 +102,6 @@ def _ops():
 def _features(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The o_proj columns of ``heads``: ``heads[i] * head_dim + d``, int32."""
     return (heads[:, None] * head_dim + torch.arange(head_dim, dtype=torch.int32, device=heads.device)).flatten()
-
-
-class StepPlans:
-    """A forward step's plans as data: per token, the index of its plan among the step's distinct
-    plans; per distinct plan, its head and neuron masks; per layer, the union of what they keep."""
-
-    def __init__(self, plans: list[ExecutionPlan], token_plan: torch.Tensor, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        shape = plans[0].shape
-        self.token_plan = token_plan
-        masks = [p.unit_masks(device) for p in plans]
-        self.heads = torch.stack([m[0] for m in masks]).to(dtype)  # [P, layers, heads]
-        self.neurons = torch.stack([m[1] for m in masks]).to(dtype)  # [P, layers, neurons]
-        host = [p.unit_masks("cpu") for p in plans]
-        head_union = torch.stack([m[0] for m in host]).any(0)  # [layers, heads]
-        neuron_union = torch.stack([m[1] for m in host]).any(0)
-        head_all = torch.stack([m[0] for m in host]).all(0)
-        neuron_all = torch.stack([m[1] for m in host]).all(0)
-        self.layers = []
-        for i in range(shape.num_layers):
-            attention = self._part(head_union[i], head_all[i], device)
-            mlp = self._part(neuron_union[i], neuron_all[i], device)
-            self.layers.append((attention, mlp))
-
-    @staticmethod
-    def _part(union: torch.Tensor, every: torch.Tensor, device) -> tuple[str, torch.Tensor | None]:
-        """``("skip", None)``, ``("dense", None)`` (every token runs it whole) or ``("union", indices)``
-        (int32 on the device)."""
-        if not bool(union.any()):
-            return "skip", None
-        if bool(every.all()):
-            return "dense", None
-        if bool(union.all()):  # every unit is some token's: dense weights, each token's own units masked
-            return "masked", None
-        return "union", union.nonzero().flatten().to(device=device, dtype=torch.int32)
-
-    def head_mask(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
-        """``[tokens, len(heads)]``: 1 where the token's plan keeps the head in ``layer``."""
-        return self.heads[:, layer, :][:, heads][self.token_plan]
-
-    def neuron_mask(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
-        return self.neurons[:, layer, :][:, neurons][self.token_plan]
 
 
 class AdaLlavaLlamaForCausalLM(nn.Module):
@@ -140,11 +122,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         if PLANS_PROCESSOR not in names:
             raise ValueError(f"{type(self).__name__} needs the logits processor that carries each request's plan: "
                              f"pass logits_processors=[{PLANS_PROCESSOR!r}] to vLLM")
-        if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
-            raise ValueError(f"{type(self).__name__} needs vLLM's prefix caching off: a plan changes the K/V of every "
-                             "layer after its first switched-off unit, and a cached prefix would give a request the "
-                             "K/V of another request's plan; pass enable_prefix_caching=False to vLLM "
-                             "(--no-enable-prefix-caching)")
+        check_engine_config(vllm_config)
         self.shape = ModelShape.from_hf_config(config)
         serve_shape(self.shape)
         s = self.shape
@@ -169,7 +147,6 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
             self.layers.append(layer)
         self.rotary = LlamaRotaryEmbedding(config)
         self._explicit: dict[str, ExecutionPlan] = {}
-        self._decode_step = None  # (key, step plans, latency tables): a decode step's, while its batch lasts
         # The union layers' ops: the library's gathered Triton kernels (a decode step's, with the rows' masks
         # as data) or PyTorch ops; "auto": Triton on CUDA. ADALLAVA_VLLM_BACKEND=torch|triton|auto.
         backend = os.environ.get("ADALLAVA_VLLM_BACKEND", "auto")
@@ -183,7 +160,7 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         directory = vllm_config.model_config.model
         self.planner = load_planner(directory, s) if isinstance(directory, str) and os.path.isdir(directory) else None
         self._latency_tokens: dict[float, torch.Tensor] = {}
-        self._latency_step = None  # (composition, (table, index)) of the last step with budget rows
+        self._batch_plans: BatchPlans | None = None  # made at the first step
 
     # -- vLLM's model interface -----------------------------------------------------------------
 
@@ -269,80 +246,41 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
     def step_plans(self, num_tokens: int, device: torch.device, dtype: torch.dtype, input_ids=None,
                    h: torch.Tensor | None = None) -> StepPlans | None:
         """The step's plans as data, or ``None`` when every token runs the full plan. Writes the latency
-        tokens of budget rows into ``h`` (their placeholder's embedding replaced)."""
+        tokens of budget rows into ``h`` (their placeholder's embedding replaced). The rows' plans and budgets
+        are device tables patched by the batch's joins, leaves and moves (:mod:`.step`): a step reads no row
+        that no update touched."""
         starts = row_starts(num_tokens)
         batch = rows_of(self.vllm_config)
         if starts is None or batch is None:
             return None
-        rows = len(starts) - 1
-        latency = self.planner is not None and input_ids is not None and h is not None
-        # A decode step (one token a row) of a batch no update changed has the previous decode step's rows,
-        # plans and tables: reused without a look at any row, so a step's host work does not grow with the
-        # batch; joins, leaves and moves (BatchRows.version) and prefill chunks take the path below.
-        decode_key = (batch.version, rows, num_tokens, device, dtype, latency) if int(starts[-1]) == rows else None
-        if decode_key is not None and self._decode_step is not None and self._decode_step[0] == decode_key:
-            _, step, tables = self._decode_step
-            if tables is not None:
-                self._apply_latency_tokens(h, input_ids, *tables)
-            return step
-        specs = [batch.row(r) for r in range(rows)]
-        counts = (starts[1:] - starts[:-1]).tolist()
-        step = self._step_of(specs, counts, num_tokens, device, dtype)
-        tables = self._write_latency_tokens(h, input_ids, specs, counts) if latency else None
-        self._decode_step = (decode_key, step, tables) if decode_key is not None else None
-        return step
+        starts = starts.numpy()  # host ints: nothing below dispatches an op to read them
+        plans = self.batch_plans
+        plans.sync(batch, device, dtype)
+        if input_ids is not None and h is not None and self.planner is not None:
+            index = plans.latency_index(starts, num_tokens)
+            if index is not None:
+                self._apply_latency_tokens(h, input_ids, plans.latency_table, index)
+        return plans.step(starts, num_tokens)
 
-    def _step_of(self, specs: list, counts: list[int], num_tokens: int, device: torch.device,
-                 dtype: torch.dtype) -> StepPlans | None:
-        """The step plans of rows ``specs`` holding ``counts`` tokens each (``None``: all run the full plan)."""
-        plans = [self.row_plan(row) for row in specs]
-        if all(p is self._full for p in plans):
-            return None
-        distinct: dict[ExecutionPlan, int] = {}
-        row_plan = [distinct.setdefault(p, len(distinct)) for p in plans]
-        # Padding tokens take the first row's plan: their outputs are dropped, and a plan of their own (the
-        # full one) would put every unit in each layer's union, so no layer would be skipped or gathered.
-        token_plan = torch.zeros(num_tokens, dtype=torch.long)
-        token_plan[: sum(counts)] = torch.repeat_interleave(torch.tensor(row_plan, dtype=torch.long),
-                                                            torch.tensor(counts, dtype=torch.long))
-        return StepPlans(list(distinct), token_plan.to(device), device, dtype)
-
-    def _write_latency_tokens(self, h, input_ids, specs, counts: list[int]):
-        """Each budget row's latency placeholder tokens take the budget's latency token: a fixed handful of
-        launches over the step's tokens, nothing read back (a ``nonzero`` per row would stop the host on
-        every step), its tables made once per batch composition. Returns the tables (``None``: no budget row)."""
-        budgets = tuple(row.spec[1] if row is not None and row.spec is not None and row.spec[0] == "budget"
-                        else None for row in specs)
-        if all(b is None for b in budgets):
-            return None
-        tables = self._latency_tables(budgets, tuple(counts), h)
-        self._apply_latency_tokens(h, input_ids, *tables)
-        return tables
+    @property
+    def batch_plans(self) -> BatchPlans:
+        if self._batch_plans is None:
+            latency = self._latency_token if self.planner is not None else None
+            self._batch_plans = BatchPlans(self.shape, self._full, self.row_plan, _budget_of, latency)
+        return self._batch_plans
 
     def _apply_latency_tokens(self, h, input_ids, table: torch.Tensor, index: torch.Tensor) -> None:
+        """Each budget row's latency placeholder tokens take the budget's latency token: a fixed handful of
+        launches over the step's tokens, nothing read back (a ``nonzero`` per row would stop the host)."""
         hit = (input_ids == self.planner.config.latency_token_id) & (index > 0)
         h.copy_(torch.where(hit[:, None], table[index], h))
-
-    def _latency_tables(self, budgets: tuple, counts: tuple, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``table`` ``[1 + distinct budgets, hidden]`` (row 0 unused) and ``index`` ``[tokens]``: each token's
-        row of the table, 0 for a token of a row without a budget; kept while the composition lasts."""
-        key = (budgets, counts, h.shape[0], h.device, h.dtype)
-        if self._latency_step is not None and self._latency_step[0] == key:
-            return self._latency_step[1]
-        distinct = sorted({b for b in budgets if b is not None})
-        tokens = [self._latency_token(b) for b in distinct]
-        table = torch.stack([torch.zeros_like(tokens[0]), *tokens]).to(h.dtype)
-        per_row = [0 if b is None else 1 + distinct.index(b) for b in budgets]
-        index = torch.zeros(h.shape[0], dtype=torch.long)
-        index[: sum(counts)] = torch.repeat_interleave(torch.tensor(per_row, dtype=torch.long),
-                                                       torch.tensor(counts, dtype=torch.long))
-        self._latency_step = (key, (table.to(h.device), index.to(h.device)))
-        return self._latency_step[1]
 
     def _latency_token(self, budget: float) -> torch.Tensor:
         """The budget's latency token, computed once per budget value."""
         token = self._latency_tokens.get(budget)
         if token is None:
+            if len(self._latency_tokens) >= 256:  # budgets are the requests' floats: keep a few hundred
+                self._latency_tokens.pop(next(iter(self._latency_tokens)))
             token = self._latency_tokens[budget] = self.planner.latency_token(budget)
         return token
 

@@ -18,8 +18,10 @@ __all__ = ["RequestSpec", "request_spec"]
 RequestSpec = tuple  # None | ("plan", str) | ("budget", float)
 
 
-def request_spec(extra_args: Mapping[str, Any] | None) -> RequestSpec | None:
-    """The spec of a request's ``extra_args``, or a ``ValueError`` naming the key at fault."""
+def request_spec(extra_args: Mapping[str, Any] | None, *, parse_plan: bool = True) -> RequestSpec | None:
+    """The spec of a request's ``extra_args``, or a ``ValueError`` naming the key at fault. ``parse_plan=False``
+    takes a plan's JSON as it is: for a request checked when it was added, whose plan the model parses (and
+    checks against its shape) when it first runs, so a join does not parse a plan twice."""
     if not extra_args:
         return None
     has_plan, has_budget = PLAN_KEY in extra_args, BUDGET_KEY in extra_args
@@ -35,6 +37,8 @@ def request_spec(extra_args: Mapping[str, Any] | None) -> RequestSpec | None:
         return ("budget", budget)
     if has_plan:
         text = extra_args[PLAN_KEY]
+        if not parse_plan:
+            return ("plan", text)
         try:
             ExecutionPlan.from_json(text)
         except (TypeError, ValueError, KeyError) as error:

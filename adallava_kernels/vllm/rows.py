@@ -57,16 +57,19 @@ class BatchRows:
         self.rows: dict[int, Row] = {}
         self.size = 0
         self.joins = 0  # requests added over the engine's life (a preempted request joins again)
-        self.version = 0  # advanced by every update: a step of an unchanged version has the same rows
+        self._changed: set[int] = set()  # row indices the updates touched since take_changed
 
     def apply(self, update: BatchUpdate) -> None:
-        self.version += 1
         for index in update.removed:
             self.rows.pop(index, None)
+            self._changed.add(index)
         for index, params, prompt, _ in update.added:
-            self.rows[index] = Row(request_spec(params.extra_args), tuple(prompt or ()))
+            # Checked at admission (validate_params); the model parses the plan once, at the row's first step.
+            self.rows[index] = Row(request_spec(params.extra_args, parse_plan=False), tuple(prompt or ()))
             self.joins += 1
+            self._changed.add(index)
         for a, b, direction in update.moved:
+            self._changed.update((a, b))
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ra is not None:
                 self.rows[b] = ra
@@ -76,6 +79,12 @@ class BatchRows:
 
     def row(self, index: int) -> Row | None:
         return self.rows.get(index)
+
+    def take_changed(self) -> set[int]:
+        """The row indices that joins, leaves and moves touched since the last call (then forgotten): what
+        a mirror of the rows must look at again, however large the batch."""
+        changed, self._changed = self._changed, set()
+        return changed
 
 
 def rows_of(vllm_config) -> BatchRows | None:

@@ -137,3 +137,22 @@ def test_one_long_prompt_under_three_plans_in_turn_gets_each_plans_tokens(tiny_l
     for name, plan in plans()[:2] + plans()[3:]:
         out = llm.generate([{"prompt_token_ids": prompt}], [params_for(name, plan, 8)], use_tqdm=False)
         assert list(out[0].outputs[0].token_ids) == reference_tokens(tiny_llama[1], prompt, plan, 8), name
+
+
+@pytest.mark.parametrize("prefix, graphs, refused", [(False, "NONE", None), (True, "NONE", "enable_prefix_caching=False"),
+                                                     (False, "FULL", "enforce_eager=True"),
+                                                     (False, "FULL_DECODE_ONLY", "enforce_eager=True")])
+def test_engine_settings_that_would_replay_another_plan_are_refused(prefix, graphs, refused):
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    from adallava_kernels.vllm.model import check_engine_config
+
+    config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix),
+                             compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[graphs]))
+    if refused is None:
+        check_engine_config(config)
+    else:
+        with pytest.raises(ValueError, match=re.escape(refused)):
+            check_engine_config(config)

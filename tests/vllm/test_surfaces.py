@@ -65,3 +65,12 @@ def test_the_cache_config_says_whether_prefix_caching_is_on():
     from vllm.config import CacheConfig
 
     assert "enable_prefix_caching" in {f.name for f in dataclasses.fields(CacheConfig)}
+
+
+def test_the_compilation_config_says_whether_cuda_graphs_are_captured():
+    """The model refuses CUDA graphs by reading this field (its NONE member: no graphs)."""
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    assert "cudagraph_mode" in {f.name for f in dataclasses.fields(CompilationConfig)}
+    assert CUDAGraphMode.NONE.name == "NONE"
