@@ -311,7 +311,7 @@ def decode_cost(
 
 def batch_decode_cost(
     shape: ModelShape, context_len: int, plans: Sequence[ExecutionPlan | None], precision: Precision = Precision(),
-    *, union: bool = False,
+    *, union: bool = False, every_head_attends: bool = False,
 ) -> CostBreakdown:
     """Per-op cost of one decode step of a batch whose row ``b`` runs ``plans[b]`` (``None``: the full plan),
     each row attending ``context_len`` positions, as the plan runtime runs it.
@@ -326,6 +326,10 @@ def batch_decode_cost(
     union of the rows' units for every row, so its weights are read once and every row pays the union's
     FLOPs there; the attention itself (scores, softmax, the weighted sum, and the KV they read) is each
     row's own heads only, as the paged attention skips a (row, head) the row's plan lacks.
+
+    ``every_head_attends`` (with ``union``): the attention itself runs every head for every row of a layer
+    whose union keeps any head, as in vLLM (``adallava_kernels.vllm``), whose KV cache and attention are
+    laid out for all heads; the projections, ``o_proj`` and the MLP stay the union's.
     """
     check_int("context_len", context_len)
     check_model_shape("shape", shape)
@@ -336,8 +340,10 @@ def batch_decode_cost(
     full = ExecutionPlan.full(shape)
     plans = [full if check_execution_plan(f"plans[{b}]", plan, optional=True) is None else plan
              for b, plan in enumerate(plans)]
+    if every_head_attends and not union:
+        raise ValueError("every_head_attends describes a step over the union: pass union=True with it")
     if union:
-        return _union_decode_cost(shape, context_len, plans, precision)
+        return _union_decode_cost(shape, context_len, plans, precision, every_head_attends)
     counts = [_active_counts(shape, plan) for plan in plans]
     layers = []
     for i in range(shape.num_layers):
@@ -358,7 +364,7 @@ def batch_decode_cost(
 _OWN_HEADS_OPS = ("qk_matmul", "softmax", "sv_matmul")
 
 
-def _union_decode_cost(shape, context_len, plans, precision) -> CostBreakdown:
+def _union_decode_cost(shape, context_len, plans, precision, every_head_attends: bool = False) -> CostBreakdown:
     per_kv = shape.heads_per_kv_head
     counts = [_active_counts(shape, plan) for plan in plans]
     layers = []
@@ -367,8 +373,10 @@ def _union_decode_cost(shape, context_len, plans, precision) -> CostBreakdown:
         neurons = set().union(*(plan.neurons[i] for plan in plans))
         ops = layer_ops(shape, heads=len(heads), kv_heads=len({h // per_kv for h in heads}), neurons=len(neurons),
                         q_tokens=1, kv_tokens=context_len, batch_size=len(plans), precision=precision)
-        own = [layer_ops(shape, heads=row[i][0], kv_heads=row[i][1], neurons=0, q_tokens=1, kv_tokens=context_len,
-                         precision=precision) for row in counts]
+        attending = [(shape.num_heads, shape.num_kv_heads) if every_head_attends and heads else row[i][:2]
+                     for row in counts]
+        own = [layer_ops(shape, heads=h, kv_heads=kv, neurons=0, q_tokens=1, kv_tokens=context_len,
+                         precision=precision) for h, kv in attending]
         layers.append(tuple(_sum_ops(op.name, (row[k] for row in own), (op.name,)) if op.name in _OWN_HEADS_OPS
                             else op for k, op in enumerate(ops)))
     lm_head = _linear("lm_head", len(plans), shape.hidden_size, shape.vocab_size, precision)

@@ -15,9 +15,10 @@ under the first of those plans (-L at budget 0.5). Reported per run: output
 tokens per second, the mean time per output token after the first (TPOT, from vLLM's request
 metrics where it records them, else the run's decode time over its steps), the process's CPU
 seconds per wall second, and TPOT over the full plan's beside the FLOPs the batch's plans predict
-for a decode step over the full plan's (each layer over the union of the rows' units, as the plug-in
-runs it; ``adallava_kernels.cost.batch_decode_cost``). The plug-in also runs q/k/v and vLLM's
-attention over every head, which the FLOPs of an -H plan do not count. On a GPU this needs an official vLLM wheel built for the installed torch;
+for a decode step over the full plan's, as the plug-in runs it (each layer over the union of the rows'
+units, vLLM's attention over every head; ``adallava_kernels.cost.batch_decode_cost``).
+``--saved`` prints, without vLLM, what one request's -L and -H plans save per token in vLLM and in the
+plan runtime (README's table). On a GPU this needs an official vLLM wheel built for the installed torch;
 that row is not measured here.
 """
 
@@ -44,6 +45,9 @@ def parse_args(argv):
     parser.add_argument("--hidden", type=int, default=2048, help="hidden size (heads of 64; 2.75x as many neurons)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kind (the best is kept)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--saved", action="store_true",
+                        help="print what a plan saves per token in vLLM and in the plan runtime (LLaVA-7B, the cost "
+                             "model; no vLLM needed) and exit")
     return parser.parse_args(argv)
 
 
@@ -82,16 +86,66 @@ def request_plans(shape, count: int, seed: int = 0) -> list:
 
 
 def _predicted_flops(shape, context: int, batches: dict) -> dict:
-    """Per run, a decode step's FLOPs over the full plan's for its batch of plans, each layer over the union of
-    the rows' units as the plug-in runs it (``batch_decode_cost(union=True)``), at ``context`` positions."""
+    """Per run, a decode step's FLOPs over the full plan's for its batch of plans, as the plug-in runs it: each
+    layer over the union of the rows' units, vLLM's attention over every head
+    (``batch_decode_cost(union=True, every_head_attends=True)``), at ``context`` positions."""
     from adallava_kernels.cost import batch_decode_cost
 
-    full = batch_decode_cost(shape, context, [None] * len(next(iter(batches.values()))), union=True).flops
-    return {name: batch_decode_cost(shape, context, plans, union=True).flops / full for name, plans in batches.items()}
+    def flops(plans):
+        return batch_decode_cost(shape, context, plans, union=True, every_head_attends=True).flops
+
+    full = flops([None] * len(next(iter(batches.values()))))
+    return {name: flops(plans) / full for name, plans in batches.items()}
+
+
+def saved_in_vllm(model: str = "llava-7b", context: int = 1024, budget: float = 0.75, seed: int = 0) -> dict:
+    """Per decoded token of one request, relative to the dense model: FLOPs, weight bytes read, KV bytes read
+    and KV memory of the best -L and -H plans at ``budget`` (random switch logits of ``seed``), in the plan
+    runtime (``decode_cost``) and in vLLM (one row over its own plan's units, vLLM's attention over every
+    head, every layer's and head's KV pages reserved)."""
+    import torch
+
+    from adallava_kernels import UnitScheme, best_plan, get_shape
+    from adallava_kernels.cost import batch_decode_cost, decode_cost, kv_cache_bytes
+
+    from .plans import random_scores
+
+    shape = get_shape(model)
+    dense = decode_cost(shape, context)
+    dense_kv_memory = kv_cache_bytes(shape, context)
+
+    def ratios(cost, kv_memory):
+        reads = {name: sum(getattr(op, name) for op in cost.ops()) for name in ("weight_bytes", "kv_load_bytes")}
+        dense_reads = {name: sum(getattr(op, name) for op in dense.ops()) for name in reads}
+        return {"flops": cost.flops / dense.flops, "weight_reads": reads["weight_bytes"] / dense_reads["weight_bytes"],
+                "kv_reads": reads["kv_load_bytes"] / dense_reads["kv_load_bytes"], "kv_memory": kv_memory}
+
+    rows = {}
+    for kind in "LH":
+        scheme = UnitScheme.default(kind, shape)
+        plan = best_plan(scheme, budget, random_scores(scheme, torch.Generator().manual_seed(seed)))
+        rows[f"-{kind}, plan runtime"] = ratios(decode_cost(shape, context, plan),
+                                                kv_cache_bytes(shape, context, plan) / dense_kv_memory)
+        rows[f"-{kind}, in vLLM"] = ratios(batch_decode_cost(shape, context, [plan], union=True, every_head_attends=True),
+                                           1.0)
+    return rows
+
+
+def saved_table(rows: dict) -> str:
+    """:func:`saved_in_vllm` as README's markdown table."""
+    lines = ["| | FLOPs | weight reads | KV reads | KV memory |", "|---|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['flops']:.2f} | {row['weight_reads']:.2f} | {row['kv_reads']:.2f} | "
+                     f"{row['kv_memory']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.saved:
+        rows = saved_in_vllm()
+        print(saved_table(rows))
+        return rows
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     import torch

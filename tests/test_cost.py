@@ -209,6 +209,24 @@ def test_batch_decode_cost_pays_weights_once_per_cohort():
         cost.batch_decode_cost(shape, 300, [])
 
 
+def test_a_union_step_where_every_head_attends_prices_vllms_attention_over_all_heads():
+    shape = get_shape("tiny")
+    layers = shape.num_layers
+    h1 = ExecutionPlan(shape, [[0]] * (layers - 1) + [[]], [range(5)] * layers)  # the last layer: no head
+    dense = cost.decode_cost(shape, 300, None, batch_size=2)
+    own = cost.batch_decode_cost(shape, 300, [h1, h1], union=True)
+    every = cost.batch_decode_cost(shape, 300, [h1, h1], union=True, every_head_attends=True)
+    core = ("qk_matmul", "softmax", "sv_matmul")
+    for i in range(layers):
+        for got, own_op, dense_op in zip(every.layers[i], own.layers[i], dense.layers[i]):
+            if got.name in core and i < layers - 1:  # every head, every KV head, for both rows
+                assert got.flops == pytest.approx(dense_op.flops) and got.bytes == pytest.approx(dense_op.bytes)
+            else:  # the rest (and a layer whose union keeps no head, whose attention is not run) as the union's
+                assert got.flops == pytest.approx(own_op.flops) and got.bytes == pytest.approx(own_op.bytes)
+    with pytest.raises(ValueError, match="union=True"):
+        cost.batch_decode_cost(shape, 300, [h1], every_head_attends=True)
+
+
 def test_union_batch_decode_cost_runs_the_union_for_every_row_but_attends_its_own_heads():
     shape = get_shape("tiny")
     layers, per_kv = shape.num_layers, shape.heads_per_kv_head

@@ -80,3 +80,11 @@ def test_the_readmes_bench_commands_parse(monkeypatch):
     for module, *argv in commands:
         args = (parse_args if module == "bench" else gpu_check.parse_args)(argv)
         assert args.out is None or not args.out.is_file()
+
+
+def test_the_vllm_savings_table_is_what_the_cost_model_gives():
+    """README's "What is saved inside vLLM" table is `python -m bench.vllm_serve --saved`, line for line."""
+    from bench.vllm_serve import saved_in_vllm, saved_table
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert saved_table(saved_in_vllm()) in text

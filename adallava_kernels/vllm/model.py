@@ -11,7 +11,8 @@ masks of query heads and MLP neurons (a token takes its row's plan, :mod:`.batch
 :mod:`.rows`), and the layer reads only the union of the units the step's plans keep:
 
 - a layer no token's plan runs is skipped (no projection, no attention call, no K/V written);
-- attention: the q/k/v projections and vLLM's attention run over every head (the KV cache is
+- attention: the q/k/v projections read only the rows of the union's query heads and their KV heads
+  (the other heads' q, k and v are zeros); vLLM's attention runs over every head (the KV cache is
   vLLM's, laid out for all heads); ``o_proj`` reads only the columns of the union's heads, each
   token's heads outside its plan masked to zero;
 - MLP: ``gate_proj``/``up_proj`` rows and ``down_proj`` columns of the union's neurons only, each
@@ -315,6 +316,26 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
 
     # -- a layer ----------------------------------------------------------------------------------
 
+    def _union_qkv(self, layer: nn.Module, x: torch.Tensor, heads: torch.Tensor, kv_heads: torch.Tensor):
+        """q, k and v of a union attention layer: the rows of q_proj of the union's query heads and of k_proj
+        and v_proj of their KV heads only, laid into all-head tensors (zero elsewhere) for vLLM's attention.
+        The zero heads' outputs are never read (o_proj reads the union's columns), and the zero K/V they
+        write to the cache belong to heads no row of the batch runs."""
+        s, tokens = self.shape, x.shape[0]
+        rows_q, rows_kv = _features(heads, s.head_dim), _features(kv_heads, s.head_dim)
+        if self.backend == "triton":
+            gather = _ops().row_gathered_linear
+            parts = gather(x, layer.q_proj, rows_q), gather(x, layer.k_proj, rows_kv), gather(x, layer.v_proj, rows_kv)
+        else:
+            parts = x @ layer.q_proj[rows_q].t(), x @ layer.k_proj[rows_kv].t(), x @ layer.v_proj[rows_kv].t()
+        q = x.new_zeros(tokens, s.num_heads, s.head_dim)
+        k = x.new_zeros(tokens, s.num_kv_heads, s.head_dim)
+        v = x.new_zeros(tokens, s.num_kv_heads, s.head_dim)
+        q[:, heads] = parts[0].view(tokens, -1, s.head_dim)
+        k[:, kv_heads] = parts[1].view(tokens, -1, s.head_dim)
+        v[:, kv_heads] = parts[2].view(tokens, -1, s.head_dim)
+        return q, k, v.view(tokens, -1)
+
     def _layer(self, i: int, layer: nn.Module, h: torch.Tensor, cos, sin, step: StepPlans | None) -> torch.Tensor:
         attention, mlp = ("dense", None), ("dense", None)
         if step is not None:
@@ -323,9 +344,12 @@ class AdaLlavaLlamaForCausalLM(nn.Module):
         tokens = h.shape[0]
         if attention[0] != "skip":
             x = _rms_norm(h, layer.input_layernorm, self.eps)
-            q = (x @ layer.q_proj.t()).view(tokens, s.num_heads, s.head_dim)
-            k = (x @ layer.k_proj.t()).view(tokens, s.num_kv_heads, s.head_dim)
-            v = x @ layer.v_proj.t()
+            if attention[0] == "union":
+                q, k, v = self._union_qkv(layer, x, attention[1], step.kv_heads[i])
+            else:
+                q = (x @ layer.q_proj.t()).view(tokens, s.num_heads, s.head_dim)
+                k = (x @ layer.k_proj.t()).view(tokens, s.num_kv_heads, s.head_dim)
+                v = x @ layer.v_proj.t()
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             out = layer.attn(q.reshape(tokens, -1), k.reshape(tokens, -1), v)

@@ -87,12 +87,15 @@ class StepPlans:
     head and neuron masks in the step's dtype (``heads`` ``[slots, layers, heads]``, ``neurons``); per layer,
     its attention and MLP parts: ``("skip", None)``, ``("dense", None)`` (every token runs it whole),
     ``("masked", None)`` (every unit is some token's: dense weights, each token's own units masked) or
-    ``("union", indices)`` (int32 on the device)."""
+    ``("union", indices)`` (int32 on the device). ``kv_heads[layer]``: the KV heads of a union attention's
+    query heads (int32 on the device), None for the other kinds."""
 
-    __slots__ = ("token_plan", "heads", "neurons", "layers")
+    __slots__ = ("token_plan", "heads", "neurons", "layers", "kv_heads")
 
-    def __init__(self, token_plan: torch.Tensor, heads: torch.Tensor, neurons: torch.Tensor, layers: list) -> None:
+    def __init__(self, token_plan: torch.Tensor, heads: torch.Tensor, neurons: torch.Tensor, layers: list,
+                 kv_heads: list) -> None:
         self.token_plan, self.heads, self.neurons, self.layers = token_plan, heads, neurons, layers
+        self.kv_heads = kv_heads
 
     def head_mask(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
         """``[tokens, len(heads)]``: 1 where the token's plan keeps the head in ``layer``."""
@@ -238,8 +241,9 @@ class BatchPlans:
         None when every row runs the full plan."""
         if self.all_full:
             return None
-        return StepPlans(self._per_token("row_plan_device", starts, num_tokens), self.heads, self.neurons,
-                         self.layers())
+        layers = self.layers()
+        return StepPlans(self._per_token("row_plan_device", starts, num_tokens), self.heads, self.neurons, layers,
+                         self._kv_heads)
 
     def latency_index(self, starts: np.ndarray, num_tokens: int) -> torch.Tensor | None:
         """Per token, its row's budget slot in ``latency_table`` (0: none); None when no row has a budget."""
@@ -267,7 +271,21 @@ class BatchPlans:
             attention = _parts(self.head_count, live, self.device)
             mlp = _parts(self.neuron_count, live, self.device)
             self._layers = list(zip(attention, mlp))
+            self._kv_heads = self._union_kv_heads(attention)
         return self._layers
+
+    def _union_kv_heads(self, attention: list) -> list:
+        """Per layer of union attention, the KV heads its query heads read (one copy to the device)."""
+        s = self.shape
+        union = (self.head_count > 0).reshape(s.num_layers, s.num_kv_heads, s.heads_per_kv_head).any(2)
+        gathered = [i for i, (kind, _) in enumerate(attention) if kind == "union"]
+        out: list = [None] * s.num_layers
+        if gathered:
+            per_layer = [np.flatnonzero(union[i]).astype(np.int32) for i in gathered]
+            flat = torch.from_numpy(np.concatenate(per_layer)).to(self.device)
+            for i, indices in zip(gathered, flat.split([len(p) for p in per_layer])):
+                out[i] = indices
+        return out
 
 
 def _parts(count: np.ndarray, live: int, device: torch.device) -> list:

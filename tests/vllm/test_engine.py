@@ -63,6 +63,12 @@ def test_a_mixed_batch_matches_the_runtime_request_by_request(llm, tiny_llama):
     check_batch(llm, tiny_llama[1], [9, 17, 5, 12, 30, 3, 21, 8])
 
 
+def test_a_batch_of_partial_plans_runs_the_union_of_their_units(llm, tiny_llama):
+    # An -L and an -H request alone: layer 2's attention runs the -H plan's heads only (q/k/v, o_proj and the
+    # MLP gathered over the union), not every head masked.
+    check_batch(llm, tiny_llama[1], [9, 5])
+
+
 def test_a_budget_outside_the_range_is_refused_before_it_runs_and_the_others_go_on(llm, tiny_llama):
     engine_ = llm.llm_engine
     ids = prompts([11, 6, 14])
@@ -105,7 +111,7 @@ def test_the_library_kernels_serve_the_union_layers(tiny_llama, monkeypatch):
 
     monkeypatch.setattr(vllm_model, "_ops", Counted)
     check_batch(llm, tiny_llama[1], [9, 5], steps=4)
-    assert {"swiglu_gathered", "col_gathered_linear"} <= set(calls)
+    assert {"row_gathered_linear", "swiglu_gathered", "col_gathered_linear"} <= set(calls)
 
 
 def test_chunked_prefill_matches_the_runtime(tiny_llama):

@@ -95,6 +95,9 @@ def test_rows_of_partial_layers_gather_the_union_of_their_units():
     plans, _ = step(model_stub(), batch, [0, 1, 2], torch.tensor([3, 4]))
     kind, heads = plans.layers[1][0]
     assert kind == "union" and heads.tolist() == [0, 2]
+    per_kv = SHAPE.heads_per_kv_head  # the KV heads the union's query heads read, for q/k/v's gathers
+    assert plans.kv_heads[1].tolist() == sorted({0 // per_kv, 2 // per_kv})
+    assert plans.kv_heads[0] is None and plans.kv_heads[2] is None
     assert plans.head_mask(1, heads).tolist() == [[1, 0], [0, 1]]
     assert plans.layers[1][1] == ("dense", None)
 
@@ -185,7 +188,11 @@ def test_the_tables_follow_a_random_stream_of_updates(seed):
             assert plans is None
             continue
         got = [[(kind, None if idx is None else idx.tolist()) for kind, idx in layer] for layer in plans.layers]
-        assert got == [list(layer) for layer in expected_parts(live)]
+        expected = expected_parts(live)
+        assert got == [list(layer) for layer in expected]
+        for layer, (attention, _) in enumerate(expected):
+            kv = None if attention[0] != "union" else sorted({h // SHAPE.heads_per_kv_head for h in attention[1]})
+            assert (None if plans.kv_heads[layer] is None else plans.kv_heads[layer].tolist()) == kv
         assert plans.token_plan.shape == (tokens,)
         for index, plan in rows.items():  # each of a row's tokens reads its plan's masks
             heads, neurons = (model._full if plan is None else plan).unit_masks("cpu")
