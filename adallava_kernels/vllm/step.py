@@ -156,8 +156,12 @@ class BatchPlans:
         for index in rows:
             row = batch.row(index)
             self.reads += 1
-            plan_slots.append(self._move_plan(index, row))
-            budget_slots.append(self._move_budget(index, row))
+            plan = self.plan_of(row) if row is not None else None
+            slot = self._move(self.plans, self.row_plan, index, plan, _EMPTY, self._add_plan,
+                              lambda gone: self._count(gone, -1))
+            plan_slots.append(max(slot, 0))  # an empty row's tokens read slot 0, as padding does
+            budget = self.budget_of(row) if row is not None and self.latency_token is not None else None
+            budget_slots.append(self._move(self.budgets, self.row_budget, index, budget, 0, self._add_budget))
         at = torch.tensor(rows, dtype=torch.long)
         self.row_plan_device[at.to(device)] = torch.tensor(plan_slots, dtype=torch.long).to(device)
         self.row_budget_device[at.to(device)] = torch.tensor(budget_slots, dtype=torch.long).to(device)
@@ -172,38 +176,23 @@ class BatchPlans:
         self.row_plan_device = _grown(self.row_plan_device, size)
         self.row_budget_device = _grown(self.row_budget_device, size)
 
-    def _move_plan(self, index: int, row: Row | None) -> int:
-        """Row ``index`` now holds ``row``: the old plan let go (its slot free for a new plan when that was its
-        last row), the new one taken. Returns the slot its tokens read (0 for an empty row)."""
-        old = int(self.row_plan[index])
-        plan = self.plan_of(row) if row is not None else None
-        if old != _EMPTY and plan is not None and self.plans.key(old) == plan:
+    def _move(self, slots: Slots, table: np.ndarray, index: int, key, empty: int, add, drop=None) -> int:
+        """Row ``index`` now holds ``key`` (a plan or a budget; None: nothing) in ``table``: the old key let go
+        (``drop`` told when that was its last row, its slot free for the next new key), the new one taken
+        (``add`` told when it is new to the table). Returns the row's slot, ``empty`` for none."""
+        old = int(table[index])
+        if old != empty and key is not None and slots.key(old) == key:
             return old
-        if old != _EMPTY:
-            gone = self.plans.release(old)
-            if gone is not None:
-                self._count(gone, -1)
-        new = _EMPTY
-        if plan is not None:
-            new, fresh = self.plans.acquire(plan)
+        if old != empty:
+            gone = slots.release(old)
+            if gone is not None and drop is not None:
+                drop(gone)
+        new = empty
+        if key is not None:
+            new, fresh = slots.acquire(key)
             if fresh:
-                self._add_plan(new, plan)
-        self.row_plan[index] = new
-        return max(new, 0)
-
-    def _move_budget(self, index: int, row: Row | None) -> int:
-        old = int(self.row_budget[index])
-        budget = self.budget_of(row) if row is not None and self.latency_token is not None else None
-        if old and self.budgets.key(old) == budget:
-            return old
-        if old:
-            self.budgets.release(old)
-        new = 0
-        if budget is not None:
-            new, fresh = self.budgets.acquire(budget)
-            if fresh:
-                self._add_budget(new, budget)
-        self.row_budget[index] = new
+                add(new, key)
+        table[index] = new
         return new
 
     def _add_plan(self, slot: int, plan: ExecutionPlan) -> None:
@@ -275,32 +264,31 @@ class BatchPlans:
         return self._layers
 
     def _union_kv_heads(self, attention: list) -> list:
-        """Per layer of union attention, the KV heads its query heads read (one copy to the device)."""
+        """Per layer of union attention, the KV heads its query heads read."""
         s = self.shape
         union = (self.head_count > 0).reshape(s.num_layers, s.num_kv_heads, s.heads_per_kv_head).any(2)
-        gathered = [i for i, (kind, _) in enumerate(attention) if kind == "union"]
-        out: list = [None] * s.num_layers
-        if gathered:
-            per_layer = [np.flatnonzero(union[i]).astype(np.int32) for i in gathered]
-            flat = torch.from_numpy(np.concatenate(per_layer)).to(self.device)
-            for i, indices in zip(gathered, flat.split([len(p) for p in per_layer])):
-                out[i] = indices
-        return out
+        return _kept_indices(union, [i for i, (kind, _) in enumerate(attention) if kind == "union"], self.device)
 
 
 def _parts(count: np.ndarray, live: int, device: torch.device) -> list:
-    """Per layer (row of ``count``, the live plans keeping each unit), its part; the union layers' indices
-    copied to the device together, one copy."""
+    """Per layer (row of ``count``, the live plans keeping each unit), its part."""
     union = count > 0
     kinds = np.where(~union.any(1), "skip", np.where((count == live).all(1), "dense",
                                                      np.where(union.all(1), "masked", "union")))
-    gathered = [i for i, kind in enumerate(kinds) if kind == "union"]
-    indices = {}
-    if gathered:
-        per_layer = [np.flatnonzero(union[i]).astype(np.int32) for i in gathered]
+    indices = _kept_indices(union, [i for i, kind in enumerate(kinds) if kind == "union"], device)
+    return [(str(kind), indices[i]) for i, kind in enumerate(kinds)]
+
+
+def _kept_indices(keep: np.ndarray, layers: list[int], device: torch.device) -> list:
+    """Per row of the bool ``keep`` ``[layers, units]`` named in ``layers``, its kept units' int32 indices on
+    ``device`` (None for the other rows): every layer's in one copy to the device."""
+    out: list = [None] * len(keep)
+    if layers:
+        per_layer = [np.flatnonzero(keep[i]).astype(np.int32) for i in layers]
         flat = torch.from_numpy(np.concatenate(per_layer)).to(device)
-        indices = dict(zip(gathered, flat.split([len(p) for p in per_layer])))
-    return [(str(kind), indices.get(i)) for i, kind in enumerate(kinds)]
+        for i, indices in zip(layers, flat.split([len(p) for p in per_layer])):
+            out[i] = indices
+    return out
 
 
 def _grown(table: torch.Tensor, size: int) -> torch.Tensor:
