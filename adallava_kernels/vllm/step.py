@@ -120,7 +120,6 @@ class BatchPlans:
         self.batch: BatchRows | None = None
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
-        self.reads = 0  # rows looked at, over the mirror's life
 
     # -- the mirror ---------------------------------------------------------------------------------
 
@@ -155,7 +154,6 @@ class BatchPlans:
         plan_slots, budget_slots = [], []
         for index in rows:
             row = batch.row(index)
-            self.reads += 1
             plan = self.plan_of(row) if row is not None else None
             slot = self._move(self.plans, self.row_plan, index, plan, _EMPTY, self._add_plan,
                               lambda gone: self._count(gone, -1))
