@@ -26,7 +26,8 @@ vLLM's prefix caching must be off: requests of different plans compute different
 prompt (every layer after a plan's first switched-off unit), so a prefix cached by one would be wrong
 for the other. So must its CUDA graphs (``enforce_eager=True``): a step picks each layer's work on the
 host from its rows' plans, which a graph captured once would replay for every batch. The model refuses
-to load under either (:func:`check_engine_config`).
+to load under either (:func:`check_engine_config`), and under tensor, pipeline or context parallelism,
+which it does not implement (every weight is whole on one device).
 
 A token whose plan skips a unit adds exactly zero for it, so each request computes what the plan
 runtime (:class:`~adallava_kernels.runtime.PlannedDecoder`) computes for it alone.
@@ -73,9 +74,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# vLLM's ways of splitting one model over devices. The model holds every head, neuron and layer on one device
+# (its union gathers index whole weights), so each must be 1; data parallelism (whole engines) is fine.
+MODEL_PARALLEL_SIZES = ("tensor_parallel_size", "pipeline_parallel_size", "prefill_context_parallel_size",
+                        "decode_context_parallel_size")
+
+
 def check_engine_config(vllm_config) -> None:
-    """Refuse the engine settings under which requests would silently get another plan's tokens."""
+    """Refuse the engine settings under which requests would silently get another plan's tokens, and the
+    model parallelism the model does not implement."""
     name = "AdaLlavaLlamaForCausalLM"
+    parallel = getattr(vllm_config, "parallel_config", None)
+    for size in MODEL_PARALLEL_SIZES:
+        value = getattr(parallel, size, 1)
+        if value not in (None, 1):
+            raise ValueError(f"{name} runs whole on one device: {size} must be 1, got {value}; serve more "
+                             "devices with data parallelism (data_parallel_size), an engine per device")
     if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
         raise ValueError(f"{name} needs vLLM's prefix caching off: a plan changes the K/V of every layer after its "
                          "first switched-off unit, and a cached prefix would give a request the K/V of another "

@@ -145,10 +145,16 @@ def test_one_long_prompt_under_three_plans_in_turn_gets_each_plans_tokens(tiny_l
         assert list(out[0].outputs[0].token_ids) == reference_tokens(tiny_llama[1], prompt, plan, 8), name
 
 
-@pytest.mark.parametrize("prefix, graphs, refused", [(False, "NONE", None), (True, "NONE", "enable_prefix_caching=False"),
-                                                     (False, "FULL", "enforce_eager=True"),
-                                                     (False, "FULL_DECODE_ONLY", "enforce_eager=True")])
-def test_engine_settings_that_would_replay_another_plan_are_refused(prefix, graphs, refused):
+@pytest.mark.parametrize("prefix, graphs, parallel, refused", [
+    (False, "NONE", {}, None), (True, "NONE", {}, "enable_prefix_caching=False"),
+    (False, "FULL", {}, "enforce_eager=True"), (False, "FULL_DECODE_ONLY", {}, "enforce_eager=True"),
+    (False, "NONE", {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 4}, None),
+    (False, "NONE", {"tensor_parallel_size": 2}, "tensor_parallel_size must be 1, got 2"),
+    (False, "NONE", {"pipeline_parallel_size": 2}, "pipeline_parallel_size must be 1, got 2"),
+    (False, "NONE", {"decode_context_parallel_size": 2}, "decode_context_parallel_size must be 1, got 2"),
+    (False, "NONE", {"prefill_context_parallel_size": 2}, "prefill_context_parallel_size must be 1, got 2")])
+def test_engine_settings_that_would_replay_another_plan_or_split_the_model_are_refused(prefix, graphs, parallel,
+                                                                                          refused):
     from types import SimpleNamespace
 
     from vllm.config.compilation import CUDAGraphMode
@@ -156,7 +162,8 @@ def test_engine_settings_that_would_replay_another_plan_are_refused(prefix, grap
     from adallava_kernels.vllm.model import check_engine_config
 
     config = SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=prefix),
-                             compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[graphs]))
+                             compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[graphs]),
+                             parallel_config=SimpleNamespace(**parallel))
     if refused is None:
         check_engine_config(config)
     else:

@@ -67,6 +67,16 @@ def test_the_cache_config_says_whether_prefix_caching_is_on():
     assert "enable_prefix_caching" in {f.name for f in dataclasses.fields(CacheConfig)}
 
 
+def test_the_parallel_config_names_each_model_parallel_size_the_model_refuses():
+    """The model refuses tensor, pipeline and context parallelism by reading these fields: were one renamed,
+    its refusal would go quiet."""
+    from vllm.config import ParallelConfig
+
+    from adallava_kernels.vllm.model import MODEL_PARALLEL_SIZES
+
+    assert set(MODEL_PARALLEL_SIZES) <= {f.name for f in dataclasses.fields(ParallelConfig)}
+
+
 def test_the_compilation_config_says_whether_cuda_graphs_are_captured():
     """The model refuses CUDA graphs by reading this field (its NONE member: no graphs)."""
     from vllm.config import CompilationConfig
