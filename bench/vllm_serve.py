@@ -79,11 +79,9 @@ def _run(llm, prompts, params) -> dict:
     cpu_per_wall = (_cpu_seconds() - cpu) / wall
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     steps = max(len(o.outputs[0].token_ids) for o in outputs)
-    if steps < 2:
-        raise ValueError(f"TPOT needs at least 2 new tokens a request, got {steps}")
     timed = _from_metrics(outputs)
     if timed is None:
-        first_s, _ = _generate_s(llm, prompts, [_first_token(p) for p in params])
+        first_s, _ = _generate_s(llm, prompts, [_shortened(p, 1) for p in params])
         timed = {"ttft_ms": 1000 * first_s, "tpot_ms": 1000 * max(wall - first_s, 0.0) / (steps - 1),
                  "timed_by": "a run to the first token"}
     return {"wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall, **timed,
@@ -100,15 +98,8 @@ def _from_metrics(outputs) -> dict | None:
             "timed_by": "vLLM's request metrics"}
 
 
-def _first_token(params):
-    return _shortened(params, 1)
-
-
-def _warm_up(params):
-    return _shortened(params, 4)
-
-
 def _shortened(params, tokens: int):
+    """The same request's params, to ``tokens`` new tokens."""
     out = params.clone()
     out.max_tokens, out.min_tokens = tokens, min(out.min_tokens, tokens)
     return out
@@ -231,8 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     # not do) ran about 10% slower than the same batch later, whichever kind it was. The repeats go round
     # the kinds, so a drifting machine touches each alike.
     for params in kinds.values():
-        _generate_s(llm, prompts, [_first_token(p) for p in params])
-        _generate_s(llm, prompts, [_warm_up(p) for p in params])
+        _generate_s(llm, prompts, [_shortened(p, 1) for p in params])
+        _generate_s(llm, prompts, [_shortened(p, 4) for p in params])
     runs = {name: [] for name in kinds}
     for _ in range(args.repeats):
         for name, params in kinds.items():
