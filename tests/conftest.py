@@ -11,6 +11,9 @@ if not torch.cuda.is_available():
 # every config for every shape the suite uses took most of its time.
 # test_kernel_configs.py runs each config once.
 os.environ.setdefault("ADALLAVA_AUTOTUNE", "0")
+# Autotuned winners stay in memory: a test run leaves nothing in the user's tuning cache
+# (tests/test_tuning.py gives the cache tests a folder of their own).
+os.environ.setdefault("ADALLAVA_TUNING_CACHE", "off")
 
 import pytest  # noqa: E402
 

@@ -80,42 +80,152 @@ def test_a_launch_takes_the_forced_config_then_the_tables_then_autotunes(tmp_pat
     assert kernel.config_for(args, {"IEEE": False}).kwargs == entry["kwargs"]
 
 
-def test_a_miss_autotunes_once_a_bucket_then_launches_the_winner_for_every_size_in_it(monkeypatch):
-    """An -H plan's width (or a vLLM batch's union of neurons) takes many exact sizes: the autotuner runs on
-    the first size of each bucket only (per device and dtype), and the others launch its winner directly."""
-    winner = config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BAND_M=1)
-    launched = []
+WINNER = config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BAND_M=1)
+RUNNER_UP = config(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BAND_M=1)
 
-    class Kernel:  # the @triton.jit kernel: its argument names, and each direct launch's config
+
+def _fake_tuned(launched: list, configs=(WINNER, RUNNER_UP), source: str = "source-hash") -> tuning.Tuned:
+    """A Tuned over a stand-in kernel and autotuner that record each launch in ``launched``: ``("direct",
+    BLOCK_N)`` for a launch with a chosen config, ``("autotuned", N)`` for a run of the autotuner (whose
+    winner is always WINNER)."""
+
+    class Kernel:  # the @triton.jit kernel: its argument names, its source hash, and each direct launch's config
         __name__ = "_fake_kernel"
         arg_names = ["x", "M_BUCKET", "N", "K", "IEEE"]
+        cache_key = source
 
         def run(self, *args, grid, warmup, **kwargs):
             launched.append(("direct", kwargs.get("BLOCK_N")))
 
     class Autotuner:  # triton.autotune's wrapper: times its configs, keeps the best
-        configs = [winner, config(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BAND_M=1)]
         best_config = None
 
         def run(self, *args, grid, warmup, **kwargs):
-            self.best_config = winner
+            self.best_config = WINNER
             launched.append(("autotuned", args[2]))
 
+    autotuner = Autotuner()
+    autotuner.configs = list(configs)
+    return tuning.Tuned(Kernel(), autotuner, "decode", ["M_BUCKET", "N", "K", "IEEE"])
+
+
+def _launch(kernel: tuning.Tuned, n: int, dtype=torch.bfloat16) -> None:
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+    kernel.run(x, 1, n, 4096, grid=(1,), warmup=False, IEEE=False)
+
+
+@pytest.fixture
+def imaginary_gpu(monkeypatch):
+    """Launches on cuda:0, named "Imaginary GPU", with the kernels compiled (not interpreted)."""
     monkeypatch.setattr(tuning, "_device_name", lambda index: "Imaginary GPU")
     monkeypatch.setattr(tuning, "INTERPRETING", False)
-    kernel = tuning.Tuned(Kernel(), Autotuner(), "decode", ["M_BUCKET", "N", "K", "IEEE"])
-    cuda = torch.device("cuda", 0)
 
-    def launch(n, dtype=torch.bfloat16):
-        kernel.run(SimpleNamespace(device=cuda, dtype=dtype), 1, n, 4096, grid=(1,), warmup=False, IEEE=False)
 
+@pytest.fixture
+def winner_cache_dir(tmp_path, monkeypatch, imaginary_gpu):
+    """A winner cache of its own (read afresh, as a new process would), removed after the test."""
+    directory = tmp_path / "tuning-cache"
+    monkeypatch.setenv(tuning.CACHE_ENV, str(directory))
+    tuning._winner_cache.cache_clear()
+    yield directory
+    tuning._winner_cache.cache_clear()
+
+
+def test_a_miss_autotunes_once_a_bucket_then_launches_the_winner_for_every_size_in_it(imaginary_gpu, monkeypatch):
+    """An -H plan's width (or a vLLM batch's union of neurons) takes many exact sizes: the autotuner runs on
+    the first size of each bucket only (per device and dtype), and the others launch its winner directly."""
+    monkeypatch.setenv(tuning.CACHE_ENV, "off")
+    launched = []
+    kernel = _fake_tuned(launched)
     for n in (8256, 11008, 9000, 16384):  # one bucket: N=16384
-        launch(n)
-    launch(5504)  # the next bucket down
-    launch(8256, torch.float32)  # another dtype
+        _launch(kernel, n)
+    _launch(kernel, 5504)  # the next bucket down
+    _launch(kernel, 8256, torch.float32)  # another dtype
     assert launched == [("autotuned", 8256), ("direct", 64), ("direct", 64), ("direct", 64), ("autotuned", 5504),
                         ("autotuned", 8256)]
     assert kernel.autotuned == 3
+
+
+def _new_process() -> None:
+    """What a new process starts with: no winner cache read yet."""
+    tuning._winner_cache.cache_clear()
+
+
+def test_a_winner_autotuned_by_one_process_is_launched_by_the_next_without_timing(winner_cache_dir):
+    launched = []
+    first = _fake_tuned(launched)
+    _launch(first, 11008)
+    _launch(first, 5504, torch.float32)
+    stored = json.loads((winner_cache_dir / "tuned-Imaginary_GPU.json").read_text())
+    assert stored["device"] == "Imaginary GPU"
+    entries = stored["configs"]["_fake_kernel/decode"]
+    assert sorted(entries) == ["M_BUCKET=1,N=16384,K=4096,IEEE=0|bfloat16", "M_BUCKET=1,N=8192,K=4096,IEEE=0|float32"]
+    assert all(tuning.config_from_json(e["config"]).kwargs == WINNER.kwargs for e in entries.values())
+
+    _new_process()
+    launched.clear()
+    second = _fake_tuned(launched)
+    _launch(second, 9000)  # another size of the first bucket
+    _launch(second, 5504, torch.float32)
+    _launch(second, 5504)  # a bucket and dtype nobody timed
+    assert launched == [("direct", 64), ("direct", 64), ("autotuned", 5504)]
+    assert (second.autotuned, second.from_disk) == (1, 2)
+
+
+@pytest.mark.parametrize("change", ["kernel source", "triton version", "candidate list"])
+def test_a_stored_winner_is_timed_again_when_what_it_was_timed_with_changed(winner_cache_dir, monkeypatch, change):
+    launched = []
+    _launch(_fake_tuned(launched), 11008)
+    _new_process()
+    launched.clear()
+    if change == "kernel source":
+        kernel = _fake_tuned(launched, source="edited-source-hash")
+    elif change == "triton version":
+        monkeypatch.setattr(tuning.triton, "__version__", "0.0.1")
+        kernel = _fake_tuned(launched)
+    else:
+        kernel = _fake_tuned(launched, configs=(WINNER, RUNNER_UP, config(8, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256,
+                                                                          BAND_M=1)))
+    _launch(kernel, 11008)
+    assert launched == [("autotuned", 11008)] and kernel.from_disk == 0
+
+
+def test_nothing_is_stored_with_the_cache_off_or_a_single_candidate(winner_cache_dir, monkeypatch):
+    launched = []
+    _launch(_fake_tuned(launched, configs=(WINNER,)), 11008)  # ADALLAVA_AUTOTUNE=0: nothing was timed
+    assert not winner_cache_dir.exists()
+    for off in ("off", "0", ""):
+        monkeypatch.setenv(tuning.CACHE_ENV, off)
+        assert tuning.winner_cache() is None
+        _launch(_fake_tuned(launched), 11008)
+    assert not winner_cache_dir.exists()
+
+
+def test_the_default_cache_is_under_the_users_cache_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv(tuning.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tuning.winner_cache().directory == tmp_path / "adallava_kernels"
+
+
+def test_a_cache_file_that_cannot_be_read_or_written_warns_once_and_the_launch_goes_on(winner_cache_dir):
+    winner_cache_dir.mkdir()
+    path = winner_cache_dir / "tuned-Imaginary_GPU.json"
+    path.write_text("{not json")
+    launched = []
+    kernel = _fake_tuned(launched)
+    with pytest.warns(RuntimeWarning, match="tuned-Imaginary_GPU.json cannot be read"):
+        _launch(kernel, 11008)
+    assert launched == [("autotuned", 11008)]
+    # The winner replaced the broken file.
+    assert "_fake_kernel/decode" in json.loads(path.read_text())["configs"]
+
+    _new_process()
+    blocked = winner_cache_dir / "not-a-directory"
+    blocked.write_text("")
+    cache = tuning.WinnerCache(blocked / "cache")
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        cache.put("Imaginary GPU", "_fake_kernel/decode", "B", {"source": "s"}, WINNER)
+    assert cache.get("Imaginary GPU", "_fake_kernel/decode", "B", {"source": "s"}).kwargs == WINNER.kwargs
 
 
 def interpreted(code: str, tmp_path) -> None:
