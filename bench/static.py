@@ -458,12 +458,13 @@ def predicted_share(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
 # -- the runtime's launches ------------------------------------------------------------------------
 
 
-def _two_layer_model(shape, dtype):
-    """A transformers Llama of ``shape``'s layer sizes with two layers, its weights allocated, not set."""
+def _two_layer_model(shape, dtype, layers: int = 2):
+    """A transformers Llama of ``shape``'s layer sizes with ``layers`` layers (two), its weights allocated and
+    random."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                         num_hidden_layers=2, num_attention_heads=shape.num_heads,
+                         num_hidden_layers=layers, num_attention_heads=shape.num_heads,
                          num_key_value_heads=shape.num_kv_heads, vocab_size=shape.vocab_size,
                          head_dim=shape.head_dim, max_position_embeddings=4096)
     with torch.device("meta"):
@@ -482,15 +483,17 @@ def _half_neurons(shape) -> int:
     return sum(len(g) for g in neuron_groups(shape.intermediate_size, shape.num_heads)[::2])
 
 
-def _half_plan(shape2):
-    """Layer 0 whole, layer 1 keeping every other head and every other neuron group."""
+def _half_plan(shape2, partial=(1,)):
+    """The ``partial`` layers keeping every other head and every other neuron group, the others whole."""
     from adallava_kernels import ExecutionPlan
     from adallava_kernels.plan import neuron_groups
 
     groups = neuron_groups(shape2.intermediate_size, shape2.num_heads)
     half = [n for g in groups[::2] for n in g]
-    return ExecutionPlan(shape2, [range(shape2.num_heads), range(0, shape2.num_heads, 2)],
-                         [range(shape2.intermediate_size), half])
+    layers = range(shape2.num_layers)
+    return ExecutionPlan(shape2, [range(0, shape2.num_heads, 2) if i in partial else range(shape2.num_heads)
+                                  for i in layers],
+                         [half if i in partial else range(shape2.intermediate_size) for i in layers])
 
 
 @functools.lru_cache(maxsize=None)

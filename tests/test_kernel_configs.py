@@ -112,3 +112,15 @@ def test_programmatic_dependent_launch_is_opt_in_and_decode_only(monkeypatch):
     assert triton_utils.pdl_flags(cpu, "prefill") == {"PDL": False}
     monkeypatch.setenv(triton_utils.PDL_ENV, "0")
     assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}
+
+
+def test_host_cdiv_and_next_power_of_2_match_tritons():
+    """The launchers' host integer helpers (triton's are constexpr functions, microseconds a host call)."""
+    import triton
+
+    from adallava_kernels.ops.common import cdiv, next_power_of_2
+
+    for n in range(0, 4100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

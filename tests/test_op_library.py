@@ -63,3 +63,16 @@ def test_eager_launchers_run_the_operators_functions_and_trace_as_the_operators(
     # fullgraph: tracing the launcher must reach the operator, not the Triton launch inside it.
     traced = torch.compile(lambda *a: launch.swiglu_gathered(*a) * 2, fullgraph=True, backend="eager")(*args)
     torch.testing.assert_close(traced, ops.swiglu_gathered(*args) * 2)
+
+
+def test_eager_launchers_take_keyword_arguments_eager_and_traced():
+    """The decode step passes the column gather's residual and dense flags by keyword."""
+    launch = library.eager_launchers()
+    x, w, cols, count, x_mask, residual = bound_col_case()
+    kwargs = {"residual": residual, "dense": False, "dense_weight": None}
+    expected = ops.col_gathered_linear(x, w, cols, count, x_mask, residual)
+    torch.testing.assert_close(launch.col_gathered_linear(x, w, cols, count, x_mask, **kwargs), expected)
+    torch._dynamo.reset()
+    traced = torch.compile(lambda *a: launch.col_gathered_linear(*a, **kwargs) + 1, fullgraph=True,
+                           backend="eager")(x, w, cols, count, x_mask)
+    torch.testing.assert_close(traced, expected + 1)

@@ -24,6 +24,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of host integers. Launchers use this, not ``triton.cdiv``: that is a constexpr
+    function, which costs microseconds a host call, several a launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 >= ``n`` (0 for ``n <= 0``, as ``triton.next_power_of_2``), for host integers."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op here (no kernel, no Triton, or no GPU)."""
 

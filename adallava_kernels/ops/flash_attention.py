@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv, next_power_of_2
 from .split_combine import combine_splits
 from .triton_utils import (
     LOG2E, autotuned, config, dot, dot_flags, min_per_split, regime, smallest_block, splits,
@@ -179,9 +180,9 @@ def flash_attention(
         return out.zero_()
     which = regime(sq)
     block_m = smallest_block("BLOCK_M", CONFIGS, INTERPRETER_CONFIGS, which)
-    programs = triton.cdiv(sq, block_m) * batch * nq
+    programs = cdiv(sq, block_m) * batch * nq
     if split is None:
-        split = splits(programs, triton.cdiv(skv, _MIN_KV_PER_SPLIT), q.device)
+        split = splits(programs, cdiv(skv, _MIN_KV_PER_SPLIT), q.device)
     pad = padding_mask if padding_mask is not None else head_to_kv  # any pointer: never read without HAS_PAD
     pad_strides = (padding_mask.stride(0), padding_mask.stride(1)) if padding_mask is not None else (0, 0)
     if split == 1:
@@ -193,11 +194,11 @@ def flash_attention(
         lse = torch.empty(batch, sq, nq, split, dtype=torch.float32, device=q.device)
         t_strides = (target.stride(0), target.stride(1), target.stride(2), target.stride(4), target.stride(3))
         l_strides = lse.stride()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * nq, split)  # noqa: E731
+    block_d = max(16, next_power_of_2(head_dim))
+    grid = lambda meta: (cdiv(sq, meta["BLOCK_M"]), batch * nq, split)  # noqa: E731
     KERNELS[which][grid](
         q, k, v, head_to_kv, pad, target, lse,
-        sq, skv, nq, scale * LOG2E, triton.next_power_of_2(sq), triton.next_power_of_2(skv),
+        sq, skv, nq, scale * LOG2E, next_power_of_2(sq), next_power_of_2(skv),
         *q.stride(), *k.stride(), *v.stride(), *pad_strides,
         *t_strides, *l_strides,
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, HAS_PAD=padding_mask is not None,

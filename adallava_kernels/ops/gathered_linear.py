@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv, next_power_of_2
 from .layout import prepare_column_gather
 from .rms_norm import check_norm_weight, normed_tile, rms_scale
 from .workspace import counters, scratch
@@ -311,7 +312,7 @@ COL_KERNELS = autotuned(_col_gather_kernel, COL_CONFIGS, INTERPRETER_CONFIGS, _T
 
 def _m_bucket(m: int) -> int:
     # Tune once per power of two of the token count, not once per length.
-    return triton.next_power_of_2(m)
+    return next_power_of_2(m)
 
 
 _MIN_K_PER_SPLIT = min_per_split(256)
@@ -324,15 +325,15 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     (so its loop keeps its loads in flight)."""
     if regime(m) == "prefill" or k == 0:
         return 1
-    tiles = triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N)
-    return max(1, min(triton.cdiv(2 * multiprocessors(device), tiles), triton.cdiv(k, _MIN_K_PER_SPLIT), 16))
+    tiles = cdiv(m, 16) * cdiv(n, _SMALLEST_DECODE_N)
+    return max(1, min(cdiv(2 * multiprocessors(device), tiles), cdiv(k, _MIN_K_PER_SPLIT), 16))
 
 
 def _split_workspace(m: int, n: int, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The partials and ticket counters of a split launch: room for any decode config's tiles (BLOCK_M 16;
     BLOCK_N from 32 up to 128, each dividing 128)."""
-    partials = scratch(device, split * triton.cdiv(m, 16) * 16 * triton.cdiv(n, 128) * 128)
-    return partials, counters(device, triton.cdiv(m, 16) * triton.cdiv(n, _SMALLEST_DECODE_N))
+    partials = scratch(device, split * cdiv(m, 16) * 16 * cdiv(n, 128) * 128)
+    return partials, counters(device, cdiv(m, 16) * cdiv(n, _SMALLEST_DECODE_N))
 
 
 def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor,
@@ -344,7 +345,7 @@ def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, ro
     split = 1 if w2 is not None or norm_weight is not None else _split_k(m, n, k, x2.device)
     partials, tickets = _split_workspace(m, n, split, x2.device) if split > 1 else (out, rows)
     res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     ROW_KERNELS[regime(m)][grid](
         x2, w1, w2_, rows, out, x2 if residual is None else residual, partials, tickets,
         x2 if norm_weight is None else norm_weight, eps, m, n, k, _m_bucket(m),
@@ -369,7 +370,7 @@ def _launch_cols(x2: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, out: tor
     mask_strides = (0, 0) if x_mask is None else (x_mask.stride(0), x_mask.stride(1))
     res_strides = (0, 0) if residual is None else (residual.stride(0), residual.stride(1))
     wd = w if dense_weight is None else dense_weight
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     COL_KERNELS[regime(m)][grid](
         x2, w, cols, out, cols if count is None else count, x2 if x_mask is None else x_mask,
         x2 if residual is None else residual, partials, tickets, wd, m, n, k, _m_bucket(m),

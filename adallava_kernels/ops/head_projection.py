@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv, next_power_of_2
 from .rms_norm import check_norm_weight, normed_tile, rms_scale
 from .triton_utils import (autotuned, config, dependent_launch, dot, dot_flags, min_per_split, pdl_flags, regime,
                            smallest_block, splits)
@@ -195,7 +196,7 @@ def _block_h(head_dim: int, which: str) -> int:
     """Rotation pairs a program computes: a whole head in prefill (a wide tile for tl.dot); in decode the
     smallest tile tl.dot takes (16), so a head's rows spread over several programs that each read whole
     weight rows and keep the full reduction (the grid fills the GPU without splitting it)."""
-    whole = max(16, triton.next_power_of_2(head_dim // 2))
+    whole = max(16, next_power_of_2(head_dim // 2))
     return whole if which == "prefill" else 16
 
 
@@ -245,17 +246,17 @@ def head_projection(
     which = regime(m)
     block_m = smallest_block("BLOCK_M", CONFIGS, INTERPRETER_CONFIGS, which)
     block_h = _block_h(head_dim, which)
-    pair_blocks = triton.cdiv(head_dim // 2, block_h)
-    programs = triton.cdiv(m, block_m) * n_heads * pair_blocks
+    pair_blocks = cdiv(head_dim // 2, block_h)
+    programs = cdiv(m, block_m) * n_heads * pair_blocks
     if split is None:
         # Prefill tiles fill the GPU; so do the paged decode step's pair blocks (every q, k and v head).
         whole = which == "prefill" or paged is not None or norm_weight is not None
-        split = 1 if whole else splits(programs, triton.cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
+        split = 1 if whole else splits(programs, cdiv(hidden, _MIN_K_PER_SPLIT), x.device)
     if split > 1:
         # Partials [slot, pair block, split, m, 2 * block_h] whatever BLOCK_M; a counter per tile of the
         # smallest BLOCK_M.
         partials = scratch(x.device, n_heads * pair_blocks * split * m * 2 * block_h)
-        tickets = counters(x.device, triton.cdiv(m, _MIN_BLOCK_M) * n_heads * pair_blocks)
+        tickets = counters(x.device, cdiv(m, _MIN_BLOCK_M) * n_heads * pair_blocks)
     else:
         partials, tickets = out, heads  # never read with one split
     rope = cos is not None
@@ -272,10 +273,10 @@ def head_projection(
         kv_slots, page_size = paged.tables.shape[1], paged.k_pages.shape[1]
         page_args = (paged.k_pages, paged.v_pages, paged.tables, paged.positions)
         page_strides = (paged.k_pages.stride(0), paged.k_pages.stride(1), *paged.tables.stride())
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), n_heads, split * pair_blocks)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), n_heads, split * pair_blocks)  # noqa: E731
     KERNELS[which][grid](
         x2, w, heads, cos, sin, out, *page_args, partials, tickets, x2 if norm_weight is None else norm_weight, eps,
-        m, hidden, seq, triton.next_power_of_2(m), n_heads if rope_slots is None else rope_slots, pair_blocks,
+        m, hidden, seq, next_power_of_2(m), n_heads if rope_slots is None else rope_slots, pair_blocks,
         n_heads - 2 * kv_slots, kv_slots, page_size,
         x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), *rope_strides, *out.stride(), *page_strides,
         HEAD_DIM=head_dim, BLOCK_H=block_h, ROPE=rope, SPLIT_K=split, PAGED=paged is not None,

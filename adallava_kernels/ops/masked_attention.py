@@ -35,8 +35,8 @@ from .common import MASK_DTYPES, check_index, check_same_dtype, check_tensor, re
 from .library import adallava_ops, eager_launchers
 from .rope import rope, rope_, rope_sign
 
-# torch.ops.adallava: the Triton operators, registered by importing ops.library (what a decode step
-# calls); _LAUNCH: the same, launched without the dispatcher in eager mode (prefill, the drop-ins).
+# torch.ops.adallava: the Triton operators, registered by importing ops.library; _LAUNCH: the same, launched
+# without the dispatcher but under torch.compile (what every call here runs).
 _OPS = adallava_ops()
 _LAUNCH = eager_launchers()
 
@@ -165,8 +165,8 @@ class AttentionProgram:
     def project_to_pages(self, x, cos, sin, k_pages, v_pages, tables, lengths) -> torch.Tensor:
         """Triton, one token per row: q, k and v of the plan's heads in one launch, q and k rotated, K and V
         written straight to the pages at ``lengths`` (the KV append, fused); returns q ``[rows, heads, d]``."""
-        q = _OPS.head_projection_paged(x[:, None], self.w_qkv, self.qkv_heads, cos, sin, self.head_dim,
-                                       self.nq + self.nkv, k_pages, v_pages, tables, lengths)
+        q = _LAUNCH.head_projection_paged(x[:, None], self.w_qkv, self.qkv_heads, cos, sin, self.head_dim,
+                                          self.nq + self.nkv, k_pages, v_pages, tables, lengths)
         return q[:, 0]
 
     def attend(self, q, k, v, padding: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,13 +203,13 @@ class AttentionProgram:
 
     def output(self, out: torch.Tensor, *, step: bool = False) -> torch.Tensor:
         """``o_proj`` of ``out`` ``[..., heads * d]`` over the plan's heads' columns -> ``[..., hidden]``;
-        ``step``: in a decode step (through the registered operator, one unit of a captured graph)."""
+        ``step``: in a decode step (on Triton, a dense ``o_proj`` is a GEMV over every row of ``w_o``)."""
         if self.gathered:
-            return (_OPS if step else _LAUNCH).col_gathered_linear(out, self.w_o_columns, self.o_columns)
+            return _LAUNCH.col_gathered_linear(out, self.w_o_columns, self.o_columns)
         if step and self.backend == "triton" and self.o_rows is not None:
             # A GEMV: the row gather over every row reads w_o once at bandwidth in one launch (cuBLAS's
             # split-K GEMV takes two, its reduction apart).
-            return _OPS.row_gathered_linear(out, self.w_o, self.o_rows, None)
+            return _LAUNCH.row_gathered_linear(out, self.w_o, self.o_rows, None)
         return out @ self.w_o_t
 
     def __call__(self, x, cos, sin, padding=None, kv_cache: KVCacheLayer | None = None) -> torch.Tensor:

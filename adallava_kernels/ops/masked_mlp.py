@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from .common import check_index, check_same_dtype, check_tensor, resolve_backend
-from .library import adallava_ops, eager_launchers
+from .library import eager_launchers
 from .silu_and_mul import silu_and_mul
 
-# torch.ops.adallava: the Triton operators, registered by importing ops.library (what a decode step
-# calls); _LAUNCH: the same, launched without the dispatcher in eager mode (prefill, the drop-ins).
-_OPS = adallava_ops()
+# The Triton operators (registered by importing ops.library), launched without the dispatcher but under
+# torch.compile.
 _LAUNCH = eager_launchers()
 
 __all__ = ["MlpProgram", "MlpWeights", "masked_mlp", "masked_mlp_reference", "masked_mlp_triton"]
@@ -96,15 +95,14 @@ class MlpProgram:
         """``residual + self(x)``, the residual add fused into the down projection. ``decode`` (a few tokens,
         Triton): gate and up with SiLU-and-multiply in one gathered pass, every neuron when the plan keeps
         them all, so a decode MLP is two launches whatever its plan."""
-        ops = _OPS if decode else _LAUNCH  # a decode step's operators are units of a captured graph
         if self.gathered:
-            act = ops.swiglu_gathered(x, self.w_gate, self.w_up, self.neurons)
-            return ops.col_gathered_linear(act, self.w_down_columns, self.neurons, None, None, residual)
+            act = _LAUNCH.swiglu_gathered(x, self.w_gate, self.w_up, self.neurons)
+            return _LAUNCH.col_gathered_linear(act, self.w_down_columns, self.neurons, None, None, residual)
         if decode and self.all_neurons is not None:
-            act = ops.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
+            act = _LAUNCH.swiglu_gathered(x, self.w_gate, self.w_up, self.all_neurons)
             # The dense down projection with the residual added, a GEMV over every row of w_down in one
             # launch (addmm's split-K GEMV takes two and a copy).
-            return ops.row_gathered_linear(act, self.w_down, self.hidden_rows, residual)
+            return _LAUNCH.row_gathered_linear(act, self.w_down, self.hidden_rows, residual)
         act = silu_and_mul(x @ self.w_gate_up_t, backend=self.backend)
         return self.down_add(act, residual)
 

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import next_power_of_2
 from .triton_utils import INTERPRET, LOG2E, dependent_launch, dot, dot_flags, pdl_flags
 from .workspace import counters, scratch
 
@@ -145,7 +146,7 @@ def launch_paged_decode(
     if batch * nq == 0:
         return out
     k_pages, v_pages = pages[0], pages[1]
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     if split > 1:
         partials = scratch(q.device, batch * nq * split * (block_d + 1))
         tickets = counters(q.device, batch * nq)
@@ -157,7 +158,7 @@ def launch_paged_decode(
         *((0, head_to_kv.stride(0)) if head_to_kv.dim() == 1 else head_to_kv.stride()),
         *q.stride(), *k_pages.stride(), *block_tables.stride(), *out.stride(),
         HEAD_DIM=head_dim, BLOCK_D=block_d, SPLIT=split, BLOCK_N=BLOCK_N,
-        BLOCK_SPLIT=max(2, triton.next_power_of_2(split)), ROWS=QUERY_ROWS, **dot_flags(q.dtype),
+        BLOCK_SPLIT=max(2, next_power_of_2(split)), ROWS=QUERY_ROWS, **dot_flags(q.dtype),
         **pdl_flags(q.device, "decode"),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

@@ -24,15 +24,16 @@ def register_op(name: str, mutates_args=()):
 
 
 class _EagerLaunchers:
-    """The Triton operators called without the dispatcher in eager mode (a registered Python operator costs
-    microseconds of host time a call, which a prefill pays per layer), and through ``torch.ops.adallava``
-    while ``torch.compile`` traces. The same functions run either way."""
+    """The Triton operators called without the dispatcher outside ``torch.compile`` (a registered Python
+    operator costs tens of microseconds of host time a call, which an eager step pays per kernel: a 7B decode
+    step launches 160), and through ``torch.ops.adallava`` while ``torch.compile`` traces, where each stays
+    one unit of the graph. The same functions run either way, and a CUDA graph records the same kernels."""
 
     def __getattr__(self, name: str):
         function, op = _FUNCTIONS[name], getattr(torch.ops.adallava, name)
 
-        def launch(*args):
-            return op(*args) if torch.compiler.is_compiling() else function(*args)
+        def launch(*args, **kwargs):
+            return op(*args, **kwargs) if torch.compiler.is_compiling() else function(*args, **kwargs)
 
         launch.__name__ = name
         setattr(self, name, launch)  # resolved once per name
@@ -43,7 +44,6 @@ _EAGER = _EagerLaunchers()
 
 
 def eager_launchers() -> _EagerLaunchers:
-    """The Triton operators as the eager paths call them (prefill, the drop-in modules): see
-    :class:`_EagerLaunchers`. A decode step calls ``adallava_ops()``: it is captured as a CUDA graph, where
-    the dispatcher costs nothing, and each operator stays one unit of the step."""
+    """The Triton operators as every launch site calls them (prefill, decode steps, the drop-in modules): see
+    :class:`_EagerLaunchers`."""
     return _EAGER

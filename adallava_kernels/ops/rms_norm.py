@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .common import INTERPRETING, check_same_dtype, check_tensor, resolve_backend
+from .common import INTERPRETING, check_same_dtype, check_tensor, next_power_of_2, resolve_backend
 from .registry import register_op
 
 try:
@@ -240,7 +240,7 @@ def _launch(
     residual2 = x2 if residual is None else _as_rows(residual)
     out2 = out.view(-1, hidden)
     residual_out2 = out2 if residual_out is None else residual_out.view(-1, hidden)
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, residual2, weight.contiguous(), out2, residual_out2,
         hidden, float(eps),

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_tensor, resolve_backend
+from .common import cdiv, check_tensor, next_power_of_2, resolve_backend
 from .registry import register_op
 
 try:
@@ -112,10 +112,10 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -
     if batch * seq == 0 or heads == 0:
         return x
     half = d // 2
-    _rope_kernel[(batch * seq, triton.cdiv(heads, _BLOCK_HEADS))](
+    _rope_kernel[(batch * seq, cdiv(heads, _BLOCK_HEADS))](
         x, cos, sin, heads, seq, half, x.stride(0), x.stride(1), x.stride(2),
         0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1),
-        BLOCK_HEADS=_BLOCK_HEADS, BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HEADS=_BLOCK_HEADS, BLOCK_HALF=next_power_of_2(half),
     )
     return x
 

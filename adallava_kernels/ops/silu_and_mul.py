@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import check_tensor, resolve_backend
+from .common import cdiv, check_tensor, resolve_backend
 from .registry import register_op
 
 try:
@@ -86,7 +86,7 @@ def _launch(gate_up: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     if rows.shape[0] and n:
-        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, _BLOCK))](
+        _silu_and_mul_kernel[(rows.shape[0], cdiv(n, _BLOCK))](
             rows, out, n, rows.stride(0), n, BLOCK=_BLOCK)
     return out
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import next_power_of_2
+
 __all__ = ["combine_splits"]
 
 
@@ -58,7 +60,7 @@ def combine_splits(
     index ``out`` ``[batch, row, head, d]`` (a stride of 0 for a dimension of one)."""
     _combine_kernel[(rows, batch * heads)](
         part, lse, out, rows, heads, *part_strides, *lse_strides, *out_strides,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), SPLIT=split,
-        BLOCK_SPLIT=max(2, triton.next_power_of_2(split)),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), SPLIT=split,
+        BLOCK_SPLIT=max(2, next_power_of_2(split)),
     )
     return out

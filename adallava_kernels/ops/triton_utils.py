@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING as INTERPRET, kernel_configs
+from .common import INTERPRETING as INTERPRET, cdiv, kernel_configs
 from .tuning import Tuned
 
 try:
@@ -147,4 +147,4 @@ def splits(programs: int, reduction_blocks: int, device: torch.device) -> int:
     """Reduction splits so that ``programs`` times the splits covers the GPU about twice."""
     if programs == 0 or programs >= multiprocessors(device):
         return 1
-    return max(1, min(triton.cdiv(2 * multiprocessors(device), programs), reduction_blocks, MAX_SPLITS))
+    return max(1, min(cdiv(2 * multiprocessors(device), programs), reduction_blocks, MAX_SPLITS))

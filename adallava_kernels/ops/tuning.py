@@ -46,7 +46,7 @@ import torch
 import triton
 from triton.runtime.jit import KernelInterface
 
-from .common import INTERPRETING
+from .common import INTERPRETING, next_power_of_2
 
 __all__ = ["TABLE", "ENV", "CACHE_ENV", "Tuned", "WinnerCache", "bucket_of", "forcing", "load_table", "lookup",
            "recording", "config_to_json", "config_from_json", "winner_cache"]
@@ -98,7 +98,7 @@ def bucket_of(names: list[str], values: list) -> str:
         if isinstance(value, bool):
             value = int(value)
         elif isinstance(value, int) and value > 0:
-            value = triton.next_power_of_2(value)
+            value = next_power_of_2(value)
         parts.append(f"{name}={value}")
     return ",".join(parts)
 

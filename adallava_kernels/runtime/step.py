@@ -31,14 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops.library import adallava_ops
+from ..ops.library import adallava_ops, eager_launchers
 from ..ops.paged_attention import attend_gathered_pages
 from ..ops.rope import rope
 from .layers import sub_blocks
 from .slots import LayerSlots
 from .weights import LayerWeights
 
-_OPS = adallava_ops()
+_OPS = adallava_ops()  # the extension's kv_append
+_LAUNCH = eager_launchers()  # the Triton operators
 
 __all__ = ["DecodeInputs", "SlotLayer"]
 
@@ -93,26 +94,26 @@ class SlotLayer:
     def _qkv(self, h, inputs: DecodeInputs, pages, slots: LayerSlots) -> torch.Tensor:
         """q ``[rows, heads, d]`` of the union's heads of the normed ``h``, rotated; K and V appended to the
         pages, in one launch (the input norm inside it)."""
-        return _OPS.head_projection_paged(h[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin,
-                                          self.head_dim, self.nq + self.nkv, pages.k, pages.v, slots.tables,
-                                          inputs.lengths, self.input_norm, self.eps)[:, 0]
+        return _LAUNCH.head_projection_paged(h[:, None], self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin,
+                                            self.head_dim, self.nq + self.nkv, pages.k, pages.v, slots.tables,
+                                            inputs.lengths, self.input_norm, self.eps)[:, 0]
 
     def _attend(self, q, inputs: DecodeInputs, pages, slots: LayerSlots, split: int) -> torch.Tensor:
         """Each row over its own heads' pages (a head it lacks attends nothing and gives 0)."""
-        return _OPS.paged_decode_attention(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
-                                           inputs.starts, self.scale, split)
+        return _LAUNCH.paged_decode_attention(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
+                                             inputs.starts, self.scale, split)
 
     def _o_proj(self, out, slots: LayerSlots, residual) -> torch.Tensor:
         """The residual stream after the attention: ``residual`` plus ``o_proj`` of ``out``."""
         # The heads a row lacks are 0 already: no mask.
-        return _OPS.col_gathered_linear(out.view(out.shape[0], -1), self.w_o, slots.o_cols, slots.o_count,
-                                        residual=residual, dense=not self.partial, dense_weight=self.w_o_rows)
+        return _LAUNCH.col_gathered_linear(out.view(out.shape[0], -1), self.w_o, slots.o_cols, slots.o_count,
+                                          residual=residual, dense=not self.partial, dense_weight=self.w_o_rows)
 
     def _mlp_triton(self, h, slots: LayerSlots) -> torch.Tensor:
         """The residual stream after the MLP, its norm inside gate|up."""
-        act = _OPS.swiglu_gathered(h, self.w_gate, self.w_up, slots.neurons, self.post_norm, self.eps)
-        return _OPS.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, h,
-                                        dense=not self.partial, dense_weight=self.w_down_rows)
+        act = _LAUNCH.swiglu_gathered(h, self.w_gate, self.w_up, slots.neurons, self.post_norm, self.eps)
+        return _LAUNCH.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, h,
+                                          dense=not self.partial, dense_weight=self.w_down_rows)
 
     # -- torch ---------------------------------------------------------------------------
 

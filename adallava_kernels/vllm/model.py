@@ -109,9 +109,10 @@ def _budget_of(row) -> float | None:
 
 
 def _ops():
-    from ..ops.library import adallava_ops
+    """The Triton operators, launched without the dispatcher (vLLM runs this model eagerly)."""
+    from ..ops.library import eager_launchers
 
-    return adallava_ops()
+    return eager_launchers()
 
 
 def _features(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
