@@ -78,14 +78,17 @@ compile-cuda: env
 			"$$f" -o build/cuda-check/$$(basename "$$f" .cpp).o || exit 1; \
 	done
 
-# The static check of the compiled kernels (tests/_static_check.py --strict) with another Triton, by default the
-# GPU image's, installed beside the venv's in its own folder: every variant must pass there too.
+# The static check of the compiled kernels (tests/_static_check.py --strict) and of the decode step with PDL on
+# (tests/_pdl_check.py --strict) with another Triton, by default the GPU image's, installed beside the venv's in
+# its own folder: every variant must pass there too.
 OTHER_TRITON ?= 3.6.0
 OTHER_TRITON_DIR = build/triton-$(OTHER_TRITON)
 static-check-triton: env
 	$(PY) -m pip install -q --no-deps --target $(OTHER_TRITON_DIR)/site triton==$(OTHER_TRITON)
 	env -u TRITON_INTERPRET PYTHONPATH=$(OTHER_TRITON_DIR)/site:$(CURDIR) TRITON_CACHE_DIR=$(OTHER_TRITON_DIR)/cache \
 		$(PY) tests/_static_check.py $(OTHER_TRITON_DIR)/static.json cuda:90 --strict
+	env -u TRITON_INTERPRET PYTHONPATH=$(OTHER_TRITON_DIR)/site:$(CURDIR) TRITON_CACHE_DIR=$(OTHER_TRITON_DIR)/cache \
+		$(PY) tests/_pdl_check.py $(OTHER_TRITON_DIR)/pdl.json --strict
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) $(VLLM_VENV) build *.egg-info bench/out

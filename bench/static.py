@@ -82,6 +82,7 @@ class Variant:
     atomics: list[str]  # the PTX atom/red instructions
     args: dict  # the bound arguments: ints and flags as passed, tensors as (shape, dtype, numel)
     launch: int = 0  # which launch of the captured run: a tuned kernel's configs share one
+    hash: str = ""  # the compiled kernel's (Triton's cache key)
 
     @property
     def programs(self) -> int:
@@ -259,7 +260,8 @@ def _variant(name, site_name, compiled, grid, bound, extra) -> Variant:
     return Variant(kernel=name, site=site_name, config=config, grid=grid, num_warps=compiled.metadata.num_warps,
                    num_stages=compiled.metadata.num_stages, shared=compiled.metadata.shared, registers=regs,
                    stack=stack, sass=_sass_counts(compiled.asm["cubin"]), buffers=buffers, tile_bytes=tile_bytes,
-                   atomics=sorted(set(re.findall(r"\b(?:atom|red)\.global[\w.]*", compiled.asm["ptx"]))), args=args)
+                   atomics=sorted(set(re.findall(r"\b(?:atom|red)\.global[\w.]*", compiled.asm["ptx"]))), args=args,
+                   hash=compiled.hash)
 
 
 def _with_cubin(cubin: bytes, command: list[str]) -> str:
@@ -498,9 +500,12 @@ def _half_plan(shape2, partial=(1,)):
 
 @functools.lru_cache(maxsize=None)
 def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1, 16), context: int = 700,
-                     prefill_tokens: int = 701, arch: int = 90, sms: int = SMS) -> tuple[Variant, ...]:
+                     prefill_tokens: int | None = 701, arch: int = 90, sms: int = SMS,
+                     pdl: bool = False) -> tuple[Variant, ...]:
     """Every variant one decode step (at each batch) and one prefill of the runtime compile to, each
-    with its site: the stage, the batch and the layer (0 whole, 1 keeping half its heads and neurons)."""
+    with its site: the stage, the batch and the layer (0 whole, 1 keeping half its heads and neurons).
+    ``prefill_tokens`` None: no prefill. ``pdl``: the decode launches as ``ADALLAVA_PDL=1`` makes them on a
+    GPU of compute capability 9.0 (programmatic dependent launch, and the weight prefetch before the wait)."""
     from adallava_kernels import get_shape
     from adallava_kernels.ops import common
     from adallava_kernels.runtime import PlannedDecoder
@@ -509,8 +514,9 @@ def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1
     dtype = torch.bfloat16
     model = _two_layer_model(shape, dtype)
     page = 16
-    pages = max(batches) * 2 * shape.num_kv_heads * -(-(max(context, prefill_tokens) + 8) // page) + 8
-    with capturing(sms, arch) as variants, _triton_on_cpu(common), _layer_sites(variants.site, shape):
+    pages = max(batches) * 2 * shape.num_kv_heads * -(-(max(context, prefill_tokens or 0) + 8) // page) + 8
+    with capturing(sms, arch) as variants, _triton_on_cpu(common), _layer_sites(variants.site, shape), \
+            _pdl_forced(pdl):
         runner = PlannedDecoder.from_hf(model, num_pages=pages, page_size=page, backend="triton",
                                         partial_layers=[1], cuda_graphs=False)
         plan = _half_plan(runner.shape)
@@ -528,12 +534,32 @@ def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1
                 site["name"] = None
             for name in names:
                 runner.free(name)
-        runner.admit("prefill", plan, prefill_tokens + 1)
-        site["name"], site["extra"] = f"prefill {prefill_tokens}", {"batch": 1, "context": prefill_tokens}
-        with torch.no_grad():
-            runner.prefill(["prefill"], torch.zeros(1, prefill_tokens, shape.hidden_size, dtype=dtype))
-        site["name"] = None
+        if prefill_tokens is not None:
+            runner.admit("prefill", plan, prefill_tokens + 1)
+            site["name"], site["extra"] = f"prefill {prefill_tokens}", {"batch": 1, "context": prefill_tokens}
+            with torch.no_grad():
+                runner.prefill(["prefill"], torch.zeros(1, prefill_tokens, shape.hidden_size, dtype=dtype))
+            site["name"] = None
     return tuple(variants)
+
+
+@contextlib.contextmanager
+def _pdl_forced(on: bool):
+    """With ``on``, the kernels' launchers take PDL as a Hopper GPU with ``ADALLAVA_PDL=1`` would (on the CPU
+    they never do); decode launches only, as there."""
+    from adallava_kernels.ops import gathered_linear, head_projection, paged_decode_kernel, triton_utils
+
+    modules = (gathered_linear, head_projection, paged_decode_kernel)
+    saved = [module.pdl_flags for module in modules]
+    if on:
+        for module in modules:
+            module.pdl_flags = lambda device, which: (
+                {"PDL": True, "launch_pdl": True} if which == "decode" else triton_utils.pdl_flags(device, which))
+    try:
+        yield
+    finally:
+        for module, flags in zip(modules, saved):
+            module.pdl_flags = flags
 
 
 @contextlib.contextmanager

@@ -18,8 +18,9 @@ Stages, in the order of what they are worth, each under its own time cap and all
    later stages read (``ADALLAVA_TUNED_CONFIGS``);
 3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor, where a prefill's host time goes
    (``python -m bench.gpu_check``);
-4. ``pdl``: the full plan's decode step and floor again with programmatic dependent launch on
-   (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans full``);
+4. ``pdl``: the full plan's decode step and floor again with programmatic dependent launch on, the weight
+   kernels prefetching their first tiles into L2 before they wait (``ADALLAVA_PDL=1``;
+   ``python -m bench.gpu_check --plans full``);
 5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
 6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel;

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adallava_kernels import ExecutionPlan, ModelShape, cost
-from adallava_kernels.ops.triton_utils import DECODE_MAX_TOKENS
+from adallava_kernels.ops.triton_utils import DECODE_MAX_TOKENS, PDL_ENV
 from adallava_kernels.runtime import DecodeBatch, GraphCache, PlannedDecoder
 
 from adallava_kernels.runtime.layers import LayerProgram
@@ -842,17 +842,33 @@ def test_padded_table_columns_never_name_a_live_sequence_page(model, backend):
         assert_close(logits[b], oracle_logits(model, ids[b], torch.ones_like(ids[b]), plan, 3), torch.float32)
 
 
+def three_steps(model, graphs=False):
+    """The logits of 3 decode steps of a -H and an -L row in one batch, through a new runner."""
+    runner, _ = stream_runner(model, "triton", graphs)
+    ids, _ = prompts(batch=2)
+    tokens = [admit_and_prefill(runner, f"r{b}", plan, ids[b], 16)[0] for b, plan in enumerate((PLAN_H, PLAN_L))]
+    batch = runner.decode(["r0", "r1"], torch.cat(tokens))
+    return torch.stack([batch.step()[0].cpu() for _ in range(3)])
+
+
 def test_a_step_is_bitwise_repeatable(model):
     # The same requests through two runners give bit-equal logits: every split reduction adds its partials
     # in a fixed order (no float atomics).
-    def run():
-        runner, _ = stream_runner(model, "triton", False)
-        ids, _ = prompts(batch=2)
-        tokens = [admit_and_prefill(runner, f"r{b}", plan, ids[b], 16)[0] for b, plan in enumerate((PLAN_H, PLAN_L))]
-        batch = runner.decode(["r0", "r1"], torch.cat(tokens))
-        return torch.stack([batch.step()[0].cpu() for _ in range(3)])
+    assert torch.equal(three_steps(model), three_steps(model))
 
-    assert torch.equal(run(), run())
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="programmatic dependent launch needs a GPU of compute capability 9.0+")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_a_step_with_pdl_equals_the_step_without(model, monkeypatch, graphs):
+    # ADALLAVA_PDL=1 changes when a kernel's programs start (and adds L2 prefetches before they wait), never
+    # what they compute: bit-equal logits, eager and replayed.
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    without = three_steps(model, graphs)
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert torch.equal(three_steps(model, graphs), without)
 
 
 def graph_keys_trace(runner, plans, ids, events, capacity, seed=0):

@@ -36,7 +36,7 @@ from .layout import prepare_column_gather
 from .rms_norm import check_norm_weight, normed_tile, rms_scale
 from .workspace import counters, scratch
 from .triton_utils import (DECODE_MAX_TOKENS, autotuned, config, dependent_launch, dot, dot_flags, min_per_split,
-                           multiprocessors, pdl_flags, regime, smallest_block)
+                           multiprocessors, pdl_flags, PREFETCH_TILES, prefetch_lines, regime, smallest_block)
 
 __all__ = [
     "COL_CONFIGS",
@@ -110,6 +110,65 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.con
 
 
 @triton.jit
+def _k_share(k_end, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Split pid_k's columns: an equal share of [0, k_end), starting on a BLOCK_K boundary.
+    share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = tl.program_id(1) * share
+    return k_lo, tl.minimum(k_end, k_lo + share)
+
+
+@triton.jit
+def _counted_end(count_ptr, K, COUNTED: tl.constexpr, DENSE: tl.constexpr):
+    # The columns that count: the device count of a padded list (DENSE: every column or none).
+    k_end = K
+    if COUNTED:
+        k_end = tl.minimum(tl.load(count_ptr), K)
+        if DENSE:
+            k_end = tl.where(k_end > 0, K, 0)
+    return k_end
+
+
+@triton.jit
+def _prefetch_row_tiles(w1_ptr, w2_ptr, rows_ptr, M, N, K, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
+                        SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BAND_M: tl.constexpr):
+    """Before the PDL wait: the program's first weight tiles (rows from the plan's list) into L2."""
+    _, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.load(rows_ptr + offs_n, mask=offs_n < N, other=-1)
+    k_lo, k_hi = _k_share(K, SPLIT_K, BLOCK_K)
+    prefetch_lines(w1_ptr, rows, rows >= 0, stride_w1n, k_lo, k_hi, stride_w1k, PREFETCH_TILES * BLOCK_K)
+    if SWIGLU:
+        prefetch_lines(w2_ptr, rows, rows >= 0, stride_w2n, k_lo, k_hi, stride_w2k, PREFETCH_TILES * BLOCK_K)
+
+
+@triton.jit
+def _prefetch_col_tiles(w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn, stride_dk,
+                        COUNTED: tl.constexpr, DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr,
+                        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BAND_M: tl.constexpr):
+    """Before the PDL wait: the program's first weight tiles into L2, from the loop the kernel will take (the
+    count and column list are the plan's)."""
+    _, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_end = _counted_end(count_ptr, K, COUNTED, DENSE)
+    k_lo, k_hi = _k_share(k_end, SPLIT_K, BLOCK_K)
+    if DENSE:
+        prefetch_lines(w_ptr, offs_n, offs_n < N, stride_wn, k_lo, k_hi, stride_wk, PREFETCH_TILES * BLOCK_K)
+    else:
+        full = k_end < 0  # False: a gathered loop, unless DENSE_WHEN_FULL finds every column counted
+        if DENSE_WHEN_FULL:
+            full = k_end == K
+        if full:
+            prefetch_lines(wd_ptr, offs_n, offs_n < N, stride_dn, k_lo, k_hi, stride_dk, PREFETCH_TILES * BLOCK_K)
+        else:
+            offs_k = k_lo + tl.arange(0, PREFETCH_TILES * BLOCK_K)
+            listed = offs_k < k_hi
+            cols = tl.load(cols_ptr + offs_k, mask=listed, other=0)
+            prefetch_lines(w_ptr, cols, listed, stride_wk, pid_n * BLOCK_N, N, stride_wn, BLOCK_N)
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
               part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N,
               SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -159,6 +218,9 @@ def _row_gather_kernel(
     plus res[m, n]. SPLIT_K > 1 (not with SWIGLU): program_id(1) takes an equal share of K, and the splits
     meet in the same launch (:func:`_epilogue`). NORM (SPLIT_K 1): x goes through transformers' RMSNorm
     with weight norm_ptr first, inside the reduction (:func:`~.rms_norm.normed_tile`)."""
+    if PDL:
+        _prefetch_row_tiles(w1_ptr, w2_ptr, rows_ptr, M, N, K, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
+                            SWIGLU, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
     dependent_launch(PDL)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
@@ -173,9 +235,7 @@ def _row_gather_kernel(
         return
     mask_n = mask_n & (rows >= 0)
     rows = rows.to(tl.int64)
-    share = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * share
-    k_hi = tl.minimum(K, k_lo + share)
+    k_lo, k_hi = _k_share(K, SPLIT_K, BLOCK_K)
 
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -273,6 +333,9 @@ def _col_gather_kernel(
 
     SPLIT_K > 1: program_id(1) takes an equal share of the counted columns, and the splits meet in the
     same launch (:func:`_epilogue`)."""
+    if PDL:
+        _prefetch_col_tiles(w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn, stride_dk,
+                            COUNTED, DENSE, DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
     dependent_launch(PDL)
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
     pid_k = tl.program_id(1)
@@ -280,14 +343,8 @@ def _col_gather_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    k_end = K
-    if COUNTED:
-        k_end = tl.minimum(tl.load(count_ptr), K)
-        if DENSE:  # every column or none
-            k_end = tl.where(k_end > 0, K, 0)
-    share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * share
-    k_hi = tl.minimum(k_end, k_lo + share)
+    k_end = _counted_end(count_ptr, K, COUNTED, DENSE)
+    k_lo, k_hi = _k_share(k_end, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DENSE_WHEN_FULL:
         if k_end == K:

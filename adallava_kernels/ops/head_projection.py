@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .common import cdiv, next_power_of_2
 from .rms_norm import check_norm_weight, normed_tile, rms_scale
-from .triton_utils import (autotuned, config, dependent_launch, dot, dot_flags, min_per_split, pdl_flags, regime,
-                           smallest_block, splits)
+from .triton_utils import (PREFETCH_TILES, autotuned, config, dependent_launch, dot, dot_flags, min_per_split, pdl_flags,
+                           prefetch_lines, regime, smallest_block, splits)
 from .workspace import counters, scratch
 
 __all__ = ["CONFIGS", "PagedKV", "head_projection"]
@@ -56,6 +56,22 @@ _MIN_K_PER_SPLIT = min_per_split(128)
 # The fewest token rows a tile has (the smallest tile tl.dot takes): ticket counters for this many cover
 # the tiles of any config.
 _MIN_BLOCK_M = 16
+
+
+@triton.jit
+def _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk, HEAD_DIM: tl.constexpr,
+                         BLOCK_H: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Before the PDL wait: the program's first K tiles of its head's rows (the head from the plan's list)
+    into L2; a split's tiles are every SPLIT_K-th from its own."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    head = tl.load(heads_ptr + tl.program_id(1))
+    offs_d = (tl.program_id(2) % PAIR_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = head.to(tl.int64) * HEAD_DIM + offs_d
+    listed = (offs_d < HALF) & (head >= 0)
+    for t in tl.static_range(PREFETCH_TILES):
+        k0 = (tl.program_id(2) // PAIR_BLOCKS + t * SPLIT_K) * BLOCK_K
+        prefetch_lines(w_ptr, rows, listed, stride_wn, k0, K, stride_wk, BLOCK_K)
+        prefetch_lines(w_ptr, rows + HALF, listed, stride_wn, k0, K, stride_wk, BLOCK_K)
 
 
 @triton.jit
@@ -88,6 +104,8 @@ def _head_proj_kernel(
 
     NORM (SPLIT_K 1): x is taken through transformers' RMSNorm with weight norm_ptr first, inside the
     reduction (:func:`~.rms_norm.normed_tile`), so the norm costs no launch of its own."""
+    if PDL:
+        _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk, HEAD_DIM, BLOCK_H, SPLIT_K, BLOCK_K)
     dependent_launch(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)

@@ -13,7 +13,8 @@
 - :func:`multiprocessors`, :func:`splits` and :func:`min_per_split`: how many
   programs fill the GPU, and when a split reduction stops paying;
 - :func:`pdl_flags` and :func:`dependent_launch`: programmatic dependent launch
-  (Hopper on), opt in with ``ADALLAVA_PDL=1``;
+  (Hopper on), opt in with ``ADALLAVA_PDL=1``; :func:`prefetch_lines`: the
+  weight lines a program brings into L2 before it waits;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
@@ -47,6 +48,8 @@ __all__ = [
     "multiprocessors",
     "dependent_launch",
     "pdl_flags",
+    "PREFETCH_TILES",
+    "prefetch_lines",
     "regime",
     "smallest_block",
     "splits",
@@ -78,19 +81,47 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 
 # Programmatic dependent launch: a decode kernel's programs may start while the kernel before it in the
-# stream drains, and wait at their first line (griddepcontrol.wait) until it has finished and its writes
-# are visible. What it hides is the launch and the start of the next kernel's programs, of the few us every
-# kernel of a captured step pays. Off unless ADALLAVA_PDL=1: no GPU has measured it yet.
+# stream drains, and wait (griddepcontrol.wait) until it has finished and its writes are visible. What it
+# hides is the launch and the start of the next kernel's programs, of the few us every kernel of a
+# captured step pays. Before they wait, the weight kernels' programs ask L2 for their first weight tiles
+# (prefetch_lines), so the drain of one kernel overlaps the first DRAM round trip of the next: a decode
+# kernel's inputs are mostly weights, which no kernel writes. Off unless ADALLAVA_PDL=1: no GPU has
+# measured it yet.
 PDL_ENV = "ADALLAVA_PDL"
+# The K tiles of its weight a program prefetches before it waits: what its pipeline reads first (more would
+# compete for L2 with the kernel still draining).
+PREFETCH_TILES = tl.constexpr(2)
 
 
 @triton.jit
 def dependent_launch(PDL: tl.constexpr):
-    """A kernel's first line: with PDL, wait for the kernel before it (nothing it wrote is read, and nothing
-    written, before this), then let the next one start its programs."""
+    """With PDL, wait for the kernel before it (nothing it writes is read, and nothing is written, before
+    this line), then let the next one start its programs. Before it a kernel may read only what no kernel
+    of a step writes (the plan's index lists and counts, written between steps), and only to prefetch."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    # A hint, not a load: no register is written and no ordering is implied, so it may run before the wait.
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_lines(base, index, index_mask, stride_index, lo, hi, stride_elem, ELEMS: tl.constexpr):
+    """Bring into L2 elements ``[lo, min(lo + ELEMS, hi))`` of each line ``index`` (where ``index_mask``) of
+    the matrix at ``base``, element ``e`` of line ``i`` at ``base + i * stride_index + e * stride_elem``: one
+    prefetch per 128 bytes, which covers the line where ``stride_elem`` is 1. Only a hint: correctness never
+    depends on it, so ``index`` may come from plan data read before the wait."""
+    STEP: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
+    LINES: tl.constexpr = (ELEMS + STEP - 1) // STEP
+    elems = lo + tl.arange(0, LINES) * STEP
+    ptrs = base + index.to(tl.int64)[:, None] * stride_index + elems[None, :] * stride_elem
+    _prefetch_l2(ptrs, index_mask[:, None] & (elems < hi)[None, :])
 
 
 def pdl_flags(device: torch.device, which: str) -> dict:
