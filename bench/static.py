@@ -688,7 +688,7 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
     """The model's decode step at ``batch``: each layer's launches as the runtime made them (its whole and
     its partial layer), ``partial_layers`` of the ``shape``'s layers partial, the rest whole, then the final
     norm and ``lm_head`` (a dense GEMV priced at the copy rate, plus FIXED_S). Returns the time, the bytes
-    the step must move and their share of the copy rate."""
+    the step must move, their share of the copy rate and the kernels it launches (each paying FIXED_S)."""
     layers = {}
     for kind in ("whole", "partial"):
         launches: dict[int, list[Variant]] = {}
@@ -705,7 +705,8 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
     moved = whole * layers["whole"][1] + partial_layers * layers["partial"][1] + lm_head
     return {"batch": batch, "partial_layers": partial_layers, "seconds": seconds, "bytes": moved,
             "share": moved / COPY_RATE / seconds,
-            "kernels_per_layer": {kind: layers[kind][2] for kind in layers}}
+            "kernels_per_layer": {kind: layers[kind][2] for kind in layers},
+            "kernels": whole * layers["whole"][2] + partial_layers * layers["partial"][2] + 2}
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -767,19 +768,22 @@ def report_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.static OUT.json [--target cuda:90|cuda:80]``: the report, with TRITON_INTERPRET unset."""
+    """``python -m bench.static OUT.json [--target cuda:90|cuda:80] [--model NAME]``: the report, with
+    TRITON_INTERPRET unset."""
     import json
 
     from adallava_kernels.cli import ArgumentParser
+    from adallava_kernels.shape import PRESETS
 
     parser = ArgumentParser(prog="python -m bench.static",
                             description="The static report of the decode step's kernels, compiled without a GPU.")
     parser.add_argument("out", type=Path, help="the report's JSON file")
     parser.add_argument("--target", choices=sorted(TARGETS), default="cuda:90", help="the GPU compiled for")
+    parser.add_argument("--model", choices=sorted(PRESETS), default="llava-7b", help="the shape preset")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the kernels must be compiled, so run it with TRITON_INTERPRET unset")
-    result = report(args.target)
+    result = report(args.target, args.model)
     args.out.write_text(json.dumps(result, indent=1))
     print(report_table(result))
     return 0

@@ -23,7 +23,9 @@ Stages, in the order of what they are worth, each under its own time cap and all
    ``python -m bench.gpu_check --plans full``);
 5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
 6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
-   one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel;
+   one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
+   decode steps (``python -m bench.static``), which the verdict sets against the ``model`` and ``pdl``
+   stages' measured step, with the fixed cost per kernel the measurement implies;
 7. ``serve``: the serving run (``python -m bench --only serve``);
 8. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
@@ -134,11 +136,14 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
               ["kernels/results.json"]),
         # The static model's time of every swept decode candidate, compiled here (mostly from Triton's cache
         # the sweep filled), beside the sweep's measured time: the model's error per kernel.
-        Stage("fit", 60, [["-m", "bench.tune", "--predict", str(out / "fit" / "predicted.json"),
-                           *([] if on_gpu else ["--model", "tiny"])],
-                          ["-m", "bench.tune", "--against", str(out / "fit" / "predicted.json"),
-                           str(out / "tune" / "results.json"), "--json", str(out / "fit" / "errors.json")]],
-              ["fit/errors.json"], {"TRITON_INTERPRET": "0"}),
+        Stage("fit", 100, [["-m", "bench.tune", "--predict", str(out / "fit" / "predicted.json"),
+                            *([] if on_gpu else ["--model", "tiny"])],
+                           ["-m", "bench.tune", "--against", str(out / "fit" / "predicted.json"),
+                            str(out / "tune" / "results.json"), "--json", str(out / "fit" / "errors.json")],
+                           # The model's whole decode steps, set against the model and pdl stages' measured step.
+                           ["-m", "bench.static", str(out / "fit" / "static.json"),
+                            *([] if on_gpu else ["--model", "tiny"])]],
+              ["fit/errors.json", "fit/static.json"], {"TRITON_INTERPRET": "0"}),
         Stage("serve", 150, [["-m", "bench", "--only", "serve", "--out", str(out / "serve"), *quick]],
               ["serve/results.json"]),
         Stage("probes", 45, [["tests/_op_checks.py", "cuda" if on_gpu else "cpu"]], ["probes.json"]),

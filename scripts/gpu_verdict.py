@@ -2,7 +2,7 @@
 """The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
 
 Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
-``kernels/results.json``, ``fit/errors.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``,
+``kernels/results.json``, ``fit/errors.json``, ``fit/static.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``,
 ``tests.log``);
 a stage that did not run or did not finish makes its rows "not measured", never a guess. Run it alone on a
 folder to redraw the table: ``python scripts/gpu_verdict.py bench/out/gpu-check``.
@@ -187,6 +187,29 @@ def _fit_rows(out: Path) -> list[dict]:
                  f"within +-{MODEL_ERROR:.0%}", all(abs(e) <= MODEL_ERROR for e in worst.values()))]
 
 
+def _step_model_rows(out: Path) -> list[dict]:
+    """The static model's full-plan decode step at batch 1 (fit/static.json) against the measured one's GPU
+    time, without PDL (model stage) and with it (pdl stage); and the fixed cost per kernel that the measured
+    step implies, were the model's byte times right: its FIXED_S plus the error spread over the step's kernels."""
+    static = _load(out / "fit" / "static.json")
+    step = next((s for s in (static or {}).get("steps", []) if s["batch"] == 1 and s["partial_layers"] == 0), None)
+    rows = []
+    for stage, label in (("model", ""), ("pdl", ", with ADALLAVA_PDL=1")):
+        floor = (_load(out / stage / "results.json") or {}).get("floor")
+        what = f"full-plan decode step at batch 1, the static model against the measured GPU time{label}"
+        if step is None or not floor:
+            rows.append(_row("#28", what, None, f"within +-{MODEL_ERROR:.0%}", None))
+            continue
+        measured = floor.get("gpu_s") or floor["step_s"]
+        error = step["seconds"] / measured - 1
+        fixed = static["fixed_s"] + (measured - step["seconds"]) / step["kernels"]
+        rows.append(_row("#28", what, f"{step['seconds'] * 1e3:.3f} ms vs {measured * 1e3:.3f} ms ({error:+.1%}); "
+                                      f"implied fixed cost {fixed * 1e6:.2f} us a kernel (model "
+                                      f"{static['fixed_s'] * 1e6:.1f} us)",
+                         f"within +-{MODEL_ERROR:.0%}", abs(error) <= MODEL_ERROR))
+    return rows
+
+
 def _serve_rows(out: Path) -> list[dict]:
     serve = _load(out / "serve" / "results.json")
     section = serve and serve.get("serve")
@@ -260,7 +283,7 @@ def verdict(out: Path) -> dict:
         rows.append(_row("#27", "kernel sweep: cases with a chosen config",
                          f"{chosen} of {len(tune.get('cases', [])) + len(tune.get('skipped', []))}", "all",
                          chosen > 0 and not tune.get("skipped")))
-    rows += _model_rows(out) + _kernel_rows(out) + _fit_rows(out) + _serve_rows(out)
+    rows += _model_rows(out) + _kernel_rows(out) + _fit_rows(out) + _step_model_rows(out) + _serve_rows(out)
     return {"device": setup.get("device"), "torch": setup.get("torch"), "triton": setup.get("triton"),
             "rows": rows}
 

@@ -103,7 +103,7 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     names = ["setup", "tune", "model", "pdl", "kernels", "fit", "serve", "probes", "tests"]
     assert [(s["name"], s["status"]) for s in stages["stages"]] == [(n, "passed") for n in names]
     for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "pdl/results.json",
-                 "kernels/results.json", "fit/predicted.json", "fit/errors.json",
+                 "kernels/results.json", "fit/predicted.json", "fit/errors.json", "fit/static.json",
                  "serve/results.json", "probes.json", "tests.log", "verdict.md", "verdict.json"):
         assert (out / name).stat().st_size > 0, name
     for name in names:
@@ -203,3 +203,28 @@ def test_the_verdict_sets_the_static_model_against_each_kernels_chosen_configs(t
         ("col_gather +25.0%, row_gather +5.0%", "within +-10%", False)]
     (tmp_path / "fit" / "errors.json").unlink()
     assert [r["holds"] for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("static model")] == [None]
+
+
+def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_without_pdl(tmp_path):
+    """fit/static.json (bench.static) against the model and pdl stages' full-plan step: the error of the
+    model's batch-1 step against the GPU time, and the fixed cost per kernel the measurement implies."""
+    (tmp_path / "fit").mkdir()
+    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3 if (b, p) == (1, 0) else 1.0, "kernels": 100}
+             for b in (1, 16) for p in (0, 16)]
+    (tmp_path / "fit" / "static.json").write_text(json.dumps({"model": "llava-7b", "fixed_s": 4e-6, "steps": steps}))
+
+    def rows():
+        return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if "the static model against" in r["what"]]
+
+    assert [r["holds"] for r in rows()] == [None, None]  # nothing measured yet
+    for stage, gpu_s in (("model", 3.2e-3), ("pdl", 2.9e-3)):
+        (tmp_path / stage).mkdir()
+        floor = {"step_s": gpu_s + 1e-4, "gpu_s": gpu_s, "floor_s": 2.5e-3, "vs_floor": (gpu_s + 1e-4) / 2.5e-3,
+                 "gpu_vs_floor": gpu_s / 2.5e-3}
+        (tmp_path / stage / "results.json").write_text(json.dumps({"floor": floor, "model_runs": {"rows": []}}))
+    without, with_pdl = rows()
+    assert "PDL" not in without["what"] and with_pdl["what"].endswith("with ADALLAVA_PDL=1")
+    # 3.0 ms against 3.2: -6.2%; 0.2 ms over 100 kernels is 2 us a kernel above the model's 4.
+    assert without["measured"] == "3.000 ms vs 3.200 ms (-6.2%); implied fixed cost 6.00 us a kernel (model 4.0 us)"
+    assert (without["target"], without["holds"]) == ("within +-10%", True)
+    assert with_pdl["measured"].startswith("3.000 ms vs 2.900 ms (+3.4%); implied fixed cost 3.00 us")
