@@ -114,6 +114,30 @@ def test_programmatic_dependent_launch_is_opt_in_and_decode_only(monkeypatch):
     assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}
 
 
+def test_pdl_reads_a_devices_compute_capability_once(monkeypatch):
+    """pdl_flags runs on every decode launch: the capability of each device is looked up once."""
+    import torch
+
+    from adallava_kernels.ops import triton_utils
+
+    asked, capabilities = [], {0: (8, 0), 1: (9, 0)}
+
+    def capability(index):
+        asked.append(index)
+        return capabilities[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(triton_utils, "INTERPRET", False)
+    monkeypatch.setattr(triton_utils, "gdc_wait", object())
+    monkeypatch.setenv(triton_utils.PDL_ENV, "1")
+    triton_utils._capability.cache_clear()
+    try:
+        flags = [triton_utils.pdl_flags(torch.device("cuda", i % 2), "decode")["PDL"] for i in range(6)]
+    finally:
+        triton_utils._capability.cache_clear()
+    assert flags == [False, True] * 3 and asked == [0, 1]
+
+
 def test_host_cdiv_and_next_power_of_2_match_tritons():
     """The launchers' host integer helpers (triton's are constexpr functions, microseconds a host call)."""
     import triton

@@ -134,7 +134,14 @@ def pdl_flags(device: torch.device, which: str) -> dict:
 def _supports_pdl(device: torch.device) -> bool:
     if INTERPRET or gdc_wait is None or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    # Read once per device: this runs on every decode launch with ADALLAVA_PDL=1, where torch's lookup costs
+    # microseconds of the launch's host time.
+    return torch.cuda.get_device_capability(index)
 
 
 def config(warps: int, stages: int, **blocks: int) -> triton.Config:
