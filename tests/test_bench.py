@@ -380,6 +380,12 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
         assert all(row["failures"] == [] for row in static["launches"])
         assert [(s["batch"], s["partial_layers"]) for s in static["steps"]] == [(1, 0), (1, 16), (16, 0), (16, 16)]
         assert all(0 < s["share"] <= 1 for s in static["steps"])
+        # The fixed cost a kernel could pay with the step at the target share: above the model's where the step
+        # already meets it, and with it in place of the model's the step lands on the target exactly.
+        for s in static["steps"]:
+            assert (s["fixed_s_at_target"] >= static["fixed_s"]) == (s["share"] >= static["target_share"])
+            seconds = s["seconds"] + s["kernels"] * (s["fixed_s_at_target"] - static["fixed_s"])
+            assert s["bytes"] / static["copy_rate"] / seconds == pytest.approx(static["target_share"])
         assert (tmp_path / "static.json").exists()
 
 
