@@ -47,6 +47,19 @@ def reduced_plans(shape, seed: int = 0) -> list[tuple]:
             *model_bench.plans(shape, list(BUDGETS), RANDOM_PLANS, seed, early_exit=False, random_kinds=("H",))]
 
 
+# The -H plan an A/B (--plans ab) times beside the full plan: its partial layers' kernels are half as long,
+# so a fixed cost per kernel weighs most there.
+AB_PLAN = "H 0.50"
+
+
+def chosen_plans(shape, which: str) -> list[tuple]:
+    """The ``(family, label, plan)`` entries ``--plans which`` times."""
+    plans = reduced_plans(shape)
+    if which == "reduced":
+        return plans
+    return plans[:1] + ([p for p in plans if p[1] == AB_PLAN] if which == "ab" else [])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,9 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--roofline-device", type=roofline_device, default="H200",
                         help="device the rows' roofline time is predicted for (default H200)")
     parser.add_argument("--quick", action="store_true", help="2 repetitions a case, to check that everything runs")
-    parser.add_argument("--plans", choices=["reduced", "full"], default="reduced",
+    parser.add_argument("--plans", choices=["reduced", "full", "ab"], default="reduced",
                         help="reduced: the full plan, -L and -H at each budget and the random -H plans (default); "
-                             "full: the full plan alone and its floor (an A/B of a launch setting)")
+                             "full: the full plan alone and its floor; ab: the full plan and its floor, then the "
+                             f"{AB_PLAN} plan (an A/B of a launch setting)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"directory of results.json, rewritten after every plan (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
                               args.backend, budget)
     rows = results["model_runs"]["rows"]
     try:
-        chosen = reduced_plans(shape) if args.plans == "reduced" else reduced_plans(shape)[:1]
+        chosen = chosen_plans(shape, args.plans)
         for family, label, plan in progress(chosen, f"gpu-check {model_name}"):
             rows += model_bench.plan_rows(bench, family, label, plan)
             save()

@@ -18,9 +18,9 @@ Stages, in the order of what they are worth, each under its own time cap and all
    later stages read (``ADALLAVA_TUNED_CONFIGS``);
 3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor, where a prefill's host time goes
    (``python -m bench.gpu_check``);
-4. ``pdl``: the full plan's decode step and floor again with programmatic dependent launch on, the weight
-   kernels prefetching their first tiles into L2 before they wait (``ADALLAVA_PDL=1``;
-   ``python -m bench.gpu_check --plans full``);
+4. ``pdl``: the full plan's decode step and floor, and the -H 0.50 plan's, again with programmatic
+   dependent launch on, the weight kernels prefetching their first tiles into L2 before they wait
+   (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
 5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
 6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
@@ -129,7 +129,7 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
               ["model/results.json"]),
         # The same check with programmatic dependent launch on (ADALLAVA_PDL=1): its full-plan step beside
         # the model stage's is the A/B that decides whether PDL becomes the default.
-        Stage("pdl", 90, [["-m", "bench.gpu_check", "--plans", "full", "--out", str(out / "pdl"), *quick]],
+        Stage("pdl", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "pdl"), *quick]],
               ["pdl/results.json"],
               {"ADALLAVA_PDL": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],

@@ -97,6 +97,7 @@ def _model_rows(out: Path) -> list[dict]:
         rows.append(_row("#28", "full-plan decode step, wall, with ADALLAVA_PDL=1 (without)",
                          f"{with_pdl:.3f} ms ({floor['step_s'] * 1e3:.3f} ms)", f"<= {FULL_DECODE_WALL_MS} ms",
                          with_pdl <= FULL_DECODE_WALL_MS))
+    rows += _pdl_plan_rows(runs, (pdl or {}).get("model_runs", {}).get("rows", []))
     if "prefill" in full:
         ms = full["prefill"]["median_s"] * 1e3
         rows.append(_row("#19", "full-plan prefill, wall", f"{ms:.3f} ms", f"<= {FULL_PREFILL_WALL_MS} ms",
@@ -185,6 +186,18 @@ def _fit_rows(out: Path) -> list[dict]:
                      for kernel, error in sorted(worst.items()))
     return [_row("#28", "static model vs the sweep: worst error of each kernel's chosen configs", text,
                  f"within +-{MODEL_ERROR:.0%}", all(abs(e) <= MODEL_ERROR for e in worst.values()))]
+
+
+def _pdl_plan_rows(without: list[dict], with_pdl: list[dict]) -> list[dict]:
+    """The A/B of the pdl stage on its -H plan: the decode step's wall time with ADALLAVA_PDL=1 beside the
+    model stage's (the full plan has its own row, against the floor)."""
+    def decode(rows):
+        return {r["label"]: r["median_s"] for r in rows if r["stage"] == "decode" and r["family"] != "full plan"}
+
+    a, b = decode(without), decode(with_pdl)
+    return [_row("#28", f"{label} plan's decode step, wall, with ADALLAVA_PDL=1 (without)",
+                 f"{b[label] * 1e3:.3f} ms ({a[label] * 1e3:.3f} ms)", "no slower with it", b[label] <= a[label])
+            for label in sorted(set(a) & set(b))]
 
 
 def _step_model_rows(out: Path) -> list[dict]:

@@ -111,6 +111,7 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     verdict = json.loads((out / "verdict.json").read_text())
     assert any(r["what"] == "full-plan decode step, wall" and r["measured"].endswith(" ms") for r in verdict["rows"])
     assert any(r["what"].startswith("full-plan decode step, wall, with ADALLAVA_PDL=1") for r in verdict["rows"])
+    assert any(r["what"].startswith("H 0.50 plan's decode step, wall, with ADALLAVA_PDL=1") for r in verdict["rows"])
     assert "| issue | what | measured | target | holds |" in printed
     # What a lent machine sends back: the folder packed, the verdict and the stages beside it.
     assert sorted(p.name for p in sent.iterdir()) == ["gpu-check.tar.gz", "stages.json", "verdict.md"]
@@ -217,14 +218,19 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
         return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if "the static model against" in r["what"]]
 
     assert [r["holds"] for r in rows()] == [None, None]  # nothing measured yet
-    for stage, gpu_s in (("model", 3.2e-3), ("pdl", 2.9e-3)):
+    for stage, gpu_s, h_s in (("model", 3.2e-3, 2.5e-3), ("pdl", 2.9e-3, 2.2e-3)):
         (tmp_path / stage).mkdir()
         floor = {"step_s": gpu_s + 1e-4, "gpu_s": gpu_s, "floor_s": 2.5e-3, "vs_floor": (gpu_s + 1e-4) / 2.5e-3,
                  "gpu_vs_floor": gpu_s / 2.5e-3}
-        (tmp_path / stage / "results.json").write_text(json.dumps({"floor": floor, "model_runs": {"rows": []}}))
+        runs = [{"family": "AdaLLaVA-H", "label": "H 0.50", "stage": "decode", "median_s": h_s},
+                {"family": "AdaLLaVA-H", "label": "H 0.50", "stage": "prefill", "median_s": 1.0}]
+        (tmp_path / stage / "results.json").write_text(json.dumps({"floor": floor, "model_runs": {"rows": runs}}))
     without, with_pdl = rows()
     assert "PDL" not in without["what"] and with_pdl["what"].endswith("with ADALLAVA_PDL=1")
     # 3.0 ms against 3.2: -6.2%; 0.2 ms over 100 kernels is 2 us a kernel above the model's 4.
     assert without["measured"] == "3.000 ms vs 3.200 ms (-6.2%); implied fixed cost 6.00 us a kernel (model 4.0 us)"
     assert (without["target"], without["holds"]) == ("within +-10%", True)
     assert with_pdl["measured"].startswith("3.000 ms vs 2.900 ms (+3.4%); implied fixed cost 3.00 us")
+    # The pdl stage's -H plan beside the model stage's.
+    (ab,) = [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("H 0.50 plan's decode")]
+    assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
