@@ -120,7 +120,7 @@ def prefetch_lines(base, index, index_mask, stride_index, lo, hi, stride_elem, E
     STEP: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
     LINES: tl.constexpr = (ELEMS + STEP - 1) // STEP
     elems = lo + tl.arange(0, LINES) * STEP
-    ptrs = base + index.to(tl.int64)[:, None] * stride_index + elems[None, :] * stride_elem
+    ptrs = base + index.to(tl.int64)[:, None] * stride_index + elems.to(tl.int64)[None, :] * stride_elem
     _prefetch_l2(ptrs, index_mask[:, None] & (elems < hi)[None, :])
 
 
