@@ -207,7 +207,7 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
 
     def tuned_run(self, *args, grid, warmup, **kwargs):
         # Every config the autotuner may pick and the table may hold (ADALLAVA_AUTOTUNE=0 notwithstanding).
-        from bench.tune import candidates
+        from bench.configs import candidates
 
         configs = candidates(self.name, self.regime)
         site["tuning"] = True

@@ -2,7 +2,7 @@
 
 For each kernel, regime and shape bucket a LLaVA-1.5 decode step or prefill
 launches (decode at batch 1, then 16; then a prefill of ``--tokens``), each
-candidate config (the kernel's own list, then :data:`EXTRA` candidates that
+candidate config (the kernel's own list, then :data:`.configs.EXTRA` candidates that
 only the sweep tries) is forced in turn through the library's own launchers
 (:func:`adallava_kernels.ops.tuning.forcing`) and timed as a decode step
 runs it: captured in a CUDA graph, over enough copies of its weights that
@@ -50,6 +50,7 @@ from adallava_kernels.ops.layout import prepare_column_gather
 from adallava_kernels.plan import neuron_groups
 
 from ._common import checked_device, device_name, metadata
+from .configs import EXTRA, KERNEL_TABLES, candidates  # noqa: F401 - EXTRA and KERNEL_TABLES: the sweep's lists
 
 DEFAULT_OUT = Path("bench/out/tune")
 DEFAULT_BUDGET_S = 150
@@ -57,18 +58,6 @@ DECODE_BATCHES = (1, 16)
 PREFILL_TOKENS = 700
 # Bytes a round of a case's calls reads: past several times any GPU's L2 (60 MB on an H200).
 ROTATE_BYTES = 256 * 2**20
-
-# Candidates the sweep times beside each kernel's own list (the autotuners never see them), by kernel and
-# regime; a winner among them is used through the table like any other. None at present: every candidate
-# is in the kernels' own lists, which the static check holds to bandwidth's properties.
-EXTRA: dict = {}
-KERNEL_TABLES = {
-    "_row_gather_kernel": (gathered_linear.ROW_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
-    "_col_gather_kernel": (gathered_linear.COL_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
-    "_head_proj_kernel": (head_projection.CONFIGS, head_projection.INTERPRETER_CONFIGS),
-    "_flash_attn_kernel": (flash_attention.CONFIGS, flash_attention.INTERPRETER_CONFIGS),
-}
-
 
 @dataclass
 class Case:
@@ -86,13 +75,6 @@ class Case:
         call finds its weights out of the L2 cache, as a decode step does (its other layers pass between)."""
         copies = 1 if device.type != "cuda" else max(1, min(8, -(-ROTATE_BYTES // max(self.weight_bytes, 1))))
         return [self.make() for _ in range(copies)]
-
-
-def candidates(kernel: str, regime: str) -> list:
-    tuned, interpreter = KERNEL_TABLES[kernel]
-    if INTERPRETING:
-        return list(interpreter)
-    return list(tuned[regime]) + EXTRA.get(kernel, {}).get(regime, [])
 
 
 def _every_other_group(size: int, groups: int) -> torch.Tensor:

@@ -1,0 +1,27 @@
+"""The candidate configs of the library's tuned Triton kernels: each kernel's own lists, then the candidates
+only the sweep tries. ``bench.tune`` times them; ``bench.static`` compiles every one a launch may take."""
+
+from __future__ import annotations
+
+from adallava_kernels.ops import flash_attention, gathered_linear, head_projection
+from adallava_kernels.ops.common import INTERPRETING
+
+# Candidates the sweep times beside each kernel's own list (the autotuners never see them), by kernel and
+# regime; a winner among them is used through the table like any other. None at present: every candidate
+# is in the kernels' own lists, which the static check holds to bandwidth's properties.
+EXTRA: dict = {}
+KERNEL_TABLES = {
+    "_row_gather_kernel": (gathered_linear.ROW_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
+    "_col_gather_kernel": (gathered_linear.COL_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
+    "_head_proj_kernel": (head_projection.CONFIGS, head_projection.INTERPRETER_CONFIGS),
+    "_flash_attn_kernel": (flash_attention.CONFIGS, flash_attention.INTERPRETER_CONFIGS),
+}
+
+
+def candidates(kernel: str, regime: str) -> list:
+    """What a launch of ``kernel`` in ``regime`` may run: its list (the interpreter's one config under
+    TRITON_INTERPRET=1), then the sweep's extra candidates."""
+    tuned, interpreter = KERNEL_TABLES[kernel]
+    if INTERPRETING:
+        return list(interpreter)
+    return list(tuned[regime]) + EXTRA.get(kernel, {}).get(regime, [])
