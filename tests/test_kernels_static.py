@@ -100,11 +100,27 @@ _PTX = """
 def test_the_pdl_check_sees_each_read_and_write_before_the_wait(body, reads, writes):
     """The PTX reader behind the test above, on a hand-written entry: a global load is charged with every
     pointer argument its address is computed from, through registers; stores, atomics and asynchronous
-    copies count as writes; the prefetch is neither; nothing after the wait counts."""
-    from _pdl_check import before_wait
+    copies count as writes; the prefetch is neither; after the wait only reads of the plan count (none here)."""
+    from _pdl_check import around_wait
 
-    facts = before_wait(_PTX.replace("BODY", body), {0: "rows_ptr", 1: "x_ptr"})
-    assert facts == {"writes_before_wait": writes, "reads_before_wait": reads, "prefetches_before_wait": 1}
+    facts = around_wait(_PTX.replace("BODY", body), {0: "rows_ptr", 1: "x_ptr"})
+    assert facts == {"writes_before_wait": writes, "reads_before_wait": reads, "prefetches_before_wait": 1,
+                     "plan_reads_after_wait": []}
+
+
+def test_the_pdl_check_wants_a_list_read_before_the_wait_read_again_after_it():
+    # The rows list is read before the wait and never after (as if the compiler had merged the two loads):
+    # the code after the wait would index with what it read before the kernel before it finished.
+    from _pdl_check import around_wait, problems
+
+    facts = around_wait(_PTX.replace("BODY", ""), {0: "rows_ptr", 1: "x_ptr"})
+    kernel = {"kernel": "_row_gather_kernel", "launch_pdl": True, "waits": 1, "launches_dependents": 1, **facts}
+    assert problems({"kernels": [kernel], "variants": []}) == [
+        "_row_gather_kernel: does not read ['rows_ptr'] again after the wait"]
+    reread = _PTX.replace("BODY", "").replace("\tld.global.b32 { %r4 }, [ %rd2 + 0 ];",
+                                              "\tld.global.b32 { %r4 }, [ %rd1 + 0 ];")
+    kernel.update(around_wait(reread, {0: "rows_ptr", 1: "x_ptr"}))
+    assert problems({"kernels": [kernel], "variants": []}) == []
 
 
 def test_the_column_gather_stages_its_weight_as_deep_gathered_as_dense():
