@@ -32,6 +32,7 @@ MAX_GRAPH_KEYS = 16  # #26: graph keys over the 1000-event trace
 KERNEL_COPY_SHARE = 0.60  # #19: no decode kernel under 60% of the copy rate
 MODEL_ERROR = 0.10  # #28: the static model within 10% of each decode kernel's measured time
 BUDGET_S = 480  # #27: the whole check
+FULL_FAMILY = "full plan"  # the model check's family of the full plan (bench.model.FULL)
 
 
 def _load(path: Path) -> dict | None:
@@ -77,7 +78,7 @@ def _model_rows(out: Path) -> list[dict]:
         return [_row("#27", "model check ran", None, "results.json", None)]
     floor = model.get("floor")
     runs = model["model_runs"]["rows"]
-    full = {r["stage"]: r for r in runs if r["family"] == "full plan"}
+    full = {r["stage"]: r for r in runs if r["family"] == FULL_FAMILY}
     on_gpu = model.get("device_type") == "cuda"
     if floor:
         wall_ms = floor["step_s"] * 1e3
@@ -192,7 +193,7 @@ def _pdl_plan_rows(without: list[dict], with_pdl: list[dict]) -> list[dict]:
     """The A/B of the pdl stage on its -H plan: the decode step's wall time with ADALLAVA_PDL=1 beside the
     model stage's (the full plan has its own row, against the floor)."""
     def decode(rows):
-        return {r["label"]: r["median_s"] for r in rows if r["stage"] == "decode" and r["family"] != "full plan"}
+        return {r["label"]: r["median_s"] for r in rows if r["stage"] == "decode" and r["family"] != FULL_FAMILY}
 
     a, b = decode(without), decode(with_pdl)
     return [_row("#28", f"{label} plan's decode step, wall, with ADALLAVA_PDL=1 (without)",

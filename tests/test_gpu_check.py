@@ -234,3 +234,10 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     # The pdl stage's -H plan beside the model stage's.
     (ab,) = [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("H 0.50 plan's decode")]
     assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
+
+
+def test_the_verdict_names_the_full_plan_as_the_model_check_does():
+    # The verdict is standard library only, so it keeps its own copy of the family's name.
+    from bench import model
+
+    assert gpu_verdict.FULL_FAMILY == model.FULL
