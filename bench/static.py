@@ -87,6 +87,9 @@ class Variant:
     args: dict  # the bound arguments: ints and flags as passed, tensors as (shape, dtype, numel)
     launch: int = 0  # which launch of the captured run: a tuned kernel's configs share one
     hash: str = ""  # the compiled kernel's (Triton's cache key)
+    # Tensor argument -> the bytes it may address, [first, end) (its elements' span in the launch's memory):
+    # which launches share a buffer.
+    spans: dict = dataclasses.field(default_factory=dict)
 
     @property
     def programs(self) -> int:
@@ -251,6 +254,13 @@ def _described(value):
     return repr(value)
 
 
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    if tensor.numel() == 0:
+        return tensor.data_ptr(), tensor.data_ptr()
+    last = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + (last + 1) * tensor.element_size()
+
+
 def _variant(name, site_name, compiled, grid, bound, extra) -> Variant:
     args = {k: _described(v) for k, v in bound.items()}
     count_ptr = bound.get("count_ptr")
@@ -265,7 +275,7 @@ def _variant(name, site_name, compiled, grid, bound, extra) -> Variant:
                    num_stages=compiled.metadata.num_stages, shared=compiled.metadata.shared, registers=regs,
                    stack=stack, sass=_sass_counts(compiled.asm["cubin"]), buffers=buffers, tile_bytes=tile_bytes,
                    atomics=sorted(set(re.findall(r"\b(?:atom|red)\.global[\w.]*", compiled.asm["ptx"]))), args=args,
-                   hash=compiled.hash)
+                   hash=compiled.hash, spans={k: _span(v) for k, v in bound.items() if isinstance(v, torch.Tensor)})
 
 
 def _with_cubin(cubin: bytes, command: list[str]) -> str:

@@ -19,8 +19,8 @@ Stages, in the order of what they are worth, each under its own time cap and all
 3. ``model``: full, -L and -H plans, wall and GPU time, the copy floor, where a prefill's host time goes
    (``python -m bench.gpu_check``);
 4. ``pdl``: the full plan's decode step and floor, and the -H 0.50 plan's, again with programmatic
-   dependent launch on, the weight kernels prefetching their first tiles into L2 before they wait
-   (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
+   dependent launch on, each decode kernel prefetching its first weight or K/V tiles into L2 before it
+   waits (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
 5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
 6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole

@@ -1,7 +1,14 @@
 """Compile the decode step's kernels for sm_90 with programmatic dependent launch on (ADALLAVA_PDL=1 as a
-GPU would take it) and write, per kernel, whether the launch asks for it, and what its PTX does before it
-waits: what it writes (nothing may be), which of its pointer arguments it reads (only the plan's lists and
-counts, which no kernel writes) and how many lines it prefetches into L2.
+GPU would take it) and write, per kernel, whether the launch asks for it, what its PTX does before it waits
+(what it writes: nothing may be; which of its pointer arguments it reads; how many lines it prefetches into
+L2), which arguments it reads again after the wait and which it writes anywhere; and, per launch of the step
+in order, the bytes each tensor argument spans.
+
+PDL's one hazard is a read before the wait of what the kernel before it writes: a kernel's programs start
+once every program of the kernel before it has passed its own wait (so the one before that has finished), and
+the kernel before it may still be writing. :func:`problems` holds each launch's early reads against the
+buffers the launch before it (and the launch itself) writes, and wants every argument read early read again
+after the wait, so an early read only ever addresses a prefetch.
 
 Run as a script with TRITON_INTERPRET unset: ``python tests/_pdl_check.py OUT.json [--strict]``. On a CPU the
 launchers turn PDL off (no CUDA device), so the flags are forced on here (bench.static's ``pdl``); ptxas
@@ -22,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton.compiler  # noqa: E402
 
 WRITES = re.compile(r"^(?:st\.global|atom\.|red\.|cp\.async(?!\.bulk\.prefetch))")
+# What changes global memory (an asynchronous copy writes shared memory: its global side is a read).
+GLOBAL_WRITES = re.compile(r"^(?:st\.global|(?:atom|red)\.(?!shared))")
 REGISTER = re.compile(r"%[\w.]+")
 PARAM = re.compile(r"_param_(\d+)\b")
-# What a kernel may read before it waits: the plan's index lists and counts, which the runtime writes between
-# steps and no kernel writes (adallava_kernels.ops.triton_utils.dependent_launch).
-PLAN_ARGUMENTS = {"rows_ptr", "cols_ptr", "count_ptr", "heads_ptr"}
 
 
 def compiled_decode_step() -> tuple[list, list]:
@@ -79,22 +85,25 @@ def _statements(ptx: str):
                     REGISTER.findall(address)
 
 
-def around_wait(ptx: str, pointer_names: dict[int, str], plan: set[str] = PLAN_ARGUMENTS) -> dict:
+def around_wait(ptx: str, pointer_names: dict[int, str]) -> dict:
     """What the entry's code does before its first ``griddepcontrol.wait``: global writes, the pointer arguments
     its global loads read through (every argument an address is computed from, followed through registers)
-    and L2 prefetches; and the ``plan`` arguments it reads again after the wait (by a load or an asynchronous
-    copy addressed from plan arguments alone), so a list read early for a prefetch is read again where the
-    kernel computes with it."""
+    and L2 prefetches; the arguments read early that it reads again after the wait (by a load or an
+    asynchronous copy addressed from arguments read early alone), so a value read early only addresses the
+    prefetch; and every pointer argument any store or atomic of the entry writes through. An entry with no
+    wait (a launch without PDL) starts after the kernel before it ends: none of its code is early."""
     body = ptx[ptx.find(".entry"):]
     body = body[body.find("{"):]
     sources: dict[str, set] = {}  # register -> the registers and parameters any definition of it reads
-    writes, prefetches, read, reread, waited = 0, 0, set(), set(), False
+    loaded: set[str] = set()  # registers a load from memory defines (a value, not an address's base)
+    writes, prefetches, read, reread, written = 0, 0, set(), set(), set()
+    waited = "griddepcontrol.wait" not in body
 
-    def reach(registers):
+    def reach(registers, through_loads=True):
         seen, todo, found = set(), list(registers), set()
         while todo:
             reg = todo.pop()
-            if reg in seen:
+            if reg in seen or (not through_loads and reg in loaded):
                 continue
             seen.add(reg)
             for item in sources.get(reg, ()):
@@ -103,17 +112,21 @@ def around_wait(ptx: str, pointer_names: dict[int, str], plan: set[str] = PLAN_A
 
     for opcode, dests, srcs, params, address in _statements(body):
         waited = waited or opcode == "griddepcontrol.wait"
+        if GLOBAL_WRITES.match(opcode):  # the buffer written: the address's base, not where its index came from
+            written |= reach(address, through_loads=False)
         if not waited:
             writes += bool(WRITES.match(opcode))
             prefetches += opcode.startswith("prefetch")
             if opcode.startswith(("ld.global", "cp.async")):
                 read |= reach(address)
-        elif opcode.startswith(("ld.global", "cp.async")) and (pointers := reach(address)) and pointers <= plan:
+        elif opcode.startswith(("ld.global", "cp.async")) and (pointers := reach(address)) and pointers <= read:
             reread |= pointers
         for reg in dests:
             sources.setdefault(reg, set()).update(srcs + params + (address if opcode.startswith("ld.") else []))
+            if opcode.startswith("ld.") and not opcode.startswith("ld.param"):
+                loaded.add(reg)
     return {"writes_before_wait": writes, "reads_before_wait": sorted(read), "prefetches_before_wait": prefetches,
-            "plan_reads_after_wait": sorted(reread)}
+            "reads_again_after_wait": sorted(reread), "writes_to": sorted(written)}
 
 
 def facts(kernel) -> dict:
@@ -125,28 +138,62 @@ def facts(kernel) -> dict:
 
 
 def problems(report: dict) -> list[str]:
-    """What breaks PDL's contract in a report of :func:`main`: each kernel launched with PDL, one wait and one
-    launch of dependents, nothing written and only the plan read before the wait (and read again after it:
-    the early read only addresses the prefetch), a prefetch in exactly the weight kernels; every variant
-    passing bench.static's checks."""
+    """What breaks PDL's contract in a report of :func:`main`: each bandwidth kernel launched with PDL, with one
+    wait and one launch of dependents, writing nothing before the wait and reading again after it what it read
+    before (the early read only addresses the prefetch), and prefetching there; no launch reading before its
+    wait a buffer that it or the launch before it writes; every variant passing bench.static's checks."""
     found = []
     for k in report["kernels"]:
-        weights = k["kernel"] != "_paged_decode_kernel"  # K/V pages: the kernel before writes the newest
+        if not k["bandwidth"]:
+            continue
         if not (k["launch_pdl"] and k["waits"] == 1 and k["launches_dependents"] == 1):
             found.append(f"{k['kernel']}: launch_pdl {k['launch_pdl']}, {k['waits']} waits, "
                          f"{k['launches_dependents']} launches of dependents (want True, 1, 1)")
         if k["writes_before_wait"]:
             found.append(f"{k['kernel']}: {k['writes_before_wait']} writes before the wait")
-        if not set(k["reads_before_wait"]) <= PLAN_ARGUMENTS:
-            found.append(f"{k['kernel']}: reads {sorted(set(k['reads_before_wait']) - PLAN_ARGUMENTS)} before the wait")
-        if not set(k["reads_before_wait"]) <= set(k["plan_reads_after_wait"]):
+        if not set(k["reads_before_wait"]) <= set(k["reads_again_after_wait"]):
             found.append(f"{k['kernel']}: does not read "
-                         f"{sorted(set(k['reads_before_wait']) - set(k['plan_reads_after_wait']))} again after the wait")
-        if (k["prefetches_before_wait"] > 0) != weights:
-            found.append(f"{k['kernel']}: {k['prefetches_before_wait']} prefetches before the wait")
+                         f"{sorted(set(k['reads_before_wait']) - set(k['reads_again_after_wait']))} again after the wait")
+        if not k["prefetches_before_wait"]:
+            found.append(f"{k['kernel']}: no prefetch before the wait")
+    found += early_reads_of_written_buffers(report)
     found += [f"{v['kernel']} [{v['site']}] {v['config']}: {'; '.join(v['failures'])}"
               for v in report["variants"] if v["failures"]]
     return found
+
+
+def early_reads_of_written_buffers(report: dict) -> list[str]:
+    """Each launch's arguments read before its wait whose bytes meet those of an argument that the launch
+    before it in its step, or the launch itself, writes through."""
+    kernels = {k["hash"]: k for k in report["kernels"]}
+    found = []
+    for step, launches in report["steps"].items():
+        for before, launch in zip([None] + launches[:-1], launches):
+            early = {name for h in launch["hashes"] for name in kernels[h]["reads_before_wait"]}
+            writers = [w for w in (before, launch) if w is not None]
+            for name in sorted(early):
+                lo, hi = launch["spans"][name]
+                for writer in writers:
+                    hit = [w for h in writer["hashes"] for w in kernels[h]["writes_to"]
+                           if writer["spans"][w][0] < hi and lo < writer["spans"][w][1]]
+                    if hit:
+                        found.append(f"{step} launch {launch['launch']} ({launch['kernel']}): reads {name} before "
+                                     f"the wait, whose bytes launch {writer['launch']} ({writer['kernel']}) writes "
+                                     f"through {sorted(set(hit))}")
+    return found
+
+
+def launch_order(variants: list) -> dict[str, list[dict]]:
+    """Per decode step ("decode b1", ...), its launches in order: the kernel, its compiled configs' hashes and
+    its tensor arguments' spans."""
+    steps: dict[str, dict[int, dict]] = {}
+    for v in variants:
+        step = " ".join(v.site.split()[:2])
+        launch = steps.setdefault(step, {}).setdefault(v.launch, {"launch": v.launch, "kernel": v.kernel,
+                                                                   "hashes": [], "spans": v.spans})
+        if v.hash not in launch["hashes"]:
+            launch["hashes"].append(v.hash)
+    return {step: [launches[i] for i in sorted(launches)] for step, launches in steps.items()}
 
 
 def main(out: str, strict: bool = False) -> int:
@@ -155,17 +202,20 @@ def main(out: str, strict: bool = False) -> int:
     from bench import static
 
     compiled, variants = compiled_decode_step()
-    step = {v.hash for v in variants if v.kernel in static.KERNELS}  # the bandwidth kernels of a decode step
-    kernels = {kernel.hash: facts(kernel) for kernel in compiled if kernel.hash in step}
+    step = {v.hash for v in variants}
+    kernels = {kernel.hash: {"hash": kernel.hash, **facts(kernel), "bandwidth": kernel.metadata.name in static.KERNELS}
+               for kernel in compiled if kernel.hash in step}
     checks = [{"kernel": v.kernel, "site": v.site, "config": v.config, "failures": static.failures(v)}
               for v in variants]
-    report = {"kernels": list(kernels.values()), "variants": checks}
+    report = {"kernels": list(kernels.values()), "steps": launch_order(variants), "variants": checks}
     Path(out).write_text(json.dumps(report, indent=1))
     if strict:
         found = problems(report)
         print("\n".join(found))
-        print(f"triton {triton.__version__}, PDL on: {len(kernels)} kernels, {len(checks)} decode variants, "
-              f"{len(found)} problems")
+        bandwidth = sum(k["bandwidth"] for k in kernels.values())
+        pairs = sum(len(launches) for launches in report["steps"].values())
+        print(f"triton {triton.__version__}, PDL on: {bandwidth} kernels, {len(checks)} decode variants, "
+              f"{pairs} launches held against the one before, {len(found)} problems")
         return 1 if found else 0
     return 0
 

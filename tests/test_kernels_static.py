@@ -38,12 +38,12 @@ def test_the_paged_attention_fills_the_gpu_at_batch_1():
 
 
 def test_with_pdl_every_decode_kernel_waits_before_it_reads_what_a_kernel_writes(tmp_path):
-    """ADALLAVA_PDL=1 (programmatic dependent launch, opt in): each decode kernel's launch asks for it, and
-    before its code waits (griddepcontrol.wait) it writes nothing and reads only the plan's lists and counts,
-    so a program that starts while the kernel before it drains reads nothing that kernel writes. The weight
-    kernels prefetch their first tiles into L2 there. The runtime's decode step at LLaVA-1.5-7B shapes, batch 1
-    and 16, every config, assembled for sm_90 by ptxas; with PDL on, every variant still passes the static
-    checks (the prefetch costs no occupancy, buffers or spills)."""
+    """ADALLAVA_PDL=1 (programmatic dependent launch, opt in): each decode kernel's launch asks for it; before
+    its code waits (griddepcontrol.wait) it writes nothing, prefetches its first tiles into L2 and reads only
+    buffers that neither it nor the launch before it in the step writes (the one hazard of a program that
+    starts while the kernel before it drains), each read again after the wait. The runtime's decode step at
+    LLaVA-1.5-7B shapes, batch 1 and 16, every config, assembled for sm_90 by ptxas; with PDL on, every variant
+    still passes the static checks (the prefetch costs no occupancy, buffers or spills)."""
     import json
     import os
     import subprocess
@@ -59,11 +59,20 @@ def test_with_pdl_every_decode_kernel_waits_before_it_reads_what_a_kernel_writes
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert {k["kernel"] for k in report["kernels"]} == set(static.KERNELS)
+    bandwidth = [k for k in report["kernels"] if k["bandwidth"]]
+    assert {k["kernel"] for k in bandwidth} == set(static.KERNELS)
     assert len(report["variants"]) >= 38
+    # Both steps, in order: five launches a layer for each of the two layers, then the final norm.
+    assert {step: [launch["kernel"] for launch in launches] for step, launches in report["steps"].items()} == {
+        step: 2 * ["_head_proj_kernel", "_paged_decode_kernel", "_col_gather_kernel", "_row_gather_kernel",
+                   "_col_gather_kernel"] + ["_rms_norm_kernel"] for step in ("decode b1", "decode b16")}
     assert problems(report) == []
-    # The weight kernels read their plan lists (to address the prefetch); attention reads nothing.
-    assert all(bool(k["reads_before_wait"]) == (k["kernel"] != "_paged_decode_kernel") for k in report["kernels"])
+    # The weight kernels read their plan lists early (to address the prefetch); the attention its row's head
+    # map, lengths and block table, none of which the head projection before it writes.
+    early = {k["kernel"]: set(k["reads_before_wait"]) for k in bandwidth}
+    assert early["_paged_decode_kernel"] == {"kvmap_ptr", "len_ptr", "start_ptr", "table_ptr"}
+    assert early["_head_proj_kernel"] == {"heads_ptr"}
+    assert all(k["prefetches_before_wait"] > 0 for k in bandwidth)
 
 
 _PTX = """
@@ -90,22 +99,34 @@ _PTX = """
 """
 
 
-@pytest.mark.parametrize("body, reads, writes", [
-    ("", ["rows_ptr"], 0),  # the list read, the weight only prefetched
-    ("ld.global.b32 { %r5 }, [ %rd3 + 0 ];", ["rows_ptr", "x_ptr"], 0),  # an address computed from both
-    ("@%p2 st.global.b32 [ %rd1 + 0 ], { %r1 };", ["rows_ptr"], 1),
-    ("atom.global.acq_rel.gpu.add.u32 %r6, [ %rd1 + 0 ], 1;", ["rows_ptr"], 1),
-    ("cp.async.cg.shared.global [ %r7 + 0 ], [ %rd2 + 0 ], 0x10, %r8;", ["rows_ptr", "x_ptr"], 1),
+@pytest.mark.parametrize("body, reads, writes, again, written", [
+    ("", ["rows_ptr"], 0, [], ["x_ptr"]),  # the list read, the weight only prefetched
+    # An address computed from both: x read early, and again after the wait.
+    ("ld.global.b32 { %r5 }, [ %rd3 + 0 ];", ["rows_ptr", "x_ptr"], 0, ["x_ptr"], ["x_ptr"]),
+    ("@%p2 st.global.b32 [ %rd1 + 0 ], { %r1 };", ["rows_ptr"], 1, [], ["rows_ptr", "x_ptr"]),
+    ("atom.global.acq_rel.gpu.add.u32 %r6, [ %rd1 + 0 ], 1;", ["rows_ptr"], 1, [], ["rows_ptr", "x_ptr"]),
+    ("cp.async.cg.shared.global [ %r7 + 0 ], [ %rd2 + 0 ], 0x10, %r8;", ["rows_ptr", "x_ptr"], 1, ["x_ptr"],
+     ["x_ptr"]),
+    # A store into x at an index loaded from the list writes x, not the list.
+    ("ld.global.b32 { %r5 }, [ %rd1 + 4 ]; mad.wide.s32 %rd4, %r5, 2, %rd2; st.global.b32 [ %rd4 + 0 ], { %r1 };",
+     ["rows_ptr"], 1, [], ["x_ptr"]),
 ])
-def test_the_pdl_check_sees_each_read_and_write_before_the_wait(body, reads, writes):
+def test_the_pdl_check_sees_each_read_and_write_before_the_wait(body, reads, writes, again, written):
     """The PTX reader behind the test above, on a hand-written entry: a global load is charged with every
     pointer argument its address is computed from, through registers; stores, atomics and asynchronous
-    copies count as writes; the prefetch is neither; after the wait only reads of the plan count (none here)."""
+    copies count as writes before the wait; the prefetch is neither; after the wait, loads addressed from
+    arguments read early alone count as reading them again; a store or atomic anywhere writes the buffer its
+    address is based on (not one an index it uses was loaded from)."""
     from _pdl_check import around_wait
 
     facts = around_wait(_PTX.replace("BODY", body), {0: "rows_ptr", 1: "x_ptr"})
     assert facts == {"writes_before_wait": writes, "reads_before_wait": reads, "prefetches_before_wait": 1,
-                     "plan_reads_after_wait": []}
+                     "reads_again_after_wait": again, "writes_to": written}
+
+
+def _kernel_of(facts: dict, name: str = "_row_gather_kernel", hash: str = "h") -> dict:
+    return {"kernel": name, "hash": hash, "bandwidth": True, "launch_pdl": True, "waits": 1,
+            "launches_dependents": 1, **facts}
 
 
 def test_the_pdl_check_wants_a_list_read_before_the_wait_read_again_after_it():
@@ -113,14 +134,46 @@ def test_the_pdl_check_wants_a_list_read_before_the_wait_read_again_after_it():
     # the code after the wait would index with what it read before the kernel before it finished.
     from _pdl_check import around_wait, problems
 
-    facts = around_wait(_PTX.replace("BODY", ""), {0: "rows_ptr", 1: "x_ptr"})
-    kernel = {"kernel": "_row_gather_kernel", "launch_pdl": True, "waits": 1, "launches_dependents": 1, **facts}
-    assert problems({"kernels": [kernel], "variants": []}) == [
+    kernel = _kernel_of(around_wait(_PTX.replace("BODY", ""), {0: "rows_ptr", 1: "x_ptr"}))
+    assert problems({"kernels": [kernel], "steps": {}, "variants": []}) == [
         "_row_gather_kernel: does not read ['rows_ptr'] again after the wait"]
     reread = _PTX.replace("BODY", "").replace("\tld.global.b32 { %r4 }, [ %rd2 + 0 ];",
                                               "\tld.global.b32 { %r4 }, [ %rd1 + 0 ];")
     kernel.update(around_wait(reread, {0: "rows_ptr", 1: "x_ptr"}))
-    assert problems({"kernels": [kernel], "variants": []}) == []
+    assert problems({"kernels": [kernel], "steps": {}, "variants": []}) == []
+    no_prefetch = reread.replace("@p prefetch.global.L2 [%rd3];", "")
+    kernel.update(around_wait(no_prefetch, {0: "rows_ptr", 1: "x_ptr"}))
+    assert problems({"kernels": [kernel], "steps": {}, "variants": []}) == [
+        "_row_gather_kernel: no prefetch before the wait"]
+
+
+@pytest.mark.parametrize("read_at, writer", [
+    ((150, 160), 0),  # inside what the launch before writes
+    ((190, 210), 0),  # across its end
+    ((300, 310), None),  # a buffer no launch writes
+    ((500, 504), 1),  # what the launch itself writes
+])
+def test_the_pdl_check_finds_an_early_read_of_what_the_launch_before_writes(read_at, writer):
+    """A launch may not read before its wait the bytes that the launch before it in its step (which may still
+    be running) or the launch itself writes; buffers are told apart by the bytes their tensors span."""
+    from _pdl_check import problems
+
+    before = _kernel_of({"reads_before_wait": [], "reads_again_after_wait": [], "writes_to": ["y_ptr"],
+                         "writes_before_wait": 0, "prefetches_before_wait": 1}, "_row_gather_kernel", "a")
+    after = _kernel_of({"reads_before_wait": ["rows_ptr"], "reads_again_after_wait": ["rows_ptr"],
+                        "writes_to": ["y_ptr"], "writes_before_wait": 0, "prefetches_before_wait": 1},
+                       "_col_gather_kernel", "b")
+    steps = {"decode b1": [
+        {"launch": 0, "kernel": "_row_gather_kernel", "hashes": ["a"], "spans": {"y_ptr": (100, 200)}},
+        {"launch": 1, "kernel": "_col_gather_kernel", "hashes": ["b"],
+         "spans": {"rows_ptr": read_at, "y_ptr": (500, 600)}}]}
+    found = problems({"kernels": [before, after], "steps": steps, "variants": []})
+    if writer is None:
+        assert found == []
+    else:
+        name = ["_row_gather_kernel", "_col_gather_kernel"][writer]
+        assert found == [f"decode b1 launch 1 (_col_gather_kernel): reads rows_ptr before the wait, whose bytes "
+                         f"launch {writer} ({name}) writes through ['y_ptr']"]
 
 
 def test_the_column_gather_stages_its_weight_as_deep_gathered_as_dense():

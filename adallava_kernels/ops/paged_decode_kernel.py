@@ -22,6 +22,12 @@ data, or a head a row's plan does not keep) attends nothing and gives 0: its
 programs return at once, before any K/V page or the query is read, and take
 no ticket (every split of it reads the same map entry, so all return), split
 0 writing the zeros.
+
+With programmatic dependent launch (``ADALLAVA_PDL=1``), a program asks L2 for
+the K and V rows of its first two blocks before it waits for the head
+projection before it, addressed from the head map, the lengths and the block
+table (which that kernel does not write: it writes the newest position's K
+and V into L2, where a prefetch of that line finds it either way).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .common import next_power_of_2
-from .triton_utils import INTERPRET, LOG2E, dependent_launch, dot, dot_flags, pdl_flags
+from .triton_utils import INTERPRET, LOG2E, PREFETCH_TILES, dependent_launch, dot, dot_flags, pdl_flags, prefetch_lines
 from .workspace import counters, scratch
 
 # Positions a program's loop takes at a time: 4 pages of 16; a K or V tile of 16 KB at head_dim 128.
@@ -41,6 +47,33 @@ NUM_WARPS = 4
 # tile of K and V ahead of the one being reduced.
 NUM_STAGES = 1 if INTERPRET else 7
 QUERY_ROWS = 16  # the smallest tile tl.dot takes; row 0 is the query
+
+
+@triton.jit
+def _split_span(length, start, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    # This split's share of [start, length), whole blocks each, so every split starts on a block.
+    share = tl.cdiv(tl.cdiv(tl.maximum(length - start, 0), SPLIT), BLOCK_N) * BLOCK_N
+    lo = start + tl.program_id(1) * share
+    return lo, tl.minimum(length, lo + share)
+
+
+@triton.jit
+def _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE,
+                       stride_mb, stride_mh, stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw,
+                       HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Before the PDL wait: the K and V rows of the program's first blocks into L2, from its row's head map,
+    lengths and block table (which the head projection before it does not write; it writes the newest
+    position's K and V, which L2 then holds either way)."""
+    b = (tl.program_id(0) // NQ).to(tl.int64)
+    kvh = tl.load(kvmap_ptr + b * stride_mb + (tl.program_id(0) % NQ) * stride_mh).to(tl.int64)
+    lo, hi = _split_span(tl.load(len_ptr + b), tl.load(start_ptr + b), SPLIT, BLOCK_N)
+    table = table_ptr + b * stride_tb + tl.maximum(kvh, 0) * stride_th
+    offs_n = lo + tl.arange(0, PREFETCH_TILES * BLOCK_N)
+    valid = (offs_n < hi) & (kvh >= 0)
+    page = tl.load(table + (offs_n // PAGE) * stride_tw, mask=valid, other=0).to(tl.int64)
+    row = page * stride_kp + (offs_n % PAGE) * stride_ks
+    prefetch_lines(k_ptr, row, valid, 1, 0, HEAD_DIM, stride_kd, HEAD_DIM)
+    prefetch_lines(v_ptr, row, valid, 1, 0, HEAD_DIM, stride_kd, HEAD_DIM)
 
 
 @triton.jit
@@ -56,6 +89,9 @@ def _paged_decode_kernel(
     BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """Query head ``program_id(0) % NQ`` of sequence ``program_id(0) // NQ`` over split ``program_id(1)``."""
+    if PDL:
+        _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE, stride_mb, stride_mh,
+                           stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, HEAD_DIM, SPLIT, BLOCK_N)
     dependent_launch(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -68,12 +104,7 @@ def _paged_decode_kernel(
     if kvh < 0:  # a free slot of this row: 0, written once (split 0); no page read, no ticket taken
         tl.store(o_ptr + o_off, tl.zeros((BLOCK_D,), dtype=o_ptr.dtype.element_ty), mask=mask_d & (split == 0))
         return
-    length = tl.load(len_ptr + b)
-    start = tl.load(start_ptr + b)
-    # This split's share of [start, length), whole blocks each, so every split starts on a block.
-    share = tl.cdiv(tl.cdiv(tl.maximum(length - start, 0), SPLIT), BLOCK_N) * BLOCK_N
-    lo = start + split * share
-    hi = tl.minimum(length, lo + share)
+    lo, hi = _split_span(tl.load(len_ptr + b), tl.load(start_ptr + b), SPLIT, BLOCK_N)
 
     offs_r = tl.arange(0, ROWS)
     # The query in row 0 of a [ROWS, d] tile; the other rows are 0 and their results unused.

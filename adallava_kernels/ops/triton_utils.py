@@ -83,10 +83,11 @@ def dot_flags(dtype: torch.dtype) -> dict:
 # Programmatic dependent launch: a decode kernel's programs may start while the kernel before it in the
 # stream drains, and wait (griddepcontrol.wait) until it has finished and its writes are visible. What it
 # hides is the launch and the start of the next kernel's programs, of the few us every kernel of a
-# captured step pays. Before they wait, the weight kernels' programs ask L2 for their first weight tiles
-# (prefetch_lines), so the drain of one kernel overlaps the first DRAM round trip of the next: a decode
-# kernel's inputs are mostly weights, which no kernel writes. Off unless ADALLAVA_PDL=1: no GPU has
-# measured it yet.
+# captured step pays. Before they wait, the programs ask L2 for their first tiles (prefetch_lines): the
+# weight kernels their weight's, the paged attention its K/V pages', so the drain of one kernel overlaps the
+# first DRAM round trip of the next. Since every program of a kernel calls launch_dependents only after its
+# own wait, a kernel starts once the one two before it has finished: only the kernel just before it may still
+# be writing. Off unless ADALLAVA_PDL=1: no GPU has measured it yet.
 PDL_ENV = "ADALLAVA_PDL"
 # The K tiles of its weight a program prefetches before it waits: what its pipeline reads first (more would
 # compete for L2 with the kernel still draining).
@@ -96,8 +97,9 @@ PREFETCH_TILES = tl.constexpr(2)
 @triton.jit
 def dependent_launch(PDL: tl.constexpr):
     """With PDL, wait for the kernel before it (nothing it writes is read, and nothing is written, before
-    this line), then let the next one start its programs. Before it a kernel may read only what no kernel
-    of a step writes (the plan's index lists and counts, written between steps), and only to prefetch."""
+    this line), then let the next one start its programs. Before it a kernel may read only what neither the
+    kernel before it nor itself writes (the plan's index lists and counts, the rows' block tables and
+    lengths), only to address a prefetch, and reads it again after it (tests/_pdl_check.py)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
