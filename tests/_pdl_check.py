@@ -8,7 +8,8 @@ PDL's one hazard is a read before the wait of what the kernel before it writes: 
 once every program of the kernel before it has passed its own wait (so the one before that has finished), and
 the kernel before it may still be writing. :func:`problems` holds each launch's early reads against the
 buffers the launch before it (and the launch itself) writes, and wants every argument read early read again
-after the wait, so an early read only ever addresses a prefetch.
+after the wait, so an early read only ever addresses a prefetch. The paged attention is also compiled at
+head sizes that are not a power of 2 (:data:`ODD_HEAD_DIMS`) and held to the same per-kernel contract.
 
 Run as a script with TRITON_INTERPRET unset: ``python tests/_pdl_check.py OUT.json [--strict]``. On a CPU the
 launchers turn PDL off (no CUDA device), so the flags are forced on here (bench.static's ``pdl``); ptxas
@@ -18,6 +19,7 @@ prefetch) costs no registers, buffers or occupancy those need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,12 +37,10 @@ REGISTER = re.compile(r"%[\w.]+")
 PARAM = re.compile(r"_param_(\d+)\b")
 
 
-def compiled_decode_step() -> tuple[list, list]:
-    """The runtime's decode step at LLaVA-1.5-7B shapes, batch 1 and 16, a whole layer and a partial one,
-    every config the autotuner may pick, compiled with PDL forced on: the compiled kernels, and the
-    variants bench.static reads."""
-    from bench import static
-
+@contextlib.contextmanager
+def kept_compiles():
+    """Inside the block, every kernel Triton compiles is added to the list yielded, with its pointer arguments'
+    names (``pointer_names``)."""
     compiled, original = [], triton.compiler.compile
 
     def keep(src, *args, **kwargs):
@@ -50,10 +50,49 @@ def compiled_decode_step() -> tuple[list, list]:
 
     triton.compiler.compile = keep
     try:
-        variants = static.runtime_launches(prefill_tokens=None, pdl=True)
+        yield compiled
     finally:
         triton.compiler.compile = original
+
+
+def compiled_decode_step() -> tuple[list, list]:
+    """The runtime's decode step at LLaVA-1.5-7B shapes, batch 1 and 16, a whole layer and a partial one,
+    every config the autotuner may pick, compiled with PDL forced on: the compiled kernels, and the
+    variants bench.static reads."""
+    from bench import static
+
+    with kept_compiles() as compiled:
+        variants = static.runtime_launches(prefill_tokens=None, pdl=True)
     return compiled, [v for v in variants if static.is_decode_step(v)]
+
+
+# The paged attention at head sizes that are not a power of 2 (its prefetch covers BLOCK_D elements, those
+# below HEAD_DIM): (head_dim, dtype).
+ODD_HEAD_DIMS = ((80, "float32"), (96, "bfloat16"))
+
+
+def odd_head_dim_attention() -> list:
+    """The paged decode attention compiled with PDL forced on at :data:`ODD_HEAD_DIMS`, batch 2, one split
+    and four."""
+    import torch
+
+    from adallava_kernels.ops import common
+    from adallava_kernels.ops.paged_decode_kernel import launch_paged_decode
+    from bench import static
+
+    with kept_compiles() as compiled, static.capturing() as variants, static._triton_on_cpu(common), \
+            static._pdl_forced(True):
+        variants.site["name"] = "decode odd head_dim"
+        for head_dim, dtype in ODD_HEAD_DIMS:
+            dtype = getattr(torch, dtype)
+            q = torch.randn(2, 4, head_dim, dtype=dtype)
+            pages = torch.randn(2, 8, 16, head_dim, dtype=dtype)
+            tables = torch.arange(8, dtype=torch.int32).reshape(2, 2, 2)
+            lengths = torch.tensor([20, 31], dtype=torch.int32)
+            for split in (1, 4):
+                launch_paged_decode(q, pages, tables, torch.tensor([0, 0, 1, 1], dtype=torch.int32), lengths,
+                                    torch.zeros(2, dtype=torch.int32), head_dim ** -0.5, split)
+    return compiled
 
 
 def pointer_arguments(signature: dict) -> dict[int, str]:
@@ -143,7 +182,7 @@ def problems(report: dict) -> list[str]:
     before (the early read only addresses the prefetch), and prefetching there; no launch reading before its
     wait a buffer that it or the launch before it writes; every variant passing bench.static's checks."""
     found = []
-    for k in report["kernels"]:
+    for k in report["kernels"] + report.get("odd_head_dims", []):
         if not k["bandwidth"]:
             continue
         if not (k["launch_pdl"] and k["waits"] == 1 and k["launches_dependents"] == 1):
@@ -207,7 +246,9 @@ def main(out: str, strict: bool = False) -> int:
                for kernel in compiled if kernel.hash in step}
     checks = [{"kernel": v.kernel, "site": v.site, "config": v.config, "failures": static.failures(v)}
               for v in variants]
-    report = {"kernels": list(kernels.values()), "steps": launch_order(variants), "variants": checks}
+    report = {"kernels": list(kernels.values()), "steps": launch_order(variants), "variants": checks,
+              "odd_head_dims": [{"hash": kernel.hash, **facts(kernel), "bandwidth": True}
+                                for kernel in odd_head_dim_attention()]}
     Path(out).write_text(json.dumps(report, indent=1))
     if strict:
         found = problems(report)

@@ -73,6 +73,10 @@ def test_with_pdl_every_decode_kernel_waits_before_it_reads_what_a_kernel_writes
     assert early["_paged_decode_kernel"] == {"kvmap_ptr", "len_ptr", "start_ptr", "table_ptr"}
     assert early["_head_proj_kernel"] == {"heads_ptr"}
     assert all(k["prefetches_before_wait"] > 0 for k in bandwidth)
+    # The attention also compiles with PDL at head sizes that are not a power of 2 (80 in fp32, 96 in bf16; one
+    # split and four), holding the same contract (problems() reads them too).
+    assert len(report["odd_head_dims"]) == 4
+    assert all(k["prefetches_before_wait"] > 0 for k in report["odd_head_dims"])
 
 
 _PTX = """

@@ -60,7 +60,7 @@ def _split_span(length, start, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE,
                        stride_mb, stride_mh, stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw,
-                       HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Before the PDL wait: the K and V rows of the program's first blocks into L2, from its row's head map,
     lengths and block table (which the head projection before it does not write; it writes the newest
     position's K and V, which L2 then holds either way)."""
@@ -72,8 +72,9 @@ def _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, N
     valid = (offs_n < hi) & (kvh >= 0)
     page = tl.load(table + (offs_n // PAGE) * stride_tw, mask=valid, other=0).to(tl.int64)
     row = page * stride_kp + (offs_n % PAGE) * stride_ks
-    prefetch_lines(k_ptr, row, valid, 1, 0, HEAD_DIM, stride_kd, HEAD_DIM)
-    prefetch_lines(v_ptr, row, valid, 1, 0, HEAD_DIM, stride_kd, HEAD_DIM)
+    # BLOCK_D (a power of 2) elements from 0, those below HEAD_DIM prefetched.
+    prefetch_lines(k_ptr, row, valid, 1, 0, HEAD_DIM, stride_kd, BLOCK_D)
+    prefetch_lines(v_ptr, row, valid, 1, 0, HEAD_DIM, stride_kd, BLOCK_D)
 
 
 @triton.jit
@@ -91,7 +92,8 @@ def _paged_decode_kernel(
     """Query head ``program_id(0) % NQ`` of sequence ``program_id(0) // NQ`` over split ``program_id(1)``."""
     if PDL:
         _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE, stride_mb, stride_mh,
-                           stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, HEAD_DIM, SPLIT, BLOCK_N)
+                           stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, HEAD_DIM, BLOCK_D, SPLIT,
+                           BLOCK_N)
     dependent_launch(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
