@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BENCH_OUT ?= bench/out
 TORCH_INCLUDE_ROOT = $(shell $(PY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
 
-.PHONY: env test test-oldest test-vllm bench gpu-check compile-cuda static-check-triton clean
+.PHONY: env test test-oldest test-vllm bench gpu-check compile-cuda static-check-triton fit-inputs clean
 
 env: $(VENV)/.installed
 
@@ -83,12 +83,21 @@ compile-cuda: env
 # its own folder: every variant must pass there too.
 OTHER_TRITON ?= 3.6.0
 OTHER_TRITON_DIR = build/triton-$(OTHER_TRITON)
-static-check-triton: env
+$(OTHER_TRITON_DIR)/site/.installed: | env
 	$(PY) -m pip install -q --no-deps --target $(OTHER_TRITON_DIR)/site triton==$(OTHER_TRITON)
+	touch $@
+
+static-check-triton: env $(OTHER_TRITON_DIR)/site/.installed
 	env -u TRITON_INTERPRET PYTHONPATH=$(OTHER_TRITON_DIR)/site:$(CURDIR) TRITON_CACHE_DIR=$(OTHER_TRITON_DIR)/cache \
 		$(PY) tests/_static_check.py $(OTHER_TRITON_DIR)/static.json cuda:90 --strict
 	env -u TRITON_INTERPRET PYTHONPATH=$(OTHER_TRITON_DIR)/site:$(CURDIR) TRITON_CACHE_DIR=$(OTHER_TRITON_DIR)/cache \
 		$(PY) tests/_pdl_check.py $(OTHER_TRITON_DIR)/pdl.json --strict
+
+# The static model's side of gpu-check's fit stage (bench/fit_inputs.py), compiled with the GPU image's Triton
+# before a GPU run, so the lent machine spends no time compiling it: carry bench/out/fit-inputs with the tree.
+fit-inputs: env $(OTHER_TRITON_DIR)/site/.installed
+	env -u TRITON_INTERPRET PYTHONPATH=$(OTHER_TRITON_DIR)/site:$(CURDIR) TRITON_CACHE_DIR=$(OTHER_TRITON_DIR)/cache \
+		$(PY) -m bench.fit_inputs $(BENCH_OUT)/fit-inputs
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) $(VLLM_VENV) build *.egg-info bench/out

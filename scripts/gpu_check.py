@@ -25,7 +25,9 @@ Stages, in the order of what they are worth, each under its own time cap and all
 6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
    decode steps (``python -m bench.static``), which the verdict sets against the ``model`` and ``pdl``
-   stages' measured step, with the fixed cost per kernel the measurement implies;
+   stages' measured step, with the fixed cost per kernel the measurement implies. The model's side needs no
+   GPU: ``make fit-inputs`` computes it beforehand into ``bench/out/fit-inputs`` (carry it with the tree),
+   which the stage reuses where it matches the tree, Triton and model (``python -m bench.fit_inputs``);
 7. ``serve``: the serving run (``python -m bench --only serve``);
 8. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
@@ -62,6 +64,8 @@ import gpu_verdict  # noqa: E402  (stdlib only, like this file)
 DEFAULT_BUDGET_S = 480
 # On a CPU the tests stage is a dry run of its own mechanics: a few fast files, not the suite (make test).
 DRY_RUN_TESTS = ("tests/test_shape.py", "tests/test_budget.py")
+# The fit stage's static side, computed before the GPU run (`make fit-inputs`) and carried with the tree.
+FIT_INPUTS = ROOT / "bench" / "out" / "fit-inputs"
 # What the stages import, by module name -> the package that provides it (named when missing).
 REQUIRED = {"torch": "torch", "triton": "triton", "transformers": "transformers", "safetensors": "safetensors",
             "pytest": "pytest", "xdist": "pytest-xdist", "pytest_timeout": "pytest-timeout",
@@ -134,15 +138,15 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
               {"ADALLAVA_PDL": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
-        # The static model's time of every swept decode candidate, compiled here (mostly from Triton's cache
-        # the sweep filled), beside the sweep's measured time: the model's error per kernel.
-        Stage("fit", 100, [["-m", "bench.tune", "--predict", str(out / "fit" / "predicted.json"),
-                            *([] if on_gpu else ["--model", "tiny"])],
+        # The static model's time of every swept decode candidate beside the sweep's measured time (the
+        # model's error per kernel), and its whole decode steps, which the verdict sets against the model and
+        # pdl stages' measured step. The model's side needs no GPU: `make fit-inputs` computes it beforehand
+        # (bench/fit_inputs.py), reused here where it matches the tree and Triton; compiled here otherwise,
+        # which takes 90 s at 7B shapes from a cold cache on the 2-core CPU machine.
+        Stage("fit", 150, [["-m", "bench.fit_inputs", str(out / "fit"), "--reuse", str(FIT_INPUTS),
+                            "--model", "llava-7b" if on_gpu else "tiny"],
                            ["-m", "bench.tune", "--against", str(out / "fit" / "predicted.json"),
-                            str(out / "tune" / "results.json"), "--json", str(out / "fit" / "errors.json")],
-                           # The model's whole decode steps, set against the model and pdl stages' measured step.
-                           ["-m", "bench.static", str(out / "fit" / "static.json"),
-                            *([] if on_gpu else ["--model", "tiny"])]],
+                            str(out / "tune" / "results.json"), "--json", str(out / "fit" / "errors.json")]],
               ["fit/errors.json", "fit/static.json"], {"TRITON_INTERPRET": "0"}),
         Stage("serve", 150, [["-m", "bench", "--only", "serve", "--out", str(out / "serve"), *quick]],
               ["serve/results.json"]),
