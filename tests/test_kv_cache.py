@@ -340,6 +340,28 @@ def busy_cache():
     return cache, plans
 
 
+def test_an_append_copies_to_the_device_without_waiting_for_it(busy_cache, monkeypatch):
+    """Every host-to-device copy of an append (the rows' start positions, a grown page table) goes through the
+    pool's pinned, asynchronous copy, so a transformers decode step does not wait for the GPU at every layer
+    (on CUDA, torch's sync debug mode would raise on a wait)."""
+    cache, _ = busy_cache
+    copied = []
+    to_device = type(cache)._to_device
+    monkeypatch.setattr(type(cache), "_to_device", lambda pool, host: copied.append(host.clone()) or to_device(pool, host))
+    keys = [torch.randn(len(cache.kv_heads(s, 0)), 1, SHAPE.head_dim, device=DEVICE) for s in ("a", "b")]
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.append_batch(["a", "b"], 0, keys, [k.clone() for k in keys])
+    finally:
+        if DEVICE.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    # One copy of the starts: each row (a kept KV head of layer 0, a's then b's) at the 5 positions stored.
+    rows = [len(cache.kv_heads(s, 0)) for s in ("a", "b")]
+    assert [t.tolist() for t in copied if t.dtype == torch.int32 and t.dim() == 1] == [[5] * sum(rows)]
+
+
 def test_every_failure_is_clear_and_changes_nothing(busy_cache):
     cache, plans = busy_cache
     before = snapshot(cache)

@@ -654,10 +654,11 @@ class LayerSkipKVCache:
         table = tables[0] if len(tables) == 1 else torch.cat(
             [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables]
         )
-        starts = torch.tensor(
-            [self._layer_length(sequences[i], layer) for i in kept for _ in range(rows[i])],
-            dtype=torch.int32, device=self.pages.device,
-        )
+        # Through pinned memory (_to_device): torch.tensor(..., device=cuda) copies from pageable memory and waits
+        # for the stream, which would stall the host on every layer of every step.
+        starts = self._to_device(torch.tensor(
+            [self._layer_length(sequences[i], layer) for i in kept for _ in range(rows[i])], dtype=torch.int32,
+        ))
         self.ops.kv_append(self.k_pages, self.v_pages, key, value, table, starts)
 
     # -- internals: positions stored ------------------------------------------------------
