@@ -134,7 +134,9 @@ def around_wait(ptx: str, pointer_names: dict[int, str]) -> dict:
     body = ptx[ptx.find(".entry"):]
     body = body[body.find("{"):]
     sources: dict[str, set] = {}  # register -> the registers and parameters any definition of it reads
-    loaded: set[str] = set()  # registers a load from memory defines (a value, not an address's base)
+    # Registers a load from memory defines (a value, not an address's base; Triton's masked loads first move
+    # the default value into the register, then load into it under the mask).
+    loaded: set[str] = set()
     writes, prefetches, read, reread, written = 0, 0, set(), set(), set()
     waited = "griddepcontrol.wait" not in body
 
@@ -151,8 +153,10 @@ def around_wait(ptx: str, pointer_names: dict[int, str]) -> dict:
 
     for opcode, dests, srcs, params, address in _statements(body):
         waited = waited or opcode == "griddepcontrol.wait"
-        if GLOBAL_WRITES.match(opcode):  # the buffer written: the address's base, not where its index came from
-            written |= reach(address, through_loads=False)
+        if GLOBAL_WRITES.match(opcode):
+            # The buffer written: the address's base, not where an index in it was loaded from (unless the
+            # address is a loaded pointer: then every argument it came from, to be safe).
+            written |= reach(address, through_loads=False) or reach(address)
         if not waited:
             writes += bool(WRITES.match(opcode))
             prefetches += opcode.startswith("prefetch")

@@ -114,6 +114,9 @@ _PTX = """
     # A store into x at an index loaded from the list writes x, not the list.
     ("ld.global.b32 { %r5 }, [ %rd1 + 4 ]; mad.wide.s32 %rd4, %r5, 2, %rd2; st.global.b32 [ %rd4 + 0 ], { %r1 };",
      ["rows_ptr"], 1, [], ["x_ptr"]),
+    # A store through a pointer loaded from the list is charged to the list (where else it points is unknown).
+    ("ld.global.b64 { %rd5 }, [ %rd1 + 8 ]; st.global.b32 [ %rd5 + 0 ], { %r1 };", ["rows_ptr"], 1, [],
+     ["rows_ptr", "x_ptr"]),
 ])
 def test_the_pdl_check_sees_each_read_and_write_before_the_wait(body, reads, writes, again, written):
     """The PTX reader behind the test above, on a hand-written entry: a global load is charged with every
