@@ -14,7 +14,7 @@
   programs fill the GPU, and when a split reduction stops paying;
 - :func:`pdl_flags` and :func:`dependent_launch`: programmatic dependent launch
   (Hopper on), opt in with ``ADALLAVA_PDL=1``; :func:`prefetch_lines`: the
-  weight lines a program brings into L2 before it waits;
+  lines (weight, or K/V pages) a program brings into L2 before it waits;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
