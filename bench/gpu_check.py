@@ -10,7 +10,8 @@ deviation from proportionality (``bench/report.py``); then the full plan's
 decode step against the bandwidth floor: the bytes the step must read
 (``adallava_kernels.cost``) over the rate of a device-to-device copy measured
 in the same run; last, where the host's time goes in the prefill of the full
-plan and of a -H plan (``bench/host.py``: when the call returns against its
+plan, of a -H plan and of the plan whose prefill wall time is the largest
+multiple of its GPU time (``bench/host.py``: when the call returns against its
 wall time, the synchronisations, a profile). ``results.json`` is rewritten
 after every plan, so a run cut short keeps the rows it finished.
 """
@@ -131,23 +132,34 @@ def run(args: argparse.Namespace) -> dict:
         results["errors"]["distinct_plans"] = error_record(error)
     save()
     try:
-        results["host_profile"] = prefill_host_profiles(bench, args.backend, chosen)
+        results["host_profile"] = prefill_host_profiles(bench, args.backend, chosen, rows)
     except Exception as error:  # noqa: BLE001 - the timings above are kept
         results["errors"]["host_profile"] = error_record(error)
     save()
     return results
 
 
-# The plans whose prefill's host time is profiled: the full plan (dense kernels) and a -H plan (gathers).
+# The plans whose prefill's host time is always profiled: the full plan (dense kernels) and a -H plan (gathers).
 HOST_PROFILED = ("full", "H 0.50")
 
 
-def prefill_host_profiles(bench, backend: str, chosen: list[tuple]) -> dict:
-    """Per plan of :data:`HOST_PROFILED`, where its prefill's host time goes (:func:`bench.host.host_profile`):
+def host_profiled(rows: list[dict]) -> list[str]:
+    """The plans whose prefill :func:`prefill_host_profiles` profiles: :data:`HOST_PROFILED`, then the plan whose
+    prefill wall time is the largest multiple of its GPU time in this run (where GPU time was measured), the
+    case the profile is for."""
+    labels = [label for label in HOST_PROFILED if any(r["label"] == label for r in rows)]
+    timed = [r for r in rows if r["stage"] == "prefill" and r.get("gpu_s") and r["label"] not in labels]
+    if timed:
+        labels.append(max(timed, key=lambda r: r["median_s"] / r["gpu_s"])["label"])
+    return labels
+
+
+def prefill_host_profiles(bench, backend: str, chosen: list[tuple], rows: list[dict]) -> dict:
+    """Per plan of :func:`host_profiled`, where its prefill's host time goes (:func:`bench.host.host_profile`):
     a prefill whose wall time is far above its GPU time is the host's."""
     plans = {label: plan for _, label, plan in chosen}
     return {label: host_profile(model_bench.prefill_call(bench.model, bench.ids, plans[label], backend), bench.device)
-            for label in HOST_PROFILED if label in plans}
+            for label in host_profiled(rows) if label in plans}
 
 
 # The plan families r is taken over apart: -L plans (whole layers) and -H plans (heads and neurons), each

@@ -389,6 +389,24 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
         assert (tmp_path / "static.json").exists()
 
 
+def test_the_host_profile_adds_the_prefill_furthest_above_its_gpu_time():
+    from bench.gpu_check import host_profiled
+
+    def row(stage, label, wall, gpu):
+        return {"stage": stage, "label": label, "median_s": wall, "gpu_s": gpu}
+
+    rows = [row("prefill", "full", 27.0, 14.4), row("decode", "full", 4.6, 4.4),
+            row("prefill", "L 0.50", 22.0, 7.4), row("prefill", "L 0.75", 44.8, 10.9),
+            row("decode", "L 0.75", 9.0, 1.0),  # a decode step is not what the profile is for
+            row("prefill", "H 0.50", 16.9, 7.2)]
+    assert host_profiled(rows) == ["full", "H 0.50", "L 0.75"]
+    # No GPU time (a CPU): the fixed plans alone; a plan that did not run is left out.
+    assert host_profiled([{**r, "gpu_s": None} for r in rows if r["label"] != "H 0.50"]) == ["full"]
+    # The worst is one of the fixed plans: it is not profiled twice.
+    assert host_profiled([row("prefill", "full", 50.0, 10.0), row("prefill", "H 0.50", 16.9, 7.2)]) == \
+        ["full", "H 0.50"]
+
+
 def test_host_profile_counts_the_syncs_torch_reports_and_restores_its_mode(monkeypatch):
     """On CUDA the synchronisations of a call are what torch's sync debug mode warns of while it runs; the mode
     is put back to the default after it, even when the call raises. (Its mode and the synchronize are stood

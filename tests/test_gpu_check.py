@@ -210,9 +210,12 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     """fit/static.json (bench.static) against the model and pdl stages' full-plan step: the error of the
     model's batch-1 step against the GPU time, and the fixed cost per kernel the measurement implies."""
     (tmp_path / "fit").mkdir()
-    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3 if (b, p) == (1, 0) else 1.0, "kernels": 100}
+    # The full b1 step at exactly 85% of the copy rate in the model; the others at 100%.
+    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3 if (b, p) == (1, 0) else 1.0, "kernels": 100,
+              "bytes": 0.85 * 4e12 * 3.0e-3 if (b, p) == (1, 0) else 4e12}
              for b in (1, 16) for p in (0, 16)]
-    (tmp_path / "fit" / "static.json").write_text(json.dumps({"model": "llava-7b", "fixed_s": 4e-6, "steps": steps}))
+    (tmp_path / "fit" / "static.json").write_text(json.dumps(
+        {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
 
     def rows():
         return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if "the static model against" in r["what"]]
@@ -231,6 +234,14 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     assert without["measured"] == "3.000 ms vs 3.200 ms (-6.2%); implied fixed cost 6.00 us a kernel (model 4.0 us)"
     assert (without["target"], without["holds"]) == ("within +-10%", True)
     assert with_pdl["measured"].startswith("3.000 ms vs 2.900 ms (+3.4%); implied fixed cost 3.00 us")
+    # The model's steps again, at each implied fixed cost: 3.0 ms + 100 x 2 us = 3.2 ms is 79.7% of the copy
+    # rate, 3.0 ms - 100 x 1 us = 2.9 ms is 87.9%.
+    at_fixed = [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("static decode steps")]
+    assert [(r["what"], r["measured"], r["target"], r["holds"]) for r in at_fixed] == [
+        ("static decode steps at the implied fixed cost of 6.00 us a kernel",
+         "full b1 79.7%, -H b1 100.0%, full b16 100.0%, -H b16 100.0%", ">= 85% each", False),
+        ("static decode steps at the implied fixed cost of 3.00 us a kernel, with ADALLAVA_PDL=1",
+         "full b1 87.9%, -H b1 100.0%, full b16 100.0%, -H b16 100.0%", ">= 85% each", True)]
     # The pdl stage's -H plan beside the model stage's.
     (ab,) = [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("H 0.50 plan's decode")]
     assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
