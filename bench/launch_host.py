@@ -28,6 +28,8 @@ from typing import Iterator
 
 import torch
 
+from adallava_kernels.runtime.decode import TRITON_KERNELS_OUTSIDE_LAYERS
+
 STEPS = 200
 BATCHES = (1, 16)
 CONTEXT = 700
@@ -72,15 +74,15 @@ def stubbed_launches() -> Iterator[list[str]]:
 def through_dispatcher(on: bool) -> Iterator[None]:
     """With ``on``, the decode step calls the registered operators (``torch.ops.adallava``)."""
     from adallava_kernels.ops.library import adallava_ops
-    from adallava_kernels.runtime import step
+    from adallava_kernels.runtime import decode, step
 
-    saved = step._LAUNCH
+    saved = step._LAUNCH, decode._LAUNCH
     if on:
-        step._LAUNCH = adallava_ops()
+        step._LAUNCH = decode._LAUNCH = adallava_ops()
     try:
         yield
     finally:
-        step._LAUNCH = saved
+        step._LAUNCH, decode._LAUNCH = saved
 
 
 @contextlib.contextmanager
@@ -157,7 +159,7 @@ def _batch_row(runner, plan, batch: int, steps: int, launched: list[str], shape)
         for name in names:
             runner.free(name)
     later = shape.num_layers - 1
-    launches = (per_step - 1) / LAYERS  # the final norm is the step's own
+    launches = (per_step - TRITON_KERNELS_OUTSIDE_LAYERS) / LAYERS
     return {"batch": batch, "first_layer_us": first * 1e6, "whole_layer_us": whole * 1e6,
             "partial_layer_us": partial * 1e6, "launches_per_step": per_step, "launches_per_layer": launches,
             "per_launch_us": (whole + partial) / 2 / launches * 1e6,

@@ -38,6 +38,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from adallava_kernels.runtime.decode import KERNELS_OUTSIDE_LAYERS
+
 SMS = 132  # an H200 (and an H100 SXM)
 SHARED_PER_SM = 228 * 1024  # Hopper: 228 KiB per SM, at most 227 KiB for one block
 MAX_SHARED_PER_BLOCK = 227 * 1024
@@ -700,9 +702,10 @@ def predicted_launch_seconds(configs: list[Variant]) -> float:
 
 def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict:
     """The model's decode step at ``batch``: each layer's launches as the runtime made them (its whole and
-    its partial layer), ``partial_layers`` of the ``shape``'s layers partial, the rest whole, then the final
-    norm and ``lm_head`` (a dense GEMV priced at the copy rate, plus FIXED_S). Returns the time, the bytes
-    the step must move, their share of the copy rate and the kernels it launches (each paying FIXED_S)."""
+    its partial layer), ``partial_layers`` of the ``shape``'s layers partial, the rest whole, and the step's
+    kernels outside its layers (``KERNELS_OUTSIDE_LAYERS``, which a test holds to the step's launches: each
+    FIXED_S, and ``lm_head``'s bytes at the copy rate). Returns the time, the bytes the step must move, their
+    share of the copy rate and the kernels it launches (each paying FIXED_S)."""
     layers = {}
     for kind in ("whole", "partial"):
         launches: dict[int, list[Variant]] = {}
@@ -714,10 +717,10 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
         layers[kind] = (seconds, moved, len(launches))
     whole = shape.num_layers - partial_layers
     lm_head = shape.vocab_size * shape.hidden_size * ELEMENT
-    seconds = (whole * layers["whole"][0] + partial_layers * layers["partial"][0] + 2 * FIXED_S
-               + lm_head / COPY_RATE)
+    seconds = (whole * layers["whole"][0] + partial_layers * layers["partial"][0]
+               + KERNELS_OUTSIDE_LAYERS * FIXED_S + lm_head / COPY_RATE)
     moved = whole * layers["whole"][1] + partial_layers * layers["partial"][1] + lm_head
-    kernels = whole * layers["whole"][2] + partial_layers * layers["partial"][2] + 2
+    kernels = whole * layers["whole"][2] + partial_layers * layers["partial"][2] + KERNELS_OUTSIDE_LAYERS
     return {"batch": batch, "partial_layers": partial_layers, "seconds": seconds, "bytes": moved,
             "share": moved / COPY_RATE / seconds,
             "kernels_per_layer": {kind: layers[kind][2] for kind in layers}, "kernels": kernels,

@@ -303,6 +303,28 @@ def test_decode_step_reads_nothing_back_and_launches_few_kernels_a_layer(model, 
     assert {call.runs for call in calls} == ({"attention+mlp"} if backend == "triton" else torch_runs)
 
 
+def test_a_triton_decode_step_launches_few_kernels_outside_its_layers(model, monkeypatch):
+    """Around its layers, a Triton step launches what bench/static.py prices it at
+    (decode.KERNELS_OUTSIDE_LAYERS), in order: the embedding, the rows' rotary angles and lengths, the final
+    norm, lm_head, the greedy tokens. ``step`` itself then copies its two outputs for the caller (which a
+    captured graph does not hold)."""
+    from adallava_kernels.runtime.decode import KERNELS_OUTSIDE_LAYERS
+
+    runner = runner_for(model, "triton", DEVICE, cuda_graphs=False)
+    ids, mask = prompts()
+    seq_ids, _ = generate(runner, ids, mask, (PLAN_H, PLAN_H2), 2, room=2)
+    batch = runner.decode(seq_ids)
+    batch.step(torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with Dispatched(monkeypatch) as mode:
+        calls = per_layer(monkeypatch, mode, "decode", SlotLayer)
+        batch.step()
+    inside = {i for call in calls for i in range(call.start, call.start + call.ops)}
+    outside = [op for i, (op, launch) in enumerate(zip(mode.ops, mode.launch)) if launch and i not in inside]
+    assert outside == ["aten.embedding.default", "triton._step_inputs_kernel", "triton._rms_norm_kernel",
+                       "aten.mm.default", "triton._greedy_kernel", "aten.clone.default", "aten.clone.default"]
+    assert len(outside) - 2 == KERNELS_OUTSIDE_LAYERS
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_prefill_layers_read_nothing_back_after_planning(model, backend, device, monkeypatch):
     runner = runner_for(model, backend, device)

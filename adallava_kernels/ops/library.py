@@ -23,6 +23,10 @@ its head map's dims, dtype and shape, metadata only: two forms share it.)
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
   paged attention gives 0), ``cols`` with a ``count`` read on the device;
+- ``step_inputs(lengths, starts, cos_table, sin_table)`` -> ``(cos, sin, lengths + 1)``: a decode step's
+  rotary rows at each row's position, read from tables; ``greedy_(logits, live, logits_out, next_tokens,
+  tokens, lengths)``: each row's argmax to ``next_tokens`` and ``tokens``, the logits copied to
+  ``logits_out``, ``lengths += live``, in place (:mod:`.decode_io`);
 - ``rms_norm(x, weight, eps)`` and ``fused_add_rms_norm(x, residual, weight, eps)`` ->
   ``(normed, x + residual)``: transformers' ``LlamaRMSNorm``, the second fused with the residual add;
 - ``silu_and_mul(gate_up)``: ``silu(gate) * up`` of a stacked gate|up projection;
@@ -157,6 +161,34 @@ def col_gathered_linear(
 @col_gathered_linear.register_fake
 def _(x, w, cols, count=None, x_mask=None, residual=None, dense=False, dense_weight=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@register_op("step_inputs", mutates_args=())
+def step_inputs(lengths: torch.Tensor, starts: torch.Tensor, cos_table: torch.Tensor,
+                sin_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .decode_io import launch_step_inputs
+
+    return launch_step_inputs(lengths, starts, cos_table, sin_table)
+
+
+@step_inputs.register_fake
+def _(lengths, starts, cos_table, sin_table):
+    rows, head_dim = lengths.shape[0], cos_table.shape[1]
+    return (cos_table.new_empty(rows, 1, head_dim), cos_table.new_empty(rows, 1, head_dim),
+            torch.empty_like(lengths))
+
+
+@register_op("greedy_", mutates_args=("logits_out", "next_tokens", "tokens", "lengths"))
+def greedy_(logits: torch.Tensor, live: torch.Tensor, logits_out: torch.Tensor, next_tokens: torch.Tensor,
+            tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+    from .decode_io import launch_greedy
+
+    launch_greedy(logits, live, logits_out, next_tokens, tokens, lengths)
+
+
+@greedy_.register_fake
+def _(logits, live, logits_out, next_tokens, tokens, lengths):
+    return None
 
 
 def adallava_ops():

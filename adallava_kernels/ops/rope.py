@@ -36,7 +36,7 @@ try:
 except ImportError:  # Triton ships for Linux x86-64 only; elsewhere the reference is the path.
     triton = tl = None
 
-__all__ = ["rope", "rope_", "rope_sign", "rope_triton_"]
+__all__ = ["TABLED_ROPE_TYPES", "rope", "rope_", "rope_sign", "rope_triton_", "rotary_tables"]
 
 # Heads of one token per program: LLaVA-7B's 64 rotated q|k heads are 4 programs a token.
 _BLOCK_HEADS = 16
@@ -53,6 +53,24 @@ def rope_sign(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.
     sign = torch.ones(head_dim, dtype=dtype, device=device)
     sign[: head_dim // 2] = -1
     return sign
+
+
+# Rope types whose frequencies do not depend on the sequence (transformers' ``rope_type``): a table of their
+# rows is what the module gives a step at a time. A ``dynamic`` or ``longrope`` module rescales with the length.
+TABLED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rotary_tables(rotary, positions: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(cos, sin)`` ``[positions, head_dim]`` of positions ``0 .. positions - 1``, the rotary module's own
+    output (transformers' ``rotary_emb(x, position_ids)``, in ``like``'s dtype and on its device), computed
+    once so that a decode step reads its rows instead of computing them; each angle is one product of an
+    inverse frequency and a position, as the module forms it a step at a time. ``None`` for a module whose
+    ``rope_type`` is not in :data:`TABLED_ROPE_TYPES`."""
+    if getattr(rotary, "rope_type", "default") not in TABLED_ROPE_TYPES:
+        return None
+    ids = torch.arange(positions, device=like.device)[None]
+    cos, sin = rotary(like.new_empty(1, 1, 1), ids)
+    return cos[0].contiguous(), sin[0].contiguous()
 
 
 def _jit(fn):

@@ -26,15 +26,22 @@ import torch.nn.functional as F
 from ..kv_cache.pool import check_seq_ids
 from ..masks import visible_positions_mask
 from ..ops.common import check_tensor
+from ..ops.library import eager_launchers
+from ..ops.decode_io import greedy_reference_
 from ..ops.paged_attention import paged_decode_splits
 from ..ops.rms_norm import rms_norm
 from .graphs import GraphCache
 from .slots import BUCKETS, BatchSlots, bucket_of
 from .step import DecodeInputs
 
-__all__ = ["DecodeBatch"]
+__all__ = ["DecodeBatch", "KERNELS_OUTSIDE_LAYERS", "TRITON_KERNELS_OUTSIDE_LAYERS"]
 
 _BATCH_IDS = itertools.count()
+_LAUNCH = eager_launchers()
+# The kernels a Triton decode step launches outside its layers: the embedding, the rows' rotary angles and
+# lengths (step_inputs), the final norm, lm_head, and the greedy tokens with the lengths advanced (greedy_).
+KERNELS_OUTSIDE_LAYERS = 5
+TRITON_KERNELS_OUTSIDE_LAYERS = 3  # of them Triton's: all but the embedding and lm_head's matmul
 
 
 class DecodeBatch:
@@ -68,6 +75,8 @@ class DecodeBatch:
         self._views: dict[int, list] = {}
         self._layers = runner.slot_layers
         self._splits: dict[int, int] = {}
+        # The Triton step reads each row's rotary angles from tables (the torch step calls the module).
+        self._rotary = runner.rotary_tables(self.width) if runner.backend == "triton" else None
 
     # -- membership ------------------------------------------------------------------------
 
@@ -177,21 +186,34 @@ class DecodeBatch:
         weights = runner.weights
         tokens, lengths, starts = slots.tokens[:bucket], slots.state[0, :bucket], slots.state[1, :bucket]
         h = F.embedding(tokens, weights.embed)
-        cos, sin = weights.rotary(h[:, None], (lengths - starts).long()[:, None])
-        lengths_after = lengths + 1
-        width = (self.width if visible_pages is None else visible_pages) * runner.cache.page_size
-        mask = visible_positions_mask(lengths_after, starts, width, h.dtype) if runner.backend == "torch" else None
-        inputs = DecodeInputs(cos, sin, cos[:, :, None], (sin * runner.rope_sign)[:, :, None], lengths,
-                              lengths_after, starts, mask)
+        inputs = self._inputs(h, lengths, starts, visible_pages)
         views, split, pages = self._views_of(bucket), self._split_of(bucket), runner.pages
         for layer, view in zip(self._layers, views):
             h = layer.decode(h, inputs, pages, view, split, runner.rope_sign)
         logits = rms_norm(h, weights.norm, weights.norm_eps, backend=runner.backend) @ weights.lm_head.t()
-        slots.logits[:bucket].copy_(logits)
-        greedy = logits.argmax(-1)
-        slots.next_tokens[:bucket].copy_(greedy)
-        tokens.copy_(greedy)  # the next step's input, unless the caller gives one
-        lengths.add_(slots.live[:bucket])
+        # The logits and greedy tokens to the batch's buffers, the tokens also as the next step's input
+        # (unless the caller gives one), and each live row's length advanced.
+        outputs = (slots.live[:bucket], slots.logits[:bucket], slots.next_tokens[:bucket], tokens, lengths)
+        if runner.backend == "triton":
+            _LAUNCH.greedy_(logits, *outputs)
+        else:
+            greedy_reference_(logits, *outputs)
+
+    def _inputs(self, h, lengths, starts, visible_pages: int | None) -> DecodeInputs:
+        """The step's per-row inputs: rotary angles at each row's position, lengths after the step; on the
+        torch path also the angles broadcast over heads and the visible positions' mask."""
+        runner = self.runner
+        if self._rotary is not None:
+            cos, sin, lengths_after = _LAUNCH.step_inputs(lengths, starts, *self._rotary)
+            return DecodeInputs(cos, sin, None, None, lengths, lengths_after, starts, None)
+        cos, sin = runner.weights.rotary(h[:, None], (lengths - starts).long()[:, None])
+        lengths_after = lengths + 1
+        mask = None
+        if runner.backend == "torch":
+            width = (self.width if visible_pages is None else visible_pages) * runner.cache.page_size
+            mask = visible_positions_mask(lengths_after, starts, width, h.dtype)
+        return DecodeInputs(cos, sin, cos[:, :, None], (sin * runner.rope_sign)[:, :, None], lengths, lengths_after,
+                            starts, mask)
 
     # -- internals ---------------------------------------------------------------------------
 

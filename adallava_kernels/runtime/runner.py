@@ -29,7 +29,7 @@ from ..kv_cache import LayerSkipKVCache
 from ..kv_cache.pool import check_seq_id, check_seq_ids
 from ..masks import causal_mask, positions
 from ..ops.common import resolve_backend
-from ..ops.rope import rope_sign
+from ..ops.rope import rope_sign, rotary_tables
 from ..ops.rms_norm import rms_norm
 from ..plan import ExecutionPlan
 from .cohorts import Schedule, attach_tables, build_schedule, for_cohort, run_layer
@@ -104,6 +104,7 @@ class PlannedDecoder:
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
         self.slot_layers = [SlotLayer(i, layer, self.backend) for i, layer in enumerate(weights.layers)]
         self._slot_sets: dict[tuple[int, int], list[BatchSlots]] = {}  # (capacity, width) -> idle buffers
+        self._rotary_tables: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}  # width -> (cos, sin)
 
     @classmethod
     def from_hf(
@@ -392,6 +393,15 @@ class PlannedDecoder:
         if request.row is None:
             request.row = RowPlan.of(self._plan_of(request), self.weights.device)
         return request.row
+
+    def rotary_tables(self, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary module's ``(cos, sin)`` rows of every position a decode batch of ``width`` pages per KV
+        head can reach, which its Triton step reads (:func:`~adallava_kernels.ops.rope.rotary_tables`; ``None``
+        for a rope type that rescales with the length: the step calls the module). Made once per width."""
+        if width not in self._rotary_tables:
+            self._rotary_tables[width] = rotary_tables(self.weights.rotary, width * self.cache.page_size,
+                                                       self.weights.embed)
+        return self._rotary_tables[width]
 
     def release_slots(self, slots: BatchSlots) -> None:
         """Take back a closed batch's buffers, cleared, for the next batch of their capacity and width."""

@@ -50,8 +50,8 @@ class DecodeInputs:
 
     cos: torch.Tensor  # [rows, 1, d]
     sin: torch.Tensor
-    cos4: torch.Tensor  # [rows, 1, 1, d]
-    signed_sin4: torch.Tensor
+    cos4: torch.Tensor | None  # [rows, 1, 1, d] (the torch path's; None on Triton)
+    signed_sin4: torch.Tensor | None
     lengths: torch.Tensor  # [rows] int32: positions stored before this step (the new token's slot)
     lengths_after: torch.Tensor  # lengths + 1
     starts: torch.Tensor  # [rows] int32: first position attended (the left padding)
