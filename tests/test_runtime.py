@@ -326,6 +326,41 @@ def test_a_triton_decode_step_launches_few_kernels_outside_its_layers(model, mon
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
+def test_a_planned_forward_reuses_the_programs_of_a_plan_it_ran_lately(model, backend, device, monkeypatch):
+    """A Triton runner keeps the layer programs of the last RECENT_PLANS plans no one holds: a forward with
+    such a plan builds none. Its programs hold index tensors only; the torch backend's hold gathered weight
+    copies, so it keeps none and builds them again."""
+    from adallava_kernels.runtime import layers
+
+    runner = runner_for(model, backend, device)
+    built = []
+    init = LayerProgram.__init__
+
+    def counted(self, weights, plan, *args):
+        built.append(plan.index)
+        init(self, weights, plan, *args)
+
+    monkeypatch.setattr(LayerProgram, "__init__", counted)
+    embeds, mask = runner.weights.embed[prompts()[0].to(device)], prompts()[1]
+    partial = [i for i in range(LAYERS) if PLAN_H.unit_counts()[0][i] not in (0, HEADS)]
+    runner.forward(embeds, mask, [PLAN_H, PLAN_H])
+    assert built and set(partial) <= set(built)
+    first = len(built)
+    runner.forward(embeds, mask, [PLAN_H, PLAN_H])
+    keep = layers.RECENT_PLANS[backend]
+    assert len(built) == (first if keep else 2 * first)
+    # More distinct plans than it keeps: the oldest one's programs go, and come back built anew.
+    others = [ExecutionPlan(SHAPE, [range(8), range(8), [j], [j]], [range(100)] * 2 + [[j], [j]])
+              for j in range(keep + 1)]
+    for plan in others:
+        runner.forward(embeds, mask, [plan, plan])
+    assert len(runner.programs._recent) == keep and runner.programs._plans.keys() == {runner._full.fingerprint}
+    before = len(built)
+    runner.forward(embeds, mask, [PLAN_H, PLAN_H])
+    assert len(built) > before
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_prefill_layers_read_nothing_back_after_planning(model, backend, device, monkeypatch):
     runner = runner_for(model, backend, device)
     ids, mask = prompts()

@@ -125,15 +125,25 @@ class _Held:
     holders: int = 0
 
 
+# Plans whose programs a Triton runner keeps after their last holder lets go, most recent first: a planned
+# forward (which holds its plan for the call only) with a plan it ran lately builds nothing. Their programs
+# hold index tensors, not weights. The torch backend's gather copies of the weights, so it keeps none.
+RECENT_PLANS = {"triton": 4, "torch": 0}
+
+
 class ProgramCache:
     """The layer programs of the plans in use: one per (layer, heads, neurons), shared by every plan that
-    runs the layer alike, built when a plan first needs it and dropped when no plan holds it."""
+    runs the layer alike, built when a plan first needs it and dropped when no plan holds it and it is not
+    among the :data:`RECENT_PLANS` last let go."""
 
     def __init__(self, weights: DecoderWeights, backend: str) -> None:
         self.weights, self.backend = weights, backend
         self._programs: dict[tuple, _Held] = {}  # (layer, heads, neurons) -> its LayerProgram
         # plan fingerprint -> its programs by layer: a lookup never compares two plans
         self._plans: dict[str, _Held] = {}
+        # Plans no one holds, kept with their programs' references, oldest first.
+        self._recent: dict[str, tuple[ExecutionPlan, _Held]] = {}
+        self._keep = RECENT_PLANS[backend]
 
     def of(self, plan: ExecutionPlan) -> tuple[LayerProgram, ...]:
         """The programs of an acquired ``plan``, by layer."""
@@ -144,6 +154,11 @@ class ProgramCache:
         held = self._plans.get(plan.fingerprint)
         if held is not None:
             held.holders += 1
+            return
+        recent = self._recent.pop(plan.fingerprint, None)
+        if recent is not None:
+            recent[1].holders = 1
+            self._plans[plan.fingerprint] = recent[1]
             return
         shape = self.weights.shape
         layers = plan.layers(self.weights.device)
@@ -169,8 +184,14 @@ class ProgramCache:
         held.holders -= 1
         if held.holders == 0:
             del self._plans[plan.fingerprint]
-            for i in range(self.weights.shape.num_layers):
-                self._unref((i, plan.heads[i], plan.neurons[i]))
+            self._recent[plan.fingerprint] = (plan, held)
+            while len(self._recent) > self._keep:
+                oldest = next(iter(self._recent))
+                self._drop(self._recent.pop(oldest)[0])
+
+    def _drop(self, plan: ExecutionPlan) -> None:
+        for i in range(self.weights.shape.num_layers):
+            self._unref((i, plan.heads[i], plan.neurons[i]))
 
     def _unref(self, key) -> None:
         shared = self._programs[key]
