@@ -124,6 +124,23 @@ def test_runtime_equals_the_zeroed_model_with_padding(model, backend, device, pl
             SHAPE, ids.shape[1] + steps, plan, kv_bytes=4, page_size=runner.cache.page_size)
 
 
+@pytest.mark.parametrize("rope_type, tabled", [("linear", True), ("dynamic", False)])
+def test_a_triton_step_tables_the_rotary_rows_unless_they_change_with_the_length(model, rope_type, tabled):
+    """Decode reads each row's rotary angles from the runner's per-width tables, built by the model's module;
+    a rope whose frequencies change with the length (dynamic) keeps calling the module. Either way the
+    tokens are transformers' (a dynamic rope's prompt stays below its original length, where it is static)."""
+    scaled = copy.deepcopy(model)
+    scaled.config.rope_parameters = {**model.config.rope_parameters, "rope_type": rope_type, "factor": 2.0}
+    scaled.model.rotary_emb = type(model.model.rotary_emb)(scaled.config)
+    runner = runner_for(scaled, "triton", DEVICE, cuda_graphs=False)
+    ids, mask = prompts()
+    steps = 4
+    _, logits = generate(runner, ids, mask, (PLAN_L, PLAN_H), steps)
+    assert (runner.rotary_tables(next(iter(runner._rotary_tables))) is not None) == tabled
+    for b, plan in enumerate((PLAN_L, PLAN_H)):
+        assert_close(logits[b], oracle_logits(scaled, ids[b], mask[b], plan, steps), torch.float32)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_forward_without_cache_equals_the_zeroed_model(model, backend, device):
     runner = runner_for(model, backend, device)
