@@ -2,7 +2,7 @@
 
 A captured decode step replays its kernels with no host work, but an eager one (``cuda_graphs=False``, or
 the vLLM plug-in, which vLLM runs eagerly) pays the library's launch code on the host for every kernel:
-5 a layer, 160 a 7B step. This runs the runtime's decode step of a three-layer decoder of the model's layer
+5 a layer, 160 in a 7B step's layers. This runs the runtime's decode step of a three-layer decoder of the model's layer
 sizes (layers 0 and 2 whole, layer 1 keeping every other head and neuron group) on CPU tensors with every Triton launch stubbed at ``JITFunction.run``, which returns at once (nothing is compiled
 or run), and each launch taking its kernel's first config, as a GPU launch does once its config is known.
 So what it times is the library's own host work per layer, up to Triton's launcher. Triton's launcher and

@@ -26,7 +26,7 @@ def register_op(name: str, mutates_args=()):
 class _EagerLaunchers:
     """The Triton operators called without the dispatcher outside ``torch.compile`` (a registered Python
     operator costs tens of microseconds of host time a call, which an eager step pays per kernel: a 7B decode
-    step launches 160), and through ``torch.ops.adallava`` while ``torch.compile`` traces, where each stays
+    step launches 165), and through ``torch.ops.adallava`` while ``torch.compile`` traces, where each stays
     one unit of the graph. The same functions run either way, and a CUDA graph records the same kernels."""
 
     def __getattr__(self, name: str):
