@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from adallava_kernels.ops import decode_io
 from adallava_kernels.ops.rope import rotary_tables
-from adallava_kernels.testing import poisoned
+from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE
 
@@ -92,10 +92,14 @@ def test_step_inputs_read_the_rotary_rows_of_each_position_and_add_one(dtype, he
     assert cos.shape == sin.shape == (5, 1, head_dim) and cos.dtype == dtype
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin) and torch.equal(after, ref_after)
     assert after.dtype == torch.int32 and after.tolist() == [1, 6, 311, 18, 401]
-    # The live rows' angles are what the module gives a step at a time, bit for bit.
+    # The live rows' angles are what the module gives a step at a time: bit for bit on a CPU; on a GPU the
+    # module's batched product may take another matmul kernel than the table's, so within the dtype's tolerance.
     live = (lengths - starts)[:3].long()
     module_cos, module_sin = rotary(torch.empty(3, 1, 1, dtype=dtype, device=DEVICE), live[:, None])
-    assert torch.equal(cos[:3], module_cos) and torch.equal(sin[:3], module_sin)
+    assert_close(cos[:3], module_cos.double())
+    assert_close(sin[:3], module_sin.double())
+    if DEVICE.type == "cpu":
+        assert torch.equal(cos[:3], module_cos) and torch.equal(sin[:3], module_sin)
 
 
 def test_rotary_tables_refuse_a_rope_that_rescales_with_the_length():
