@@ -24,16 +24,16 @@ try:
 except ImportError:  # the references below are the torch step's own ops, which need no Triton
     triton = tl = None
 
-
-def _jit(fn):
-    """``triton.jit`` where Triton is installed; without it the kernel is never launched."""
-    return fn if triton is None else triton.jit(fn)
-
-__all__ = ["greedy_", "step_inputs"]
+__all__ = ["greedy_", "greedy_reference_", "step_inputs", "step_inputs_reference"]
 
 # The vocabulary a greedy program reads per iteration: 16 bf16 values a thread at 8 warps (two 16-byte loads).
 _BLOCK_V = 4096
 _GREEDY_WARPS = 8
+
+
+def _jit(fn):
+    """``triton.jit`` where Triton is installed; without it the kernel is never launched."""
+    return fn if triton is None else triton.jit(fn)
 
 
 @_jit

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..kv_cache.pool import check_seq_ids
 from ..masks import visible_positions_mask
 from ..ops.common import check_tensor
-from ..ops.library import eager_launchers
 from ..ops.decode_io import greedy_reference_
+from ..ops.library import eager_launchers
 from ..ops.paged_attention import paged_decode_splits
 from ..ops.rms_norm import rms_norm
 from .graphs import GraphCache

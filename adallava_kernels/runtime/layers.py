@@ -125,9 +125,9 @@ class _Held:
     holders: int = 0
 
 
-# Plans whose programs a Triton runner keeps after their last holder lets go, most recent first: a planned
-# forward (which holds its plan for the call only) with a plan it ran lately builds nothing. Their programs
-# hold index tensors, not weights. The torch backend's gather copies of the weights, so it keeps none.
+# How many plans' programs a runner keeps after their last holder lets go (the most recent): a planned forward
+# (which holds its plan for the call only) with a plan it ran lately builds nothing. A Triton program holds
+# index tensors, not weights; the torch backend's hold gathered copies of the weights, so it keeps none.
 RECENT_PLANS = {"triton": 4, "torch": 0}
 
 
