@@ -327,6 +327,35 @@ def profile_layer(program, stage: str, args: tuple, plan: ExecutionPlan, shape: 
             "predicted_bytes": sum(op.bytes for op in ops.values()), "kernels": kernels}
 
 
+def profile_step_ends(runner: PlannedDecoder, plan: ExecutionPlan, shape: ModelShape, context: int,
+                      device: torch.device, reps: int) -> dict:
+    """The kernels a decode step launches outside its layers (the embedding, the rows' rotary angles, the
+    final norm, ``lm_head``, the greedy tokens): one row's eager step at ``context`` positions (``forward_step``,
+    the step a graph captures) profiled with a range around each layer, the kernels outside them kept."""
+    generator = torch.Generator().manual_seed(1)
+    embeds = runner.weights.embed[torch.randint(0, shape.vocab_size - 1, (1, context - 1),
+                                                generator=generator).to(device)]
+    # Each step stores a position: room for the warm-up step, the warm-up call and every profiled one.
+    runner.admit("step", plan, context + reps + 2)
+    try:
+        logits = runner.prefill(["step"], embeds)
+        batch = runner.decode(["step"])
+        try:
+            batch.step(logits[:, -1].argmax(-1))  # the step's buffers and views made, its kernels compiled
+            step_call = lambda: batch.forward_step(1)  # noqa: E731
+            step_call()
+            with contextlib.ExitStack() as stack, _one_thread(device):
+                for layer in runner.slot_layers:
+                    stack.enter_context(_replaced(layer, "decode", _ranged("layer")))
+                kernels = [k for k in profile_call(step_call, device, reps) if k["stage"] != "layer"]
+        finally:
+            batch.close()
+    finally:
+        runner.free("step")
+    return {"context": context, "kernel_count": len(kernels), "total_s": sum(k["seconds"] for k in kernels),
+            "kernels": [{"name": k["name"], "seconds": k["seconds"]} for k in kernels]}
+
+
 def run(shape: ModelShape, model_name: str, device: torch.device, dtype: torch.dtype, backend: str,
         tokens: int, context: int, seed: int = 0) -> dict:
     """Per layer (full, partial) and stage (prefill of ``tokens``, a decode step at ``context`` positions):
@@ -351,11 +380,13 @@ def run(shape: ModelShape, model_name: str, device: torch.device, dtype: torch.d
                                                       kv_tokens, rates, device, dtype, reps)}
                       for stage, q_tokens, kv_tokens in (("prefill", tokens, tokens), ("decode", 1, context))
                       for kind, program in programs[stage].items()]
+            step_ends = profile_step_ends(runner, plan, shape, context, device, reps)
     finally:
         runner.programs.release(plan)
     return {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "model": model_name,
             "shape": shape.to_dict(), "backend": runner.backend, "tokens": tokens, "context": context,
-            "reps": reps, "time": GPU_TIME if device.type == "cuda" else CPU_TIME, **rates, "layers": layers}
+            "reps": reps, "time": GPU_TIME if device.type == "cuda" else CPU_TIME, **rates, "layers": layers,
+            "step_ends": step_ends}
 
 
 COLUMNS = [
@@ -400,12 +431,28 @@ UNMAPPED = ("'-': no single cost-model op for the kernel (rotary embedding, K/V 
             "/ matmul rate above it")
 
 
+STEP_COLUMNS = [("name", "kernel (CPU: top-level op)", "s"), ("us", "time us", "s")]
+
+
+def _step_line(ends: dict) -> str:
+    return (f"a decode step's own kernels, outside its layers (one row, context {ends['context']}): "
+            f"{ends['kernel_count']} kernels, {ends['total_s'] * 1e6:.1f} us")
+
+
+def _step_cells(ends: dict) -> list[dict]:
+    return [{"name": k["name"] if len(k["name"]) <= NAME_WIDTH else k["name"][:NAME_WIDTH - 3] + "...",
+             "us": f"{k['seconds'] * 1e6:.1f}"} for k in ends["kernels"]]
+
+
 def table(result: dict) -> str:
-    """The measured rates, then per layer and stage its kernels, its kernel count and total time."""
+    """The measured rates, then per layer and stage its kernels, its kernel count and total time; then the
+    decode step's own kernels."""
     lines = [_rates_line(result)]
     for layer in result["layers"]:
         lines.append("\n" + _layer_line(result, layer))
         lines.append(format_table([_cells(k) for k in layer["kernels"]], COLUMNS))
+    if "step_ends" in result:
+        lines += ["\n" + _step_line(result["step_ends"]), format_table(_step_cells(result["step_ends"]), STEP_COLUMNS)]
     lines.append(UNMAPPED)
     return "\n".join(lines)
 
@@ -416,6 +463,10 @@ def markdown(result: dict) -> str:
     for layer in result["layers"]:
         parts += [f"<details><summary>{_layer_line(result, layer)}</summary>",
                   markdown_table([_cells(k) for k in layer["kernels"]], COLUMNS), "</details>"]
+    if "step_ends" in result:
+        ends = result["step_ends"]
+        parts += [f"<details><summary>{_step_line(ends)}</summary>", markdown_table(_step_cells(ends), STEP_COLUMNS),
+                  "</details>"]
     return "\n\n".join(parts + [UNMAPPED + "."])
 
 

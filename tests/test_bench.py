@@ -371,6 +371,14 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
         assert priced and all(kernel["flops"] > 0 and kernel["fraction"] > 0 for kernel in priced)
     for stage in ("prefill", "decode"):
         assert layers["partial", stage]["predicted_flops"] < layers["full", stage]["predicted_flops"]
+    # The decode step's own kernels, outside its layers (the torch path's): on a CPU its top-level ops, views
+    # included, among them the embedding, the final norm's, lm_head and the greedy tokens'.
+    ends = profiled["step_ends"]
+    names = [kernel["name"] for kernel in ends["kernels"]]
+    assert ends["kernel_count"] == len(names) >= 5 and ends["total_s"] > 0 and ends["context"] == profiled["context"]
+    if not torch.cuda.is_available():
+        assert {"aten::embedding", "aten::rsqrt", "aten::matmul", "aten::argmax"} <= set(names), names
+    assert f"a decode step's own kernels, outside its layers (one row, context {ends['context']})" in printed
     if not torch.cuda.is_available():
         # Without a GPU the section adds the static report of the 7B decode step compiled for sm_90.
         static = profiled["static"]
