@@ -171,6 +171,12 @@ def _kernel_rows(out: Path) -> list[dict]:
     if on_gpu and counts:
         most = max(counts.values())
         rows.append(_row("#28", "kernels per decode layer (device records)", str(counts), "<= 8", most <= 8))
+    ends = section.get("step_ends")
+    if on_gpu and ends:
+        slowest = max(ends["kernels"], key=lambda k: k["seconds"])
+        rows.append(_row("#28", "a decode step's own kernels, outside its layers (one row)",
+                         f"{ends['kernel_count']} kernels, {ends['total_s'] * 1e6:.1f} us (the longest "
+                         f"{slowest['name'][:40]}, {slowest['seconds'] * 1e6:.1f} us)", "reported", True))
     return rows
 
 

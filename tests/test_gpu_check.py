@@ -252,3 +252,29 @@ def test_the_verdict_names_the_full_plan_as_the_model_check_does():
     from bench import model
 
     assert gpu_verdict.FULL_FAMILY == model.FULL
+
+
+def test_the_verdict_reports_the_decode_layers_and_the_steps_own_kernels_from_a_gpu_profile(tmp_path):
+    """kernels/results.json of a GPU run: the lowest share of a decode kernel, the kernels per decode layer and
+    the step's own kernels outside its layers (a CPU profile gives none of these rows)."""
+    def kernel(name, us, fraction=None):
+        return {"name": name, "seconds": us * 1e-6, "fraction": fraction, "bound": fraction and "memory"}
+
+    layers = [{"layer": kind, "stage": "decode", "kernel_count": 5,
+               "kernels": [kernel("_row_gather_kernel", 46.0, 0.93), kernel("_paged_decode_kernel", 7.0, 0.41)]}
+              for kind in ("full", "partial")]
+    ends = {"context": 700, "kernel_count": 5, "total_s": 40.5e-6,
+            "kernels": [kernel("embedding", 1.0), kernel("_step_inputs_kernel", 1.5), kernel("_rms_norm_kernel", 1.8),
+                        kernel("nvjet_gemv", 33.2), kernel("_greedy_kernel", 3.0)]}
+    (tmp_path / "kernels").mkdir()
+    section = {"time": "GPU time of each device kernel", "layers": layers, "step_ends": ends}
+    (tmp_path / "kernels" / "results.json").write_text(json.dumps({"kernels": section}))
+    rows = {r["what"]: r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["issue"] in ("#19 #28", "#28")}
+    assert rows["decode kernels: the lowest share of the copy rate"]["measured"] == \
+        "41.0% (_paged_decode_kernel in the full layer)"
+    assert rows["kernels per decode layer (device records)"]["holds"] is True
+    step = rows["a decode step's own kernels, outside its layers (one row)"]
+    assert (step["measured"], step["holds"]) == ("5 kernels, 40.5 us (the longest nvjet_gemv, 33.2 us)", True)
+    section["time"] = "CPU time of each top-level op, 1 thread"
+    (tmp_path / "kernels" / "results.json").write_text(json.dumps({"kernels": section}))
+    assert not any("own kernels" in r["what"] for r in gpu_verdict.verdict(tmp_path)["rows"])
