@@ -35,6 +35,16 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def jit_where_available(fn):
+    """``triton.jit`` where Triton is installed; without it the kernel is never launched (the module's torch
+    reference is the path), so the modules that define elementwise kernels import on any machine."""
+    try:
+        import triton
+    except ImportError:
+        return fn
+    return triton.jit(fn)
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op here (no kernel, no Triton, or no GPU)."""
 

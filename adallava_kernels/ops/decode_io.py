@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_tensor, next_power_of_2
+from .common import check_tensor, jit_where_available, next_power_of_2
 
 try:
-    import triton
     import triton.language as tl
 except ImportError:  # the references below are the torch step's own ops, which need no Triton
-    triton = tl = None
+    tl = None
 
 __all__ = ["greedy_", "greedy_reference_", "step_inputs", "step_inputs_reference"]
 
@@ -31,12 +30,8 @@ _BLOCK_V = 4096
 _GREEDY_WARPS = 8
 
 
-def _jit(fn):
-    """``triton.jit`` where Triton is installed; without it the kernel is never launched."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit_where_available
 def _step_inputs_kernel(lengths_ptr, starts_ptr, cos_table_ptr, sin_table_ptr, cos_ptr, sin_ptr, after_ptr,
                         positions, head_dim, stride_table, BLOCK_D: tl.constexpr):
     """Row ``program_id(0)``: cos/sin rows of its position, and its length plus one."""
@@ -54,7 +49,7 @@ def _step_inputs_kernel(lengths_ptr, starts_ptr, cos_table_ptr, sin_table_ptr, c
     tl.store(after_ptr + row, length + 1)
 
 
-@_jit
+@jit_where_available
 def _greedy_kernel(logits_ptr, copy_ptr, live_ptr, lengths_ptr, next_ptr, tokens_ptr, vocab,
                    stride_logits, stride_copy, BLOCK_V: tl.constexpr):
     """Row ``program_id(0)``: its logits copied, its argmax to next and tokens, its length plus its live flag."""

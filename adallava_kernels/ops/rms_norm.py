@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .common import INTERPRETING, check_same_dtype, check_tensor, next_power_of_2, resolve_backend
+from .common import INTERPRETING, check_same_dtype, check_tensor, jit_where_available, next_power_of_2, resolve_backend
 from .registry import register_op
 
 try:
@@ -62,12 +62,8 @@ MAX_HIDDEN = 65536
 _ELEMENTS_PER_THREAD = 16
 
 
-def _jit(fn):
-    """``triton.jit`` where Triton is installed; without it the kernel is never launched."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit_where_available
 def _round_to_bf16(x):
     """float32 to bfloat16, rounded to nearest even by hand: Triton's interpreter truncates (finite x only)."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -75,14 +71,14 @@ def _round_to_bf16(x):
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@_jit
+@jit_where_available
 def _round(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     if ROUND_BF16:
         return _round_to_bf16(x)
     return x.to(dtype)
 
 
-@_jit
+@jit_where_available
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     hidden, eps,
@@ -112,7 +108,7 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
 
-@_jit
+@jit_where_available
 def normed_tile(a, norm_ptrs, mask, squares, UPCAST: tl.constexpr):
     """One K tile of x ``[rows, BLOCK_K]`` entering a projection through the norm: ``x * weight`` (rounded
     to x's dtype, the operand of the dot), and ``squares`` ``[rows]`` plus the tile's sum of squares.
@@ -134,7 +130,7 @@ def normed_tile(a, norm_ptrs, mask, squares, UPCAST: tl.constexpr):
     return scaled.to(a.dtype), squares
 
 
-@_jit
+@jit_where_available
 def rms_scale(squares, hidden, eps):
     """``rsqrt(mean(x**2) + eps)`` of each row from its sum of squares over ``hidden`` elements."""
     return tl.rsqrt(squares / hidden + eps)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import cdiv, check_tensor, next_power_of_2, resolve_backend
+from .common import cdiv, check_tensor, jit_where_available, next_power_of_2, resolve_backend
 from .registry import register_op
 
 try:
@@ -73,12 +73,8 @@ def rotary_tables(rotary, positions: int, like: torch.Tensor) -> tuple[torch.Ten
     return cos[0].contiguous(), sin[0].contiguous()
 
 
-def _jit(fn):
-    """``triton.jit`` where Triton is installed; without it the kernel is never launched."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit_where_available
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, heads, seq, half,
     stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,

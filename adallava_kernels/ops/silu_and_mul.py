@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import cdiv, check_tensor, resolve_backend
+from .common import cdiv, check_tensor, jit_where_available, resolve_backend
 from .registry import register_op
 
 try:
@@ -39,12 +39,8 @@ __all__ = ["silu_and_mul", "silu_and_mul_reference", "silu_and_mul_triton"]
 _BLOCK = 1024
 
 
-def _jit(fn):
-    """``triton.jit`` where Triton is installed; without it the kernel is never launched."""
-    return fn if triton is None else triton.jit(fn)
 
-
-@_jit
+@jit_where_available
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, n, stride_in, stride_out, BLOCK: tl.constexpr):
     """Row ``program_id(0)``, columns ``[program_id(1) * BLOCK, + BLOCK)`` of the activation."""
     row = tl.program_id(0).to(tl.int64)
