@@ -402,10 +402,14 @@ COLUMNS = [
 NAME_WIDTH = 48
 
 
+def _short(name: str) -> str:
+    """A kernel's name cut to the table's column (a CUDA template's runs to hundreds of characters)."""
+    return name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
+
+
 def _cells(k: dict) -> dict:
     mapped = k["ops"] is not None
-    name = k["name"] if len(k["name"]) <= NAME_WIDTH else k["name"][:NAME_WIDTH - 3] + "..."
-    return {"name": name, "part": k["stage"] or "-", "us": f"{k['seconds'] * 1e6:.1f}",
+    return {"name": _short(k["name"]), "part": k["stage"] or "-", "us": f"{k['seconds'] * 1e6:.1f}",
             "ops": "+".join(k["ops"]) if mapped else "-",
             "flops": si_text(k["flops"], "FLOP") if mapped else "-",
             "bytes": si_text(k["bytes"], "B") if mapped else "-",
@@ -440,8 +444,7 @@ def _step_line(ends: dict) -> str:
 
 
 def _step_cells(ends: dict) -> list[dict]:
-    return [{"name": k["name"] if len(k["name"]) <= NAME_WIDTH else k["name"][:NAME_WIDTH - 3] + "...",
-             "us": f"{k['seconds'] * 1e6:.1f}"} for k in ends["kernels"]]
+    return [{"name": _short(k["name"]), "us": f"{k['seconds'] * 1e6:.1f}"} for k in ends["kernels"]]
 
 
 def table(result: dict) -> str:
