@@ -233,6 +233,30 @@ def profiled_gpu_seconds(fn: Callable[[], object], reps: int) -> float:
     return device_busy_seconds(prof.events()) / reps
 
 
+def graph_replay_seconds(calls: Sequence[Callable[[], object]], rounds: int, replays: int) -> float:
+    """Seconds one pass over ``calls`` takes inside a CUDA graph: ``rounds`` passes captured back to back, the
+    graph replayed ``replays`` times and timed with events, the median replay over ``rounds`` (no host launch
+    cost inside it, as a captured decode step runs its kernels). The calls must have run once already (their
+    kernels compiled, their buffers sized), outside the capture."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e-3 / rounds)
+    return sorted(samples)[len(samples) // 2]
+
+
 def _cuda_samples(fn: Callable[[], object], budget: TimingBudget) -> list[float]:
     warm_up(fn, budget, torch.cuda.synchronize)
 

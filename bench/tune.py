@@ -49,6 +49,7 @@ from adallava_kernels.ops.common import INTERPRETING
 from adallava_kernels.ops.layout import prepare_column_gather
 from adallava_kernels.plan import neuron_groups
 
+from . import timing
 from ._common import checked_device, device_name, metadata
 from .configs import EXTRA, KERNEL_TABLES, candidates  # noqa: F401 - EXTRA and KERNEL_TABLES: the sweep's lists
 
@@ -221,24 +222,8 @@ def time_calls(calls: list[Callable[[], object]], device: torch.device, quick: b
         return time.perf_counter() - start
     for call in calls:  # compiles, and sizes the split workspace outside the capture
         call()
-    torch.cuda.synchronize()
     rounds = max(1, -(-8 // len(calls)))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for call in calls:
-                call()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(5 if quick else 20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e-3 / (rounds * len(calls)))
-    return sorted(samples)[len(samples) // 2]
+    return timing.graph_replay_seconds(calls, rounds, 5 if quick else 20) / len(calls)
 
 
 def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: float, quick: bool,

@@ -21,17 +21,19 @@ Stages, in the order of what they are worth, each under its own time cap and all
 4. ``pdl``: the full plan's decode step and floor, and the -H 0.50 plan's, again with programmatic
    dependent launch on, each decode kernel prefetching its first weight or K/V tiles into L2 before it
    waits (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
-5. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
-6. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
+5. ``boundary``: what one more kernel costs in a captured chain, without PDL and with it: one stream of
+   bytes read by 1 to 32 kernels in a row, the slope of the chain's time (``python -m bench.boundary``);
+6. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
+7. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
    decode steps (``python -m bench.static``), which the verdict sets against the ``model`` and ``pdl``
    stages' measured step, with the fixed cost per kernel the measurement implies. The model's side needs no
    GPU: ``make fit-inputs`` computes it beforehand into ``bench/out/fit-inputs`` (carry it with the tree),
    which the stage reuses where it matches the tree, Triton and model (``python -m bench.fit_inputs``);
-7. ``serve``: the serving run (``python -m bench --only serve``);
-8. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
+8. ``serve``: the serving run (``python -m bench --only serve``);
+9. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
-9. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
+10. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
    still lists every test that finished).
 
 Each stage writes its log and JSON under ``--out`` the moment it ends, a stage that fails or runs out of
@@ -136,6 +138,10 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
         Stage("pdl", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "pdl"), *quick]],
               ["pdl/results.json"],
               {"ADALLAVA_PDL": "1"}),
+        # What one more kernel costs in a captured chain, without PDL and with it (bench/boundary.py): the
+        # number that decides between fusing kernels and hiding their fixed cost.
+        Stage("boundary", 60, [["-m", "bench.boundary", str(out / "boundary" / "results.json"), *quick]],
+              ["boundary/results.json"], {} if on_gpu else {"TRITON_INTERPRET": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
         # The static model's time of every swept decode candidate beside the sweep's measured time (the

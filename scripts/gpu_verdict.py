@@ -2,7 +2,7 @@
 """The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
 
 Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
-``kernels/results.json``, ``fit/errors.json``, ``fit/static.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``,
+``kernels/results.json``, ``fit/errors.json``, ``fit/static.json``, ``boundary/results.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``,
 ``tests.log``);
 a stage that did not run or did not finish makes its rows "not measured", never a guess. Run it alone on a
 folder to redraw the table: ``python scripts/gpu_verdict.py bench/out/gpu-check``.
@@ -231,11 +231,36 @@ def _step_model_rows(out: Path) -> list[dict]:
     return rows
 
 
+def _boundary_rows(out: Path) -> list[dict]:
+    """The cost of one more kernel in a captured chain (``python -m bench.boundary``), without PDL and with it:
+    each stream's slope over its chains; and the static model's decode steps again at the larger of each
+    mode's slopes, in place of its FIXED_S."""
+    result = _load(out / "boundary" / "results.json")
+    what = "the cost of one more kernel in a captured chain (bench.boundary)"
+    if not result or not result.get("series"):
+        return [_row("#28", what, None, "reported", None)]
+    static = _load(out / "fit" / "static.json")
+    rows = []
+    for mode, label in (("off", ""), ("on", ", with ADALLAVA_PDL=1")):
+        series = [s for s in result["series"] if s["pdl"] == mode]
+        if not series:
+            reason = {**result.get("skipped", {}), **result.get("errors", {})}.get(mode, "not measured")
+            rows.append(_row("#28", what + label, None, f"reported ({reason})", None))
+            continue
+        text = ", ".join(f"{s['slope_s'] * 1e6:.2f} us over {s['total_bytes'] / 2**20:.0f} MiB (r {s['r']:.4f})"
+                         for s in series)
+        rows.append(_row("#28", what + label, text, "reported", True))
+        if static:
+            cost = max(s["slope_s"] for s in series)
+            rows.append(_steps_at_fixed_cost(static, cost, label, "the measured cost"))
+    return rows
+
+
 def _step_name(step: dict) -> str:
     return f"{'full' if step['partial_layers'] == 0 else '-H'} b{step['batch']}"
 
 
-def _steps_at_fixed_cost(static: dict, fixed: float, label: str) -> dict:
+def _steps_at_fixed_cost(static: dict, fixed: float, label: str, source: str = "the implied fixed cost") -> dict:
     """The static model's decode steps (full plan and half the layers partial, batch 1 and 16) with the fixed
     cost per kernel that the measured step implies in place of the model's: their share of the copy rate,
     against the share #28 asks of each."""
@@ -245,7 +270,7 @@ def _steps_at_fixed_cost(static: dict, fixed: float, label: str) -> dict:
         seconds = step["seconds"] + step["kernels"] * (fixed - static["fixed_s"])
         shares[_step_name(step)] = step["bytes"] / static["copy_rate"] / seconds if seconds > 0 else None
     text = ", ".join(f"{name} {'-' if share is None else f'{share:.1%}'}" for name, share in shares.items())
-    return _row("#28", f"static decode steps at the implied fixed cost of {fixed * 1e6:.2f} us a kernel{label}",
+    return _row("#28", f"static decode steps at {source} of {fixed * 1e6:.2f} us a kernel{label}",
                 text, f">= {target:.0%} each", all(s is not None and s >= target for s in shares.values()))
 
 
@@ -322,7 +347,8 @@ def verdict(out: Path) -> dict:
         rows.append(_row("#27", "kernel sweep: cases with a chosen config",
                          f"{chosen} of {len(tune.get('cases', [])) + len(tune.get('skipped', []))}", "all",
                          chosen > 0 and not tune.get("skipped")))
-    rows += _model_rows(out) + _kernel_rows(out) + _fit_rows(out) + _step_model_rows(out) + _serve_rows(out)
+    rows += (_model_rows(out) + _kernel_rows(out) + _fit_rows(out) + _step_model_rows(out) + _boundary_rows(out)
+             + _serve_rows(out))
     return {"device": setup.get("device"), "torch": setup.get("torch"), "triton": setup.get("triton"),
             "rows": rows}
 

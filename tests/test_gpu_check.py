@@ -100,10 +100,10 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     printed, _ = process.communicate(timeout=600)
     assert process.returncode == 0, printed
     stages = json.loads((out / "stages.json").read_text())
-    names = ["setup", "tune", "model", "pdl", "kernels", "fit", "serve", "probes", "tests"]
+    names = ["setup", "tune", "model", "pdl", "boundary", "kernels", "fit", "serve", "probes", "tests"]
     assert [(s["name"], s["status"]) for s in stages["stages"]] == [(n, "passed") for n in names]
     for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "pdl/results.json",
-                 "kernels/results.json", "fit/predicted.json", "fit/errors.json", "fit/static.json",
+                 "boundary/results.json", "kernels/results.json", "fit/predicted.json", "fit/errors.json", "fit/static.json",
                  "serve/results.json", "probes.json", "tests.log", "verdict.md", "verdict.json"):
         assert (out / name).stat().st_size > 0, name
     for name in names:
@@ -245,6 +245,40 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     # The pdl stage's -H plan beside the model stage's.
     (ab,) = [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("H 0.50 plan's decode")]
     assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
+
+
+def test_the_verdict_reports_the_cost_of_a_kernel_and_prices_the_static_steps_at_it(tmp_path):
+    """boundary/results.json (bench.boundary): each mode's slopes, and the static steps at the larger slope."""
+    def rows():
+        return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if "one more kernel" in r["what"]
+                or "at the measured cost" in r["what"]]
+
+    assert [(r["measured"], r["holds"]) for r in rows()] == [(None, None)]  # nothing measured yet
+    (tmp_path / "fit").mkdir()
+    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3}
+             for b in (1, 16) for p in (0, 16)]
+    (tmp_path / "fit" / "static.json").write_text(json.dumps(
+        {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
+    (tmp_path / "boundary").mkdir()
+    series = [{"pdl": mode, "total_bytes": total << 20, "launches": [1, 2], "seconds": [1.0, 1.0],
+               "slope_s": slope, "intercept_s": 1e-4, "r": 0.99991}
+              for mode, total, slope in (("off", 128, 4.5e-6), ("off", 512, 5e-6), ("on", 128, 2e-6),
+                                         ("on", 512, 1.5e-6))]
+    (tmp_path / "boundary" / "results.json").write_text(json.dumps({"series": series, "skipped": {}}))
+    assert [(r["what"], r["measured"], r["holds"]) for r in rows()] == [
+        ("the cost of one more kernel in a captured chain (bench.boundary)",
+         "4.50 us over 128 MiB (r 0.9999), 5.00 us over 512 MiB (r 0.9999)", True),
+        # 3.0 ms + 100 x 1 us: 3.1 ms, 82.3% of the copy rate; 3.0 ms - 100 x 2 us: 2.8 ms, 91.1%.
+        ("static decode steps at the measured cost of 5.00 us a kernel",
+         "full b1 82.3%, -H b1 82.3%, full b16 82.3%, -H b16 82.3%", False),
+        ("the cost of one more kernel in a captured chain (bench.boundary), with ADALLAVA_PDL=1",
+         "2.00 us over 128 MiB (r 0.9999), 1.50 us over 512 MiB (r 0.9999)", True),
+        ("static decode steps at the measured cost of 2.00 us a kernel, with ADALLAVA_PDL=1",
+         "full b1 91.1%, -H b1 91.1%, full b16 91.1%, -H b16 91.1%", True)]
+    # A GPU without PDL: the on rows say why.
+    (tmp_path / "boundary" / "results.json").write_text(json.dumps(
+        {"series": series[:2], "skipped": {"on": "needs compute capability 9.0+"}}))
+    assert rows()[-1]["target"] == "reported (needs compute capability 9.0+)" and rows()[-1]["holds"] is None
 
 
 def test_the_verdict_names_the_full_plan_as_the_model_check_does():

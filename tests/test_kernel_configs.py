@@ -107,7 +107,7 @@ def test_programmatic_dependent_launch_is_opt_in_and_decode_only(monkeypatch):
     assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}
     monkeypatch.setenv(triton_utils.PDL_ENV, "1")
     assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": False}
-    monkeypatch.setattr(triton_utils, "_supports_pdl", lambda device: True)
+    monkeypatch.setattr(triton_utils, "supports_pdl", lambda device: True)
     assert triton_utils.pdl_flags(cpu, "decode") == {"PDL": True, "launch_pdl": True}
     assert triton_utils.pdl_flags(cpu, "prefill") == {"PDL": False}
     monkeypatch.setenv(triton_utils.PDL_ENV, "0")

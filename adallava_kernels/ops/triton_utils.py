@@ -48,6 +48,7 @@ __all__ = [
     "multiprocessors",
     "dependent_launch",
     "pdl_flags",
+    "supports_pdl",
     "PREFETCH_TILES",
     "prefetch_lines",
     "regime",
@@ -129,11 +130,13 @@ def prefetch_lines(base, index, index_mask, stride_index, lo, hi, stride_elem, E
 def pdl_flags(device: torch.device, which: str) -> dict:
     """The launch's ``PDL`` constexpr, and ``launch_pdl`` where it is on: decode launches on a GPU of compute
     capability 9.0 or newer, with ``ADALLAVA_PDL=1`` and a Triton that has grid dependency control."""
-    on = which == "decode" and os.environ.get(PDL_ENV) == "1" and _supports_pdl(device)
+    on = which == "decode" and os.environ.get(PDL_ENV) == "1" and supports_pdl(device)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
-def _supports_pdl(device: torch.device) -> bool:
+def supports_pdl(device: torch.device) -> bool:
+    """Whether a launch on ``device`` can use programmatic dependent launch: a CUDA GPU of compute capability
+    9.0 or newer, a Triton with grid dependency control, not the interpreter."""
     if INTERPRET or gdc_wait is None or device.type != "cuda":
         return False
     return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (9, 0)
