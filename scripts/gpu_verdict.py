@@ -2,10 +2,10 @@
 """The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
 
 Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
-``kernels/results.json``, ``fit/errors.json``, ``fit/static.json``, ``boundary/results.json``, ``serve/results.json``, ``tune/results.json``, ``probes.json``,
-``tests.log``);
-a stage that did not run or did not finish makes its rows "not measured", never a guess. Run it alone on a
-folder to redraw the table: ``python scripts/gpu_verdict.py bench/out/gpu-check``.
+``kernels/results.json``, ``fit/errors.json``, ``fit/static.json``, ``boundary/results.json``,
+``serve/results.json``, ``tune/results.json``, ``probes.json``, ``tests.log``); a stage that did not run or
+did not finish makes its rows "not measured", never a guess. Run it alone on a folder to redraw the table:
+``python scripts/gpu_verdict.py bench/out/gpu-check``.
 """
 
 from __future__ import annotations
@@ -261,9 +261,9 @@ def _step_name(step: dict) -> str:
 
 
 def _steps_at_fixed_cost(static: dict, fixed: float, label: str, source: str = "the implied fixed cost") -> dict:
-    """The static model's decode steps (full plan and half the layers partial, batch 1 and 16) with the fixed
-    cost per kernel that the measured step implies in place of the model's: their share of the copy rate,
-    against the share #28 asks of each."""
+    """The static model's decode steps (full plan and half the layers partial, batch 1 and 16) with ``fixed``
+    seconds a kernel in place of the model's FIXED_S (``source``: what gave it, a measured step or a chain of
+    kernels): their share of the copy rate, against the share #28 asks of each."""
     target = static.get("target_share", FLOOR_SHARE)
     shares = {}
     for step in static["steps"]:
