@@ -37,8 +37,8 @@ from adallava_kernels.ops.triton_utils import (INTERPRET, supports_pdl, dependen
                                                prefetch_lines)
 
 from ._common import metadata
-from .timing import graph_replay_seconds
 from .report import linear_fit, pearson
+from .timing import graph_replay_seconds
 
 try:
     import triton
@@ -194,7 +194,7 @@ def table(result: dict) -> str:
         lines.append(f"{s['pdl']:>4} {_size(s['total_bytes']):>9} {cells} {s['slope_s'] * 1e6:>8.2f} us "
                      f"{s['intercept_s'] * 1e6:>9.2f} us {s['r']:>7.4f}")
     lines += [f"pdl {mode}: not run: {reason}" for mode, reason in result["skipped"].items()]
-    lines += [f"pdl {mode}: failed: {error}" for mode, error in result.get("errors", {}).items()]
+    lines += [f"pdl {mode}: failed: {error}" for mode, error in result["errors"].items()]
     return "\n".join(lines)
 
 
