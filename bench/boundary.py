@@ -1,22 +1,33 @@
-"""``python -m bench.boundary``: what one more kernel costs in a captured decode step, with and without PDL.
+"""``python -m bench.boundary``: what one more kernel costs in a captured decode step, with and without PDL, and
+what one more phase of a single kernel costs instead.
 
 The static model (``bench/static.py``) charges every kernel of a decode step a fixed cost (``FIXED_S``) on
 top of its bytes, and most of the gap between its steps and the copy rate is that cost times the step's
 kernels. Whether a step should lose kernels (fusion) or programmatic dependent launch can hide the cost
-is a question of one number, measured here directly rather than inferred from a whole step:
+is a question of two numbers, measured here directly rather than inferred from a whole step:
 
-- one stream of ``total`` bytes is read by ``launches`` kernels in a row (the stream cut into that many
-  contiguous slices), ``launches`` from 1 to 32, each kernel a grid of four programs per SM that sums its
-  slice (16-byte loads, 16 KB of them in flight per program: 64 KB per SM, what Little's law asks of the
-  copy rate at a microsecond of latency);
-- each chain is captured in a CUDA graph and replayed, timed with CUDA events, as a decode step runs;
-- the least-squares line of the chain's time against its launches: its **slope is the cost of one more
-  kernel** (launch, first round trip, last wave's drain), its intercept the stream's own time.
+- one stream of ``total`` bytes is cut into ``parts`` contiguous slices, ``parts`` from 1 to 32, and read
+  slice after slice by grids of four programs per SM that sum it (16-byte loads, 16 KB of them in flight
+  per program: 64 KB per SM, what Little's law asks of the copy rate at a microsecond of latency);
+- each run is captured in a CUDA graph and replayed, timed with CUDA events, as a decode step runs;
+- the least-squares line of the run's time against its parts: its **slope is the cost of one more
+  boundary**, its intercept the stream's own time.
 
-Each ``total`` (128 MiB and 512 MiB: more than L2, so every chain reads memory) is measured with
-programmatic dependent launch off and on. On, each kernel asks L2 for its first lines, then waits
-(``griddepcontrol``), as the library's decode kernels do with ``ADALLAVA_PDL=1``. On a GPU without it (or
-a Triton without grid dependency control) the ``on`` rows are left out and say why.
+Each ``total`` (128 MiB and 512 MiB: more than L2, so every run reads memory) is measured in three modes
+(:data:`MODES`):
+
+- ``off``: one kernel a slice (the boundary: a launch, the first round trip, the last wave's drain);
+- ``on``: the same with programmatic dependent launch: each kernel asks L2 for its first lines, then waits
+  (``griddepcontrol``), as the library's decode kernels do with ``ADALLAVA_PDL=1``. On a GPU without it (or
+  a Triton without grid dependency control) its rows are left out and say why;
+- ``fused``: one kernel for the whole run, a slice a phase. A program takes a ticket from a counter, and
+  the ticket, not its program ID, names its phase and share, so a program only ever waits on programs that
+  took their tickets before it (and so are running or done): no wait can deadlock, whatever order the GPU
+  starts programs in, and under the interpreter (one program at a time, in order) no wait spins. A phase's
+  program asks L2 for its first lines, then waits until every program of the phase before has released its
+  count (acquire/release atomics: the grid-wide dependency of a decode layer's kernel boundaries). The last
+  program puts the counters back to 0 for the next launch. This is the cost a layer fused into one kernel
+  with ordered phases would pay per boundary instead of ``off``'s or ``on``'s.
 
 Without a GPU it runs the same code under the Triton interpreter (``TRITON_INTERPRET=1``) at a few KB, timed
 with the wall clock: a dry run, whose numbers mean nothing.
@@ -46,12 +57,14 @@ try:
 except ImportError:  # pragma: no cover - the bench needs Triton; the message says so at run time
     triton = tl = None
 
-LAUNCHES = (1, 2, 4, 8, 16, 32)
+PARTS = (1, 2, 4, 8, 16, 32)
+# What cuts the stream's slices apart (module docstring).
+MODES = ("off", "on", "fused")
 GPU_TOTALS = (128 << 20, 512 << 20)  # bytes: both beyond an H100's or H200's L2
 DRY_TOTALS = (64 << 10,)  # the interpreter's: a smoke run
 PROGRAMS_PER_SM = 4  # 96 registers a thread at 4 warps: four programs fit an SM's registers
 # Elements a program sums per iteration: 16 KB of bf16, 64 bytes a thread at 4 warps (four 16-byte loads);
-# a small block under the interpreter, so a dry run's few KB still make chains of many launches.
+# a small block under the interpreter, so a dry run's few KB still make runs of many slices.
 BLOCK = 256 if INTERPRET else 8192
 # Every share starts and ends on a multiple of this many elements (32 bytes of bf16): the JIT then knows the
 # bounds divisible by 16, and the masked loads stay 16 bytes wide.
@@ -60,11 +73,22 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 REPLAYS = 20
 QUICK_REPLAYS = 5
-# Chains per graph: enough work that one replay's launch is lost in it.
+# Runs per graph: enough work that one replay's launch is lost in it.
 ROUNDS = 4
+# The most phases one fused launch takes (its counters: a ticket and a count per phase).
+MAX_PHASES = 63
 
 
 if triton is not None:
+    @triton.jit
+    def _sum_range(x_ptr, lo, hi, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(lo, hi, BLOCK):
+            idx = start + offs
+            acc += tl.load(x_ptr + idx, mask=idx < hi, other=0.0).to(tl.float32)
+        return tl.sum(acc, 0)
+
     @triton.jit
     def _stream_sum_kernel(x_ptr, out_ptr, n, span, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Program ``p``: the sum of ``x[p * span : (p + 1) * span]`` (within ``n``) into ``out[p]``."""
@@ -74,12 +98,34 @@ if triton is not None:
         if PDL:  # as the library's decode kernels: ask L2 for the first tiles, then wait for the kernel before
             prefetch_lines(x_ptr, tl.zeros((1,), tl.int64), tl.full((1,), True, tl.int1), 0, lo, hi, 1, 2 * BLOCK)
         dependent_launch(PDL)
-        offs = tl.arange(0, BLOCK)
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for start in range(lo, hi, BLOCK):
-            idx = start + offs
-            acc += tl.load(x_ptr + idx, mask=idx < hi, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pid, tl.sum(acc, 0))
+        tl.store(out_ptr + pid, _sum_range(x_ptr, lo, hi, BLOCK))
+
+    @triton.jit
+    def _stream_phases_kernel(x_ptr, out_ptr, sync_ptr, n, per, programs, phases, BLOCK: tl.constexpr,
+                              ALIGN: tl.constexpr, SYNC: tl.constexpr, PREFETCH: tl.constexpr):
+        """The program with ticket ``t`` (phase ``f = t // programs``, share ``p = t % programs``): the sum of
+        share ``p`` of slice ``f`` (``x[f * per : (f + 1) * per]`` within ``n``, cut as :func:`share` cuts it)
+        into ``out[t]``, once every program of phase ``f - 1`` is done. ``sync`` (int32, 0 before the launch
+        and after it): the ticket counter, then each phase's count of programs done."""
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        phase = ticket // programs
+        first = phase.to(tl.int64) * per
+        last = tl.minimum(first + per, n)
+        span = tl.cdiv(tl.cdiv(last - first, programs), ALIGN) * ALIGN
+        lo = first + (ticket % programs) * span
+        hi = tl.minimum(lo + span, last)
+        if PREFETCH:  # as a fused layer's next phase would: its first lines from L2 while the phase before drains
+            prefetch_lines(x_ptr, tl.zeros((1,), tl.int64), tl.full((1,), True, tl.int1), 0, lo, hi, 1, 2 * BLOCK)
+        if phase > 0:
+            while tl.atomic_add(sync_ptr + phase, 0, sem="acquire") < programs:
+                pass
+        tl.store(out_ptr + ticket, _sum_range(x_ptr, lo, hi, BLOCK))
+        tl.debug_barrier()  # the whole program's work is done before its count releases it
+        done = tl.atomic_add(sync_ptr + 1 + phase, 1, sem="release")
+        # The last program of the last phase: every ticket is taken and every wait is over.
+        if (phase == phases - 1) & (done == programs - 1):
+            offs = tl.arange(0, SYNC)
+            tl.store(sync_ptr + offs, tl.zeros((SYNC,), tl.int32), mask=offs <= phases)
 
 
 def share(n: int, parts: int) -> int:
@@ -88,11 +134,15 @@ def share(n: int, parts: int) -> int:
     return -(-(-(-n // parts)) // ALIGN) * ALIGN
 
 
+def _check_stream(x: torch.Tensor) -> None:
+    if x.dim() != 1 or x.stride(0) != 1:
+        raise ValueError(f"x must be a contiguous 1-D tensor, got shape {list(x.shape)}, strides {list(x.stride())}")
+
+
 def stream_sum(x: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """``out[p]`` = the sum (fp32) of program ``p``'s :func:`share` of the 1-D ``x``, ``len(out)`` programs (a
     program past the end writes 0)."""
-    if x.dim() != 1 or x.stride(0) != 1:
-        raise ValueError(f"x must be a contiguous 1-D tensor, got shape {list(x.shape)}, strides {list(x.stride())}")
+    _check_stream(x)
     if out.dim() != 1 or out.dtype != torch.float32 or out.device != x.device or out.numel() == 0:
         raise ValueError(f"out must be a non-empty 1-D float32 tensor on {x.device}, got {out.dtype} "
                          f"{list(out.shape)} on {out.device}")
@@ -104,21 +154,69 @@ def stream_sum(x: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> torch.T
     return out
 
 
-def chain_calls(x: torch.Tensor, launches: int, programs: int, pdl: bool) -> list:
-    """``launches`` calls of :func:`stream_sum`, each over its own contiguous :func:`share` of ``x`` (the last
+def stream_phases(x: torch.Tensor, out: torch.Tensor, sync: torch.Tensor, phases: int) -> torch.Tensor:
+    """One launch, ``phases`` phases of ``programs = len(out) // phases`` programs: ``out[f * programs + p]`` =
+    the sum (fp32) of share ``p`` of slice ``f`` of the 1-D ``x`` (its :func:`share` of ``phases`` slices, each
+    cut as :func:`stream_sum` cuts its ``x``), phase ``f`` after phase ``f - 1`` (``_stream_phases_kernel``).
+    ``sync``: int32 zeros, at least ``phases + 1`` of them (:func:`sync_buffer`); zeros again after the launch."""
+    _check_stream(x)
+    if not 1 <= phases <= MAX_PHASES:
+        raise ValueError(f"phases must be in [1, {MAX_PHASES}], got {phases}")
+    if out.dim() != 1 or out.dtype != torch.float32 or out.device != x.device or out.numel() == 0 \
+            or out.numel() % phases:
+        raise ValueError(f"out must be a non-empty 1-D float32 tensor on {x.device} of a multiple of phases "
+                         f"({phases}) elements, got {out.dtype} {list(out.shape)} on {out.device}")
+    if sync.dim() != 1 or sync.dtype != torch.int32 or sync.device != x.device or sync.numel() <= phases:
+        raise ValueError(f"sync must be a 1-D int32 tensor on {x.device} of more than phases ({phases}) elements, "
+                         f"got {sync.dtype} {list(sync.shape)} on {sync.device}")
+    per = _slice(x.numel(), phases)
+    _stream_phases_kernel[(out.numel(),)](x, out, sync, x.numel(), per, out.numel() // phases, phases, BLOCK=BLOCK,
+                                          ALIGN=ALIGN, SYNC=triton.next_power_of_2(phases + 1), PREFETCH=not INTERPRET,
+                                          num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return out
+
+
+def sync_buffer(device: torch.device) -> torch.Tensor:
+    """The counters of :func:`stream_phases`, room for any number of phases it takes."""
+    return torch.zeros(MAX_PHASES + 1, dtype=torch.int32, device=device)
+
+
+def _slice(n: int, parts: int) -> int:
+    """Elements of each of ``parts`` slices of a stream of ``n``: :func:`share`, each slice non-empty."""
+    per = share(n, parts)
+    if (parts - 1) * per >= n:
+        raise ValueError(f"a stream of {n} elements cannot make {parts} slices of multiples of {ALIGN}: it "
+                         f"needs more than {(parts - 1) * per}")
+    return per
+
+
+def chain_calls(x: torch.Tensor, parts: int, programs: int, pdl: bool) -> list:
+    """``parts`` calls of :func:`stream_sum`, each over its own contiguous :func:`share` of ``x`` (the last
     takes the rest), each into its own output."""
-    per = share(x.numel(), launches)
-    if (launches - 1) * per >= x.numel():
-        raise ValueError(f"a stream of {x.numel()} elements cannot make {launches} launches of multiples of "
-                         f"{ALIGN}: it needs more than {(launches - 1) * per}")
+    per = _slice(x.numel(), parts)
     calls = []
-    for i in range(launches):
+    for i in range(parts):
         piece, out = x[i * per:(i + 1) * per], torch.empty(programs, dtype=torch.float32, device=x.device)
         calls.append(lambda piece=piece, out=out: stream_sum(piece, out, pdl))
     return calls
 
 
-def time_chain(calls: list, device: torch.device, replays: int) -> float:
+def fused_calls(x: torch.Tensor, parts: int, programs: int) -> list:
+    """One call of :func:`stream_phases`: ``parts`` phases of ``programs`` programs over ``x``."""
+    _slice(x.numel(), parts)
+    out = torch.empty(parts * programs, dtype=torch.float32, device=x.device)
+    sync = sync_buffer(x.device)
+    return [lambda: stream_phases(x, out, sync, parts)]
+
+
+def run_calls(x: torch.Tensor, parts: int, programs: int, mode: str) -> list:
+    """The calls that read ``x`` in ``parts`` slices in ``mode`` (:data:`MODES`)."""
+    if mode == "fused":
+        return fused_calls(x, parts, programs)
+    return chain_calls(x, parts, programs, pdl=mode == "on")
+
+
+def time_run(calls: list, device: torch.device, replays: int) -> float:
     """Seconds one run of ``calls`` takes: on CUDA, ``ROUNDS`` runs captured back to back in a CUDA graph, the
     median replay over ``ROUNDS``; elsewhere the median wall clock of one run."""
     for call in calls:  # compiles outside the capture
@@ -135,46 +233,45 @@ def time_chain(calls: list, device: torch.device, replays: int) -> float:
         return graph_replay_seconds(calls, ROUNDS, replays)
 
 
-def per_launch(launches: list[int], seconds: list[float]) -> dict:
-    """The line of a chain's time against its launches: the cost of one more kernel (``slope_s``), the stream's
+def per_part(parts: list[int], seconds: list[float]) -> dict:
+    """The line of a run's time against its parts: the cost of one more boundary (``slope_s``), the stream's
     own time (``intercept_s``) and the fit's Pearson ``r``."""
-    slope, intercept = linear_fit(launches, seconds)
-    return {"slope_s": slope, "intercept_s": intercept, "r": pearson(launches, seconds)}
+    slope, intercept = linear_fit(parts, seconds)
+    return {"slope_s": slope, "intercept_s": intercept, "r": pearson(parts, seconds)}
 
 
-def pdl_modes(device: torch.device) -> dict[str, str | None]:
-    """``{"off": None, "on": None}``, or ``"on"``'s reason to be left out where the device cannot do it."""
-    return {"off": None, "on": None if supports_pdl(device) else
-            "programmatic dependent launch needs a CUDA GPU of compute capability 9.0+ and a Triton with grid "
-            "dependency control"}
+def modes(device: torch.device) -> dict[str, str | None]:
+    """Each of :data:`MODES` -> None, or the reason it is left out where the device cannot run it (``on``)."""
+    pdl = None if supports_pdl(device) else ("programmatic dependent launch needs a CUDA GPU of compute capability "
+                                             "9.0+ and a Triton with grid dependency control")
+    return {"off": None, "on": pdl, "fused": None}
 
 
-def measure(device: torch.device, totals=None, launches=None, quick: bool = False,
+def measure(device: torch.device, totals=None, parts=None, quick: bool = False,
             dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Every ``(total, pdl)`` series: each chain's time, and its line (:func:`per_launch`)."""
+    """Every ``(mode, total)`` series: each run's time, and its line (:func:`per_part`)."""
     if triton is None:
         raise RuntimeError("bench.boundary needs Triton")
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("bench.boundary runs Triton kernels: on a CPU set TRITON_INTERPRET=1 (a dry run)")
     totals = totals or (GPU_TOTALS if device.type == "cuda" else DRY_TOTALS)
-    launches = launches or LAUNCHES
+    parts = list(parts or PARTS)
     programs = PROGRAMS_PER_SM * multiprocessors(device)
     element = torch.finfo(dtype).bits // 8
     x = torch.randn(max(totals) // element, dtype=dtype, device=device)
     # A dry run's times mean nothing: one sample each.
     replays = (QUICK_REPLAYS if quick else REPLAYS) if device.type == "cuda" else 1
     series, skipped, errors = [], {}, {}
-    for mode, reason in pdl_modes(device).items():
+    for mode, reason in modes(device).items():
         if reason is not None:
             skipped[mode] = reason
             continue
-        try:  # a mode that fails (PDL in a captured graph is new to this GPU) keeps the other's series
+        try:  # a mode that fails (PDL in a captured graph is new to this GPU) keeps the others' series
             for total in totals:
                 stream = x[:total // element]
-                seconds = [time_chain(chain_calls(stream, n, programs, mode == "on"), device, replays)
-                           for n in launches]
-                series.append({"pdl": mode, "total_bytes": total, "launches": list(launches), "seconds": seconds,
-                               **per_launch(list(launches), seconds)})
+                seconds = [time_run(run_calls(stream, n, programs, mode), device, replays) for n in parts]
+                series.append({"mode": mode, "total_bytes": total, "parts": parts, "seconds": seconds,
+                               **per_part(parts, seconds)})
         except Exception as error:  # noqa: BLE001 - recorded with its type, and the run exits 1
             errors[mode] = f"{type(error).__name__}: {error}"
     return {"meta": metadata(device, dtype, "bench.boundary"), "programs": programs, "block": BLOCK,
@@ -183,18 +280,22 @@ def measure(device: torch.device, totals=None, launches=None, quick: bool = Fals
             "series": series, "skipped": skipped, "errors": errors}
 
 
+# How the table and the verdict name each mode's boundary.
+MODE_NAMES = {"off": "a kernel", "on": "a kernel with PDL", "fused": "a phase of one kernel"}
+
+
 def table(result: dict) -> str:
-    lines = [f"the cost of one more kernel in a captured chain ({result['meta']['device']}, {result['timer']}; "
-             f"{result['programs']} programs a kernel)"]
+    lines = [f"the cost of one more boundary in a captured run ({result['meta']['device']}, {result['timer']}; "
+             f"{result['programs']} programs a slice)"]
     if result["series"]:
-        counts = " ".join(f"{f'{n} launches':>12}" for n in result["series"][0]["launches"])
-        lines.append(f"{'pdl':>4} {'stream':>9} {counts} {'per kernel':>11} {'stream time':>12} {'r':>7}")
+        counts = " ".join(f"{f'{n} slice' + ('s' if n != 1 else ''):>12}" for n in result["series"][0]["parts"])
+        lines.append(f"{'boundary':>21} {'stream':>9} {counts} {'per boundary':>13} {'stream time':>12} {'r':>7}")
     for s in result["series"]:
         cells = " ".join(f"{t * 1e6:>9.2f} us" for t in s["seconds"])
-        lines.append(f"{s['pdl']:>4} {_size(s['total_bytes']):>9} {cells} {s['slope_s'] * 1e6:>8.2f} us "
+        lines.append(f"{MODE_NAMES[s['mode']]:>21} {_size(s['total_bytes']):>9} {cells} {s['slope_s'] * 1e6:>10.2f} us "
                      f"{s['intercept_s'] * 1e6:>9.2f} us {s['r']:>7.4f}")
-    lines += [f"pdl {mode}: not run: {reason}" for mode, reason in result["skipped"].items()]
-    lines += [f"pdl {mode}: failed: {error}" for mode, error in result["errors"].items()]
+    lines += [f"{mode} ({MODE_NAMES[mode]}): not run: {reason}" for mode, reason in result["skipped"].items()]
+    lines += [f"{mode} ({MODE_NAMES[mode]}): failed: {error}" for mode, error in result["errors"].items()]
     return "\n".join(lines)
 
 
@@ -211,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the results' JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:N, or cpu (under TRITON_INTERPRET=1: a dry run)")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPLAYS} replays a chain, not {REPLAYS}")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_REPLAYS} replays a run, not {REPLAYS}")
     args = parser.parse_args(argv)
     device = checked_device(parser, args.device)
     result = measure(device, quick=args.quick)

@@ -21,8 +21,9 @@ Stages, in the order of what they are worth, each under its own time cap and all
 4. ``pdl``: the full plan's decode step and floor, and the -H 0.50 plan's, again with programmatic
    dependent launch on, each decode kernel prefetching its first weight or K/V tiles into L2 before it
    waits (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
-5. ``boundary``: what one more kernel costs in a captured chain, without PDL and with it: one stream of
-   bytes read by 1 to 32 kernels in a row, the slope of the chain's time (``python -m bench.boundary``);
+5. ``boundary``: what one more boundary costs in a captured run: one stream of bytes read in 1 to 32 slices,
+   a kernel a slice without PDL and with it, or a phase of one kernel a slice; the slope of the run's time
+   (``python -m bench.boundary``);
 6. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
 7. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
@@ -138,8 +139,8 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
         Stage("pdl", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "pdl"), *quick]],
               ["pdl/results.json"],
               {"ADALLAVA_PDL": "1"}),
-        # What one more kernel costs in a captured chain, without PDL and with it (bench/boundary.py): the
-        # number that decides between fusing kernels and hiding their fixed cost.
+        # What one more kernel costs in a captured chain, without PDL and with it, and one more phase of one
+        # kernel (bench/boundary.py): the numbers that decide between fusing kernels and hiding their fixed cost.
         Stage("boundary", 60, [["-m", "bench.boundary", str(out / "boundary" / "results.json"), *quick]],
               ["boundary/results.json"], {} if on_gpu else {"TRITON_INTERPRET": "1"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],

@@ -231,25 +231,36 @@ def _step_model_rows(out: Path) -> list[dict]:
     return rows
 
 
+# bench.boundary's modes (standard library only: its own copy of bench.boundary.MODES), each with what its
+# slope costs and the words the verdict gives it.
+BOUNDARY_MODES = {
+    "off": ("the cost of one more kernel in a captured chain (bench.boundary)", ""),
+    "on": ("the cost of one more kernel in a captured chain (bench.boundary), with ADALLAVA_PDL=1",
+           ", with ADALLAVA_PDL=1"),
+    "fused": ("the cost of one more phase of one kernel, ordered by tickets (bench.boundary)",
+              ", were every kernel boundary a phase of one kernel"),
+}
+
+
 def _boundary_rows(out: Path) -> list[dict]:
-    """The cost of one more kernel in a captured chain (``python -m bench.boundary``), without PDL and with it:
-    each stream's slope over its chains; and the static model's decode steps again at the larger of each
-    mode's slopes, in place of its FIXED_S."""
+    """The cost of one more boundary in a captured run (``python -m bench.boundary``): a kernel without PDL and
+    with it, and a phase of one kernel; each stream's slope over its runs; and the static model's decode steps
+    again at the larger of each mode's slopes, in place of its FIXED_S."""
     result = _load(out / "boundary" / "results.json")
-    what = "the cost of one more kernel in a captured chain (bench.boundary)"
     if not result or not result.get("series"):
-        return [_row("#28", what, None, "reported", None)]
+        return [_row("#28", "the cost of one more boundary in a captured run (bench.boundary)", None, "reported",
+                     None)]
     static = _load(out / "fit" / "static.json")
     rows = []
-    for mode, label in (("off", ""), ("on", ", with ADALLAVA_PDL=1")):
-        series = [s for s in result["series"] if s["pdl"] == mode]
+    for mode, (what, label) in BOUNDARY_MODES.items():
+        series = [s for s in result["series"] if s["mode"] == mode]
         if not series:
             reason = {**result.get("skipped", {}), **result.get("errors", {})}.get(mode, "not measured")
-            rows.append(_row("#28", what + label, None, f"reported ({reason})", None))
+            rows.append(_row("#28", what, None, f"reported ({reason})", None))
             continue
         text = ", ".join(f"{s['slope_s'] * 1e6:.2f} us over {s['total_bytes'] / 2**20:.0f} MiB (r {s['r']:.4f})"
                          for s in series)
-        rows.append(_row("#28", what + label, text, "reported", True))
+        rows.append(_row("#28", what, text, "reported", True))
         if static:
             cost = max(s["slope_s"] for s in series)
             rows.append(_steps_at_fixed_cost(static, cost, label, "the measured cost"))

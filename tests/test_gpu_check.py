@@ -247,10 +247,10 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
 
 
-def test_the_verdict_reports_the_cost_of_a_kernel_and_prices_the_static_steps_at_it(tmp_path):
-    """boundary/results.json (bench.boundary): each mode's slopes, and the static steps at the larger slope."""
+def test_the_verdict_reports_the_cost_of_a_boundary_and_prices_the_static_steps_at_it(tmp_path):
+    """boundary/results.json (bench.boundary): each mode's slopes, and the static steps at its larger slope."""
     def rows():
-        return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if "one more kernel" in r["what"]
+        return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if "the cost of one more" in r["what"]
                 or "at the measured cost" in r["what"]]
 
     assert [(r["measured"], r["holds"]) for r in rows()] == [(None, None)]  # nothing measured yet
@@ -260,10 +260,10 @@ def test_the_verdict_reports_the_cost_of_a_kernel_and_prices_the_static_steps_at
     (tmp_path / "fit" / "static.json").write_text(json.dumps(
         {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
     (tmp_path / "boundary").mkdir()
-    series = [{"pdl": mode, "total_bytes": total << 20, "launches": [1, 2], "seconds": [1.0, 1.0],
+    series = [{"mode": mode, "total_bytes": total << 20, "parts": [1, 2], "seconds": [1.0, 1.0],
                "slope_s": slope, "intercept_s": 1e-4, "r": 0.99991}
               for mode, total, slope in (("off", 128, 4.5e-6), ("off", 512, 5e-6), ("on", 128, 2e-6),
-                                         ("on", 512, 1.5e-6))]
+                                         ("on", 512, 1.5e-6), ("fused", 128, 1e-6), ("fused", 512, 0.5e-6))]
     (tmp_path / "boundary" / "results.json").write_text(json.dumps({"series": series, "skipped": {}}))
     assert [(r["what"], r["measured"], r["holds"]) for r in rows()] == [
         ("the cost of one more kernel in a captured chain (bench.boundary)",
@@ -274,11 +274,24 @@ def test_the_verdict_reports_the_cost_of_a_kernel_and_prices_the_static_steps_at
         ("the cost of one more kernel in a captured chain (bench.boundary), with ADALLAVA_PDL=1",
          "2.00 us over 128 MiB (r 0.9999), 1.50 us over 512 MiB (r 0.9999)", True),
         ("static decode steps at the measured cost of 2.00 us a kernel, with ADALLAVA_PDL=1",
-         "full b1 91.1%, -H b1 91.1%, full b16 91.1%, -H b16 91.1%", True)]
+         "full b1 91.1%, -H b1 91.1%, full b16 91.1%, -H b16 91.1%", True),
+        ("the cost of one more phase of one kernel, ordered by tickets (bench.boundary)",
+         "1.00 us over 128 MiB (r 0.9999), 0.50 us over 512 MiB (r 0.9999)", True),
+        # 3.0 ms - 100 x 3 us: 2.7 ms, 94.4%.
+        ("static decode steps at the measured cost of 1.00 us a kernel, were every kernel boundary a phase of one "
+         "kernel", "full b1 94.4%, -H b1 94.4%, full b16 94.4%, -H b16 94.4%", True)]
     # A GPU without PDL: the on rows say why.
     (tmp_path / "boundary" / "results.json").write_text(json.dumps(
-        {"series": series[:2], "skipped": {"on": "needs compute capability 9.0+"}}))
-    assert rows()[-1]["target"] == "reported (needs compute capability 9.0+)" and rows()[-1]["holds"] is None
+        {"series": series[:2] + series[4:], "skipped": {"on": "needs compute capability 9.0+"}}))
+    (on,) = [r for r in rows() if r["what"].endswith("with ADALLAVA_PDL=1")]
+    assert on["target"] == "reported (needs compute capability 9.0+)" and on["holds"] is None
+
+
+def test_the_verdict_knows_every_boundary_mode():
+    # The verdict is standard library only, so it keeps its own copy of bench.boundary's modes.
+    from bench import boundary
+
+    assert tuple(gpu_verdict.BOUNDARY_MODES) == boundary.MODES
 
 
 def test_the_verdict_names_the_full_plan_as_the_model_check_does():
