@@ -700,12 +700,25 @@ def predicted_launch_seconds(configs: list[Variant]) -> float:
     return min(times) if times else FIXED_S
 
 
+def _step_ends(variants, batch: int) -> tuple[float, float, int]:
+    """The Triton launches of a decode step at ``batch`` outside its layers: their time, the bytes they must
+    move, and how many they are."""
+    launches: dict[int, list[Variant]] = {}
+    for v in variants:
+        if v.site == f"decode b{batch}":
+            launches.setdefault(v.launch, []).append(v)
+    seconds = sum(predicted_launch_seconds(group) for group in launches.values())
+    moved = sum(KERNELS[g[0].kernel].bytes(g[0]) for g in launches.values() if g[0].kernel in KERNELS)
+    return seconds, moved, len(launches)
+
+
 def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict:
     """The model's decode step at ``batch``: each layer's launches as the runtime made them (its whole and
     its partial layer), ``partial_layers`` of the ``shape``'s layers partial, the rest whole, and the step's
-    kernels outside its layers (``KERNELS_OUTSIDE_LAYERS``, which a test holds to the step's launches: each
-    FIXED_S, and ``lm_head``'s bytes at the copy rate). Returns the time, the bytes the step must move, their
-    share of the copy rate and the kernels it launches (each paying FIXED_S)."""
+    kernels outside its layers (``KERNELS_OUTSIDE_LAYERS``, which a test holds to the step's launches): its
+    Triton launches as the runtime made them (``lm_head`` priced by its bytes, the others FIXED_S), and the
+    torch ones (the embedding) FIXED_S each. Returns the time, the bytes the step must move, their share of
+    the copy rate and the kernels it launches (each paying FIXED_S)."""
     layers = {}
     for kind in ("whole", "partial"):
         launches: dict[int, list[Variant]] = {}
@@ -715,11 +728,11 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
         seconds = sum(predicted_launch_seconds(group) for group in launches.values())
         moved = sum(KERNELS[g[0].kernel].bytes(g[0]) for g in launches.values() if g[0].kernel in KERNELS)
         layers[kind] = (seconds, moved, len(launches))
+    ends, ends_moved, triton_ends = _step_ends(variants, batch)
     whole = shape.num_layers - partial_layers
-    lm_head = shape.vocab_size * shape.hidden_size * ELEMENT
     seconds = (whole * layers["whole"][0] + partial_layers * layers["partial"][0]
-               + KERNELS_OUTSIDE_LAYERS * FIXED_S + lm_head / COPY_RATE)
-    moved = whole * layers["whole"][1] + partial_layers * layers["partial"][1] + lm_head
+               + ends + (KERNELS_OUTSIDE_LAYERS - triton_ends) * FIXED_S)
+    moved = whole * layers["whole"][1] + partial_layers * layers["partial"][1] + ends_moved
     kernels = whole * layers["whole"][2] + partial_layers * layers["partial"][2] + KERNELS_OUTSIDE_LAYERS
     return {"batch": batch, "partial_layers": partial_layers, "seconds": seconds, "bytes": moved,
             "share": moved / COPY_RATE / seconds,

@@ -164,6 +164,13 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
             return lambda: gathered_linear.row_gathered_linear(x, w, rows, residual=res)
         return make
 
+    def lm_head(m):
+        def make():
+            w, x = rand(shape.vocab_size, hidden, scale=hidden**-0.5), rand(m, hidden)
+            rows, norm = torch.arange(shape.vocab_size, dtype=torch.int32, device=device), 1 + rand(hidden, scale=0.1)
+            return lambda: gathered_linear.row_gathered_linear(x, w, rows, norm_weight=norm, eps=1e-5)
+        return make
+
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
     qkv_bytes, half_inter = (nq + 2 * nkv) * d * hidden * e, half_neurons.numel()
     for b in batches:
@@ -182,6 +189,8 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
                  hidden * nq * d * e),
             Case(f"o_proj half b{b}", "_col_gather_kernel", "decode", col(b, half_o, nq * d, nq * d, False),
                  hidden * nq * d * e // 2),
+            # The step's lm_head, its final norm inside: a row gather of every row of the vocabulary.
+            Case(f"lm_head b{b}", "_row_gather_kernel", "decode", lm_head(b), shape.vocab_size * hidden * e),
         ]
     out += [
         Case(f"gate|up prefill {tokens} full", "_row_gather_kernel", "prefill", swiglu(tokens, full_neurons),

@@ -70,6 +70,32 @@ def test_swiglu_gather_takes_its_input_through_the_norm(tokens, dtype):
     assert out[:, 67:].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens", TOKENS, ids=lambda t: f"T{t}")
+def test_row_gather_takes_its_input_through_the_norm(tokens, dtype):
+    """norm_weight: a projection of transformers' RMSNorm of x (a decode step's final norm inside lm_head, every
+    row of the weight); the rows padded with free slots, whose outputs keep their poison."""
+    x = randn(tokens, 70, dtype=dtype, scale=3.0)
+    norm = (1 + 0.3 * torch.randn(70)).to(dtype)
+    w = randn(150, 70, dtype=dtype, scale=70**-0.5)
+    for real in (torch.arange(150, dtype=torch.int32), index(150, 67)):
+        rows = torch.cat([real, torch.full((9,), -1, dtype=torch.int32)])
+        out = poisoned(tokens, rows.numel(), dtype=dtype)
+        row_gathered_linear(x, w, rows, out=out, norm_weight=norm, eps=1e-5)
+        normed = rms_norm_reference(x.double(), norm.double(), 1e-5)
+        assert_close(out[:, :real.numel()], F.linear(normed, w.double()[real.long()]))
+        assert out[:, real.numel():].isnan().all()
+
+
+def test_row_gather_takes_a_norm_or_a_residual_not_both():
+    x, w = torch.randn(2, 70), torch.randn(150, 70)
+    rows = index(150, 10)
+    with pytest.raises(ValueError, match="norm_weight must be a contiguous torch.float32 tensor of shape \\[70\\]"):
+        gathered_linear.row_gathered_linear(x, w, rows, norm_weight=torch.ones(71), eps=1e-5)
+    with pytest.raises(ValueError, match="takes norm_weight or residual, not both"):
+        gathered_linear.row_gathered_linear(x, w, rows, residual=torch.zeros(2, 10), norm_weight=torch.ones(70))
+
+
 def test_swiglu_gather_refuses_a_bad_norm_weight():
     x, w = torch.randn(2, 70), torch.randn(150, 70)
     rows = index(150, 10)

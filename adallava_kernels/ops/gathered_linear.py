@@ -467,16 +467,24 @@ def _index(index: torch.Tensor) -> torch.Tensor:
 
 
 def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None, *,
-                        residual: torch.Tensor | None = None):
+                        residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                        eps: float = 0.0):
     """``x @ w[rows].T`` (plus ``residual``, the result's shape): ``x`` ``[..., in]``, ``w`` ``[out, in]``,
     ``rows`` int indices -> ``[..., len(rows)]``. With every row (``rows`` = ``arange(out)``) it is the dense
     projection a decode step runs for a layer kept whole: in decode the reduction is split over programs
-    that meet in the same launch, bitwise repeatable."""
+    that meet in the same launch, bitwise repeatable.
+
+    ``norm_weight`` ``[in]`` (not with ``residual``): ``x`` is taken through transformers' RMSNorm with that
+    weight and ``eps`` first, inside the same pass, as :func:`swiglu_gathered` does (a decode step's final
+    norm inside ``lm_head``); the reduction is then not split."""
+    check_norm_weight(norm_weight, x)
+    if norm_weight is not None and residual is not None:
+        raise ValueError("row_gathered_linear takes norm_weight or residual, not both")
     y = _out(x, rows.numel(), out)
     if y.numel():
         flat = math.prod(y.shape[:-1])
         _launch_rows(_flat(x), w, None, _index(rows), y.view(flat, rows.numel()),
-                     None if residual is None else residual.reshape(flat, rows.numel()))
+                     None if residual is None else residual.reshape(flat, rows.numel()), norm_weight, eps)
     return y
 
 

@@ -17,8 +17,9 @@ its head map's dims, dtype and shape, metadata only: two forms share it.)
   ``q`` ``[batch, q_len, heads, d]``, ``k``/``v`` ``[batch, kv_heads, kv_len, d]``;
 - ``paged_decode_attention(q, pages, block_tables, head_to_kv, lengths, starts, scale, split)``:
   ``head_to_kv`` ``[heads]`` (one map for every row) or ``[batch, heads]`` (each row's own);
-- ``row_gathered_linear(x, w, rows, residual=None)``, ``swiglu_gathered(x, w_gate, w_up, rows,
-  norm_weight=None, eps=0.0)`` (with ``norm_weight``, RMSNorm of ``x`` first, in the same launch),
+- ``row_gathered_linear(x, w, rows, residual=None, norm_weight=None, eps=0.0)``,
+  ``swiglu_gathered(x, w_gate, w_up, rows, norm_weight=None, eps=0.0)`` (with ``norm_weight``, RMSNorm of
+  ``x`` first, in the same launch),
   ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
@@ -123,14 +124,15 @@ def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split):
 
 @register_op("row_gathered_linear", mutates_args=())
 def row_gathered_linear(x: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
-                        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+                        eps: float = 0.0) -> torch.Tensor:
     from .gathered_linear import row_gathered_linear as launch
 
-    return launch(x, w, rows, residual=residual)
+    return launch(x, w, rows, residual=residual, norm_weight=norm_weight, eps=eps)
 
 
 @row_gathered_linear.register_fake
-def _(x, w, rows, residual=None):
+def _(x, w, rows, residual=None, norm_weight=None, eps=0.0):
     return x.new_empty(*x.shape[:-1], rows.shape[0])
 
 

@@ -39,9 +39,10 @@ __all__ = ["DecodeBatch", "KERNELS_OUTSIDE_LAYERS", "TRITON_KERNELS_OUTSIDE_LAYE
 _BATCH_IDS = itertools.count()
 _LAUNCH = eager_launchers()
 # The kernels a Triton decode step launches outside its layers: the embedding, the rows' rotary angles and
-# lengths (step_inputs), the final norm, lm_head, and the greedy tokens with the lengths advanced (greedy_).
-KERNELS_OUTSIDE_LAYERS = 5
-TRITON_KERNELS_OUTSIDE_LAYERS = 3  # of them Triton's: all but the embedding and lm_head's matmul
+# lengths (step_inputs), lm_head with the final norm inside it (a row gather of every row), and the greedy
+# tokens with the lengths advanced (greedy_).
+KERNELS_OUTSIDE_LAYERS = 4
+TRITON_KERNELS_OUTSIDE_LAYERS = 3  # of them Triton's: all but the embedding
 
 
 class DecodeBatch:
@@ -190,7 +191,7 @@ class DecodeBatch:
         views, split, pages = self._views_of(bucket), self._split_of(bucket), runner.pages
         for layer, view in zip(self._layers, views):
             h = layer.decode(h, inputs, pages, view, split, runner.rope_sign)
-        logits = rms_norm(h, weights.norm, weights.norm_eps, backend=runner.backend) @ weights.lm_head.t()
+        logits = self._logits(h)
         # The logits and greedy tokens to the batch's buffers, the tokens also as the next step's input
         # (unless the caller gives one), and each live row's length advanced.
         outputs = (slots.live[:bucket], slots.logits[:bucket], slots.next_tokens[:bucket], tokens, lengths)
@@ -198,6 +199,15 @@ class DecodeBatch:
             _LAUNCH.greedy_(logits, *outputs)
         else:
             greedy_reference_(logits, *outputs)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``lm_head`` of the final norm of ``h``: on Triton one launch, the norm inside the projection (a
+        one-program norm kernel of its own would be a fixed cost of the step, at no bandwidth)."""
+        runner, weights = self.runner, self.runner.weights
+        if runner.backend == "triton":
+            return _LAUNCH.row_gathered_linear(h, weights.lm_head, runner.vocab_rows, None, weights.norm,
+                                               weights.norm_eps)
+        return rms_norm(h, weights.norm, weights.norm_eps, backend=runner.backend) @ weights.lm_head.t()
 
     def _inputs(self, h, lengths, starts, visible_pages: int | None) -> DecodeInputs:
         """The step's per-row inputs: rotary angles at each row's position, lengths after the step; on the

@@ -101,6 +101,8 @@ class PlannedDecoder:
         self._full = ExecutionPlan.full(self.shape)
         self.programs.acquire(self._full)  # held for good: most prefill rows run it
         self.rope_sign = rope_sign(self.shape.head_dim, weights.dtype, weights.device)
+        # Every row of lm_head, as a decode step's row gather reads them (its final norm inside).
+        self.vocab_rows = torch.arange(weights.lm_head.shape[0], dtype=torch.int32, device=weights.device)
         self.pages = KVPages.of(self.cache.pages)  # the pool's pages, as the layers read them
         self.slot_layers = [SlotLayer(i, layer, self.backend) for i, layer in enumerate(weights.layers)]
         self._slot_sets: dict[tuple[int, int], list[BatchSlots]] = {}  # (capacity, width) -> idle buffers
