@@ -654,6 +654,10 @@ def eager_launches(model_name: str = "llava-7b", tokens: tuple[int, ...] = (1, 3
             act = launch.swiglu_gathered(x.view(t, hidden), w_gate, w_up, neurons)
             launch.col_gathered_linear(act, w_down, neurons, None, None, None)
             launch.row_gathered_linear(x.view(t, hidden), w_gate, neurons)
+            if regime(t) == "decode":  # the MLP in one launch of two phases (ADALLAVA_PHASED_MLP=1)
+                launch.swiglu_mlp_phased(x.view(t, hidden), w_gate, w_up, neurons, torch.ones(hidden, dtype=dtype),
+                                         1e-5, w_down, torch.tensor([neurons.numel()], dtype=torch.int32),
+                                         torch.ones(t, neurons.numel(), dtype=dtype))
             if regime(t) == "decode":  # 4 heads of a token leave most SMs idle: the reduction is split
                 site["extra"] = {**site["extra"], "live_heads": 4, "live_slots": 4}
                 launch.head_projection(x, w_qkv, half_heads[:4], cos, sin, d, 4)

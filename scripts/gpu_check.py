@@ -21,20 +21,22 @@ Stages, in the order of what they are worth, each under its own time cap and all
 4. ``pdl``: the full plan's decode step and floor, and the -H 0.50 plan's, again with programmatic
    dependent launch on, each decode kernel prefetching its first weight or K/V tiles into L2 before it
    waits (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
-5. ``boundary``: what one more boundary costs in a captured run: one stream of bytes read in 1 to 32 slices,
+5. ``phased``: the same plans again with each decode layer's MLP one launch of two phases
+   (``ADALLAVA_PHASED_MLP=1``; ``adallava_kernels/ops/phased_mlp.py``);
+6. ``boundary``: what one more boundary costs in a captured run: one stream of bytes read in 1 to 32 slices,
    a kernel a slice without PDL and with it, or a phase of one kernel a slice; the slope of the run's time
    (``python -m bench.boundary``);
-6. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
-7. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
+7. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
+8. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
    decode steps (``python -m bench.static``), which the verdict sets against the ``model`` and ``pdl``
    stages' measured step, with the fixed cost per kernel the measurement implies. The model's side needs no
    GPU: ``make fit-inputs`` computes it beforehand into ``bench/out/fit-inputs`` (carry it with the tree),
    which the stage reuses where it matches the tree, Triton and model (``python -m bench.fit_inputs``);
-8. ``serve``: the serving run (``python -m bench --only serve``);
-9. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
+9. ``serve``: the serving run (``python -m bench --only serve``);
+10. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
-10. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
+11. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
    still lists every test that finished).
 
 Each stage writes its log and JSON under ``--out`` the moment it ends, a stage that fails or runs out of
@@ -139,6 +141,10 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
         Stage("pdl", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "pdl"), *quick]],
               ["pdl/results.json"],
               {"ADALLAVA_PDL": "1"}),
+        # The same with each decode layer's MLP one launch of two phases (ADALLAVA_PHASED_MLP=1,
+        # adallava_kernels/ops/phased_mlp.py): the A/B that decides whether the phases become the default.
+        Stage("phased", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "phased"), *quick]],
+              ["phased/results.json"], {"ADALLAVA_PHASED_MLP": "1"}),
         # What one more kernel costs in a captured chain, without PDL and with it, and one more phase of one
         # kernel (bench/boundary.py): the numbers that decide between fusing kernels and hiding their fixed cost.
         Stage("boundary", 60, [["-m", "bench.boundary", str(out / "boundary" / "results.json"), *quick]],

@@ -2,10 +2,11 @@
 """The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
 
 Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
-``kernels/results.json``, ``fit/errors.json``, ``fit/static.json``, ``boundary/results.json``,
-``serve/results.json``, ``tune/results.json``, ``probes.json``, ``tests.log``); a stage that did not run or
-did not finish makes its rows "not measured", never a guess. Run it alone on a folder to redraw the table:
-``python scripts/gpu_verdict.py bench/out/gpu-check``.
+``pdl/results.json``, ``phased/results.json``, ``kernels/results.json``, ``fit/errors.json``,
+``fit/static.json``, ``boundary/results.json``, ``serve/results.json``, ``tune/results.json``,
+``probes.json``, ``tests.log``); a stage that did not run or did not finish makes its rows "not measured",
+never a guess. Run it alone on a folder to redraw the table: ``python scripts/gpu_verdict.py
+bench/out/gpu-check``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ KERNEL_COPY_SHARE = 0.60  # #19: no decode kernel under 60% of the copy rate
 MODEL_ERROR = 0.10  # #28: the static model within 10% of each decode kernel's measured time
 BUDGET_S = 480  # #27: the whole check
 FULL_FAMILY = "full plan"  # the model check's family of the full plan (bench.model.FULL)
+# The stages that run the model check's A/B plans again with one opt-in of the decode step switched on (the
+# variable that does it): the verdict sets each beside the model stage.
+AB_STAGES = {"pdl": "ADALLAVA_PDL=1", "phased": "ADALLAVA_PHASED_MLP=1"}
 
 
 def _load(path: Path) -> dict | None:
@@ -92,13 +96,14 @@ def _model_rows(out: Path) -> list[dict]:
             rows.append(_row("#28", "full-plan decode step, GPU time, share of the copy rate",
                              f"{1 / floor['gpu_vs_floor']:.1%}", f">= {FLOOR_SHARE:.0%}",
                              1 / floor["gpu_vs_floor"] >= FLOOR_SHARE))
-    pdl = _load(out / "pdl" / "results.json")
-    if floor and pdl and pdl.get("floor"):
-        with_pdl = pdl["floor"]["step_s"] * 1e3
-        rows.append(_row("#28", "full-plan decode step, wall, with ADALLAVA_PDL=1 (without)",
-                         f"{with_pdl:.3f} ms ({floor['step_s'] * 1e3:.3f} ms)", f"<= {FULL_DECODE_WALL_MS} ms",
-                         with_pdl <= FULL_DECODE_WALL_MS))
-    rows += _pdl_plan_rows(runs, (pdl or {}).get("model_runs", {}).get("rows", []))
+    for stage, switch in AB_STAGES.items():
+        ab = _load(out / stage / "results.json")
+        if floor and ab and ab.get("floor"):
+            with_it = ab["floor"]["step_s"] * 1e3
+            rows.append(_row("#28", f"full-plan decode step, wall, with {switch} (without)",
+                             f"{with_it:.3f} ms ({floor['step_s'] * 1e3:.3f} ms)", f"<= {FULL_DECODE_WALL_MS} ms",
+                             with_it <= FULL_DECODE_WALL_MS))
+        rows += _ab_plan_rows(runs, (ab or {}).get("model_runs", {}).get("rows", []), switch)
     if "prefill" in full:
         ms = full["prefill"]["median_s"] * 1e3
         rows.append(_row("#19", "full-plan prefill, wall", f"{ms:.3f} ms", f"<= {FULL_PREFILL_WALL_MS} ms",
@@ -195,14 +200,14 @@ def _fit_rows(out: Path) -> list[dict]:
                  f"within +-{MODEL_ERROR:.0%}", all(abs(e) <= MODEL_ERROR for e in worst.values()))]
 
 
-def _pdl_plan_rows(without: list[dict], with_pdl: list[dict]) -> list[dict]:
-    """The A/B of the pdl stage on its -H plan: the decode step's wall time with ADALLAVA_PDL=1 beside the
-    model stage's (the full plan has its own row, against the floor)."""
+def _ab_plan_rows(without: list[dict], with_it: list[dict], switch: str) -> list[dict]:
+    """The A/B of an opt-in stage on its -H plan: the decode step's wall time with ``switch`` beside the model
+    stage's (the full plan has its own row, against the floor)."""
     def decode(rows):
         return {r["label"]: r["median_s"] for r in rows if r["stage"] == "decode" and r["family"] != FULL_FAMILY}
 
-    a, b = decode(without), decode(with_pdl)
-    return [_row("#28", f"{label} plan's decode step, wall, with ADALLAVA_PDL=1 (without)",
+    a, b = decode(without), decode(with_it)
+    return [_row("#28", f"{label} plan's decode step, wall, with {switch} (without)",
                  f"{b[label] * 1e3:.3f} ms ({a[label] * 1e3:.3f} ms)", "no slower with it", b[label] <= a[label])
             for label in sorted(set(a) & set(b))]
 

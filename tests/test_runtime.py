@@ -931,6 +931,31 @@ def test_a_step_is_bitwise_repeatable(model):
     assert torch.equal(three_steps(model), three_steps(model))
 
 
+@pytest.mark.parametrize("graphs", [False, True] if torch.cuda.is_available() else [False],
+                         ids=["eager", "graphs"][:2 if torch.cuda.is_available() else 1])
+def test_a_step_with_the_phased_mlp_equals_the_step_without(model, monkeypatch, graphs):
+    # ADALLAVA_PHASED_MLP=1: each decode layer's MLP in one launch of two phases, the same tiles as the two
+    # launches (bit-equal under the interpreter, whose config is theirs; on a GPU its config is its own).
+    from adallava_kernels.ops.phased_mlp import PHASED_ENV
+
+    monkeypatch.delenv(PHASED_ENV, raising=False)
+    without = three_steps(model, graphs)
+    monkeypatch.setenv(PHASED_ENV, "1")
+    launched = []
+    real = SlotLayer._mlp_triton
+
+    def recording(self, h, slots):
+        launched.append(self.phased_mlp)
+        return real(self, h, slots)
+
+    monkeypatch.setattr(SlotLayer, "_mlp_triton", recording)
+    with_phases = three_steps(model, graphs)
+    assert launched and all(launched)
+    if DEVICE.type == "cpu":
+        assert torch.equal(with_phases, without)
+    assert_close(with_phases, without, torch.float32)
+
+
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 
 

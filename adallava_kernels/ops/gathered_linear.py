@@ -96,9 +96,8 @@ _TUNE_KEY = ["M_BUCKET", "N", "K", "IEEE"]
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.constexpr):
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.constexpr):
     # Banded launch order: the BAND_M row tiles of a band share each weight tile while it is in L2.
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_band = BAND_M * num_pid_n
@@ -110,10 +109,10 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BAND_M: tl.con
 
 
 @triton.jit
-def _k_share(k_end, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _k_share(pid_k, k_end, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
     # Split pid_k's columns: an equal share of [0, k_end), starting on a BLOCK_K boundary.
     share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = tl.program_id(1) * share
+    k_lo = pid_k * share
     return k_lo, tl.minimum(k_end, k_lo + share)
 
 
@@ -129,30 +128,31 @@ def _counted_end(count_ptr, K, COUNTED: tl.constexpr, DENSE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_row_tiles(w1_ptr, w2_ptr, rows_ptr, M, N, K, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
-                        SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BAND_M: tl.constexpr):
-    """Before the PDL wait: the program's first weight tiles (rows from the plan's list) into L2."""
-    _, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
+def _prefetch_row_tiles(pid, pid_k, w1_ptr, w2_ptr, rows_ptr, M, N, K, stride_w1n, stride_w1k, stride_w2n,
+                        stride_w2k, SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr):
+    """Before the PDL wait: the first weight tiles of tile ``pid``, split ``pid_k`` (rows from the plan's list)
+    into L2."""
+    _, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, BAND_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.load(rows_ptr + offs_n, mask=offs_n < N, other=-1)
-    k_lo, k_hi = _k_share(K, SPLIT_K, BLOCK_K)
+    k_lo, k_hi = _k_share(pid_k, K, SPLIT_K, BLOCK_K)
     prefetch_lines(w1_ptr, rows, rows >= 0, stride_w1n, k_lo, k_hi, stride_w1k, PREFETCH_TILES * BLOCK_K)
     if SWIGLU:
         prefetch_lines(w2_ptr, rows, rows >= 0, stride_w2n, k_lo, k_hi, stride_w2k, PREFETCH_TILES * BLOCK_K)
 
 
 @triton.jit
-def _prefetch_col_tiles(w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn, stride_dk,
-                        COUNTED: tl.constexpr, DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr,
+def _prefetch_col_tiles(pid, pid_k, w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn,
+                        stride_dk, COUNTED: tl.constexpr, DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr,
                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BAND_M: tl.constexpr):
-    """Before the PDL wait: the program's first weight tiles into L2, from the loop the kernel will take (the
-    count and column list are the plan's)."""
-    _, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
+    """Before a wait (PDL's, or a phase's): the first weight tiles of tile ``pid``, split ``pid_k``, into L2,
+    from the loop the kernel will take (the count and column list are the plan's)."""
+    _, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, BAND_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_end = _counted_end(count_ptr, K, COUNTED, DENSE)
-    k_lo, k_hi = _k_share(k_end, SPLIT_K, BLOCK_K)
+    k_lo, k_hi = _k_share(pid_k, k_end, SPLIT_K, BLOCK_K)
     if DENSE:
         prefetch_lines(w_ptr, offs_n, offs_n < N, stride_wn, k_lo, k_hi, stride_wk, PREFETCH_TILES * BLOCK_K)
     else:
@@ -205,25 +205,15 @@ def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, 
 
 
 @triton.jit
-def _row_gather_kernel(
-    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr, norm_ptr, eps,
-    M, N, K, M_BUCKET,
+def _row_tile(
+    pid, pid_k, x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr, norm_ptr, eps, M, N, K,
     stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
     stride_rm, stride_rn,
     SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
 ):
-    """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2); with RESIDUAL,
-    plus res[m, n]. SPLIT_K > 1 (not with SWIGLU): program_id(1) takes an equal share of K, and the splits
-    meet in the same launch (:func:`_epilogue`). NORM (SPLIT_K 1): x goes through transformers' RMSNorm
-    with weight norm_ptr first, inside the reduction (:func:`~.rms_norm.normed_tile`)."""
-    if PDL:
-        _prefetch_row_tiles(w1_ptr, w2_ptr, rows_ptr, M, N, K, stride_w1n, stride_w1k, stride_w2n, stride_w2k,
-                            SWIGLU, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
-    dependent_launch(PDL)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
-    pid_k = tl.program_id(1)
+    """Output tile ``pid`` (in banded order), split ``pid_k``, of :func:`_row_gather_kernel`."""
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, BAND_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -235,7 +225,7 @@ def _row_gather_kernel(
         return
     mask_n = mask_n & (rows >= 0)
     rows = rows.to(tl.int64)
-    k_lo, k_hi = _k_share(K, SPLIT_K, BLOCK_K)
+    k_lo, k_hi = _k_share(pid_k, K, SPLIT_K, BLOCK_K)
 
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -266,6 +256,30 @@ def _row_gather_kernel(
         acc1 = acc1 * tl.sigmoid(acc1) * acc2
     _epilogue(acc1, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
               part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N, SPLIT_K, RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _row_gather_kernel(
+    x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr, norm_ptr, eps,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
+    stride_rm, stride_rn,
+    SWIGLU: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
+):
+    """y[m, n] = sum_k x[m, k] * w1[rows[n], k]; with SWIGLU, silu(that) * (same with w2); with RESIDUAL,
+    plus res[m, n]. SPLIT_K > 1 (not with SWIGLU): program_id(1) takes an equal share of K, and the splits
+    meet in the same launch (:func:`_epilogue`). NORM (SPLIT_K 1): x goes through transformers' RMSNorm
+    with weight norm_ptr first, inside the reduction (:func:`~.rms_norm.normed_tile`)."""
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    if PDL:
+        _prefetch_row_tiles(pid, pid_k, w1_ptr, w2_ptr, rows_ptr, M, N, K, stride_w1n, stride_w1k, stride_w2n,
+                            stride_w2k, SWIGLU, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
+    dependent_launch(PDL)
+    _row_tile(pid, pid_k, x_ptr, w1_ptr, w2_ptr, rows_ptr, y_ptr, res_ptr, part_ptr, cnt_ptr, norm_ptr, eps, M, N, K,
+              stride_xm, stride_xk, stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_ym, stride_yn,
+              stride_rm, stride_rn, SWIGLU, SPLIT_K, RESIDUAL, NORM, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
 
 
 @triton.jit
@@ -310,6 +324,41 @@ def _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, ma
 
 
 @triton.jit
+def _col_tile(
+    pid, pid_k, x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr, part_ptr, cnt_ptr, wd_ptr,
+    M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk, stride_rm,
+    stride_rn, stride_dn, stride_dk,
+    SPLIT_K: tl.constexpr, COUNTED: tl.constexpr, XMASK: tl.constexpr, RESIDUAL: tl.constexpr,
+    DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BAND_M: tl.constexpr,
+):
+    """Output tile ``pid`` (in banded order), split ``pid_k``, of :func:`_col_gather_kernel`."""
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, BAND_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_end = _counted_end(count_ptr, K, COUNTED, DENSE)
+    k_lo, k_hi = _k_share(pid_k, k_end, SPLIT_K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if DENSE_WHEN_FULL:
+        if k_end == K:
+            acc = _col_loop(acc, x_ptr, wd_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+                            stride_xm, stride_xk, stride_dn, stride_dk, stride_mm, stride_mk,
+                            XMASK, True, IEEE, UPCAST, BLOCK_K)
+        else:
+            acc = _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
+                            XMASK, False, IEEE, UPCAST, BLOCK_K)
+    else:
+        acc = _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
+                        XMASK, DENSE, IEEE, UPCAST, BLOCK_K)
+    _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
+              part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N, SPLIT_K, RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
 def _col_gather_kernel(
     x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr, part_ptr, cnt_ptr, wd_ptr,
     M, N, K, M_BUCKET,
@@ -333,34 +382,15 @@ def _col_gather_kernel(
 
     SPLIT_K > 1: program_id(1) takes an equal share of the counted columns, and the splits meet in the
     same launch (:func:`_epilogue`)."""
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
     if PDL:
-        _prefetch_col_tiles(w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn, stride_dk,
-                            COUNTED, DENSE, DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
+        _prefetch_col_tiles(pid, pid_k, w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn,
+                            stride_dk, COUNTED, DENSE, DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
     dependent_launch(PDL)
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, BAND_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    k_end = _counted_end(count_ptr, K, COUNTED, DENSE)
-    k_lo, k_hi = _k_share(k_end, SPLIT_K, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if DENSE_WHEN_FULL:
-        if k_end == K:
-            acc = _col_loop(acc, x_ptr, wd_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
-                            stride_xm, stride_xk, stride_dn, stride_dk, stride_mm, stride_mk,
-                            XMASK, True, IEEE, UPCAST, BLOCK_K)
-        else:
-            acc = _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
-                            stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
-                            XMASK, False, IEEE, UPCAST, BLOCK_K)
-    else:
-        acc = _col_loop(acc, x_ptr, w_ptr, cols_ptr, xmask_ptr, offs_m, offs_n, mask_m, mask_n, k_lo, k_hi, K,
-                        stride_xm, stride_xk, stride_wn, stride_wk, stride_mm, stride_mk,
-                        XMASK, DENSE, IEEE, UPCAST, BLOCK_K)
-    _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
-              part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N, SPLIT_K, RESIDUAL, BLOCK_M, BLOCK_N)
+    _col_tile(pid, pid_k, x_ptr, w_ptr, cols_ptr, y_ptr, count_ptr, xmask_ptr, res_ptr, part_ptr, cnt_ptr, wd_ptr,
+              M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_mm, stride_mk,
+              stride_rm, stride_rn, stride_dn, stride_dk, SPLIT_K, COUNTED, XMASK, RESIDUAL, DENSE, DENSE_WHEN_FULL,
+              IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, BAND_M)
 
 
 ROW_KERNELS = autotuned(_row_gather_kernel, ROW_CONFIGS, INTERPRETER_CONFIGS, _TUNE_KEY)

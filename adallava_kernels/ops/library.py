@@ -21,6 +21,9 @@ its head map's dims, dtype and shape, metadata only: two forms share it.)
   ``swiglu_gathered(x, w_gate, w_up, rows, norm_weight=None, eps=0.0)`` (with ``norm_weight``, RMSNorm of
   ``x`` first, in the same launch),
   ``col_gathered_linear(x, w, cols, count=None, x_mask=None, residual=None)``;
+- ``swiglu_mlp_phased(h, w_gate, w_up, rows, norm_weight, eps, w_down, count, x_mask, dense=False,
+  dense_weight=None)``: a decode layer's MLP with its norm and residual, gate|up and down as two phases of
+  one launch (:mod:`.phased_mlp`; the decode step's with ``ADALLAVA_PHASED_MLP=1``);
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
   paged attention gives 0), ``cols`` with a ``count`` read on the device;
@@ -163,6 +166,22 @@ def col_gathered_linear(
 @col_gathered_linear.register_fake
 def _(x, w, cols, count=None, x_mask=None, residual=None, dense=False, dense_weight=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@register_op("swiglu_mlp_phased", mutates_args=())
+def swiglu_mlp_phased(
+    h: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, rows: torch.Tensor, norm_weight: torch.Tensor,
+    eps: float, w_down: torch.Tensor, count: torch.Tensor, x_mask: torch.Tensor, dense: bool = False,
+    dense_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    from .phased_mlp import swiglu_mlp_phased as launch
+
+    return launch(h, w_gate, w_up, rows, norm_weight, eps, w_down, count, x_mask, dense, dense_weight)
+
+
+@swiglu_mlp_phased.register_fake
+def _(h, w_gate, w_up, rows, norm_weight, eps, w_down, count, x_mask, dense=False, dense_weight=None):
+    return torch.empty_like(h)
 
 
 @register_op("step_inputs", mutates_args=())

@@ -6,7 +6,8 @@ batch's padded size alone and one captured CUDA graph serves every mix of
 plans. A sub-block no row runs has a union of 0 units: its kernels launch
 and their programs return at once, reading no weight.
 
-- ``triton``: the layer's five kernels (q, k and v of the union's heads of
+- ``triton``: the layer's five kernels (four with ``ADALLAVA_PHASED_MLP=1``, the MLP one launch of
+  two phases: :mod:`~adallava_kernels.ops.phased_mlp`) (q, k and v of the union's heads of
   the normed input, the RMSNorm inside the projection, with RoPE, K and V
   written to the pages; the paged attention, each row over its own heads
   only; ``o_proj`` over the union's columns with the residual; gate and up
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from ..ops.library import adallava_ops, eager_launchers
 from ..ops.paged_attention import attend_gathered_pages
+from ..ops.phased_mlp import phased_mlp_enabled
 from ..ops.rope import rope
 from .layers import sub_blocks
 from .slots import LayerSlots
@@ -75,6 +77,7 @@ class SlotLayer:
         # A partial layer whose union is whole reads these, row-major, as a dense layer does.
         self.w_o_rows = attention.w_o if self.partial else None
         self.w_down_rows = mlp.w_down if self.partial else None
+        self.phased_mlp = backend == "triton" and phased_mlp_enabled()
 
     def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages, slots: LayerSlots, split: int,
                rope_sign: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,12 @@ class SlotLayer:
                                           residual=residual, dense=not self.partial, dense_weight=self.w_o_rows)
 
     def _mlp_triton(self, h, slots: LayerSlots) -> torch.Tensor:
-        """The residual stream after the MLP, its norm inside gate|up."""
+        """The residual stream after the MLP, its norm inside gate|up; with ``ADALLAVA_PHASED_MLP=1`` one
+        launch (:mod:`~adallava_kernels.ops.phased_mlp`), else two."""
+        if self.phased_mlp:
+            return _LAUNCH.swiglu_mlp_phased(h, self.w_gate, self.w_up, slots.neurons, self.post_norm, self.eps,
+                                             self.w_down, slots.n_count, slots.n_mask, not self.partial,
+                                             self.w_down_rows)
         act = _LAUNCH.swiglu_gathered(h, self.w_gate, self.w_up, slots.neurons, self.post_norm, self.eps)
         return _LAUNCH.col_gathered_linear(act, self.w_down, slots.neurons, slots.n_count, slots.n_mask, h,
                                           dense=not self.partial, dense_weight=self.w_down_rows)
