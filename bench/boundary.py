@@ -25,9 +25,10 @@ Each ``total`` (128 MiB and 512 MiB: more than L2, so every run reads memory) is
   took their tickets before it (and so are running or done): no wait can deadlock, whatever order the GPU
   starts programs in, and under the interpreter (one program at a time, in order) no wait spins. A phase's
   program asks L2 for its first lines, then waits until every program of the phase before has released its
-  count (acquire/release atomics: the grid-wide dependency of a decode layer's kernel boundaries). The last
-  program puts the counters back to 0 for the next launch. This is the cost a layer fused into one kernel
-  with ordered phases would pay per boundary instead of ``off``'s or ``on``'s.
+  count (acquire loads about 100 ns apart, release atomics: the grid-wide dependency of a decode layer's
+  kernel boundaries). The last program puts the counters back to 0 for the next launch. This is the cost a
+  layer fused into one kernel with ordered phases would pay per boundary instead of ``off``'s or ``on``'s
+  (``adallava_kernels/ops/phased_mlp.py`` fuses a layer's MLP so).
 
 Without a GPU it runs the same code under the Triton interpreter (``TRITON_INTERPRET=1``) at a few KB, timed
 with the wall clock: a dry run, whose numbers mean nothing.
@@ -44,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from adallava_kernels.ops.triton_utils import (INTERPRET, supports_pdl, dependent_launch, multiprocessors,
-                                               prefetch_lines)
+from adallava_kernels.ops.triton_utils import (INTERPRET, dependent_launch, multiprocessors, pause, prefetch_lines,
+                                               supports_pdl)
 
 from ._common import metadata
 from .report import linear_fit, pearson
@@ -116,9 +117,10 @@ if triton is not None:
         hi = tl.minimum(lo + span, last)
         if PREFETCH:  # as a fused layer's next phase would: its first lines from L2 while the phase before drains
             prefetch_lines(x_ptr, tl.zeros((1,), tl.int64), tl.full((1,), True, tl.int1), 0, lo, hi, 1, 2 * BLOCK)
-        if phase > 0:
+        if phase > 0:  # polled as the phased MLP polls (adallava_kernels/ops/phased_mlp.py)
             while tl.atomic_add(sync_ptr + phase, 0, sem="acquire") < programs:
-                pass
+                if PREFETCH:
+                    pause(phase)
         tl.store(out_ptr + ticket, _sum_range(x_ptr, lo, hi, BLOCK))
         tl.debug_barrier()  # the whole program's work is done before its count releases it
         done = tl.atomic_add(sync_ptr + 1 + phase, 1, sem="release")

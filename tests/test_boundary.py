@@ -141,7 +141,7 @@ def test_the_stream_kernels_compile_for_hopper():
     # What the GPU run launches, compiled for sm_90 without a GPU (the interpreter checks no compile): 16-byte
     # loads, no local memory, four programs' registers to an SM; with PDL the L2 prefetch and the wait; the
     # phases' ticket relaxed, the count released, the wait an acquire (a strong load after which L1 is
-    # invalidated), and the prefetch before it.
+    # invalidated) with a pause between polls, and the prefetch before it.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -160,6 +160,7 @@ def test_the_stream_kernels_compile_for_hopper():
     assert phases["atomics"] == ["atom.global.gpu.relaxed.add.u32", "atom.global.gpu.release.add.u32"]
     ops = phases["sass"]
     assert ops.get("LDG.E.STRONG.GPU") == 1 and "CCTL.IVALL" in ops and "CCTL.E.PF2" in ops, ops
+    assert ops.get("NANOSLEEP") == 1, ops
 
 
 def test_a_mode_that_fails_keeps_the_others_series_and_the_run_exits_1(tmp_path, monkeypatch, capsys):

@@ -15,8 +15,8 @@ the two launches waits for more than the data asks, and costs what every kernel 
   deadlock whatever order the GPU starts programs in; under the interpreter, which runs programs one at
   a time in order, no wait spins;
 - a gate|up tile writes its activations, then releases a count of its down split's share;
-- a down program asks L2 for its first weight lines, waits (acquire) until its share's count is complete,
-  and reduces it; the splits meet as the column gather's do (:mod:`.workspace`: bitwise repeatable);
+- a down program asks L2 for its first weight lines, waits (acquire loads, about 100 ns apart) until its
+  share's count is complete, and reduces it; the splits meet as the column gather's do (:mod:`.workspace`: bitwise repeatable);
 - the last program to finish puts the counters back to 0 for the next launch.
 
 The results are the two launches' bit for bit where the tiles and splits are the same (the interpreter's
@@ -37,7 +37,7 @@ from .common import cdiv, check_tensor, next_power_of_2
 from .gathered_linear import (_col_tile, _counted_end, _k_share, _prefetch_col_tiles, _row_tile, _split_k,
                               _SMALLEST_DECODE_N)
 from .rms_norm import check_norm_weight
-from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags
+from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, pause
 from .workspace import counters, scratch
 
 __all__ = ["PHASED_ENV", "phased_mlp_enabled", "swiglu_mlp_phased"]
@@ -103,7 +103,8 @@ def _phased_mlp_kernel(
         expected = m_tiles * tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_NA)
         if expected > 0:
             while tl.atomic_add(sync_ptr + _SYNC_HEAD + pid_k, 0, sem="acquire") < expected:
-                pass
+                if PREFETCH:  # compiled (the interpreter never waits here)
+                    pause(expected)
         _col_tile(pid, pid_k, act_ptr, wd_ptr, rows_ptr, y_ptr, count_ptr, xmask_ptr, h_ptr, part_ptr, cnt_ptr,
                   wdd_ptr, M, H, N, stride_am, stride_an, stride_dn, stride_dk, stride_ym, stride_yn, stride_mm,
                   stride_mk, stride_hm, stride_hk, stride_ddn, stride_ddk, SPLIT_K, True, True, True, DENSE,

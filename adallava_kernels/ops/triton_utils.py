@@ -15,6 +15,7 @@
 - :func:`pdl_flags` and :func:`dependent_launch`: programmatic dependent launch
   (Hopper on), opt in with ``ADALLAVA_PDL=1``; :func:`prefetch_lines`: the
   lines (weight, or K/V pages) a program brings into L2 before it waits;
+  :func:`pause`: the sleep between a waiting program's polls of a counter;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
@@ -50,6 +51,7 @@ __all__ = [
     "pdl_flags",
     "supports_pdl",
     "PREFETCH_TILES",
+    "pause",
     "prefetch_lines",
     "regime",
     "smallest_block",
@@ -125,6 +127,15 @@ def prefetch_lines(base, index, index_mask, stride_index, lo, hi, stride_elem, E
     elems = lo + tl.arange(0, LINES) * STEP
     ptrs = base + index.to(tl.int64)[:, None] * stride_index + elems.to(tl.int64)[None, :] * stride_elem
     _prefetch_l2(ptrs, index_mask[:, None] & (elems < hi)[None, :])
+
+
+@triton.jit
+def pause(t):
+    """About 100 ns of sleep (``nanosleep``; not under the interpreter, which has no inline assembly): a
+    program that polls a counter asks about that often, not back to back, so its polls leave L2 to the
+    programs it waits for. ``t``, any int32, orders the pause after what computed it."""
+    return tl.inline_asm_elementwise("{ nanosleep.u32 100; mov.u32 $0, $1; }", "=r,r", [t], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 def pdl_flags(device: torch.device, which: str) -> dict:
