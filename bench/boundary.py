@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from adallava_kernels.ops.triton_utils import (INTERPRET, dependent_launch, multiprocessors, pause, prefetch_lines,
-                                               supports_pdl)
+from adallava_kernels.ops.triton_utils import (INTERPRET, dependent_launch, multiprocessors, prefetch_lines,
+                                               supports_pdl, wait_at_least)
 
 from ._common import metadata
 from .report import linear_fit, pearson
@@ -102,12 +102,13 @@ if triton is not None:
         tl.store(out_ptr + pid, _sum_range(x_ptr, lo, hi, BLOCK))
 
     @triton.jit
-    def _stream_phases_kernel(x_ptr, out_ptr, sync_ptr, n, per, programs, phases, BLOCK: tl.constexpr,
-                              ALIGN: tl.constexpr, SYNC: tl.constexpr, PREFETCH: tl.constexpr):
+    def _stream_phases_kernel(x_ptr, out_ptr, sync_ptr, error_ptr, n, per, programs, phases, BLOCK: tl.constexpr,
+                              ALIGN: tl.constexpr, SYNC: tl.constexpr, COMPILED: tl.constexpr):
         """The program with ticket ``t`` (phase ``f = t // programs``, share ``p = t % programs``): the sum of
         share ``p`` of slice ``f`` (``x[f * per : (f + 1) * per]`` within ``n``, cut as :func:`share` cuts it)
         into ``out[t]``, once every program of phase ``f - 1`` is done. ``sync`` (int32, 0 before the launch
-        and after it): the ticket counter, then each phase's count of programs done."""
+        and after it): the ticket counter, then each phase's count of programs done; ``error``: waits the
+        interpreter found unfinished (:func:`~adallava_kernels.ops.triton_utils.wait_at_least`)."""
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         phase = ticket // programs
         first = phase.to(tl.int64) * per
@@ -115,12 +116,10 @@ if triton is not None:
         span = tl.cdiv(tl.cdiv(last - first, programs), ALIGN) * ALIGN
         lo = first + (ticket % programs) * span
         hi = tl.minimum(lo + span, last)
-        if PREFETCH:  # as a fused layer's next phase would: its first lines from L2 while the phase before drains
+        if COMPILED:  # as a fused layer's next phase would: its first lines from L2 while the phase before drains
             prefetch_lines(x_ptr, tl.zeros((1,), tl.int64), tl.full((1,), True, tl.int1), 0, lo, hi, 1, 2 * BLOCK)
-        if phase > 0:  # polled as the phased MLP polls (adallava_kernels/ops/phased_mlp.py)
-            while tl.atomic_add(sync_ptr + phase, 0, sem="acquire") < programs:
-                if PREFETCH:
-                    pause(phase)
+        if phase > 0:  # as the phased MLP waits (adallava_kernels/ops/phased_mlp.py)
+            wait_at_least(sync_ptr + phase, programs, error_ptr, COMPILED)
         tl.store(out_ptr + ticket, _sum_range(x_ptr, lo, hi, BLOCK))
         tl.debug_barrier()  # the whole program's work is done before its count releases it
         done = tl.atomic_add(sync_ptr + 1 + phase, 1, sem="release")
@@ -172,9 +171,12 @@ def stream_phases(x: torch.Tensor, out: torch.Tensor, sync: torch.Tensor, phases
         raise ValueError(f"sync must be a 1-D int32 tensor on {x.device} of more than phases ({phases}) elements, "
                          f"got {sync.dtype} {list(sync.shape)} on {sync.device}")
     per = _slice(x.numel(), phases)
-    _stream_phases_kernel[(out.numel(),)](x, out, sync, x.numel(), per, out.numel() // phases, phases, BLOCK=BLOCK,
-                                          ALIGN=ALIGN, SYNC=triton.next_power_of_2(phases + 1), PREFETCH=not INTERPRET,
-                                          num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    errors = torch.zeros(1, dtype=torch.int32, device=x.device) if INTERPRET else sync
+    _stream_phases_kernel[(out.numel(),)](x, out, sync, errors, x.numel(), per, out.numel() // phases, phases,
+                                          BLOCK=BLOCK, ALIGN=ALIGN, SYNC=triton.next_power_of_2(phases + 1),
+                                          COMPILED=not INTERPRET, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if INTERPRET and errors.item():
+        raise RuntimeError(f"{errors.item()} programs of stream_phases found the phase before unfinished")
     return out
 
 

@@ -160,7 +160,7 @@ def test_the_stream_kernels_compile_for_hopper():
     assert phases["atomics"] == ["atom.global.gpu.relaxed.add.u32", "atom.global.gpu.release.add.u32"]
     ops = phases["sass"]
     assert ops.get("LDG.E.STRONG.GPU") == 1 and "CCTL.IVALL" in ops and "CCTL.E.PF2" in ops, ops
-    assert ops.get("NANOSLEEP") == 1, ops
+    assert ops.get("NANOSLEEP") == 1 and "BPT.TRAP" in ops, ops
 
 
 def test_a_mode_that_fails_keeps_the_others_series_and_the_run_exits_1(tmp_path, monkeypatch, capsys):

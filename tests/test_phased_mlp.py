@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from adallava_kernels.ops import gathered_linear, phased_mlp, workspace
 from adallava_kernels.ops.layout import prepare_column_gather
 from adallava_kernels.ops.rms_norm import rms_norm_reference
+from adallava_kernels.ops.triton_utils import wait_at_least
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE
@@ -85,6 +87,39 @@ def test_one_launch_gives_the_two_launches_result(kind, rows, hidden, inter, kep
     if DEVICE.type == "cpu":
         assert torch.equal(out, expected)
     assert_close(out, reference(h, w_gate, w_up, w_down, norm, neurons, mask, counted))
+
+
+@pytest.mark.parametrize("kind, rows, hidden, inter, kept, capacity", [CASES[0], CASES[1], CASES[4]])
+def test_a_down_split_waits_for_every_gate_up_tile_of_its_share(kind, rows, hidden, inter, kept, capacity,
+                                                                 monkeypatch):
+    """The GPU config's shape of phases under the interpreter: a split's share is 4 gate|up tiles wide per
+    BLOCK_KB (128 / 32 on the GPU, 64 / 16 here), so each count gathers several tiles. A count that came short
+    would be raised (the interpreter finds it at the wait), not spun on."""
+    monkeypatch.setattr(phased_mlp, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_NA": 16, "BLOCK_KA": 32,
+                                                           "BLOCK_NB": 32, "BLOCK_KB": 64, "num_warps": 4,
+                                                           "num_stages": 1})
+    (h, w_gate, w_up, w_down, norm, neurons, mask), counted = layer(rows, hidden, inter, torch.float32, kept,
+                                                                    capacity)
+    count = torch.tensor([counted], dtype=torch.int32, device=DEVICE)
+    dense = kind == "dense"
+    w, dense_weight = (w_down, None) if dense else (prepare_column_gather(w_down), w_down)
+    got = swiglu_mlp_phased(h, w_gate, w_up, neurons, norm, EPS, w, count, mask, dense, dense_weight)
+    assert_close(got, reference(h, w_gate, w_up, w_down, norm, neurons, mask, counted))
+    assert not workspace.counters(h.device, 1).any()
+
+
+@triton.jit
+def _waiting(counter_ptr, error_ptr, target):
+    wait_at_least(counter_ptr, target, error_ptr, False)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's path of the wait")
+def test_under_the_interpreter_a_wait_for_an_unfinished_count_is_counted_not_spun():
+    counter, errors = torch.tensor([3], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    _waiting[(2,)](counter, errors, 3)
+    assert errors.item() == 0
+    _waiting[(2,)](counter, errors, 4)
+    assert errors.item() == 2 and counter.item() == 3
 
 
 def test_a_free_slot_is_never_read_whatever_its_mask_and_weights_hold():
@@ -173,5 +208,6 @@ def test_it_compiles_for_hopper_as_the_two_launches_do():
         assert v["atomics"] == ["atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.relaxed.add.u32",
                                 "atom.global.gpu.release.add.u32"]
         assert ops.get("LDG.E.STRONG.GPU") == 1 and "CCTL.IVALL" in ops and ops.get("NANOSLEEP") == 1, ops
+        assert "BPT.TRAP" in ops, ops  # a wait past MAX_POLLS polls fails the launch instead of hanging
         # 11008 neurons in tiles of 32, then 4096 outputs in tiles of 64, three splits.
         assert v["grid"] == [344 + 64 * 3, 1, 1]

@@ -16,7 +16,8 @@ the two launches waits for more than the data asks, and costs what every kernel 
   a time in order, no wait spins;
 - a gate|up tile writes its activations, then releases a count of its down split's share;
 - a down program asks L2 for its first weight lines, waits (acquire loads, about 100 ns apart) until its
-  share's count is complete, and reduces it; the splits meet as the column gather's do (:mod:`.workspace`: bitwise repeatable);
+  share's count is complete, and reduces it; the splits meet as the column gather's do (:mod:`.workspace`:
+  bitwise repeatable);
 - the last program to finish puts the counters back to 0 for the next launch.
 
 The results are the two launches' bit for bit where the tiles and splits are the same (the interpreter's
@@ -37,7 +38,7 @@ from .common import cdiv, check_tensor, next_power_of_2
 from .gathered_linear import (_col_tile, _counted_end, _k_share, _prefetch_col_tiles, _row_tile, _split_k,
                               _SMALLEST_DECODE_N)
 from .rms_norm import check_norm_weight
-from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, pause
+from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, wait_at_least
 from .workspace import counters, scratch
 
 __all__ = ["PHASED_ENV", "phased_mlp_enabled", "swiglu_mlp_phased"]
@@ -63,19 +64,21 @@ def phased_mlp_enabled() -> bool:
 @triton.jit
 def _phased_mlp_kernel(
     h_ptr, wg_ptr, wu_ptr, rows_ptr, norm_ptr, eps, act_ptr, wd_ptr, wdd_ptr, count_ptr, xmask_ptr, y_ptr,
-    part_ptr, cnt_ptr, sync_ptr,
+    part_ptr, cnt_ptr, sync_ptr, error_ptr,
     M, N, H,
     stride_hm, stride_hk, stride_gn, stride_gk, stride_un, stride_uk, stride_am, stride_an, stride_dn, stride_dk,
     stride_ddn, stride_ddk, stride_mm, stride_mk, stride_ym, stride_yn,
     SPLIT_K: tl.constexpr, DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, PREFETCH: tl.constexpr, SYNC: tl.constexpr,
+    UPCAST: tl.constexpr, COMPILED: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_NA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
     BLOCK_KB: tl.constexpr,
 ):
     """y = h + down(act * xmask) over the first count[0] of the N listed neurons, act = silu(gate) * up of
     RMSNorm(h) (weight norm_ptr) over the listed rows (module docstring: the phases and their counters).
     h and y are [M, H]; act [M, N] is scratch; sync: the ticket counter, the programs finished, then each
-    down split's count of gate|up tiles done (0 before the launch, and after it)."""
+    down split's count of gate|up tiles done (0 before the launch, and after it); error: what a wait found
+    unfinished under the interpreter (:func:`~.triton_utils.wait_at_least`). COMPILED: not the interpreter (the
+    prefetch and the pauses are inline assembly)."""
     tl.static_assert(BLOCK_KB % BLOCK_NA == 0)
     ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -95,16 +98,14 @@ def _phased_mlp_kernel(
     else:
         pid = (ticket - up_tiles) % down_tiles
         pid_k = (ticket - up_tiles) // down_tiles
-        if PREFETCH:  # its first weight lines from L2 while the tiles it waits for finish
+        if COMPILED:  # its first weight lines from L2 while the tiles it waits for finish
             _prefetch_col_tiles(pid, pid_k, wd_ptr, wdd_ptr, rows_ptr, count_ptr, M, H, N, stride_dn, stride_dk,
                                 stride_ddn, stride_ddk, True, DENSE, DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_NB,
                                 BLOCK_KB, 1)
         k_lo, k_hi = _k_share(pid_k, k_end, SPLIT_K, BLOCK_KB)
         expected = m_tiles * tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_NA)
         if expected > 0:
-            while tl.atomic_add(sync_ptr + _SYNC_HEAD + pid_k, 0, sem="acquire") < expected:
-                if PREFETCH:  # compiled (the interpreter never waits here)
-                    pause(expected)
+            wait_at_least(sync_ptr + _SYNC_HEAD + pid_k, expected, error_ptr, COMPILED)
         _col_tile(pid, pid_k, act_ptr, wd_ptr, rows_ptr, y_ptr, count_ptr, xmask_ptr, h_ptr, part_ptr, cnt_ptr,
                   wdd_ptr, M, H, N, stride_am, stride_an, stride_dn, stride_dk, stride_ym, stride_yn, stride_mm,
                   stride_mk, stride_hm, stride_hk, stride_ddn, stride_ddk, SPLIT_K, True, True, True, DENSE,
@@ -188,13 +189,18 @@ def swiglu_mlp_phased(h: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     ticks = counters(h.device, tiles + sync)
     partials = scratch(h.device, split * cdiv(m, 16) * 16 * cdiv(hidden, 128) * 128) if split > 1 else y
     wd = w_down if dense_weight is None else dense_weight
+    # Under the interpreter a wait that finds its tiles unfinished is counted here, not spun on.
+    errors = torch.zeros(1, dtype=torch.int32, device=h.device) if INTERPRET else ticks
     grid = (cdiv(m, config["BLOCK_M"]) * (cdiv(n, config["BLOCK_NA"]) + cdiv(hidden, config["BLOCK_NB"]) * split),)
     _phased_mlp_kernel[grid](
         h, w_gate, w_up, rows, norm_weight, eps, act, w_down, wd, count, x_mask, y, partials, ticks, ticks[tiles:],
-        m, n, hidden, h.stride(0), h.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
-        act.stride(0), act.stride(1), w_down.stride(0), w_down.stride(1), wd.stride(0), wd.stride(1),
+        errors, m, n, hidden, h.stride(0), h.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0),
+        w_up.stride(1), act.stride(0), act.stride(1), w_down.stride(0), w_down.stride(1), wd.stride(0), wd.stride(1),
         x_mask.stride(0), x_mask.stride(1), y.stride(0), y.stride(1),
         SPLIT_K=split, DENSE=dense, DENSE_WHEN_FULL=dense_weight is not None and not dense,
-        **dot_flags(h.dtype), PREFETCH=not INTERPRET, SYNC=sync, **config,
+        **dot_flags(h.dtype), COMPILED=not INTERPRET, SYNC=sync, **config,
     )
+    if INTERPRET and errors.item():
+        raise RuntimeError(f"{errors.item()} down programs of swiglu_mlp_phased found the gate|up tiles they wait "
+                           "for unfinished: the phases' counts are wrong")
     return y

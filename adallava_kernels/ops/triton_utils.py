@@ -15,7 +15,8 @@
 - :func:`pdl_flags` and :func:`dependent_launch`: programmatic dependent launch
   (Hopper on), opt in with ``ADALLAVA_PDL=1``; :func:`prefetch_lines`: the
   lines (weight, or K/V pages) a program brings into L2 before it waits;
-  :func:`pause`: the sleep between a waiting program's polls of a counter;
+  :func:`pause` and :func:`wait_at_least`: a program's wait for a counter, and
+  the sleep between its polls;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
@@ -50,12 +51,14 @@ __all__ = [
     "dependent_launch",
     "pdl_flags",
     "supports_pdl",
+    "MAX_POLLS",
     "PREFETCH_TILES",
     "pause",
     "prefetch_lines",
     "regime",
     "smallest_block",
     "splits",
+    "wait_at_least",
 ]
 
 DECODE_MAX_TOKENS = 16
@@ -129,13 +132,44 @@ def prefetch_lines(base, index, index_mask, stride_index, lo, hi, stride_elem, E
     _prefetch_l2(ptrs, index_mask[:, None] & (elems < hi)[None, :])
 
 
+# A wait that has polled this many times (a second of pauses or more) waits for a count that will never come:
+# a bug, not a slow program. The kernel then traps, so its launch fails with an error instead of hanging.
+MAX_POLLS = tl.constexpr(10_000_000)
+
+
 @triton.jit
 def pause(t):
-    """About 100 ns of sleep (``nanosleep``; not under the interpreter, which has no inline assembly): a
+    """About 100 ns of sleep (``nanosleep``; compiled code only, the interpreter has no inline assembly): a
     program that polls a counter asks about that often, not back to back, so its polls leave L2 to the
     programs it waits for. ``t``, any int32, orders the pause after what computed it."""
     return tl.inline_asm_elementwise("{ nanosleep.u32 100; mov.u32 $0, $1; }", "=r,r", [t], dtype=tl.int32,
                                      is_pure=False, pack=1)
+
+
+@triton.jit
+def _trap(t):
+    return tl.inline_asm_elementwise("{ trap; mov.u32 $0, $1; }", "=r,r", [t], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def wait_at_least(counter_ptr, target, error_ptr, COMPILED: tl.constexpr):
+    """Wait until the int32 counter at ``counter_ptr`` reaches ``target``: acquire loads, a :func:`pause`
+    between them, so what the programs that counted (with release) wrote before is visible after. Compiled, a
+    wait past :data:`MAX_POLLS` polls traps. Under the interpreter (``COMPILED`` False) programs run one at a
+    time in order, so a program that waits only for programs that started before it (a ticket order) finds
+    its count complete at once; one that does not adds 1 at ``error_ptr`` for its launcher to raise, where a
+    loop would spin forever."""
+    if COMPILED:
+        polls = 0
+        while (tl.atomic_add(counter_ptr, 0, sem="acquire") < target) & (polls < MAX_POLLS):
+            pause(polls)
+            polls += 1
+        if polls >= MAX_POLLS:
+            _trap(polls)
+    else:
+        if tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+            tl.atomic_add(error_ptr, 1)
 
 
 def pdl_flags(device: torch.device, which: str) -> dict:
