@@ -394,6 +394,9 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
             assert (s["fixed_s_at_target"] >= static["fixed_s"]) == (s["share"] >= static["target_share"])
             seconds = s["seconds"] + s["kernels"] * (s["fixed_s_at_target"] - static["fixed_s"])
             assert s["bytes"] / static["copy_rate"] / seconds == pytest.approx(static["target_share"])
+            # With the phased MLP each layer trades a kernel's fixed cost for a phase boundary's.
+            phased = s["seconds"] - s["layers"] * (static["fixed_s"] - s["phase_s_at_target"])
+            assert s["bytes"] / static["copy_rate"] / phased == pytest.approx(static["target_share"])
         assert (tmp_path / "static.json").exists()
 
 

@@ -275,8 +275,8 @@ def test_the_verdict_reports_the_cost_of_a_boundary_and_prices_the_static_steps_
 
     assert [(r["measured"], r["holds"]) for r in rows()] == [(None, None)]  # nothing measured yet
     (tmp_path / "fit").mkdir()
-    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3}
-             for b in (1, 16) for p in (0, 16)]
+    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3,
+              "layers": 32} for b in (1, 16) for p in (0, 16)]
     (tmp_path / "fit" / "static.json").write_text(json.dumps(
         {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
     (tmp_path / "boundary").mkdir()
@@ -299,7 +299,10 @@ def test_the_verdict_reports_the_cost_of_a_boundary_and_prices_the_static_steps_
          "1.00 us over 128 MiB (r 0.9999), 0.50 us over 512 MiB (r 0.9999)", True),
         # 3.0 ms - 100 x 3 us: 2.7 ms, 94.4%.
         ("static decode steps at the measured cost of 1.00 us a kernel, were every kernel boundary a phase of one "
-         "kernel", "full b1 94.4%, -H b1 94.4%, full b16 94.4%, -H b16 94.4%", True)]
+         "kernel", "full b1 94.4%, -H b1 94.4%, full b16 94.4%, -H b16 94.4%", True),
+        # 3.0 ms + 100 x 1 us - 32 x (5 - 1) us: 2.972 ms, 85.8%.
+        ("static decode steps with the phased MLP, at the measured costs of 5.00 us a kernel and 1.00 us a phase",
+         "full b1 85.8%, -H b1 85.8%, full b16 85.8%, -H b16 85.8%", True)]
     # A GPU without PDL: the on rows say why.
     (tmp_path / "boundary" / "results.json").write_text(json.dumps(
         {"series": series[:2] + series[4:], "skipped": {"on": "needs compute capability 9.0+"}}))
