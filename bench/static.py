@@ -704,12 +704,12 @@ def predicted_launch_seconds(configs: list[Variant]) -> float:
     return min(times) if times else FIXED_S
 
 
-def _step_ends(variants, batch: int) -> tuple[float, float, int]:
-    """The Triton launches of a decode step at ``batch`` outside its layers: their time, the bytes they must
-    move, and how many they are."""
+def _site_launches(variants, site: str) -> tuple[float, float, int]:
+    """The launches the runtime made at ``site`` (a layer of a decode step, or the step's ends outside its
+    layers): their time, the bytes they must move, and how many they are."""
     launches: dict[int, list[Variant]] = {}
     for v in variants:
-        if v.site == f"decode b{batch}":
+        if v.site == site:
             launches.setdefault(v.launch, []).append(v)
     seconds = sum(predicted_launch_seconds(group) for group in launches.values())
     moved = sum(KERNELS[g[0].kernel].bytes(g[0]) for g in launches.values() if g[0].kernel in KERNELS)
@@ -723,16 +723,8 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
     Triton launches as the runtime made them (``lm_head`` priced by its bytes, the others FIXED_S), and the
     torch ones (the embedding) FIXED_S each. Returns the time, the bytes the step must move, their share of
     the copy rate and the kernels it launches (each paying FIXED_S)."""
-    layers = {}
-    for kind in ("whole", "partial"):
-        launches: dict[int, list[Variant]] = {}
-        for v in variants:
-            if v.site == f"decode b{batch} {kind}":
-                launches.setdefault(v.launch, []).append(v)
-        seconds = sum(predicted_launch_seconds(group) for group in launches.values())
-        moved = sum(KERNELS[g[0].kernel].bytes(g[0]) for g in launches.values() if g[0].kernel in KERNELS)
-        layers[kind] = (seconds, moved, len(launches))
-    ends, ends_moved, triton_ends = _step_ends(variants, batch)
+    layers = {kind: _site_launches(variants, f"decode b{batch} {kind}") for kind in ("whole", "partial")}
+    ends, ends_moved, triton_ends = _site_launches(variants, f"decode b{batch}")
     whole = shape.num_layers - partial_layers
     seconds = (whole * layers["whole"][0] + partial_layers * layers["partial"][0]
                + ends + (KERNELS_OUTSIDE_LAYERS - triton_ends) * FIXED_S)
