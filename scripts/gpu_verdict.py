@@ -280,16 +280,13 @@ def _phased_steps(static: dict, kernel: float, phase: float) -> dict:
     """The static model's decode steps with the phased MLP (ADALLAVA_PHASED_MLP=1): every kernel at ``kernel``
     seconds, and each layer's two MLP launches one, a phase boundary of ``phase`` seconds in place of a
     kernel's fixed cost (bench.static's ``phase_s_at_target``)."""
-    target = static.get("target_share", FLOOR_SHARE)
-    shares = {}
-    for step in static["steps"]:
-        seconds = (step["seconds"] + step["kernels"] * (kernel - static["fixed_s"])
-                   - step.get("layers", 0) * (kernel - phase))
-        shares[_step_name(step)] = step["bytes"] / static["copy_rate"] / seconds if "layers" in step else None
-    text = ", ".join(f"{name} {'-' if share is None else f'{share:.1%}'}" for name, share in shares.items())
-    return _row("#28", f"static decode steps with the phased MLP, at the measured costs of {kernel * 1e6:.2f} us a "
-                       f"kernel and {phase * 1e6:.2f} us a phase", text, f">= {target:.0%} each",
-                all(s is not None and s >= target for s in shares.values()))
+    def seconds(step):
+        if "layers" not in step:
+            return None
+        return step["seconds"] + step["kernels"] * (kernel - static["fixed_s"]) - step["layers"] * (kernel - phase)
+
+    return _steps_row(static, seconds, f"static decode steps with the phased MLP, at the measured costs of "
+                                       f"{kernel * 1e6:.2f} us a kernel and {phase * 1e6:.2f} us a phase")
 
 
 def _step_name(step: dict) -> str:
@@ -300,14 +297,21 @@ def _steps_at_fixed_cost(static: dict, fixed: float, label: str, source: str = "
     """The static model's decode steps (full plan and half the layers partial, batch 1 and 16) with ``fixed``
     seconds a kernel in place of the model's FIXED_S (``source``: what gave it, a measured step or a chain of
     kernels): their share of the copy rate, against the share #28 asks of each."""
+    return _steps_row(static, lambda step: step["seconds"] + step["kernels"] * (fixed - static["fixed_s"]),
+                      f"static decode steps at {source} of {fixed * 1e6:.2f} us a kernel{label}")
+
+
+def _steps_row(static: dict, seconds, what: str) -> dict:
+    """A row of the static model's decode steps, each timed by ``seconds(step)`` (None: not priced): their
+    share of the copy rate, against the share #28 asks of each."""
     target = static.get("target_share", FLOOR_SHARE)
     shares = {}
     for step in static["steps"]:
-        seconds = step["seconds"] + step["kernels"] * (fixed - static["fixed_s"])
-        shares[_step_name(step)] = step["bytes"] / static["copy_rate"] / seconds if seconds > 0 else None
+        time = seconds(step)
+        shares[_step_name(step)] = step["bytes"] / static["copy_rate"] / time if time and time > 0 else None
     text = ", ".join(f"{name} {'-' if share is None else f'{share:.1%}'}" for name, share in shares.items())
-    return _row("#28", f"static decode steps at {source} of {fixed * 1e6:.2f} us a kernel{label}",
-                text, f">= {target:.0%} each", all(s is not None and s >= target for s in shares.values()))
+    return _row("#28", what, text, f">= {target:.0%} each",
+                all(s is not None and s >= target for s in shares.values()))
 
 
 def _serve_rows(out: Path) -> list[dict]:

@@ -420,7 +420,12 @@ def _split_workspace(m: int, n: int, split: int, device: torch.device) -> tuple[
     """The partials and ticket counters of a split launch: room for any decode config's tiles (BLOCK_M 16;
     BLOCK_N from 32 up to 128, each dividing 128)."""
     partials = scratch(device, split * cdiv(m, 16) * 16 * cdiv(n, 128) * 128)
-    return partials, counters(device, cdiv(m, 16) * cdiv(n, _SMALLEST_DECODE_N))
+    return partials, counters(device, _split_tickets(m, n))
+
+
+def _split_tickets(m: int, n: int) -> int:
+    """The ticket counters of a split launch's output tiles, its smallest tiles counted."""
+    return cdiv(m, 16) * cdiv(n, _SMALLEST_DECODE_N)
 
 
 def _launch_rows(x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, rows: torch.Tensor, out: torch.Tensor,

@@ -36,10 +36,10 @@ import triton.language as tl
 
 from .common import cdiv, check_tensor, next_power_of_2
 from .gathered_linear import (_col_tile, _counted_end, _k_share, _prefetch_col_tiles, _row_tile, _split_k,
-                              _SMALLEST_DECODE_N)
+                              _split_tickets, _split_workspace)
 from .rms_norm import check_norm_weight
 from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, wait_at_least
-from .workspace import counters, scratch
+from .workspace import counters
 
 __all__ = ["PHASED_ENV", "phased_mlp_enabled", "swiglu_mlp_phased"]
 
@@ -184,10 +184,10 @@ def swiglu_mlp_phased(h: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     y = torch.empty_like(h) if out is None else out
     act = torch.empty(m, max(n, 1), dtype=h.dtype, device=h.device)
     split = _split_k(m, hidden, n, h.device)
-    tiles = cdiv(m, 16) * cdiv(hidden, _SMALLEST_DECODE_N)  # the down tiles' tickets, as the column gather's
+    tiles = _split_tickets(m, hidden)  # the down tiles' tickets, as the column gather's
     sync = next_power_of_2(_SYNC_HEAD.value + split)
-    ticks = counters(h.device, tiles + sync)
-    partials = scratch(h.device, split * cdiv(m, 16) * 16 * cdiv(hidden, 128) * 128) if split > 1 else y
+    partials = _split_workspace(m, hidden, split, h.device)[0] if split > 1 else y
+    ticks = counters(h.device, tiles + sync)  # the tiles' tickets, then the phases' counters
     wd = w_down if dense_weight is None else dense_weight
     # Under the interpreter a wait that finds its tiles unfinished is counted here, not spun on.
     errors = torch.zeros(1, dtype=torch.int32, device=h.device) if INTERPRET else ticks
