@@ -177,12 +177,13 @@ COUNTER_HELPERS = {"triton_utils.py"}
 
 
 def is_counter(call: ast.Call) -> bool:
-    """``tl.atomic_add(<pointer>, 0 or 1[, sem=...])``: an int32 counter taken (a ticket, a count of tiles done)
-    or read (plus 0, a poll), never a float added."""
+    """``tl.atomic_add(<pointer(s)>, 0 or 1[, mask=...][, sem=...])``: int32 counters taken (a ticket, a count of
+    tiles done) or read (plus 0, a poll), never a float added."""
     return (ast.unparse(call.func) == "tl.atomic_add" and len(call.args) == 2
             and isinstance(call.args[1], ast.Constant) and type(call.args[1].value) is int
             and call.args[1].value in (0, 1)
-            and all(k.arg == "sem" and ast.unparse(k.value) in COUNTER_ORDERS for k in call.keywords))
+            and all(k.arg == "mask" or (k.arg == "sem" and ast.unparse(k.value) in COUNTER_ORDERS)
+                    for k in call.keywords))
 
 
 def test_no_kernel_adds_floats_atomically():
@@ -199,8 +200,8 @@ def test_no_kernel_adds_floats_atomically():
             imports = [alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "workspace"
                        for alias in n.names]
             assert "counters" in imports or path.name in COUNTER_HELPERS, path.name
-    assert set(tickets) >= {"head_projection.py", "gathered_linear.py", "paged_decode_kernel.py", "phased_mlp.py"}, \
-        tickets
+    assert set(tickets) >= {"head_projection.py", "gathered_linear.py", "paged_decode_kernel.py", "phased_mlp.py",
+                            "phased_attention.py"}, tickets
 
 
 def test_the_counter_check_refuses_a_float_atomic_add():
@@ -208,8 +209,10 @@ def test_the_counter_check_refuses_a_float_atomic_add():
     float_ticket = ast.parse('tl.atomic_add(cnt_ptr + tile, 1.0, sem="acq_rel")')
     ticket = ast.parse('tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")')
     poll = ast.parse('tl.atomic_add(sync_ptr + split, 0, sem="acquire")')
-    assert [is_counter(c) for t in (float_add, float_ticket, ticket, poll) for c in atomic_calls(t)] == [
-        False, False, True, True]
+    counts = ast.parse('tl.atomic_add(rel_ptr + shares, 1, mask=shares <= last, sem="release")')
+    float_counts = ast.parse('tl.atomic_add(y_ptr + offs, 1.0, mask=offs < n, sem="release")')
+    assert [is_counter(c) for t in (float_add, float_ticket, ticket, poll, counts, float_counts)
+            for c in atomic_calls(t)] == [False, False, True, True, True, False]
 
 
 # The slots of a stacked [q; k; v] weight (5 q heads, 2 k heads, 2 v heads): q 0, 3, 4, k 0, 1 and v 0, 1;

@@ -1,10 +1,6 @@
 """The decode MLP in one launch of two phases (ops.phased_mlp) against the two launches it replaces and a float64
 reference; its counters; its bad inputs; its sm_90 code (compiled without a GPU)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,7 @@ from adallava_kernels.ops.triton_utils import wait_at_least
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE
+from _phases import assert_phases_synchronise, compiled_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 swiglu_mlp_phased = phased_mlp.swiglu_mlp_phased
@@ -191,23 +188,14 @@ print(json.dumps([{"site": v.site, "grid": v.grid, "sass": dict(v.sass), "buffer
 
 def test_it_compiles_for_hopper_as_the_two_launches_do():
     """At LLaVA-1.5-7B shapes, batch 1 and 16, a layer kept whole and a partial one, for sm_90 without a GPU:
-    16-byte asynchronous weight loads 3 buffers deep in both phases, no local memory, two programs an SM;
-    the ticket relaxed, a tile's count released, the finish counted acq_rel, and the wait an acquire load with
-    a pause between polls."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    variants = json.loads(done.stdout.splitlines()[-1])
+    16-byte asynchronous weight loads 3 buffers deep in both phases, two programs an SM, and the phases'
+    synchronisation (:func:`_phases.assert_phases_synchronise`), its acquire load the only strong one."""
+    variants = compiled_variants(COMPILE)
     assert len(variants) == 4
     for v in variants:
-        ops = v["sass"]
-        assert ops.get("LDGSTS.E.BYPASS.128", 0) > 0 and not any(op.startswith(("LDL", "STL")) for op in ops), ops
+        assert_phases_synchronise(v)
+        assert v["sass"].get("LDG.E.STRONG.GPU") == 1, v["sass"]
         assert min(v["buffers"][tile] for tile in ("b1", "b2", "b")) >= 2, v["buffers"]
         assert v["occupancy"] >= 2 and v["failures"] == [], v
-        assert v["atomics"] == ["atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.relaxed.add.u32",
-                                "atom.global.gpu.release.add.u32"]
-        assert ops.get("LDG.E.STRONG.GPU") == 1 and "CCTL.IVALL" in ops and ops.get("NANOSLEEP") == 1, ops
-        assert "BPT.TRAP" in ops, ops  # a wait past MAX_POLLS polls fails the launch instead of hanging
         # 11008 neurons in tiles of 32, then 4096 outputs in tiles of 64, three splits.
         assert v["grid"] == [344 + 64 * 3, 1, 1]

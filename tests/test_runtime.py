@@ -931,24 +931,38 @@ def test_a_step_is_bitwise_repeatable(model):
     assert torch.equal(three_steps(model), three_steps(model))
 
 
+# The phased launches a decode layer may run (each an opt-in variable), by the SlotLayer method that runs each
+# and the flag it sets: the MLP alone, then the attention with o_proj too (a layer of three launches).
+PHASED = {"mlp": (("ADALLAVA_PHASED_MLP",), "_mlp_triton", "phased_mlp"),
+          "mlp+attention": (("ADALLAVA_PHASED_MLP", "ADALLAVA_PHASED_ATTENTION"), "_attend_o_proj",
+                            "phased_attention")}
+
+
+@pytest.mark.parametrize("phased", PHASED)
 @pytest.mark.parametrize("graphs", [False, True] if torch.cuda.is_available() else [False],
                          ids=["eager", "graphs"][:2 if torch.cuda.is_available() else 1])
-def test_a_step_with_the_phased_mlp_equals_the_step_without(model, monkeypatch, graphs):
-    # ADALLAVA_PHASED_MLP=1: each decode layer's MLP in one launch of two phases, the same tiles as the two
-    # launches (bit-equal under the interpreter, whose config is theirs; on a GPU its config is its own).
+def test_a_step_with_the_phased_launches_equals_the_step_without(model, monkeypatch, graphs, phased):
+    # ADALLAVA_PHASED_MLP=1, ADALLAVA_PHASED_ATTENTION=1: two launches of a decode layer as two phases of one,
+    # the same tiles and programs (bit-equal under the interpreter, whose configs are theirs; on a GPU the
+    # phased kernels' configs are their own).
+    from adallava_kernels.ops.phased_attention import PHASED_ATTENTION_ENV
     from adallava_kernels.ops.phased_mlp import PHASED_ENV
 
-    monkeypatch.delenv(PHASED_ENV, raising=False)
+    switches, method, flag = PHASED[phased]
+    assert set(switches) <= {PHASED_ENV, PHASED_ATTENTION_ENV}
+    for name in (PHASED_ENV, PHASED_ATTENTION_ENV):
+        monkeypatch.delenv(name, raising=False)
     without = three_steps(model, graphs)
-    monkeypatch.setenv(PHASED_ENV, "1")
+    for name in switches:
+        monkeypatch.setenv(name, "1")
     launched = []
-    real = SlotLayer._mlp_triton
+    real = getattr(SlotLayer, method)
 
-    def recording(self, h, slots):
-        launched.append(self.phased_mlp)
-        return real(self, h, slots)
+    def recording(self, *args):
+        launched.append(getattr(self, flag))
+        return real(self, *args)
 
-    monkeypatch.setattr(SlotLayer, "_mlp_triton", recording)
+    monkeypatch.setattr(SlotLayer, method, recording)
     with_phases = three_steps(model, graphs)
     assert launched and all(launched)
     if DEVICE.type == "cpu":

@@ -169,6 +169,23 @@ def _prefetch_col_tiles(pid, pid_k, w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K,
 
 
 @triton.jit
+def _phase_col_tile(index, tiles, w_ptr, wd_ptr, cols_ptr, count_ptr, k_end, M, N, K, stride_wn, stride_wk,
+                    stride_dn, stride_dk, DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """The consuming phase's program ``index`` of a phased kernel (its ticket past the phase before): a counted
+    column gather's tile and split, split by split, its first weight lines asked of L2 (PREFETCH: compiled
+    code) while what it waits for finishes, and its share ``[k_lo, k_hi)`` of the counted columns. Returns
+    ``pid, pid_k, k_lo, k_hi``."""
+    pid = index % tiles
+    pid_k = index // tiles
+    if PREFETCH:
+        _prefetch_col_tiles(pid, pid_k, w_ptr, wd_ptr, cols_ptr, count_ptr, M, N, K, stride_wn, stride_wk, stride_dn,
+                            stride_dk, True, DENSE, DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, 1)
+    k_lo, k_hi = _k_share(pid_k, k_end, SPLIT_K, BLOCK_K)
+    return pid, pid_k, k_lo, k_hi
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, mask_m, mask_n, y_ptr, stride_ym, stride_yn, res_ptr, stride_rm, stride_rn,
               part_ptr, cnt_ptr, pid_m, pid_n, pid_k, N,
               SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -417,10 +434,14 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
 
 
 def _split_workspace(m: int, n: int, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The partials and ticket counters of a split launch: room for any decode config's tiles (BLOCK_M 16;
-    BLOCK_N from 32 up to 128, each dividing 128)."""
-    partials = scratch(device, split * cdiv(m, 16) * 16 * cdiv(n, 128) * 128)
-    return partials, counters(device, _split_tickets(m, n))
+    """The partials (:func:`_split_partials`) and ticket counters of a split launch."""
+    return scratch(device, _split_partials(m, n, split)), counters(device, _split_tickets(m, n))
+
+
+def _split_partials(m: int, n: int, split: int) -> int:
+    """The fp32 partials of a split launch: room for any decode config's tiles (BLOCK_M 16; BLOCK_N from 32 up
+    to 128, each dividing 128)."""
+    return split * cdiv(m, 16) * 16 * cdiv(n, 128) * 128
 
 
 def _split_tickets(m: int, n: int) -> int:

@@ -24,6 +24,10 @@ its head map's dims, dtype and shape, metadata only: two forms share it.)
 - ``swiglu_mlp_phased(h, w_gate, w_up, rows, norm_weight, eps, w_down, count, x_mask, dense=False,
   dense_weight=None)``: a decode layer's MLP with its norm and residual, gate|up and down as two phases of
   one launch (:mod:`.phased_mlp`; the decode step's with ``ADALLAVA_PHASED_MLP=1``);
+- ``paged_attention_o_proj_phased(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols,
+  count, residual, dense=False, dense_weight=None)``: a decode layer's paged attention, then ``o_proj`` with
+  the residual, as two phases of one launch (:mod:`.phased_attention`; the decode step's with
+  ``ADALLAVA_PHASED_ATTENTION=1``);
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
   paged attention gives 0), ``cols`` with a ``count`` read on the device;
@@ -182,6 +186,24 @@ def swiglu_mlp_phased(
 @swiglu_mlp_phased.register_fake
 def _(h, w_gate, w_up, rows, norm_weight, eps, w_down, count, x_mask, dense=False, dense_weight=None):
     return torch.empty_like(h)
+
+
+@register_op("paged_attention_o_proj_phased", mutates_args=())
+def paged_attention_o_proj_phased(
+    q: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor, head_to_kv: torch.Tensor,
+    lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int, w_o: torch.Tensor, cols: torch.Tensor,
+    count: torch.Tensor, residual: torch.Tensor, dense: bool = False, dense_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    from .phased_attention import paged_attention_o_proj_phased as launch
+
+    return launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, residual,
+                  dense, dense_weight)
+
+
+@paged_attention_o_proj_phased.register_fake
+def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, residual, dense=False,
+      dense_weight=None):
+    return torch.empty_like(residual)
 
 
 @register_op("step_inputs", mutates_args=())

@@ -50,23 +50,23 @@ QUERY_ROWS = 16  # the smallest tile tl.dot takes; row 0 is the query
 
 
 @triton.jit
-def _split_span(length, start, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-    # This split's share of [start, length), whole blocks each, so every split starts on a block.
+def _split_span(length, start, split, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Split ``split``'s share of [start, length), whole blocks each, so every split starts on a block.
     share = tl.cdiv(tl.cdiv(tl.maximum(length - start, 0), SPLIT), BLOCK_N) * BLOCK_N
-    lo = start + tl.program_id(1) * share
+    lo = start + split * share
     return lo, tl.minimum(length, lo + share)
 
 
 @triton.jit
-def _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE,
+def _prefetch_kv_tiles(bh, split, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE,
                        stride_mb, stride_mh, stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     """Before the PDL wait: the K and V rows of the program's first blocks into L2, from its row's head map,
     lengths and block table (which the head projection before it does not write; it writes the newest
     position's K and V, which L2 then holds either way)."""
-    b = (tl.program_id(0) // NQ).to(tl.int64)
-    kvh = tl.load(kvmap_ptr + b * stride_mb + (tl.program_id(0) % NQ) * stride_mh).to(tl.int64)
-    lo, hi = _split_span(tl.load(len_ptr + b), tl.load(start_ptr + b), SPLIT, BLOCK_N)
+    b = (bh // NQ).to(tl.int64)
+    kvh = tl.load(kvmap_ptr + b * stride_mb + (bh % NQ) * stride_mh).to(tl.int64)
+    lo, hi = _split_span(tl.load(len_ptr + b), tl.load(start_ptr + b), split, SPLIT, BLOCK_N)
     table = table_ptr + b * stride_tb + tl.maximum(kvh, 0) * stride_th
     offs_n = lo + tl.arange(0, PREFETCH_TILES * BLOCK_N)
     valid = (offs_n < hi) & (kvh >= 0)
@@ -78,25 +78,35 @@ def _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, N
 
 
 @triton.jit
-def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, part_ptr, cnt_ptr,
+def _release_head(rel_ptr, h, k_end, share, HEAD_DIM: tl.constexpr, SPAN: tl.constexpr):
+    """Head slot ``h``'s output is final for one row: count it toward every reduction share of ``[0, k_end)``
+    (``share`` wide, so at most ``SPAN`` of them) its columns ``[h * HEAD_DIM, (h + 1) * HEAD_DIM)`` fall in
+    (release: its stores first)."""
+    lo = h * HEAD_DIM
+    if lo < k_end:
+        tl.debug_barrier()  # every thread's part of the output is written before the count publishes it
+        shares = lo // share + tl.arange(0, SPAN)
+        last = (tl.minimum(lo + HEAD_DIM, k_end) - 1) // share
+        tl.atomic_add(rel_ptr + shares, 1, mask=shares <= last, sem="release")
+
+
+@triton.jit
+def _attend_head(
+    bh, split, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, part_ptr, cnt_ptr,
     NQ, PAGE, qk_scale,
     stride_mb, stride_mh,
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kd,
     stride_tb, stride_th, stride_tw,
     stride_ob, stride_oh, stride_od,
+    rel_ptr, k_end, share,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    RELEASE: tl.constexpr, SPAN: tl.constexpr,
 ):
-    """Query head ``program_id(0) % NQ`` of sequence ``program_id(0) // NQ`` over split ``program_id(1)``."""
-    if PDL:
-        _prefetch_kv_tiles(k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE, stride_mb, stride_mh,
-                           stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, HEAD_DIM, BLOCK_D, SPLIT,
-                           BLOCK_N)
-    dependent_launch(PDL)
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
+    """Query head ``bh % NQ`` of sequence ``bh // NQ`` over split ``split`` of :func:`_paged_decode_kernel`.
+    RELEASE: the program that makes the head's output final counts it toward the shares it falls in, at most
+    SPAN (:func:`_release_head`)."""
     b = (bh // NQ).to(tl.int64)
     h = (bh % NQ).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -105,8 +115,11 @@ def _paged_decode_kernel(
     kvh = tl.load(kvmap_ptr + b * stride_mb + h * stride_mh).to(tl.int64)
     if kvh < 0:  # a free slot of this row: 0, written once (split 0); no page read, no ticket taken
         tl.store(o_ptr + o_off, tl.zeros((BLOCK_D,), dtype=o_ptr.dtype.element_ty), mask=mask_d & (split == 0))
+        if RELEASE:
+            if split == 0:
+                _release_head(rel_ptr, h, k_end, share, HEAD_DIM, SPAN)
         return
-    lo, hi = _split_span(tl.load(len_ptr + b), tl.load(start_ptr + b), SPLIT, BLOCK_N)
+    lo, hi = _split_span(tl.load(len_ptr + b), tl.load(start_ptr + b), split, SPLIT, BLOCK_N)
 
     offs_r = tl.arange(0, ROWS)
     # The query in row 0 of a [ROWS, d] tile; the other rows are 0 and their results unused.
@@ -143,6 +156,8 @@ def _paged_decode_kernel(
     out = tl.sum(tl.where(first[:, None], acc, 0.0), 0) / tl.where(l0 > 0, l0, 1.0)
     if SPLIT == 1:
         tl.store(o_ptr + o_off, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+        if RELEASE:
+            _release_head(rel_ptr, h, k_end, share, HEAD_DIM, SPAN)
     else:
         # The partial: [BLOCK_D] output then its log2-sum-exp, per (sequence x head, split).
         row_len = BLOCK_D + 1
@@ -164,6 +179,39 @@ def _paged_decode_kernel(
             parts = tl.load(rows[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0, cache_modifier=".cg")
             tl.store(o_ptr + o_off, tl.sum(parts * w[:, None], 0).to(o_ptr.dtype.element_ty), mask=mask_d)
             tl.store(cnt_ptr + bh, 0)  # the ticket counter back to 0 for the next launch
+            if RELEASE:
+                _release_head(rel_ptr, h, k_end, share, HEAD_DIM, SPAN)
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, part_ptr, cnt_ptr,
+    NQ, PAGE, qk_scale,
+    stride_mb, stride_mh,
+    stride_qb, stride_qh, stride_qd,
+    stride_kp, stride_ks, stride_kd,
+    stride_tb, stride_th, stride_tw,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+):
+    """Query head ``program_id(0) % NQ`` of sequence ``program_id(0) // NQ`` over split ``program_id(1)``."""
+    bh, split = tl.program_id(0), tl.program_id(1)
+    if PDL:
+        _prefetch_kv_tiles(bh, split, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ, PAGE, stride_mb,
+                           stride_mh, stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, HEAD_DIM,
+                           BLOCK_D, SPLIT, BLOCK_N)
+    dependent_launch(PDL)
+    _attend_head(bh, split, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, part_ptr, cnt_ptr,
+                 NQ, PAGE, qk_scale, stride_mb, stride_mh, stride_qb, stride_qh, stride_qd, stride_kp, stride_ks,
+                 stride_kd, stride_tb, stride_th, stride_tw, stride_ob, stride_oh, stride_od, cnt_ptr, 0, 1,
+                 HEAD_DIM, BLOCK_D, SPLIT, BLOCK_N, BLOCK_SPLIT, ROWS, IEEE, UPCAST, False, 1)
+
+
+def split_partials(batch: int, heads: int, head_dim: int, split: int) -> int:
+    """The fp32 partials a launch of ``split`` splits per (sequence, head) leaves: each split's output, then
+    its log2-sum-exp."""
+    return batch * heads * split * (max(16, next_power_of_2(head_dim)) + 1)
 
 
 def launch_paged_decode(
@@ -181,7 +229,7 @@ def launch_paged_decode(
     k_pages, v_pages = pages[0], pages[1]
     block_d = max(16, next_power_of_2(head_dim))
     if split > 1:
-        partials = scratch(q.device, batch * nq * split * (block_d + 1))
+        partials = scratch(q.device, split_partials(batch, nq, head_dim, split))
         tickets = counters(q.device, batch * nq)
     else:
         partials, tickets = out, lengths  # never read with one split

@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, check_tensor, next_power_of_2
-from .gathered_linear import (_col_tile, _counted_end, _k_share, _prefetch_col_tiles, _row_tile, _split_k,
-                              _split_tickets, _split_workspace)
+from .gathered_linear import (_col_tile, _counted_end, _phase_col_tile, _row_tile, _split_k, _split_tickets,
+                              _split_workspace)
 from .rms_norm import check_norm_weight
-from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, wait_at_least
+from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, finish_phases, wait_at_least
 from .workspace import counters
 
 __all__ = ["PHASED_ENV", "phased_mlp_enabled", "swiglu_mlp_phased"]
@@ -96,13 +96,9 @@ def _phased_mlp_kernel(
             tl.debug_barrier()  # the whole tile is written before its count releases it
             tl.atomic_add(sync_ptr + _SYNC_HEAD + first // share, 1, sem="release")
     else:
-        pid = (ticket - up_tiles) % down_tiles
-        pid_k = (ticket - up_tiles) // down_tiles
-        if COMPILED:  # its first weight lines from L2 while the tiles it waits for finish
-            _prefetch_col_tiles(pid, pid_k, wd_ptr, wdd_ptr, rows_ptr, count_ptr, M, H, N, stride_dn, stride_dk,
-                                stride_ddn, stride_ddk, True, DENSE, DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_NB,
-                                BLOCK_KB, 1)
-        k_lo, k_hi = _k_share(pid_k, k_end, SPLIT_K, BLOCK_KB)
+        pid, pid_k, k_lo, k_hi = _phase_col_tile(ticket - up_tiles, down_tiles, wd_ptr, wdd_ptr, rows_ptr, count_ptr,
+                                                 k_end, M, H, N, stride_dn, stride_dk, stride_ddn, stride_ddk, DENSE,
+                                                 DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_NB, BLOCK_KB, COMPILED)
         expected = m_tiles * tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_NA)
         if expected > 0:
             wait_at_least(sync_ptr + _SYNC_HEAD + pid_k, expected, error_ptr, COMPILED)
@@ -110,11 +106,7 @@ def _phased_mlp_kernel(
                   wdd_ptr, M, H, N, stride_am, stride_an, stride_dn, stride_dk, stride_ym, stride_yn, stride_mm,
                   stride_mk, stride_hm, stride_hk, stride_ddn, stride_ddk, SPLIT_K, True, True, True, DENSE,
                   DENSE_WHEN_FULL, IEEE, UPCAST, BLOCK_M, BLOCK_NB, BLOCK_KB, 1)
-    # The last program to finish: every ticket is taken and every wait is over.
-    done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
-    if done == up_tiles + down_tiles * SPLIT_K - 1:
-        offs = tl.arange(0, SYNC)
-        tl.store(sync_ptr + offs, tl.zeros((SYNC,), tl.int32), mask=offs < _SYNC_HEAD + SPLIT_K)
+    finish_phases(sync_ptr, up_tiles + down_tiles * SPLIT_K, _SYNC_HEAD + SPLIT_K, SYNC)
 
 
 def _check(h, w_gate, w_up, rows, norm_weight, w_down, count, x_mask, dense_weight) -> None:

@@ -16,7 +16,8 @@
   (Hopper on), opt in with ``ADALLAVA_PDL=1``; :func:`prefetch_lines`: the
   lines (weight, or K/V pages) a program brings into L2 before it waits;
   :func:`pause` and :func:`wait_at_least`: a program's wait for a counter, and
-  the sleep between its polls;
+  the sleep between its polls; :func:`finish_phases`: the counters of a kernel
+  of phases back to 0;
 - :data:`INTERPRET` (``TRITON_INTERPRET=1``) and :data:`LOG2E`.
 """
 
@@ -46,6 +47,7 @@ __all__ = [
     "config",
     "dot",
     "dot_flags",
+    "finish_phases",
     "min_per_split",
     "multiprocessors",
     "dependent_launch",
@@ -170,6 +172,18 @@ def wait_at_least(counter_ptr, target, error_ptr, COMPILED: tl.constexpr):
     else:
         if tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
             tl.atomic_add(error_ptr, 1)
+
+
+@triton.jit
+def finish_phases(sync_ptr, programs, used, SYNC: tl.constexpr):
+    """The end of every program of a kernel whose phases are ordered by tickets (``sync_ptr``: the ticket
+    counter, the programs finished, then the phases' counts, ``used`` of the ``SYNC`` in all): the last of its
+    ``programs`` to finish, when every ticket is taken and every wait is over, puts them back to 0 for the next
+    launch."""
+    done = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
+    if done == programs - 1:
+        offs = tl.arange(0, SYNC)
+        tl.store(sync_ptr + offs, tl.zeros((SYNC,), tl.int32), mask=offs < used)
 
 
 def pdl_flags(device: torch.device, which: str) -> dict:

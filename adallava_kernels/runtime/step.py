@@ -6,8 +6,10 @@ batch's padded size alone and one captured CUDA graph serves every mix of
 plans. A sub-block no row runs has a union of 0 units: its kernels launch
 and their programs return at once, reading no weight.
 
-- ``triton``: the layer's five kernels (four with ``ADALLAVA_PHASED_MLP=1``, the MLP one launch of
-  two phases: :mod:`~adallava_kernels.ops.phased_mlp`) (q, k and v of the union's heads of
+- ``triton``: the layer's five kernels (one fewer with ``ADALLAVA_PHASED_MLP=1``, the MLP one launch
+  of two phases: :mod:`~adallava_kernels.ops.phased_mlp`; one fewer with ``ADALLAVA_PHASED_ATTENTION=1``,
+  the attention and ``o_proj`` one launch: :mod:`~adallava_kernels.ops.phased_attention`) (q, k and v of
+  the union's heads of
   the normed input, the RMSNorm inside the projection, with RoPE, K and V
   written to the pages; the paged attention, each row over its own heads
   only; ``o_proj`` over the union's columns with the residual; gate and up
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from ..ops.library import adallava_ops, eager_launchers
 from ..ops.paged_attention import attend_gathered_pages
+from ..ops.phased_attention import phased_attention_enabled
 from ..ops.phased_mlp import phased_mlp_enabled
 from ..ops.rope import rope
 from .layers import sub_blocks
@@ -78,13 +81,17 @@ class SlotLayer:
         self.w_o_rows = attention.w_o if self.partial else None
         self.w_down_rows = mlp.w_down if self.partial else None
         self.phased_mlp = backend == "triton" and phased_mlp_enabled()
+        self.phased_attention = backend == "triton" and phased_attention_enabled()
 
     def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages, slots: LayerSlots, split: int,
                rope_sign: torch.Tensor) -> torch.Tensor:
         """``h`` ``[rows, hidden]`` (one new token per row) through the layer; K/V written at ``lengths``."""
         if self.backend == "triton":
             q = self._qkv(h, inputs, pages, slots)
-            h = self._o_proj(self._attend(q, inputs, pages, slots, split), slots, h)
+            if self.phased_attention:
+                h = self._attend_o_proj(q, inputs, pages, slots, split, h)
+            else:
+                h = self._o_proj(self._attend(q, inputs, pages, slots, split), slots, h)
             return self._mlp_triton(h, slots)
         # Where the host knows the union is empty, the sub-block is not run at all.
         q_n, _, n = self._sizes(slots)
@@ -111,6 +118,13 @@ class SlotLayer:
         # The heads a row lacks are 0 already: no mask.
         return _LAUNCH.col_gathered_linear(out.view(out.shape[0], -1), self.w_o, slots.o_cols, slots.o_count,
                                           residual=residual, dense=not self.partial, dense_weight=self.w_o_rows)
+
+    def _attend_o_proj(self, q, inputs: DecodeInputs, pages, slots: LayerSlots, split: int, residual) -> torch.Tensor:
+        """:meth:`_attend`, then :meth:`_o_proj`, as two phases of one launch (``ADALLAVA_PHASED_ATTENTION=1``,
+        :mod:`~adallava_kernels.ops.phased_attention`)."""
+        return _LAUNCH.paged_attention_o_proj_phased(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
+                                                     inputs.starts, self.scale, split, self.w_o, slots.o_cols,
+                                                     slots.o_count, residual, not self.partial, self.w_o_rows)
 
     def _mlp_triton(self, h, slots: LayerSlots) -> torch.Tensor:
         """The residual stream after the MLP, its norm inside gate|up; with ``ADALLAVA_PHASED_MLP=1`` one
