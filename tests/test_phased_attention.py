@@ -188,14 +188,15 @@ print(json.dumps([{"site": v.site, "grid": v.grid, "sass": dict(v.sass), "buffer
 
 def test_it_compiles_for_hopper_as_the_two_launches_do():
     """At LLaVA-1.5-7B shapes, batch 1 and 16, a layer kept whole and a partial one, for sm_90 without a GPU:
-    16-byte asynchronous K/V and weight loads at least 2 buffers deep, two programs an SM, and the phases'
+    16-byte asynchronous K/V and weight loads, K/V 3 buffers deep, two programs an SM, and the phases'
     synchronisation (:func:`_phases.assert_phases_synchronise`; the attention's combine reads its splits'
     partials strong too, past L1)."""
     variants = compiled_variants(COMPILE)
     assert len(variants) == 4
     for v in variants:
         assert_phases_synchronise(v)
-        assert min(v["buffers"][tile] for tile in ("k", "v", "b")) >= 2, v["buffers"]
+        # K/V as deep as in the attention launched alone (its loop's own stages), the weight as o_proj's.
+        assert min(v["buffers"][tile] for tile in ("k", "v")) >= 3 and v["buffers"]["b"] >= 2, v["buffers"]
         assert v["occupancy"] >= 2 and v["failures"] == [], v
     # 32 heads x 8 splits at batch 1 (16 rows x 32 heads, one split at 16), then 4096 outputs in tiles of 64,
     # three splits.

@@ -47,6 +47,9 @@ NUM_WARPS = 4
 # tile of K and V ahead of the one being reduced.
 NUM_STAGES = 1 if INTERPRET else 7
 QUERY_ROWS = 16  # the smallest tile tl.dot takes; row 0 is the query
+# The K/V loop's own stages, so a kernel that runs it beside another loop (ops.phased_attention) keeps its
+# buffers whatever stages that kernel's other loop takes.
+LOOP_STAGES = tl.constexpr(NUM_STAGES)
 
 
 @triton.jit
@@ -130,7 +133,7 @@ def _attend_head(
     acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((ROWS,), dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
+    for n0 in tl.range(lo, hi, BLOCK_N, num_stages=LOOP_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid = offs_n < hi
         page = tl.load(table + (offs_n // PAGE) * stride_tw, mask=valid, other=0).to(tl.int64)
