@@ -660,6 +660,8 @@ def eager_launches(model_name: str = "llava-7b", tokens: tuple[int, ...] = (1, 3
                                          torch.ones(t, neurons.numel(), dtype=dtype))
             if regime(t) == "decode":  # attention and o_proj in one launch of two phases (ADALLAVA_PHASED_ATTENTION=1)
                 _phased_attention(launch, x.view(t, hidden), shape, t + 1000)
+                # ... and with q, k and v projected first, three phases (ADALLAVA_PHASED_ATTENTION=qkv)
+                _phased_attention(launch, x.view(t, hidden), shape, t + 1000, w_qkv=w_qkv)
             if regime(t) == "decode":  # 4 heads of a token leave most SMs idle: the reduction is split
                 site["extra"] = {**site["extra"], "live_heads": 4, "live_slots": 4}
                 launch.head_projection(x, w_qkv, half_heads[:4], cos, sin, d, 4)
@@ -667,9 +669,10 @@ def eager_launches(model_name: str = "llava-7b", tokens: tuple[int, ...] = (1, 3
     return tuple(variants)
 
 
-def _phased_attention(launch, h, shape, context: int, page: int = 16):
+def _phased_attention(launch, h, shape, context: int, page: int = 16, w_qkv=None):
     """One layer's attention and o_proj as the decode step launches them with ADALLAVA_PHASED_ATTENTION=1: every
-    head slot, half of them in the union (a partial layer), ``context`` positions in pages of ``page``."""
+    head slot, half of them in the union (a partial layer), ``context`` positions in pages of ``page``; given the
+    stacked ``w_qkv``, the whole attention block as ADALLAVA_PHASED_ATTENTION=qkv launches it."""
     from adallava_kernels.ops.layout import prepare_column_gather
     from adallava_kernels.ops.paged_attention import paged_decode_splits
 
@@ -680,10 +683,16 @@ def _phased_attention(launch, h, shape, context: int, page: int = 16):
     kv_map = (torch.arange(nq, dtype=torch.int32) // (nq // nkv)).repeat(rows, 1)
     lengths = torch.full((rows,), context, dtype=torch.int32)
     w_o = prepare_column_gather(torch.empty(shape.hidden_size, nq * d, dtype=dtype))
-    launch.paged_attention_o_proj_phased(torch.empty(rows, nq, d, dtype=dtype), pages, tables, kv_map, lengths,
-                                         lengths * 0, d**-0.5, paged_decode_splits(rows, nq, width * page, h.device),
-                                         w_o, torch.arange(nq * d, dtype=torch.int32),
-                                         torch.tensor([nq * d // 2], dtype=torch.int32), h, False, None)
+    split = paged_decode_splits(rows, nq, width * page, h.device)
+    cols, count = torch.arange(nq * d, dtype=torch.int32), torch.tensor([nq * d // 2], dtype=torch.int32)
+    if w_qkv is None:
+        launch.paged_attention_o_proj_phased(torch.empty(rows, nq, d, dtype=dtype), pages, tables, kv_map, lengths,
+                                             lengths * 0, d**-0.5, split, w_o, cols, count, h, False, None)
+        return
+    rotation = torch.empty(rows, 1, d, dtype=dtype)
+    launch.attention_block_phased(h, w_qkv, torch.arange(nq + 2 * nkv, dtype=torch.int32), rotation, rotation,
+                                  torch.ones(h.shape[1], dtype=dtype), 1e-5, pages, tables, lengths - 1, kv_map,
+                                  lengths, lengths * 0, d**-0.5, split, w_o, cols, count, False, None)
 
 
 # The GPUs the check compiles for: (compute capability, SMs, the most shared memory a block may take).
@@ -762,12 +771,17 @@ def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict
             # cost with the step at TARGET_SHARE (negative: the phases alone cannot get it there).
             "phase_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers, 1),
             # With the attention and o_proj phased too (ADALLAVA_PHASED_ATTENTION=1): two boundaries a layer.
-            "phases_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers, PHASED_BOUNDARIES)}
+            "phases_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers, PHASED_BOUNDARIES),
+            # With the whole attention block phased (ADALLAVA_PHASED_ATTENTION=qkv): three.
+            "block_phases_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers,
+                                                           BLOCK_PHASED_BOUNDARIES)}
 
 
 # Kernel boundaries a decode layer turns into phase boundaries with both phased launches on (its MLP, and its
 # attention with o_proj): five launches become three.
 PHASED_BOUNDARIES = 2
+# ... with the MLP and the whole attention block phased (q|k|v, attention, o_proj): five launches become two.
+BLOCK_PHASED_BOUNDARIES = 3
 
 
 def _phase_s_at_target(seconds: float, target_s: float, layers: int, boundaries: int) -> float:
@@ -833,7 +847,8 @@ def report_table(result: dict) -> str:
                      f"{s['kernels_per_layer']['partial']} a partial one; {result['target_share']:.0%} at a fixed "
                      f"cost of at most {s['fixed_s_at_target'] * 1e6:.2f} us a kernel, or at a phase cost of at "
                      f"most {_phase_text(s['phase_s_at_target'])} with the phased MLP, "
-                     f"{_phase_text(s['phases_s_at_target'])} with the phased attention too")
+                     f"{_phase_text(s['phases_s_at_target'])} with the phased attention too, "
+                     f"{_phase_text(s['block_phases_s_at_target'])} with the whole attention block phased")
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ Stages, in the order of what they are worth, each under its own time cap and all
    dependent launch on, each decode kernel prefetching its first weight or K/V tiles into L2 before it
    waits (``ADALLAVA_PDL=1``; ``python -m bench.gpu_check --plans ab``);
 5. ``phased``: the same plans again with each decode layer's MLP one launch of two phases, and its
-   attention and ``o_proj`` another: three launches a layer instead of five (``ADALLAVA_PHASED_MLP=1
-   ADALLAVA_PHASED_ATTENTION=1``; ``adallava_kernels/ops/phased_mlp.py``, ``phased_attention.py``);
+   attention block (q, k and v, the attention, ``o_proj``) one of three: two launches a layer instead of five
+   (``ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv``; ``adallava_kernels/ops/phased_mlp.py``,
+   ``phased_attention.py``);
 6. ``boundary``: what one more boundary costs in a captured run: one stream of bytes read in 1 to 32 slices,
    a kernel a slice without PDL and with it, or a phase of one kernel a slice; the slope of the run's time
    (``python -m bench.boundary``);
@@ -142,11 +143,11 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
         Stage("pdl", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "pdl"), *quick]],
               ["pdl/results.json"],
               {"ADALLAVA_PDL": "1"}),
-        # The same with each decode layer's MLP one launch of two phases and its attention and o_proj another
+        # The same with each decode layer's MLP one launch of two phases and its attention block one of three
         # (adallava_kernels/ops/phased_mlp.py, phased_attention.py): the A/B that decides whether the phases
         # become the default.
         Stage("phased", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "phased"), *quick]],
-              ["phased/results.json"], {"ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "1"}),
+              ["phased/results.json"], {"ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "qkv"}),
         # What one more kernel costs in a captured chain, without PDL and with it, and one more phase of one
         # kernel (bench/boundary.py): the numbers that decide between fusing kernels and hiding their fixed cost.
         Stage("boundary", 60, [["-m", "bench.boundary", str(out / "boundary" / "results.json"), *quick]],

@@ -36,10 +36,11 @@ BUDGET_S = 480  # #27: the whole check
 FULL_FAMILY = "full plan"  # the model check's family of the full plan (bench.model.FULL)
 # The stages that run the model check's A/B plans again with one opt-in of the decode step switched on (the
 # variable that does it): the verdict sets each beside the model stage.
-AB_STAGES = {"pdl": "ADALLAVA_PDL=1", "phased": "ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=1"}
+AB_STAGES = {"pdl": "ADALLAVA_PDL=1", "phased": "ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv"}
 # Kernel boundaries of a decode layer the phased stage makes phases of one launch (bench.static's
-# PHASED_BOUNDARIES): the MLP's, and the attention's with o_proj.
-PHASED_BOUNDARIES = 2
+# BLOCK_PHASED_BOUNDARIES): the MLP's, and the attention block's two (q|k|v to the attention, the attention
+# to o_proj).
+PHASED_BOUNDARIES = 3
 
 
 def _load(path: Path) -> dict | None:
@@ -282,14 +283,14 @@ def _boundary_rows(out: Path) -> list[dict]:
 def _phased_steps(static: dict, kernel: float, phase: float) -> dict:
     """The static model's decode steps as the phased stage runs them (``AB_STAGES``): every kernel at ``kernel``
     seconds, and :data:`PHASED_BOUNDARIES` of each layer's kernel boundaries phases of one launch, ``phase``
-    seconds each in place of a kernel's fixed cost (bench.static's ``phases_s_at_target``)."""
+    seconds each in place of a kernel's fixed cost (bench.static's ``block_phases_s_at_target``)."""
     def seconds(step):
         if "layers" not in step:
             return None
         return (step["seconds"] + step["kernels"] * (kernel - static["fixed_s"])
                 - PHASED_BOUNDARIES * step["layers"] * (kernel - phase))
 
-    return _steps_row(static, seconds, "static decode steps with the phased MLP and attention, at the measured "
+    return _steps_row(static, seconds, "static decode steps with the phased MLP and attention block, at the measured "
                                        f"costs of {kernel * 1e6:.2f} us a kernel and {phase * 1e6:.2f} us a phase")
 
 

@@ -20,13 +20,13 @@ def compiled_variants(code: str) -> list[dict]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def assert_phases_synchronise(variant: dict) -> None:
-    """The ticket relaxed, a phase's count released, the finish counted acq_rel; the wait an acquire load (strong,
-    L1 invalidated) with one pause between polls, and a trap past MAX_POLLS polls (a broken count fails the
-    launch instead of hanging the GPU); no local memory."""
+def assert_phases_synchronise(variant: dict, waits: int = 1) -> None:
+    """The ticket relaxed, a phase's count released, the finish counted acq_rel; each of the kernel's ``waits``
+    an acquire load (strong, L1 invalidated) with one pause between polls, and a trap past MAX_POLLS polls (a
+    broken count fails the launch instead of hanging the GPU); no local memory."""
     ops = variant["sass"]
     assert variant["atomics"] == ["atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.relaxed.add.u32",
                                   "atom.global.gpu.release.add.u32"]
-    assert ops.get("LDG.E.STRONG.GPU", 0) >= 1 and "CCTL.IVALL" in ops and ops.get("NANOSLEEP") == 1, ops
+    assert ops.get("LDG.E.STRONG.GPU", 0) >= 1 and "CCTL.IVALL" in ops and ops.get("NANOSLEEP") == waits, ops
     assert "BPT.TRAP" in ops, ops
     assert ops.get("LDGSTS.E.BYPASS.128", 0) > 0 and not any(op.startswith(("LDL", "STL")) for op in ops), ops

@@ -395,8 +395,9 @@ def test_kernels_profiles_a_full_and_a_partial_layer_in_prefill_and_decode(tmp_p
             seconds = s["seconds"] + s["kernels"] * (s["fixed_s_at_target"] - static["fixed_s"])
             assert s["bytes"] / static["copy_rate"] / seconds == pytest.approx(static["target_share"])
             # With the phased MLP each layer trades a kernel's fixed cost for a phase boundary's; with the phased
-            # attention too, two.
-            for key, boundaries in (("phase_s_at_target", 1), ("phases_s_at_target", 2)):
+            # attention too, two; with the whole attention block phased, three.
+            for key, boundaries in (("phase_s_at_target", 1), ("phases_s_at_target", 2),
+                                    ("block_phases_s_at_target", 3)):
                 phased = s["seconds"] - boundaries * s["layers"] * (static["fixed_s"] - s[key])
                 assert s["bytes"] / static["copy_rate"] / phased == pytest.approx(static["target_share"])
         assert (tmp_path / "static.json").exists()

@@ -160,30 +160,38 @@ def test_bad_inputs_are_named():
         call(out=torch.empty(2, 41, device=DEVICE))
 
 
-COMPILE = """
+def compile_script(launch: str) -> str:
+    """A script for :func:`_phases.compiled_variants`: the phased attention at LLaVA-1.5-7B shapes for sm_90, batch 1
+    and 16, a layer kept whole and a partial one, each launched by ``launch`` (code over the names the loop binds:
+    h, q, pages, tables, kv_map, lengths, split, w, cols, count, dense, dense_weight, and the module's ops)."""
+    return f"""
 import json, torch
 from bench import static
-from adallava_kernels.ops.phased_attention import paged_attention_o_proj_phased
+from adallava_kernels.ops.phased_attention import attention_block_phased, paged_attention_o_proj_phased
 from adallava_kernels.ops.paged_attention import paged_decode_splits
 heads, d, hidden, dt, page, width = 32, 128, 4096, torch.bfloat16, 16, 64
 w_o, w_columns = torch.empty(hidden, hidden, dtype=dt), torch.empty(hidden, hidden, dtype=dt).t()
+w_qkv, cols = torch.empty(3 * hidden, hidden, dtype=dt), torch.arange(hidden, dtype=torch.int32)
 pages = torch.empty(2, 16 * heads * width, page, d, dtype=dt)
 with static.capturing() as variants:
     for batch in (1, 16):
         for dense in (True, False):
-            variants.site.update(name=f"b{batch} {dense}", extra={})
-            q, residual = torch.empty(batch, heads, d, dtype=dt), torch.empty(batch, hidden, dtype=dt)
+            variants.site.update(name=f"b{{batch}} {{dense}}", extra={{}})
+            q, h = torch.empty(batch, heads, d, dtype=dt), torch.empty(batch, hidden, dtype=dt)
             tables = torch.zeros(batch, heads, width, dtype=torch.int32)
             kv_map = torch.arange(heads, dtype=torch.int32).repeat(batch, 1)
             lengths = torch.full((batch,), 700, dtype=torch.int32)
             split = paged_decode_splits(batch, heads, width * page, torch.device("cpu"))
             count = torch.tensor([hidden if dense else hidden // 2], dtype=torch.int32)
-            paged_attention_o_proj_phased(q, pages, tables, kv_map, lengths, lengths * 0, d ** -0.5, split,
-                                          w_o if dense else w_columns, torch.arange(hidden, dtype=torch.int32),
-                                          count, residual, dense, None if dense else w_o)
-print(json.dumps([{"site": v.site, "grid": v.grid, "sass": dict(v.sass), "buffers": v.buffers, "atomics": v.atomics,
-                   "occupancy": v.occupancy, "shared": v.shared, "failures": static.failures(v)} for v in variants]))
+            w, dense_weight = (w_o, None) if dense else (w_columns, w_o)
+            {launch}
+print(json.dumps([{{"site": v.site, "grid": v.grid, "sass": dict(v.sass), "buffers": v.buffers, "atomics": v.atomics,
+                   "occupancy": v.occupancy, "shared": v.shared, "failures": static.failures(v)}} for v in variants]))
 """
+
+
+COMPILE = compile_script("paged_attention_o_proj_phased(q, pages, tables, kv_map, lengths, lengths * 0, d ** -0.5, "
+                         "split, w, cols, count, h, dense, dense_weight)")
 
 
 def test_it_compiles_for_hopper_as_the_two_launches_do():

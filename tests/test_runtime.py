@@ -931,20 +931,23 @@ def test_a_step_is_bitwise_repeatable(model):
     assert torch.equal(three_steps(model), three_steps(model))
 
 
-# The phased launches a decode layer may run (each an opt-in variable), by the SlotLayer method that runs each
-# and the flag it sets: the MLP alone, then the attention with o_proj too (a layer of three launches).
-PHASED = {"mlp": (("ADALLAVA_PHASED_MLP",), "_mlp_triton", "phased_mlp"),
-          "mlp+attention": (("ADALLAVA_PHASED_MLP", "ADALLAVA_PHASED_ATTENTION"), "_attend_o_proj",
-                            "phased_attention")}
+# The phased launches a decode layer may run (each an opt-in variable and its value), by the SlotLayer method that
+# runs each and the flag it sets: the MLP alone, then the attention with o_proj too (a layer of three launches),
+# then the whole attention block (two).
+PHASED = {"mlp": ({"ADALLAVA_PHASED_MLP": "1"}, "_mlp_triton", "phased_mlp"),
+          "mlp+attention": ({"ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "1"}, "_attend_o_proj",
+                            "phased_attention"),
+          "mlp+block": ({"ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "qkv"}, "_attention_block",
+                        "phased_qkv")}
 
 
 @pytest.mark.parametrize("phased", PHASED)
 @pytest.mark.parametrize("graphs", [False, True] if torch.cuda.is_available() else [False],
                          ids=["eager", "graphs"][:2 if torch.cuda.is_available() else 1])
 def test_a_step_with_the_phased_launches_equals_the_step_without(model, monkeypatch, graphs, phased):
-    # ADALLAVA_PHASED_MLP=1, ADALLAVA_PHASED_ATTENTION=1: two launches of a decode layer as two phases of one,
-    # the same tiles and programs (bit-equal under the interpreter, whose configs are theirs; on a GPU the
-    # phased kernels' configs are their own).
+    # ADALLAVA_PHASED_MLP=1, ADALLAVA_PHASED_ATTENTION=1 or qkv: launches of a decode layer as phases of one, the
+    # same tiles and programs (bit-equal under the interpreter, whose configs are theirs; on a GPU the phased
+    # kernels' configs are their own).
     from adallava_kernels.ops.phased_attention import PHASED_ATTENTION_ENV
     from adallava_kernels.ops.phased_mlp import PHASED_ENV
 
@@ -953,8 +956,8 @@ def test_a_step_with_the_phased_launches_equals_the_step_without(model, monkeypa
     for name in (PHASED_ENV, PHASED_ATTENTION_ENV):
         monkeypatch.delenv(name, raising=False)
     without = three_steps(model, graphs)
-    for name in switches:
-        monkeypatch.setenv(name, "1")
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
     launched = []
     real = getattr(SlotLayer, method)
 
@@ -968,6 +971,17 @@ def test_a_step_with_the_phased_launches_equals_the_step_without(model, monkeypa
     if DEVICE.type == "cpu":
         assert torch.equal(with_phases, without)
     assert_close(with_phases, without, torch.float32)
+
+
+def test_an_unknown_phased_attention_mode_is_refused(monkeypatch):
+    from adallava_kernels.ops.phased_attention import PHASED_ATTENTION_ENV, phased_attention_mode
+
+    for value, mode in (("", None), ("0", None), ("1", "o_proj"), ("qkv", "qkv")):
+        monkeypatch.setenv(PHASED_ATTENTION_ENV, value)
+        assert phased_attention_mode() == mode
+    monkeypatch.setenv(PHASED_ATTENTION_ENV, "2")
+    with pytest.raises(ValueError, match=r"ADALLAVA_PHASED_ATTENTION must be 0, 1 .* or qkv .*, got '2'"):
+        phased_attention_mode()
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)

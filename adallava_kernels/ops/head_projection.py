@@ -75,43 +75,22 @@ def _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk,
 
 
 @triton.jit
-def _head_proj_kernel(
-    x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
+def _project_head(
+    pid_m, slot, pid_k, pid_p, SLOTS, x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
     k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr, part_ptr, cnt_ptr, norm_ptr, eps,
-    M, K, SEQ, M_BUCKET, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS, KV_SLOTS, PAGE,
+    M, K, SEQ, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS, KV_SLOTS, PAGE,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_cb, stride_cs, stride_cd,
     stride_yb, stride_ys, stride_yh, stride_yd,
     stride_pp, stride_ps, stride_tb, stride_th, stride_tw,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
     ROPE: tl.constexpr, SPLIT_K: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
-    are not rotated (V, when q, k and v are projected in one launch). A program computes BLOCK_H of a head's
-    rotation pairs (element d with d + HEAD_DIM / 2): PAIR_BLOCKS programs share a head, which fills the
-    GPU in decode without splitting the reduction.
-
-    PAGED: slots [Q_SLOTS, Q_SLOTS + KV_SLOTS) are K heads and the next KV_SLOTS V heads; they go to the
-    pages instead of y (KV slot j of row b at position pos[b] + s: page table[b, j, position // PAGE]),
-    so the projection is also the KV append.
-
-    SPLIT_K > 1: program_id(2) // PAIR_BLOCKS takes every SPLIT_K-th K block; each split writes its fp32
-    partial [BLOCK_M, 2 * BLOCK_H] (lo, then hi) to part_ptr, rows addressed by token (so the layout is the
-    same for any BLOCK_M), and takes a ticket on the tile's int32 counter; the last of the tile sums the
-    partials in split order and runs the epilogue below (RoPE is applied to the full sum), the others
-    write nothing.
-
-    NORM (SPLIT_K 1): x is taken through transformers' RMSNorm with weight norm_ptr first, inside the
-    reduction (:func:`~.rms_norm.normed_tile`), so the norm costs no launch of its own."""
-    if PDL:
-        _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk, HEAD_DIM, BLOCK_H, SPLIT_K, BLOCK_K)
-    dependent_launch(PDL)
+    """The program (token tile ``pid_m``, head slot ``slot`` of ``SLOTS``, split ``pid_k``, pair block ``pid_p``)
+    of :func:`_head_proj_kernel` (its docstring: what it computes and writes); the phased attention block
+    (:mod:`.phased_attention`) runs it as its first phase."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_m = tl.program_id(0)
-    slot = tl.program_id(1)
-    pid_k = tl.program_id(2) // PAIR_BLOCKS
-    pid_p = tl.program_id(2) % PAIR_BLOCKS
     head = tl.load(heads_ptr + slot).to(tl.int64)
     if head < 0:  # a free slot of a list padded to its capacity (plans bound as data): nothing to project
         return
@@ -146,7 +125,7 @@ def _head_proj_kernel(
         acc_hi = acc_hi * inv_rms[:, None]
 
     if SPLIT_K > 1:
-        tile = (pid_m * tl.num_programs(1) + slot) * PAIR_BLOCKS + pid_p
+        tile = (pid_m * SLOTS + slot) * PAIR_BLOCKS + pid_p
         # This split's partial: rows offs_m of plane (slot, pair block, split), lo then hi.
         plane = ((slot * PAIR_BLOCKS + pid_p) * SPLIT_K).to(tl.int64)
         local = offs_m[:, None] * (2 * BLOCK_H) + tl.arange(0, BLOCK_H)[None, :]
@@ -205,6 +184,47 @@ def _head_proj_kernel(
     y_off = batch[:, None] * stride_yb + pos[:, None] * stride_ys + slot * stride_yh + offs_d[None, :] * stride_yd
     tl.store(y_ptr + y_off, out_lo.to(y_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(y_ptr + y_off + HALF * stride_yd, out_hi.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _head_proj_kernel(
+    x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr,
+    k_pages_ptr, v_pages_ptr, table_ptr, pos_ptr, part_ptr, cnt_ptr, norm_ptr, eps,
+    M, K, SEQ, M_BUCKET, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS, KV_SLOTS, PAGE,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_cb, stride_cs, stride_cd,
+    stride_yb, stride_ys, stride_yh, stride_yd,
+    stride_pp, stride_ps, stride_tb, stride_th, stride_tw,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    ROPE: tl.constexpr, SPLIT_K: tl.constexpr, PAGED: tl.constexpr, NORM: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[b, s, slot, :] = rope(x[b*SEQ + s] @ w[heads[slot]*HEAD_DIM : +HEAD_DIM].T); slots from ROPE_SLOTS on
+    are not rotated (V, when q, k and v are projected in one launch). A program computes BLOCK_H of a head's
+    rotation pairs (element d with d + HEAD_DIM / 2): PAIR_BLOCKS programs share a head, which fills the
+    GPU in decode without splitting the reduction.
+
+    PAGED: slots [Q_SLOTS, Q_SLOTS + KV_SLOTS) are K heads and the next KV_SLOTS V heads; they go to the
+    pages instead of y (KV slot j of row b at position pos[b] + s: page table[b, j, position // PAGE]),
+    so the projection is also the KV append.
+
+    SPLIT_K > 1: program_id(2) // PAIR_BLOCKS takes every SPLIT_K-th K block; each split writes its fp32
+    partial [BLOCK_M, 2 * BLOCK_H] (lo, then hi) to part_ptr, rows addressed by token (so the layout is the
+    same for any BLOCK_M), and takes a ticket on the tile's int32 counter; the last of the tile sums the
+    partials in split order and runs the epilogue below (RoPE is applied to the full sum), the others
+    write nothing.
+
+    NORM (SPLIT_K 1): x is taken through transformers' RMSNorm with weight norm_ptr first, inside the
+    reduction (:func:`~.rms_norm.normed_tile`), so the norm costs no launch of its own."""
+    if PDL:
+        _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk, HEAD_DIM, BLOCK_H, SPLIT_K, BLOCK_K)
+    dependent_launch(PDL)
+    _project_head(tl.program_id(0), tl.program_id(1), tl.program_id(2) // PAIR_BLOCKS, tl.program_id(2) % PAIR_BLOCKS,
+                  tl.num_programs(1), x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr, k_pages_ptr, v_pages_ptr,
+                  table_ptr, pos_ptr, part_ptr, cnt_ptr, norm_ptr, eps, M, K, SEQ, ROPE_SLOTS, PAIR_BLOCKS, Q_SLOTS,
+                  KV_SLOTS, PAGE, stride_xm, stride_xk, stride_wn, stride_wk, stride_cb, stride_cs, stride_cd,
+                  stride_yb, stride_ys, stride_yh, stride_yd, stride_pp, stride_ps, stride_tb, stride_th, stride_tw,
+                  HEAD_DIM, BLOCK_H, ROPE, SPLIT_K, PAGED, NORM, IEEE, UPCAST, BLOCK_M, BLOCK_K)
 
 
 KERNELS = autotuned(_head_proj_kernel, CONFIGS, INTERPRETER_CONFIGS, ["M_BUCKET", "K", "HEAD_DIM", "IEEE"])

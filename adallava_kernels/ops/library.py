@@ -28,6 +28,11 @@ its head map's dims, dtype and shape, metadata only: two forms share it.)
   count, residual, dense=False, dense_weight=None)``: a decode layer's paged attention, then ``o_proj`` with
   the residual, as two phases of one launch (:mod:`.phased_attention`; the decode step's with
   ``ADALLAVA_PHASED_ATTENTION=1``);
+- ``attention_block_phased(h, w_qkv, heads, cos, sin, norm_weight, eps, pages, block_tables, positions, head_to_kv,
+  lengths, starts, scale, split, w_o, cols, count, dense=False, dense_weight=None)``: a decode layer's whole
+  attention block (q, k and v of the normed ``h`` with RoPE, K and V appended to ``pages``, the paged attention,
+  ``o_proj`` with ``h`` as the residual) as three phases of one launch (:mod:`.phased_attention`; the decode
+  step's with ``ADALLAVA_PHASED_ATTENTION=qkv``);
 - index lists may be padded to a fixed capacity (a plan bound as data): ``heads``, ``rows`` and
   ``head_to_kv`` with -1 (those slots are skipped: the projections leave their outputs unwritten, the
   paged attention gives 0), ``cols`` with a ``count`` read on the device;
@@ -204,6 +209,26 @@ def paged_attention_o_proj_phased(
 def _(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, residual, dense=False,
       dense_weight=None):
     return torch.empty_like(residual)
+
+
+@register_op("attention_block_phased", mutates_args=("pages",))
+def attention_block_phased(
+    h: torch.Tensor, w_qkv: torch.Tensor, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    norm_weight: torch.Tensor, eps: float, pages: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor,
+    head_to_kv: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int,
+    w_o: torch.Tensor, cols: torch.Tensor, count: torch.Tensor, dense: bool = False,
+    dense_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    from .phased_attention import attention_block_phased as launch
+
+    return launch(h, w_qkv, heads, cos, sin, norm_weight, eps, pages, block_tables, positions, head_to_kv, lengths,
+                  starts, scale, split, w_o, cols, count, dense, dense_weight)
+
+
+@attention_block_phased.register_fake
+def _(h, w_qkv, heads, cos, sin, norm_weight, eps, pages, block_tables, positions, head_to_kv, lengths, starts, scale,
+      split, w_o, cols, count, dense=False, dense_weight=None):
+    return torch.empty_like(h)
 
 
 @register_op("step_inputs", mutates_args=())

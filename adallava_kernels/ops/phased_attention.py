@@ -24,9 +24,17 @@ kernel boundary waits for more than the data asks, and costs what every kernel o
 - the last program to finish puts the phases' counters back to 0.
 
 The two launches' workspaces are disjoint parts of one (they run at once here). The result is the two
-launches' bit for bit where their tiles and splits are the same (the interpreter's configs). Decode only
-(at most ``DECODE_MAX_TOKENS`` rows). Off unless ``ADALLAVA_PHASED_ATTENTION=1``
-(:func:`phased_attention_enabled`): no GPU has measured it yet.
+launches' bit for bit where their tiles and splits are the same (the interpreter's configs).
+
+:func:`attention_block_phased` puts the launch before them in front as a third phase: the head projection
+(q, k and v of the union's slots of the normed input, RoPE, K and V appended to the pages:
+:func:`~.head_projection._project_head`, the paged decode step's programs, K and V slots first). The
+program that writes a slot's pair block releases that slot's count; an attention program waits for its row's
+q, K and V slots alone, so the first heads attend while later slots are still projected. A layer is then
+two launches: this one and the MLP's (:mod:`.phased_mlp`).
+
+Decode only (at most ``DECODE_MAX_TOKENS`` rows). Off unless ``ADALLAVA_PHASED_ATTENTION`` is ``1`` (two
+phases) or ``qkv`` (three; :func:`phased_attention_mode`): no GPU has measured either yet.
 """
 
 from __future__ import annotations
@@ -39,12 +47,16 @@ import triton.language as tl
 
 from .common import cdiv, check_tensor, next_power_of_2
 from .gathered_linear import _col_tile, _counted_end, _phase_col_tile, _split_k, _split_partials, _split_tickets
+from .head_projection import CONFIGS as PROJECTION_CONFIGS, INTERPRETER_CONFIGS as PROJECTION_INTERPRETER_CONFIGS
+from .head_projection import _block_h, _project_head
 from .paged_attention import check_head_to_kv
 from .paged_decode_kernel import BLOCK_N, NUM_WARPS, QUERY_ROWS, _attend_head, split_partials
+from .rms_norm import check_norm_weight
 from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, LOG2E, dot_flags, finish_phases, wait_at_least
 from .workspace import counters, scratch
 
-__all__ = ["PHASED_ATTENTION_ENV", "paged_attention_o_proj_phased", "phased_attention_enabled"]
+__all__ = ["PHASED_ATTENTION_ENV", "PHASED_ATTENTION_MODES", "attention_block_phased", "paged_attention_o_proj_phased",
+           "phased_attention_enabled", "phased_attention_mode"]
 
 PHASED_ATTENTION_ENV = "ADALLAVA_PHASED_ATTENTION"
 # One config, not tuned: o_proj's decode tile (64 outputs by 128 columns, one head at head_dim 128), the
@@ -56,17 +68,108 @@ INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_NO": 32, "BLOCK_KO": 32, "num_warps"
 _SYNC_HEAD = tl.constexpr(2)
 
 
+# ADALLAVA_PHASED_ATTENTION's values: what a decode layer's attention block runs as (unset, "" or "0": separate
+# launches).
+PHASED_ATTENTION_MODES = {"1": "o_proj", "qkv": "qkv"}
+
+
+def phased_attention_mode() -> str | None:
+    """What decode layers run their attention as: None (separate launches), ``"o_proj"``
+    (``ADALLAVA_PHASED_ATTENTION=1``: the attention and ``o_proj`` one launch,
+    :func:`paged_attention_o_proj_phased`) or ``"qkv"`` (``ADALLAVA_PHASED_ATTENTION=qkv``: q, k and v too, the
+    whole block one launch, :func:`attention_block_phased`)."""
+    value = os.environ.get(PHASED_ATTENTION_ENV, "")
+    if value in ("", "0"):
+        return None
+    if value not in PHASED_ATTENTION_MODES:
+        raise ValueError(f"{PHASED_ATTENTION_ENV} must be 0, 1 (the attention and o_proj one launch) or qkv (the "
+                         f"projection too), got {value!r}")
+    return PHASED_ATTENTION_MODES[value]
+
+
 def phased_attention_enabled() -> bool:
-    """Whether decode layers run attention and ``o_proj`` as :func:`paged_attention_o_proj_phased`
-    (``ADALLAVA_PHASED_ATTENTION=1``)."""
-    return os.environ.get(PHASED_ATTENTION_ENV) == "1"
+    """Whether decode layers run attention and ``o_proj`` as phases of one launch (either mode of
+    :func:`phased_attention_mode`)."""
+    return phased_attention_mode() is not None
 
 
 @triton.jit
 def _phased_attention_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, apart_ptr, acnt_ptr,
     w_ptr, wd_ptr, cols_ptr, count_ptr, res_ptr, y_ptr, part_ptr, cnt_ptr, sync_ptr, error_ptr,
-    BATCH, NQ, PAGE, qk_scale, N, K,
+    x_ptr, wqkv_ptr, slots_ptr, cos_ptr, sin_ptr, pos_ptr, norm_ptr, eps,
+    BATCH, NQ, PAGE, qk_scale, N, K, HIDDEN, SLOTS, KV_SLOTS, PAIR_BLOCKS,
+    stride_mb, stride_mh,
+    stride_qb, stride_qh, stride_qd,
+    stride_kp, stride_ks, stride_kd,
+    stride_tb, stride_th, stride_tw,
+    stride_ob, stride_oh, stride_od,
+    stride_wn, stride_wk, stride_dn, stride_dk, stride_rm, stride_rn, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_qwn, stride_qwk, stride_cb, stride_cs, stride_cd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DENSE: tl.constexpr,
+    DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, COMPILED: tl.constexpr,
+    SYNC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_KO: tl.constexpr, SPAN: tl.constexpr,
+    PROJECT: tl.constexpr, BLOCK_MP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KP: tl.constexpr,
+):
+    """y = res + o @ w[:, cols[:count]].T, o [BATCH, NQ, HEAD_DIM] the paged attention of q (module docstring:
+    the phases and their counters). o is scratch, contiguous: o_proj reads it as [BATCH, NQ * HEAD_DIM].
+    apart/acnt: the attention's partials and tickets; part/cnt: o_proj's; sync: the ticket counter, the
+    programs finished, each o_proj share's count of (row, head) outputs final, then (PROJECT) each projected
+    slot's count of pair blocks written (0 before the launch, and after it); error: what a wait found
+    unfinished under the interpreter. COMPILED: not the interpreter.
+
+    PROJECT: q is first projected from x here, into the scratch at q_ptr, K and V appended to the pages
+    (:func:`~.head_projection._project_head`: the union's SLOTS head slots of wqkv, the input norm inside,
+    RoPE; one row tile, PAIR_BLOCKS programs a slot, the reduction whole), and an attention program waits
+    for its row's q, K and V slots."""
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    programs = BATCH * NQ * SPLIT + tl.cdiv(BATCH, BLOCK_M) * tl.cdiv(N, BLOCK_NO) * SPLIT_K
+    used = _SYNC_HEAD + SPLIT_K
+    if PROJECT:
+        projected = SLOTS * PAIR_BLOCKS
+        if ticket < projected:
+            # K and V slots first, then q: the first attention programs' slots finish first.
+            slot = (ticket // PAIR_BLOCKS + SLOTS - KV_SLOTS * 2) % SLOTS
+            # One row tile (pid_m 0, a tensor as the kernel's own program id is), the reduction whole (split 0 of
+            # 1; its partials and tickets never used), RoPE on q and K, K and V to the pages, the norm inside.
+            _project_head(ticket * 0, slot, 0, ticket % PAIR_BLOCKS, SLOTS, x_ptr, wqkv_ptr, slots_ptr, cos_ptr,
+                          sin_ptr, q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, o_ptr, acnt_ptr, norm_ptr, eps, BATCH,
+                          HIDDEN, 1, NQ + KV_SLOTS, PAIR_BLOCKS, NQ, KV_SLOTS, PAGE, stride_xm, stride_xk,
+                          stride_qwn, stride_qwk, stride_cb, stride_cs, stride_cd, stride_qb, 0, stride_qh,
+                          stride_qd, stride_kp, stride_ks, stride_tb, stride_th, stride_tw, HEAD_DIM, BLOCK_H, True,
+                          1, True, True, IEEE, UPCAST, BLOCK_MP, BLOCK_KP)
+            tl.debug_barrier()  # every thread's part of the slot is written before the count publishes it
+            tl.atomic_add(sync_ptr + used + slot, 1, sem="release")
+        else:
+            _attention_or_o_proj(ticket - projected, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr,
+                                 o_ptr, apart_ptr, acnt_ptr, w_ptr, wd_ptr, cols_ptr, count_ptr, res_ptr, y_ptr,
+                                 part_ptr, cnt_ptr, sync_ptr, error_ptr, BATCH, NQ, PAGE, qk_scale, N, K, KV_SLOTS,
+                                 PAIR_BLOCKS, stride_mb, stride_mh, stride_qb, stride_qh, stride_qd, stride_kp,
+                                 stride_ks, stride_kd, stride_tb, stride_th, stride_tw, stride_ob, stride_oh,
+                                 stride_od, stride_wn, stride_wk, stride_dn, stride_dk, stride_rm, stride_rn,
+                                 stride_ym, stride_yn, HEAD_DIM, BLOCK_D, SPLIT, BLOCK_N, BLOCK_SPLIT, ROWS, SPLIT_K,
+                                 DENSE, DENSE_WHEN_FULL, IEEE, UPCAST, COMPILED, BLOCK_M, BLOCK_NO, BLOCK_KO, SPAN,
+                                 PROJECT)
+        programs += projected
+        used += SLOTS
+    else:
+        _attention_or_o_proj(ticket, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr,
+                             apart_ptr, acnt_ptr, w_ptr, wd_ptr, cols_ptr, count_ptr, res_ptr, y_ptr, part_ptr,
+                             cnt_ptr, sync_ptr, error_ptr, BATCH, NQ, PAGE, qk_scale, N, K, KV_SLOTS, PAIR_BLOCKS,
+                             stride_mb, stride_mh, stride_qb, stride_qh, stride_qd, stride_kp, stride_ks, stride_kd,
+                             stride_tb, stride_th, stride_tw, stride_ob, stride_oh, stride_od, stride_wn, stride_wk,
+                             stride_dn, stride_dk, stride_rm, stride_rn, stride_ym, stride_yn, HEAD_DIM, BLOCK_D,
+                             SPLIT, BLOCK_N, BLOCK_SPLIT, ROWS, SPLIT_K, DENSE, DENSE_WHEN_FULL, IEEE, UPCAST,
+                             COMPILED, BLOCK_M, BLOCK_NO, BLOCK_KO, SPAN, PROJECT)
+    finish_phases(sync_ptr, programs, used, SYNC)
+
+
+@triton.jit
+def _attention_or_o_proj(
+    index, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, o_ptr, apart_ptr, acnt_ptr,
+    w_ptr, wd_ptr, cols_ptr, count_ptr, res_ptr, y_ptr, part_ptr, cnt_ptr, sync_ptr, error_ptr,
+    BATCH, NQ, PAGE, qk_scale, N, K, KV_SLOTS, PAIR_BLOCKS,
     stride_mb, stride_mh,
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kd,
@@ -76,30 +179,30 @@ def _phased_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DENSE: tl.constexpr,
     DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, COMPILED: tl.constexpr,
-    SYNC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_KO: tl.constexpr, SPAN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_KO: tl.constexpr, SPAN: tl.constexpr,
+    PROJECT: tl.constexpr,
 ):
-    """y = res + o @ w[:, cols[:count]].T, o [BATCH, NQ, HEAD_DIM] the paged attention of q (module docstring:
-    the phases and their counters). o is scratch, contiguous: o_proj reads it as [BATCH, NQ * HEAD_DIM].
-    apart/acnt: the attention's partials and tickets; part/cnt: o_proj's; sync: the ticket counter, the
-    programs finished, then each o_proj share's count of (row, head) outputs final (0 before the launch, and
-    after it); error: what a wait found unfinished under the interpreter. COMPILED: not the interpreter."""
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    """The program ``index`` past the projection (if any): an attention program (head slot, row, split), head
+    slot by head slot, then o_proj's tiles, split by split (:func:`_phased_attention_kernel`)."""
     heads = BATCH * NQ * SPLIT
     out_tiles = tl.cdiv(BATCH, BLOCK_M) * tl.cdiv(N, BLOCK_NO)
     k_end = _counted_end(count_ptr, K, True, DENSE)
     # Every o_proj share of the counted columns starts on a multiple of it (0: nothing is counted).
     share = tl.cdiv(tl.cdiv(k_end, SPLIT_K), BLOCK_KO) * BLOCK_KO
-    if ticket < heads:
+    if index < heads:
         # Head slot by head slot, so the first o_proj shares' heads finish first, whatever the batch.
-        h = ticket // (BATCH * SPLIT)
-        b = (ticket // SPLIT) % BATCH
-        _attend_head(b * NQ + h, ticket % SPLIT, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr,
+        h = index // (BATCH * SPLIT)
+        b = (index // SPLIT) % BATCH
+        if PROJECT:
+            _wait_for_projection(sync_ptr + _SYNC_HEAD + SPLIT_K, kvmap_ptr, b, h, NQ, KV_SLOTS, PAIR_BLOCKS,
+                                 stride_mb, stride_mh, error_ptr, COMPILED)
+        _attend_head(b * NQ + h, index % SPLIT, q_ptr, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr,
                      o_ptr, apart_ptr, acnt_ptr, NQ, PAGE, qk_scale, stride_mb, stride_mh, stride_qb, stride_qh,
                      stride_qd, stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, stride_ob,
                      stride_oh, stride_od, sync_ptr + _SYNC_HEAD, k_end, share, HEAD_DIM, BLOCK_D, SPLIT, BLOCK_N,
                      BLOCK_SPLIT, ROWS, IEEE, UPCAST, True, SPAN)
     else:
-        pid, pid_k, k_lo, k_hi = _phase_col_tile(ticket - heads, out_tiles, w_ptr, wd_ptr, cols_ptr, count_ptr, k_end,
+        pid, pid_k, k_lo, k_hi = _phase_col_tile(index - heads, out_tiles, w_ptr, wd_ptr, cols_ptr, count_ptr, k_end,
                                                  BATCH, N, K, stride_wn, stride_wk, stride_dn, stride_dk, DENSE,
                                                  DENSE_WHEN_FULL, SPLIT_K, BLOCK_M, BLOCK_NO, BLOCK_KO, COMPILED)
         if k_hi > k_lo:  # every row's output of each head slot whose columns the share touches
@@ -109,7 +212,18 @@ def _phased_attention_kernel(
                   BATCH, N, K, stride_ob, stride_od, stride_wn, stride_wk, stride_ym, stride_yn, 0, 0, stride_rm,
                   stride_rn, stride_dn, stride_dk, SPLIT_K, True, False, True, DENSE, DENSE_WHEN_FULL, IEEE, UPCAST,
                   BLOCK_M, BLOCK_NO, BLOCK_KO, 1)
-    finish_phases(sync_ptr, heads + out_tiles * SPLIT_K, _SYNC_HEAD + SPLIT_K, SYNC)
+
+
+@triton.jit
+def _wait_for_projection(slot_counts, kvmap_ptr, b, h, NQ, KV_SLOTS, PAIR_BLOCKS, stride_mb, stride_mh, error_ptr,
+                         COMPILED: tl.constexpr):
+    """Row ``b``'s head slot ``h`` attends its q slot and its K and V slots: wait until each has its PAIR_BLOCKS
+    programs' counts (a head the row lacks reads none of them)."""
+    kvh = tl.load(kvmap_ptr + b * stride_mb + h * stride_mh)
+    if kvh >= 0:
+        wait_at_least(slot_counts + h, PAIR_BLOCKS, error_ptr, COMPILED)
+        wait_at_least(slot_counts + NQ + kvh, PAIR_BLOCKS, error_ptr, COMPILED)
+        wait_at_least(slot_counts + NQ + KV_SLOTS + kvh, PAIR_BLOCKS, error_ptr, COMPILED)
 
 
 def _span(head_dim: int, block_k: int) -> int:
@@ -188,10 +302,103 @@ def paged_attention_o_proj_phased(
         ``[rows, hidden]``: ``residual`` plus ``o_proj`` of the attention.
     """
     _check(q, pages, block_tables, head_to_kv, lengths, starts, split, w_o, cols, count, residual, dense_weight)
+    _check_out(out, residual)
+    return _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, residual,
+                   dense, dense_weight, out, None)
+
+
+def attention_block_phased(
+    h: torch.Tensor, w_qkv: torch.Tensor, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    norm_weight: torch.Tensor, eps: float, pages: torch.Tensor, block_tables: torch.Tensor, positions: torch.Tensor,
+    head_to_kv: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, scale: float, split: int,
+    w_o: torch.Tensor, cols: torch.Tensor, count: torch.Tensor, dense: bool = False,
+    dense_weight: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decode layer's whole attention block in one launch of three phases: q, K and V of the union's head
+    slots of the normed ``h``, rotated, K and V appended to the pages (what
+    :func:`~.head_projection.head_projection` with ``paged`` and ``norm_weight`` does), then
+    :func:`paged_attention_o_proj_phased` of that q with ``h`` as the residual. An attention program waits
+    only for its row's q, K and V slots.
+
+    Args:
+        h: ``[rows of the step (1 to 16), hidden]``, the layer's input (and the residual).
+        w_qkv: ``[q, K and V heads x head_dim, hidden]``, the stacked projection.
+        heads: int32 ``[head slots + 2 x KV slots]``: the union's q heads, then its K heads, then its V heads, as
+            heads of ``w_qkv`` (-1 in free slots).
+        cos, sin: ``[rows or 1, 1, head_dim]``, contiguous: each row's rotation at its new position.
+        norm_weight, eps: the layer's input RMSNorm, applied inside the projection.
+        positions: int32 ``[rows]``: where each row's new K and V go (the positions stored before this step);
+            ``lengths`` is ``positions + 1``, the new token attended.
+        pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, dense, dense_weight,
+            out: :func:`paged_attention_o_proj_phased`'s (``block_tables`` ``[rows, KV slots, pages]`` also
+            addresses the append).
+
+    Returns:
+        ``[rows, hidden]``: ``h`` plus ``o_proj`` of the attention. ``pages`` hold the new K and V.
+    """
+    check_tensor("h", h, dim=2)
+    check_tensor("head_to_kv", head_to_kv, dtypes=(torch.int32,), device=h.device)
+    check_tensor("block_tables", block_tables, dim=3, dtypes=(torch.int32,), device=h.device)
+    check_tensor("pages", pages, dim=4, dtypes=(h.dtype,), device=h.device)
+    rows, hidden = h.shape
+    if not 1 <= rows <= DECODE_MAX_TOKENS:
+        raise ValueError(f"h must have 1 to {DECODE_MAX_TOKENS} rows (a decode step's), got {rows}")
+    nq, nkv, head_dim = head_to_kv.shape[-1], block_tables.shape[1], pages.shape[3]
+    check_tensor("w_o", w_o, dim=2, dtypes=(h.dtype,), device=h.device)
+    if tuple(w_o.shape) != (hidden, nq * head_dim):
+        raise ValueError(f"w_o must be [{hidden}, {nq * head_dim}] (h's features, head_to_kv's head slots x the pages' "
+                         f"head_dim), got {list(w_o.shape)}")
+    # The attention's query: scratch the projection writes and the attention reads, contiguous.
+    q = torch.empty(rows, nq, head_dim, dtype=h.dtype, device=h.device)
+    _check(q, pages, block_tables, head_to_kv, lengths, starts, split, w_o, cols, count, h, dense_weight)
+    _check_projection(h, w_qkv, heads, cos, sin, norm_weight, positions, nq, nkv, head_dim)
+    _check_out(out, h)
+    return _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, h, dense,
+                   dense_weight, out, (h, w_qkv, heads, cos, sin, positions, norm_weight, eps))
+
+
+def _check_projection(h, w_qkv, heads, cos, sin, norm_weight, positions, nq, nkv, head_dim) -> None:
+    rows, hidden = h.shape
+    device, dtype = h.device, h.dtype
+    check_tensor("w_qkv", w_qkv, dim=2, dtypes=(dtype,), device=device)
+    if w_qkv.shape[1] != hidden or w_qkv.shape[0] % head_dim:
+        raise ValueError(f"w_qkv must be [heads x {head_dim}, {hidden}] (whole heads of the pages' head_dim, h's "
+                         f"features), got {list(w_qkv.shape)}")
+    check_tensor("heads", heads, dim=1, dtypes=(torch.int32,), device=device)
+    if heads.numel() != nq + 2 * nkv:
+        raise ValueError(f"heads must list {nq + 2 * nkv} slots (head_to_kv's {nq} q slots, then block_tables' {nkv} "
+                         f"K and {nkv} V slots), got {heads.numel()}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, dim=3, device=device)
+        if t.shape[0] not in (1, rows) or t.shape[1:] != (1, head_dim) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous [{rows} or 1, 1, {head_dim}] (each row's rotation at its "
+                             f"new position), got {list(t.shape)}")
+    if norm_weight is None:
+        raise ValueError("norm_weight must be given: the projection takes h through the layer's input RMSNorm")
+    check_norm_weight(norm_weight, h)
+    check_tensor("positions", positions, dim=1, dtypes=(torch.int32,), device=device)
+    if positions.shape[0] != rows:
+        raise ValueError(f"positions must be [{rows}] (one per row of h), got {list(positions.shape)}")
+
+
+def _check_out(out, residual) -> None:
     if out is not None and (out.shape != residual.shape or out.dtype != residual.dtype
                             or out.device != residual.device or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {residual.dtype} tensor of shape {list(residual.shape)} on "
                          f"{residual.device}, got {out.dtype} {list(out.shape)} on {out.device}")
+
+
+def _projection_config() -> dict:
+    """The projection phase's tiles: the head projection's decode tiles (its first config; the interpreter's
+    under the interpreter, so the result is the separate launch's bit for bit)."""
+    chosen = (PROJECTION_INTERPRETER_CONFIGS if INTERPRET else PROJECTION_CONFIGS["decode"])[0].kwargs
+    return {"BLOCK_MP": chosen["BLOCK_M"], "BLOCK_KP": chosen["BLOCK_K"]}
+
+
+def _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, residual, dense,
+            dense_weight, out, projection) -> torch.Tensor:
+    """Both ops' launch: ``projection`` None (q given), or (x, w_qkv, heads, cos, sin, positions, norm weight,
+    eps), q then the scratch the projection phase fills."""
     batch, nq, head_dim = q.shape
     hidden, k = w_o.shape
     device = q.device
@@ -203,28 +410,42 @@ def paged_attention_o_proj_phased(
     attention_parts = split_partials(batch, nq, head_dim, split) if split > 1 else 0
     parts = scratch(device, attention_parts + (_split_partials(batch, hidden, split_k) if split_k > 1 else 0) + 1)
     attention_tickets, tiles = batch * nq, _split_tickets(batch, hidden)
-    sync = next_power_of_2(_SYNC_HEAD.value + split_k)
+    slots = 0 if projection is None else projection[2].numel()
+    sync = next_power_of_2(_SYNC_HEAD.value + split_k + slots)
     ticks = counters(device, attention_tickets + tiles + sync)
     # Under the interpreter a wait that finds its heads unfinished is counted here, not spun on.
     errors = torch.zeros(1, dtype=torch.int32, device=device) if INTERPRET else ticks
     wd = w_o if dense_weight is None else dense_weight
     k_pages, v_pages = pages[0], pages[1]
-    grid = (batch * nq * split + cdiv(batch, config["BLOCK_M"]) * cdiv(hidden, config["BLOCK_NO"]) * split_k,)
+    if projection is None:
+        x, w_qkv, heads, cos, sin, positions, norm, eps = q, q, lengths, q, q, lengths, q, 0.0  # never read
+        block_h, pair_blocks, rope_strides, hidden_in = 16, 1, (0, 0, 0), 0
+    else:
+        x, w_qkv, heads, cos, sin, positions, norm, eps = projection
+        block_h = _block_h(head_dim, "decode")
+        pair_blocks = cdiv(head_dim // 2, block_h)
+        # A batch of 1 broadcasts: stride 0 reads the same rows for every sequence.
+        rope_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), cos.stride(2))
+        hidden_in = x.shape[1]
+    grid = (slots * pair_blocks + batch * nq * split
+            + cdiv(batch, config["BLOCK_M"]) * cdiv(hidden, config["BLOCK_NO"]) * split_k,)
     _phased_attention_kernel[grid](
         q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, attended, parts, ticks,
         w_o, wd, cols, count, residual, y, parts[attention_parts:], ticks[attention_tickets:],
         ticks[attention_tickets + tiles:], errors,
-        batch, nq, pages.shape[2], scale * LOG2E, hidden, k,
+        x, w_qkv, heads, cos, sin, positions, norm, eps,
+        batch, nq, pages.shape[2], scale * LOG2E, hidden, k, hidden_in, slots, block_tables.shape[1], pair_blocks,
         *((0, head_to_kv.stride(0)) if head_to_kv.dim() == 1 else head_to_kv.stride()),
         *q.stride(), *k_pages.stride(), *block_tables.stride(), *attended.stride(),
         w_o.stride(0), w_o.stride(1), wd.stride(0), wd.stride(1), residual.stride(0), residual.stride(1),
-        y.stride(0), y.stride(1),
+        y.stride(0), y.stride(1), x.stride(0), x.stride(1), w_qkv.stride(0), w_qkv.stride(1), *rope_strides,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), SPLIT=split, BLOCK_N=BLOCK_N,
         BLOCK_SPLIT=max(2, next_power_of_2(split)), ROWS=QUERY_ROWS, SPLIT_K=split_k, DENSE=dense,
         DENSE_WHEN_FULL=dense_weight is not None and not dense, **dot_flags(q.dtype), COMPILED=not INTERPRET,
-        SYNC=sync, SPAN=_span(head_dim, config["BLOCK_KO"]), **config, **({} if INTERPRET else {"maxnreg": 128}),
+        SYNC=sync, SPAN=_span(head_dim, config["BLOCK_KO"]), PROJECT=projection is not None, BLOCK_H=block_h,
+        **_projection_config(), **config, **({} if INTERPRET else {"maxnreg": 128}),
     )
     if INTERPRET and errors.item():
-        raise RuntimeError(f"{errors.item()} o_proj programs of paged_attention_o_proj_phased found the heads they "
-                           "wait for unfinished: the phases' counts are wrong")
+        raise RuntimeError(f"{errors.item()} programs of the phased attention found what they wait for unfinished: "
+                           "the phases' counts are wrong")
     return y

@@ -8,7 +8,8 @@ and their programs return at once, reading no weight.
 
 - ``triton``: the layer's five kernels (one fewer with ``ADALLAVA_PHASED_MLP=1``, the MLP one launch
   of two phases: :mod:`~adallava_kernels.ops.phased_mlp`; one fewer with ``ADALLAVA_PHASED_ATTENTION=1``,
-  the attention and ``o_proj`` one launch: :mod:`~adallava_kernels.ops.phased_attention`) (q, k and v of
+  the attention and ``o_proj`` one launch: :mod:`~adallava_kernels.ops.phased_attention`; two fewer with
+  ``ADALLAVA_PHASED_ATTENTION=qkv``, q, k and v too) (q, k and v of
   the union's heads of
   the normed input, the RMSNorm inside the projection, with RoPE, K and V
   written to the pages; the paged attention, each row over its own heads
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from ..ops.library import adallava_ops, eager_launchers
 from ..ops.paged_attention import attend_gathered_pages
-from ..ops.phased_attention import phased_attention_enabled
+from ..ops.phased_attention import phased_attention_mode
 from ..ops.phased_mlp import phased_mlp_enabled
 from ..ops.rope import rope
 from .layers import sub_blocks
@@ -81,12 +82,16 @@ class SlotLayer:
         self.w_o_rows = attention.w_o if self.partial else None
         self.w_down_rows = mlp.w_down if self.partial else None
         self.phased_mlp = backend == "triton" and phased_mlp_enabled()
-        self.phased_attention = backend == "triton" and phased_attention_enabled()
+        attention = phased_attention_mode() if backend == "triton" else None
+        self.phased_attention = attention is not None
+        self.phased_qkv = attention == "qkv"
 
     def decode(self, h: torch.Tensor, inputs: DecodeInputs, pages, slots: LayerSlots, split: int,
                rope_sign: torch.Tensor) -> torch.Tensor:
         """``h`` ``[rows, hidden]`` (one new token per row) through the layer; K/V written at ``lengths``."""
         if self.backend == "triton":
+            if self.phased_qkv:
+                return self._mlp_triton(self._attention_block(h, inputs, pages, slots, split), slots)
             q = self._qkv(h, inputs, pages, slots)
             if self.phased_attention:
                 h = self._attend_o_proj(q, inputs, pages, slots, split, h)
@@ -125,6 +130,14 @@ class SlotLayer:
         return _LAUNCH.paged_attention_o_proj_phased(q, pages.kv, slots.tables, slots.kv_map, inputs.lengths_after,
                                                      inputs.starts, self.scale, split, self.w_o, slots.o_cols,
                                                      slots.o_count, residual, not self.partial, self.w_o_rows)
+
+    def _attention_block(self, h, inputs: DecodeInputs, pages, slots: LayerSlots, split: int) -> torch.Tensor:
+        """:meth:`_qkv`, :meth:`_attend` and :meth:`_o_proj` as three phases of one launch
+        (``ADALLAVA_PHASED_ATTENTION=qkv``, :func:`~adallava_kernels.ops.phased_attention.attention_block_phased`)."""
+        return _LAUNCH.attention_block_phased(h, self.w_qkv, slots.qkv_heads, inputs.cos, inputs.sin, self.input_norm,
+                                              self.eps, pages.kv, slots.tables, inputs.lengths, slots.kv_map,
+                                              inputs.lengths_after, inputs.starts, self.scale, split, self.w_o,
+                                              slots.o_cols, slots.o_count, not self.partial, self.w_o_rows)
 
     def _mlp_triton(self, h, slots: LayerSlots) -> torch.Tensor:
         """The residual stream after the MLP, its norm inside gate|up; with ``ADALLAVA_PHASED_MLP=1`` one
