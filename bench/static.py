@@ -517,11 +517,13 @@ def _half_plan(shape2, partial=(1,)):
 @functools.lru_cache(maxsize=None)
 def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1, 16), context: int = 700,
                      prefill_tokens: int | None = 701, arch: int = 90, sms: int = SMS,
-                     pdl: bool = False) -> tuple[Variant, ...]:
+                     pdl: bool = False, environment: tuple[tuple[str, str], ...] = ()) -> tuple[Variant, ...]:
     """Every variant one decode step (at each batch) and one prefill of the runtime compile to, each
     with its site: the stage, the batch and the layer (0 whole, 1 keeping half its heads and neurons).
     ``prefill_tokens`` None: no prefill. ``pdl``: the decode launches as ``ADALLAVA_PDL=1`` makes them on a
-    GPU of compute capability 9.0 (programmatic dependent launch, and the weight prefetch before the wait)."""
+    GPU of compute capability 9.0 (programmatic dependent launch, and the weight prefetch before the wait).
+    ``environment``: (variable, value) pairs set while the runtime is built, such as the phased launches'
+    (``ADALLAVA_PHASED_MLP``, ``ADALLAVA_PHASED_ATTENTION``); an argument, so the cache keeps each form apart."""
     from adallava_kernels import get_shape
     from adallava_kernels.ops import common
     from adallava_kernels.runtime import PlannedDecoder
@@ -532,7 +534,7 @@ def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1
     page = 16
     pages = max(batches) * 2 * shape.num_kv_heads * -(-(max(context, prefill_tokens or 0) + 8) // page) + 8
     with capturing(sms, arch) as variants, _triton_on_cpu(common), _layer_sites(variants.site, shape), \
-            _pdl_forced(pdl):
+            _pdl_forced(pdl), _environment(dict(environment)):
         runner = PlannedDecoder.from_hf(model, num_pages=pages, page_size=page, backend="triton",
                                         partial_layers=[1], cuda_graphs=False)
         plan = _half_plan(runner.shape)
@@ -560,12 +562,28 @@ def runtime_launches(model_name: str = "llava-7b", batches: tuple[int, ...] = (1
 
 
 @contextlib.contextmanager
+def _environment(values: dict):
+    """The variables in ``values`` set inside the block, as they were after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def _pdl_forced(on: bool):
     """With ``on``, the kernels' launchers take PDL as a Hopper GPU with ``ADALLAVA_PDL=1`` would (on the CPU
     they never do); decode launches only, as there."""
-    from adallava_kernels.ops import gathered_linear, head_projection, paged_decode_kernel, triton_utils
+    from adallava_kernels.ops import (gathered_linear, head_projection, paged_decode_kernel, phased_attention, phased_mlp,
+                                      triton_utils)
 
-    modules = (gathered_linear, head_projection, paged_decode_kernel)
+    modules = (gathered_linear, head_projection, paged_decode_kernel, phased_attention, phased_mlp)
     saved = [module.pdl_flags for module in modules]
     if on:
         for module in modules:

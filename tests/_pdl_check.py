@@ -20,6 +20,7 @@ prefetch) costs no registers, buffers or occupancy those need.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -55,14 +56,33 @@ def kept_compiles():
         triton.compiler.compile = original
 
 
+# The decode step's phased forms (the variables that turn them on), each compiled as a step of its own: the MLP
+# and the attention with o_proj phased, then the MLP and the whole attention block.
+PHASED_STEPS = {"phased": {"ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "1"},
+                "phased-qkv": {"ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "qkv"}}
+# Bandwidth kernels bench.static does not price: each phase of these streams as one of its kernels does.
+PHASED_KERNELS = {"_phased_mlp_kernel", "_phased_attention_kernel"}
+
+
+def _in_step(site: str, form: str) -> str:
+    """``site`` ("decode b1 whole") in the step of the decode step's phased ``form`` ("decode b1/phased whole")."""
+    words = site.split()
+    return " ".join([words[0], f"{words[1]}/{form}", *words[2:]])
+
+
 def compiled_decode_step() -> tuple[list, list]:
     """The runtime's decode step at LLaVA-1.5-7B shapes, batch 1 and 16, a whole layer and a partial one,
-    every config the autotuner may pick, compiled with PDL forced on: the compiled kernels, and the
-    variants bench.static reads."""
+    every config the autotuner may pick, compiled with PDL forced on, as launched by default and in each of
+    its :data:`PHASED_STEPS` forms: the compiled kernels, and the variants bench.static reads."""
     from bench import static
 
     with kept_compiles() as compiled:
-        variants = static.runtime_launches(prefill_tokens=None, pdl=True)
+        variants = list(static.runtime_launches(prefill_tokens=None, pdl=True))
+        for form, values in PHASED_STEPS.items():
+            variants += [dataclasses.replace(v, site=_in_step(v.site, form))
+                         for v in static.runtime_launches(prefill_tokens=None, pdl=True,
+                                                          environment=tuple(values.items()))
+                         if static.is_decode_step(v)]
     return compiled, [v for v in variants if static.is_decode_step(v)]
 
 
@@ -246,7 +266,8 @@ def main(out: str, strict: bool = False) -> int:
 
     compiled, variants = compiled_decode_step()
     step = {v.hash for v in variants}
-    kernels = {kernel.hash: {"hash": kernel.hash, **facts(kernel), "bandwidth": kernel.metadata.name in static.KERNELS}
+    kernels = {kernel.hash: {"hash": kernel.hash, **facts(kernel),
+                             "bandwidth": kernel.metadata.name in static.KERNELS or kernel.metadata.name in PHASED_KERNELS}
                for kernel in compiled if kernel.hash in step}
     checks = [{"kernel": v.kernel, "site": v.site, "config": v.config, "failures": static.failures(v)}
               for v in variants]

@@ -42,8 +42,9 @@ def test_with_pdl_every_decode_kernel_waits_before_it_reads_what_a_kernel_writes
     its code waits (griddepcontrol.wait) it writes nothing, prefetches its first tiles into L2 and reads only
     buffers that neither it nor the launch before it in the step writes (the one hazard of a program that
     starts while the kernel before it drains), each read again after the wait. The runtime's decode step at
-    LLaVA-1.5-7B shapes, batch 1 and 16, every config, assembled for sm_90 by ptxas; with PDL on, every variant
-    still passes the static checks (the prefetch costs no occupancy, buffers or spills)."""
+    LLaVA-1.5-7B shapes, batch 1 and 16, every config, as launched by default and with the phased launches,
+    assembled for sm_90 by ptxas; with PDL on, every variant still passes the static checks (the prefetch costs
+    no occupancy, buffers or spills)."""
     import json
     import os
     import subprocess
@@ -60,20 +61,31 @@ def test_with_pdl_every_decode_kernel_waits_before_it_reads_what_a_kernel_writes
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out.read_text())
     bandwidth = [k for k in report["kernels"] if k["bandwidth"]]
-    assert {k["kernel"] for k in bandwidth} == set(static.KERNELS)
+    assert {k["kernel"] for k in bandwidth} == set(static.KERNELS) | {"_phased_mlp_kernel", "_phased_attention_kernel"}
     assert len(report["variants"]) >= 38
-    # Both steps' Triton launches, in order: the rows' rotary angles, five launches a layer for each of the two
-    # layers, lm_head with the final norm inside it, the greedy tokens (the embedding is torch's).
+    # Each step's Triton launches, in order: the rows' rotary angles, the launches of each of the two layers
+    # (five; three with the MLP and the attention with o_proj phased; two with the whole attention block phased),
+    # lm_head with the final norm inside it, the greedy tokens (the embedding is torch's).
+    layers = {"": ["_head_proj_kernel", "_paged_decode_kernel", "_col_gather_kernel", "_row_gather_kernel",
+                   "_col_gather_kernel"],
+              "/phased": ["_head_proj_kernel", "_phased_attention_kernel", "_phased_mlp_kernel"],
+              "/phased-qkv": ["_phased_attention_kernel", "_phased_mlp_kernel"]}
     assert {step: [launch["kernel"] for launch in launches] for step, launches in report["steps"].items()} == {
-        step: ["_step_inputs_kernel"] + 2 * ["_head_proj_kernel", "_paged_decode_kernel", "_col_gather_kernel",
-                                             "_row_gather_kernel", "_col_gather_kernel"]
-        + ["_row_gather_kernel", "_greedy_kernel"] for step in ("decode b1", "decode b16")}
+        f"decode b{batch}{form}": ["_step_inputs_kernel"] + 2 * layer + ["_row_gather_kernel", "_greedy_kernel"]
+        for form, layer in layers.items() for batch in (1, 16)}
     assert problems(report) == []
     # The weight kernels read their plan lists early (to address the prefetch); the attention its row's head
-    # map, lengths and block table, none of which the head projection before it writes.
-    early = {k["kernel"]: set(k["reads_before_wait"]) for k in bandwidth}
-    assert early["_paged_decode_kernel"] == {"kvmap_ptr", "len_ptr", "start_ptr", "table_ptr"}
-    assert early["_head_proj_kernel"] == {"heads_ptr"}
+    # map, lengths and block table, none of which the head projection before it writes. The phased kernels
+    # read what their first phase's programs would: the MLP's neuron list, the attention's head map, lengths
+    # and block tables, or with the block phased the projection's slot list.
+    early = {}
+    for k in bandwidth:
+        early.setdefault(k["kernel"], set()).add(frozenset(k["reads_before_wait"]))
+    assert early["_paged_decode_kernel"] == {frozenset({"kvmap_ptr", "len_ptr", "start_ptr", "table_ptr"})}
+    assert early["_head_proj_kernel"] == {frozenset({"heads_ptr"})}
+    assert early["_phased_mlp_kernel"] == {frozenset({"rows_ptr"})}
+    assert early["_phased_attention_kernel"] == {frozenset({"kvmap_ptr", "len_ptr", "start_ptr", "table_ptr"}),
+                                                 frozenset({"slots_ptr"})}
     assert all(k["prefetches_before_wait"] > 0 for k in bandwidth)
     # The attention also compiles with PDL at head sizes that are not a power of 2 (80 in fp32, 96 in bf16; one
     # split and four), holding the same contract (problems() reads them too).

@@ -988,10 +988,14 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9,
 
 
 @pytest.mark.skipif(not HOPPER, reason="programmatic dependent launch needs a GPU of compute capability 9.0+")
+@pytest.mark.parametrize("phased", [None, "mlp+attention", "mlp+block"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-def test_a_step_with_pdl_equals_the_step_without(model, monkeypatch, graphs):
+def test_a_step_with_pdl_equals_the_step_without(model, monkeypatch, graphs, phased):
     # ADALLAVA_PDL=1 changes when a kernel's programs start (and adds L2 prefetches before they wait), never
-    # what they compute: bit-equal logits, eager and replayed.
+    # what they compute: bit-equal logits, eager and replayed; so with the phased launches (whose tickets are
+    # taken after the wait).
+    for name, value in (PHASED[phased][0] if phased else {}).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.delenv(PDL_ENV, raising=False)
     without = three_steps(model, graphs)
     monkeypatch.setenv(PDL_ENV, "1")

@@ -59,17 +59,17 @@ _MIN_BLOCK_M = 16
 
 
 @triton.jit
-def _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk, HEAD_DIM: tl.constexpr,
+def _prefetch_head_tiles(slot, pid_k, pid_p, w_ptr, heads_ptr, K, stride_wn, stride_wk, HEAD_DIM: tl.constexpr,
                          BLOCK_H: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Before the PDL wait: the program's first K tiles of its head's rows (the head from the plan's list)
-    into L2; a split's tiles are every SPLIT_K-th from its own."""
+    """Before the PDL wait: program (``slot``, split ``pid_k``, pair block ``pid_p``)'s first K tiles of its
+    head's rows (the head from the plan's list) into L2; a split's tiles are every SPLIT_K-th from its own."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    head = tl.load(heads_ptr + tl.program_id(1))
-    offs_d = (tl.program_id(2) % PAIR_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head = tl.load(heads_ptr + slot)
+    offs_d = pid_p * BLOCK_H + tl.arange(0, BLOCK_H)
     rows = head.to(tl.int64) * HEAD_DIM + offs_d
     listed = (offs_d < HALF) & (head >= 0)
     for t in tl.static_range(PREFETCH_TILES):
-        k0 = (tl.program_id(2) // PAIR_BLOCKS + t * SPLIT_K) * BLOCK_K
+        k0 = (pid_k + t * SPLIT_K) * BLOCK_K
         prefetch_lines(w_ptr, rows, listed, stride_wn, k0, K, stride_wk, BLOCK_K)
         prefetch_lines(w_ptr, rows + HALF, listed, stride_wn, k0, K, stride_wk, BLOCK_K)
 
@@ -217,7 +217,8 @@ def _head_proj_kernel(
     NORM (SPLIT_K 1): x is taken through transformers' RMSNorm with weight norm_ptr first, inside the
     reduction (:func:`~.rms_norm.normed_tile`), so the norm costs no launch of its own."""
     if PDL:
-        _prefetch_head_tiles(w_ptr, heads_ptr, K, PAIR_BLOCKS, stride_wn, stride_wk, HEAD_DIM, BLOCK_H, SPLIT_K, BLOCK_K)
+        _prefetch_head_tiles(tl.program_id(1), tl.program_id(2) // PAIR_BLOCKS, tl.program_id(2) % PAIR_BLOCKS, w_ptr,
+                             heads_ptr, K, stride_wn, stride_wk, HEAD_DIM, BLOCK_H, SPLIT_K, BLOCK_K)
     dependent_launch(PDL)
     _project_head(tl.program_id(0), tl.program_id(1), tl.program_id(2) // PAIR_BLOCKS, tl.program_id(2) % PAIR_BLOCKS,
                   tl.num_programs(1), x_ptr, w_ptr, heads_ptr, cos_ptr, sin_ptr, y_ptr, k_pages_ptr, v_pages_ptr,

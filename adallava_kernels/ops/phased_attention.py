@@ -33,6 +33,10 @@ program that writes a slot's pair block releases that slot's count; an attention
 q, K and V slots alone, so the first heads attend while later slots are still projected. A layer is then
 two launches: this one and the MLP's (:mod:`.phased_mlp`).
 
+With ``ADALLAVA_PDL=1`` a program prefetches what its program ID names in the first phase (the projection's
+weight rows, or the attention's K and V) before it waits for the kernel before, and takes its ticket after
+the wait, as :mod:`.phased_mlp`'s do.
+
 Decode only (at most ``DECODE_MAX_TOKENS`` rows). Off unless ``ADALLAVA_PHASED_ATTENTION`` is ``1`` (two
 phases) or ``qkv`` (three; :func:`phased_attention_mode`): no GPU has measured either yet.
 """
@@ -48,11 +52,12 @@ import triton.language as tl
 from .common import cdiv, check_tensor, next_power_of_2
 from .gathered_linear import _col_tile, _counted_end, _phase_col_tile, _split_k, _split_partials, _split_tickets
 from .head_projection import CONFIGS as PROJECTION_CONFIGS, INTERPRETER_CONFIGS as PROJECTION_INTERPRETER_CONFIGS
-from .head_projection import _block_h, _project_head
+from .head_projection import _block_h, _prefetch_head_tiles, _project_head
 from .paged_attention import check_head_to_kv
-from .paged_decode_kernel import BLOCK_N, NUM_WARPS, QUERY_ROWS, _attend_head, split_partials
+from .paged_decode_kernel import BLOCK_N, NUM_WARPS, QUERY_ROWS, _attend_head, _prefetch_kv_tiles, split_partials
 from .rms_norm import check_norm_weight
-from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, LOG2E, dot_flags, finish_phases, wait_at_least
+from .triton_utils import (DECODE_MAX_TOKENS, INTERPRET, LOG2E, dependent_launch, dot_flags, finish_phases, pdl_flags,
+                           wait_at_least)
 from .workspace import counters, scratch
 
 __all__ = ["PHASED_ATTENTION_ENV", "PHASED_ATTENTION_MODES", "attention_block_phased", "paged_attention_o_proj_phased",
@@ -64,6 +69,9 @@ PHASED_ATTENTION_ENV = "ADALLAVA_PHASED_ATTENTION"
 # configs, so the results can be compared bit for bit.
 CONFIG = {"BLOCK_M": 16, "BLOCK_NO": 64, "BLOCK_KO": 128, "num_warps": NUM_WARPS, "num_stages": 5}
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_NO": 32, "BLOCK_KO": 32, "num_warps": NUM_WARPS, "num_stages": 5}
+# Registers a thread may take: ptxas, left to itself, takes 96 and spills; with PDL's prefetch, 168 still
+# spills. Shared memory holds an SM to two programs, and 192 registers a thread keep two.
+MAX_REGISTERS = 192
 # The counters after the two launches' tickets: the ticket counter, the programs finished, one count per share.
 _SYNC_HEAD = tl.constexpr(2)
 
@@ -111,6 +119,7 @@ def _phased_attention_kernel(
     DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, COMPILED: tl.constexpr,
     SYNC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NO: tl.constexpr, BLOCK_KO: tl.constexpr, SPAN: tl.constexpr,
     PROJECT: tl.constexpr, BLOCK_MP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """y = res + o @ w[:, cols[:count]].T, o [BATCH, NQ, HEAD_DIM] the paged attention of q (module docstring:
     the phases and their counters). o is scratch, contiguous: o_proj reads it as [BATCH, NQ * HEAD_DIM].
@@ -123,14 +132,20 @@ def _phased_attention_kernel(
     (:func:`~.head_projection._project_head`: the union's SLOTS head slots of wqkv, the input norm inside,
     RoPE; one row tile, PAIR_BLOCKS programs a slot, the reduction whole), and an attention program waits
     for its row's q, K and V slots."""
+    if PDL:
+        _prefetch_first_phase(tl.program_id(0), k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, wqkv_ptr,
+                              slots_ptr, BATCH, NQ, PAGE, HIDDEN, SLOTS, KV_SLOTS, PAIR_BLOCKS, stride_mb, stride_mh,
+                              stride_kp, stride_ks, stride_kd, stride_tb, stride_th, stride_tw, stride_qwn, stride_qwk,
+                              HEAD_DIM, BLOCK_D, SPLIT, BLOCK_N, PROJECT, BLOCK_H, BLOCK_KP)
+    # The ticket after the wait: the kernel before may be a phased one, which puts these counters back to 0.
+    dependent_launch(PDL)
     ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     programs = BATCH * NQ * SPLIT + tl.cdiv(BATCH, BLOCK_M) * tl.cdiv(N, BLOCK_NO) * SPLIT_K
     used = _SYNC_HEAD + SPLIT_K
     if PROJECT:
         projected = SLOTS * PAIR_BLOCKS
         if ticket < projected:
-            # K and V slots first, then q: the first attention programs' slots finish first.
-            slot = (ticket // PAIR_BLOCKS + SLOTS - KV_SLOTS * 2) % SLOTS
+            slot = _projected_slot(ticket, SLOTS, KV_SLOTS, PAIR_BLOCKS)
             # One row tile (pid_m 0, a tensor as the kernel's own program id is), the reduction whole (split 0 of
             # 1; its partials and tickets never used), RoPE on q and K, K and V to the pages, the norm inside.
             _project_head(ticket * 0, slot, 0, ticket % PAIR_BLOCKS, SLOTS, x_ptr, wqkv_ptr, slots_ptr, cos_ptr,
@@ -163,6 +178,35 @@ def _phased_attention_kernel(
                              SPLIT, BLOCK_N, BLOCK_SPLIT, ROWS, SPLIT_K, DENSE, DENSE_WHEN_FULL, IEEE, UPCAST,
                              COMPILED, BLOCK_M, BLOCK_NO, BLOCK_KO, SPAN, PROJECT)
     finish_phases(sync_ptr, programs, used, SYNC)
+
+
+@triton.jit
+def _projected_slot(index, SLOTS, KV_SLOTS, PAIR_BLOCKS):
+    """The head slot projection program ``index`` computes a pair block of: K and V slots first, then q, so the
+    first attention programs' slots finish first."""
+    return (index // PAIR_BLOCKS + SLOTS - KV_SLOTS * 2) % SLOTS
+
+
+@triton.jit
+def _prefetch_first_phase(pid, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, wqkv_ptr, slots_ptr, BATCH,
+                          NQ, PAGE, HIDDEN, SLOTS, KV_SLOTS, PAIR_BLOCKS, stride_mb, stride_mh, stride_kp, stride_ks,
+                          stride_kd, stride_tb, stride_th, stride_tw, stride_qwn, stride_qwk, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, PROJECT: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """Before the PDL wait, from the program ID (the first programs start first, so it names the work its ticket
+    most likely will): a first-phase program's first tiles into L2, the projection's weight rows (PROJECT) or
+    the attention's K and V."""
+    if PROJECT:
+        if pid < SLOTS * PAIR_BLOCKS:
+            _prefetch_head_tiles(_projected_slot(pid, SLOTS, KV_SLOTS, PAIR_BLOCKS), 0, pid % PAIR_BLOCKS, wqkv_ptr,
+                                 slots_ptr, HIDDEN, stride_qwn, stride_qwk, HEAD_DIM, BLOCK_H, 1, BLOCK_KP)
+    else:
+        if pid < BATCH * NQ * SPLIT:
+            h = pid // (BATCH * SPLIT)
+            b = (pid // SPLIT) % BATCH
+            _prefetch_kv_tiles(b * NQ + h, pid % SPLIT, k_ptr, v_ptr, table_ptr, kvmap_ptr, len_ptr, start_ptr, NQ,
+                               PAGE, stride_mb, stride_mh, stride_kp, stride_ks, stride_kd, stride_tb, stride_th,
+                               stride_tw, HEAD_DIM, BLOCK_D, SPLIT, BLOCK_N)
 
 
 @triton.jit
@@ -443,7 +487,8 @@ def _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w
         BLOCK_SPLIT=max(2, next_power_of_2(split)), ROWS=QUERY_ROWS, SPLIT_K=split_k, DENSE=dense,
         DENSE_WHEN_FULL=dense_weight is not None and not dense, **dot_flags(q.dtype), COMPILED=not INTERPRET,
         SYNC=sync, SPAN=_span(head_dim, config["BLOCK_KO"]), PROJECT=projection is not None, BLOCK_H=block_h,
-        **_projection_config(), **config, **({} if INTERPRET else {"maxnreg": 128}),
+        **_projection_config(), **config, **({} if INTERPRET else {"maxnreg": MAX_REGISTERS}),
+        **pdl_flags(device, "decode"),
     )
     if INTERPRET and errors.item():
         raise RuntimeError(f"{errors.item()} programs of the phased attention found what they wait for unfinished: "

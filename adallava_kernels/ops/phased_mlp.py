@@ -20,6 +20,11 @@ the two launches waits for more than the data asks, and costs what every kernel 
   bitwise repeatable);
 - the last program to finish puts the counters back to 0 for the next launch.
 
+With ``ADALLAVA_PDL=1`` (programmatic dependent launch) a program asks L2 for the first weight tiles of the
+gate|up tile its program ID names (the first programs start first, so their tickets most likely name the
+same), then waits for the kernel before, and only then takes its ticket: that kernel may be a phased one
+putting the same counters back to 0.
+
 The results are the two launches' bit for bit where the tiles and splits are the same (the interpreter's
 config). Decode only (at most ``DECODE_MAX_TOKENS`` rows). Off unless ``ADALLAVA_PHASED_MLP=1``
 (:func:`phased_mlp_enabled`): no GPU has measured it yet; ``make gpu-check`` times the step with it beside
@@ -35,10 +40,11 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, check_tensor, next_power_of_2
-from .gathered_linear import (_col_tile, _counted_end, _phase_col_tile, _row_tile, _split_k, _split_tickets,
-                              _split_workspace)
+from .gathered_linear import (_col_tile, _counted_end, _phase_col_tile, _prefetch_row_tiles, _row_tile, _split_k,
+                              _split_tickets, _split_workspace)
 from .rms_norm import check_norm_weight
-from .triton_utils import DECODE_MAX_TOKENS, INTERPRET, dot_flags, finish_phases, wait_at_least
+from .triton_utils import (DECODE_MAX_TOKENS, INTERPRET, dependent_launch, dot_flags, finish_phases, pdl_flags,
+                           wait_at_least)
 from .workspace import counters
 
 __all__ = ["PHASED_ENV", "phased_mlp_enabled", "swiglu_mlp_phased"]
@@ -71,7 +77,7 @@ def _phased_mlp_kernel(
     SPLIT_K: tl.constexpr, DENSE: tl.constexpr, DENSE_WHEN_FULL: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, COMPILED: tl.constexpr, SYNC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_NA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
-    BLOCK_KB: tl.constexpr,
+    BLOCK_KB: tl.constexpr, PDL: tl.constexpr,
 ):
     """y = h + down(act * xmask) over the first count[0] of the N listed neurons, act = silu(gate) * up of
     RMSNorm(h) (weight norm_ptr) over the listed rows (module docstring: the phases and their counters).
@@ -80,9 +86,17 @@ def _phased_mlp_kernel(
     unfinished under the interpreter (:func:`~.triton_utils.wait_at_least`). COMPILED: not the interpreter (the
     prefetch and the pauses are inline assembly)."""
     tl.static_assert(BLOCK_KB % BLOCK_NA == 0)
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     m_tiles = tl.cdiv(M, BLOCK_M)
     up_tiles = m_tiles * tl.cdiv(N, BLOCK_NA)
+    if PDL:
+        # The program ID names the tile its ticket most likely will (the first programs start first): a gate|up
+        # program's first weight tiles into L2 while the kernel before finishes.
+        if tl.program_id(0) < up_tiles:
+            _prefetch_row_tiles(tl.program_id(0), 0, wg_ptr, wu_ptr, rows_ptr, M, N, H, stride_gn, stride_gk,
+                                stride_un, stride_uk, True, 1, BLOCK_M, BLOCK_NA, BLOCK_KA, 1)
+    # The ticket after the wait: the kernel before may be a phased one, which puts these counters back to 0.
+    dependent_launch(PDL)
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     down_tiles = m_tiles * tl.cdiv(H, BLOCK_NB)
     k_end = _counted_end(count_ptr, N, True, DENSE)
     # Every split's share of the counted neurons starts on a multiple of it (0: nothing is counted).
@@ -190,7 +204,7 @@ def swiglu_mlp_phased(h: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         w_up.stride(1), act.stride(0), act.stride(1), w_down.stride(0), w_down.stride(1), wd.stride(0), wd.stride(1),
         x_mask.stride(0), x_mask.stride(1), y.stride(0), y.stride(1),
         SPLIT_K=split, DENSE=dense, DENSE_WHEN_FULL=dense_weight is not None and not dense,
-        **dot_flags(h.dtype), COMPILED=not INTERPRET, SYNC=sync, **config,
+        **dot_flags(h.dtype), COMPILED=not INTERPRET, SYNC=sync, **config, **pdl_flags(h.device, "decode"),
     )
     if INTERPRET and errors.item():
         raise RuntimeError(f"{errors.item()} down programs of swiglu_mlp_phased found the gate|up tiles they wait "
