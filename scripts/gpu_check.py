@@ -28,17 +28,19 @@ Stages, in the order of what they are worth, each under its own time cap and all
 6. ``boundary``: what one more boundary costs in a captured run: one stream of bytes read in 1 to 32 slices,
    a kernel a slice without PDL and with it, or a phase of one kernel a slice; the slope of the run's time
    (``python -m bench.boundary``);
-7. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
-8. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
+7. ``phased-pdl``: the ``phased`` stage's plans with PDL on too (the phased kernels prefetch their first phase's
+   tiles before they wait);
+8. ``kernels``: the per-kernel profile (``python -m bench --only kernels``);
+9. ``fit``: the static latency model's time of every decode candidate the sweep timed, beside the measured
    one (``python -m bench.tune --predict``, then ``--against``): the model's error per kernel; and its whole
    decode steps (``python -m bench.static``), which the verdict sets against the ``model`` and ``pdl``
    stages' measured step, with the fixed cost per kernel the measurement implies. The model's side needs no
    GPU: ``make fit-inputs`` computes it beforehand into ``bench/out/fit-inputs`` (carry it with the tree),
    which the stage reuses where it matches the tree, Triton and model (``python -m bench.fit_inputs``);
-9. ``serve``: the serving run (``python -m bench --only serve``);
-10. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
+10. ``serve``: the serving run (``python -m bench --only serve``);
+11. ``probes``: the extension's bad-input calls in a child process (``tests/_op_checks.py``): a crash is a
    failed row, not a lost run;
-11. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
+12. ``tests``: the test suite on pytest-xdist workers with a per-test timeout (``-v``, so a run cut short
    still lists every test that finished).
 
 Each stage writes its log and JSON under ``--out`` the moment it ends, a stage that fails or runs out of
@@ -152,6 +154,11 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
         # kernel (bench/boundary.py): the numbers that decide between fusing kernels and hiding their fixed cost.
         Stage("boundary", 60, [["-m", "bench.boundary", str(out / "boundary" / "results.json"), *quick]],
               ["boundary/results.json"], {} if on_gpu else {"TRITON_INTERPRET": "1"}),
+        # The phased stage's plans again with PDL on too: whether the two hide more together than either alone.
+        Stage("phased-pdl", 120, [["-m", "bench.gpu_check", "--plans", "ab", "--out", str(out / "phased-pdl"),
+                                   *quick]],
+              ["phased-pdl/results.json"],
+              {"ADALLAVA_PDL": "1", "ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "qkv"}),
         Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
               ["kernels/results.json"]),
         # The static model's time of every swept decode candidate beside the sweep's measured time (the

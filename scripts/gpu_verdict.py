@@ -2,7 +2,7 @@
 """The verdict table of a ``make gpu-check`` folder: each GPU acceptance target, measured / target / holds.
 
 Standard library only. Reads what the stages left (``stages.json``, ``setup.json``, ``model/results.json``,
-``pdl/results.json``, ``phased/results.json``, ``kernels/results.json``, ``fit/errors.json``,
+``pdl/results.json``, ``phased/results.json``, ``phased-pdl/results.json``, ``kernels/results.json``, ``fit/errors.json``,
 ``fit/static.json``, ``boundary/results.json``, ``serve/results.json``, ``tune/results.json``,
 ``probes.json``, ``tests.log``); a stage that did not run or did not finish makes its rows "not measured",
 never a guess. Run it alone on a folder to redraw the table: ``python scripts/gpu_verdict.py
@@ -36,7 +36,8 @@ BUDGET_S = 480  # #27: the whole check
 FULL_FAMILY = "full plan"  # the model check's family of the full plan (bench.model.FULL)
 # The stages that run the model check's A/B plans again with one opt-in of the decode step switched on (the
 # variable that does it): the verdict sets each beside the model stage.
-AB_STAGES = {"pdl": "ADALLAVA_PDL=1", "phased": "ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv"}
+AB_STAGES = {"pdl": "ADALLAVA_PDL=1", "phased": "ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv",
+             "phased-pdl": "ADALLAVA_PDL=1 ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv"}
 # Kernel boundaries of a decode layer the phased stage makes phases of one launch (bench.static's
 # BLOCK_PHASED_BOUNDARIES): the MLP's, and the attention block's two (q|k|v to the attention, the attention
 # to o_proj).

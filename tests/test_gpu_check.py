@@ -100,10 +100,11 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     printed, _ = process.communicate(timeout=600)
     assert process.returncode == 0, printed
     stages = json.loads((out / "stages.json").read_text())
-    names = ["setup", "tune", "model", "pdl", "phased", "boundary", "kernels", "fit", "serve", "probes", "tests"]
+    names = ["setup", "tune", "model", "pdl", "phased", "boundary", "phased-pdl", "kernels", "fit", "serve", "probes",
+             "tests"]
     assert [(s["name"], s["status"]) for s in stages["stages"]] == [(n, "passed") for n in names]
     for name in ("setup.json", "tune/tuned_configs.json", "model/results.json", "pdl/results.json",
-                 "phased/results.json", "boundary/results.json", "kernels/results.json", "fit/predicted.json", "fit/errors.json", "fit/static.json",
+                 "phased/results.json", "boundary/results.json", "phased-pdl/results.json", "kernels/results.json", "fit/predicted.json", "fit/errors.json", "fit/static.json",
                  "serve/results.json", "probes.json", "tests.log", "verdict.md", "verdict.json"):
         assert (out / name).stat().st_size > 0, name
     for name in names:
@@ -112,10 +113,11 @@ def test_a_dry_run_leaves_every_stages_files_and_the_verdict(tmp_path):
     assert any(r["what"] == "full-plan decode step, wall" and r["measured"].endswith(" ms") for r in verdict["rows"])
     assert any(r["what"].startswith("full-plan decode step, wall, with ADALLAVA_PDL=1") for r in verdict["rows"])
     assert any(r["what"].startswith("H 0.50 plan's decode step, wall, with ADALLAVA_PDL=1") for r in verdict["rows"])
-    phased = "ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv"
-    assert any(r["what"].startswith(f"full-plan decode step, wall, with {phased}") for r in verdict["rows"])
-    assert any(r["what"].startswith(f"H 0.50 plan's decode step, wall, with {phased}")
-               for r in verdict["rows"])
+    for phased in ("ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv",
+                   "ADALLAVA_PDL=1 ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv"):
+        assert any(r["what"].startswith(f"full-plan decode step, wall, with {phased}") for r in verdict["rows"])
+        assert any(r["what"].startswith(f"H 0.50 plan's decode step, wall, with {phased}")
+                   for r in verdict["rows"])
     assert "| issue | what | measured | target | holds |" in printed
     # What a lent machine sends back: the folder packed, the verdict and the stages beside it.
     assert sorted(p.name for p in sent.iterdir()) == ["gpu-check.tar.gz", "stages.json", "verdict.md"]
@@ -252,9 +254,11 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
 
 
 def test_the_verdict_sets_each_opt_in_stage_beside_the_model_stage(tmp_path):
-    """pdl/ and phased/ (the model check's A/B plans with ADALLAVA_PDL=1, then the phased MLP and attention block): the
-    full-plan step against the target, and the -H plan's step no slower than without."""
-    for stage, full_s, h_s in (("model", 3.9e-3, 2.5e-3), ("pdl", 3.8e-3, 2.6e-3), ("phased", 3.7e-3, 2.4e-3)):
+    """pdl/, phased/ and phased-pdl/ (the model check's A/B plans with ADALLAVA_PDL=1, then the phased MLP and
+    attention block, then both): the full-plan step against the target, and the -H plan's step no slower than
+    without."""
+    for stage, full_s, h_s in (("model", 3.9e-3, 2.5e-3), ("pdl", 3.8e-3, 2.6e-3), ("phased", 3.7e-3, 2.4e-3),
+                               ("phased-pdl", 3.6e-3, 2.3e-3)):
         (tmp_path / stage).mkdir()
         floor = {"step_s": full_s, "floor_s": 3.2e-3, "vs_floor": full_s / 3.2e-3}
         runs = [{"family": "AdaLLaVA-H", "label": "H 0.50", "stage": "decode", "median_s": h_s}]
@@ -267,7 +271,11 @@ def test_the_verdict_sets_each_opt_in_stage_beside_the_model_stage(tmp_path):
         "full-plan decode step, wall, with ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv (without)":
             ("3.700 ms (3.900 ms)", True),
         "H 0.50 plan's decode step, wall, with ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv (without)":
-            ("2.400 ms (2.500 ms)", True)}
+            ("2.400 ms (2.500 ms)", True),
+        "full-plan decode step, wall, with ADALLAVA_PDL=1 ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv "
+        "(without)": ("3.600 ms (3.900 ms)", True),
+        "H 0.50 plan's decode step, wall, with ADALLAVA_PDL=1 ADALLAVA_PHASED_MLP=1 ADALLAVA_PHASED_ATTENTION=qkv "
+        "(without)": ("2.300 ms (2.500 ms)", True)}
 
 
 def test_the_verdict_reports_the_cost_of_a_boundary_and_prices_the_static_steps_at_it(tmp_path):
