@@ -3,7 +3,7 @@ only the sweep tries. ``bench.tune`` times them; ``bench.static`` compiles every
 
 from __future__ import annotations
 
-from adallava_kernels.ops import flash_attention, gathered_linear, head_projection
+from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, phased_attention, phased_mlp
 from adallava_kernels.ops.common import INTERPRETING
 
 # Candidates the sweep times beside each kernel's own list (the autotuners never see them), by kernel and
@@ -15,6 +15,9 @@ KERNEL_TABLES = {
     "_col_gather_kernel": (gathered_linear.COL_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
     "_head_proj_kernel": (head_projection.CONFIGS, head_projection.INTERPRETER_CONFIGS),
     "_flash_attn_kernel": (flash_attention.CONFIGS, flash_attention.INTERPRETER_CONFIGS),
+    # Never autotuned at run time: a launch takes the table's config or the list's first (tuning.launch_fixed).
+    "_phased_mlp_kernel": (phased_mlp.CONFIGS, phased_mlp.INTERPRETER_CONFIGS),
+    "_phased_attention_kernel": (phased_attention.CONFIGS, phased_attention.INTERPRETER_CONFIGS),
 }
 
 

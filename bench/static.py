@@ -9,7 +9,8 @@ library's own runtime runs one bound decode step and one prefill of a
 LLaVA-1.5-7B-shaped decoder of two layers (layer 0 whole, layer 1 partial)
 on CPU tensors (:func:`runtime_launches`), so every launch site is reached
 with its real arguments. A tuned kernel compiles every config its autotuner
-or the committed table may pick. The CPU's stand-in SM count (4) is replaced
+or the committed table may pick, a phased kernel every config of its list
+(the table may hold any). The CPU's stand-in SM count (4) is replaced
 by the H200's 132, so grids and splits are the GPU's.
 
 What is read from each variant (:class:`Variant`): the grid; warps; the
@@ -174,7 +175,7 @@ KERNELS = {
 @contextlib.contextmanager
 def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
     """Inside the block, every Triton launch compiles for ``sm_<arch>`` (all candidate configs of a tuned
-    kernel) and records a :class:`Variant` instead of running; the GPU has ``sms`` SMs."""
+    kernel, or of a phased one) and records a :class:`Variant` instead of running; the GPU has ``sms`` SMs."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compiling for a GPU needs TRITON_INTERPRET unset (the interpreter launches nothing)")
     from triton.backends.compiler import GPUTarget
@@ -187,7 +188,7 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     variants = _Variants()
-    site = {"name": None, "extra": {}, "launch": 0}
+    site = {"name": None, "extra": {}, "launch": 0, "compiled": None}
     cache: dict = {}
 
     def compile_run(fn, *args, grid, warmup, **kwargs):
@@ -200,7 +201,7 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
         if key not in cache:
             cache[key] = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                         options=options.__dict__)
-        compiled = cache[key]
+        compiled = site["compiled"] = cache[key]
         if site["name"] is not None:
             g = grid(bound) if callable(grid) else grid
             g = tuple(g) + (1,) * (3 - len(g))
@@ -223,13 +224,32 @@ def capturing(sms: int = SMS, arch: int = 90) -> Iterator[list[Variant]]:
             site["tuning"] = False
             site["launch"] += 1
 
+    def fixed_launch(kernel, regime, configs, key, values, device, launch):
+        # A kernel never autotuned at run time: every config the table may hold (the sweep's candidates), each
+        # compiled kernel once (a launcher may set aside what its launch does not use: the phased attention's
+        # projection tiles without the projection).
+        from bench.configs import candidates
+
+        site["tuning"], compiled = True, []
+        try:
+            for config in candidates(kernel, regime):
+                recorded = len(variants)
+                launch(config)
+                if site["compiled"] in compiled:
+                    del variants[recorded:]
+                compiled.append(site["compiled"])
+        finally:
+            site["tuning"] = False
+            site["launch"] += 1
+
     original_run, original_tuned = JITFunction.run, tuning.Tuned.run
-    patched = [(triton_utils, "multiprocessors"), (gathered_linear, "multiprocessors")]
+    patched = [(triton_utils, "multiprocessors"), (gathered_linear, "multiprocessors"), (tuning, "launch_fixed")]
     saved = [(module, name, getattr(module, name)) for module, name in patched]
     JITFunction.run = lambda fn, *a, grid, warmup, **k: compile_run(fn, *a, grid=grid, warmup=warmup, **k)
     tuning.Tuned.run = tuned_run
-    for module, name in patched:
+    for module, name in patched[:2]:
         setattr(module, name, lambda device, _sms=sms: _sms)
+    tuning.launch_fixed = fixed_launch
     variants.site = site
     try:
         yield variants

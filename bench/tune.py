@@ -44,9 +44,10 @@ from typing import Callable
 import torch
 
 from adallava_kernels import get_shape
-from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, tuning
+from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, phased_attention, phased_mlp, tuning
 from adallava_kernels.ops.common import INTERPRETING
 from adallava_kernels.ops.layout import prepare_column_gather
+from adallava_kernels.ops.paged_attention import paged_decode_splits
 from adallava_kernels.plan import neuron_groups
 
 from . import timing
@@ -57,6 +58,8 @@ DEFAULT_OUT = Path("bench/out/tune")
 DEFAULT_BUDGET_S = 150
 DECODE_BATCHES = (1, 16)
 PREFILL_TOKENS = 700
+# The positions a phased attention block's rows attend over, as a decode step after a 700-token prompt.
+CONTEXT = 700
 # Bytes a round of a case's calls reads: past several times any GPU's L2 (60 MB on an H200).
 ROTATE_BYTES = 256 * 2**20
 
@@ -171,6 +174,41 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
             return lambda: gathered_linear.row_gathered_linear(x, w, rows, norm_weight=norm, eps=1e-5)
         return make
 
+    def mlp_phased(m):
+        """A whole layer's phased MLP as the bound step launches it: every neuron counted, a row mask, ``w_down``
+        row-major (``dense``), the residual added."""
+        def make():
+            (wg, wu), h, norm = mlp_weights(), rand(m, hidden), 1 + rand(hidden, scale=0.1)
+            w_down, rows = rand(hidden, inter, scale=inter**-0.5), full_neurons.to(device)
+            count = torch.tensor([inter], dtype=torch.int32, device=device)
+            mask, out_ = torch.ones(m, inter, dtype=dtype, device=device), torch.empty_like(h)
+            return lambda: phased_mlp.swiglu_mlp_phased(h, wg, wu, rows, norm, 1e-5, w_down, count, mask, True,
+                                                        out=out_)
+        return make
+
+    def block_phased(batch):
+        """A whole layer's phased attention block as the bound step launches it, each row at position
+        :data:`CONTEXT` of its pages: q|k|v with the norm, the append, the attention and o_proj (row-major,
+        ``dense``), the residual added."""
+        def make():
+            page, slots = 16, nq + 2 * nkv
+            width = -(-(CONTEXT + 1) // page)
+            h, norm = rand(batch, hidden), 1 + rand(hidden, scale=0.1)
+            w_qkv, w_o = rand(slots * d, hidden, scale=hidden**-0.5), rand(hidden, nq * d, scale=(nq * d)**-0.5)
+            heads = torch.arange(slots, dtype=torch.int32, device=device)
+            kv_map = (torch.arange(nq, device=device) * nkv // nq).to(torch.int32).repeat(batch, 1)
+            pages = rand(2, batch * nkv * width, page, d)
+            tables = torch.arange(batch * nkv * width, dtype=torch.int32, device=device).view(batch, nkv, width)
+            positions = torch.full((batch,), CONTEXT, dtype=torch.int32, device=device)
+            cos, sin = rand(batch, 1, d), rand(batch, 1, d)
+            cols, count = full_o.to(device), torch.tensor([nq * d], dtype=torch.int32, device=device)
+            split = paged_decode_splits(batch, nq, width * page, device)
+            starts, lengths, out_ = torch.zeros_like(positions), positions + 1, torch.empty_like(h)
+            return lambda: phased_attention.attention_block_phased(
+                h, w_qkv, heads, cos, sin, norm, 1e-5, pages, tables, positions, kv_map, lengths, starts, d**-0.5,
+                split, w_o, cols, count, True, out=out_)
+        return make
+
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
     qkv_bytes, half_inter = (nq + 2 * nkv) * d * hidden * e, half_neurons.numel()
     for b in batches:
@@ -191,6 +229,12 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
                  hidden * nq * d * e // 2),
             # The step's lm_head, its final norm inside: a row gather of every row of the vocabulary.
             Case(f"lm_head b{b}", "_row_gather_kernel", "decode", lm_head(b), shape.vocab_size * hidden * e),
+            # The phased forms of a whole layer (ADALLAVA_PHASED_MLP=1, ADALLAVA_PHASED_ATTENTION=qkv), one launch
+            # each. A partial layer's launch is in the same bucket (its slots are the full width's), so it takes
+            # the whole layer's winner.
+            Case(f"mlp phased b{b} full", "_phased_mlp_kernel", "decode", mlp_phased(b), 3 * inter * hidden * e),
+            Case(f"attention block phased b{b} full", "_phased_attention_kernel", "decode", block_phased(b),
+                 qkv_bytes + hidden * nq * d * e + 2 * b * nkv * (CONTEXT + 1) * d * e),
         ]
     out += [
         Case(f"gate|up prefill {tokens} full", "_row_gather_kernel", "prefill", swiglu(tokens, full_neurons),
@@ -321,21 +365,22 @@ def _config_key(kwargs: dict, warps: int, stages: int) -> str:
 
 def predict(path: Path, shape, tokens: int) -> dict:
     """The static model's seconds for every decode case and candidate config, from their compiled sm_90 code
-    (a prefill's tiles are compute-bound: the model does not price them)."""
+    (a prefill's tiles are compute-bound, and a phased kernel's phase boundaries unknown: the model prices
+    neither)."""
     from adallava_kernels.ops import common
 
     from . import static
 
     out = {}
     for case in cases(shape, torch.bfloat16, torch.device("cpu"), tokens):
-        if case.regime != "decode":
+        if case.regime != "decode" or case.kernel not in static.KERNELS:  # the phased kernels: not priced
             continue
         with static.capturing() as variants, static._triton_on_cpu(common):
             variants.site["name"], variants.site["extra"] = case.name, {"context": tokens}
             case.make()()
         mine = [v for v in variants if v.kernel == case.kernel]
-        out[case.name] = {_config_key({k: v.args[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_H", "BAND_M")
-                                       if k in v.args and k in _kwargs_of(case)}, v.num_warps, v.num_stages):
+        out[case.name] = {_config_key({k: v.args[k] for k in _kwargs_of(case) if k in v.args}, v.num_warps,
+                                      v.num_stages):
                           static.predicted_seconds(v) for v in mine}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

@@ -202,16 +202,18 @@ COMPILE = compile_script("attention_block_phased(h, w_qkv, torch.arange(3 * head
 
 
 def test_it_compiles_for_hopper_as_the_separate_launches_do():
-    """At LLaVA-1.5-7B shapes, batch 1 and 16, a layer kept whole and a partial one, for sm_90 without a GPU:
-    16-byte asynchronous loads, K/V 3 buffers deep, the projection's weights and o_proj's at least 2, two
-    programs an SM, and the phases' synchronisation."""
+    """At LLaVA-1.5-7B shapes, batch 1 and 16, a layer kept whole and a partial one, every config the table may
+    hold, for sm_90 without a GPU: 16-byte asynchronous loads, K/V 3 buffers deep, the projection's weights and
+    o_proj's at least 2, two programs an SM, and the phases' synchronisation."""
     variants = compiled_variants(COMPILE)
-    assert len(variants) == 4
+    assert len(variants) == 4 * len(phased_attention.CONFIGS["decode"])
     for v in variants:
         assert_phases_synchronise(v, waits=4)  # the attention's on its q, K and V slots; o_proj's on its heads
         buffers = v["buffers"]
         assert min(buffers[tile] for tile in ("k", "v")) >= 3 and buffers["b"] >= 2, buffers
         assert min(buffers[tile] for tile in ("w_lo", "w_hi")) >= 2, buffers
         assert v["occupancy"] >= 2 and v["failures"] == [], v
-    # 96 slots x 4 pair blocks, then the attention's and o_proj's programs as in the two-phase launch.
-    assert [v["grid"][0] for v in variants] == [384 + 32 * 8 + 64 * 3] * 2 + [384 + 16 * 32 + 64 * 3] * 2
+    # 96 slots x 4 pair blocks of 16 (or 2 of 32), then the attention's and o_proj's programs as in the two-phase
+    # launch.
+    assert [v["grid"][0] for v in variants] == (2 * [384 + 32 * 8 + 64 * 3, 192 + 32 * 8 + 64 * 3]
+                                                + 2 * [384 + 16 * 32 + 64 * 3, 192 + 16 * 32 + 64 * 3])

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from adallava_kernels.ops import flash_attention, gathered_linear, head_projection
+from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, phased_attention, phased_mlp, tuning
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE, to_device
+import test_attention_block_phased as block_case
+import test_phased_mlp as mlp_case
 
 
 def only(kernels: dict, regime: str, config, **tune) -> object:
@@ -93,6 +95,38 @@ def test_flash_attention_config(regime, config, monkeypatch):
     causal = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
     probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
     assert_close(out.cpu(), torch.einsum("bhqk,bhkd->bqhd", probs, vv))
+
+
+@pytest.mark.parametrize("regime, config", cases(phased_mlp.CONFIGS))
+@pytest.mark.parametrize("kind, kept", [("partial", 170), ("dense", None)])
+def test_phased_mlp_config(regime, config, kind, kept):
+    """A candidate the sweep may put in the table (the phased kernels are never autotuned), forced."""
+    (h, w_gate, w_up, w_down, norm, neurons, mask), counted = mlp_case.layer(3, 200, 300, torch.float16, kept, 300)
+    count = torch.tensor([counted], dtype=torch.int32, device=DEVICE)
+    dense = kind == "dense"
+    w, dense_weight = (w_down, None) if dense else (gathered_linear.prepare_column_gather(w_down), w_down)
+    out = poisoned(3, 200, dtype=torch.float16, device=DEVICE)
+    with tuning.forcing("_phased_mlp_kernel", regime, config):
+        phased_mlp.swiglu_mlp_phased(h, w_gate, w_up, neurons, norm, mlp_case.EPS, w, count, mask, dense,
+                                     dense_weight, out=out)
+    assert_close(out.cpu(), mlp_case.reference(*(t.cpu() for t in (h, w_gate, w_up, w_down, norm, neurons, mask)),
+                                               counted))
+
+
+@pytest.mark.parametrize("regime, config", cases(phased_attention.CONFIGS))
+@pytest.mark.parametrize("dense", [False, True])
+def test_phased_attention_block_config(regime, config, dense):
+    """A candidate, forced: head_dim 48 (24 rotation pairs: two projection programs a slot at 16 pairs, one
+    at 32), the union's heads partial or the layer whole."""
+    kept = 6 if dense else 4
+    inputs, scale = block_case.layer(3, 6, 3, 48, 72, kept, torch.float16)
+    args = block_case.arguments(inputs, scale, 2, dense)
+    expected, expected_pages = block_case.reference(inputs, scale, kept)
+    out = poisoned(3, 72, dtype=torch.float16, device=DEVICE)
+    with tuning.forcing("_phased_attention_kernel", regime, config):
+        phased_attention.attention_block_phased(**args, out=out)
+    assert_close(out.cpu(), expected)
+    assert_close(args["pages"].cpu(), expected_pages)
 
 
 def test_programmatic_dependent_launch_is_opt_in_and_decode_only(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from adallava_kernels.ops import gathered_linear, phased_attention, workspace
 from adallava_kernels.ops.layout import prepare_column_gather
 from adallava_kernels.ops.paged_attention import paged_decode_attention_triton
+from adallava_kernels.ops.triton_utils import config
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE
@@ -105,8 +106,8 @@ def test_an_o_proj_share_waits_for_every_head_its_columns_come_from(kind, rows, 
     """Shares wider and narrower than a head slot, under the interpreter: each count gathers every (row, head)
     output its columns need. A count that came short would be raised (the interpreter finds it at the wait),
     not spun on."""
-    monkeypatch.setattr(phased_attention, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_NO": 32, "BLOCK_KO": 64,
-                                                                 "num_warps": 4, "num_stages": 1})
+    monkeypatch.setattr(phased_attention, "INTERPRETER_CONFIGS", [config(4, 1, BLOCK_M=16, BLOCK_NO=32, BLOCK_KO=64,
+                                                                         BLOCK_MP=16, BLOCK_KP=32, BLOCK_H=16)])
     args, ref = _run(kind, rows, heads, kv_heads, d, hidden, kept, split, torch.float32)
     assert_close(phased(*args).cpu(), reference(*ref), torch.float32)
     assert not workspace.counters(DEVICE, 1).any()

@@ -11,7 +11,7 @@ import triton
 from adallava_kernels.ops import gathered_linear, phased_mlp, workspace
 from adallava_kernels.ops.layout import prepare_column_gather
 from adallava_kernels.ops.rms_norm import rms_norm_reference
-from adallava_kernels.ops.triton_utils import wait_at_least
+from adallava_kernels.ops.triton_utils import config, wait_at_least
 from adallava_kernels.testing import assert_close, poisoned
 
 from _device import DEVICE
@@ -92,9 +92,8 @@ def test_a_down_split_waits_for_every_gate_up_tile_of_its_share(kind, rows, hidd
     """The GPU config's shape of phases under the interpreter: a split's share is 4 gate|up tiles wide per
     BLOCK_KB (128 / 32 on the GPU, 64 / 16 here), so each count gathers several tiles. A count that came short
     would be raised (the interpreter finds it at the wait), not spun on."""
-    monkeypatch.setattr(phased_mlp, "INTERPRETER_CONFIG", {"BLOCK_M": 16, "BLOCK_NA": 16, "BLOCK_KA": 32,
-                                                           "BLOCK_NB": 32, "BLOCK_KB": 64, "num_warps": 4,
-                                                           "num_stages": 1})
+    monkeypatch.setattr(phased_mlp, "INTERPRETER_CONFIGS", [config(4, 1, BLOCK_M=16, BLOCK_NA=16, BLOCK_KA=32,
+                                                                   BLOCK_NB=32, BLOCK_KB=64)])
     (h, w_gate, w_up, w_down, norm, neurons, mask), counted = layer(rows, hidden, inter, torch.float32, kept,
                                                                     capacity)
     count = torch.tensor([counted], dtype=torch.int32, device=DEVICE)
@@ -187,11 +186,14 @@ print(json.dumps([{"site": v.site, "grid": v.grid, "sass": dict(v.sass), "buffer
 
 
 def test_it_compiles_for_hopper_as_the_two_launches_do():
-    """At LLaVA-1.5-7B shapes, batch 1 and 16, a layer kept whole and a partial one, for sm_90 without a GPU:
-    16-byte asynchronous weight loads 3 buffers deep in both phases, two programs an SM, and the phases'
-    synchronisation (:func:`_phases.assert_phases_synchronise`), its acquire load the only strong one."""
+    """At LLaVA-1.5-7B shapes, batch 1 and 16, a layer kept whole and a partial one, every config the table may
+    hold, for sm_90 without a GPU: 16-byte asynchronous weight loads 3 buffers deep in both phases (4 at 5
+    stages), two programs an SM, and the phases' synchronisation (:func:`_phases.assert_phases_synchronise`),
+    its acquire load the only strong one."""
     variants = compiled_variants(COMPILE)
-    assert len(variants) == 4
+    assert len(variants) == 4 * len(phased_mlp.CONFIGS["decode"])
+    depths = [min(v["buffers"][tile] for tile in ("b1", "b2", "b")) for v in variants]
+    assert depths == [config.num_stages - 1 for config in phased_mlp.CONFIGS["decode"]] * 4
     for v in variants:
         assert_phases_synchronise(v)
         assert v["sass"].get("LDG.E.STRONG.GPU") == 1, v["sass"]

@@ -80,6 +80,34 @@ def test_a_launch_takes_the_forced_config_then_the_tables_then_autotunes(tmp_pat
     assert kernel.config_for(args, {"IEEE": False}).kwargs == entry["kwargs"]
 
 
+def test_a_fixed_launch_takes_the_forced_config_then_the_tables_then_its_lists_first(tmp_path, monkeypatch,
+                                                                                   imaginary_gpu):
+    """A phased kernel (tuning.launch_fixed) is never autotuned: a sweep's forced config, else the table's for its
+    device and bucket, else the first of its list. Each launch records its bucket for the sweep."""
+    first, second = config(4, 4, BLOCK_M=16, BLOCK_N=32), config(4, 5, BLOCK_M=16, BLOCK_N=64)
+    key, cuda = ["M", "N"], torch.device("cuda", 0)
+    overlay = tmp_path / "tuned.json"
+    _table(overlay, "Imaginary GPU", "_fixed_kernel/decode", "M=1,N=16384", tuning.config_to_json(second))
+    monkeypatch.setenv(tuning.ENV, str(overlay))
+
+    def launched(m, n, device=cuda):
+        taken = []
+        tuning.launch_fixed("_fixed_kernel", "decode", [first, second], key, [m, n], device, taken.append)
+        (chosen,) = taken
+        return tuning.config_to_json(chosen)
+
+    with tuning.recording() as seen:
+        assert launched(1, 11008) == tuning.config_to_json(second)
+    assert seen == [("_fixed_kernel/decode", "M=1,N=16384")]
+    # Another bucket, or a tensor off the GPU: the list's first.
+    assert launched(16, 11008) == tuning.config_to_json(first)
+    assert launched(1, 11008, torch.device("cpu")) == tuning.config_to_json(first)
+    with tuning.forcing("_fixed_kernel", "decode", first):
+        assert launched(1, 11008) == tuning.config_to_json(first)
+    monkeypatch.setattr(tuning, "INTERPRETING", True)
+    assert launched(1, 11008) == tuning.config_to_json(first)
+
+
 WINNER = config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BAND_M=1)
 RUNNER_UP = config(4, 4, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, BAND_M=1)
 
@@ -278,7 +306,7 @@ def test_the_sweep_writes_a_table_that_install_merges(tmp_path):
     # The sweep's CPU path: the interpreter's one config at tiny shapes.
     interpreted(f"""
         from bench import tune
-        assert tune.main(["--quick", "--device", "cpu", "--match", "b1 full", "--out", {str(out)!r}]) == 0
+        assert tune.main(["--quick", "--device", "cpu", "--match", "gate|up b1 full", "--out", {str(out)!r}]) == 0
         assert tune.main(["--quick", "--device", "cpu", "--match", "no such case", "--out", {str(out)!r}]) == 2
     """, tmp_path)
     made = json.loads((out / "tuned_configs.json").read_text())

@@ -56,19 +56,39 @@ from .head_projection import _block_h, _prefetch_head_tiles, _project_head
 from .paged_attention import check_head_to_kv
 from .paged_decode_kernel import BLOCK_N, NUM_WARPS, QUERY_ROWS, _attend_head, _prefetch_kv_tiles, split_partials
 from .rms_norm import check_norm_weight
-from .triton_utils import (DECODE_MAX_TOKENS, INTERPRET, LOG2E, dependent_launch, dot_flags, finish_phases, pdl_flags,
-                           wait_at_least)
+from .triton_utils import (DECODE_MAX_TOKENS, INTERPRET, LOG2E, config, dependent_launch, dot_flags, finish_phases,
+                           pdl_flags, wait_at_least)
+from . import tuning
 from .workspace import counters, scratch
 
 __all__ = ["PHASED_ATTENTION_ENV", "PHASED_ATTENTION_MODES", "attention_block_phased", "paged_attention_o_proj_phased",
            "phased_attention_enabled", "phased_attention_mode"]
 
 PHASED_ATTENTION_ENV = "ADALLAVA_PHASED_ATTENTION"
-# One config, not tuned: o_proj's decode tile (64 outputs by 128 columns, one head at head_dim 128), the
-# attention's own blocks; num_stages for the kernel's both loops. Under the interpreter the two launches'
-# configs, so the results can be compared bit for bit.
-CONFIG = {"BLOCK_M": 16, "BLOCK_NO": 64, "BLOCK_KO": 128, "num_warps": NUM_WARPS, "num_stages": 5}
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_NO": 32, "BLOCK_KO": 32, "num_warps": NUM_WARPS, "num_stages": 5}
+
+
+def _with_projection(stages: int, projection: triton.Config, block_h: int, **blocks: int) -> triton.Config:
+    """A config of this kernel: o_proj's ``blocks``, and the projection phase's tiles from the head projection's
+    ``projection`` config with ``block_h`` rotation pairs a program."""
+    return config(NUM_WARPS, stages, **blocks, BLOCK_MP=projection.kwargs["BLOCK_M"],
+                  BLOCK_KP=projection.kwargs["BLOCK_K"], BLOCK_H=block_h)
+
+
+# The head projection's decode pairs a program (whatever the head_dim).
+_PAIRS = _block_h(128, "decode")
+# The decode configs the sweep (bench.tune) times, the first the one launched without a table entry (and the
+# one every test runs): o_proj's decode tile (64 outputs by 128 columns, one head at head_dim 128), and the
+# projection phase's, the head projection's decode tile; num_stages for the kernel's loops. The second takes
+# twice the pairs a projection program: half the programs (one wave at 7B, two an SM), each streaming twice the
+# rows. The attention's own blocks are fixed (paged_decode_kernel). Never autotuned at run time
+# (tuning.launch_fixed). Under the interpreter the separate launches' configs, so the results can be compared
+# bit for bit.
+CONFIGS = {"decode": [_with_projection(5, PROJECTION_CONFIGS["decode"][0], pairs, BLOCK_M=16, BLOCK_NO=64,
+                                       BLOCK_KO=128) for pairs in (_PAIRS, 2 * _PAIRS)]}
+INTERPRETER_CONFIGS = [_with_projection(5, PROJECTION_INTERPRETER_CONFIGS[0], _PAIRS, BLOCK_M=16, BLOCK_NO=32,
+                                        BLOCK_KO=32)]
+# The tuned table's key: rows, o_proj's outputs and columns, the projected head slots (0: q given).
+KEY = ["M", "N", "K", "SLOTS"]
 # Registers a thread may take: ptxas, left to itself, takes 96 and spills; with PDL's prefetch, 168 still
 # spills. Shared memory holds an SM to two programs, and 192 registers a thread keep two.
 MAX_REGISTERS = 192
@@ -432,13 +452,6 @@ def _check_out(out, residual) -> None:
                          f"{residual.device}, got {out.dtype} {list(out.shape)} on {out.device}")
 
 
-def _projection_config() -> dict:
-    """The projection phase's tiles: the head projection's decode tiles (its first config; the interpreter's
-    under the interpreter, so the result is the separate launch's bit for bit)."""
-    chosen = (PROJECTION_INTERPRETER_CONFIGS if INTERPRET else PROJECTION_CONFIGS["decode"])[0].kwargs
-    return {"BLOCK_MP": chosen["BLOCK_M"], "BLOCK_KP": chosen["BLOCK_K"]}
-
-
 def _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w_o, cols, count, residual, dense,
             dense_weight, out, projection) -> torch.Tensor:
     """Both ops' launch: ``projection`` None (q given), or (x, w_qkv, heads, cos, sin, positions, norm weight,
@@ -446,7 +459,6 @@ def _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w
     batch, nq, head_dim = q.shape
     hidden, k = w_o.shape
     device = q.device
-    config = INTERPRETER_CONFIG if INTERPRET else CONFIG
     y = torch.empty_like(residual) if out is None else out
     attended = torch.empty(batch, nq, head_dim, dtype=q.dtype, device=device)  # o_proj's input, contiguous
     split_k = _split_k(batch, hidden, k, device)
@@ -454,42 +466,51 @@ def _launch(q, pages, block_tables, head_to_kv, lengths, starts, scale, split, w
     attention_parts = split_partials(batch, nq, head_dim, split) if split > 1 else 0
     parts = scratch(device, attention_parts + (_split_partials(batch, hidden, split_k) if split_k > 1 else 0) + 1)
     attention_tickets, tiles = batch * nq, _split_tickets(batch, hidden)
-    slots = 0 if projection is None else projection[2].numel()
+    projected = projection is not None
+    slots = projection[2].numel() if projected else 0
     sync = next_power_of_2(_SYNC_HEAD.value + split_k + slots)
     ticks = counters(device, attention_tickets + tiles + sync)
     # Under the interpreter a wait that finds its heads unfinished is counted here, not spun on.
     errors = torch.zeros(1, dtype=torch.int32, device=device) if INTERPRET else ticks
     wd = w_o if dense_weight is None else dense_weight
     k_pages, v_pages = pages[0], pages[1]
-    if projection is None:
+    if not projected:
         x, w_qkv, heads, cos, sin, positions, norm, eps = q, q, lengths, q, q, lengths, q, 0.0  # never read
-        block_h, pair_blocks, rope_strides, hidden_in = 16, 1, (0, 0, 0), 0
+        rope_strides, hidden_in = (0, 0, 0), 0
     else:
         x, w_qkv, heads, cos, sin, positions, norm, eps = projection
-        block_h = _block_h(head_dim, "decode")
-        pair_blocks = cdiv(head_dim // 2, block_h)
         # A batch of 1 broadcasts: stride 0 reads the same rows for every sequence.
         rope_strides = (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), cos.stride(2))
         hidden_in = x.shape[1]
-    grid = (slots * pair_blocks + batch * nq * split
-            + cdiv(batch, config["BLOCK_M"]) * cdiv(hidden, config["BLOCK_NO"]) * split_k,)
-    _phased_attention_kernel[grid](
-        q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, attended, parts, ticks,
-        w_o, wd, cols, count, residual, y, parts[attention_parts:], ticks[attention_tickets:],
-        ticks[attention_tickets + tiles:], errors,
-        x, w_qkv, heads, cos, sin, positions, norm, eps,
-        batch, nq, pages.shape[2], scale * LOG2E, hidden, k, hidden_in, slots, block_tables.shape[1], pair_blocks,
-        *((0, head_to_kv.stride(0)) if head_to_kv.dim() == 1 else head_to_kv.stride()),
-        *q.stride(), *k_pages.stride(), *block_tables.stride(), *attended.stride(),
-        w_o.stride(0), w_o.stride(1), wd.stride(0), wd.stride(1), residual.stride(0), residual.stride(1),
-        y.stride(0), y.stride(1), x.stride(0), x.stride(1), w_qkv.stride(0), w_qkv.stride(1), *rope_strides,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), SPLIT=split, BLOCK_N=BLOCK_N,
-        BLOCK_SPLIT=max(2, next_power_of_2(split)), ROWS=QUERY_ROWS, SPLIT_K=split_k, DENSE=dense,
-        DENSE_WHEN_FULL=dense_weight is not None and not dense, **dot_flags(q.dtype), COMPILED=not INTERPRET,
-        SYNC=sync, SPAN=_span(head_dim, config["BLOCK_KO"]), PROJECT=projection is not None, BLOCK_H=block_h,
-        **_projection_config(), **config, **({} if INTERPRET else {"maxnreg": MAX_REGISTERS}),
-        **pdl_flags(device, "decode"),
-    )
+
+    def launch(chosen: triton.Config) -> None:
+        blocks = dict(chosen.kwargs)
+        # No wider than a head's pairs; without the projection phase the same code whatever the config says.
+        blocks["BLOCK_H"] = (min(blocks["BLOCK_H"], max(_PAIRS, next_power_of_2(head_dim // 2))) if projected
+                             else _PAIRS)
+        pair_blocks = cdiv(head_dim // 2, blocks["BLOCK_H"]) if projected else 1
+        grid = (slots * pair_blocks + batch * nq * split
+                + cdiv(batch, blocks["BLOCK_M"]) * cdiv(hidden, blocks["BLOCK_NO"]) * split_k,)
+        _phased_attention_kernel[grid](
+            q, k_pages, v_pages, block_tables, head_to_kv, lengths, starts, attended, parts, ticks,
+            w_o, wd, cols, count, residual, y, parts[attention_parts:], ticks[attention_tickets:],
+            ticks[attention_tickets + tiles:], errors,
+            x, w_qkv, heads, cos, sin, positions, norm, eps,
+            batch, nq, pages.shape[2], scale * LOG2E, hidden, k, hidden_in, slots, block_tables.shape[1], pair_blocks,
+            *((0, head_to_kv.stride(0)) if head_to_kv.dim() == 1 else head_to_kv.stride()),
+            *q.stride(), *k_pages.stride(), *block_tables.stride(), *attended.stride(),
+            w_o.stride(0), w_o.stride(1), wd.stride(0), wd.stride(1), residual.stride(0), residual.stride(1),
+            y.stride(0), y.stride(1), x.stride(0), x.stride(1), w_qkv.stride(0), w_qkv.stride(1), *rope_strides,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), SPLIT=split, BLOCK_N=BLOCK_N,
+            BLOCK_SPLIT=max(2, next_power_of_2(split)), ROWS=QUERY_ROWS, SPLIT_K=split_k, DENSE=dense,
+            DENSE_WHEN_FULL=dense_weight is not None and not dense, **dot_flags(q.dtype), COMPILED=not INTERPRET,
+            SYNC=sync, SPAN=_span(head_dim, blocks["BLOCK_KO"]), PROJECT=projected, **blocks,
+            num_warps=chosen.num_warps, num_stages=chosen.num_stages,
+            **({} if INTERPRET else {"maxnreg": MAX_REGISTERS}), **pdl_flags(device, "decode"),
+        )
+
+    configs = INTERPRETER_CONFIGS if INTERPRET else CONFIGS["decode"]
+    tuning.launch_fixed("_phased_attention_kernel", "decode", configs, KEY, [batch, hidden, k, slots], device, launch)
     if INTERPRET and errors.item():
         raise RuntimeError(f"{errors.item()} programs of the phased attention found what they wait for unfinished: "
                            "the phases' counts are wrong")

@@ -43,21 +43,25 @@ from .common import cdiv, check_tensor, next_power_of_2
 from .gathered_linear import (_col_tile, _counted_end, _phase_col_tile, _prefetch_row_tiles, _row_tile, _split_k,
                               _split_tickets, _split_workspace)
 from .rms_norm import check_norm_weight
-from .triton_utils import (DECODE_MAX_TOKENS, INTERPRET, dependent_launch, dot_flags, finish_phases, pdl_flags,
-                           wait_at_least)
+from .triton_utils import (DECODE_MAX_TOKENS, INTERPRET, config, dependent_launch, dot_flags, finish_phases,
+                           pdl_flags, wait_at_least)
+from . import tuning
 from .workspace import counters
 
 __all__ = ["PHASED_ENV", "phased_mlp_enabled", "swiglu_mlp_phased"]
 
 PHASED_ENV = "ADALLAVA_PHASED_MLP"
-# One config, not tuned: the decode configs of the two launches it replaces (gate|up: 32 neurons by 128
-# features a tile; down: 64 outputs by 128 neurons), at 4 stages for both loops (down had 5). A down split's
-# share starts on a multiple of BLOCK_KB, which BLOCK_NA divides: each gate|up tile counts toward one split.
-# Under the interpreter the two launches' own config, so the results can be compared bit for bit.
-CONFIG = {"BLOCK_M": 16, "BLOCK_NA": 32, "BLOCK_KA": 128, "BLOCK_NB": 64, "BLOCK_KB": 128, "num_warps": 4,
-          "num_stages": 4}
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_NA": 32, "BLOCK_KA": 32, "BLOCK_NB": 32, "BLOCK_KB": 32, "num_warps": 4,
-                      "num_stages": 1}
+# The decode configs the sweep (bench.tune) times, the first the one launched without a table entry (and the
+# one every test runs): the two launches' it replaces (gate|up: 32 neurons by 128 features a tile; down: 64
+# outputs by 128 neurons) at 4 stages for both loops, then at 5 (down's own: 4 buffers of its column gather,
+# one index level deep). A down split's share starts on a multiple of BLOCK_KB, which BLOCK_NA divides: each
+# gate|up tile counts toward one split. Never autotuned at run time (tuning.launch_fixed). Under the
+# interpreter the two launches' own config, so the results can be compared bit for bit.
+CONFIGS = {"decode": [config(4, 4, BLOCK_M=16, BLOCK_NA=32, BLOCK_KA=128, BLOCK_NB=64, BLOCK_KB=128),
+                      config(4, 5, BLOCK_M=16, BLOCK_NA=32, BLOCK_KA=128, BLOCK_NB=64, BLOCK_KB=128)]}
+INTERPRETER_CONFIGS = [config(4, 1, BLOCK_M=16, BLOCK_NA=32, BLOCK_KA=32, BLOCK_NB=32, BLOCK_KB=32)]
+# The tuned table's key: rows, the union's neuron slots, hidden features.
+KEY = ["M", "N", "HIDDEN"]
 # The counters after the down tiles' tickets: the ticket counter, the programs finished, one count per split.
 _SYNC_HEAD = tl.constexpr(2)
 
@@ -186,7 +190,6 @@ def swiglu_mlp_phased(h: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                          f"{out.dtype} {list(out.shape)} on {out.device}")
     m, hidden = h.shape
     n = rows.numel()
-    config = INTERPRETER_CONFIG if INTERPRET else CONFIG
     y = torch.empty_like(h) if out is None else out
     act = torch.empty(m, max(n, 1), dtype=h.dtype, device=h.device)
     split = _split_k(m, hidden, n, h.device)
@@ -197,15 +200,22 @@ def swiglu_mlp_phased(h: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     wd = w_down if dense_weight is None else dense_weight
     # Under the interpreter a wait that finds its tiles unfinished is counted here, not spun on.
     errors = torch.zeros(1, dtype=torch.int32, device=h.device) if INTERPRET else ticks
-    grid = (cdiv(m, config["BLOCK_M"]) * (cdiv(n, config["BLOCK_NA"]) + cdiv(hidden, config["BLOCK_NB"]) * split),)
-    _phased_mlp_kernel[grid](
-        h, w_gate, w_up, rows, norm_weight, eps, act, w_down, wd, count, x_mask, y, partials, ticks, ticks[tiles:],
-        errors, m, n, hidden, h.stride(0), h.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0),
-        w_up.stride(1), act.stride(0), act.stride(1), w_down.stride(0), w_down.stride(1), wd.stride(0), wd.stride(1),
-        x_mask.stride(0), x_mask.stride(1), y.stride(0), y.stride(1),
-        SPLIT_K=split, DENSE=dense, DENSE_WHEN_FULL=dense_weight is not None and not dense,
-        **dot_flags(h.dtype), COMPILED=not INTERPRET, SYNC=sync, **config, **pdl_flags(h.device, "decode"),
-    )
+
+    def launch(chosen: triton.Config) -> None:
+        blocks = chosen.kwargs
+        grid = (cdiv(m, blocks["BLOCK_M"]) * (cdiv(n, blocks["BLOCK_NA"]) + cdiv(hidden, blocks["BLOCK_NB"]) * split),)
+        _phased_mlp_kernel[grid](
+            h, w_gate, w_up, rows, norm_weight, eps, act, w_down, wd, count, x_mask, y, partials, ticks, ticks[tiles:],
+            errors, m, n, hidden, h.stride(0), h.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0),
+            w_up.stride(1), act.stride(0), act.stride(1), w_down.stride(0), w_down.stride(1), wd.stride(0),
+            wd.stride(1), x_mask.stride(0), x_mask.stride(1), y.stride(0), y.stride(1),
+            SPLIT_K=split, DENSE=dense, DENSE_WHEN_FULL=dense_weight is not None and not dense,
+            **dot_flags(h.dtype), COMPILED=not INTERPRET, SYNC=sync, **chosen.all_kwargs(),
+            **pdl_flags(h.device, "decode"),
+        )
+
+    configs = INTERPRETER_CONFIGS if INTERPRET else CONFIGS["decode"]
+    tuning.launch_fixed("_phased_mlp_kernel", "decode", configs, KEY, [m, n, hidden], h.device, launch)
     if INTERPRET and errors.item():
         raise RuntimeError(f"{errors.item()} down programs of swiglu_mlp_phased found the gate|up tiles they wait "
                            "for unfinished: the phases' counts are wrong")

@@ -14,6 +14,8 @@ where the bucket is the kernel's tuning key with every size rounded up to a
 power of two (``N=11008`` and ``N=8256`` share ``N=16384``): a hit launches
 that config directly (no autotuning, nothing timed); a miss (another device,
 a shape no sweep saw) falls back to the kernel's autotuner over its own list.
+The phased kernels are never autotuned (:func:`launch_fixed`): a miss launches
+the first config of their list.
 Under ``TRITON_INTERPRET=1`` the table is never read.
 
 ``ADALLAVA_TUNED_CONFIGS=PATH`` lays a second table over the committed one
@@ -48,8 +50,8 @@ from triton.runtime.jit import KernelInterface
 
 from .common import INTERPRETING, next_power_of_2
 
-__all__ = ["TABLE", "ENV", "CACHE_ENV", "Tuned", "WinnerCache", "bucket_of", "forcing", "load_table", "lookup",
-           "recording", "config_to_json", "config_from_json", "winner_cache"]
+__all__ = ["TABLE", "ENV", "CACHE_ENV", "Tuned", "WinnerCache", "bucket_of", "forcing", "launch_fixed", "load_table",
+           "lookup", "recording", "config_to_json", "config_from_json", "winner_cache"]
 
 TABLE = Path(__file__).with_name("tuned_configs.json")
 ENV = "ADALLAVA_TUNED_CONFIGS"
@@ -60,6 +62,8 @@ CACHE_OFF = ("", "0", "off")
 _FORCED: dict[tuple[str, str], triton.Config] = {}
 # While a sweep records: the (kernel/regime, bucket) of every launch.
 _RECORDED: list | None = None
+# launch_fixed's table lookups: (kernel, regime, device index, overlay, sizes...) -> the table's config or None.
+_FIXED: dict[tuple, triton.Config | None] = {}
 
 
 def config_to_json(config: triton.Config) -> dict:
@@ -213,6 +217,28 @@ def recording() -> Iterator[list]:
         yield _RECORDED
     finally:
         _RECORDED = before
+
+
+def launch_fixed(kernel: str, regime: str, configs: list[triton.Config], key: list[str], values: list,
+                 device: torch.device, launch) -> None:
+    """``launch(config)`` once, for a kernel that is never autotuned at run time: forced by a sweep, else the
+    table's config for ``device`` and the bucket of ``key``'s ``values``, else ``configs[0]`` (the
+    interpreter's list's first under TRITON_INTERPRET=1).
+
+    The phased kernels launch so: their programs wait on each other's counters and write the KV pages, so
+    an autotuner's repeated timed runs are not what they are built for; a miss runs the list's first config
+    (the one every test runs), and ``bench.tune`` times the rest into the table."""
+    if _RECORDED is not None:
+        _RECORDED.append((f"{kernel}/{regime}", bucket_of(key, values)))
+    config = _FORCED.get((kernel, regime))
+    if config is None and not INTERPRETING and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # Cached per (device, overlay, exact sizes): a launch after the first costs a dict lookup.
+        cached = (kernel, regime, index, os.environ.get(ENV), *values)
+        if cached not in _FIXED:
+            _FIXED[cached] = lookup(_device_name(index), kernel, regime, bucket_of(key, values))
+        config = _FIXED[cached]
+    launch(configs[0] if config is None else config)
 
 
 class Tuned(KernelInterface):
