@@ -281,6 +281,32 @@ def _boundary_rows(out: Path) -> list[dict]:
     return rows
 
 
+# The sweep's cases (bench.tune) of a whole layer's phased MLP and of the launches it replaces in the bound step:
+# gate|up of every neuron, then down as the column gather.
+PHASED_MLP_CASES = {"phased": "mlp phased b{b} full", "separate": ("gate|up b{b} full", "down bound b{b}")}
+
+
+def _phased_sweep_rows(out: Path) -> list[dict]:
+    """The phased MLP against the two launches it replaces, each timed alone in a CUDA graph by the sweep
+    (its fastest candidate): what one launch of two phases saves a layer, kernel boundary against phase
+    boundary, at each batch the sweep reached."""
+    tune = _load(out / "tune" / "results.json")
+    best = {c["case"]: c["best"]["seconds"] for c in (tune or {}).get("cases", []) if c.get("best")}
+    rows = []
+    for b in (1, 16):
+        phased = best.get(PHASED_MLP_CASES["phased"].format(b=b))
+        parts = [best.get(name.format(b=b)) for name in PHASED_MLP_CASES["separate"]]
+        what = f"phased MLP b{b}, one launch against gate|up + down, each timed alone (bench.tune)"
+        if phased is None or None in parts:
+            rows.append(_row("#28", what, None, "faster than the two launches", None))
+            continue
+        separate = sum(parts)
+        rows.append(_row("#28", what, f"{phased * 1e6:.1f} us against {separate * 1e6:.1f} us: "
+                                     f"{(separate - phased) * 1e6:+.1f} us a layer", "faster than the two launches",
+                         phased < separate))
+    return rows
+
+
 def _phased_steps(static: dict, kernel: float, phase: float) -> dict:
     """The static model's decode steps as the phased stage runs them (``AB_STAGES``): every kernel at ``kernel``
     seconds, and :data:`PHASED_BOUNDARIES` of each layer's kernel boundaries phases of one launch, ``phase``
@@ -394,7 +420,7 @@ def verdict(out: Path) -> dict:
                          f"{chosen} of {len(tune.get('cases', [])) + len(tune.get('skipped', []))}", "all",
                          chosen > 0 and not tune.get("skipped")))
     rows += (_model_rows(out) + _kernel_rows(out) + _fit_rows(out) + _step_model_rows(out) + _boundary_rows(out)
-             + _serve_rows(out))
+             + _phased_sweep_rows(out) + _serve_rows(out))
     return {"device": setup.get("device"), "torch": setup.get("torch"), "triton": setup.get("triton"),
             "rows": rows}
 

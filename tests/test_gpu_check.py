@@ -321,6 +321,38 @@ def test_the_verdict_reports_the_cost_of_a_boundary_and_prices_the_static_steps_
     assert on["target"] == "reported (needs compute capability 9.0+)" and on["holds"] is None
 
 
+def test_the_verdict_sets_the_swept_phased_mlp_against_the_two_launches_it_replaces(tmp_path):
+    """tune/results.json (bench.tune): each batch's fastest phased MLP against its fastest gate|up plus down."""
+    def rows():
+        return [(r["measured"], r["holds"]) for r in gpu_verdict.verdict(tmp_path)["rows"]
+                if r["what"].startswith("phased MLP")]
+
+    assert rows() == [(None, None), (None, None)]
+    (tmp_path / "tune").mkdir()
+    times = {"mlp phased b1 full": 60e-6, "gate|up b1 full": 45e-6, "down bound b1": 25e-6,
+             "mlp phased b16 full": 80e-6, "gate|up b16 full": 50e-6, "down bound b16": 29e-6}
+    cases = [{"case": name, "best": {"seconds": seconds}} for name, seconds in times.items()]
+    (tmp_path / "tune" / "results.json").write_text(json.dumps({"cases": cases + [{"case": "cut short"}]}))
+    assert rows() == [("60.0 us against 70.0 us: +10.0 us a layer", True),
+                      ("80.0 us against 79.0 us: -1.0 us a layer", False)]
+    # The sweep never reached batch 16's phased case: not measured.
+    (tmp_path / "tune" / "results.json").write_text(json.dumps({"cases": cases[:3]}))
+    assert rows()[1] == (None, None)
+
+
+def test_the_verdict_names_the_sweeps_cases_that_it_compares():
+    # The verdict is standard library only, so it keeps its own copy of the sweep's case names.
+    import torch
+
+    from bench import tune
+    from adallava_kernels import get_shape
+
+    names = {c.name for c in tune.cases(get_shape("tiny"), torch.float32, torch.device("cpu"), 8)}
+    for b in tune.DECODE_BATCHES:
+        assert gpu_verdict.PHASED_MLP_CASES["phased"].format(b=b) in names
+        assert {n.format(b=b) for n in gpu_verdict.PHASED_MLP_CASES["separate"]} <= names
+
+
 def test_the_verdict_knows_every_boundary_mode():
     # The verdict is standard library only, so it keeps its own copy of bench.boundary's modes.
     from bench import boundary
