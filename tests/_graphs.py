@@ -35,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from adallava_kernels.ops import workspace
 from adallava_kernels.runtime import GraphCache
 
 __all__ = ["CaptureChangedState", "FreedTensorRead", "HostValueChanged", "RecordedGraph", "RecordingGraphs"]
@@ -291,7 +292,12 @@ def _check_operand(where: str, frozen, value) -> None:
         tensor = frozen[1]()
         if tensor is None:
             raise FreedTensorRead(f"{where}: the replayed step reads a tensor that was freed after the capture")
-        if not (_is_ref(value) and value[0] == "read") or _address(value[1]()) != _address(tensor):
+        if not (_is_ref(value) and value[0] == "read"):
+            raise HostValueChanged(f"{where}: the step would read another tensor than the captured one")
+        now = value[1]()
+        # A split workspace that grew since the capture: the graph reads the outgrown buffer, which the library
+        # keeps alive and leaves as the grown one (ops/workspace.py).
+        if _address(now) != _address(tensor) and not workspace.outgrown(tensor, now):
             raise HostValueChanged(f"{where}: the step would read another tensor than the captured one")
     elif _is_ref(frozen):
         if frozen != value:

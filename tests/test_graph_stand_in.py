@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from adallava_kernels.ops import workspace
+
 from _graphs import CaptureChangedState, FreedTensorRead, HostValueChanged, RecordedGraph
 
 
@@ -146,6 +148,36 @@ def test_a_step_that_would_read_another_tensor_raises():
     holder.w = captured[:5]  # the same address, another shape
     with pytest.raises(HostValueChanged, match="would read another tensor"):
         graph.check(step)
+
+
+def grow(kind):
+    """Make the CPU's ``kind`` workspace outgrow its buffer (the old one is retired, kept alive)."""
+    cpu = torch.device("cpu")
+    before = kind(cpu, 1)
+    after = kind(cpu, before.numel() + 1)
+    assert after is not before and torch.equal(before, torch.zeros_like(before))
+
+
+def test_a_workspace_that_grew_since_the_capture_is_read_where_the_graph_reads_it():
+    # A launch takes a split workspace's whole buffer. A graph keeps reading the outgrown one, which the library
+    # keeps alive and leaves as the grown one (ops/workspace.py): a step that would now read the grown buffer
+    # replays as captured; any other tensor, even in the grown buffer or another workspace, is other memory.
+    cpu = torch.device("cpu")
+    holder = types.SimpleNamespace(buffer=workspace.counters(cpu, 2))
+    step = lambda: (holder.buffer + 1,)  # noqa: E731
+    entry, graph = capture(step)
+    captured = holder.buffer.numel()
+    grow(workspace.counters)
+    holder.buffer = workspace.counters(cpu, 2)
+    assert holder.buffer.numel() > captured
+    graph.check(step)
+    graph.replay()
+    assert torch.equal(entry.outputs[0], torch.ones(captured, dtype=torch.int32))  # what the graph read
+    grown = holder.buffer
+    for other in (grown[1:], grown[:captured], workspace.scratch(cpu, 2)):
+        holder.buffer = other
+        with pytest.raises(HostValueChanged, match="would read another tensor"):
+            graph.check(step)
 
 
 def test_a_host_number_that_changes_per_step_raises():

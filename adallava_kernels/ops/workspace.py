@@ -23,7 +23,7 @@ import torch
 __all__ = ["counters", "scratch"]
 
 _BUFFERS: dict[tuple, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown buffers a captured graph may still read
+_RETIRED: list[tuple[tuple, torch.Tensor]] = []  # (key, outgrown buffer): a captured graph may still read it
 
 
 def _capturing(device: torch.device) -> bool:
@@ -41,7 +41,7 @@ def _buffer(kind: str, device: torch.device, numel: int, dtype: torch.dtype, fil
     size = max(numel, 2 * found.numel() if found is not None else 0)
     made = torch.full((size,), fill, dtype=dtype, device=device)
     if found is not None:
-        _RETIRED.append(found)
+        _RETIRED.append((key, found))
     _BUFFERS[key] = made
     return made
 
@@ -54,3 +54,14 @@ def scratch(device: torch.device, numel: int) -> torch.Tensor:
 def counters(device: torch.device, numel: int) -> torch.Tensor:
     """At least ``numel`` int32 ticket counters, all 0 (each launch leaves the ones it used at 0)."""
     return _buffer("counters", device, numel, torch.int32, 0)
+
+
+def outgrown(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether ``old`` is an outgrown buffer and ``new`` the one of its kind now (each whole, as :func:`counters`
+    and :func:`scratch` hand them out): what a launch takes now where a CUDA graph captured before the growth
+    reads ``old``, which stays alive. (The CPU stand-in for CUDA graphs allows exactly this change.)"""
+    def whole(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+        return (tensor.device == buffer.device and tensor.dtype == buffer.dtype and tensor.shape == buffer.shape
+                and tensor.data_ptr() == buffer.data_ptr())
+
+    return any(whole(old, buffer) and key in _BUFFERS and whole(new, _BUFFERS[key]) for key, buffer in _RETIRED)
