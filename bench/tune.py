@@ -6,8 +6,9 @@ candidate config (the kernel's own list, then :data:`.configs.EXTRA` candidates 
 only the sweep tries) is forced in turn through the library's own launchers
 (:func:`adallava_kernels.ops.tuning.forcing`) and timed as a decode step
 runs it: captured in a CUDA graph, over enough copies of its weights that
-they come from memory rather than L2 (:func:`time_calls`). The fastest per
-bucket goes into ``tuned_configs.json`` in
+they come from memory rather than L2 (:func:`time_calls`). Per bucket, the
+candidate with the least time summed over the bucket's cases
+(:func:`bucket_winners`) goes into ``tuned_configs.json`` in
 ``--out``, in the format of the committed table
 (``adallava_kernels/ops/tuned_configs.json``: ``--install`` merges it there),
 keyed by the device's name; ``results.json`` holds every time. Both are
@@ -282,7 +283,6 @@ def time_calls(calls: list[Callable[[], object]], device: torch.device, quick: b
 def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: float, quick: bool,
           compile_only: bool = False) -> dict:
     """Every case's candidates timed (or only compiled); the tables written after each case."""
-    table: dict = {}
     rows = []
     results = {"meta": metadata(device, torch.bfloat16, "bench.tune"), "device": device_name(device), "cases": rows}
     for case in case_list:
@@ -305,20 +305,37 @@ def sweep(case_list: list[Case], device: torch.device, out: Path, deadline: floa
             row["candidates"].append(entry)
         timed = [c for c in row["candidates"] if "seconds" in c]
         if timed:
-            best = min(timed, key=lambda c: c["seconds"])
-            row["best"] = best
+            row["best"] = min(timed, key=lambda c: c["seconds"])
             row["default_seconds"] = row["candidates"][0].get("seconds")
-            buckets = table.setdefault(key, {})
-            # Two cases of one bucket: the one whose fastest candidate is faster sets the bucket (the cheaper case,
-            # not the one that matters more: a sweep lists one case a bucket where it can).
-            if bucket not in buckets or best["seconds"] < buckets[bucket]["seconds"]:
-                buckets[bucket] = {k: best[k] for k in ("kwargs", "num_warps", "num_stages", "seconds")}
-                buckets[bucket]["case"] = case.name
         rows.append(row)
         del calls
         if not compile_only:
-            write(out, results, table, device)
+            write(out, results, bucket_winners(rows), device)
     return results
+
+
+def bucket_winners(rows: list[dict]) -> dict:
+    """The tuned table from a sweep's rows: per kernel/regime and bucket, the candidate whose times summed over
+    every case of that bucket are least (the config that costs a step launching each of those cases once the
+    least), among the candidates that ran in all of them. A bucket whose cases share no such candidate gets no
+    entry: the launch keeps its list's first config rather than one never timed on a case it serves."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row.get("best"):
+            grouped.setdefault((row["kernel"], row["bucket"]), []).append(row)
+    table: dict = {}
+    for (key, bucket), members in grouped.items():
+        timed = [{_candidate_key(c): c for c in row["candidates"] if "seconds" in c} for row in members]
+        everywhere = set(timed[0]).intersection(*timed[1:])
+        totals = {name: sum(row[name]["seconds"] for row in timed) for name in everywhere}
+        if not totals:
+            continue
+        best = min(sorted(totals), key=totals.__getitem__)
+        entry = {k: timed[0][best][k] for k in ("kwargs", "num_warps", "num_stages")}
+        entry["seconds"] = totals[best]
+        entry["cases"] = [row["case"] for row in members]
+        table.setdefault(key, {})[bucket] = entry
+    return table
 
 
 def write(out: Path, results: dict, table: dict, device: torch.device) -> None:
@@ -326,7 +343,8 @@ def write(out: Path, results: dict, table: dict, device: torch.device) -> None:
     meta = results["meta"]
     document = {
         "about": "Kernel configs chosen by python -m bench.tune: per device name, kernel/regime and shape bucket "
-                 "(sizes rounded up to a power of two), the fastest candidate's config and its median seconds.",
+                 "(sizes rounded up to a power of two), the candidate fastest over the bucket's cases: its config, "
+                 "its median seconds summed over those cases, and their names.",
         "runs": {results["device"]: {k: meta[k] for k in ("date", "commit", "command", "torch", "triton")}},
         "configs": {results["device"]: table} if table else {},
     }
@@ -362,6 +380,10 @@ def compile_in_children(argv: list[str], jobs: int, deadline: float) -> None:
 
 def _config_key(kwargs: dict, warps: int, stages: int) -> str:
     return json.dumps([sorted(kwargs.items()), warps, stages])
+
+
+def _candidate_key(candidate: dict) -> str:
+    return _config_key(candidate["kwargs"], candidate["num_warps"], candidate["num_stages"])
 
 
 def predict(path: Path, shape, tokens: int) -> dict:

@@ -315,12 +315,42 @@ def test_the_sweep_writes_a_table_that_install_merges(tmp_path):
     (device,) = made["configs"]
     assert list(made["configs"][device]) == ["_row_gather_kernel/decode"]
     (entry,) = made["configs"][device]["_row_gather_kernel/decode"].values()
-    assert entry["case"] == "gate|up b1 full" and entry["seconds"] > 0
+    assert entry["cases"] == ["gate|up b1 full"] and entry["seconds"] > 0
     # install: the device's entries replace that device's, other devices stay.
     target = tmp_path / "committed.json"
     target.write_text(json.dumps({"about": "", "runs": {"Other": {}}, "configs": {"Other": {"k/decode": {}}}}))
     merged = tune.install(out / "tuned_configs.json", target)
     assert set(merged["configs"]) == {"Other", device} and merged["configs"][device] == made["configs"][device]
+
+
+def _swept(case, bucket, **seconds):
+    """A sweep's row: ``seconds`` per candidate named by its BLOCK_N (None: the candidate failed there)."""
+    candidates = []
+    for name, t in seconds.items():
+        entry = {"kwargs": {"BLOCK_N": int(name[1:])}, "num_warps": 4, "num_stages": 3}
+        entry.update({"seconds": t} if t is not None else {"error": "OutOfResources"})
+        candidates.append(entry)
+    timed = [c for c in candidates if "seconds" in c]
+    return {"case": case, "kernel": "_k/decode", "bucket": bucket, "candidates": candidates,
+            "best": min(timed, key=lambda c: c["seconds"]) if timed else None}
+
+
+def test_a_bucket_takes_the_candidate_least_in_time_summed_over_its_cases():
+    rows = [
+        # The cheap case alone would pick n32; over both cases n64 costs less (2 + 10 < 1.5 + 12).
+        _swept("half", "b", n32=1.5e-6, n64=2e-6, n128=1e-6),
+        _swept("whole", "b", n32=12e-6, n64=10e-6, n128=None),  # n128 never ran here: it cannot win the bucket
+        _swept("other", "c", n32=5e-6, n64=4e-6, n128=3e-6),
+        _swept("a", "d", n32=1e-6, n64=None), _swept("z", "d", n32=None, n64=1e-6),  # no shared candidate
+    ]
+    table = tune.bucket_winners(rows)
+    assert table["_k/decode"]["b"] == {"kwargs": {"BLOCK_N": 64}, "num_warps": 4, "num_stages": 3,
+                                       "seconds": pytest.approx(12e-6), "cases": ["half", "whole"]}
+    assert table["_k/decode"]["c"]["kwargs"] == {"BLOCK_N": 128} and table["_k/decode"]["c"]["cases"] == ["other"]
+    assert "d" not in table["_k/decode"]  # the launch keeps its list's first config
+    # A case where nothing ran sets nothing, and does not hide the bucket's other cases.
+    assert tune.bucket_winners(rows[:2] + [_swept("broken", "b", n32=None)])["_k/decode"]["b"]["kwargs"] == {
+        "BLOCK_N": 64}
 
 
 def test_a_candidate_that_cannot_run_is_recorded_not_fatal(tmp_path):
