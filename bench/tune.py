@@ -175,16 +175,23 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
             return lambda: gathered_linear.row_gathered_linear(x, w, rows, norm_weight=norm, eps=1e-5)
         return make
 
-    def mlp_phased(m):
-        """A whole layer's phased MLP as the bound step launches it: every neuron counted, a row mask, ``w_down``
-        row-major (``dense``), the residual added."""
+    def mlp_phased(m, neurons):
+        """A layer's phased MLP as the bound step launches it, the residual added, a row mask: every neuron
+        counted and ``w_down`` row-major (``dense``) in a whole layer; in a partial one ``neurons`` counted of
+        every slot, ``w_down`` gathered by columns (its row-major copy beside it)."""
         def make():
             (wg, wu), h, norm = mlp_weights(), rand(m, hidden), 1 + rand(hidden, scale=0.1)
-            w_down, rows = rand(hidden, inter, scale=inter**-0.5), full_neurons.to(device)
-            count = torch.tensor([inter], dtype=torch.int32, device=device)
+            w_down = rand(hidden, inter, scale=inter**-0.5)
+            rows = torch.full((inter,), -1, dtype=torch.int32)
+            rows[:neurons.numel()] = neurons
+            rows, count = rows.to(device), torch.tensor([neurons.numel()], dtype=torch.int32, device=device)
             mask, out_ = torch.ones(m, inter, dtype=dtype, device=device), torch.empty_like(h)
-            return lambda: phased_mlp.swiglu_mlp_phased(h, wg, wu, rows, norm, 1e-5, w_down, count, mask, True,
-                                                        out=out_)
+            if neurons.numel() == inter:
+                return lambda: phased_mlp.swiglu_mlp_phased(h, wg, wu, rows, norm, 1e-5, w_down, count, mask, True,
+                                                            out=out_)
+            columns = prepare_column_gather(w_down)
+            return lambda: phased_mlp.swiglu_mlp_phased(h, wg, wu, rows, norm, 1e-5, columns, count, mask, False,
+                                                        w_down, out=out_)
         return make
 
     def block_phased(batch):
@@ -231,9 +238,13 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
             # The step's lm_head, its final norm inside: a row gather of every row of the vocabulary.
             Case(f"lm_head b{b}", "_row_gather_kernel", "decode", lm_head(b), shape.vocab_size * hidden * e),
             # The phased forms of a whole layer (ADALLAVA_PHASED_MLP=1, ADALLAVA_PHASED_ATTENTION=qkv), one launch
-            # each. A partial layer's launch is in the same bucket (its slots are the full width's), so it takes
-            # the whole layer's winner.
-            Case(f"mlp phased b{b} full", "_phased_mlp_kernel", "decode", mlp_phased(b), 3 * inter * hidden * e),
+            # each. A partial layer's launch is in the same bucket (its slots are the full width's): the MLP's
+            # half case shares the whole one's, so the config the two cost least in together is kept; the
+            # attention block's partial layer takes the whole one's winner.
+            Case(f"mlp phased b{b} full", "_phased_mlp_kernel", "decode", mlp_phased(b, full_neurons),
+                 3 * inter * hidden * e),
+            Case(f"mlp phased b{b} half", "_phased_mlp_kernel", "decode", mlp_phased(b, half_neurons),
+                 3 * half_inter * hidden * e),
             Case(f"attention block phased b{b} full", "_phased_attention_kernel", "decode", block_phased(b),
                  qkv_bytes + hidden * nq * d * e + 2 * b * nkv * (CONTEXT + 1) * d * e),
         ]

@@ -353,6 +353,22 @@ def test_a_bucket_takes_the_candidate_least_in_time_summed_over_its_cases():
         "BLOCK_N": 64}
 
 
+def test_a_partial_layers_phased_mlp_shares_the_whole_ones_bucket_and_its_choice(tmp_path):
+    # The runtime's partial layer launches the phased MLP over the full width's slots: the sweep's half case
+    # records the whole case's bucket, and the table's entry for it is chosen over both.
+    out = tmp_path / "tune"
+    interpreted(f"""
+        from bench import tune
+        assert tune.main(["--quick", "--device", "cpu", "--match", "mlp phased b1", "--out", {str(out)!r}]) == 0
+    """, tmp_path)
+    rows = json.loads((out / "results.json").read_text())["cases"]
+    assert [r["case"] for r in rows] == ["mlp phased b1 full", "mlp phased b1 half"]
+    assert rows[0]["bucket"] == rows[1]["bucket"] and all(r["best"] for r in rows)
+    (device,) = json.loads((out / "tuned_configs.json").read_text())["configs"].values()
+    (entry,) = device["_phased_mlp_kernel/decode"].values()
+    assert entry["cases"] == ["mlp phased b1 full", "mlp phased b1 half"]
+
+
 def test_a_candidate_that_cannot_run_is_recorded_not_fatal(tmp_path):
     interpreted(f"""
         import math, torch, triton
