@@ -435,7 +435,7 @@ def model_errors(predicted: dict, sweep: dict) -> dict:
         timed = [c for c in row["candidates"] if "seconds" in c]
         fastest = min(timed, key=lambda c: c["seconds"], default=None)
         for c in timed:
-            p = model.get(_config_key(c["kwargs"], c["num_warps"], c["num_stages"]))
+            p = model.get(_candidate_key(c))
             if p is None:  # a prefill (compute-bound: not the model's), or a config the model did not see
                 continue
             config = ",".join(f"{k}={v}" for k, v in c["kwargs"].items()) + f" w{c['num_warps']} s{c['num_stages']}"
