@@ -88,6 +88,34 @@ def _every_other_group(size: int, groups: int) -> torch.Tensor:
     return torch.tensor(kept, dtype=torch.int32)
 
 
+def _union_head_slots(kept: torch.Tensor, nq: int, nkv: int, head_dim: int):
+    """A union of the query heads ``kept`` (sorted) laid out in slots as a decode step reads it: the q|k|v heads
+    (``[nq + 2 nkv]``, -1 in free slots), each query slot's KV slot (``[nq]``), the ``o_proj`` columns
+    (``[nq x head_dim]``) and the number of live KV slots (the KV heads of the kept query heads)."""
+    kv_heads = torch.unique(kept // (nq // nkv))
+    live = kv_heads.numel()
+    heads = torch.full((nq + 2 * nkv,), -1, dtype=torch.int32)
+    heads[:kept.numel()] = kept
+    heads[nq:nq + live] = kv_heads + nq
+    heads[nq + nkv:nq + nkv + live] = kv_heads + nq + nkv
+    slot_of = torch.full((nkv,), -1, dtype=torch.int32)
+    slot_of[kv_heads] = torch.arange(live, dtype=torch.int32)
+    kv_map = torch.full((nq,), -1, dtype=torch.int32)
+    kv_map[:kept.numel()] = slot_of[kept // (nq // nkv)]
+    cols = torch.full((nq * head_dim,), -1, dtype=torch.int32)
+    cols[:kept.numel() * head_dim] = (kept[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return heads, kv_map, cols, live
+
+
+def _block_bytes(kept: torch.Tensor, shape, batch: int, element: int) -> int:
+    """What a phased attention block of the query heads ``kept`` must read: their q, K and V rows and
+    ``o_proj`` columns, and each row's K and V of the :data:`CONTEXT` positions before it and its own."""
+    hidden, d, nq, nkv = shape.hidden_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
+    live = torch.unique(kept // (nq // nkv)).numel()
+    return element * ((kept.numel() + 2 * live) * d * hidden + hidden * kept.numel() * d
+                      + 2 * batch * live * (CONTEXT + 1) * d)
+
+
 def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=DECODE_BATCHES) -> list[Case]:
     """Decode at each batch (full and half widths; the bound step's count-and-mask form), then a prefill."""
     hidden, inter, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
@@ -104,6 +132,7 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
     half_neurons = _every_other_group(inter, nq)
     full_o = torch.arange(nq * d, dtype=torch.int32)
     half_o = (torch.arange(0, nq, 2)[:, None] * d + torch.arange(d)).flatten().to(torch.int32)
+    all_heads, half_heads = torch.arange(nq), torch.arange(0, nq, 2)
 
     def swiglu(m, rows):
         def make():
@@ -194,27 +223,35 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
                                                         w_down, out=out_)
         return make
 
-    def block_phased(batch):
-        """A whole layer's phased attention block as the bound step launches it, each row at position
-        :data:`CONTEXT` of its pages: q|k|v with the norm, the append, the attention and o_proj (row-major,
-        ``dense``), the residual added."""
+    def block_phased(batch, kept):
+        """A layer's phased attention block as the bound step launches it, each row at position :data:`CONTEXT`
+        of its pages, ``kept`` the union's query heads: q|k|v with the norm, the append, the attention and
+        o_proj, the residual added. In a whole layer (every head kept) ``o_proj`` is row-major (``dense``); in a
+        partial one the free head slots are -1 (their KV slots write to a scratch page), and ``o_proj`` is
+        gathered by columns (its row-major copy beside it), as :class:`~adallava_kernels.runtime.slots.BatchSlots`
+        lays a union out."""
         def make():
-            page, slots = 16, nq + 2 * nkv
+            page, whole = 16, kept.numel() == nq
             width = -(-(CONTEXT + 1) // page)
             h, norm = rand(batch, hidden), 1 + rand(hidden, scale=0.1)
-            w_qkv, w_o = rand(slots * d, hidden, scale=hidden**-0.5), rand(hidden, nq * d, scale=(nq * d)**-0.5)
-            heads = torch.arange(slots, dtype=torch.int32, device=device)
-            kv_map = (torch.arange(nq, device=device) * nkv // nq).to(torch.int32).repeat(batch, 1)
-            pages = rand(2, batch * nkv * width, page, d)
-            tables = torch.arange(batch * nkv * width, dtype=torch.int32, device=device).view(batch, nkv, width)
+            w_qkv, w_o = rand((nq + 2 * nkv) * d, hidden, scale=hidden**-0.5), rand(hidden, nq * d, scale=(nq * d)**-0.5)
+            heads, kv_map, cols, kv_live = _union_head_slots(kept, nq, nkv, d)
+            heads, cols = heads.to(device), cols.to(device)
+            kv_map = kv_map.to(device).repeat(batch, 1)
+            # One page past the rows' own: where a free KV slot's append goes.
+            scratch = batch * nkv * width
+            pages = rand(2, scratch + 1, page, d)
+            tables = torch.arange(scratch, dtype=torch.int32, device=device).view(batch, nkv, width)
+            tables[:, kv_live:] = scratch
             positions = torch.full((batch,), CONTEXT, dtype=torch.int32, device=device)
             cos, sin = rand(batch, 1, d), rand(batch, 1, d)
-            cols, count = full_o.to(device), torch.tensor([nq * d], dtype=torch.int32, device=device)
+            count = torch.tensor([kept.numel() * d], dtype=torch.int32, device=device)
             split = paged_decode_splits(batch, nq, width * page, device)
             starts, lengths, out_ = torch.zeros_like(positions), positions + 1, torch.empty_like(h)
+            o_weight, dense_weight = (w_o, None) if whole else (prepare_column_gather(w_o), w_o)
             return lambda: phased_attention.attention_block_phased(
                 h, w_qkv, heads, cos, sin, norm, 1e-5, pages, tables, positions, kv_map, lengths, starts, d**-0.5,
-                split, w_o, cols, count, True, out=out_)
+                split, o_weight, cols, count, whole, dense_weight, out=out_)
         return make
 
     e = 2 if dtype in (torch.bfloat16, torch.float16) else 4
@@ -238,15 +275,16 @@ def cases(shape, dtype: torch.dtype, device: torch.device, tokens: int, batches=
             # The step's lm_head, its final norm inside: a row gather of every row of the vocabulary.
             Case(f"lm_head b{b}", "_row_gather_kernel", "decode", lm_head(b), shape.vocab_size * hidden * e),
             # The phased forms of a whole layer (ADALLAVA_PHASED_MLP=1, ADALLAVA_PHASED_ATTENTION=qkv), one launch
-            # each. A partial layer's launch is in the same bucket (its slots are the full width's): the MLP's
-            # half case shares the whole one's, so the config the two cost least in together is kept; the
-            # attention block's partial layer takes the whole one's winner.
+            # each. A partial layer's launch is in the same bucket (its slots are the full width's): each half case
+            # shares its whole one's, so the config the two cost least in together is kept.
             Case(f"mlp phased b{b} full", "_phased_mlp_kernel", "decode", mlp_phased(b, full_neurons),
                  3 * inter * hidden * e),
             Case(f"mlp phased b{b} half", "_phased_mlp_kernel", "decode", mlp_phased(b, half_neurons),
                  3 * half_inter * hidden * e),
-            Case(f"attention block phased b{b} full", "_phased_attention_kernel", "decode", block_phased(b),
-                 qkv_bytes + hidden * nq * d * e + 2 * b * nkv * (CONTEXT + 1) * d * e),
+            Case(f"attention block phased b{b} full", "_phased_attention_kernel", "decode",
+                 block_phased(b, all_heads), _block_bytes(all_heads, shape, b, e)),
+            Case(f"attention block phased b{b} half", "_phased_attention_kernel", "decode",
+                 block_phased(b, half_heads), _block_bytes(half_heads, shape, b, e)),
         ]
     out += [
         Case(f"gate|up prefill {tokens} full", "_row_gather_kernel", "prefill", swiglu(tokens, full_neurons),

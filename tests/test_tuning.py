@@ -353,20 +353,43 @@ def test_a_bucket_takes_the_candidate_least_in_time_summed_over_its_cases():
         "BLOCK_N": 64}
 
 
-def test_a_partial_layers_phased_mlp_shares_the_whole_ones_bucket_and_its_choice(tmp_path):
-    # The runtime's partial layer launches the phased MLP over the full width's slots: the sweep's half case
+@pytest.mark.parametrize("cases, kernel", [("mlp phased b1", "_phased_mlp_kernel"),
+                                           ("attention block phased b1", "_phased_attention_kernel")])
+def test_a_partial_layers_phased_launch_shares_the_whole_ones_bucket_and_its_choice(tmp_path, cases, kernel):
+    # The runtime's partial layer launches a phased kernel over the full width's slots: the sweep's half case
     # records the whole case's bucket, and the table's entry for it is chosen over both.
     out = tmp_path / "tune"
     interpreted(f"""
         from bench import tune
-        assert tune.main(["--quick", "--device", "cpu", "--match", "mlp phased b1", "--out", {str(out)!r}]) == 0
+        assert tune.main(["--quick", "--device", "cpu", "--match", {cases!r}, "--out", {str(out)!r}]) == 0
     """, tmp_path)
     rows = json.loads((out / "results.json").read_text())["cases"]
-    assert [r["case"] for r in rows] == ["mlp phased b1 full", "mlp phased b1 half"]
+    assert [r["case"] for r in rows] == [f"{cases} full", f"{cases} half"]
     assert rows[0]["bucket"] == rows[1]["bucket"] and all(r["best"] for r in rows)
+    assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"]
     (device,) = json.loads((out / "tuned_configs.json").read_text())["configs"].values()
-    (entry,) = device["_phased_mlp_kernel/decode"].values()
-    assert entry["cases"] == ["mlp phased b1 full", "mlp phased b1 half"]
+    (entry,) = device[f"{kernel}/decode"].values()
+    assert entry["cases"] == [f"{cases} full", f"{cases} half"]
+
+
+@pytest.mark.parametrize("kept", [[0, 2, 4, 6], [0, 1, 3], list(range(8))], ids=["every-other", "one-kv-group", "all"])
+def test_the_sweeps_attention_block_slots_are_the_runtimes_union(kept):
+    # The half case lays its union out as BatchSlots.refresh does for a row keeping those heads: the q|k|v heads,
+    # the KV map, the o_proj columns and the live KV slots (tiny: 8 heads on 2 KV heads, so a KV group can be
+    # left out whole).
+    from adallava_kernels import get_shape
+    from adallava_kernels.runtime.slots import BatchSlots
+
+    shape = get_shape("tiny")
+    slots = BatchSlots(shape, capacity=1, width=2, scratch_page=9, dtype=torch.float32, device=torch.device("cpu"))
+    slots.own_heads[0, 0, kept] = True
+    slots.refresh(1)
+    heads, kv_map, cols, live = tune._union_head_slots(torch.tensor(kept), shape.num_heads, shape.num_kv_heads,
+                                                       shape.head_dim)
+    assert torch.equal(heads, slots.qkv_heads[0])
+    assert torch.equal(kv_map, slots.kv_map[0, 0])
+    assert torch.equal(cols, slots.o_cols[0])
+    assert live == int((slots.qkv_heads[0, shape.num_heads:shape.num_heads + shape.num_kv_heads] >= 0).sum())
 
 
 def test_a_candidate_that_cannot_run_is_recorded_not_fatal(tmp_path):
