@@ -21,8 +21,10 @@ TEST_WORKERS ?= $(shell $(PY) -c "import os, torch; n = os.cpu_count() or 1; pri
 TEST_THREADS = $(shell $(PY) -c "import torch; print('' if torch.cuda.is_available() else 'OMP_NUM_THREADS=1')")
 PYTEST_PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),$(TEST_THREADS) ,)
 
+# `--dist loadgroup`: tests marked with one xdist_group share a worker (and what they cache); the rest are
+# spread one by one, as `--dist load` does.
 test: env
-	$(PYTEST_PARALLEL)$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
+	$(PYTEST_PARALLEL)$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # The oldest transformers release the package supports (setup.py's lower bound): the drop-in modules,
 # the runtime and the model must still match transformers there. A second venv, torch as in the first.
