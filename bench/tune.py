@@ -88,11 +88,16 @@ def _every_other_group(size: int, groups: int) -> torch.Tensor:
     return torch.tensor(kept, dtype=torch.int32)
 
 
+def _kv_heads(kept: torch.Tensor, nq: int, nkv: int) -> torch.Tensor:
+    """The KV heads the query heads ``kept`` read, sorted."""
+    return torch.unique(kept // (nq // nkv))
+
+
 def _union_head_slots(kept: torch.Tensor, nq: int, nkv: int, head_dim: int):
     """A union of the query heads ``kept`` (sorted) laid out in slots as a decode step reads it: the q|k|v heads
     (``[nq + 2 nkv]``, -1 in free slots), each query slot's KV slot (``[nq]``), the ``o_proj`` columns
     (``[nq x head_dim]``) and the number of live KV slots (the KV heads of the kept query heads)."""
-    kv_heads = torch.unique(kept // (nq // nkv))
+    kv_heads = _kv_heads(kept, nq, nkv)
     live = kv_heads.numel()
     heads = torch.full((nq + 2 * nkv,), -1, dtype=torch.int32)
     heads[:kept.numel()] = kept
@@ -111,7 +116,7 @@ def _block_bytes(kept: torch.Tensor, shape, batch: int, element: int) -> int:
     """What a phased attention block of the query heads ``kept`` must read: their q, K and V rows and
     ``o_proj`` columns, and each row's K and V of the :data:`CONTEXT` positions before it and its own."""
     hidden, d, nq, nkv = shape.hidden_size, shape.head_dim, shape.num_heads, shape.num_kv_heads
-    live = torch.unique(kept // (nq // nkv)).numel()
+    live = _kv_heads(kept, nq, nkv).numel()
     return element * ((kept.numel() + 2 * live) * d * hidden + hidden * kept.numel() * d
                       + 2 * batch * live * (CONTEXT + 1) * d)
 
