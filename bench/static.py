@@ -459,24 +459,25 @@ def failures(v: Variant) -> list[str]:
 def predicted_seconds(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
     """The model's time of one launch (None for a kernel the model does not price).
 
-    An SM with F bytes of streamed tiles in flight moves at most F / LATENCY_S bytes a second (Little's
-    law); the SMs the grid covers together, at most ``copy_rate``. Programs run in waves of SMS x
-    occupancy: a last, partial wave takes as long as a full one. Every kernel adds FIXED_S.
+    A program with F bytes of streamed tiles in flight moves at most F / LATENCY_S bytes a second (Little's
+    law); the programs running at once together, at most ``copy_rate``. Programs run in waves of SMS x
+    occupancy, each moving an equal share of the bytes; a last, partial wave runs its fewer programs at their
+    own rate, so it is as long as a full one only where those few cannot keep the copy rate busy. Every kernel
+    adds FIXED_S.
     """
     spec = KERNELS.get(v.kernel)
     if spec is None or not spec.streaming or v.occupancy == 0:  # no occupancy: it cannot launch at all
         return None
     if v.args.get("M", 1) > 16:  # a prefill's tiles are compute-bound: not this model's
         return None
-    moved = spec.bytes(v)
-    flight = in_flight_per_program(v) or _register_tile_bytes(v)
-    # The programs an SM holds on average (a grid of 1.45 programs per SM keeps 1.45 programs' loads in flight).
-    per_sm = min(v.occupancy, v.programs / SMS) * flight / LATENCY_S
-    busy_sms = min(SMS, v.programs)
-    rate = min(copy_rate, per_sm * busy_sms)
-    waves = v.waves
-    tail = (-(-waves // 1)) / waves if waves > 1 else 1.0
-    return FIXED_S + moved / rate * tail
+    per_program = spec.bytes(v) / v.programs
+    program_rate = (in_flight_per_program(v) or _register_tile_bytes(v)) / LATENCY_S
+    full_waves, last = divmod(v.programs, SMS * v.occupancy)
+    seconds = FIXED_S
+    for programs, count in ((SMS * v.occupancy, full_waves), (last, 1 if last else 0)):
+        if count:
+            seconds += count * programs * per_program / min(copy_rate, programs * program_rate)
+    return seconds
 
 
 def _register_tile_bytes(v: Variant) -> int:

@@ -8,6 +8,8 @@ asynchronously, keep no scalar 16-bit loads, stage its streamed tiles at least 2
 its shared memory and use no ordered float atomics (bench.static.CHECKS).
 """
 
+from collections import Counter
+
 import pytest
 
 from _static_report import compiled_variants
@@ -204,3 +206,35 @@ def test_the_column_gather_stages_its_weight_as_deep_gathered_as_dense():
     assert {v["site"].split()[-1] for v in gathers} == {"whole", "partial"}
     shallow = [(v["site"], v["config"], v["buffers"]) for v in gathers if v["buffers"]["b"] != v["num_stages"] - 1]
     assert shallow == []
+
+
+def _streaming_variant(programs: int, flight: int) -> static.Variant:
+    """A launch of ``programs`` programs, one an SM (120 KiB of shared memory each), ``flight`` bytes of one
+    streamed tile in flight a program (two buffers)."""
+    return static.Variant(kernel="_stand_in", site="test", config="", grid=(programs, 1, 1), num_warps=4,
+                          num_stages=2, shared=120 * 1024, registers=32, stack=0, sass=Counter(),
+                          buffers={"w": 2}, tile_bytes={"w": flight}, atomics=[], args={})
+
+
+@pytest.mark.parametrize(
+    "programs, flight, expected",
+    [
+        # Each wave keeps the copy rate busy: the partial last wave costs its share of the bytes, not a wave.
+        (static.SMS * 3 // 2, 64 * 1024, 1.0),
+        # Fewer programs than SMs, each at F / latency: together programs x F / latency, whatever SMS is.
+        (static.SMS // 2, 16 * 1024, static.COPY_RATE * static.LATENCY_S / (static.SMS // 2 * 16 * 1024)),
+        # A full wave at the copy rate, then one program alone at its own rate.
+        (static.SMS + 1, 64 * 1024,
+         static.SMS / (static.SMS + 1) + static.COPY_RATE * static.LATENCY_S / (64 * 1024) / (static.SMS + 1)),
+    ],
+    ids=["1.5 waves, copy-bound tail", "half the SMs", "one program past a wave"])
+def test_the_latency_model_runs_a_partial_wave_at_its_programs_own_rate(monkeypatch, programs, flight, expected):
+    """predicted_seconds: FIXED_S plus each wave's bytes at the lesser of the copy rate and its programs' loads
+    in flight over the latency (Little's law). ``expected``: the time beyond FIXED_S, in units of the bytes at
+    the copy rate."""
+    moved = 100e6
+    monkeypatch.setitem(static.KERNELS, "_stand_in", static.KernelSpec(("w",), True, lambda v: moved))
+    v = _streaming_variant(programs, flight)
+    assert v.occupancy == 1
+    beyond = static.predicted_seconds(v) - static.FIXED_S
+    assert beyond == pytest.approx(expected * moved / static.COPY_RATE, rel=1e-12)
