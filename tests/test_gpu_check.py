@@ -253,6 +253,48 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
 
 
+def test_the_verdict_sets_the_static_model_aside_on_a_device_that_copies_at_another_rate(tmp_path):
+    """The static model's times are priced at one device's copy rate (fit/static.json's copy_rate): on a GPU
+    whose copy, measured by the model stage, is more than 5% away from it, every row that sets the model
+    against a target (the per-kernel fit, the step against the measured one, the steps at a measured cost)
+    keeps its figures, says why beside them, and holds nothing; within 5% they are compared as before."""
+    (tmp_path / "fit").mkdir()
+    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3,
+              "layers": 32} for b in (1, 16) for p in (0, 16)]
+    (tmp_path / "fit" / "static.json").write_text(json.dumps(
+        {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
+    chosen = {"count": 1, "median": 0.05, "worst": 0.05}
+    (tmp_path / "fit" / "errors.json").write_text(json.dumps(
+        {"rows": [], "kernels": {"_row_gather_kernel/decode": {"candidates": chosen, "chosen": chosen}}}))
+    (tmp_path / "boundary").mkdir()
+    series = [{"mode": "off", "total_bytes": 128 << 20, "parts": [1, 2], "seconds": [1.0, 1.0], "slope_s": 5e-6,
+               "intercept_s": 1e-4, "r": 0.9999}]
+    (tmp_path / "boundary" / "results.json").write_text(json.dumps({"series": series, "skipped": {}}))
+    (tmp_path / "model").mkdir()
+
+    def model_rows(copy_rate):
+        floor = {"step_s": 3.1e-3, "gpu_s": 3.0e-3, "floor_s": 2.5e-3, "vs_floor": 3.1 / 2.5, "gpu_vs_floor": 3.0 / 2.5,
+                 "copy_bytes_per_s": copy_rate}
+        (tmp_path / "model" / "results.json").write_text(json.dumps(
+            {"device_type": "cuda", "floor": floor, "model_runs": {"rows": []}}))
+        return [r for r in gpu_verdict.verdict(tmp_path)["rows"] if r["measured"] is not None
+                and r["what"].startswith(("static", "full-plan decode step at batch 1, the static model"))]
+
+    compared = model_rows(4.1e12)
+    assert [r["what"].split(":")[0].split(" at ")[0] for r in compared] == [
+        "static model vs the sweep", "full-plan decode step", "static decode steps", "static decode steps"]
+    assert all(r["holds"] is not None and "not compared" not in r["measured"] for r in compared)
+
+    aside = model_rows(3.0e12)
+    reason = "not compared: the model is priced at a copy of 4.000 TB/s, this device copied 3.000 TB/s"
+    assert [(r["measured"], r["holds"]) for r in aside] == [(f"{r['measured']} ({reason})", None) for r in compared]
+    assert "| not compared |" in gpu_verdict.markdown(gpu_verdict.verdict(tmp_path))
+    # The boundary's slope is this device's own measurement: it stays a row that holds.
+    (slope,) = [r for r in gpu_verdict.verdict(tmp_path)["rows"]
+                if r["what"].startswith("the cost of one more") and r["measured"] is not None]
+    assert slope["holds"] is True
+
+
 def test_the_verdict_sets_each_opt_in_stage_beside_the_model_stage(tmp_path):
     """pdl/, phased/ and phased-pdl/ (the model check's A/B plans with ADALLAVA_PDL=1, then the phased MLP and
     attention block, then both): the full-plan step against the target, and the -H plan's step no slower than
