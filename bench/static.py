@@ -21,7 +21,9 @@ buffers of each pipelined shared-memory tile (TTGIR's local allocations:
 
 :func:`failures` checks the properties bandwidth needs (``CHECKS``), and
 :func:`predicted_share` is the latency model's share of the copy rate
-(documented there).
+(documented at :func:`price_terms`). A launch's price terms, and a step's
+(each launch's every config), are kept in the report, so it can be priced
+again at another device's copy rate without compiling (:func:`repriced`).
 """
 
 from __future__ import annotations
@@ -456,14 +458,15 @@ def failures(v: Variant) -> list[str]:
 # -- the latency model -------------------------------------------------------------------------------
 
 
-def predicted_seconds(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
-    """The model's time of one launch (None for a kernel the model does not price).
+def price_terms(v: Variant) -> list[tuple[float, float]] | None:
+    """What the model's time of one launch is made of, beside FIXED_S: per wave of programs, the bytes it moves
+    and the most its programs' loads in flight move a second (None for a kernel the model does not price).
+    :func:`seconds_at` prices them at any copy rate.
 
     A program with F bytes of streamed tiles in flight moves at most F / LATENCY_S bytes a second (Little's
-    law); the programs running at once together, at most ``copy_rate``. Programs run in waves of SMS x
-    occupancy, each moving an equal share of the bytes; a last, partial wave runs its fewer programs at their
-    own rate, so it is as long as a full one only where those few cannot keep the copy rate busy. Every kernel
-    adds FIXED_S.
+    law). Programs run in waves of SMS x occupancy, each moving an equal share of the bytes; a last, partial
+    wave runs its fewer programs at their own rate, so it is as long as a full one only where those few cannot
+    keep the copy rate busy.
     """
     spec = KERNELS.get(v.kernel)
     if spec is None or not spec.streaming or v.occupancy == 0:  # no occupancy: it cannot launch at all
@@ -473,11 +476,22 @@ def predicted_seconds(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
     per_program = spec.bytes(v) / v.programs
     program_rate = (in_flight_per_program(v) or _register_tile_bytes(v)) / LATENCY_S
     full_waves, last = divmod(v.programs, SMS * v.occupancy)
-    seconds = FIXED_S
-    for programs, count in ((SMS * v.occupancy, full_waves), (last, 1 if last else 0)):
-        if count:
-            seconds += count * programs * per_program / min(copy_rate, programs * program_rate)
-    return seconds
+    wave = SMS * v.occupancy
+    return ([(full_waves * wave * per_program, wave * program_rate)] if full_waves else []) + (
+        [(last * per_program, last * program_rate)] if last else [])
+
+
+def seconds_at(terms: list, copy_rate: float = COPY_RATE) -> float:
+    """A launch's time from its :func:`price_terms`: FIXED_S, and each wave's bytes at the lesser of the copy
+    rate and its programs' own."""
+    return FIXED_S + sum(moved / min(copy_rate, rate) for moved, rate in terms)
+
+
+def predicted_seconds(v: Variant, copy_rate: float = COPY_RATE) -> float | None:
+    """The model's time of one launch (None for a kernel the model does not price): :func:`price_terms` at
+    ``copy_rate``."""
+    terms = price_terms(v)
+    return None if terms is None else seconds_at(terms, copy_rate)
 
 
 def _register_tile_bytes(v: Variant) -> int:
@@ -766,54 +780,62 @@ def jit_kernels() -> set[str]:
 # -- a whole decode step --------------------------------------------------------------------------
 
 
-def predicted_launch_seconds(configs: list[Variant]) -> float:
-    """One launch's time: the fastest config the model sees for it (what a sweep keeps, if the model is
-    right), or FIXED_S for a kernel the model does not price by its bytes (a norm: one pass over a few KB)."""
-    times = [t for t in (predicted_seconds(v) for v in configs) if t is not None]
-    return min(times) if times else FIXED_S
-
-
-def _site_launches(variants, site: str) -> tuple[float, float, int]:
+def _site_layout(variants, site: str) -> tuple[list[list], float]:
     """The launches the runtime made at ``site`` (a layer of a decode step, or the step's ends outside its
-    layers): their time, the bytes they must move, and how many they are."""
+    layers), each as the :func:`price_terms` of every config the model sees for it (none: a kernel the model
+    does not price by its bytes, a norm's one pass over a few KB, costs FIXED_S), and the bytes they must move."""
     launches: dict[int, list[Variant]] = {}
     for v in variants:
         if v.site == site:
             launches.setdefault(v.launch, []).append(v)
-    seconds = sum(predicted_launch_seconds(group) for group in launches.values())
+    layout = [[t for t in (price_terms(v) for v in group) if t is not None] for group in launches.values()]
     moved = sum(KERNELS[g[0].kernel].bytes(g[0]) for g in launches.values() if g[0].kernel in KERNELS)
-    return seconds, moved, len(launches)
+    return layout, moved
 
 
-def predicted_step(variants, batch: int, shape, partial_layers: int = 0) -> dict:
+def _launch_seconds(configs: list, copy_rate: float) -> float:
+    """One launch's time: its fastest config in the model (what a sweep keeps, if the model is right), or
+    FIXED_S for a launch the model does not price."""
+    return min((seconds_at(t, copy_rate) for t in configs), default=FIXED_S)
+
+
+def predicted_step(variants, batch: int, shape, partial_layers: int = 0, copy_rate: float = COPY_RATE) -> dict:
     """The model's decode step at ``batch``: each layer's launches as the runtime made them (its whole and
     its partial layer), ``partial_layers`` of the ``shape``'s layers partial, the rest whole, and the step's
     kernels outside its layers (``KERNELS_OUTSIDE_LAYERS``, which a test holds to the step's launches): its
     Triton launches as the runtime made them (``lm_head`` priced by its bytes, the others FIXED_S), and the
-    torch ones (the embedding) FIXED_S each. Returns the time, the bytes the step must move, their share of
-    the copy rate and the kernels it launches (each paying FIXED_S)."""
-    layers = {kind: _site_launches(variants, f"decode b{batch} {kind}") for kind in ("whole", "partial")}
-    ends, ends_moved, triton_ends = _site_launches(variants, f"decode b{batch}")
+    torch ones (the embedding) FIXED_S each. :func:`priced_step` gives its time at ``copy_rate``; the step
+    keeps its launches' terms (``layout``), so it can be priced again at another."""
+    sites = {kind: _site_layout(variants, f"decode b{batch} {kind}") for kind in ("whole", "partial")}
+    ends, ends_moved = _site_layout(variants, f"decode b{batch}")
     whole = shape.num_layers - partial_layers
-    seconds = (whole * layers["whole"][0] + partial_layers * layers["partial"][0]
-               + ends + (KERNELS_OUTSIDE_LAYERS - triton_ends) * FIXED_S)
-    moved = whole * layers["whole"][1] + partial_layers * layers["partial"][1] + ends_moved
-    kernels = whole * layers["whole"][2] + partial_layers * layers["partial"][2] + KERNELS_OUTSIDE_LAYERS
-    target_s = moved / COPY_RATE / TARGET_SHARE
-    return {"batch": batch, "partial_layers": partial_layers, "seconds": seconds, "bytes": moved,
-            "share": moved / COPY_RATE / seconds, "layers": shape.num_layers,
-            "kernels_per_layer": {kind: layers[kind][2] for kind in layers}, "kernels": kernels,
+    layout = {"whole": [whole, sites["whole"][0]], "partial": [partial_layers, sites["partial"][0]],
+              "ends": [1, ends + [[]] * (KERNELS_OUTSIDE_LAYERS - len(ends))]}
+    moved = whole * sites["whole"][1] + partial_layers * sites["partial"][1] + ends_moved
+    step = {"batch": batch, "partial_layers": partial_layers, "bytes": moved, "layers": shape.num_layers,
+            "kernels_per_layer": {kind: len(sites[kind][0]) for kind in sites},
+            "kernels": sum(count * len(launches) for count, launches in layout.values()), "layout": layout}
+    return priced_step(step, copy_rate)
+
+
+def priced_step(step: dict, copy_rate: float) -> dict:
+    """``step`` (:func:`predicted_step`) with its time and what follows from it at ``copy_rate``: its share of
+    that rate, and the fixed cost a kernel (or a phase boundary) at which it would reach TARGET_SHARE."""
+    seconds = sum(count * sum(_launch_seconds(configs, copy_rate) for configs in launches)
+                  for count, launches in step["layout"].values())
+    kernels, layers = step["kernels"], step["layers"]
+    target_s = step["bytes"] / copy_rate / TARGET_SHARE
+    return {**step, "copy_rate": copy_rate, "seconds": seconds, "share": step["bytes"] / copy_rate / seconds,
             # Every kernel pays FIXED_S once: the most it could pay with the step still at TARGET_SHARE.
             "fixed_s_at_target": (target_s - (seconds - kernels * FIXED_S)) / kernels,
             # With the phased MLP (ADALLAVA_PHASED_MLP=1) each layer's two MLP launches are one, its byte times
             # the same: a layer pays one FIXED_S less and one phase boundary more. The most that boundary could
             # cost with the step at TARGET_SHARE (negative: the phases alone cannot get it there).
-            "phase_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers, 1),
+            "phase_s_at_target": _phase_s_at_target(seconds, target_s, layers, 1),
             # With the attention and o_proj phased too (ADALLAVA_PHASED_ATTENTION=1): two boundaries a layer.
-            "phases_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers, PHASED_BOUNDARIES),
+            "phases_s_at_target": _phase_s_at_target(seconds, target_s, layers, PHASED_BOUNDARIES),
             # With the whole attention block phased (ADALLAVA_PHASED_ATTENTION=qkv): three.
-            "block_phases_s_at_target": _phase_s_at_target(seconds, target_s, shape.num_layers,
-                                                           BLOCK_PHASED_BOUNDARIES)}
+            "block_phases_s_at_target": _phase_s_at_target(seconds, target_s, layers, BLOCK_PHASED_BOUNDARIES)}
 
 
 # Kernel boundaries a decode layer turns into phase boundaries with both phased launches on (its MLP, and its
@@ -832,10 +854,10 @@ def _phase_s_at_target(seconds: float, target_s: float, layers: int, boundaries:
 # -- the report ----------------------------------------------------------------------------------
 
 
-def report(target: str = "cuda:90", model_name: str = "llava-7b") -> dict:
+def report(target: str = "cuda:90", model_name: str = "llava-7b", copy_rate: float = COPY_RATE) -> dict:
     """What ``python -m bench --only kernels`` shows without a GPU: per launch of the decode step (batch 1
     and 16, whole and partial layer) the config the model finds fastest and its compiled code's facts, and
-    the model's whole decode steps (full plan, and half the layers partial)."""
+    the model's whole decode steps (full plan, and half the layers partial), priced at ``copy_rate``."""
     from adallava_kernels import get_shape
 
     arch, sms, _ = TARGETS[target]
@@ -846,19 +868,32 @@ def report(target: str = "cuda:90", model_name: str = "llava-7b") -> dict:
             launches.setdefault((v.site, v.launch), []).append(v)
     rows = []
     for (site, _), group in launches.items():
-        timed = [(predicted_seconds(v), v) for v in group]
+        timed = [(predicted_seconds(v, copy_rate), v) for v in group]
         best = min(timed, key=lambda t: (t[0] is None, t[0] or 0.0))[1]
         rows.append({"site": site, "kernel": best.kernel, "config": best.config, "grid": list(best.grid),
                      "registers": best.registers, "shared": best.shared, "occupancy": best.occupancy,
                      "buffers": best.buffers, "in_flight_per_sm": in_flight_per_sm(best),
                      "waves": round(best.waves, 2), "wide_async_loads": best.count("LDGSTS.E.BYPASS.128"),
                      "scalar_16b_loads": best.count("LDG.E.U16"), "failures": failures(best),
-                     "predicted_seconds": predicted_seconds(best), "predicted_share": predicted_share(best),
-                     "configs": len(group)})
+                     "terms": price_terms(best), "configs": len(group)})
     shape = get_shape(model_name)
-    steps = [predicted_step(variants, b, shape, p) for b in (1, 16) for p in (0, shape.num_layers // 2)]
-    return {"target": target, "model": model_name, "latency_s": LATENCY_S, "fixed_s": FIXED_S,
-            "copy_rate": COPY_RATE, "target_share": TARGET_SHARE, "launches": rows, "steps": steps}
+    steps = [predicted_step(variants, b, shape, p, copy_rate) for b in (1, 16) for p in (0, shape.num_layers // 2)]
+    return repriced({"target": target, "model": model_name, "latency_s": LATENCY_S, "fixed_s": FIXED_S,
+                     "target_share": TARGET_SHARE, "launches": rows, "steps": steps}, copy_rate)
+
+
+def repriced(result: dict, copy_rate: float) -> dict:
+    """A :func:`report` priced at ``copy_rate`` (another device's measured copy, say) from the terms it keeps:
+    its launches (each the config it chose) and its steps (each launch's fastest config again). The model's
+    other constants stay its own; ``model_copy_rate`` is the rate they were fitted beside."""
+    launches = []
+    for row in result["launches"]:
+        seconds = None if row["terms"] is None else seconds_at(row["terms"], copy_rate)
+        moved = None if seconds is None else sum(m for m, _ in row["terms"])
+        launches.append({**row, "predicted_seconds": seconds,
+                         "predicted_share": None if seconds is None else moved / copy_rate / seconds})
+    return {**result, "copy_rate": copy_rate, "model_copy_rate": COPY_RATE, "launches": launches,
+            "steps": [priced_step(step, copy_rate) for step in result["steps"]]}
 
 
 REPORT_COLUMNS = [("site", "decode step", "s"), ("kernel", "kernel", "s"), ("config", "config (fastest modelled)", "s"),
@@ -878,7 +913,8 @@ def report_table(result: dict) -> str:
               "checks": "pass" if not r["failures"] else "; ".join(r["failures"])} for r in result["launches"]]
     lines = [f"static model of the {result['model']} decode step compiled for {result['target']} (no GPU needed): "
              f"latency {result['latency_s'] * 1e6:.1f} us, {result['fixed_s'] * 1e6:.1f} us a kernel, copy rate "
-             f"{result['copy_rate'] / 1e12:.3f} TB/s (bench/static.py)", format_table(cells, REPORT_COLUMNS)]
+             f"{result['copy_rate'] / 1e12:.3f} TB/s{_rate_note(result)} (bench/static.py)",
+             format_table(cells, REPORT_COLUMNS)]
     for s in result["steps"]:
         lines.append(f"decode step, batch {s['batch']}, {s['partial_layers']} partial layers: "
                      f"{s['seconds'] * 1e3:.3f} ms predicted, {s['share']:.1%} of the copy rate, "
@@ -891,13 +927,58 @@ def report_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _rate_note(result: dict) -> str:
+    """Where a report is priced at another rate than the one the model's constants were fitted beside."""
+    fitted = result.get("model_copy_rate", result["copy_rate"])
+    return "" if fitted == result["copy_rate"] else f" (the model's own {fitted / 1e12:.3f} TB/s)"
+
+
 def _phase_text(seconds: float) -> str:
     return f"{seconds * 1e6:.2f} us" + (" (below 0: not by the phases alone)" if seconds < 0 else "")
 
 
+def measured_copy_rate(path: Path) -> tuple[float | None, str]:
+    """The device-to-device copy rate that ``python -m bench.gpu_check`` measured on a GPU (its results.json's
+    ``floor``), and what was found: None where the file, the figure or a GPU is missing."""
+    import json
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"no copy rate read from {path} ({e.__class__.__name__})"
+    rate = (result.get("floor") or {}).get("copy_bytes_per_s")
+    if result.get("device_type") != "cuda" or not rate:
+        return None, f"{path} holds no copy measured on a GPU"
+    return float(rate), f"the copy measured in {path}: {rate / 1e12:.3f} TB/s"
+
+
+def add_copy_rate_arguments(parser) -> None:
+    """``--copy-rate`` and ``--copy-from``: the copy rate to price at, given or read (:func:`copy_rate`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--copy-rate", type=float, default=None, metavar="BYTES_PER_S",
+                       help=f"price bytes at this copy rate (default {COPY_RATE:.4g}, the model's own)")
+    group.add_argument("--copy-from", type=Path, default=None, metavar="RESULTS_JSON",
+                       help="price bytes at the copy that python -m bench.gpu_check measured on a GPU (its "
+                            "results.json); the model's own rate where it holds none")
+
+
+def copy_rate(args, parser) -> float:
+    """The rate :func:`add_copy_rate_arguments`' options name, saying where it comes from when not the model's."""
+    if args.copy_rate is not None:
+        if not args.copy_rate > 0:  # NaN too
+            parser.error(f"--copy-rate must be a positive number of bytes a second, got {args.copy_rate}")
+        return args.copy_rate
+    if args.copy_from is None:
+        return COPY_RATE
+    rate, found = measured_copy_rate(args.copy_from)
+    print(f"{parser.prog}: {found}" + ("" if rate else f"; pricing at the model's own {COPY_RATE / 1e12:.3f} TB/s"))
+    return rate or COPY_RATE
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.static OUT.json [--target cuda:90|cuda:80] [--model NAME]``: the report, with
-    TRITON_INTERPRET unset."""
+    """``python -m bench.static OUT.json [--target cuda:90|cuda:80] [--model NAME] [--copy-rate R | --copy-from
+    F] [--from REPORT.json]``: the report, with TRITON_INTERPRET unset (``--from``: a report priced again, no
+    compiling)."""
     import json
 
     from adallava_kernels.cli import ArgumentParser
@@ -908,10 +989,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the report's JSON file")
     parser.add_argument("--target", choices=sorted(TARGETS), default="cuda:90", help="the GPU compiled for")
     parser.add_argument("--model", choices=sorted(PRESETS), default="llava-7b", help="the shape preset")
+    parser.add_argument("--from", dest="source", type=Path, default=None, metavar="REPORT_JSON",
+                        help="price this report (written by python -m bench.static) again instead of compiling")
+    add_copy_rate_arguments(parser)
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("TRITON_INTERPRET=1 is set: the kernels must be compiled, so run it with TRITON_INTERPRET unset")
-    result = report(args.target, args.model)
+    rate = copy_rate(args, parser)
+    if args.source is not None:
+        try:
+            result = repriced(json.loads(args.source.read_text()), rate)
+        except (OSError, ValueError) as e:
+            parser.error(f"--from {args.source}: not a readable report ({e})")
+        except (KeyError, TypeError):
+            parser.error(f"--from {args.source}: a report without the price terms this version keeps; make it "
+                         f"again with python -m bench.static")
+    else:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            parser.error("TRITON_INTERPRET=1 is set: the kernels must be compiled, so run it with TRITON_INTERPRET "
+                         "unset")
+        result = report(args.target, args.model, rate)
     args.out.write_text(json.dumps(result, indent=1))
     print(report_table(result))
     return 0

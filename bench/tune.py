@@ -442,9 +442,9 @@ def _candidate_key(candidate: dict) -> str:
 
 
 def predict(path: Path, shape, tokens: int) -> dict:
-    """The static model's seconds for every decode case and candidate config, from their compiled sm_90 code
-    (a prefill's tiles are compute-bound, and a phased kernel's phase boundaries unknown: the model prices
-    neither)."""
+    """The static model's price terms (``static.price_terms``: priced at any copy rate by ``static.seconds_at``)
+    for every decode case and candidate config, from their compiled sm_90 code (a prefill's tiles are
+    compute-bound, and a phased kernel's phase boundaries unknown: the model prices neither)."""
     from adallava_kernels.ops import common
 
     from . import static
@@ -459,7 +459,7 @@ def predict(path: Path, shape, tokens: int) -> dict:
         mine = [v for v in variants if v.kernel == case.kernel]
         out[case.name] = {_config_key({k: v.args[k] for k in _kwargs_of(case) if k in v.args}, v.num_warps,
                                       v.num_stages):
-                          static.predicted_seconds(v) for v in mine}
+                          static.price_terms(v) for v in mine}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
@@ -469,10 +469,14 @@ def _kwargs_of(case: Case) -> set[str]:
     return set(candidates(case.kernel, case.regime)[0].kwargs)
 
 
-def model_errors(predicted: dict, sweep: dict) -> dict:
-    """Each swept candidate's measured time beside the model's and the model's error (predicted / measured
-    - 1); per kernel the median and the worst, over every candidate and over each case's chosen (fastest
-    measured) config alone, which is what a step runs."""
+def model_errors(predicted: dict, sweep: dict, copy_rate: float | None = None) -> dict:
+    """Each swept candidate's measured time beside the model's at ``copy_rate`` (default the model's own) and the
+    model's error (predicted / measured - 1); per kernel the median and the worst, over every candidate and over
+    each case's chosen (fastest measured) config alone, which is what a step runs. ``predicted``: :func:`predict`'s
+    terms, or seconds (files written before it kept terms, priced at the model's own rate)."""
+    from . import static
+
+    rate = static.COPY_RATE if copy_rate is None else copy_rate
     rows = []
     for row in sweep["cases"]:
         model = predicted.get(row["case"], {})
@@ -482,6 +486,11 @@ def model_errors(predicted: dict, sweep: dict) -> dict:
             p = model.get(_candidate_key(c))
             if p is None:  # a prefill (compute-bound: not the model's), or a config the model did not see
                 continue
+            if not isinstance(p, (int, float)):
+                p = static.seconds_at(p, rate)
+            elif rate != static.COPY_RATE:
+                raise ValueError(f"the predicted times of {row['case']!r} are seconds at the model's own copy rate, "
+                                 f"not terms to price at {rate:.4g} B/s: write them again with --predict")
             config = ",".join(f"{k}={v}" for k, v in c["kwargs"].items()) + f" w{c['num_warps']} s{c['num_stages']}"
             rows.append({"case": row["case"], "kernel": row["kernel"], "config": config, "chosen": c is fastest,
                          "measured_s": c["seconds"], "predicted_s": p, "error": p / c["seconds"] - 1})
@@ -494,13 +503,14 @@ def model_errors(predicted: dict, sweep: dict) -> dict:
             summary[which] = {"count": len(errors), "median": errors[len(errors) // 2] if errors else None,
                               "worst": max(errors, key=abs) if errors else None}
         kernels[kernel] = summary
-    return {"rows": rows, "kernels": kernels}
+    return {"rows": rows, "kernels": kernels, "copy_rate": rate}
 
 
-def against(predicted_path: Path, sweep_path: Path, json_path: Path | None = None) -> str:
+def against(predicted_path: Path, sweep_path: Path, json_path: Path | None = None,
+            copy_rate: float | None = None) -> str:
     """:func:`model_errors` of a ``--predict`` file and a sweep's ``results.json`` as a table (and as JSON in
     ``json_path``)."""
-    errors = model_errors(json.loads(predicted_path.read_text()), json.loads(sweep_path.read_text()))
+    errors = model_errors(json.loads(predicted_path.read_text()), json.loads(sweep_path.read_text()), copy_rate)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(errors, indent=1))
@@ -538,9 +548,15 @@ def parse_args(argv):
                         help="compare a --predict file with a GPU sweep's results.json and stop")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="with --against: the comparison as JSON too")
+    from . import static
+
+    static.add_copy_rate_arguments(parser)  # with --against: the rate the model prices at
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.against is None and (args.copy_rate is not None or args.copy_from is not None):
+        parser.error("--copy-rate and --copy-from price a comparison: give them with --against")
+    args.priced_at = static.copy_rate(args, parser) if args.against is not None else None
     if args.install is None and args.against is None:
         args.device = checked_device(parser, args.device)
     if args.budget_s <= 0:
@@ -558,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"installed {args.install} into {tuning.TABLE}: {sorted(table['configs'])}")
         return 0
     if args.against is not None:
-        print(against(*args.against, args.json))
+        print(against(*args.against, args.json, args.priced_at))
         return 0
     if args.predict is not None:
         predict(args.predict, get_shape(args.model or "llava-7b"), args.tokens or PREFILL_TOKENS)

@@ -212,6 +212,45 @@ def test_the_verdict_sets_the_static_model_against_each_kernels_chosen_configs(t
     assert [r["holds"] for r in gpu_verdict.verdict(tmp_path)["rows"] if r["what"].startswith("static model")] == [None]
 
 
+def test_the_fit_prices_the_models_terms_at_the_copy_rate_it_is_given(tmp_path, capsys):
+    """bench.tune --predict keeps each candidate's price terms (bench.static.price_terms), and --against prices
+    them at --copy-rate, or at the copy a bench.gpu_check results.json measured on a GPU (--copy-from; the
+    model's own rate where it holds none); seconds from an older file are refused at another rate."""
+    from bench import static, tune
+
+    key = tune._config_key({"BLOCK_N": 32}, 4, 4)
+    sweep = {"cases": [{"case": "gate|up b1", "kernel": "_row_gather_kernel/decode",
+                        "candidates": [{"kwargs": {"BLOCK_N": 32}, "num_warps": 4, "num_stages": 4,
+                                        "seconds": 20e-6}]}]}
+    terms = [[40e6, 10e12]]  # 40 MB, its programs' loads in flight moving up to 10 TB/s
+    (tmp_path / "predicted.json").write_text(json.dumps({"gate|up b1": {key: terms}}))
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+
+    def priced(*options):
+        args = ["--against", str(tmp_path / "predicted.json"), str(tmp_path / "sweep.json"), "--json",
+                str(tmp_path / "errors.json"), *options]
+        assert tune.main(args) == 0
+        return json.loads((tmp_path / "errors.json").read_text())
+
+    for options, rate in (((), static.COPY_RATE), (("--copy-rate", "2e12"), 2e12)):
+        errors = priced(*options)
+        assert errors["copy_rate"] == rate
+        assert errors["rows"][0]["predicted_s"] == pytest.approx(static.FIXED_S + 40e6 / rate)
+    results = tmp_path / "model.json"
+    for device_type, expected in (("cuda", 3e12), ("cpu", static.COPY_RATE)):
+        results.write_text(json.dumps({"device_type": device_type, "floor": {"copy_bytes_per_s": 3e12}}))
+        assert priced("--copy-from", str(results))["copy_rate"] == expected
+    assert "holds no copy measured on a GPU; pricing at the model's own" in capsys.readouterr().out
+
+    (tmp_path / "predicted.json").write_text(json.dumps({"gate|up b1": {key: 30e-6}}))
+    assert priced()["rows"][0]["predicted_s"] == 30e-6
+    with pytest.raises(ValueError, match="seconds at the model's own copy rate.*write them again with --predict"):
+        priced("--copy-rate", "2e12")
+    with pytest.raises(SystemExit):
+        tune.main(["--predict", str(tmp_path / "p.json"), "--copy-rate", "2e12"])
+    assert "--copy-rate and --copy-from price a comparison: give them with --against" in capsys.readouterr().err
+
+
 def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_without_pdl(tmp_path):
     """fit/static.json (bench.static) against the model and pdl stages' full-plan step: the error of the
     model's batch-1 step against the GPU time, and the fixed cost per kernel the measurement implies."""

@@ -238,3 +238,67 @@ def test_the_latency_model_runs_a_partial_wave_at_its_programs_own_rate(monkeypa
     assert v.occupancy == 1
     beyond = static.predicted_seconds(v) - static.FIXED_S
     assert beyond == pytest.approx(expected * moved / static.COPY_RATE, rel=1e-12)
+
+
+def test_a_step_priced_again_at_another_copy_rate_is_the_step_priced_there(monkeypatch):
+    """A step keeps its launches' price terms (every config's), so it is priced again at another device's copy
+    rate (priced_step) exactly as it would be priced there anew, through a JSON file too; each launch takes its
+    fastest config at that rate, and a launch the model does not price pays FIXED_S."""
+    import dataclasses
+    import json
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(static.KERNELS, "_stand_in",
+                        static.KernelSpec(("w",), True, lambda v: 40e6 * v.programs / static.SMS))
+
+    def launch(site, index, programs, flight, kernel="_stand_in"):
+        return dataclasses.replace(_streaming_variant(programs, flight), site=site, launch=index, kernel=kernel)
+
+    variants = [launch("decode b1 whole", 0, static.SMS, 64 * 1024), launch("decode b1 whole", 0, 200, 16 * 1024),
+                launch("decode b1 whole", 1, 66, 8 * 1024), launch("decode b1 whole", 2, 1, 0, kernel="_norm"),
+                launch("decode b1 partial", 0, 40, 64 * 1024), launch("decode b1", 0, 300, 64 * 1024)]
+    shape = SimpleNamespace(num_layers=4)
+    step = json.loads(json.dumps(static.predicted_step(variants, 1, shape, partial_layers=1)))
+    assert step["kernels"] == 3 * 3 + 1 + static.KERNELS_OUTSIDE_LAYERS
+    fields = ("seconds", "share", "fixed_s_at_target", "phase_s_at_target", "phases_s_at_target",
+              "block_phases_s_at_target", "copy_rate")
+    for rate in (static.COPY_RATE, 2.0e12, 0.3e12):
+        again, fresh = static.priced_step(step, rate), static.predicted_step(variants, 1, shape, 1, copy_rate=rate)
+        assert {f: again[f] for f in fields} == pytest.approx({f: fresh[f] for f in fields}, rel=1e-12)
+    # The unpriced norm and the step's ends without terms pay FIXED_S whatever the rate.
+    slow = static.priced_step(step, 1.0)
+    priced_bytes = 3 * (40e6 + 40e6 * 66 / static.SMS) + 40e6 * 40 / static.SMS + 40e6 * 300 / static.SMS
+    assert slow["seconds"] == pytest.approx(priced_bytes + step["kernels"] * static.FIXED_S, rel=1e-9)
+
+
+def test_a_report_is_priced_again_from_its_file_and_an_old_one_is_refused(tmp_path, capsys, monkeypatch):
+    """python -m bench.static OUT --from REPORT --copy-rate R: the report's launches and steps at R, no compiling;
+    a report without price terms is refused in one line naming --from."""
+    import json
+
+    step = {"batch": 1, "partial_layers": 0, "bytes": 1e6, "layers": 1, "kernels": 2,
+            "layout": {"whole": [1, [[[[1e6, 1e13]]], []]], "partial": [0, []], "ends": [1, []]}}
+    launches = [{"site": "decode b1 whole", "terms": [[1e6, 1e13]]}, {"site": "decode b1 whole", "terms": None}]
+    report = {"target": "cuda:90", "model": "tiny", "latency_s": static.LATENCY_S, "fixed_s": static.FIXED_S,
+              "target_share": static.TARGET_SHARE, "launches": launches, "steps": [step]}
+    source, out = tmp_path / "report.json", tmp_path / "again.json"
+    source.write_text(json.dumps(report))
+    monkeypatch.setattr(static, "report_table", lambda result: "table")  # it reads facts this stand-in lacks
+    assert static.main([str(out), "--from", str(source), "--copy-rate", "2e12"]) == 0
+    again = json.loads(out.read_text())
+    assert (again["copy_rate"], again["model_copy_rate"]) == (2e12, static.COPY_RATE)
+    assert again["launches"][0]["predicted_seconds"] == pytest.approx(static.FIXED_S + 1e6 / 2e12)
+    assert again["launches"][1]["predicted_seconds"] is None
+    assert again["steps"][0]["seconds"] == pytest.approx(2 * static.FIXED_S + 1e6 / 2e12)  # one launch unpriced
+
+    del report["steps"][0]["layout"]
+    source.write_text(json.dumps(report))
+    with pytest.raises(SystemExit) as exit_:
+        static.main([str(out), "--from", str(source)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--from {source}: a report without the price terms this version keeps; make it again with "
+        f"python -m bench.static")
+    with pytest.raises(SystemExit):
+        static.main([str(out), "--from", str(source), "--copy-rate", "0"])
+    assert "--copy-rate must be a positive number of bytes a second, got 0.0" in capsys.readouterr().err
