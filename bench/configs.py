@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from adallava_kernels.ops import flash_attention, gathered_linear, head_projection, phased_attention, phased_mlp
 from adallava_kernels.ops.common import INTERPRETING
+from adallava_kernels.ops.triton_utils import config
 
 # Candidates the sweep times beside each kernel's own list (the autotuners never see them), by kernel and
-# regime; a winner among them is used through the table like any other. None at present: every candidate
-# is in the kernels' own lists, which the static check holds to bandwidth's properties.
-EXTRA: dict = {}
+# regime; a winner among them is used through the table like any other, and the static check holds them to
+# bandwidth's properties as it holds the lists.
+EXTRA: dict = {
+    # q|k|v in decode: the list's two configs keep 16 KiB of weight in flight a program (BLOCK_K 128 at 4
+    # stages, 256 at 3), where gate|up keeps 32; on the H200 sweep of 2026-12-04 they took 1.16-1.18 times
+    # the model's time, the chosen gate|up configs 0.98-1.03. This one keeps 24 KiB, 72 an SM at 3 programs
+    # an SM (one wave at 7B shapes; with the norm's tiles staged beside the weight's, deeper or wider ones
+    # fit 2 an SM: 1.45 waves). Whether more in flight is what q|k|v lacks is for the sweep to say.
+    "_head_proj_kernel": {"decode": [config(4, 5, BLOCK_M=16, BLOCK_K=128)]},
+}
 KERNEL_TABLES = {
     "_row_gather_kernel": (gathered_linear.ROW_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),
     "_col_gather_kernel": (gathered_linear.COL_CONFIGS, gathered_linear.INTERPRETER_CONFIGS),

@@ -29,22 +29,27 @@ def config_id(config) -> str:
     return f"{blocks}-w{config.num_warps}-s{config.num_stages}"
 
 
-def cases(table: dict) -> list:
-    return [pytest.param(regime, c, id=f"{regime}-{config_id(c)}") for regime, configs in table.items()
-            for c in configs]
+def cases(table: dict, kernel: str | None = None) -> list:
+    """Each config of ``table``'s regimes, and the sweep's extra candidates for ``kernel`` (bench.configs.EXTRA:
+    the committed table may name them too)."""
+    from bench.configs import EXTRA
+
+    extra = EXTRA.get(kernel, {})
+    return [pytest.param(regime, c, id=f"{regime}-{config_id(c)}") for regime in table
+            for c in list(table[regime]) + extra.get(regime, [])]
 
 
 # Tokens in each regime, neither a multiple of any tile.
 TOKENS = {"prefill": 37, "decode": 3}
 
 
-GATHERS = {"row": (gathered_linear.ROW_KERNELS, gathered_linear.ROW_CONFIGS),
-           "col": (gathered_linear.COL_KERNELS, gathered_linear.COL_CONFIGS)}
+GATHERS = {"row": (gathered_linear.ROW_KERNELS, gathered_linear.ROW_CONFIGS, "_row_gather_kernel"),
+           "col": (gathered_linear.COL_KERNELS, gathered_linear.COL_CONFIGS, "_col_gather_kernel")}
 
 
 @pytest.mark.parametrize("which, regime, config", [
-    pytest.param(which, *case.values, id=f"{which}-{case.id}") for which, (_, table) in GATHERS.items()
-    for case in cases(table)])
+    pytest.param(which, *case.values, id=f"{which}-{case.id}") for which, (_, table, kernel) in GATHERS.items()
+    for case in cases(table, kernel)])
 def test_gathered_linear_config(which, regime, config, monkeypatch):
     kernels = GATHERS[which][0]
     monkeypatch.setitem(kernels, regime, only(kernels, regime, config, key=["M_BUCKET"]))
@@ -66,7 +71,7 @@ def test_gathered_linear_config(which, regime, config, monkeypatch):
     assert_close(out.cpu(), F.linear(act.cpu().double(), w_down.double()[:, idx]))
 
 
-@pytest.mark.parametrize("regime, config", cases(head_projection.CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(head_projection.CONFIGS, "_head_proj_kernel"))
 def test_head_projection_config(regime, config, monkeypatch):
     kernels = head_projection.KERNELS
     monkeypatch.setitem(kernels, regime, only(kernels, regime, config, key=["M_BUCKET"]))
@@ -80,7 +85,7 @@ def test_head_projection_config(regime, config, monkeypatch):
     assert_close(out.cpu(), expected)
 
 
-@pytest.mark.parametrize("regime, config", cases(flash_attention.CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(flash_attention.CONFIGS, "_flash_attn_kernel"))
 def test_flash_attention_config(regime, config, monkeypatch):
     monkeypatch.setitem(flash_attention.KERNELS, regime, only(flash_attention.KERNELS, regime, config, key=["SQ_BUCKET"]))
     batch, q_len, kv_len, head_dim = 2, TOKENS[regime], 150, 24
@@ -97,7 +102,7 @@ def test_flash_attention_config(regime, config, monkeypatch):
     assert_close(out.cpu(), torch.einsum("bhqk,bhkd->bqhd", probs, vv))
 
 
-@pytest.mark.parametrize("regime, config", cases(phased_mlp.CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(phased_mlp.CONFIGS, "_phased_mlp_kernel"))
 @pytest.mark.parametrize("kind, kept", [("partial", 170), ("dense", None)])
 def test_phased_mlp_config(regime, config, kind, kept):
     """A candidate the sweep may put in the table (the phased kernels are never autotuned), forced."""
@@ -113,7 +118,7 @@ def test_phased_mlp_config(regime, config, kind, kept):
                                                counted))
 
 
-@pytest.mark.parametrize("regime, config", cases(phased_attention.CONFIGS))
+@pytest.mark.parametrize("regime, config", cases(phased_attention.CONFIGS, "_phased_attention_kernel"))
 @pytest.mark.parametrize("dense", [False, True])
 def test_phased_attention_block_config(regime, config, dense):
     """A candidate, forced: head_dim 48 (24 rotation pairs: two projection programs a slot at 16 pairs, one
