@@ -473,6 +473,8 @@ def price_terms(v: Variant) -> list[tuple[float, float]] | None:
         return None
     if v.args.get("M", 1) > 16:  # a prefill's tiles are compute-bound: not this model's
         return None
+    if v.programs == 0:  # an empty grid: Triton launches nothing, and the model prices nothing
+        return None
     per_program = spec.bytes(v) / v.programs
     program_rate = (in_flight_per_program(v) or _register_tile_bytes(v)) / LATENCY_S
     full_waves, last = divmod(v.programs, SMS * v.occupancy)

@@ -240,6 +240,11 @@ def test_the_latency_model_runs_a_partial_wave_at_its_programs_own_rate(monkeypa
     assert beyond == pytest.approx(expected * moved / static.COPY_RATE, rel=1e-12)
 
 
+def test_an_empty_grid_is_not_priced(monkeypatch):
+    monkeypatch.setitem(static.KERNELS, "_stand_in", static.KernelSpec(("w",), True, lambda v: 0.0))
+    assert static.predicted_seconds(_streaming_variant(0, 64 * 1024)) is None
+
+
 def test_a_step_priced_again_at_another_copy_rate_is_the_step_priced_there(monkeypatch):
     """A step keeps its launches' price terms (every config's), so it is priced again at another device's copy
     rate (priced_step) exactly as it would be priced there anew, through a JSON file too; each launch takes its
