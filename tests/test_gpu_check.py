@@ -292,16 +292,22 @@ def test_the_verdict_sets_the_static_step_against_the_measured_one_with_and_with
     assert (ab["measured"], ab["holds"]) == ("2.200 ms (2.500 ms)", True)
 
 
+def write_static_steps(out: Path) -> None:
+    """fit/static.json with the model's four steps each at 3.0 ms and 85% of a 4 TB/s copy, 100 kernels, 32
+    layers (the folder fit/ made beforehand)."""
+    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3,
+              "layers": 32} for b in (1, 16) for p in (0, 16)]
+    (out / "fit" / "static.json").write_text(json.dumps(
+        {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
+
+
 def test_the_verdict_sets_the_static_model_aside_on_a_device_that_copies_at_another_rate(tmp_path):
     """The static model's times are priced at one device's copy rate (fit/static.json's copy_rate): on a GPU
     whose copy, measured by the model stage, is more than 5% away from it, every row that sets the model
     against a target (the per-kernel fit, the step against the measured one, the steps at a measured cost)
     keeps its figures, says why beside them, and holds nothing; within 5% they are compared as before."""
     (tmp_path / "fit").mkdir()
-    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3,
-              "layers": 32} for b in (1, 16) for p in (0, 16)]
-    (tmp_path / "fit" / "static.json").write_text(json.dumps(
-        {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
+    write_static_steps(tmp_path)
     chosen = {"count": 1, "median": 0.05, "worst": 0.05}
     (tmp_path / "fit" / "errors.json").write_text(json.dumps(
         {"rows": [], "kernels": {"_row_gather_kernel/decode": {"candidates": chosen, "chosen": chosen}}}))
@@ -367,10 +373,7 @@ def test_the_verdict_reports_the_cost_of_a_boundary_and_prices_the_static_steps_
 
     assert [(r["measured"], r["holds"]) for r in rows()] == [(None, None)]  # nothing measured yet
     (tmp_path / "fit").mkdir()
-    steps = [{"batch": b, "partial_layers": p, "seconds": 3.0e-3, "kernels": 100, "bytes": 0.85 * 4e12 * 3.0e-3,
-              "layers": 32} for b in (1, 16) for p in (0, 16)]
-    (tmp_path / "fit" / "static.json").write_text(json.dumps(
-        {"model": "llava-7b", "fixed_s": 4e-6, "copy_rate": 4e12, "target_share": 0.85, "steps": steps}))
+    write_static_steps(tmp_path)
     (tmp_path / "boundary").mkdir()
     series = [{"mode": mode, "total_bytes": total << 20, "parts": [1, 2], "seconds": [1.0, 1.0],
                "slope_s": slope, "intercept_s": 1e-4, "r": 0.99991}
